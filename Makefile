@@ -1,0 +1,36 @@
+# The two commands a new user needs: `make demo` and `make test`. Both set themselves up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sparsedit-setup
+
+.PHONY: setup test demo lint format bench clean
+
+setup: $(STAMP)
+
+# Re-runs only when the package metadata or the pinned versions change.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: setup
+	$(VENV)/bin/sparsedit demo --out demo-out
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: setup
+	$(PY) benchmarks/conv_stack.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache build *.egg-info src/*.egg-info

@@ -1,0 +1,26 @@
+"""sparsedit: image editing with diffusion models and conditional GANs that recomputes only what changed."""
+
+from .cache import ActivationCache, StaleCacheError
+from .config import SparseConfig
+from .nn import Mode, UnsupportedLayerError
+from .regions import difference_mask
+from .spatial import capturing, editing, is_sparsified, last_stats, profiling, sparsify_, unsparsify_
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationCache",
+    "Mode",
+    "SparseConfig",
+    "StaleCacheError",
+    "UnsupportedLayerError",
+    "capturing",
+    "difference_mask",
+    "editing",
+    "is_sparsified",
+    "last_stats",
+    "profiling",
+    "sparsify_",
+    "unsparsify_",
+]

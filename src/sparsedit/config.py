@@ -1,0 +1,126 @@
+"""Configuration dataclasses shared by every layer of sparsedit.
+
+Configs sit at the bottom of the import graph so that the engine (``sparsedit.nn``), the cache and the techniques can
+all read them without importing one another. Each technique re-exports its own config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+CONFIG_VERSION = 1
+
+_NORM_STATS = ("frozen", "recompute")
+
+
+class _ConfigMixin:
+    """dict/JSON round-trip with a version check, shared by every config dataclass."""
+
+    version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        data = dict(data)
+        version = data.get("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ValueError(
+                f"{cls.__name__} version {version} is newer than this sparsedit understands ({CONFIG_VERSION}); "
+                "upgrade sparsedit to load it."
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} got unknown fields {unknown}; valid fields are {sorted(names)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class SparseConfig(_ConfigMixin):
+    """How a model runs spatially sparse (SIGE, Li et al., NeurIPS 2022).
+
+    Args:
+        exact (`bool`, defaults to `False`):
+            Propagate the edited region layer by layer through each layer's receptive reach and stride, so that the
+            sparse output equals the dense output to float tolerance for networks of local operations with fixed
+            normalisation. A layer whose output depends on the whole map (GroupNorm statistics) then makes the rest
+            of the network dense. With `False`, SIGE's fixed per-resolution regions are used: faster, approximate.
+        tile_size (`int` or `dict[int, int]`, defaults to `8`):
+            Output tile edge in pixels. A dict maps a feature-map height to a tile size (the key `0` is the fallback),
+            so small maps can use small tiles.
+        dilation (`int`, defaults to `1`):
+            Approximate mode only: pixels of dilation added to the region at every resolution of the pyramid.
+        input_dilation (`int`, defaults to `0`):
+            Approximate mode only: dilation applied to the region at input resolution before the pyramid is built
+            (SIGE uses 5 for diffusion models and 1 for GauGAN).
+        pyramid_threshold (`float`, defaults to `0.3`):
+            Approximate mode only: a downsampled mask pixel is active when its bilinear coverage exceeds this.
+        norm_stats (`str`, defaults to `"frozen"`):
+            GroupNorm statistics in sparse runs: `"frozen"` reuses the capture's statistics (SIGE, FISEdit);
+            `"recompute"` updates them exactly from cached per-tile sums, paying only for the active region.
+        dense_threshold (`float`, defaults to `0.6`):
+            Cost model: a layer whose active tiles cover more than this fraction of its output runs densely, because
+            tile overheads would make sparse slower than dense. `1.0` never falls back; `0.0` always runs dense.
+        check_region (`bool`, defaults to `True`):
+            When editing with an explicit region, verify that the input equals the captured input outside it. A
+            region that misses a change would otherwise silently return stale pixels.
+        strict (`bool`, defaults to `True`):
+            Raise when the model holds a layer the engine cannot make sparse. With `False` such layers run densely on
+            every call (correct, but slower).
+        poison_scratch (`bool`, defaults to `False`):
+            Debugging: fill scratch buffers with NaN before use, so any read of memory nothing wrote shows in the
+            result.
+        version (`int`): config schema version, for JSON round-trips.
+    """
+
+    exact: bool = False
+    tile_size: int | dict[int, int] = 8
+    dilation: int = 1
+    input_dilation: int = 0
+    pyramid_threshold: float = 0.3
+    norm_stats: str = "frozen"
+    dense_threshold: float = 0.6
+    check_region: bool = True
+    strict: bool = True
+    poison_scratch: bool = False
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self):
+        if isinstance(self.tile_size, dict):
+            # JSON turns int keys into strings; accept them back.
+            self.tile_size = {int(k): int(v) for k, v in self.tile_size.items()}
+            sizes = list(self.tile_size.values())
+        else:
+            sizes = [self.tile_size]
+        for size in sizes:
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"SparseConfig.tile_size must be a positive int (or a dict of them), got {size!r}.")
+        if self.dilation < 0 or self.input_dilation < 0:
+            raise ValueError("SparseConfig.dilation and input_dilation must be >= 0.")
+        if not 0.0 <= self.pyramid_threshold < 1.0:
+            raise ValueError(f"SparseConfig.pyramid_threshold must be in [0, 1), got {self.pyramid_threshold}.")
+        if self.norm_stats not in _NORM_STATS:
+            raise ValueError(f"SparseConfig.norm_stats must be one of {_NORM_STATS}, got {self.norm_stats!r}.")
+        if not 0.0 <= self.dense_threshold <= 1.0:
+            raise ValueError(f"SparseConfig.dense_threshold must be in [0, 1], got {self.dense_threshold}.")
+
+    def tile_for(self, height: int) -> int:
+        """The output tile edge to use on a feature map of the given height."""
+        if isinstance(self.tile_size, int):
+            return self.tile_size
+        if height in self.tile_size:
+            return self.tile_size[height]
+        return self.tile_size.get(0, 8)

@@ -1,0 +1,229 @@
+"""The handler contract: how a torch module runs in capture, sparse and profile modes.
+
+`sparsify_` attaches one handler per supported module by replacing the module's `forward` on the instance (removal
+deletes it, restoring the class's method exactly). Handlers are found through a registry keyed by module type (looked
+up along the MRO), never through an `isinstance` ladder: a new layer type registers its handler with
+`@register_handler(ModuleType)`.
+
+Sparse runs write into the cached output buffers in place, only on active tiles, and log the overwritten tiles so an
+uncommitted edit can be rolled back; nothing is copied at full size per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..regions import BlockIndex, Geometry, block_index
+from .state import LayerRecord, Mode, SparseState
+
+
+__all__ = ["Prologue", "SparseHandler", "handler_for", "register_handler", "UnsupportedLayerError"]
+
+
+class UnsupportedLayerError(NotImplementedError):
+    pass
+
+
+_HANDLERS: dict[type, type[SparseHandler]] = {}
+
+
+def register_handler(*module_types: type):
+    """Class decorator: `handler_cls` makes modules of these types (and their subclasses) sparse."""
+
+    def wrap(handler_cls):
+        for t in module_types:
+            _HANDLERS[t] = handler_cls
+        return handler_cls
+
+    return wrap
+
+
+def handler_for(module: nn.Module) -> type[SparseHandler] | None:
+    for t in type(module).__mro__:
+        if t in _HANDLERS:
+            return _HANDLERS[t]
+    return None
+
+
+@dataclass(frozen=True)
+class Prologue:
+    """A per-channel affine then an activation, applied to input tiles inside the gather (fused GroupNorm+SiLU)."""
+
+    scale: torch.Tensor | None = None  # [B, C]
+    shift: torch.Tensor | None = None  # [B, C]
+    activation: str = "identity"
+    slope: float = 0.01
+
+    def then_affine(self, scale, shift) -> Prologue | None:
+        if self.activation != "identity":
+            return None  # affine after a nonlinearity does not fold into one scale/shift
+        s0 = self.scale
+        t0 = self.shift
+        new_scale = scale if s0 is None else (s0 * scale if scale is not None else s0)
+        if t0 is None:
+            new_shift = shift
+        else:
+            new_shift = t0 * scale if scale is not None else t0
+            new_shift = new_shift + shift if shift is not None else new_shift
+        return Prologue(new_scale, new_shift)
+
+    def then_activation(self, activation: str, slope: float) -> Prologue | None:
+        if activation == "identity":
+            return self
+        if self.activation != "identity":
+            return None
+        return Prologue(self.scale, self.shift, activation, slope)
+
+    def apply_dense(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            x = x * self.scale[:, :, None, None].to(x.dtype)
+        if self.shift is not None:
+            x = x + self.shift[:, :, None, None].to(x.dtype)
+        return ops.reference.apply_activation(x, self.activation, self.slope)
+
+    def gather(self, x, origins, tile, poison=False):
+        return ops.gather(x, origins, tile, self.scale, self.shift, self.activation, self.slope, poison)
+
+
+IDENTITY = Prologue()
+
+
+class SparseHandler:
+    """Runs one module in the mode its `SparseState` says. Subclasses implement `sparse` (and may extend capture)."""
+
+    kind = "layer"
+    pointwise = False  # folds into a consumer's gather as a Prologue
+    consumes_prologue = False  # accepts a Prologue (a windowed or pointwise tile op)
+
+    def __init__(self, module: nn.Module, name: str, state: SparseState):
+        self.module = module
+        self.name = name or type(module).__name__
+        self.state = state
+        self._own_forward = module.__dict__.get("forward")
+        self.original = self._own_forward or type(module).forward.__get__(module)
+
+    # -- attach / detach --------------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        self.module.forward = self.forward
+        self.module._sparsedit_handler = self
+
+    def detach(self) -> None:
+        if self._own_forward is not None:
+            self.module.forward = self._own_forward
+        else:
+            self.module.__dict__.pop("forward", None)
+        self.module.__dict__.pop("_sparsedit_handler", None)
+
+    def check_supported(self) -> None:
+        """Raise `UnsupportedLayerError` if this configuration of the module cannot run sparse."""
+
+    def prepare(self, children: dict[str, SparseHandler]) -> None:
+        """Called once after every handler is attached; containers plan their fusions here."""
+
+    # -- modes ------------------------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        mode = self.state.mode
+        if mode is None:
+            return self.original(*args, **kwargs)
+        if mode is Mode.SPARSE:
+            return self.sparse(*args, **kwargs)
+        out = self.original(*args, **kwargs)
+        key = self.state.key(self.name)
+        if mode is Mode.CAPTURE:
+            self.capture(key, out, *args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.dim() == 4:
+            macs = self.macs_dense(out, *args)
+            self.state.record(LayerRecord(self.name, self.kind, tuple(out.shape[-2:]), macs, macs, 1.0))
+        return out
+
+    def capture(self, key, out, *args, **kwargs) -> None:
+        if not self.state.no_store:
+            self.state.cache.put(key, out=out)
+
+    def sparse(self, *args, **kwargs):
+        raise NotImplementedError
+
+    # -- cost -------------------------------------------------------------------------------------------------------
+    def macs_per_position(self, out: torch.Tensor) -> int:
+        """Multiply-accumulates per output position (all channels)."""
+        return 0
+
+    def macs_dense(self, out: torch.Tensor, *args) -> int:
+        return self.macs_per_position(out) * out.shape[0] * out.shape[-2] * out.shape[-1]
+
+    # -- shared sparse machinery ------------------------------------------------------------------------------------
+    def buffer(self, key) -> torch.Tensor:
+        return self.state.cache.get(key)["out"]
+
+    def tile_for(self, height: int) -> int:
+        return self.state.config.tile_for(height)
+
+    def write(
+        self,
+        buf: torch.Tensor,
+        bi: BlockIndex,
+        new: torch.Tensor,
+        region: torch.Tensor,
+        residual: torch.Tensor | None = None,
+    ) -> None:
+        """Write computed tiles into a cached buffer in place, logging what they overwrite.
+
+        Exact mode keeps every position outside `region` bit-identical to the capture (tiles are blended with the
+        old values); approximate mode writes whole tiles, with the residual add fused into the scatter.
+        """
+        st = self.state
+        old = ops.gather(buf, bi.origins, bi.tile)
+        origins = bi.origins
+        st.remember(lambda: ops.scatter(buf, old, origins))
+        if st.config.exact:
+            if residual is not None:
+                new = new + ops.gather(residual, origins, bi.tile)
+            inside = ops.gather(region[:, None].to(buf.dtype), origins, bi.tile) > 0
+            ops.scatter(buf, torch.where(inside, new.to(buf.dtype), old), origins)
+        else:
+            ops.scatter(buf, new, origins, residual)
+
+    def write_dense(self, buf, new, region, residual=None) -> None:
+        """Dense fallback: the full map was computed; keep the cached values outside `region`."""
+        old = buf.clone()
+        self.state.remember(lambda: buf.copy_(old))
+        if residual is not None:
+            new = new + residual
+        buf.copy_(torch.where(region[:, None], new.to(buf.dtype), buf))
+
+    def output_region(self, region_in: torch.Tensor, geometry: Geometry, out_hw) -> torch.Tensor:
+        from ..regions import propagate
+
+        if not bool(region_in.any()):
+            return region_in.new_zeros((region_in.shape[0], *out_hw))
+        if self.state.config.exact:
+            return propagate(region_in, geometry)
+        if bool(region_in.all()):  # an untracked input: everything may have changed
+            return region_in.new_ones((region_in.shape[0], *out_hw))
+        return self.state.pyramid(out_hw)
+
+    def run_tiles(self, x, region_out, geometry, compute, compute_dense, buf, residual, prologue):
+        """Compute `region_out` of this layer's output into `buf`: sparse tiles, or dense when tiles do not pay.
+
+        `compute(x, bi, prologue)` returns the output tiles of `bi`; `compute_dense(x, prologue)` the full output.
+        """
+        st = self.state
+        out_hw = tuple(buf.shape[-2:])
+        per_pos = self.macs_per_position(buf)
+        dense_macs = per_pos * buf.shape[0] * out_hw[0] * out_hw[1]
+        if not bool(region_out.any()):
+            st.record(LayerRecord(self.name, self.kind, out_hw, dense_macs, 0, 0.0))
+            return
+        bi = block_index(region_out, geometry, self.tile_for(out_hw[0]))
+        frac = bi.covered_fraction
+        if frac > st.config.dense_threshold:
+            self.write_dense(buf, compute_dense(x, prologue), region_out, residual)
+            st.record(LayerRecord(self.name, self.kind, out_hw, dense_macs, dense_macs, 1.0, "cost model"))
+            return
+        self.write(buf, bi, compute(x, bi, prologue), region_out, residual)
+        sparse_macs = per_pos * bi.num_blocks * bi.tile[0] * bi.tile[1]
+        st.record(LayerRecord(self.name, self.kind, out_hw, dense_macs, sparse_macs, frac))

@@ -1,0 +1,266 @@
+"""Composite blocks: residual add, channel concat, a GroupNorm ResNet block, and fused `nn.Sequential` chains.
+
+These are ordinary `nn.Module`s (usable without sparsedit); their handlers fuse the pointwise layers before a
+convolution into its gather (GroupNorm affine + SiLU, as SIGE does) and the residual add into the scatter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..regions import Geometry
+from .base import IDENTITY, Prologue, SparseHandler, handler_for, register_handler
+from .state import Mode
+
+
+__all__ = ["Add", "Concat", "ResBlock"]
+
+_POINT = Geometry()
+
+
+class Add(nn.Module):
+    """`a + b` as a module, so a residual connection is visible to the sparse engine."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class Concat(nn.Module):
+    """Channel concatenation (skip connections of U-Nets) as a module."""
+
+    def __init__(self, dim: int = 1):
+        super().__init__()
+        if dim != 1:
+            raise ValueError("Concat joins channels (dim=1) only.")
+        self.dim = dim
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat(xs, dim=self.dim)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm → SiLU → 3×3 conv → GroupNorm → SiLU → 3×3 conv, plus a (1×1 conv) shortcut; as in diffusion UNets.
+
+    Args:
+        in_channels, out_channels: channel counts.
+        groups: GroupNorm groups (must divide both channel counts).
+        eps: GroupNorm epsilon.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, groups: int = 32, eps: float = 1e-6):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.act1 = nn.SiLU()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.act2 = nn.SiLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.add = Add()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act1(self.norm1(x)))
+        h = self.conv2(self.act2(self.norm2(h)))
+        return self.add(self.shortcut(x), h)
+
+
+def _handler(module: nn.Module) -> SparseHandler | None:
+    return module.__dict__.get("_sparsedit_handler")
+
+
+def _foldable(handlers: list[SparseHandler]) -> bool:
+    """Pointwise layers fold into one scale/shift + activation when every affine precedes the single activation."""
+    seen_act = False
+    for h in handlers:
+        if not h.pointwise:
+            return False
+        if h.affine:
+            if seen_act:
+                return False
+        elif getattr(h, "activation", "identity") != "identity":
+            if seen_act:
+                return False
+            seen_act = True
+    return True
+
+
+class Chain:
+    """A planned run of modules: pointwise layers folded into the gather of the layer that consumes them.
+
+    Plan items are `(prologue_handlers, handler_or_module)`; a bare module (no handler) runs as torch would, and its
+    output counts as changed everywhere.
+    """
+
+    def __init__(self, modules: list[nn.Module]):
+        self.items: list[tuple[list[SparseHandler], object]] = []
+        pending: list[SparseHandler] = []
+        for m in modules:
+            h = _handler(m)
+            if h is not None and h.pointwise:
+                pending.append(h)
+                continue
+            if h is not None and h.consumes_prologue and pending and _foldable(pending):
+                self.items.append((pending, h))
+                pending = []
+                continue
+            self._flush(pending)
+            pending = []
+            self.items.append(([], h if h is not None else m))
+        self._flush(pending)
+
+    def _flush(self, pending: list[SparseHandler]) -> None:
+        if len(pending) > 1 and _foldable(pending):
+            self.items.append((pending[:-1], pending[-1]))
+        else:
+            self.items.extend(([], h) for h in pending)
+
+    @property
+    def folded(self) -> set[int]:
+        return {id(h) for pro, _ in self.items for h in pro}
+
+    def capture(self, x: torch.Tensor, state, store_last: bool = True) -> torch.Tensor:
+        """Dense forward that skips storing outputs that sparse runs never read (folded layers)."""
+        n = len(self.items)
+        for i, (pro, last) in enumerate(self.items):
+            for h in pro:
+                with _no_store(state):
+                    x = h.module(x)
+            module = last.module if isinstance(last, SparseHandler) else last
+            if i == n - 1 and not store_last:
+                with _no_store(state):
+                    x = module(x)
+            else:
+                x = module(x)
+        return x
+
+    def sparse(self, x: torch.Tensor, state, residual: torch.Tensor | None = None, into=None) -> torch.Tensor:
+        n = len(self.items)
+        for i, (pro, last) in enumerate(self.items):
+            if not isinstance(last, SparseHandler):
+                x = last(x)
+                continue
+            prologue = fold(pro, x, state)
+            extra = {}
+            if i == n - 1 and residual is not None:
+                extra["residual"] = residual
+            if i == n - 1 and into is not None:
+                extra["into"] = into
+            x = last.sparse(x, prologue, **extra) if last.consumes_prologue else last.sparse(x, **extra)
+        return x
+
+
+def fold(handlers: list[SparseHandler], x: torch.Tensor, state) -> Prologue:
+    p = IDENTITY
+    for h in handlers:
+        p = h.fold(x, state.key(h.name), p)
+    return p
+
+
+@contextlib.contextmanager
+def _no_store(state):
+    prev, state.no_store = state.no_store, True
+    try:
+        yield
+    finally:
+        state.no_store = prev
+
+
+@register_handler(nn.Sequential)
+class SequentialHandler(SparseHandler):
+    """`nn.Sequential`: children run as a fused chain in sparse mode."""
+
+    kind = "sequential"
+
+    def prepare(self, children):
+        self.chain = Chain(list(self.module))
+
+    def forward(self, *args, **kwargs):
+        st = self.state
+        if st.mode is Mode.CAPTURE:
+            return self.chain.capture(*args, st)
+        if st.mode is Mode.SPARSE:
+            return self.sparse(*args)
+        return self.original(*args, **kwargs)
+
+    def sparse(self, x, residual=None, into=None):
+        return self.chain.sparse(x, self.state, residual, into)
+
+
+@register_handler(Add)
+class AddHandler(SparseHandler):
+    kind = "add"
+
+    def macs_per_position(self, out):
+        return 0
+
+    def sparse(self, a, b):
+        st = self.state
+        buf = self.buffer(st.key(self.name))
+        region = st.region_of(a) | st.region_of(b)
+        poison = st.config.poison_scratch
+
+        def compute(_, bi, __):
+            return ops.gather(a, bi.origins, bi.tile, poison=poison) + ops.gather(b, bi.origins, bi.tile, poison=poison)
+
+        self.run_tiles(None, region, _POINT, compute, lambda _, __: a + b, buf, None, IDENTITY)
+        st.set_region(buf, region)
+        return buf
+
+
+@register_handler(Concat)
+class ConcatHandler(SparseHandler):
+    kind = "concat"
+
+    def sparse(self, *xs):
+        st = self.state
+        buf = self.buffer(st.key(self.name))
+        region = st.region_of(xs[0])
+        for x in xs[1:]:
+            region = region | st.region_of(x)
+        poison = st.config.poison_scratch
+
+        def compute(_, bi, __):
+            return torch.cat([ops.gather(x, bi.origins, bi.tile, poison=poison) for x in xs], dim=1)
+
+        self.run_tiles(None, region, _POINT, compute, lambda _, __: torch.cat(xs, 1), buf, None, IDENTITY)
+        st.set_region(buf, region)
+        return buf
+
+
+@register_handler(ResBlock)
+class ResBlockHandler(SparseHandler):
+    """Fused ResNet block: norm+SiLU inside each conv's gather, shortcut add inside conv2's scatter (written straight
+    into the block's output buffer)."""
+
+    kind = "resblock"
+
+    def prepare(self, children):
+        m = self.module
+        self.main = Chain([m.norm1, m.act1, m.conv1, m.norm2, m.act2, m.conv2])
+        self.add = _handler(m.add)
+
+    def forward(self, x):
+        st = self.state
+        if st.mode is Mode.CAPTURE:
+            m = self.module
+            # conv2's output is never read in sparse runs: the fused add writes the block's output directly.
+            h = self.main.capture(x, st, store_last=False)
+            return m.add(self._shortcut(x), h)
+        if st.mode is Mode.SPARSE:
+            return self.sparse(x)
+        return self.original(x)
+
+    def _shortcut(self, x):
+        shortcut = self.module.shortcut
+        return x if isinstance(shortcut, nn.Identity) else shortcut(x)
+
+    def sparse(self, x):
+        st = self.state
+        skip = self._shortcut(x)
+        out = self.add.buffer(st.key(self.add.name))
+        return self.main.sparse(x, st, residual=skip, into=out)

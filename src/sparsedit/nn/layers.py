@@ -1,0 +1,343 @@
+"""Handlers for torch's own layers: convolution, pooling, normalisation, activations, nearest upsampling."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..regions import Geometry, block_index
+from .base import IDENTITY, Prologue, SparseHandler, UnsupportedLayerError, register_handler
+from .state import LayerRecord
+
+
+__all__ = ["ActivationHandler", "BatchNormHandler", "ConvHandler", "GroupNormHandler", "PoolHandler"]
+
+_POINT = Geometry()
+
+
+class WindowedHandler(SparseHandler):
+    """A sliding-window layer: output tiles read input tiles with a halo, computed with padding 0."""
+
+    consumes_prologue = True
+    geometry: Geometry
+
+    def apply(self, tiles: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply_dense(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute(self, x, bi, prologue: Prologue):
+        tiles = prologue.gather(x, bi.input_origins(), bi.input_tile, self.state.config.poison_scratch)
+        return self.apply(tiles)
+
+    def compute_dense(self, x, prologue: Prologue):
+        return self.apply_dense(x if prologue is IDENTITY else prologue.apply_dense(x))
+
+    def sparse(self, x, prologue: Prologue = IDENTITY, residual: torch.Tensor | None = None, into=None):
+        st = self.state
+        key = st.key(self.name)
+        buf = into if into is not None else self.buffer(key)
+        region = self.output_region(st.region_of(x), self.geometry, tuple(buf.shape[-2:]))
+        if residual is not None:
+            region = region | st.region_of(residual)
+        self.run_tiles(x, region, self.geometry, self.compute, self.compute_dense, buf, residual, prologue)
+        st.set_region(buf, region)
+        return buf
+
+
+@register_handler(nn.Conv2d)
+class ConvHandler(WindowedHandler):
+    kind = "conv"
+
+    def check_supported(self):
+        m = self.module
+        if m.padding_mode != "zeros":
+            raise UnsupportedLayerError(
+                f"{self.name}: Conv2d with padding_mode={m.padding_mode!r} cannot run sparse (only 'zeros'); "
+                "pad explicitly before the convolution or pass SparseConfig(strict=False) to run it densely."
+            )
+        if isinstance(m.padding, str):
+            if m.padding == "valid":
+                padding = (0, 0)
+            else:  # "same": symmetric only when each total padding is even
+                totals = [d * (k - 1) for k, d in zip(m.kernel_size, m.dilation)]
+                if any(t % 2 for t in totals):
+                    raise UnsupportedLayerError(
+                        f"{self.name}: Conv2d(padding='same') with an even kernel pads asymmetrically, which the "
+                        "tile geometry cannot express; use explicit integer padding."
+                    )
+                padding = tuple(t // 2 for t in totals)
+        else:
+            padding = m.padding
+        self.geometry = Geometry.of(m.kernel_size, m.stride, padding, m.dilation)
+
+    def macs_per_position(self, out):
+        m = self.module
+        return m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def apply(self, tiles):
+        m = self.module
+        return F.conv2d(tiles, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+
+    def apply_dense(self, x):
+        m = self.module
+        return F.conv2d(x, m.weight, m.bias, m.stride, self.geometry.padding, m.dilation, m.groups)
+
+
+@register_handler(nn.AvgPool2d, nn.MaxPool2d)
+class PoolHandler(WindowedHandler):
+    kind = "pool"
+
+    def check_supported(self):
+        m = self.module
+        pad = m.padding if isinstance(m.padding, (tuple, list)) else (m.padding, m.padding)
+        if any(pad) or m.ceil_mode or getattr(m, "return_indices", False):
+            raise UnsupportedLayerError(
+                f"{self.name}: {type(m).__name__} runs sparse only with padding=0, ceil_mode=False and no indices."
+            )
+        stride = m.stride if m.stride is not None else m.kernel_size
+        self.geometry = Geometry.of(m.kernel_size, stride, 0, getattr(m, "dilation", 1))
+
+    def macs_per_position(self, out):
+        k = self.geometry.kernel
+        return out.shape[1] * k[0] * k[1] if isinstance(self.module, nn.AvgPool2d) else 0
+
+    def apply(self, tiles):
+        return self.module.__class__.forward(self.module, tiles)
+
+    apply_dense = apply
+
+
+class PointwiseHandler(SparseHandler):
+    """A per-position layer. Inside a fused chain it becomes part of the next layer's gather (its `prologue`);
+    alone it gathers its region, applies itself and writes back."""
+
+    pointwise = True
+    consumes_prologue = True
+    affine = False  # a per-channel affine (True) or an activation (False), for static fusion planning
+
+    def prologue(self, x: torch.Tensor, key) -> Prologue:
+        raise NotImplementedError
+
+    def fold(self, x, key, prologue: Prologue) -> Prologue:
+        p = self.prologue(x, key)
+        folded = (
+            prologue.then_affine(p.scale, p.shift) if self.affine else prologue.then_activation(p.activation, p.slope)
+        )
+        if folded is None:  # planning guarantees this never happens
+            raise RuntimeError(f"{self.name}: cannot fold into the preceding prologue")
+        return folded
+
+    def sparse(self, x, prologue: Prologue = IDENTITY, into=None):
+        st = self.state
+        key = st.key(self.name)
+        buf = into if into is not None else self.buffer(key)
+        p = self.fold(x, key, prologue)
+        region = st.region_of(x)
+        poison = st.config.poison_scratch
+        self.run_tiles(
+            x,
+            region,
+            _POINT,
+            lambda x_, bi, p_: p_.gather(x_, bi.origins, bi.tile, poison),
+            lambda x_, p_: p_.apply_dense(x_),
+            buf,
+            None,
+            p,
+        )
+        st.set_region(buf, region)
+        return buf
+
+
+_ACTIVATION_NAMES = {
+    nn.SiLU: "silu",
+    nn.ReLU: "relu",
+    nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid",
+    nn.LeakyReLU: "leaky_relu",
+    nn.GELU: "gelu",
+}
+
+
+@register_handler(nn.Identity, nn.Dropout, nn.Dropout2d, *_ACTIVATION_NAMES)
+class ActivationHandler(PointwiseHandler):
+    kind = "activation"
+
+    def check_supported(self):
+        m = self.module
+        if isinstance(m, nn.GELU) and m.approximate != "none":
+            raise UnsupportedLayerError(f"{self.name}: GELU(approximate={m.approximate!r}) is not supported.")
+        self.activation = next((n for t, n in _ACTIVATION_NAMES.items() if isinstance(m, t)), "identity")
+        self.slope = float(getattr(m, "negative_slope", 0.01))
+
+    def prologue(self, x, key):
+        if isinstance(self.module, (nn.Dropout, nn.Dropout2d)) and self.module.training and self.module.p > 0:
+            raise RuntimeError(f"{self.name}: Dropout in training mode is random; call model.eval() before editing.")
+        return Prologue(activation=self.activation, slope=self.slope)
+
+
+@register_handler(nn.BatchNorm2d)
+class BatchNormHandler(PointwiseHandler):
+    """Eval-mode BatchNorm: a fixed per-channel affine, exact under sparse computation."""
+
+    kind = "norm"
+    affine = True
+
+    def check_supported(self):
+        if not self.module.track_running_stats:
+            raise UnsupportedLayerError(
+                f"{self.name}: BatchNorm2d without running statistics normalises by batch statistics, which depend "
+                "on the whole map; it cannot run sparse."
+            )
+
+    def macs_per_position(self, out):
+        return out.shape[1]
+
+    def prologue(self, x, key):
+        m = self.module
+        if m.training:
+            raise RuntimeError(f"{self.name}: BatchNorm2d is in training mode; call model.eval() before editing.")
+        scale = torch.rsqrt(m.running_var + m.eps)
+        if m.weight is not None:
+            scale = scale * m.weight
+        shift = -m.running_mean * scale
+        if m.bias is not None:
+            shift = shift + m.bias
+        b = x.shape[0]
+        return Prologue(scale.expand(b, -1), shift.expand(b, -1))
+
+
+@register_handler(nn.GroupNorm)
+class GroupNormHandler(PointwiseHandler):
+    """GroupNorm. Its statistics span the whole map, so sparse runs either freeze them from the capture (SIGE,
+    FISEdit) or recompute them exactly from cached per-tile sums (only the active tiles are re-summed). In exact mode
+    the statistics are recomputed densely and everything downstream becomes dense."""
+
+    kind = "norm"
+    affine = True
+
+    def prepare(self, children):
+        # In exact mode a GroupNorm changes every output position, so it never folds into a sparse gather.
+        self.pointwise = not self.state.config.exact
+
+    def macs_per_position(self, out):
+        return 2 * out.shape[1]  # statistics + affine
+
+    def _grid(self, h: int) -> int:
+        return self.state.config.tile_for(h)
+
+    def capture(self, key, out, x, *args, **kwargs):
+        super().capture(key, out)
+        m = self.module
+        b, c, h, w = x.shape
+        xg = x.detach().reshape(b, m.num_groups, -1).float()
+        var, mean = torch.var_mean(xg, dim=-1, unbiased=False)
+        tensors = {"mean": mean, "rstd": torch.rsqrt(var + m.eps)}
+        if self.state.config.norm_stats == "recompute":
+            t = self._grid(h)
+            ny, nx = -(-h // t), -(-w // t)
+            xp = F.pad(x.detach().double(), (0, nx * t - w, 0, ny * t - h))
+            cells = xp.reshape(b, m.num_groups, c // m.num_groups, ny, t, nx, t)
+            tensors["cell_sum"] = cells.sum(dim=(2, 4, 6))
+            tensors["cell_sumsq"] = cells.square().sum(dim=(2, 4, 6))
+        self.state.cache.put(key, **tensors)
+
+    def _affine(self, mean, rstd, b):
+        m = self.module
+        g = m.num_groups
+        per = m.num_channels // g
+        scale = rstd.repeat_interleave(per, dim=1)
+        shift = -mean.repeat_interleave(per, dim=1) * scale
+        if m.weight is not None:
+            scale = scale * m.weight
+            shift = shift * m.weight + m.bias
+        return scale.reshape(b, -1), shift.reshape(b, -1)
+
+    def prologue(self, x, key):
+        entry = self.state.cache.get(key)
+        if self.state.config.norm_stats == "frozen":
+            return Prologue(*self._affine(entry["mean"], entry["rstd"], x.shape[0]))
+        return Prologue(*self._affine(*self._recompute(x, entry), x.shape[0]))
+
+    def _recompute(self, x, entry):
+        """Exact new statistics: cached totals, minus the old sums of the active cells, plus their new sums."""
+        m = self.module
+        b, c, h, w = x.shape
+        t = self._grid(h)
+        region = self.state.region_of(x)
+        cells = block_index(region, _POINT, t, clamp=False)
+        csum, csq = entry["cell_sum"], entry["cell_sumsq"]
+        if cells.num_blocks:
+            tiles = ops.gather(x, cells.origins, (t, t)).double()  # zeros past the border add nothing
+            tiles = tiles.reshape(tiles.shape[0], m.num_groups, -1)
+            bi, cy, cx = cells.origins[:, 0], cells.origins[:, 1] // t, cells.origins[:, 2] // t
+            index = (bi, slice(None), cy, cx)
+            old_sum, old_sq = csum[index].clone(), csq[index].clone()
+            self.state.remember(lambda: (csum.__setitem__(index, old_sum), csq.__setitem__(index, old_sq)))
+            csum[index] = tiles.sum(-1)
+            csq[index] = tiles.square().sum(-1)
+        n = (c // m.num_groups) * h * w
+        mean = csum.sum(dim=(2, 3)) / n
+        var = (csq.sum(dim=(2, 3)) / n - mean.square()).clamp_min(0)
+        return mean.float(), torch.rsqrt(var + m.eps).float()
+
+    def sparse(self, x, prologue: Prologue = IDENTITY, into=None):
+        if self.pointwise:
+            return super().sparse(x, prologue, into)
+        # Exact mode: new statistics move every position, so compute densely and mark the whole map changed.
+        st = self.state
+        key = st.key(self.name)
+        buf = into if into is not None else self.buffer(key)
+        new = self.original(x if prologue is IDENTITY else prologue.apply_dense(x))
+        region = torch.ones(buf.shape[0], *buf.shape[-2:], dtype=torch.bool, device=buf.device)
+        self.write_dense(buf, new, region)
+        macs = self.macs_dense(buf)
+        st.record(LayerRecord(self.name, self.kind, tuple(buf.shape[-2:]), macs, macs, 1.0, "exact GroupNorm"))
+        st.set_region(buf, region)
+        return buf
+
+
+@register_handler(nn.Upsample, nn.UpsamplingNearest2d)
+class UpsampleHandler(SparseHandler):
+    """Nearest-neighbour upsampling by an integer factor: only the active input tiles are upsampled."""
+
+    kind = "upsample"
+    consumes_prologue = True
+
+    def check_supported(self):
+        m = self.module
+        if m.mode != "nearest":
+            raise UnsupportedLayerError(
+                f"{self.name}: Upsample(mode={m.mode!r}) cannot run sparse yet; only mode='nearest' is supported."
+            )
+
+    def sparse(self, x, prologue: Prologue = IDENTITY, into=None):
+        st = self.state
+        key = st.key(self.name)
+        buf = into if into is not None else self.buffer(key)
+        (h, w), (oh, ow) = x.shape[-2:], buf.shape[-2:]
+        if oh % h or ow % w or oh // h != ow // w:
+            raise UnsupportedLayerError(f"{self.name}: only equal integer upsampling factors run sparse.")
+        s = oh // h
+        region_in = st.region_of(x)
+        if st.config.exact or not bool(region_in.any()) or bool(region_in.all()):
+            region = region_in.repeat_interleave(s, 1).repeat_interleave(s, 2)
+        else:
+            region = st.pyramid((oh, ow))
+        need = F.max_pool2d(region[:, None].float(), s)[:, 0] > 0  # input pixels whose copies are in the region
+        bi_in = block_index(need, _POINT, max(1, self.tile_for(oh) // s))
+        bi_out = type(bi_in)(bi_in.origins * bi_in.origins.new_tensor([1, s, s]), (bi_in.tile[0] * s,
+                             bi_in.tile[1] * s), (buf.shape[0], oh, ow), _POINT)  # fmt: skip
+        macs = 0
+        if bi_out.covered_fraction > st.config.dense_threshold:
+            self.write_dense(buf, F.interpolate(prologue.apply_dense(x), scale_factor=s, mode="nearest"), region)
+            st.record(LayerRecord(self.name, self.kind, (oh, ow), macs, macs, 1.0, "cost model"))
+        elif bi_in.num_blocks:
+            tiles = prologue.gather(x, bi_in.origins, bi_in.tile, st.config.poison_scratch)
+            self.write(buf, bi_out, tiles.repeat_interleave(s, 2).repeat_interleave(s, 3), region)
+            st.record(LayerRecord(self.name, self.kind, (oh, ow), macs, macs, bi_out.covered_fraction))
+        st.set_region(buf, region)
+        return buf

@@ -1,0 +1,104 @@
+"""Block-sparse primitives: gather tiles with a halo, scatter tiles back, and their token (B, L, C) forms.
+
+Equivalent PyTorch code for `gather` (one tile; the backends do all tiles at once)::
+
+    b, y, x0 = origin
+    tile = zero_padded(x)[b, :, y : y + th, x0 : x0 + tw]         # zero outside the image
+    tile = act(tile * scale[b, :, None, None] + shift[b, :, None, None])  # inside the image only
+
+and for `scatter`::
+
+    out[b, :, y : y + th, x0 : x0 + tw] = tile (+ residual[b, :, y : y + th, x0 : x0 + tw])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference  # noqa: F401  (registers the reference backend)
+from . import schemas
+from .dispatch import Backend, NoBackendError, backends, register_backend, select_backend
+from .reference import ACTIVATIONS
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "Backend",
+    "NoBackendError",
+    "backends",
+    "gather",
+    "gather_tokens",
+    "register_backend",
+    "scatter",
+    "scatter_tokens",
+    "select_backend",
+]
+
+
+def _check_origins(origins: torch.Tensor, x: torch.Tensor, name: str) -> None:
+    if origins.dtype != torch.int64 or origins.dim() != 2 or origins.shape[1] != 3:
+        raise ValueError(f"{name}: origins must be an int64 tensor of shape [N, 3] (batch, y, x).")
+    if origins.device != x.device:
+        raise ValueError(f"{name}: origins on {origins.device} but the tensor is on {x.device}.")
+
+
+def gather(
+    x: torch.Tensor,
+    origins: torch.Tensor,
+    tile: tuple[int, int],
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    activation: str = "identity",
+    negative_slope: float = 0.01,
+    poison: bool = False,
+) -> torch.Tensor:
+    """Gather tiles of `x` (`[B, C, H, W]`) with top-left corners `origins` (`[N, 3]`: batch, y, x; may be negative).
+
+    Pixels outside the image read as zero (after the fused scale/shift/activation, as a zero-padded convolution sees
+    them). `scale` and `shift` are `[B, C]` per-sample, per-channel factors. Returns `[N, C, th, tw]`.
+    """
+    _check_origins(origins, x, "gather")
+    if x.dim() != 4:
+        raise ValueError(f"gather takes a [B, C, H, W] tensor, got shape {tuple(x.shape)}.")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"gather: unknown activation {activation!r}; supported: {ACTIVATIONS}.")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None and tuple(t.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"gather: {name} must have shape [B, C] = {tuple(x.shape[:2])}, got {tuple(t.shape)}.")
+    th, tw = tile
+    return schemas.gather(x, origins, th, tw, scale, shift, activation, float(negative_slope), poison)
+
+
+def scatter(
+    out: torch.Tensor, tiles: torch.Tensor, origins: torch.Tensor, residual: torch.Tensor | None = None
+) -> None:
+    """Write `tiles` (`[N, C, th, tw]`) into `out` (`[B, C, H, W]`) at `origins`, in place; tiles must lie inside.
+
+    With `residual` (shaped like `out`), writes `tiles + residual` at those positions (a fused residual add).
+    Overlapping tiles must carry equal values where they overlap.
+    """
+    _check_origins(origins, out, "scatter")
+    if tiles.dim() != 4 or tiles.shape[0] != origins.shape[0] or tiles.shape[1] != out.shape[1]:
+        raise ValueError(
+            f"scatter: tiles of shape {tuple(tiles.shape)} do not match {origins.shape[0]} origins and "
+            f"{out.shape[1]} channels."
+        )
+    if residual is not None and residual.shape != out.shape:
+        raise ValueError(f"scatter: residual must be shaped like out {tuple(out.shape)}, got {tuple(residual.shape)}.")
+    schemas.scatter(out, tiles, origins, residual)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, poison: bool = False) -> torch.Tensor:
+    """Rows of `x` (`[B, L, C]`) at flat token indices `index` (`b * L + l`, int64 `[N]`). Returns `[N, C]`."""
+    if x.dim() != 3 or index.dtype != torch.int64 or index.dim() != 1:
+        raise ValueError("gather_tokens takes x of shape [B, L, C] and an int64 index of shape [N].")
+    return schemas.gather_tokens(x, index, poison)
+
+
+def scatter_tokens(
+    out: torch.Tensor, tokens: torch.Tensor, index: torch.Tensor, residual: torch.Tensor | None = None
+) -> None:
+    """Write `tokens` (`[N, C]`) into `out` (`[B, L, C]`, contiguous) at flat indices `index`, in place."""
+    if out.dim() != 3 or not out.is_contiguous() or tokens.shape != (index.shape[0], out.shape[-1]):
+        raise ValueError("scatter_tokens takes a contiguous out [B, L, C], tokens [N, C] and an index [N].")
+    schemas.scatter_tokens(out, tokens, index, residual)

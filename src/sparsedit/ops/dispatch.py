@@ -1,0 +1,77 @@
+"""Backend selection for the block-sparse ops (the xformers pattern).
+
+Each backend declares the devices and dtypes it supports and can explain why it cannot take a request. The dispatcher
+tries them in priority order; if none fits, one error lists every backend's reasons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+__all__ = ["Backend", "register_backend", "backends", "select_backend", "NoBackendError"]
+
+
+class NoBackendError(RuntimeError):
+    pass
+
+
+class Backend:
+    """A set of implementations of the sparsedit ops for some devices and dtypes.
+
+    Subclasses set `name`, `priority` (higher is tried first), `devices` and `dtypes`, implement the ops as methods
+    named like the ops (`gather`, `scatter`, `gather_tokens`, `scatter_tokens`), and may override `unavailable_reason`
+    (missing compiler, library, hardware) and `not_supported_reasons` (input-specific limits).
+    """
+
+    name: str = "base"
+    priority: int = 0
+    devices: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = ()
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def not_supported_reasons(self, op: str, tensors: list[torch.Tensor]) -> list[str]:
+        reasons = []
+        why = self.unavailable_reason()
+        if why:
+            reasons.append(why)
+        if not hasattr(self, op):
+            reasons.append(f"does not implement {op}")
+        for t in tensors:
+            if t.device.type not in self.devices:
+                reasons.append(f"device {t.device.type} not in {self.devices}")
+            if t.is_floating_point() and t.dtype not in self.dtypes:
+                reasons.append(f"dtype {t.dtype} not in {[str(d) for d in self.dtypes]}")
+        return sorted(set(reasons))
+
+
+_BACKENDS: list[Backend] = []
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    _BACKENDS.append(cls())
+    _BACKENDS.sort(key=lambda b: -b.priority)
+    return cls
+
+
+def backends() -> list[Backend]:
+    return list(_BACKENDS)
+
+
+def select_backend(op: str, tensors: list[torch.Tensor]) -> Callable:
+    """The implementation of `op` from the first backend that supports these tensors."""
+    failures = []
+    for backend in _BACKENDS:
+        reasons = backend.not_supported_reasons(op, tensors)
+        if not reasons:
+            return getattr(backend, op)
+        failures.append(f"  {backend.name}: {'; '.join(reasons)}")
+    shapes = ", ".join(f"{tuple(t.shape)} {t.dtype} on {t.device}" for t in tensors)
+    raise NoBackendError(
+        f"No sparsedit backend can run {op} on ({shapes}):\n" + "\n".join(failures) + "\n"
+        "Run `sparsedit info` to see which backends this installation has."
+    )

@@ -1,0 +1,231 @@
+"""Edit regions: difference masks, dilation, per-resolution pyramids and block reduction.
+
+A region is a boolean tensor of shape ``[B, H, W]`` at one resolution: ``True`` where the values may differ from the
+captured run. A layer with geometry (kernel, stride, padding, dilation) maps an input region to the output positions
+whose receptive field touches it (:func:`propagate`); :func:`block_index` reduces an output region to the origins of
+the fixed-size tiles that cover it (SIGE's block gather, Li et al., NeurIPS 2022).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+__all__ = [
+    "BlockIndex",
+    "Geometry",
+    "as_region",
+    "block_index",
+    "difference_mask",
+    "dilate",
+    "downsample_region",
+    "mask_pyramid",
+    "propagate",
+]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The spatial geometry of a sliding-window layer (square kernels; rectangular ones as (h, w) tuples)."""
+
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    @classmethod
+    def of(cls, kernel=1, stride=1, padding=0, dilation=1) -> Geometry:
+        pair = lambda v: (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))  # noqa: E731
+        return cls(pair(kernel), pair(stride), pair(padding), pair(dilation))
+
+    @property
+    def reach(self) -> tuple[int, int]:
+        """Extent of one output position's receptive field in input pixels, per axis."""
+        return tuple(d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilation))
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return tuple(
+            (n + 2 * p - r) // s + 1 for n, p, r, s in zip((height, width), self.padding, self.reach, self.stride)
+        )
+
+    def input_tile(self, tile: tuple[int, int]) -> tuple[int, int]:
+        """Input tile size (with halo) that an output tile of size `tile` reads."""
+        return tuple((t - 1) * s + r for t, s, r in zip(tile, self.stride, self.reach))
+
+
+def as_region(region: torch.Tensor, batch: int, height: int, width: int, device=None) -> torch.Tensor:
+    """Validate a user region and return it as a `[B, H, W]` bool tensor.
+
+    Accepts `[H, W]` (broadcast over the batch) or `[B, H, W]`, boolean, on the same device as the input.
+    """
+    if not isinstance(region, torch.Tensor):
+        raise TypeError(f"region must be a torch.Tensor of dtype torch.bool, got {type(region).__name__}.")
+    if region.dtype != torch.bool:
+        raise TypeError(
+            f"region must have dtype torch.bool, got {region.dtype}; pass e.g. `mask > 0.5` or "
+            "`sparsedit.regions.difference_mask(original, edited)`."
+        )
+    if device is not None and region.device != torch.device(device):
+        raise ValueError(f"region is on {region.device} but the input is on {device}; move it with `region.to(...)`.")
+    if region.dim() == 2:
+        region = region.unsqueeze(0).expand(batch, -1, -1)
+    if region.dim() != 3 or tuple(region.shape[1:]) != (height, width) or region.shape[0] not in (1, batch):
+        raise ValueError(
+            f"region has shape {tuple(region.shape)} but the input needs [{height}, {width}] or "
+            f"[{batch}, {height}, {width}] (the input's own height and width)."
+        )
+    if region.shape[0] != batch:
+        region = region.expand(batch, -1, -1)
+    return region.contiguous()
+
+
+def difference_mask(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Where two images or feature maps differ: `|a - b| > eps` in any channel.
+
+    Args:
+        a, b: tensors of shape `[B, C, H, W]`, `[C, H, W]` or `[H, W]`, any numeric dtype.
+        eps: tolerance; `0` marks every bit-level change.
+
+    Returns:
+        A `[B, H, W]` bool tensor (`B = 1` for unbatched inputs).
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"difference_mask needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+    if a.dim() == 2:
+        a, b = a[None, None], b[None, None]
+    elif a.dim() == 3:
+        a, b = a[None], b[None]
+    elif a.dim() != 4:
+        raise ValueError(f"difference_mask takes [B, C, H, W], [C, H, W] or [H, W] tensors, got {a.dim()} dims.")
+    if not a.is_floating_point():
+        a, b = a.float(), b.float()
+    return ((a - b).abs() > eps).any(dim=1)
+
+
+def dilate(region: torch.Tensor, radius: int | tuple[int, int]) -> torch.Tensor:
+    """Square (or rectangular) dilation of a `[B, H, W]` (or `[H, W]`) bool region by `radius` pixels."""
+    ry, rx = (radius, radius) if isinstance(radius, int) else radius
+    if ry == 0 and rx == 0:
+        return region
+    squeeze = region.dim() == 2
+    r = region[None] if squeeze else region
+    out = F.max_pool2d(r[:, None].to(torch.float32), (2 * ry + 1, 2 * rx + 1), stride=1, padding=(ry, rx))
+    out = out[:, 0] > 0
+    return out[0] if squeeze else out
+
+
+def propagate(region: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """Output positions of a sliding-window layer whose receptive field touches `region` (exact propagation)."""
+    kh, kw = geometry.kernel
+    if geometry.kernel == (1, 1) and geometry.stride == (1, 1) and geometry.padding == (0, 0):
+        return region
+    # max_pool2d pads with -inf, so border windows see only real pixels, exactly like zero-padded convolution reads.
+    # Padding larger than half the window is not allowed by max_pool2d; pad by hand then.
+    r = region[:, None].to(torch.float32)
+    pad = geometry.padding
+    reach = geometry.reach
+    if any(p > r_ // 2 for p, r_ in zip(pad, reach)):
+        r = F.pad(r, (pad[1], pad[1], pad[0], pad[0]))
+        pad = (0, 0)
+    out = F.max_pool2d(r, geometry.kernel, stride=geometry.stride, padding=pad, dilation=geometry.dilation)
+    return out[:, 0] > 0
+
+
+def downsample_region(region: torch.Tensor, size: tuple[int, int], threshold: float = 0.3) -> torch.Tensor:
+    """Resample a `[B, H, W]` region to `size`: a pixel is active when its (antialiased) coverage exceeds `threshold`."""
+    if tuple(region.shape[-2:]) == tuple(size):
+        return region
+    r = region[:, None].to(torch.float32)
+    down = size[0] < region.shape[-2] or size[1] < region.shape[-1]
+    out = F.interpolate(r, size=size, mode="bilinear", align_corners=False, antialias=down)
+    if not down:
+        return (out > 0)[:, 0]
+    active = (out > threshold)[:, 0]
+    # A small edit must not vanish at low resolution: a sample whose region thresholds away keeps every block the
+    # region touches instead.
+    lost = ~active.flatten(1).any(1) & region.flatten(1).any(1)
+    if lost.any():
+        touched = F.adaptive_max_pool2d(r, size)[:, 0] > 0
+        active = torch.where(lost[:, None, None], touched, active)
+    return active
+
+
+def mask_pyramid(
+    region: torch.Tensor,
+    sizes: list[tuple[int, int]],
+    threshold: float = 0.3,
+    dilation: int = 1,
+    input_dilation: int = 0,
+) -> dict[tuple[int, int], torch.Tensor]:
+    """One region per resolution, SIGE style: dilate at input resolution, resample, threshold, dilate again."""
+    base = dilate(region, input_dilation)
+    return {tuple(size): dilate(downsample_region(base, size, threshold), dilation) for size in sizes}
+
+
+@dataclass(frozen=True)
+class BlockIndex:
+    """Active output tiles of one layer geometry.
+
+    Attributes:
+        origins: `[N, 3]` int64 tensor of (batch, y, x) top-left corners of the active output tiles. Tiles lie inside
+            the output; the last tile of a row or column is shifted inwards (it may overlap its neighbour), so every
+            tile has the full size `tile`.
+        tile: output tile size (th, tw).
+        out_shape: (B, H, W) of the output.
+        geometry: the layer geometry the tiles are computed for.
+    """
+
+    origins: torch.Tensor
+    tile: tuple[int, int]
+    out_shape: tuple[int, int, int]
+    geometry: Geometry
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.origins.shape[0])
+
+    @property
+    def input_tile(self) -> tuple[int, int]:
+        return self.geometry.input_tile(self.tile)
+
+    def input_origins(self) -> torch.Tensor:
+        """(batch, y, x) of each tile's input window, in input coordinates; negative where it reaches padding."""
+        o = self.origins.clone()
+        for axis in (0, 1):
+            o[:, 1 + axis] = o[:, 1 + axis] * self.geometry.stride[axis] - self.geometry.padding[axis]
+        return o
+
+    @property
+    def covered_fraction(self) -> float:
+        """Fraction of output positions the tiles compute (counting overlaps once per tile: an upper bound)."""
+        b, h, w = self.out_shape
+        total = b * h * w
+        return min(1.0, self.num_blocks * self.tile[0] * self.tile[1] / total) if total else 0.0
+
+
+def block_index(
+    region: torch.Tensor, geometry: Geometry, tile: int | tuple[int, int], clamp: bool = True
+) -> BlockIndex:
+    """Reduce an output-resolution region `[B, H, W]` to the tiles of size `tile` that cover it.
+
+    With `clamp=False` the tiles form an exact partition of the grid and the last row/column of tiles may hang over
+    the border (gathers read zeros there); with `clamp=True` they are shifted inwards to lie inside the map.
+    """
+    b, h, w = region.shape
+    th, tw = (tile, tile) if isinstance(tile, int) else tile
+    th, tw = min(th, h), min(tw, w)
+    ny, nx = -(-h // th), -(-w // tw)
+    padded = F.pad(region, (0, nx * tw - w, 0, ny * th - h)) if (ny * th, nx * tw) != (h, w) else region
+    active = padded.reshape(b, ny, th, nx, tw).any(dim=4).any(dim=2)
+    idx = active.nonzero()
+    origins = torch.empty_like(idx)
+    origins[:, 0] = idx[:, 0]
+    origins[:, 1] = idx[:, 1] * th
+    origins[:, 2] = idx[:, 2] * tw
+    if clamp:
+        origins[:, 1].clamp_(max=h - th)
+        origins[:, 2].clamp_(max=w - tw)
+    return BlockIndex(origins, (th, tw), (b, h, w), geometry)

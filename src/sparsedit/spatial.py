@@ -1,0 +1,299 @@
+"""Spatially sparse inference (SIGE, Li et al., NeurIPS 2022): the model-level verbs.
+
+```python
+sparsedit.sparsify_(model, sparsedit.SparseConfig(exact=True))  # in place; returns None
+with sparsedit.capturing(model):
+    y0 = model(x)  # dense; fills the cache
+with sparsedit.editing(model, region=mask):  # bool [H, W] or [B, H, W] at input resolution
+    y1 = model(x_edited)  # sparse
+sparsedit.last_stats(model)
+sparsedit.unsparsify_(model)  # outputs bit-identical to before
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_map
+
+from .cache import ActivationCache, StaleCacheError, weights_fingerprint
+from .config import SparseConfig
+from .nn.base import SparseHandler, UnsupportedLayerError, handler_for
+from .nn.state import Mode, SparseState
+from .regions import as_region, difference_mask
+
+
+__all__ = [
+    "SparseConfig",
+    "capturing",
+    "editing",
+    "is_sparsified",
+    "last_stats",
+    "profiling",
+    "sparsify_",
+    "unsparsify_",
+]
+
+_INPUT_KEY = ("__input__",)
+
+
+class _Attachment:
+    """Everything `sparsify_` added to a model, so `unsparsify_` can take exactly that away."""
+
+    def __init__(self, state: SparseState, handlers: list[SparseHandler], hooks: list):
+        self.state = state
+        self.handlers = handlers
+        self.hooks = hooks
+        self.pending_region: torch.Tensor | None = None
+        self.started = 0.0
+        self.seconds = 0.0
+
+
+def _attachment(model: nn.Module) -> _Attachment:
+    att = model.__dict__.get("_sparsedit")
+    if att is None:
+        raise RuntimeError(
+            f"{type(model).__name__} is not sparsified; call `sparsedit.sparsify_(model, SparseConfig())` first."
+        )
+    return att
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    return "_sparsedit" in model.__dict__
+
+
+def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
+    """Make `model` run spatially sparse, in place. Outside `capturing`/`editing` it computes exactly as before.
+
+    Args:
+        model: any `nn.Sequential` (nested allowed) of supported layers, or a module composed of `sparsedit.nn`
+            blocks; a custom module's own arithmetic runs densely and stays correct.
+        config: a `SparseConfig`.
+
+    Raises:
+        UnsupportedLayerError: the model holds a layer the engine cannot make sparse (and `config.strict`).
+    """
+    config = SparseConfig() if config is None else config
+    if not isinstance(config, SparseConfig):
+        raise TypeError(f"sparsify_ expects a SparseConfig, got {type(config).__name__}.")
+    if is_sparsified(model):
+        raise RuntimeError(
+            "This model is already sparsified; call `sparsedit.unsparsify_(model)` before sparsifying it again."
+        )
+    state = SparseState(config, ActivationCache())
+    handlers, problems = [], []
+    for name, module in model.named_modules():
+        cls = handler_for(module)
+        if cls is None:
+            if not any(True for _ in module.children()):
+                problems.append(f"  {name or '<root>'}: {type(module).__name__} has no sparse implementation")
+            continue
+        handler = cls(module, name or "root", state)
+        try:
+            handler.check_supported()
+        except UnsupportedLayerError as e:
+            problems.append(f"  {e}")
+            continue
+        handlers.append(handler)
+    if problems and config.strict:
+        raise UnsupportedLayerError(
+            "These layers cannot run sparse:\n" + "\n".join(problems) + "\n"
+            "Replace them, or pass SparseConfig(strict=False) to run them densely on every call (correct, slower)."
+        )
+    for h in handlers:
+        h.attach()
+    for h in handlers:
+        h.prepare({})
+    att = _Attachment(state, handlers, [])
+    att.hooks.append(model.register_forward_pre_hook(_make_pre_hook(model, att), with_kwargs=True))
+    att.hooks.append(model.register_forward_hook(_make_post_hook(att), with_kwargs=True, always_call=True))
+    model.__dict__["_sparsedit"] = att
+
+
+def unsparsify_(model: nn.Module) -> None:
+    """Detach every handler and hook and drop the cache; the model computes bit-identically to before."""
+    att = _attachment(model)
+    att.state.rollback()
+    for h in reversed(att.handlers):
+        h.detach()
+    for hook in att.hooks:
+        hook.remove()
+    att.state.cache.clear()
+    del model.__dict__["_sparsedit"]
+
+
+def _first_image(args, kwargs) -> torch.Tensor:
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.dim() == 4:
+            return v
+    raise ValueError("a sparsified model's input must include a [B, C, H, W] tensor.")
+
+
+def _fingerprint(model: nn.Module, x: torch.Tensor, config: SparseConfig) -> dict:
+    return {
+        "input shape": tuple(x.shape),
+        "input dtype": x.dtype,
+        "device": x.device,
+        "weights": weights_fingerprint([*model.parameters(), *model.buffers()]),
+        "config": config.to_json(),
+        "training": model.training,
+    }
+
+
+def _make_pre_hook(model: nn.Module, att: _Attachment):
+    def pre_hook(module, args, kwargs):
+        st = att.state
+        if st.mode is None:
+            return None
+        att.started = time.perf_counter()
+        x = _first_image(args, kwargs)
+        if st.mode is Mode.SPARSE:
+            st.rollback()  # the previous uncommitted edit leaves the cache as captured
+            try:
+                st.cache.check(_fingerprint(model, x, st.config))
+            except StaleCacheError as e:
+                raise StaleCacheError(f"{e} (weights: did you change or reload them?)") from None
+            st.begin_run()
+            reference = st.cache.get(_INPUT_KEY)["x"]
+            changed = difference_mask(x, reference, eps=0.0)
+            region = att.pending_region
+            if region is None:
+                region = changed
+            else:
+                region = as_region(region, x.shape[0], x.shape[-2], x.shape[-1], x.device)
+                if st.config.check_region:
+                    missed = changed & ~region
+                    if bool(missed.any()):
+                        raise ValueError(
+                            f"the input differs from the captured input at {int(missed.sum())} pixels outside "
+                            "`region`, which would silently keep stale values there. Enlarge the region, or pass "
+                            "region=None to detect the changed pixels automatically."
+                        )
+            st.input_region = region
+            st.set_region(x, region)
+        else:
+            st.begin_run()
+            if st.mode is Mode.CAPTURE:
+                st.cache.fingerprint = _fingerprint(model, x, st.config)
+                st.cache.put(_INPUT_KEY, x=x)
+        return None
+
+    return pre_hook
+
+
+def _make_post_hook(att: _Attachment):
+    def post_hook(module, args, kwargs, output):
+        st = att.state
+        if st.mode is None:
+            return None
+        att.seconds = time.perf_counter() - att.started
+        st.end_run()
+        if st.mode is Mode.SPARSE:
+            # The result may be a cached buffer; hand the user their own copy.
+            output = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, output)
+            if st.commit:
+                st.forget_undo()
+                st.cache.put(_INPUT_KEY, x=_first_image(args, kwargs))
+            return output
+        return None
+
+    return post_hook
+
+
+@contextlib.contextmanager
+def _mode(att: _Attachment, mode: Mode):
+    st = att.state
+    if st.mode is not None:
+        raise RuntimeError(f"already inside a {st.mode.value} context; contexts of one model do not nest.")
+    st.mode = mode
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        st.mode = None
+
+
+@contextlib.contextmanager
+def capturing(model: nn.Module):
+    """Run `model` densely and store what sparse runs need. Replaces any earlier capture."""
+    att = _attachment(model)
+    att.state.rollback()
+    att.state.cache.clear()
+    with _mode(att, Mode.CAPTURE):
+        yield
+
+
+@contextlib.contextmanager
+def editing(model: nn.Module, region: torch.Tensor | None = None, commit: bool = False):
+    """Run `model` sparsely against the capture: only `region` (and what it reaches) is recomputed.
+
+    Args:
+        model: a sparsified, captured model.
+        region: bool `[H, W]` or `[B, H, W]` at input resolution. `None` detects it as every pixel where the input
+            differs from the captured input.
+        commit: keep the result in the cache, so the next edit is incremental against this one. Without it, the cache
+            is restored to the capture when the context exits.
+    """
+    att = _attachment(model)
+    st = att.state
+    if st.cache.fingerprint is None:
+        raise RuntimeError(
+            "Nothing has been captured for this model: run it once inside `with sparsedit.capturing(model):` "
+            "before editing."
+        )
+    if region is not None:
+        if not isinstance(region, torch.Tensor) or region.dtype != torch.bool:
+            as_region(region, 1, 0, 0)  # raises the descriptive type/dtype error
+        if region.device != st.cache.fingerprint["device"]:
+            raise ValueError(
+                f"region is on {region.device} but the model runs on {st.cache.fingerprint['device']}; "
+                "move it with `region.to(device)`."
+            )
+    att.pending_region = region
+    st.commit = commit
+    try:
+        with _mode(att, Mode.SPARSE):
+            yield
+    finally:
+        if not commit:
+            st.rollback()
+        att.pending_region = None
+        st.commit = False
+
+
+@contextlib.contextmanager
+def profiling(model: nn.Module):
+    """Run `model` densely and record per-layer MACs (see `last_stats`) without touching the cache."""
+    with _mode(_attachment(model), Mode.PROFILE):
+        yield
+
+
+def last_stats(model: nn.Module) -> dict:
+    """What the last run inside `capturing`, `editing` or `profiling` computed.
+
+    Returns:
+        A dict with `macs_dense` (what a dense run costs), `macs_sparse` (what this run computed), `active_fraction`
+        (per output resolution `"HxW"`: mean fraction of positions computed by its layers), `input_active_fraction`,
+        `seconds`, `cache_bytes`, `dense_layers` (layers that ran densely, with the reason) and `layers` (per call).
+    """
+    att = _attachment(model)
+    st = att.state
+    by_res = defaultdict(list)
+    for r in st.records:
+        by_res[f"{r.resolution[0]}x{r.resolution[1]}"].append(r.active_fraction)
+    region = st.input_region
+    return {
+        "macs_dense": sum(r.macs_dense for r in st.records),
+        "macs_sparse": sum(r.macs_sparse for r in st.records),
+        "active_fraction": {k: sum(v) / len(v) for k, v in by_res.items()},
+        "input_active_fraction": float(region.float().mean()) if region is not None else 1.0,
+        "seconds": att.seconds,
+        "cache_bytes": st.cache.nbytes,
+        "dense_layers": {r.name: r.dense_reason for r in st.records if r.dense_reason},
+        "layers": [vars(r).copy() for r in st.records],
+    }
