@@ -119,18 +119,12 @@ def dilate(region: torch.Tensor, radius: int | tuple[int, int]) -> torch.Tensor:
 
 def propagate(region: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """Output positions of a sliding-window layer whose receptive field touches `region` (exact propagation)."""
-    kh, kw = geometry.kernel
     if geometry.kernel == (1, 1) and geometry.stride == (1, 1) and geometry.padding == (0, 0):
         return region
-    # max_pool2d pads with -inf, so border windows see only real pixels, exactly like zero-padded convolution reads.
-    # Padding larger than half the window is not allowed by max_pool2d; pad by hand then.
-    r = region[:, None].to(torch.float32)
-    pad = geometry.padding
-    reach = geometry.reach
-    if any(p > r_ // 2 for p, r_ in zip(pad, reach)):
-        r = F.pad(r, (pad[1], pad[1], pad[0], pad[0]))
-        pad = (0, 0)
-    out = F.max_pool2d(r, geometry.kernel, stride=geometry.stride, padding=pad, dilation=geometry.dilation)
+    # Zero padding outside the map is "unchanged", so pad with False and max-pool with the layer's own window.
+    (py, px) = geometry.padding
+    r = F.pad(region[:, None].to(torch.float32), (px, px, py, py))
+    out = F.max_pool2d(r, geometry.kernel, stride=geometry.stride, dilation=geometry.dilation)
     return out[:, 0] > 0
 
 

@@ -219,7 +219,7 @@ class GroupNormHandler(PointwiseHandler):
     kind = "norm"
     affine = True
 
-    def prepare(self, children):
+    def check_supported(self):
         # In exact mode a GroupNorm changes every output position, so it never folds into a sparse gather.
         self.pointwise = not self.state.config.exact
 

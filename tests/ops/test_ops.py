@@ -1,0 +1,113 @@
+"""The reference backend against per-tile slicing, the dispatcher's errors, and the torch.library registration."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sparsedit import ops
+from sparsedit.ops.reference import apply_activation
+
+
+def _slow_gather(x, origins, tile, scale, shift, act):
+    """One tile at a time from an explicitly zero-padded tensor: the equivalent PyTorch code of `gather`."""
+    th, tw = tile
+    pad = max(th, tw) + 8
+    y = x
+    if scale is not None:
+        y = y * scale[:, :, None, None] + shift[:, :, None, None]
+    y = F.pad(apply_activation(y, act, 0.2), (pad, pad, pad, pad))
+    tiles = [y[b, :, i + pad : i + pad + th, j + pad : j + pad + tw] for b, i, j in origins.tolist()]
+    return torch.stack(tiles) if tiles else y.new_zeros(0, x.shape[1], th, tw)
+
+
+@given(data=st.data())
+def test_gather_matches_slicing(data):
+    b, c = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 5))
+    h, w = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 12))
+    th, tw = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6))
+    n = data.draw(st.integers(0, 6))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    x = torch.randn(b, c, h, w).to(dtype)
+    origins = torch.tensor(
+        [[data.draw(st.integers(0, b - 1)), data.draw(st.integers(-th, h)), data.draw(st.integers(-tw, w))]
+         for _ in range(n)],
+        dtype=torch.int64,
+    ).reshape(n, 3)  # fmt: skip
+    fused = data.draw(st.booleans())
+    scale = torch.randn(b, c).to(dtype) if fused else None
+    shift = torch.randn(b, c).to(dtype) if fused else None
+    act = data.draw(st.sampled_from(ops.ACTIVATIONS))
+    got = ops.gather(x, origins, (th, tw), scale, shift, act, negative_slope=0.2, poison=True)
+    want = _slow_gather(x.float(), origins, (th, tw), None if scale is None else scale.float(),
+                        None if shift is None else shift.float(), act)  # fmt: skip
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    assert not torch.isnan(got).any()
+
+
+@given(data=st.data())
+def test_scatter_writes_tiles_with_residual(data):
+    b, c, h, w = 2, 3, data.draw(st.integers(4, 12)), data.draw(st.integers(4, 12))
+    t = data.draw(st.integers(1, 4))
+    ys = data.draw(st.lists(st.integers(0, h - t), min_size=1, max_size=4))
+    xs = data.draw(st.lists(st.integers(0, w - t), min_size=len(ys), max_size=len(ys)))
+    origins = torch.tensor([[i % b, y, x] for i, (y, x) in enumerate(zip(ys, xs))], dtype=torch.int64)
+    out = torch.randn(b, c, h, w)
+    residual = torch.randn(b, c, h, w)
+    tiles = torch.randn(len(ys), c, t, t)
+    tiles = torch.stack([tiles[0]] * len(ys))  # overlapping tiles must agree where they overlap
+    want = out.clone()
+    for (bi, y, x), tile in zip(origins.tolist(), tiles):
+        want[bi, :, y : y + t, x : x + t] = tile + residual[bi, :, y : y + t, x : x + t]
+    ops.scatter(out, tiles, origins, residual)
+    assert torch.equal(out, want)
+
+
+def test_tokens_roundtrip():
+    x = torch.randn(2, 10, 4)
+    index = torch.tensor([0, 3, 19], dtype=torch.int64)
+    tok = ops.gather_tokens(x, index, poison=True)
+    assert torch.equal(tok, x.reshape(-1, 4)[index])
+    out = torch.zeros_like(x)
+    res = torch.ones_like(x)
+    ops.scatter_tokens(out, tok, index, res)
+    assert torch.equal(out.reshape(-1, 4)[index], tok + 1)
+    assert out.reshape(-1, 4)[1].abs().sum() == 0
+
+
+def test_ops_pass_torch_library_checks():
+    x = torch.randn(2, 3, 6, 7)
+    origins = torch.tensor([[0, -1, -1], [1, 3, 4]], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.sparsedit.gather.default, (x, origins, 4, 4, None, None, "silu", 0.01, False))
+    tiles = torch.randn(2, 3, 2, 2)
+    out_origins = torch.tensor([[0, 0, 0], [1, 4, 5]], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.sparsedit.scatter.default, (x.clone(), tiles, out_origins, None))
+
+
+def test_gather_compiles():
+    x = torch.randn(1, 2, 8, 8)
+    origins = torch.tensor([[0, -1, 2]], dtype=torch.int64)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(x, o):
+        return ops.gather(x, o, (3, 3), activation="relu") * 2
+
+    assert torch.equal(f(x, origins), ops.gather(x, origins, (3, 3), activation="relu") * 2)
+
+
+def test_no_backend_error_lists_every_reason():
+    x = torch.randn(1, 2, 4, 4, device="meta")
+    with pytest.raises(ops.NoBackendError, match=r"reference: device meta not in"):
+        ops.select_backend("gather", [x])
+
+
+def test_bad_arguments_are_named():
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="origins must be an int64"):
+        ops.gather(x, torch.zeros(1, 3, dtype=torch.int32), (2, 2))
+    with pytest.raises(ValueError, match="unknown activation"):
+        ops.gather(x, torch.zeros(1, 3, dtype=torch.int64), (2, 2), activation="swish")
+    with pytest.raises(ValueError, match=r"scale must have shape \[B, C\]"):
+        ops.gather(x, torch.zeros(1, 3, dtype=torch.int64), (2, 2), scale=torch.ones(2))

@@ -1,0 +1,80 @@
+"""Hypothesis strategies shared by the tests: random regions and random layer stacks."""
+
+import torch
+import torch.nn as nn
+from hypothesis import strategies as st
+
+
+REGION_KINDS = ("empty", "pixel", "border", "corner", "blobs", "all")
+
+
+@st.composite
+def regions(draw, b: int, h: int, w: int):
+    """A `[B, H, W]` bool region of one of the interesting kinds."""
+    kind = draw(st.sampled_from(REGION_KINDS))
+    r = torch.zeros(b, h, w, dtype=torch.bool)
+    if kind == "pixel":
+        r[draw(st.integers(0, b - 1)), draw(st.integers(0, h - 1)), draw(st.integers(0, w - 1))] = True
+    elif kind == "border":
+        side = draw(st.sampled_from("tblr"))
+        depth = draw(st.integers(1, 2))
+        if side == "t":
+            r[:, :depth] = True
+        elif side == "b":
+            r[:, -depth:] = True
+        elif side == "l":
+            r[:, :, :depth] = True
+        else:
+            r[:, :, -depth:] = True
+    elif kind == "corner":
+        r[:, : draw(st.integers(1, 3)), -draw(st.integers(1, 3)) :] = True
+    elif kind == "blobs":
+        for _ in range(draw(st.integers(1, 3))):
+            bi = draw(st.integers(0, b - 1))
+            y, x = draw(st.integers(0, h - 1)), draw(st.integers(0, w - 1))
+            r[bi, y : y + draw(st.integers(1, 4)), x : x + draw(st.integers(1, 4))] = True
+    elif kind == "all":
+        r[:] = True
+    return r
+
+
+@st.composite
+def conv_stacks(draw, in_channels: int):
+    """A random (possibly nested) nn.Sequential of convs (k 1/3/5, stride 1/2, padding, dilation), eval BatchNorm,
+    activations, pools and nearest upsampling."""
+    layers = []
+    c = in_channels
+    for _ in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["conv", "conv", "conv", "bn", "act", "up", "pool"]))
+        if kind == "conv":
+            k = draw(st.sampled_from([1, 3, 5]))
+            out = draw(st.integers(1, 6))
+            layers.append(
+                nn.Conv2d(
+                    c,
+                    out,
+                    k,
+                    stride=draw(st.sampled_from([1, 1, 2])),
+                    padding=draw(st.integers(0, k // 2 + 1)),
+                    dilation=draw(st.sampled_from([1, 1, 2])) if k > 1 else 1,
+                    groups=1,
+                    bias=draw(st.booleans()),
+                )
+            )
+            c = out
+        elif kind == "bn":
+            bn = nn.BatchNorm2d(c)
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.normal_()
+            layers.append(bn)
+        elif kind == "act":
+            layers.append(draw(st.sampled_from([nn.ReLU(), nn.SiLU(), nn.Tanh(), nn.LeakyReLU(0.2), nn.GELU()])))
+        elif kind == "up":
+            layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        else:
+            layers.append(draw(st.sampled_from([nn.AvgPool2d(2), nn.MaxPool2d(3, stride=2)])))
+    if len(layers) > 2 and draw(st.booleans()):  # nest part of the stack
+        cut = draw(st.integers(1, len(layers) - 1))
+        layers = layers[:cut] + [nn.Sequential(*layers[cut:])]
+    return nn.Sequential(*layers).eval()

@@ -1,0 +1,142 @@
+"""Bad input gets a clear error that says what to do."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsedit
+from sparsedit import SparseConfig, StaleCacheError, UnsupportedLayerError
+
+
+def _model():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1)).eval()
+
+
+def _captured():
+    m = _model()
+    sparsedit.sparsify_(m, SparseConfig(exact=True))
+    x = torch.randn(1, 3, 16, 16)
+    with sparsedit.capturing(m):
+        m(x)
+    return m, x
+
+
+def test_editing_before_capturing():
+    m = _model()
+    sparsedit.sparsify_(m)
+    with pytest.raises(RuntimeError, match="capturing"):
+        with sparsedit.editing(m, region=torch.zeros(16, 16, dtype=torch.bool)):
+            pass
+
+
+def test_not_sparsified():
+    with pytest.raises(RuntimeError, match="sparsify_"):
+        with sparsedit.capturing(_model()):
+            pass
+
+
+def test_double_sparsify():
+    m = _model()
+    sparsedit.sparsify_(m)
+    with pytest.raises(RuntimeError, match="unsparsify_"):
+        sparsedit.sparsify_(m)
+
+
+def test_input_shape_differs_from_capture():
+    m, x = _captured()
+    with pytest.raises(StaleCacheError, match="input shape"):
+        with sparsedit.editing(m):
+            m(torch.randn(1, 3, 16, 17))
+
+
+def test_weights_changed_since_capture():
+    m, x = _captured()
+    with torch.no_grad():
+        m[0].weight.add_(1)
+    with pytest.raises(StaleCacheError, match="weights"):
+        with sparsedit.editing(m):
+            m(x)
+
+
+def test_region_wrong_shape_dtype_device():
+    m, x = _captured()
+    with pytest.raises(ValueError, match="region has shape"):
+        with sparsedit.editing(m, region=torch.zeros(8, 8, dtype=torch.bool)):
+            m(x)
+    with pytest.raises(TypeError, match="torch.bool"):
+        with sparsedit.editing(m, region=torch.zeros(16, 16)):
+            m(x)
+    with pytest.raises(ValueError, match="region is on meta"):
+        with sparsedit.editing(m, region=torch.zeros(16, 16, dtype=torch.bool, device="meta")):
+            m(x)
+
+
+def test_region_that_misses_a_change():
+    m, x = _captured()
+    x2 = x.clone()
+    x2[0, :, 3, 3] += 1
+    region = torch.zeros(16, 16, dtype=torch.bool)
+    region[10, 10] = True
+    with pytest.raises(ValueError, match="outside `region`"):
+        with sparsedit.editing(m, region=region):
+            m(x2)
+
+
+@pytest.mark.parametrize(
+    "layer, match",
+    [
+        (nn.ConvTranspose2d(3, 3, 2, stride=2), "ConvTranspose2d has no sparse implementation"),
+        (nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
+        (nn.Upsample(scale_factor=2, mode="bilinear"), "mode='bilinear'"),
+        (nn.MaxPool2d(3, padding=1), "padding=0"),
+    ],
+)
+def test_unsupported_layers(layer, match):
+    m = nn.Sequential(nn.Conv2d(3, 3, 1), layer)
+    with pytest.raises(UnsupportedLayerError, match=match) as e:
+        sparsedit.sparsify_(m)
+    assert "strict=False" in str(e.value)
+    assert not sparsedit.is_sparsified(m)
+
+
+def test_unsupported_layer_runs_densely_when_not_strict():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ConvTranspose2d(3, 3, 2, stride=2), nn.Conv2d(3, 3, 1))
+    x = torch.randn(1, 3, 8, 8)
+    sparsedit.sparsify_(m, SparseConfig(exact=True, strict=False))
+    with sparsedit.capturing(m):
+        m(x)
+    x2 = x.clone()
+    x2[0, :, 1, 1] = 5
+    with sparsedit.editing(m):
+        out = m(x2)
+    sparsedit.unsparsify_(m)
+    with torch.no_grad():
+        torch.testing.assert_close(out, m(x2), rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_in_training_mode():
+    m = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1))
+    m.eval()
+    sparsedit.sparsify_(m, SparseConfig(exact=True))
+    x = torch.randn(1, 3, 8, 8)
+    with sparsedit.capturing(m):
+        m(x)
+    m.train()
+    with pytest.raises(StaleCacheError, match="training"):
+        with sparsedit.editing(m):
+            m(x)
+
+
+def test_config_validation_and_roundtrip():
+    with pytest.raises(ValueError, match="norm_stats"):
+        SparseConfig(norm_stats="live")
+    with pytest.raises(ValueError, match="tile_size"):
+        SparseConfig(tile_size=0)
+    cfg = SparseConfig(exact=True, tile_size={64: 8, 0: 4})
+    assert SparseConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.tile_for(64) == 8 and cfg.tile_for(7) == 4
+    with pytest.raises(ValueError, match="unknown fields"):
+        SparseConfig.from_dict({"exactly": True})
+    with pytest.raises(ValueError, match="newer"):
+        SparseConfig.from_dict({"version": 99})

@@ -1,0 +1,302 @@
+"""The model-level contract: exact sparse editing of conv stacks, against the dense model as oracle."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import sparsedit
+from sparsedit import SparseConfig
+
+from .strategies import conv_stacks, regions
+
+
+def influence(model: nn.Module, x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Output positions the region can reach, found without the engine: NaN in, see where NaN comes out."""
+    probe = x.clone()
+    probe.masked_fill_(region[:, None].expand_as(x), float("nan"))
+    with torch.no_grad():
+        return torch.isnan(model(probe)).any(dim=1)
+
+
+def edit_input(x: torch.Tensor, region: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.dtype)
+    return torch.where(region[:, None], x + noise, x)
+
+
+@given(data=st.data())
+def test_exact_mode_equals_dense(data):
+    b = data.draw(st.integers(1, 2), label="batch")
+    c = data.draw(st.integers(1, 4), label="channels")
+    h, w = data.draw(st.integers(5, 23), label="h"), data.draw(st.integers(5, 23), label="w")
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    model = data.draw(conv_stacks(c), label="model")
+    x = torch.randn(b, c, h, w)
+    try:
+        with torch.no_grad():
+            dense_orig = model(x)
+    except RuntimeError:
+        assume(False)  # the drawn stack shrinks this input below one pixel
+    region = data.draw(regions(b, h, w), label="region")
+    tile = data.draw(st.sampled_from([1, 2, 3, 4, 8]), label="tile")
+    x_edit = edit_input(x, region, seed=1)
+    with torch.no_grad():
+        dense_edit = model(x_edit)
+    reach = influence(model, x, region)
+
+    sparsedit.sparsify_(model, SparseConfig(exact=True, tile_size=tile, poison_scratch=True))
+    with sparsedit.capturing(model):
+        captured = model(x)
+    assert torch.equal(captured, dense_orig)
+    with sparsedit.editing(model, region=region):
+        out = model(x_edit)
+    stats = sparsedit.last_stats(model)
+
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out, dense_edit, rtol=1e-5, atol=1e-5 * (1 + dense_edit.abs().max().item()))
+    outside = ~reach[:, None].expand_as(out)
+    assert torch.equal(out[outside], captured[outside]), "values outside the propagated region must be the capture's"
+    assert stats["macs_sparse"] <= stats["macs_dense"]
+    if not region.any():
+        assert stats["macs_sparse"] == 0
+
+    sparsedit.unsparsify_(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), dense_orig)
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_exact_mode_bf16(tile):
+    """bf16: sparse tiles and the dense map are summed in different orders; we allow 2 bf16 ulps of the output scale
+    (2 * 2**-8 relative) per layer of depth."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.SiLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Upsample(scale_factor=2),
+        nn.Conv2d(16, 3, 3, padding=1),
+    ).eval().to(torch.bfloat16)
+    x = torch.randn(2, 4, 24, 20, dtype=torch.bfloat16)
+    region = torch.zeros(2, 24, 20, dtype=torch.bool)
+    region[0, 3:7, 5:9] = True
+    region[1, 20:, 15:] = True
+    x_edit = edit_input(x, region, seed=2)
+    with torch.no_grad():
+        dense_edit = model(x_edit)
+    sparsedit.sparsify_(model, SparseConfig(exact=True, tile_size=tile))
+    with sparsedit.capturing(model):
+        model(x)
+    with sparsedit.editing(model, region=region):
+        out = model(x_edit)
+    assert out.dtype == torch.bfloat16
+    scale = dense_edit.float().abs().max().item()
+    err = (out.float() - dense_edit.float()).abs().max().item()
+    assert err <= 3 * 2 * 2**-8 * scale, err
+
+
+class TinyUNet(nn.Module):
+    """A module composed from sparsedit.nn blocks with skip connections (concat and residual)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, c, 3, padding=1)
+        self.act = nn.ReLU()
+        self.down = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+        self.mid = nn.Sequential(nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.LeakyReLU(0.2))
+        self.res_add = sparsedit.nn.Add()
+        self.up = nn.Upsample(scale_factor=2)
+        self.cat = sparsedit.nn.Concat()
+        self.conv_out = nn.Conv2d(3 * c, 3, 3, padding=1)
+
+    def forward(self, x):
+        h0 = self.act(self.conv_in(x))
+        h1 = self.down(h0)
+        h1 = self.res_add(h1, self.mid(h1))
+        return self.conv_out(self.cat(self.up(h1), h0))
+
+
+@given(data=st.data())
+def test_skip_connections_exact(data):
+    torch.manual_seed(data.draw(st.integers(0, 1000)))
+    model = TinyUNet().eval()
+    h, w = 2 * data.draw(st.integers(3, 12)), 2 * data.draw(st.integers(3, 12))
+    x = torch.randn(2, 3, h, w)
+    region = data.draw(regions(2, h, w))
+    x_edit = edit_input(x, region, seed=3)
+    with torch.no_grad():
+        dense_edit = model(x_edit)
+    sparsedit.sparsify_(model, SparseConfig(exact=True, tile_size=data.draw(st.sampled_from([2, 4, 8]))))
+    with sparsedit.capturing(model):
+        captured = model(x)
+    with sparsedit.editing(model, region=region):
+        out = model(x_edit)
+    torch.testing.assert_close(out, dense_edit, rtol=1e-5, atol=1e-5)
+    outside = ~influence(model, x, region)[:, None].expand_as(out)
+    assert torch.equal(out[outside], captured[outside])
+
+
+def _resnet(c=32, groups=8):
+    return nn.Sequential(
+        nn.Conv2d(3, c, 3, padding=1),
+        sparsedit.nn.ResBlock(c, c, groups=groups),
+        sparsedit.nn.ResBlock(c, 2 * c, groups=groups),
+        nn.GroupNorm(groups, 2 * c),
+        nn.SiLU(),
+        nn.Conv2d(2 * c, 3, 3, padding=1),
+    ).eval()
+
+
+def test_groupnorm_exact_mode_goes_dense_and_stays_exact():
+    torch.manual_seed(0)
+    model = _resnet()
+    x = torch.randn(1, 3, 32, 32)
+    region = torch.zeros(1, 32, 32, dtype=torch.bool)
+    region[0, 10:14, 10:14] = True
+    x_edit = edit_input(x, region, seed=4)
+    with torch.no_grad():
+        dense_edit = model(x_edit)
+    sparsedit.sparsify_(model, SparseConfig(exact=True))
+    with sparsedit.capturing(model):
+        model(x)
+    with sparsedit.editing(model, region=region):
+        out = model(x_edit)
+    torch.testing.assert_close(out, dense_edit, rtol=1e-5, atol=1e-5)
+    assert "exact GroupNorm" in sparsedit.last_stats(model)["dense_layers"].values()
+
+
+@pytest.mark.parametrize("norm_stats", ["frozen", "recompute"])
+def test_groupnorm_approximate_error_is_local_and_small(norm_stats):
+    """Approximate mode (SIGE): frozen or recomputed statistics; the error is bounded, the far background exact."""
+    torch.manual_seed(0)
+    model = _resnet()
+    x = torch.randn(1, 3, 48, 48)
+    region = torch.zeros(1, 48, 48, dtype=torch.bool)
+    region[0, 20:24, 20:24] = True
+    x_edit = edit_input(x, region, seed=5)
+    with torch.no_grad():
+        dense_edit = model(x_edit)
+    sparsedit.sparsify_(model, SparseConfig(exact=False, norm_stats=norm_stats, dilation=2, tile_size=4))
+    with sparsedit.capturing(model):
+        captured = model(x)
+    with sparsedit.editing(model, region=region):
+        out = model(x_edit)
+    stats = sparsedit.last_stats(model)
+    assert stats["macs_sparse"] < 0.3 * stats["macs_dense"]
+    inside = dense_edit != captured
+    err = (out - dense_edit).abs()
+    # Most of the change is reproduced: the residual error is a small fraction of the edit's own effect.
+    assert err.max() < 0.25 * (dense_edit - captured).abs().max()
+    far = torch.ones_like(region)
+    far[0, 8:40, 8:40] = False
+    assert torch.equal(out[:, :, far[0]], captured[:, :, far[0]])
+    assert inside.any()
+
+
+def test_recomputed_groupnorm_statistics_are_exact():
+    torch.manual_seed(0)
+    gn = nn.GroupNorm(4, 16)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), gn, nn.SiLU(), nn.Conv2d(16, 3, 1)).eval()
+    x = torch.randn(2, 3, 21, 19)
+    region = torch.zeros(2, 21, 19, dtype=torch.bool)
+    region[1, 15:, 2:9] = True
+    x_edit = edit_input(x, region, seed=6)
+    sparsedit.sparsify_(model, SparseConfig(norm_stats="recompute", tile_size=4))
+    with sparsedit.capturing(model):
+        model(x)
+    handler = gn._sparsedit_handler
+    captured_mean = sparsedit.spatial._attachment(model).state.cache.get(("1", 0))["mean"].clone()
+    seen = {}
+    original = handler._recompute
+
+    def spy(x_, entry):
+        seen["stats"] = original(x_, entry)
+        seen["x"] = x_.clone()
+        return seen["stats"]
+
+    handler._recompute = spy
+    with sparsedit.editing(model, region=region):
+        model(x_edit)
+    var, mean = torch.var_mean(seen["x"].reshape(2, 4, -1).double(), dim=-1, unbiased=False)
+    torch.testing.assert_close(seen["stats"][0], mean.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seen["stats"][1], torch.rsqrt(var + gn.eps).float(), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(seen["stats"][0], captured_mean)
+
+
+def test_sequential_commits_are_incremental():
+    torch.manual_seed(0)
+    model = _resnet(16, 4)
+    cfg = SparseConfig(exact=True)
+    x0 = torch.randn(1, 3, 32, 32)
+    r1 = torch.zeros(1, 32, 32, dtype=torch.bool)
+    r1[0, 2:6, 2:6] = True
+    r2 = torch.zeros(1, 32, 32, dtype=torch.bool)
+    r2[0, 20:25, 18:22] = True
+    x1 = edit_input(x0, r1, 7)
+    x2 = edit_input(x1, r2, 8)
+    fresh = copy.deepcopy(model)
+    sparsedit.sparsify_(model, cfg)
+    with sparsedit.capturing(model):
+        model(x0)
+    with sparsedit.editing(model, region=r1, commit=True):
+        model(x1)
+    with sparsedit.editing(model, region=r2):  # relative to the committed x1
+        out = model(x2)
+    with torch.no_grad():
+        torch.testing.assert_close(out, fresh(x2), rtol=1e-5, atol=1e-5)
+    # Uncommitted edits leave the cache as it was: the same edit again gives the same answer.
+    with sparsedit.editing(model, region=r2):
+        again = model(x2)
+    assert torch.equal(out, again)
+
+
+def test_outputs_are_the_users_own():
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1)).eval()
+    sparsedit.sparsify_(model)
+    x = torch.randn(1, 3, 16, 16)
+    with sparsedit.capturing(model):
+        y0 = model(x)
+    keep = y0.clone()
+    region = torch.zeros(1, 16, 16, dtype=torch.bool)
+    region[0, 4:8, 4:8] = True
+    with sparsedit.editing(model, region=region):
+        y1 = model(edit_input(x, region, 9))
+        keep1 = y1.clone()
+    with sparsedit.editing(model, region=region):
+        model(edit_input(x, region, 10))
+    assert torch.equal(y0, keep) and torch.equal(y1, keep1)
+
+
+def test_cost_model_runs_large_regions_densely():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    sparsedit.sparsify_(model, SparseConfig(exact=True, dense_threshold=0.5))
+    with sparsedit.capturing(model):
+        model(x)
+    region = torch.ones(1, 32, 32, dtype=torch.bool)
+    x_edit = edit_input(x, region, 11)
+    with sparsedit.editing(model, region=region):
+        out = model(x_edit)
+    stats = sparsedit.last_stats(model)
+    assert set(stats["dense_layers"].values()) == {"cost model"}
+    with torch.no_grad():
+        sparsedit.unsparsify_(model)
+        torch.testing.assert_close(out, model(x_edit), rtol=1e-5, atol=1e-6)
+
+
+def test_profile_counts_dense_macs():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)).eval()
+    sparsedit.sparsify_(model)
+    with sparsedit.profiling(model):
+        model(torch.randn(2, 3, 10, 10))
+    stats = sparsedit.last_stats(model)
+    conv = 2 * 10 * 10 * 8 * 3 * 9
+    norm = 2 * 10 * 10 * 2 * 8
+    assert stats["macs_dense"] == conv + norm
+    assert stats["cache_bytes"] == 0
