@@ -55,11 +55,11 @@ class ActivationCache:
         entry = self._entries.setdefault(key, {})
         for name, t in tensors.items():
             t = t.detach()
-            if self.storage_device is not None and t.device != self.storage_device:
-                t = t.to(self.storage_device)
-            else:
-                t = t.clone()
-            entry[name] = t
+            device = self.storage_device or t.device
+            # Feature maps are kept channels-last: a pixel's channels are contiguous, so tile gathers and scatters
+            # move whole rows of memory.
+            fmt = torch.channels_last if t.dim() == 4 else torch.contiguous_format
+            entry[name] = torch.empty_like(t, device=device, memory_format=fmt).copy_(t)
         return entry
 
     def get(self, key: Hashable, device: torch.device | None = None) -> dict[str, torch.Tensor]:

@@ -121,11 +121,27 @@ def propagate(region: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """Output positions of a sliding-window layer whose receptive field touches `region` (exact propagation)."""
     if geometry.kernel == (1, 1) and geometry.stride == (1, 1) and geometry.padding == (0, 0):
         return region
-    # Zero padding outside the map is "unchanged", so pad with False and max-pool with the layer's own window.
-    (py, px) = geometry.padding
-    r = F.pad(region[:, None].to(torch.float32), (px, px, py, py))
-    out = F.max_pool2d(r, geometry.kernel, stride=geometry.stride, dilation=geometry.dilation)
-    return out[:, 0] > 0
+    b, h, w = region.shape
+    oh, ow = geometry.output_size(h, w)
+    out = region.new_zeros((b, oh, ow))
+    rows, cols = region.any(dim=(0, 2)).nonzero(), region.any(dim=(0, 1)).nonzero()
+    if rows.numel() == 0:
+        return out
+    # Work on the region's bounding box only: output rows [o0, o1) can see input rows [y0, y1].
+    (sy, sx), (py, px), (ry, rx) = geometry.stride, geometry.padding, geometry.reach
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    o_y0, o_y1 = max(0, -(-(y0 + py - ry + 1) // sy)), min(oh, (y1 + py) // sy + 1)
+    o_x0, o_x1 = max(0, -(-(x0 + px - rx + 1) // sx)), min(ow, (x1 + px) // sx + 1)
+    if o_y0 >= o_y1 or o_x0 >= o_x1:  # the region falls between the strided windows
+        return out
+    # The input window those outputs read, clipped to the map; the part outside is zero padding (unchanged).
+    i_y0, i_x0 = o_y0 * sy - py, o_x0 * sx - px
+    i_y1, i_x1 = (o_y1 - 1) * sy - py + ry, (o_x1 - 1) * sx - px + rx
+    crop = region[:, max(0, i_y0) : min(h, i_y1), max(0, i_x0) : min(w, i_x1)][:, None].to(torch.float32)
+    crop = F.pad(crop, (max(0, -i_x0), max(0, i_x1 - w), max(0, -i_y0), max(0, i_y1 - h)))
+    pooled = F.max_pool2d(crop, geometry.kernel, stride=geometry.stride, dilation=geometry.dilation)
+    out[:, o_y0:o_y1, o_x0:o_x1] = pooled[:, 0] > 0
+    return out
 
 
 def downsample_region(region: torch.Tensor, size: tuple[int, int], threshold: float = 0.3) -> torch.Tensor:

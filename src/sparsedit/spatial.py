@@ -195,7 +195,9 @@ def _make_post_hook(att: _Attachment):
         st.end_run()
         if st.mode is Mode.SPARSE:
             # The result may be a cached buffer; hand the user their own copy.
-            output = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, output)
+            output = tree_map(
+                lambda t: t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t, output
+            )
             if st.commit:
                 st.forget_undo()
                 st.cache.put(_INPUT_KEY, x=_first_image(args, kwargs))

@@ -29,7 +29,8 @@ def gather(
 
 @gather.register_fake
 def _(x, origins, th, tw, scale, shift, activation, slope, poison):
-    return x.new_empty((origins.shape[0], x.shape[1], th, tw))
+    # Backends return tiles channels-last (each pixel's channels contiguous), as convolution on CPU prefers.
+    return x.new_empty((origins.shape[0], th, tw, x.shape[1])).permute(0, 3, 1, 2)
 
 
 @torch.library.custom_op("sparsedit::scatter", mutates_args=("out",))

@@ -36,6 +36,11 @@ def _tile_grid(origins: torch.Tensor, th: int, tw: int):
     return rows, cols
 
 
+def _pixel_rows(x: torch.Tensor) -> torch.Tensor:
+    """`[B*H*W, C]` rows of a `[B, C, H, W]` tensor (a view when it is channels-last)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
 @register_backend
 class ReferenceBackend(Backend):
     name = "reference"
@@ -49,29 +54,40 @@ class ReferenceBackend(Backend):
         rows, cols = _tile_grid(origins, th, tw)
         inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
         bidx = origins[:, 0]
-        # Advanced indexing with the channel slice in the middle yields [N, th, tw, C].
-        vals = x[bidx[:, None, None], :, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
-        vals = vals.permute(0, 3, 1, 2)
+        # Pixels as rows of C channels: free for channels-last tensors (the cache keeps them so), one copy otherwise.
+        flat = _pixel_rows(x)
+        lin = (bidx[:, None, None] * h + rows.clamp(0, h - 1)[:, :, None]) * w + cols.clamp(0, w - 1)[:, None, :]
+        vals = flat.index_select(0, lin.reshape(-1)).view(n, th, tw, c)
         if scale is not None:
-            vals = vals * scale[bidx][:, :, None, None].to(vals.dtype)
+            vals = vals * scale[bidx][:, None, None, :].to(vals.dtype)
         if shift is not None:
-            vals = vals + shift[bidx][:, :, None, None].to(vals.dtype)
+            vals = vals + shift[bidx][:, None, None, :].to(vals.dtype)
         vals = apply_activation(vals, activation, slope)
-        out = x.new_full((n, c, th, tw), float("nan")) if poison else x.new_empty((n, c, th, tw))
-        # Write the image pixels, then the zero padding: with poisoning, any pixel neither step wrote stays NaN.
-        inside4 = inside[:, None].expand(n, c, th, tw)
-        out[inside4] = vals[inside4]
-        out[~inside4] = 0
-        return out
+        if poison:
+            # Write the image pixels, then the zero padding: any pixel neither step wrote stays NaN.
+            out = x.new_full((n, th, tw, c), float("nan"))
+            out[inside] = vals[inside]
+            out[~inside] = 0
+            vals = out
+        else:
+            vals = vals.masked_fill(~inside[..., None], 0)
+        return vals.permute(0, 3, 1, 2)  # [N, C, th, tw], channels-last in memory
 
     def scatter(self, out, tiles, origins, residual):
-        n, c, th, tw = tiles.shape
+        b, c, h, w = out.shape
+        n, _, th, tw = tiles.shape
         rows, cols = _tile_grid(origins, th, tw)
-        index = (origins[:, 0][:, None, None], slice(None), rows[:, :, None], cols[:, None, :])
-        vals = tiles.permute(0, 2, 3, 1)
+        lin = ((origins[:, 0][:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]).reshape(-1)
+        vals = tiles.permute(0, 2, 3, 1).reshape(-1, c)
         if residual is not None:
-            vals = vals + residual[index]
-        out[index] = vals.to(out.dtype)
+            vals = vals + _pixel_rows(residual).index_select(0, lin)
+        vals = vals.to(out.dtype)
+        rows_view = out.permute(0, 2, 3, 1)
+        if rows_view.is_contiguous():
+            rows_view.view(-1, c).index_copy_(0, lin, vals)
+        else:
+            bi = origins[:, 0][:, None, None]
+            out[bi, :, rows[:, :, None], cols[:, None, :]] = vals.view(n, th, tw, c)
 
     def gather_tokens(self, x, index, poison):
         vals = x.reshape(-1, x.shape[-1])[index]
