@@ -74,15 +74,19 @@ def test_exact_mode_bf16(tile):
     """bf16: sparse tiles and the dense map are summed in different orders; we allow 2 bf16 ulps of the output scale
     (2 * 2**-8 relative) per layer of depth."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(4, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.SiLU(),
-        nn.Conv2d(16, 16, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Upsample(scale_factor=2),
-        nn.Conv2d(16, 3, 3, padding=1),
-    ).eval().to(torch.bfloat16)
+    model = (
+        nn.Sequential(
+            nn.Conv2d(4, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.SiLU(),
+            nn.Conv2d(16, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(16, 3, 3, padding=1),
+        )
+        .eval()
+        .to(torch.bfloat16)
+    )
     x = torch.randn(2, 4, 24, 20, dtype=torch.bfloat16)
     region = torch.zeros(2, 24, 20, dtype=torch.bool)
     region[0, 3:7, 5:9] = True

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..regions import Geometry
-from .base import IDENTITY, Prologue, SparseHandler, handler_for, register_handler
+from .base import IDENTITY, Prologue, SparseHandler, register_handler
 from .state import Mode
 
 
@@ -205,7 +205,9 @@ class AddHandler(SparseHandler):
         poison = st.config.poison_scratch
 
         def compute(_, bi, __):
-            return ops.gather(a, bi.origins, bi.tile, poison=poison) + ops.gather(b, bi.origins, bi.tile, poison=poison)
+            return ops.gather(a, bi.origins, bi.tile, poison=poison) + ops.gather(
+                b, bi.origins, bi.tile, poison=poison
+            )
 
         self.run_tiles(None, region, _POINT, compute, lambda _, __: a + b, buf, None, IDENTITY)
         st.set_region(buf, region)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from . import reference  # noqa: F401  (registers the reference backend)
-from . import schemas
+from . import (
+    reference,  # noqa: F401  (registers the reference backend)
+    schemas,
+)
 from .dispatch import Backend, NoBackendError, backends, register_backend, select_backend
 from .reference import ACTIVATIONS
 
