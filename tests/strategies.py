@@ -47,17 +47,19 @@ def conv_stacks(draw, in_channels: int):
     for _ in range(draw(st.integers(1, 5))):
         kind = draw(st.sampled_from(["conv", "conv", "conv", "bn", "act", "up", "pool"]))
         if kind == "conv":
-            k = draw(st.sampled_from([1, 3, 5]))
-            out = draw(st.integers(1, 6))
+            kh = draw(st.sampled_from([1, 3, 5]))
+            kw = kh if draw(st.booleans()) else draw(st.sampled_from([1, 3, 5]))
+            groups = draw(st.sampled_from([1, 1, c]))  # dense or depthwise
+            out = groups * draw(st.integers(1, 6 // groups if groups <= 6 else 1))
             layers.append(
                 nn.Conv2d(
                     c,
                     out,
-                    k,
-                    stride=draw(st.sampled_from([1, 1, 2])),
-                    padding=draw(st.integers(0, k // 2 + 1)),
-                    dilation=draw(st.sampled_from([1, 1, 2])) if k > 1 else 1,
-                    groups=1,
+                    (kh, kw),
+                    stride=(draw(st.sampled_from([1, 1, 2])), draw(st.sampled_from([1, 1, 2]))),
+                    padding=(draw(st.integers(0, kh // 2 + 1)), draw(st.integers(0, kw // 2 + 1))),
+                    dilation=draw(st.sampled_from([1, 1, 2])),
+                    groups=groups,
                     bias=draw(st.booleans()),
                 )
             )

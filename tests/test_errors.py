@@ -140,3 +140,15 @@ def test_config_validation_and_roundtrip():
         SparseConfig.from_dict({"exactly": True})
     with pytest.raises(ValueError, match="newer"):
         SparseConfig.from_dict({"version": 99})
+
+
+def test_failed_capture_leaves_no_cache():
+    m = _model()
+    sparsedit.sparsify_(m)
+    with pytest.raises(RuntimeError, match="boom"):
+        with sparsedit.capturing(m):
+            m(torch.randn(1, 3, 16, 16))
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="Nothing has been captured"):
+        with sparsedit.editing(m):
+            pass

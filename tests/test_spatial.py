@@ -304,3 +304,46 @@ def test_profile_counts_dense_macs():
     norm = 2 * 10 * 10 * 2 * 8
     assert stats["macs_dense"] == conv + norm
     assert stats["cache_bytes"] == 0
+
+
+def test_conv_macs_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, (1, 5), stride=2, groups=4), nn.Conv2d(8, 2, 1)
+    ).eval()
+    x = torch.randn(2, 3, 17, 15)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    sparsedit.sparsify_(model)
+    with sparsedit.profiling(model):
+        model(x)
+    assert sparsedit.last_stats(model)["macs_dense"] == counter.get_total_flops() // 2
+
+
+def test_custom_module_arithmetic_stays_correct():
+    """Operations the engine does not track run densely on correct full maps: correct result, less saving."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(self.a(x) * 0.5 + 1)
+
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    x = torch.randn(1, 3, 20, 20)
+    region = torch.zeros(1, 20, 20, dtype=torch.bool)
+    region[0, 2:4, 2:4] = True
+    x_edit = edit_input(x, region, 12)
+    with torch.no_grad():
+        want = model(x_edit)
+    sparsedit.sparsify_(model, SparseConfig(exact=True))
+    with sparsedit.capturing(model):
+        model(x)
+    with sparsedit.editing(model, region=region):
+        out = model(x_edit)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)

@@ -226,8 +226,12 @@ def capturing(model: nn.Module):
     att = _attachment(model)
     att.state.rollback()
     att.state.cache.clear()
-    with _mode(att, Mode.CAPTURE):
-        yield
+    try:
+        with _mode(att, Mode.CAPTURE):
+            yield
+    except BaseException:
+        att.state.cache.clear()  # a half-filled cache must never be edited against
+        raise
 
 
 @contextlib.contextmanager

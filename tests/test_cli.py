@@ -1,0 +1,28 @@
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from sparsedit.cli import app
+from sparsedit.demo import run_demo
+
+
+def test_info_lists_versions_and_backends():
+    result = CliRunner().invoke(app, ["info"])
+    assert result.exit_code == 0, result.output
+    assert "torch" in result.output and "reference" in result.output
+    out = subprocess.run([sys.executable, "-m", "sparsedit", "info"], capture_output=True, text=True)
+    assert out.returncode == 0 and "backends" in out.stdout
+
+
+def test_demo_writes_report(tmp_path):
+    report = run_demo(tmp_path, size=48, repeats=1)
+    assert (tmp_path / "report.html").read_text().count("<img") >= 11
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["weights"].startswith("random")
+    for row in report["runs"]:
+        assert row["macs_sparse"] < row["macs_dense"]
+        assert row["dense_seconds"] > 0 and row["sparse_seconds"] > 0
+    exact = next(r for r in report["runs"] if "exact" in r["name"])
+    assert exact["max_abs_error"] < 1e-4
