@@ -157,20 +157,26 @@ def _resnet(c=32, groups=8):
     ).eval()
 
 
-def test_groupnorm_exact_mode_goes_dense_and_stays_exact():
+def square_edit(model, size, box, config, seed):
+    """Dense result, captured result and sparse result of one square edit of a fresh random input."""
     torch.manual_seed(0)
-    model = _resnet()
-    x = torch.randn(1, 3, 32, 32)
-    region = torch.zeros(1, 32, 32, dtype=torch.bool)
-    region[0, 10:14, 10:14] = True
-    x_edit = edit_input(x, region, seed=4)
+    x = torch.randn(1, 3, size, size)
+    region = torch.zeros(1, size, size, dtype=torch.bool)
+    region[0, box[0] : box[1], box[0] : box[1]] = True
+    x_edit = edit_input(x, region, seed=seed)
     with torch.no_grad():
         dense_edit = model(x_edit)
-    sparsedit.sparsify_(model, SparseConfig(exact=True))
+    sparsedit.sparsify_(model, config)
     with sparsedit.capturing(model):
-        model(x)
+        captured = model(x)
     with sparsedit.editing(model, region=region):
         out = model(x_edit)
+    return dense_edit, captured, out, region
+
+
+def test_groupnorm_exact_mode_goes_dense_and_stays_exact():
+    model = _resnet()
+    dense_edit, _, out, _ = square_edit(model, 32, (10, 14), SparseConfig(exact=True), seed=4)
     torch.testing.assert_close(out, dense_edit, rtol=1e-5, atol=1e-5)
     assert "exact GroupNorm" in sparsedit.last_stats(model)["dense_layers"].values()
 
@@ -178,19 +184,9 @@ def test_groupnorm_exact_mode_goes_dense_and_stays_exact():
 @pytest.mark.parametrize("norm_stats", ["frozen", "recompute"])
 def test_groupnorm_approximate_error_is_local_and_small(norm_stats):
     """Approximate mode (SIGE): frozen or recomputed statistics; the error is bounded, the far background exact."""
-    torch.manual_seed(0)
     model = _resnet()
-    x = torch.randn(1, 3, 48, 48)
-    region = torch.zeros(1, 48, 48, dtype=torch.bool)
-    region[0, 20:24, 20:24] = True
-    x_edit = edit_input(x, region, seed=5)
-    with torch.no_grad():
-        dense_edit = model(x_edit)
-    sparsedit.sparsify_(model, SparseConfig(exact=False, norm_stats=norm_stats, dilation=2, tile_size=4))
-    with sparsedit.capturing(model):
-        captured = model(x)
-    with sparsedit.editing(model, region=region):
-        out = model(x_edit)
+    config = SparseConfig(exact=False, norm_stats=norm_stats, dilation=2, tile_size=4)
+    dense_edit, captured, out, region = square_edit(model, 48, (20, 24), config, seed=5)
     stats = sparsedit.last_stats(model)
     assert stats["macs_sparse"] < 0.3 * stats["macs_dense"]
     inside = dense_edit != captured
