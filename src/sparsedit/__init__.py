@@ -4,7 +4,7 @@ from .cache import ActivationCache, StaleCacheError
 from .config import SparseConfig
 from .nn import Mode, UnsupportedLayerError
 from .regions import difference_mask
-from .spatial import capturing, editing, is_sparsified, last_stats, profiling, sparsify_, unsparsify_
+from .spatial import capturing, editing, is_sparsified, last_stats, profiling, scope, sparsify_, unsparsify_
 
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "is_sparsified",
     "last_stats",
     "profiling",
+    "scope",
     "sparsify_",
     "unsparsify_",
 ]

@@ -23,8 +23,9 @@ from torch.utils._pytree import tree_map
 
 from .cache import ActivationCache, StaleCacheError, weights_fingerprint
 from .config import SparseConfig
-from .nn.base import SparseHandler, UnsupportedLayerError, handler_for
+from .nn.base import SparseHandler, UnsupportedLayerError, handler_for, is_dense_safe
 from .nn.state import Mode, SparseState
+from .nn.tracking import RegionTracking
 from .regions import as_region, difference_mask
 
 
@@ -35,6 +36,7 @@ __all__ = [
     "is_sparsified",
     "last_stats",
     "profiling",
+    "scope",
     "sparsify_",
     "unsparsify_",
 ]
@@ -50,6 +52,7 @@ class _Attachment:
         self.handlers = handlers
         self.hooks = hooks
         self.pending_region: torch.Tensor | None = None
+        self.aux: dict[tuple, dict[str, object]] = {}  # non-image inputs of each captured scope
         self.started = 0.0
         self.seconds = 0.0
 
@@ -87,10 +90,11 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
         )
     state = SparseState(config, ActivationCache())
     handlers, problems = [], []
+    attach = _attach_strategy(model)
     for name, module in model.named_modules():
         cls = handler_for(module)
         if cls is None:
-            if not any(True for _ in module.children()):
+            if not any(True for _ in module.children()) and not is_dense_safe(module):
                 problems.append(f"  {name or '<root>'}: {type(module).__name__} has no sparse implementation")
             continue
         handler = cls(module, name or "root", state)
@@ -106,10 +110,11 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
             "Replace them, or pass SparseConfig(strict=False) to run them densely on every call (correct, slower)."
         )
     for h in handlers:
-        h.attach()
+        attach.attach(h)
     for h in handlers:
         h.prepare({})
     att = _Attachment(state, handlers, [])
+    att.strategy = attach
     att.hooks.append(model.register_forward_pre_hook(_make_pre_hook(model, att), with_kwargs=True))
     att.hooks.append(model.register_forward_hook(_make_post_hook(att), with_kwargs=True, always_call=True))
     model.__dict__["_sparsedit"] = att
@@ -120,11 +125,33 @@ def unsparsify_(model: nn.Module) -> None:
     att = _attachment(model)
     att.state.rollback()
     for h in reversed(att.handlers):
-        h.detach()
+        att.strategy.detach(h)
     for hook in att.hooks:
         hook.remove()
     att.state.cache.clear()
     del model.__dict__["_sparsedit"]
+
+
+class _InstanceForward:
+    """Default attachment: an instance-level `forward` (removal restores the class method exactly)."""
+
+    @staticmethod
+    def attach(handler: SparseHandler) -> None:
+        handler.attach()
+
+    @staticmethod
+    def detach(handler: SparseHandler) -> None:
+        handler.detach()
+
+
+def _attach_strategy(model: nn.Module):
+    """Models built with diffusers attach through `diffusers.hooks`, so sparsedit composes with diffusers' own hooks
+    (caching, offloading); the import happens only for such models, keeping `import sparsedit` lean."""
+    if any(type(m).__module__.startswith("diffusers.") for m in model.modules()):
+        from .adapters import diffusers as diffusers_adapter
+
+        return diffusers_adapter.HookAttach
+    return _InstanceForward
 
 
 def _first_image(args, kwargs) -> torch.Tensor:
@@ -132,6 +159,30 @@ def _first_image(args, kwargs) -> torch.Tensor:
         if isinstance(v, torch.Tensor) and v.dim() == 4:
             return v
     raise ValueError("a sparsified model's input must include a [B, C, H, W] tensor.")
+
+
+def _aux_inputs(args, kwargs, image: torch.Tensor) -> dict[str, object]:
+    """Every input other than the image (timestep, prompt embeddings, flags), by name, for the staleness check."""
+    named = {f"argument {i}": v for i, v in enumerate(args)}
+    named.update({f"argument {k!r}": v for k, v in kwargs.items()})
+    return {k: v for k, v in named.items() if v is not image}
+
+
+def _check_aux(captured: dict[str, object], now: dict[str, object]) -> None:
+    for name in sorted(set(captured) | set(now)):
+        a, b = captured.get(name), now.get(name)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
+        elif isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            same = False
+        else:
+            same = a == b
+        if not same:
+            raise StaleCacheError(
+                f"{name} differs from the captured run (e.g. another timestep, prompt or conditioning); the cache "
+                "only holds activations for the captured inputs. Capture again, or select the matching step with "
+                "`sparsedit.scope(model, ...)`."
+            )
 
 
 def _fingerprint(model: nn.Module, x: torch.Tensor, config: SparseConfig) -> dict:
@@ -159,7 +210,15 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
             except StaleCacheError as e:
                 raise StaleCacheError(f"{e} (weights: did you change or reload them?)") from None
             st.begin_run()
-            reference = st.cache.get(_INPUT_KEY)["x"]
+            key = _INPUT_KEY + st.scope
+            if key not in st.cache:
+                raise StaleCacheError(
+                    f"nothing was captured in scope {st.scope!r}; capture this step (or branch) first, inside "
+                    "`sparsedit.scope(model, ...)` with the same key."
+                )
+            entry = st.cache.get(key)
+            _check_aux(att.aux.get(st.scope, {}), _aux_inputs(args, kwargs, x))
+            reference = entry["x"]
             changed = difference_mask(x, reference, eps=0.0)
             region = att.pending_region
             if region is None:
@@ -180,7 +239,11 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
             st.begin_run()
             if st.mode is Mode.CAPTURE:
                 st.cache.fingerprint = _fingerprint(model, x, st.config)
-                st.cache.put(_INPUT_KEY, x=x)
+                st.cache.put(_INPUT_KEY + st.scope, x=x)
+                att.aux[st.scope] = {
+                    k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                    for k, v in _aux_inputs(args, kwargs, x).items()
+                }
         return None
 
     return pre_hook
@@ -200,7 +263,7 @@ def _make_post_hook(att: _Attachment):
             )
             if st.commit:
                 st.forget_undo()
-                st.cache.put(_INPUT_KEY, x=_first_image(args, kwargs))
+                st.cache.put(_INPUT_KEY + st.scope, x=_first_image(args, kwargs))
             return output
         return None
 
@@ -226,6 +289,7 @@ def capturing(model: nn.Module):
     att = _attachment(model)
     att.state.rollback()
     att.state.cache.clear()
+    att.aux.clear()
     try:
         with _mode(att, Mode.CAPTURE):
             yield
@@ -263,13 +327,29 @@ def editing(model: nn.Module, region: torch.Tensor | None = None, commit: bool =
     att.pending_region = region
     st.commit = commit
     try:
-        with _mode(att, Mode.SPARSE):
+        with _mode(att, Mode.SPARSE), RegionTracking(st):
             yield
     finally:
         if not commit:
             st.rollback()
         att.pending_region = None
         st.commit = False
+
+
+@contextlib.contextmanager
+def scope(model: nn.Module, *key):
+    """Key the cache entries of the calls inside by `key` (e.g. the denoising step and the guidance branch).
+
+    A diffusion loop captures every step inside `scope(model, step)`; an edit then runs each step against that step's
+    capture. Scopes nest by concatenation.
+    """
+    st = _attachment(model).state
+    previous = st.scope
+    st.scope = previous + tuple(key)
+    try:
+        yield
+    finally:
+        st.scope = previous
 
 
 @contextlib.contextmanager

@@ -21,7 +21,15 @@ from ..regions import BlockIndex, Geometry, block_index
 from .state import LayerRecord, Mode, SparseState
 
 
-__all__ = ["Prologue", "SparseHandler", "handler_for", "register_handler", "UnsupportedLayerError"]
+__all__ = [
+    "Prologue",
+    "SparseHandler",
+    "UnsupportedLayerError",
+    "handler_for",
+    "is_dense_safe",
+    "register_dense_safe",
+    "register_handler",
+]
 
 
 class UnsupportedLayerError(NotImplementedError):
@@ -29,6 +37,19 @@ class UnsupportedLayerError(NotImplementedError):
 
 
 _HANDLERS: dict[type, type[SparseHandler]] = {}
+_DENSE_SAFE: set[type] = {nn.Linear, nn.Embedding, nn.LayerNorm, nn.ModuleList, nn.ModuleDict}
+
+
+def register_dense_safe(*module_types: type) -> None:
+    """Layers that only ever see non-spatial tensors (embeddings): they run densely and never trip `strict`.
+
+    If one is fed spatial data anyway, its output carries no region and counts as changed everywhere: correct, slower.
+    """
+    _DENSE_SAFE.update(module_types)
+
+
+def is_dense_safe(module: nn.Module) -> bool:
+    return any(t in _DENSE_SAFE for t in type(module).__mro__)
 
 
 def register_handler(*module_types: type):
@@ -108,6 +129,8 @@ class SparseHandler:
 
     # -- attach / detach --------------------------------------------------------------------------------------------
     def attach(self) -> None:
+        """Route the module's calls through `self.forward`. Plain torch modules get an instance-level `forward`;
+        adapters may override this (diffusers modules attach through `diffusers.hooks`)."""
         self.module.forward = self.forward
         self.module._sparsedit_handler = self
 
@@ -128,6 +151,11 @@ class SparseHandler:
     def forward(self, *args, **kwargs):
         mode = self.state.mode
         if mode is None:
+            return self.original(*args, **kwargs)
+        if not (args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4):
+            # A non-spatial call (an activation applied to a time embedding, say): dense, and nothing to cache.
+            # It still takes its call index, so indices match between capture and sparse runs.
+            self.state.key(self.name)
             return self.original(*args, **kwargs)
         if mode is Mode.SPARSE:
             return self.sparse(*args, **kwargs)

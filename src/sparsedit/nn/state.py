@@ -62,6 +62,7 @@ class SparseState:
     undo: list[Callable[[], None]] = field(default_factory=list)
     _calls: Counter = field(default_factory=Counter)
     _regions: dict[int, tuple[weakref.ref, torch.Tensor]] = field(default_factory=dict)
+    _tainted: dict[int, weakref.ref] = field(default_factory=dict)
     _pyramid: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     # -- runs ---------------------------------------------------------------------------------------------------
@@ -70,10 +71,12 @@ class SparseState:
         self.records = []
         self._calls.clear()
         self._regions.clear()
+        self._tainted.clear()
         self._pyramid.clear()
 
     def end_run(self) -> None:
         self._regions.clear()
+        self._tainted.clear()
 
     def key(self, name: str) -> tuple:
         """Cache key of the next call of layer `name` in this run (a layer called twice gets two entries)."""
@@ -95,6 +98,18 @@ class SparseState:
     # -- regions travel with tensors --------------------------------------------------------------------------------
     def set_region(self, t: torch.Tensor, region: torch.Tensor) -> None:
         self._regions[id(t)] = (weakref.ref(t), region)
+
+    def has_region(self, t: torch.Tensor) -> bool:
+        hit = self._regions.get(id(t))
+        return hit is not None and hit[0]() is t
+
+    def taint(self, t: torch.Tensor) -> None:
+        """Mark a non-spatial tensor computed from changed data: whatever it touches is changed everywhere."""
+        self._tainted[id(t)] = weakref.ref(t)
+
+    def is_tainted(self, t: torch.Tensor) -> bool:
+        hit = self._tainted.get(id(t))
+        return hit is not None and hit() is t
 
     def region_of(self, t: torch.Tensor) -> torch.Tensor:
         """The changed region of `t` (`[B, H, W]` bool). A tensor no sparse layer produced in this run (made by an

@@ -1,0 +1,127 @@
+"""Region tracking through the plain tensor arithmetic between sparse layers.
+
+Models glue their layers together with `torch.cat` (U-Net skips), `+` (residuals, time embeddings), scaling,
+`F.interpolate` and `F.pad`. During a sparse run a `TorchFunctionMode` watches those calls. They still compute densely
+on the full (correct) maps, but their output is tagged with the union of their inputs' regions, so the next sparse
+layer stays sparse instead of treating the result as changed everywhere.
+
+Soundness: a tensor without a region counts as changed everywhere. Non-spatial operands (scalars, `[B, C, 1, 1]`
+time embeddings) count as unchanged, which holds because every non-image input of the model is fingerprinted
+against the capture. Anything computed from tracked data by an operation this module does not know (say, `x.std()`)
+is *tainted*: whatever it touches afterwards counts as changed everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .state import SparseState
+
+
+_T = torch.Tensor
+# Elementwise functions: the output at a pixel depends only on the inputs at that pixel.
+_POINTWISE = {
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.where, torch.clamp,
+    torch.sigmoid, torch.tanh, torch.exp, F.silu, F.relu, F.gelu, F.leaky_relu, F.mish,
+    _T.add, _T.__add__, _T.__radd__, _T.__iadd__, _T.sub, _T.__sub__, _T.__rsub__,
+    _T.mul, _T.__mul__, _T.__rmul__, _T.div, _T.__truediv__, _T.__rtruediv__, _T.neg, _T.__neg__,
+    _T.clamp, _T.sigmoid, _T.tanh, _T.to, _T.float, _T.half, _T.bfloat16, _T.type_as,
+    _T.contiguous, _T.clone, _T.detach,
+}  # fmt: skip
+_CONCAT = {torch.cat, torch.concat}
+
+
+def _tensors(args, kwargs) -> list[torch.Tensor]:
+    """Tensors among the arguments, one level into lists and tuples (cheaper than a full pytree flatten)."""
+    found = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(t for t in a if isinstance(t, torch.Tensor))
+    return found
+
+
+class RegionTracking(TorchFunctionMode):
+    def __init__(self, state: SparseState):
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        st = self.state
+        inputs = _tensors(args, kwargs)
+        tracked = any(st.has_region(a) for a in inputs)
+        tainted = any(st.is_tainted(a) for a in inputs)
+        if not tracked and not tainted:
+            return out
+        if not isinstance(out, torch.Tensor):
+            for o in _tensors(out if isinstance(out, (list, tuple)) else (out,), {}):
+                st.taint(o)
+            return out
+        region = None
+        if not tainted:
+            if func in _POINTWISE:
+                region = self._pointwise(out, inputs)
+            elif func in _CONCAT:
+                region = self._concat(out, args, kwargs)
+            elif func is F.interpolate:
+                region = self._nearest(out, args, kwargs)
+            elif func is F.pad:
+                region = self._zero_pad(out, args, kwargs)
+        if region is not None:
+            st.set_region(out, region)
+        elif out.dim() != 4:
+            st.taint(out)
+        # A 4D output without a region counts as changed everywhere (SparseState.region_of).
+        return out
+
+    def _pointwise(self, out, inputs):
+        if out.dim() != 4:
+            return None
+        b, _, h, w = out.shape
+        region = out.new_zeros((b, h, w), dtype=torch.bool)
+        for t in inputs:
+            if t.dim() == 4 and t.shape[-2:] == (h, w):
+                if not self.state.has_region(t):
+                    return None  # an untracked spatial operand (fresh noise, say): changed everywhere
+                region = region | self.state.region_of(t)
+            elif t.dim() >= 2 and t.shape[-2:] != (1, 1) and t.numel() > 1:
+                return None  # some other spatial tensor: don't guess
+        return region
+
+    def _concat(self, out, args, kwargs):
+        tensors = args[0] if args else kwargs.get("tensors")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if out.dim() != 4 or dim not in (1, -3):
+            return None
+        region = None
+        for t in tensors:
+            if not self.state.has_region(t):
+                return None
+            region = self.state.region_of(t) if region is None else region | self.state.region_of(t)
+        return region
+
+    def _nearest(self, out, args, kwargs):
+        x = args[0]
+        mode = kwargs.get("mode", args[3] if len(args) > 3 else "nearest")
+        if mode != "nearest" or out.dim() != 4 or not self.state.has_region(x):
+            return None
+        (h, w), (oh, ow) = x.shape[-2:], out.shape[-2:]
+        if oh % h or ow % w:
+            return None
+        return self.state.region_of(x).repeat_interleave(oh // h, 1).repeat_interleave(ow // w, 2)
+
+    def _zero_pad(self, out, args, kwargs):
+        x = args[0]
+        pad = args[1] if len(args) > 1 else kwargs.get("pad")
+        mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+        value = kwargs.get("value", args[3] if len(args) > 3 else None)
+        if mode != "constant" or value not in (None, 0, 0.0) or out.dim() != 4 or len(pad) != 4:
+            return None
+        if not self.state.has_region(x) or min(pad) < 0:
+            return None
+        return F.pad(self.state.region_of(x), tuple(pad))
