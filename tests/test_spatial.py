@@ -276,7 +276,7 @@ def test_outputs_are_the_users_own():
 def test_cost_model_runs_large_regions_densely():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
     x = torch.randn(1, 3, 32, 32)
-    sparsedit.sparsify_(model, SparseConfig(exact=True, dense_threshold=0.5))
+    sparsedit.sparsify_(model, SparseConfig(exact=True, dense_threshold=0.5, max_region_fraction=1.0))
     with sparsedit.capturing(model):
         model(x)
     region = torch.ones(1, 32, 32, dtype=torch.bool)
@@ -343,3 +343,35 @@ def test_custom_module_arithmetic_stays_correct():
     with sparsedit.editing(model, region=region):
         out = model(x_edit)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("commit", [False, True])
+def test_large_edits_run_as_one_dense_forward(commit):
+    torch.manual_seed(0)
+    model = _resnet(16, 4)
+    x = torch.randn(1, 3, 16, 16)
+    region = torch.zeros(1, 16, 16, dtype=torch.bool)
+    region[0, :12] = True  # 75% of the image
+    x_edit = edit_input(x, region, 13)
+    with torch.no_grad():
+        want = model(x_edit)
+    sparsedit.sparsify_(model, SparseConfig(max_region_fraction=0.5))
+    with sparsedit.capturing(model):
+        model(x)
+    with sparsedit.editing(model, region=region, commit=commit):
+        out = model(x_edit)
+    stats = sparsedit.last_stats(model)
+    assert torch.equal(out, want)  # the plain dense forward: the best possible answer
+    assert stats["macs_sparse"] == stats["macs_dense"] > 0
+    assert all("max_region_fraction" in why for why in stats["dense_layers"].values())
+    small = torch.zeros_like(region)
+    small[0, 14, 14] = True
+    x_next = edit_input(x_edit if commit else x, small, 14)
+    with sparsedit.editing(model, region=small):
+        again = model(x_next)
+    with torch.no_grad():
+        sparsedit.unsparsify_(model)
+        reference = model(x_edit if commit else x)
+    far = torch.ones(16, 16, dtype=torch.bool)
+    far[8:, 8:] = False  # outside the 8x8 tile the small edit rewrites: the reference input's cached output
+    torch.testing.assert_close(again[..., far], reference[..., far], rtol=1e-5, atol=1e-6)

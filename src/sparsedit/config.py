@@ -74,6 +74,10 @@ class SparseConfig(_ConfigMixin):
         dense_threshold (`float`, defaults to `0.6`):
             Cost model: a layer whose active tiles cover more than this fraction of its output runs densely, because
             tile overheads would make sparse slower than dense. `1.0` never falls back; `0.0` always runs dense.
+        max_region_fraction (`float`, defaults to `0.5`):
+            Cost model for a whole run: when the region (after `input_dilation`) covers more than this fraction of
+            the input, the edit runs as one plain dense forward (committing edits refresh the cache instead), because
+            per-layer overheads would make the sparse run slower than dense.
         check_region (`bool`, defaults to `True`):
             When editing with an explicit region, verify that the input equals the captured input outside it. A
             region that misses a change would otherwise silently return stale pixels.
@@ -93,6 +97,7 @@ class SparseConfig(_ConfigMixin):
     pyramid_threshold: float = 0.3
     norm_stats: str = "frozen"
     dense_threshold: float = 0.6
+    max_region_fraction: float = 0.5
     check_region: bool = True
     strict: bool = True
     poison_scratch: bool = False
@@ -114,6 +119,8 @@ class SparseConfig(_ConfigMixin):
             raise ValueError(f"SparseConfig.pyramid_threshold must be in [0, 1), got {self.pyramid_threshold}.")
         if self.norm_stats not in _NORM_STATS:
             raise ValueError(f"SparseConfig.norm_stats must be one of {_NORM_STATS}, got {self.norm_stats!r}.")
+        if not 0.0 <= self.max_region_fraction <= 1.0:
+            raise ValueError(f"SparseConfig.max_region_fraction must be in [0, 1], got {self.max_region_fraction}.")
         if not 0.0 <= self.dense_threshold <= 1.0:
             raise ValueError(f"SparseConfig.dense_threshold must be in [0, 1], got {self.dense_threshold}.")
 

@@ -26,7 +26,7 @@ from .config import SparseConfig
 from .nn.base import SparseHandler, UnsupportedLayerError, handler_for, is_dense_safe
 from .nn.state import Mode, SparseState
 from .nn.tracking import RegionTracking
-from .regions import as_region, difference_mask
+from .regions import as_region, difference_mask, dilate
 
 
 __all__ = [
@@ -53,6 +53,8 @@ class _Attachment:
         self.hooks = hooks
         self.pending_region: torch.Tensor | None = None
         self.aux: dict[tuple, dict[str, object]] = {}  # non-image inputs of each captured scope
+        self.dense_run: str | None = None  # why the current edit runs densely, if it does
+        self.strategy = None
         self.started = 0.0
         self.seconds = 0.0
 
@@ -234,6 +236,15 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
                             "region=None to detect the changed pixels automatically."
                         )
             st.input_region = region
+            reach = dilate(region, st.config.input_dilation) if not st.config.exact else region
+            fraction = float(reach.float().mean())
+            if fraction > st.config.max_region_fraction:
+                # Too large to pay: one plain dense forward (a committing edit refreshes the cache with it).
+                att.dense_run = f"region covers {100 * fraction:.1f}% > max_region_fraction"
+                st.mode = Mode.CAPTURE if st.commit else Mode.PROFILE
+                if st.commit:
+                    st.cache.fingerprint = _fingerprint(model, x, st.config)
+                return None
             st.set_region(x, region)
         else:
             st.begin_run()
@@ -256,6 +267,14 @@ def _make_post_hook(att: _Attachment):
             return None
         att.seconds = time.perf_counter() - att.started
         st.end_run()
+        if att.dense_run:
+            st.mode = Mode.SPARSE
+            for r in st.records:
+                r.dense_reason = att.dense_run
+            att.dense_run = None
+            if st.commit:
+                st.cache.put(_INPUT_KEY + st.scope, x=_first_image(args, kwargs))
+            return None
         if st.mode is Mode.SPARSE:
             # The result may be a cached buffer; hand the user their own copy.
             output = tree_map(

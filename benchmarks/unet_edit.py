@@ -1,0 +1,141 @@
+"""One UNet forward, dense vs sparse, on real diffusion architectures with random weights.
+
+(b) DDPM church-256 (`UNet2DModel`, block_out_channels 128/128/256/256/512/512, attention at 16x16), batch 1, regions
+of ~1%, ~5% and ~20% of the image. Dense and sparse runs alternate in one process; medians; MACs ratio and the error
+against the dense edited result beside each latency ratio.
+
+    python benchmarks/unet_edit.py --model ddpm-church
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import sparsedit
+from sparsedit import SparseConfig
+
+
+def ddpm_church():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=256,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
+        block_out_channels=(128, 128, 256, 256, 512, 512),
+        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    )
+
+
+MODELS = {"ddpm-church": (ddpm_church, 256, 1)}
+
+
+def stroke_region(size: int, fraction: float, batch: int) -> torch.Tensor:
+    """A diagonal brush stroke whose width is chosen (by bisection) to cover `fraction` of the image."""
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    p0, p1 = torch.tensor([0.3, 0.25]) * size, torch.tensor([0.6, 0.55]) * size
+    seg = p1 - p0
+    rel = torch.stack([yy - p0[0], xx - p0[1]], -1)
+    along = ((rel @ seg) / seg.dot(seg)).clamp(0, 1)
+    dist = (rel - along[..., None] * seg).norm(dim=-1)
+    lo, hi = 0.0, float(size)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if (dist <= mid).float().mean() < fraction else (lo, mid)
+    return (dist <= hi)[None].expand(batch, -1, -1).contiguous()
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="ddpm-church")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.20])
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tile", type=int, default=8)
+    ap.add_argument("--input-dilation", type=int, default=5, help="SIGE uses 5 for diffusion models")
+    ap.add_argument("--json", type=Path, default=Path("benchmarks/results/unet_edit.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    build, size, batch = MODELS[args.model]
+    torch.manual_seed(0)
+    unet = build().eval().to(dtype).to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    t = torch.full((batch,), 500)
+    config = SparseConfig(tile_size=args.tile, input_dilation=args.input_dilation)
+    sparsedit.sparsify_(unet, config)
+    with sparsedit.capturing(unet):
+        captured = unet(x, t).sample
+    print(f"{args.model}, {args.dtype}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
+          f"{platform.machine()}, load {loadavg()}")  # fmt: skip
+    print(
+        f"{'region':>7} {'dense s':>8} {'sparse s':>8} {'speed-up':>8} {'MACs ratio':>10} {'max err':>8} {'PSNR':>6}"
+    )
+    rows = []
+    for frac in args.fractions:
+        region = stroke_region(size, frac, batch)
+        x_edit = torch.where(region[:, None], torch.randn(x.shape, generator=g).to(dtype), x)
+        x_edit = x_edit.contiguous(memory_format=torch.channels_last)
+        dense_t, sparse_t = [], []
+        with torch.no_grad():
+            for i in range(args.repeats + 1):  # the first pair warms up
+                t0 = time.perf_counter()
+                dense = unet(x_edit, t).sample
+                t1 = time.perf_counter()
+                with sparsedit.editing(unet, region=region):
+                    t2 = time.perf_counter()
+                    sparse = unet(x_edit, t).sample
+                    t3 = time.perf_counter()
+                    stats = sparsedit.last_stats(unet)
+                if i:
+                    dense_t.append(t1 - t0)
+                    sparse_t.append(t3 - t2)
+        err = (sparse.float() - dense.float()).abs()
+        mse = float(err.square().mean())
+        peak = float(dense.float().amax() - dense.float().amin())
+        row = {
+            "region_fraction": float(region.float().mean()),
+            "dense_s": statistics.median(dense_t),
+            "sparse_s": statistics.median(sparse_t),
+            "macs_dense": stats["macs_dense"],
+            "macs_sparse": stats["macs_sparse"],
+            "max_abs_error": float(err.max()),
+            "edit_effect_max": float((dense.float() - captured.float()).abs().max()),
+            "psnr_db": 10 * math.log10(peak**2 / mse) if mse else float("inf"),
+            "dense_layers": stats["dense_layers"],
+        }
+        row["speedup"] = row["dense_s"] / row["sparse_s"]
+        row["macs_ratio"] = row["macs_dense"] / max(1, row["macs_sparse"])
+        rows.append(row)
+        print(
+            f"{100 * row['region_fraction']:>6.1f}% {row['dense_s']:>8.2f} {row['sparse_s']:>8.2f} "
+            f"{row['speedup']:>7.2f}x {row['macs_ratio']:>9.1f}x {row['max_abs_error']:>8.3f} {row['psnr_db']:>6.1f}"
+        )
+    meta = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "repeats": args.repeats,
+            "config": config.to_dict(), "loadavg_end": loadavg()}  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"load at end {loadavg()}; wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
