@@ -71,6 +71,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tile", type=int, default=8)
     ap.add_argument("--input-dilation", type=int, default=5, help="SIGE uses 5 for diffusion models")
+    ap.add_argument("--max-region-fraction", type=float, default=SparseConfig().max_region_fraction)
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/unet_edit.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,7 +82,9 @@ def main():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     t = torch.full((batch,), 500)
-    config = SparseConfig(tile_size=args.tile, input_dilation=args.input_dilation)
+    config = SparseConfig(
+        tile_size=args.tile, input_dilation=args.input_dilation, max_region_fraction=args.max_region_fraction
+    )
     sparsedit.sparsify_(unet, config)
     with sparsedit.capturing(unet):
         captured = unet(x, t).sample
