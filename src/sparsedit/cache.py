@@ -29,15 +29,9 @@ def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
 
 
 class ActivationCache:
-    """Keyed tensor storage with memory accounting and a fingerprint.
+    """Keyed tensor storage with memory accounting and a fingerprint. Entries live on the device that produced them."""
 
-    Args:
-        storage_device: where entries live (e.g. `"cpu"` to offload GPU activations to host memory); `None` keeps
-            them where they were produced.
-    """
-
-    def __init__(self, storage_device: str | torch.device | None = None):
-        self.storage_device = None if storage_device is None else torch.device(storage_device)
+    def __init__(self):
         self._entries: dict[Hashable, dict[str, torch.Tensor]] = {}
         self.fingerprint: dict | None = None
 
@@ -55,26 +49,20 @@ class ActivationCache:
         entry = self._entries.setdefault(key, {})
         for name, t in tensors.items():
             t = t.detach()
-            device = self.storage_device or t.device
             # Feature maps are kept channels-last: a pixel's channels are contiguous, so tile gathers and scatters
             # move whole rows of memory.
             fmt = torch.channels_last if t.dim() == 4 else torch.contiguous_format
-            entry[name] = torch.empty_like(t, device=device, memory_format=fmt).copy_(t)
+            entry[name] = torch.empty_like(t, memory_format=fmt).copy_(t)
         return entry
 
-    def get(self, key: Hashable, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    def get(self, key: Hashable) -> dict[str, torch.Tensor]:
         try:
-            entry = self._entries[key]
+            return self._entries[key]
         except KeyError:
             raise KeyError(
                 f"nothing was captured for {key!r}: the model took a different path than during capture. "
                 "Capture again with `sparsedit.capturing(model)`."
             ) from None
-        if device is not None and self.storage_device is not None and self.storage_device != device:
-            # Offloaded: bring the entry to the compute device for this run (it stays resident until cleared).
-            entry = {name: t.to(device, non_blocking=True) for name, t in entry.items()}
-            self._entries[key] = entry
-        return entry
 
     def clear(self) -> None:
         self._entries.clear()

@@ -114,7 +114,7 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
     for h in handlers:
         attach.attach(h)
     for h in handlers:
-        h.prepare({})
+        h.prepare()
     att = _Attachment(state, handlers, [])
     att.strategy = attach
     att.hooks.append(model.register_forward_pre_hook(_make_pre_hook(model, att), with_kwargs=True))

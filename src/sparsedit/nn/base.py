@@ -144,7 +144,7 @@ class SparseHandler:
     def check_supported(self) -> None:
         """Raise `UnsupportedLayerError` if this configuration of the module cannot run sparse."""
 
-    def prepare(self, children: dict[str, SparseHandler]) -> None:
+    def prepare(self) -> None:
         """Called once after every handler is attached; containers plan their fusions here."""
 
     # -- modes ------------------------------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ class SequentialHandler(SparseHandler):
 
     kind = "sequential"
 
-    def prepare(self, children):
+    def prepare(self):
         self.chain = Chain(list(self.module))
 
     def forward(self, *args, **kwargs):
@@ -241,7 +241,7 @@ class ResBlockHandler(SparseHandler):
 
     kind = "resblock"
 
-    def prepare(self, children):
+    def prepare(self):
         m = self.module
         self.main = Chain([m.norm1, m.act1, m.conv1, m.norm2, m.act2, m.conv2])
         self.add = _handler(m.add)
