@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .state import SparseState
+from .state import Mode, SparseState
 
 
 _T = torch.Tensor
@@ -53,6 +53,8 @@ class RegionTracking(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         st = self.state
+        if st.mode is not Mode.SPARSE:  # a dense fallback run: nothing to track
+            return out
         inputs = _tensors(args, kwargs)
         tracked = any(st.has_region(a) for a in inputs)
         tainted = any(st.is_tainted(a) for a in inputs)

@@ -69,7 +69,7 @@ class ReferenceBackend(Backend):
             out[inside] = vals[inside]
             out[~inside] = 0
             vals = out
-        else:
+        elif not bool(inside.all()):  # only tiles that reach past the border need their padding zeroed
             vals = vals.masked_fill(~inside[..., None], 0)
         return vals.permute(0, 3, 1, 2)  # [N, C, th, tw], channels-last in memory
 
