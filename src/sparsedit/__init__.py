@@ -2,6 +2,7 @@
 
 from .cache import ActivationCache, StaleCacheError
 from .config import SparseConfig
+from .editor import SparseEditor
 from .nn import Mode, UnsupportedLayerError
 from .regions import difference_mask
 from .spatial import capturing, editing, is_sparsified, last_stats, profiling, scope, sparsify_, unsparsify_
@@ -13,6 +14,7 @@ __all__ = [
     "ActivationCache",
     "Mode",
     "SparseConfig",
+    "SparseEditor",
     "StaleCacheError",
     "UnsupportedLayerError",
     "capturing",
