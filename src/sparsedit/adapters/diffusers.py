@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.embeddings import Timesteps
+from diffusers.models.resnet import ResnetBlock2D
 
 from .. import ops
-from ..nn.base import SparseHandler, register_dense_safe, register_handler
-from ..nn.state import LayerRecord
+from ..nn.base import IDENTITY, Prologue, SparseHandler, register_dense_safe, register_handler
+from ..nn.blocks import _no_store
+from ..nn.state import LayerRecord, Mode
 from ..regions import Geometry
 
 
@@ -169,3 +171,94 @@ class SpatialAttentionHandler(SparseHandler):
         out_region = active_region.reshape(1, h, w).expand(b, h, w)
         st.set_region(buf, out_region)
         return buf
+
+
+# -- ResNet blocks ------------------------------------------------------------------------------------------------------
+
+
+@register_handler(ResnetBlock2D)
+class ResnetBlock2DHandler(SparseHandler):
+    """diffusers' ResNet block, fused: GroupNorm+SiLU inside each conv's gather, the time embedding folded into the
+    second GroupNorm's shift, the shortcut add inside conv2's scatter (written straight into the block's output).
+
+    Exact mode, recomputed GroupNorm statistics, `output_scale_factor != 1` and up/down-sampling resnets keep the plain
+    forward (each child runs sparse on its own, and region tracking joins them).
+    """
+
+    kind = "resnet"
+
+    def check_supported(self):
+        m = self.module
+        cfg = self.state.config
+        self.fused = (
+            not cfg.exact
+            and cfg.norm_stats == "frozen"
+            and m.upsample is None
+            and m.downsample is None
+            and m.output_scale_factor == 1.0
+            and m.time_embedding_norm in ("default", "scale_shift")
+            and isinstance(m.norm1, torch.nn.GroupNorm)
+            and isinstance(m.norm2, torch.nn.GroupNorm)
+        )
+
+    def _handler(self, module):
+        return module.__dict__["_sparsedit_handler"]
+
+    def _temb(self, temb):
+        m = self.module
+        if m.time_emb_proj is None or temb is None:
+            return None
+        if not m.skip_time_act:
+            temb = m.nonlinearity(temb)
+        return m.time_emb_proj(temb)
+
+    def forward(self, x, temb=None, *args, **kwargs):
+        st = self.state
+        if not self.fused or st.mode not in (Mode.CAPTURE, Mode.SPARSE) or args or kwargs or x.dim() != 4:
+            return self.original(x, temb, *args, **kwargs)
+        return self._capture(x, temb) if st.mode is Mode.CAPTURE else self.sparse(x, temb)
+
+    def _capture(self, x, temb):
+        """The diffusers forward, op for op (so the capture is bit-identical), storing only what sparse runs read."""
+        m, st = self.module, self.state
+        key = st.key(self.name)
+        with _no_store(st):
+            h = m.nonlinearity(m.norm1(x))
+        h = m.conv1(h)  # stored: conv2's gather reads it
+        t = self._temb(temb)
+        with _no_store(st):
+            if m.time_embedding_norm == "default":
+                if t is not None:
+                    h = h + t[:, :, None, None]
+                h = m.norm2(h)
+            else:
+                scale, shift = torch.chunk(t[:, :, None, None], 2, dim=1)
+                h = m.norm2(h) * (1 + scale) + shift
+            h = m.conv2(m.dropout(m.nonlinearity(h)))
+        shortcut = m.conv_shortcut(x) if m.conv_shortcut is not None else x
+        out = (shortcut + h) / m.output_scale_factor
+        st.cache.put(key, out=out)
+        return out
+
+    def sparse(self, x, temb=None):
+        m, st = self.module, self.state
+        out = self.buffer(st.key(self.name))
+        act = self._handler(m.nonlinearity)
+        norm1 = self._handler(m.norm1)
+        p1 = act.fold(x, st.key(act.name), norm1.fold(x, st.key(norm1.name), IDENTITY))
+        h = self._handler(m.conv1).sparse(x, p1)
+        t = self._temb(temb)
+        norm2_handler = self._handler(m.norm2)
+        norm2 = norm2_handler.prologue(h, st.key(norm2_handler.name))
+        scale, shift = norm2.scale, norm2.shift
+        if m.time_embedding_norm == "default":
+            if t is not None:
+                shift = shift + scale * t.to(scale.dtype)
+        else:
+            ts, tt = torch.chunk(t.to(scale.dtype), 2, dim=1)
+            scale, shift = scale * (1 + ts), shift * (1 + ts) + tt
+        p2 = act.fold(h, st.key(act.name), Prologue(scale, shift))
+        if m.dropout.training and m.dropout.p > 0:
+            raise RuntimeError(f"{self.name}: Dropout in training mode is random; call model.eval() before editing.")
+        skip = self._handler(m.conv_shortcut).sparse(x) if m.conv_shortcut is not None else x
+        return self._handler(m.conv2).sparse(h, p2, residual=skip, into=out)
