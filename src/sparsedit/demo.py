@@ -114,7 +114,7 @@ def run_sdedit(photo, edited, steps: int = 10, strength: float = 0.7) -> dict:
     torch.manual_seed(0)
     pipe = sdedit_pipeline(photo.shape[-1])
     editor = SparseEditor(pipe)
-    kw = dict(strength=strength, num_inference_steps=steps, output_type="pt")
+    kw = {"strength": strength, "num_inference_steps": steps, "output_type": "pt"}
     original = editor.capture(image=photo, generator=torch.Generator().manual_seed(7), **kw).images
     for _ in range(2):  # the second, warm edit is the one timed
         sparse = editor.edit(image=edited, output_type="pt", commit=False).images
