@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.embeddings import Timesteps
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from .. import ops
 from ..nn.base import IDENTITY, Prologue, SparseHandler, register_dense_safe, register_handler
@@ -262,3 +264,175 @@ class ResnetBlock2DHandler(SparseHandler):
             raise RuntimeError(f"{self.name}: Dropout in training mode is random; call model.eval() before editing.")
         skip = self._handler(m.conv_shortcut).sparse(x) if m.conv_shortcut is not None else x
         return self._handler(m.conv2).sparse(h, p2, residual=skip, into=out)
+
+
+# -- text-conditioned transformers (Stable Diffusion's Transformer2DModel) --------------------------------------------
+
+
+def _group_norm_tokens(tokens, gn, mean, rstd):
+    """GroupNorm of pixels given as tokens `[B, n, C]`, with given per-(sample, group) statistics."""
+    b, n, c = tokens.shape
+    g = gn.num_groups
+    t = tokens.reshape(b, n, g, c // g).float()
+    t = (t - mean[:, None, :, None]) * rstd[:, None, :, None]
+    t = t.reshape(b, n, c)
+    if gn.affine:
+        t = t * gn.weight + gn.bias
+    return t.to(tokens.dtype)
+
+
+def _pointwise_proj(module, h):
+    """A 1x1 conv or a Linear, applied to tokens `[B, n, C]`."""
+    if isinstance(module, torch.nn.Conv2d):
+        return F.linear(h, module.weight.flatten(1), module.bias)
+    return module(h)
+
+
+def _attend(attn, q_in, k, v):
+    heads = attn.heads
+    b, n, _ = q_in.shape
+    q = attn.to_q(q_in)
+    d = q.shape[-1] // heads
+    q = q.view(b, n, heads, d).transpose(1, 2)
+    k = k.view(b, -1, heads, d).transpose(1, 2)
+    v = v.view(b, -1, heads, d).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, heads * d).to(q.dtype)
+    return attn.to_out[1](attn.to_out[0](o))
+
+
+@register_handler(Transformer2DModel)
+class Transformer2DHandler(SparseHandler):
+    """Stable Diffusion's spatial transformer, sparse over tokens (SIGE's attention extension, FISEdit's linear layers on
+    active tokens): GroupNorm, proj_in, every block's LayerNorms, cross-attention, feed-forward and proj_out run on the
+    active pixels only; each block's self-attention takes its queries from the active pixels and its keys/values from
+    all pixels (cached from the capture, active rows refreshed in place). Approximate, like attention itself: inactive
+    pixels keep their cached outputs. Exact mode and configurations beyond SD's (ada norms, chunked feed-forward,
+    GLIGEN, masks, patch or vector inputs) run the plain forward.
+    """
+
+    kind = "transformer"
+
+    def check_supported(self):
+        m = self.module
+        blocks = list(m.transformer_blocks)
+        self.fusable = (
+            m.is_input_continuous
+            and isinstance(m.norm, torch.nn.GroupNorm)
+            and all(
+                b.norm_type == "layer_norm"
+                and not b.only_cross_attention
+                and b.pos_embed is None
+                and getattr(b, "_chunk_size", None) is None
+                and not hasattr(b, "fuser")
+                and isinstance(b.attn1.processor, (AttnProcessor2_0, AttnProcessor))
+                and (b.attn2 is None or isinstance(b.attn2.processor, (AttnProcessor2_0, AttnProcessor)))
+                for b in blocks
+            )
+        )
+
+    def _plain_call(self, x, kwargs) -> bool:
+        allowed = {"encoder_hidden_states", "return_dict", "timestep", "added_cond_kwargs", "class_labels"}
+        masks = (
+            kwargs.get("attention_mask"),
+            kwargs.get("encoder_attention_mask"),
+            kwargs.get("cross_attention_kwargs"),
+        )
+        return (
+            self.fusable
+            and not self.state.config.exact
+            and x.dim() == 4
+            and all(v is None for v in masks)
+            and set(kwargs) <= allowed | {"attention_mask", "encoder_attention_mask", "cross_attention_kwargs"}
+        )
+
+    def forward(self, hidden_states, *args, **kwargs):
+        st = self.state
+        if st.mode is None or args or not self._plain_call(hidden_states, kwargs):
+            return self.original(hidden_states, *args, **kwargs)
+        key = st.key(self.name)
+        if st.mode is Mode.SPARSE:
+            return self.sparse(key, hidden_states, kwargs)
+        return self._capture(key, hidden_states, kwargs)
+
+    def _capture(self, key, x, kwargs):
+        st = self.state
+        stored, hooks = {}, []
+        for i, block in enumerate(self.module.transformer_blocks):
+            for name in ("to_k", "to_v"):
+                hooks.append(getattr(block.attn1, name).register_forward_hook(
+                    lambda mod, inp, out, tag=f"{name[-1]}{i}": stored.__setitem__(tag, out.detach())
+                ))  # fmt: skip
+        try:
+            result = self.original(x, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        out = result[0] if not kwargs.get("return_dict", True) else result.sample
+        if st.mode is Mode.CAPTURE:
+            st.cache.put(key, out=out, **stored)
+        macs = self._macs(x.shape[0], x.shape[-2] * x.shape[-1], x.shape[-2] * x.shape[-1], kwargs)
+        st.record(LayerRecord(self.name, self.kind, tuple(x.shape[-2:]), macs, macs, 1.0))
+        return result
+
+    def _macs(self, b, n, hw, kwargs) -> int:
+        m = self.module
+        c = m.in_channels
+        inner = m.transformer_blocks[0].attn1.to_q.out_features if len(m.transformer_blocks) else c
+        ctx = kwargs.get("encoder_hidden_states")
+        total = 2 * n * c * inner + n * c  # proj_in, proj_out, GroupNorm affine
+        for blk in m.transformer_blocks:
+            total += 4 * n * inner * inner + 2 * n * hw * inner  # self-attention projections, QK^T and AV
+            if blk.attn2 is not None and ctx is not None:
+                length, dim = ctx.shape[-2], ctx.shape[-1]
+                total += 2 * n * inner * inner + 2 * n * length * inner + 2 * length * dim * inner
+            ff_inner = sum(p.numel() for p in blk.ff.parameters() if p.dim() == 2) // inner
+            total += n * inner * ff_inner + 3 * n * inner  # feed-forward, three LayerNorms
+        return b * total
+
+    def sparse(self, key, x, kwargs):
+        st, m = self.state, self.module
+        entry = st.cache.get(key)
+        buf = entry["out"]
+        b, c, h, w = x.shape
+        hw = h * w
+        gn_handler = m.norm.__dict__["_sparsedit_handler"]
+        gn_entry = st.cache.get(st.key(gn_handler.name))
+        region = self.output_region(st.region_of(x), _POINT, (h, w))
+        active = region.any(dim=0).reshape(-1).nonzero()[:, 0]
+        n = int(active.numel())
+        dense = self._macs(b, hw, hw, kwargs)
+        if n:
+            ctx = kwargs.get("encoder_hidden_states")
+            residual = x.permute(0, 2, 3, 1).reshape(b, hw, c)[:, active]
+            hs = _pointwise_proj(m.proj_in, _group_norm_tokens(residual, m.norm, gn_entry["mean"], gn_entry["rstd"]))
+            for i, blk in enumerate(m.transformer_blocks):
+                nh = blk.norm1(hs)
+                k_all, v_all = entry[f"k{i}"], entry[f"v{i}"]
+                old_k, old_v = k_all[:, active].clone(), v_all[:, active].clone()
+                st.remember(
+                    lambda k_all=k_all, v_all=v_all, ok=old_k, ov=old_v: (
+                        k_all.index_copy_(1, active, ok),
+                        v_all.index_copy_(1, active, ov),
+                    )
+                )
+                k_all.index_copy_(1, active, blk.attn1.to_k(nh))
+                v_all.index_copy_(1, active, blk.attn1.to_v(nh))
+                hs = _attend(blk.attn1, nh, k_all, v_all) + hs
+                if blk.attn2 is not None:
+                    nh = blk.norm2(hs)
+                    kv = ctx if ctx is not None else nh
+                    hs = _attend(blk.attn2, nh, blk.attn2.to_k(kv), blk.attn2.to_v(kv)) + hs
+                hs = blk.ff(blk.norm3(hs)) + hs
+            out_tokens = _pointwise_proj(m.proj_out, hs) + residual
+            flat = buf.permute(0, 2, 3, 1).reshape(b, hw, c)  # a view: the cache is channels-last
+            index = (torch.arange(b, device=x.device)[:, None] * hw + active).reshape(-1)
+            old = ops.gather_tokens(flat, index)
+            st.remember(lambda: ops.scatter_tokens(flat, old, index))
+            ops.scatter_tokens(flat, out_tokens.reshape(-1, c).to(buf.dtype), index)
+        st.record(LayerRecord(self.name, self.kind, (h, w), dense, self._macs(b, n, hw, kwargs) if n else 0, n / hw))
+        mask = torch.zeros(hw, dtype=torch.bool, device=x.device)
+        mask[active] = True
+        st.set_region(buf, mask.reshape(1, h, w).expand(b, h, w))
+        if kwargs.get("return_dict", True):
+            return Transformer2DModelOutput(sample=buf)
+        return (buf,)
