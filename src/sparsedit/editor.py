@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import SparseConfig
 from .regions import as_region, difference_mask, dilate
@@ -84,20 +85,23 @@ class SparseEditor:
     """Spatially sparse SDEdit on a diffusers pipeline.
 
     Args:
-        pipe: a `DDPMPipeline` or `DDIMPipeline` (pixel-space UNet, as SIGE's LSUN church model). Stable Diffusion
-            pipelines are not supported yet.
-        config: the `SparseConfig` for the UNet. Defaults to SIGE's diffusion setting (`input_dilation=5`).
+        pipe: a `StableDiffusionImg2ImgPipeline` (SDEdit in latent space, classifier-free guidance; the VAE runs densely
+            and the decoded image is composited outside the region), or a `DDPMPipeline`/`DDIMPipeline` (pixel-space
+            UNet, as SIGE's LSUN church model).
+        config: the `SparseConfig` for the UNet. Defaults to SIGE's diffusion setting (`input_dilation=5`, in pixels
+            of the UNet's input: latent pixels for Stable Diffusion).
     """
 
     def __init__(self, pipe, config: SparseConfig | None = None):
         unet, scheduler = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None)
-        supported = ("DDPMPipeline", "DDIMPipeline")
+        supported = ("DDPMPipeline", "DDIMPipeline", "StableDiffusionImg2ImgPipeline")
         if type(pipe).__name__ not in supported or unet is None or scheduler is None:
             raise NotImplementedError(
                 f"SparseEditor supports {', '.join(supported)} so far, not {type(pipe).__name__}; for other models "
                 "use the model-level API (`sparsedit.sparsify_`, `capturing`, `editing`)."
             )
         self.pipe = pipe
+        self.latent = type(pipe).__name__.startswith("StableDiffusion")
         self.config = DIFFUSION_DEFAULTS if config is None else config
         sparsify_(unet, self.config)
         self._capture: _Capture | None = None
@@ -116,28 +120,70 @@ class SparseEditor:
     def _timesteps(self, num_inference_steps: int, strength: float) -> list:
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}.")
-        self.pipe.scheduler.set_timesteps(num_inference_steps)
-        start = num_inference_steps - int(num_inference_steps * strength)
-        timesteps = list(self.pipe.scheduler.timesteps[start:])
+        sched = self.pipe.scheduler
+        sched.set_timesteps(num_inference_steps, device=self.unet.device)
+        start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+        timesteps = list(sched.timesteps[start * sched.order :])
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start * sched.order)
         if not timesteps:
             raise ValueError(f"strength={strength} with {num_inference_steps} steps leaves no step to run.")
         return timesteps
 
-    def _run(self, x0, timesteps, generator, step_fn):
-        """Noise `x0` to the first timestep, then denoise; `step_fn(i, t, x)` returns the noise prediction."""
-        sched = self.pipe.scheduler
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32)
-        x = sched.add_noise(x0, noise.to(x0.device, x0.dtype), timesteps[0][None])
-        trajectory = [x]
-        for i, t in enumerate(timesteps):
-            eps = step_fn(i, t, x)
-            x = sched.step(eps, t, x, generator=generator).prev_sample
-            x = self._after_step(i, x)
-            trajectory.append(x)
-        return x, trajectory
+    def _encode(self, x0, generator):
+        """Image → the space the UNet denoises (the VAE latent sample for Stable Diffusion), as the pipeline does."""
+        if not self.latent:
+            return x0
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 
-    def _after_step(self, i, x):
-        return x
+        vae = self.pipe.vae
+        return vae.config.scaling_factor * retrieve_latents(vae.encode(x0.to(vae.dtype)), generator=generator)
+
+    def _decode(self, z):
+        if not self.latent:
+            return z
+        vae = self.pipe.vae
+        return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
+
+    def _run(self, z0, timesteps, generator, predict, after_step):
+        """Noise `z0` to the first timestep, then denoise. `predict(i, t, z)` returns the guided noise prediction."""
+        sched = self.pipe.scheduler
+        noise = torch.randn(z0.shape, generator=generator, device=generator.device, dtype=z0.dtype).to(z0.device)
+        z = sched.add_noise(z0, noise, timesteps[0][None])
+        trajectory = [z]
+        for i, t in enumerate(timesteps):
+            z = sched.step(predict(i, t, z), t, z, generator=generator, return_dict=False)[0]
+            z = after_step(i, z)
+            trajectory.append(z)
+        return z, trajectory
+
+    def _predictor(self, embeds, guidance_scale, run_unet):
+        """The per-step noise prediction, with classifier-free guidance batched as the pipeline batches it."""
+        unet, sched = self.unet, self.pipe.scheduler
+        cfg = embeds is not None and guidance_scale > 1.0
+
+        def predict(i, t, z):
+            if embeds is None:
+                return run_unet(i, lambda: unet(z, t).sample)
+            zin = sched.scale_model_input(torch.cat([z] * 2) if cfg else z, t)
+            eps = run_unet(i, lambda: unet(zin, t, encoder_hidden_states=embeds, return_dict=False)[0])
+            if cfg:
+                uncond, cond = eps.chunk(2)
+                eps = uncond + guidance_scale * (cond - uncond)
+            return eps
+
+        return predict, (2 if cfg else 1)
+
+    def _embeds(self, prompt, negative_prompt, guidance_scale, batch):
+        if not self.latent:
+            if prompt is not None or negative_prompt is not None:
+                raise ValueError(f"{type(self.pipe).__name__} is unconditional: it takes no prompt.")
+            return None
+        if prompt is None:
+            raise ValueError("Stable Diffusion needs a prompt: capture(prompt=..., image=...).")
+        cond, uncond = self.pipe.encode_prompt(prompt, self.unet.device, batch // (len(prompt) if isinstance(prompt, list) else 1),
+                                               guidance_scale > 1.0, negative_prompt)  # fmt: skip
+        return torch.cat([uncond, cond]) if guidance_scale > 1.0 else cond
 
     def _generator(self, generator) -> torch.Generator:
         if generator is None:
@@ -146,41 +192,67 @@ class SparseEditor:
             raise TypeError("generator must be one torch.Generator (it is replayed to reuse the capture's noise).")
         return generator
 
+    def _preprocess(self, image):
+        if self.latent:  # exactly what the pipeline accepts (PIL, numpy, or tensors in [0, 1])
+            return self.pipe.image_processor.preprocess(image).to(self.unet.device, self.unet.dtype)
+        return _to_tensor(image, self.unet.device, self.unet.dtype)
+
+    def _output(self, x, output_type, return_dict):
+        if not self.latent:
+            return _output(x, output_type, return_dict)
+        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+        images = self.pipe.image_processor.postprocess(x, output_type=output_type, do_denormalize=[True] * x.shape[0])
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None) if return_dict else (images,)
+
     @torch.no_grad()
     def capture(
         self,
         image,
+        prompt: str | list[str] | None = None,
         strength: float = 0.7,
         num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ):
-        """Run SDEdit on `image` densely and cache what edits need. Returns the pipeline's output type."""
+        """Run SDEdit on `image` densely and cache what edits need. Returns the pipeline's own output type."""
         unet = self.unet
-        x0 = _to_tensor(image, unet.device, unet.dtype)
+        x0 = self._preprocess(image)
         generator = self._generator(generator)
         state = generator.get_state()
         timesteps = self._timesteps(num_inference_steps, strength)
+        embeds = self._embeds(prompt, negative_prompt, guidance_scale, x0.shape[0])
         started = time.perf_counter()
         macs = 0
 
-        def step(i, t, x):
+        def run_unet(i, call):
             nonlocal macs
             with scope(unet, i):
-                out = unet(x, t).sample
+                out = call()
             macs += last_stats(unet)["macs_dense"]
             return out
 
+        predict, _ = self._predictor(embeds, guidance_scale, run_unet)
+        z0 = self._encode(x0, generator)
         with capturing(unet):
-            x, trajectory = self._run(x0, timesteps, generator, step)
+            z, trajectory = self._run(z0, timesteps, generator, predict, lambda i, z: z)
+        decoded = self._decode(z)
         self._capture = _Capture(
             image=x0.clone(),
             trajectory=trajectory,
             timesteps=timesteps,
             generator_state=state,
             generator_device=str(generator.device),
-            settings={"strength": strength, "num_inference_steps": num_inference_steps, "shape": tuple(x0.shape)},
+            settings={
+                "shape": tuple(x0.shape),
+                "embeds": embeds,
+                "guidance_scale": guidance_scale,
+                "decoded": decoded,
+                "z0": z0,
+            },  # fmt: skip
         )
         self.last_stats = {
             "macs_dense": macs,
@@ -189,7 +261,7 @@ class SparseEditor:
             "seconds": time.perf_counter() - started,
             "cache_bytes": self.cache_bytes,
         }
-        return _output(x, output_type, return_dict)
+        return self._output(decoded, output_type, return_dict)
 
     @property
     def cache_bytes(self) -> int:
@@ -211,7 +283,8 @@ class SparseEditor:
 
         Args:
             image: the edited image. `None` keeps the current image (then `region` must say what to regenerate).
-            region: bool `[H, W]` or `[B, H, W]`; `None` uses every pixel where `image` differs from the current image.
+            region: bool `[H, W]` or `[B, H, W]` at image resolution; `None` uses every pixel where `image` differs
+                from the current image.
             commit: make the result the new current image, so the next edit is incremental against it.
         """
         cap = self._capture
@@ -220,7 +293,7 @@ class SparseEditor:
                 "Nothing captured yet: call `editor.capture(image=..., ...)` before `editor.edit(...)`."
             )
         unet = self.unet
-        x0 = cap.image if image is None else _to_tensor(image, unet.device, unet.dtype)
+        x0 = cap.image if image is None else self._preprocess(image)
         if tuple(x0.shape) != cap.settings["shape"]:
             raise ValueError(
                 f"the edited image has shape {tuple(x0.shape)} but the capture had {cap.settings['shape']}; edits must "
@@ -237,17 +310,21 @@ class SparseEditor:
                     f"the image differs from the current image at {int(missed.sum())} pixels outside `region`; "
                     "enlarge the region or pass region=None to detect it."
                 )
-        # The composite region: outside it, every step's latents are the capture's, bit for bit.
-        keep = dilate(region, self.config.input_dilation)
+        z_shape = cap.trajectory[0].shape[-2:]
+        # The composite region at the UNet's resolution: outside it, every step's latents are the capture's.
+        keep = dilate(F.adaptive_max_pool2d(region[:, None].float(), z_shape)[:, 0] > 0, self.config.input_dilation)
         generator = torch.Generator(device=cap.generator_device)
         generator.set_state(cap.generator_state)
         started = time.perf_counter()
         totals = defaultdict(int)
         fractions = defaultdict(list)
+        embeds, gs = cap.settings["embeds"], cap.settings["guidance_scale"]
+        _, copies = self._predictor(embeds, gs, None)
+        unet_region = keep.repeat(copies, 1, 1)
 
-        def step(i, t, x):
-            with editing(unet, region=keep, commit=commit), scope(unet, i):
-                out = unet(x, t).sample
+        def run_unet(i, call):
+            with editing(unet, region=unet_region, commit=commit), scope(unet, i):
+                out = call()
                 stats = last_stats(unet)
             totals["macs_dense"] += stats["macs_dense"]
             totals["macs_sparse"] += stats["macs_sparse"]
@@ -255,17 +332,25 @@ class SparseEditor:
                 fractions[res].append(frac)
             return out
 
-        def composite(i, x):
-            return torch.where(keep[:, None], x, cap.trajectory[i + 1])
+        predict, _ = self._predictor(embeds, gs, run_unet)
+        z0 = self._encode(x0, generator)
+        # The VAE encoder is dense: its GroupNorms move every latent a little. Keep the capture's outside the region.
+        z0 = torch.where(keep[:, None], z0, cap.settings["z0"])
 
-        self._after_step = composite
-        try:
-            x, trajectory = self._run(x0, cap.timesteps, generator, step)
-        finally:
-            del self._after_step
+        def composite(i, z):
+            return torch.where(keep[:, None], z, cap.trajectory[i + 1])
+
+        z, trajectory = self._run(z0, cap.timesteps, generator, predict, composite)
+        decoded = self._decode(z)
+        if self.latent:
+            # The VAE decoder runs densely and its reach spans the image: composite the pixels outside the region.
+            px = F.interpolate(keep[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
+            decoded = torch.where(px[:, None], decoded, cap.settings["decoded"])
         if commit:
             cap.image = x0.clone()
             cap.trajectory = trajectory
+            cap.settings["decoded"] = decoded
+            cap.settings["z0"] = z0
         self.last_stats = {
             "macs_dense": totals["macs_dense"],
             "macs_sparse": totals["macs_sparse"],
@@ -273,6 +358,11 @@ class SparseEditor:
             "region_fraction": float(region.float().mean()),
             "seconds": time.perf_counter() - started,
             "cache_bytes": self.cache_bytes,
-            "background": "exact: latents outside the dilated region are the capture's at every step",
+            "background": (
+                "latents outside the dilated region are the capture's at every step; the VAE runs densely and the "
+                "decoded pixels outside the region are composited from the current image's decode"
+                if self.latent
+                else "exact: the pixels outside the dilated region are the capture's at every step"
+            ),
         }
-        return _output(x, output_type, return_dict)
+        return self._output(decoded, output_type, return_dict)
