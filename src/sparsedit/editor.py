@@ -85,8 +85,8 @@ class SparseEditor:
     """Spatially sparse SDEdit on a diffusers pipeline.
 
     Args:
-        pipe: a `StableDiffusionImg2ImgPipeline` (SDEdit in latent space, classifier-free guidance; the VAE runs densely
-            and the decoded image is composited outside the region), or a `DDPMPipeline`/`DDIMPipeline` (pixel-space
+        pipe: a `StableDiffusionImg2ImgPipeline` (SDEdit in latent space, classifier-free guidance; the VAE decoder
+            runs sparse and the decoded image is composited outside the region; the encoder runs densely), or a `DDPMPipeline`/`DDIMPipeline` (pixel-space
             UNet, as SIGE's LSUN church model).
         config: the `SparseConfig` for the UNet. Defaults to SIGE's diffusion setting (`input_dilation=5`, in pixels
             of the UNet's input: latent pixels for Stable Diffusion).
@@ -104,6 +104,10 @@ class SparseEditor:
         self.latent = type(pipe).__name__.startswith("StableDiffusion")
         self.config = DIFFUSION_DEFAULTS if config is None else config
         sparsify_(unet, self.config)
+        if self.latent:
+            # The VAE decoder runs sparse on the latent region (already dilated for the UNet: one more pixel here).
+            self._decoder_config = SparseConfig.from_dict({**self.config.to_dict(), "input_dilation": 1})
+            sparsify_(pipe.vae.decoder, self._decoder_config)
         self._capture: _Capture | None = None
         self.last_stats: dict = {}
 
@@ -114,6 +118,8 @@ class SparseEditor:
     def remove(self) -> None:
         """Detach everything: the pipeline computes bit-identically to before. The caches are dropped."""
         unsparsify_(self.unet)
+        if self.latent:
+            unsparsify_(self.pipe.vae.decoder)
         self._capture = None
 
     # -- the SDEdit loop, shared by capture (dense) and edit (sparse) ----------------------------------------------
@@ -239,7 +245,12 @@ class SparseEditor:
         z0 = self._encode(x0, generator)
         with capturing(unet):
             z, trajectory = self._run(z0, timesteps, generator, predict, lambda i, z: z)
-        decoded = self._decode(z)
+        if self.latent:
+            with capturing(self.pipe.vae.decoder):
+                decoded = self._decode(z)
+            macs += last_stats(self.pipe.vae.decoder)["macs_dense"]
+        else:
+            decoded = z
         self._capture = _Capture(
             image=x0.clone(),
             trajectory=trajectory,
@@ -341,9 +352,16 @@ class SparseEditor:
             return torch.where(keep[:, None], z, cap.trajectory[i + 1])
 
         z, trajectory = self._run(z0, cap.timesteps, generator, predict, composite)
-        decoded = self._decode(z)
+        decoded = z
         if self.latent:
-            # The VAE decoder runs densely and its reach spans the image: composite the pixels outside the region.
+            decoder = self.pipe.vae.decoder
+            with editing(decoder, region=keep, commit=commit):
+                decoded = self._decode(z)
+                stats = last_stats(decoder)
+            totals["macs_dense"] += stats["macs_dense"]
+            totals["macs_sparse"] += stats["macs_sparse"]
+            # The decoder is approximate near the region and its reach spans the image: outside the region, the
+            # pixels are the current image's decode, bit for bit.
             px = F.interpolate(keep[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
             decoded = torch.where(px[:, None], decoded, cap.settings["decoded"])
         if commit:
@@ -359,8 +377,9 @@ class SparseEditor:
             "seconds": time.perf_counter() - started,
             "cache_bytes": self.cache_bytes,
             "background": (
-                "latents outside the dilated region are the capture's at every step; the VAE runs densely and the "
-                "decoded pixels outside the region are composited from the current image's decode"
+                "latents outside the dilated region are the capture's at every step; the VAE decoder runs sparse and "
+                "the pixels outside the region are composited from the current image's decode (the VAE encoder runs "
+                "densely)"
                 if self.latent
                 else "exact: the pixels outside the dilated region are the capture's at every step"
             ),
