@@ -142,3 +142,17 @@ def test_errors_say_what_to_do():
         SparseEditor(object())
     with pytest.raises(RuntimeError, match="unsparsify_"):
         SparseEditor(editor.pipe)
+
+
+def test_scheduler_use_or_change_between_capture_and_edit():
+    pipe = tiny_pipe("ddim")
+    editor = SparseEditor(pipe)
+    x = image()
+    run(editor, x)
+    first = editor.edit(image=stroke(x), output_type="pt", commit=False).images
+    pipe(batch_size=1, num_inference_steps=3, output_type="np")  # resets the scheduler's timesteps
+    again = editor.edit(image=stroke(x), output_type="pt", commit=False).images
+    assert torch.equal(first, again)  # the edit restores the capture's schedule itself
+    pipe.scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    with pytest.raises(sparsedit.StaleCacheError, match="scheduler"):
+        editor.edit(image=stroke(x))

@@ -16,6 +16,7 @@ every step. Accepted edits update the caches, so the next edit is incremental ag
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cache import StaleCacheError
 from .config import SparseConfig
 from .regions import as_region, difference_mask, dilate
 from .spatial import capturing, editing, last_stats, scope, sparsify_, unsparsify_
@@ -191,6 +193,22 @@ class SparseEditor:
                                                guidance_scale > 1.0, negative_prompt)  # fmt: skip
         return torch.cat([uncond, cond]) if guidance_scale > 1.0 else cond
 
+    def _scheduler_fingerprint(self) -> tuple:
+        sched = self.pipe.scheduler
+        return type(sched).__name__, json.dumps(dict(sched.config), sort_keys=True, default=str)
+
+    def _check_scheduler(self, cap) -> None:
+        """The scheduler may have been swapped, reconfigured or reset (a plain `pipe(...)` call resets its timesteps)
+        since the capture: re-derive the capture's timesteps, and refuse a different scheduler."""
+        if self._scheduler_fingerprint() != cap.settings["scheduler"]:
+            raise StaleCacheError(
+                "the pipeline's scheduler (or its config) changed since the capture, so the cached trajectory no "
+                "longer matches; capture again with `editor.capture(...)`."
+            )
+        timesteps = self._timesteps(cap.settings["steps"], cap.settings["strength"])
+        if [int(t) for t in timesteps] != [int(t) for t in cap.timesteps]:
+            raise StaleCacheError("the scheduler's timesteps differ from the capture's; capture again.")
+
     def _generator(self, generator) -> torch.Generator:
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
@@ -263,6 +281,9 @@ class SparseEditor:
                 "guidance_scale": guidance_scale,
                 "decoded": decoded,
                 "z0": z0,
+                "steps": num_inference_steps,
+                "strength": strength,
+                "scheduler": self._scheduler_fingerprint(),
             },  # fmt: skip
         )
         self.last_stats = {
@@ -324,6 +345,7 @@ class SparseEditor:
         z_shape = cap.trajectory[0].shape[-2:]
         # The composite region at the UNet's resolution: outside it, every step's latents are the capture's.
         keep = dilate(F.adaptive_max_pool2d(region[:, None].float(), z_shape)[:, 0] > 0, self.config.input_dilation)
+        self._check_scheduler(cap)
         generator = torch.Generator(device=cap.generator_device)
         generator.set_state(cap.generator_state)
         started = time.perf_counter()
