@@ -107,6 +107,51 @@ def sdedit_pipeline(size: int):
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
 
 
+def run_sd_img2img(photo, edited, workdir: Path, steps: int = 10, strength: float = 0.7) -> dict:
+    """A Stable Diffusion-architecture img2img pipeline (random weights), stroke edit through SparseEditor vs the dense
+    SDEdit of the edited photo from the same noise."""
+    from .editor import SparseEditor
+    from .testing import tiny_sd_img2img
+
+    pipe = tiny_sd_img2img(workdir / "tokenizer", unet_channels=(64, 128, 128), vae_channels=(16, 32, 32, 32))
+    kw = {"prompt": "a red house", "strength": strength, "num_inference_steps": steps, "output_type": "pt"}
+    to01 = lambda x: (x + 1) / 2  # noqa: E731  (diffusers takes image tensors in [0, 1])
+    config = SparseConfig(input_dilation=2)  # in latent pixels (16 image pixels)
+    editor = SparseEditor(pipe, config)
+    original = editor.capture(image=to01(photo), generator=torch.Generator().manual_seed(7), **kw).images
+    for _ in range(2):  # the second, warm edit is the one timed
+        sparse = editor.edit(image=to01(edited), output_type="pt", commit=False).images
+    stats = dict(editor.last_stats)
+    editor.remove()
+    reference = SparseEditor(pipe, config)
+    dense = reference.capture(image=to01(edited), generator=torch.Generator().manual_seed(7), **kw).images
+    dense_seconds = reference.last_stats["seconds"]
+    reference.remove()
+    return _sdedit_row(
+        f"Stable Diffusion img2img through SparseEditor ({steps} steps, strength {strength}, CFG 7.5)",
+        dense_seconds, stats, original, dense, sparse,
+    )  # fmt: skip
+
+
+def _sdedit_row(name, dense_seconds, stats, original, dense, sparse) -> dict:
+    err = (sparse - dense).abs()
+    mse = float(err.square().mean())
+    return {
+        "name": name,
+        "dense_seconds": dense_seconds,
+        "sparse_seconds": stats["seconds"],
+        "speedup": dense_seconds / stats["seconds"],
+        "macs_dense": stats["macs_dense"],
+        "macs_sparse": stats["macs_sparse"],
+        "macs_ratio": stats["macs_dense"] / max(stats["macs_sparse"], 1),
+        "max_abs_error": float(err.max()),
+        "psnr_db": float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf"),
+        "cache_bytes": stats["cache_bytes"],
+        "active_fraction": stats["active_fraction"],
+        "images": (original, dense, sparse, err),
+    }
+
+
 def run_sdedit(photo, edited, steps: int = 10, strength: float = 0.7) -> dict:
     """SDEdit of the stroke through SparseEditor, against the dense SDEdit of the edited photo with the same noise."""
     from .editor import SparseEditor
@@ -124,22 +169,8 @@ def run_sdedit(photo, edited, steps: int = 10, strength: float = 0.7) -> dict:
     dense = reference.capture(image=edited, generator=torch.Generator().manual_seed(7), **kw).images
     dense_seconds = reference.last_stats["seconds"]
     reference.remove()
-    err = (sparse - dense).abs()
-    mse = float(err.square().mean())
-    return {
-        "name": f"SDEdit through SparseEditor (DDPM UNet, {steps} steps, strength {strength})",
-        "dense_seconds": dense_seconds,
-        "sparse_seconds": stats["seconds"],
-        "speedup": dense_seconds / stats["seconds"],
-        "macs_dense": stats["macs_dense"],
-        "macs_sparse": stats["macs_sparse"],
-        "macs_ratio": stats["macs_dense"] / max(stats["macs_sparse"], 1),
-        "max_abs_error": float(err.max()),
-        "psnr_db": float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf"),
-        "cache_bytes": stats["cache_bytes"],
-        "active_fraction": stats["active_fraction"],
-        "images": (original, dense, sparse, err),
-    }
+    name = f"SDEdit through SparseEditor (DDPM UNet, {steps} steps, strength {strength})"
+    return _sdedit_row(name, dense_seconds, stats, original, dense, sparse)
 
 
 def _png(arr: np.ndarray) -> str:
@@ -179,7 +210,7 @@ def _time_pair(model, x, x_edit, region, repeats: int):
     return dense_out, sparse_out, statistics.median(dense), statistics.median(sparse), stats
 
 
-def run_demo(out: Path, size: int = 256, repeats: int = 3, seed: int = 0) -> dict:
+def run_demo(out: Path, size: int = 256, repeats: int = 3, seed: int = 0, sd_size: int = 512) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -228,26 +259,32 @@ def run_demo(out: Path, size: int = 256, repeats: int = 3, seed: int = 0) -> dic
                 ],
             )
         )
-    sd = run_sdedit(
-        F.interpolate(photo, size=(128, 128), mode="area"), F.interpolate(edited, size=(128, 128), mode="area")
+    full, _ = load_photo(sd_size)
+    full_edited = paint_stroke(full)
+    sections = [
+        (run_sd_img2img(full, full_edited, out), f"at {sd_size}×{sd_size} ({sd_size // 8}×{sd_size // 8} latents)"),
+        (run_sdedit(photo, edited), f"at {size}×{size}"),
+    ]
+    note = (
+        " (one warm run each: the dense SDEdit of the edited photo vs the sparse edit). With random weights the "
+        "models do not denoise, so the images are noise; at these small widths, per-layer overheads eat much of the "
+        "MACs saved. BENCHMARKS.md has the measurements on full-size architectures."
     )
-    original, dense_img, sparse_img, err = sd.pop("images")
-    runs.insert(0, sd)
-    figures.insert(
-        0,
-        (
-            sd["name"]
-            + " at 128×128 (one warm run each: dense SDEdit of the edited photo vs the sparse edit). With random "
-            "weights the UNet does not denoise, so the images are noise. At this small size and width, per-layer "
-            "overheads eat most of the MACs saved; BENCHMARKS.md has the DDPM-256 numbers.",
-            [
-                ("SDEdit of the photo (capture)", _png(_rgb(original * 2 - 1, -1, 1))),
-                ("dense SDEdit of the edited photo", _png(_rgb(dense_img * 2 - 1, -1, 1))),
-                ("sparse edit (SparseEditor)", _png(_rgb(sparse_img * 2 - 1, -1, 1))),
-                (f"|sparse − dense|, scaled to its max {float(err.max()):.1e}", _png(_heat(err[0].amax(0)))),
-            ],
-        ),
-    )
+    for i, (row, where) in enumerate(sections):
+        original, dense_img, sparse_img, err = row.pop("images")
+        runs.insert(i, row)
+        figures.insert(
+            i,
+            (
+                f"{row['name']} {where}{note}",
+                [
+                    ("result for the photo (capture)", _png(_rgb(original * 2 - 1, -1, 1))),
+                    ("dense result for the edited photo", _png(_rgb(dense_img * 2 - 1, -1, 1))),
+                    ("sparse edit (SparseEditor)", _png(_rgb(sparse_img * 2 - 1, -1, 1))),
+                    (f"|sparse − dense|, scaled to its max {float(err.max()):.1e}", _png(_heat(err[0].amax(0)))),
+                ],
+            ),
+        )
     report = {
         "input": source,
         "size": size,

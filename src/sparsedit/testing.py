@@ -1,0 +1,94 @@
+"""Small pipelines built offline from configs, with random weights, for tests, demos and benchmarks.
+
+Nothing here downloads anything: the CLIP tokenizer is written from a byte-level vocabulary with a few merges.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def write_clip_tokenizer(directory: str | Path) -> None:
+    """vocab.json + merges.txt with byte-level symbols, a few merges and the start/end tokens."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {ch: i for i, ch in enumerate(chars)}
+    vocab.update({ch + "</w>": len(chars) + i for i, ch in enumerate(chars)})
+    merges = ["h o", "ho u", "hou s", "hous e</w>", "l a", "la k", "lak e</w>", "r e", "re d</w>", "b l", "bl u"]
+    for m in merges:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def tiny_sd_img2img(
+    directory: str | Path,
+    dtype: torch.dtype = torch.float32,
+    unet_channels: tuple[int, ...] = (32, 64),
+    vae_channels: tuple[int, ...] = (8, 16, 16, 16),
+    text_width: int = 32,
+):
+    """A `StableDiffusionImg2ImgPipeline` with the SD architecture in miniature (cross-attention UNet, 4-level VAE,
+    CLIP text encoder), random weights, and a DDIM scheduler. `directory` receives the tokenizer files."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    write_clip_tokenizer(directory)
+    tokenizer = CLIPTokenizer.from_pretrained(str(directory), model_max_length=16)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_width,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        block_out_channels=vae_channels,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    ).eval()
+    levels = len(unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=unet_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=text_width,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(
+            num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
