@@ -1,10 +1,13 @@
 """One UNet forward, dense vs sparse, on real diffusion architectures with random weights.
 
+(a) Stable Diffusion 1.5 UNet architecture (`--model sd15`: block_out_channels 320/640/1280/1280, cross-attention 768),
+512 px images = 64x64 latents, batch 2 (classifier-free guidance), random text context of 77 tokens.
 (b) DDPM church-256 (`UNet2DModel`, block_out_channels 128/128/256/256/512/512, attention at 16x16), batch 1, regions
 of ~1%, ~5% and ~20% of the image. Dense and sparse runs alternate in one process; medians; MACs ratio and the error
 against the dense edited result beside each latency ratio.
 
     python benchmarks/unet_edit.py --model ddpm-church
+    python benchmarks/unet_edit.py --model sd15 --fractions 0.01 0.05 0.2
 """
 
 from __future__ import annotations
@@ -37,7 +40,27 @@ def ddpm_church():
     )
 
 
-MODELS = {"ddpm-church": (ddpm_church, 256, 1)}
+def sd15():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+
+
+# name: (builder, input size, batch, input channels, text context (tokens, width) or None, default input dilation)
+MODELS = {
+    "ddpm-church": (ddpm_church, 256, 1, 3, None, 5),
+    "sd15": (sd15, 64, 2, 4, (77, 768), 2),  # 512 px image = 64x64 latents; batch 2 = classifier-free guidance
+}
 
 
 def stroke_region(size: int, fraction: float, batch: int) -> torch.Tensor:
@@ -69,25 +92,28 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tile", type=int, default=8)
-    ap.add_argument("--input-dilation", type=int, default=5, help="SIGE uses 5 for diffusion models")
+    ap.add_argument("--tile", default="8", help="an int, or per feature-map height like 64:8,32:4,16:2,0:2")
+    ap.add_argument("--input-dilation", type=int, default=None, help="default: 5 px for DDPM (SIGE), 2 latents px for SD")
     ap.add_argument("--max-region-fraction", type=float, default=SparseConfig().max_region_fraction)
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/unet_edit.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    build, size, batch = MODELS[args.model]
+    build, size, batch, channels, context, dilation = MODELS[args.model]
+    args.input_dilation = dilation if args.input_dilation is None else args.input_dilation
     torch.manual_seed(0)
     unet = build().eval().to(dtype).to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, size, size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, channels, size, size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     t = torch.full((batch,), 500)
+    extra = {} if context is None else {"encoder_hidden_states": torch.randn(batch, *context, generator=g).to(dtype)}
+    tile = {int(k): int(v) for k, v in (p.split(":") for p in args.tile.split(","))} if ":" in args.tile else int(args.tile)
     config = SparseConfig(
-        tile_size=args.tile, input_dilation=args.input_dilation, max_region_fraction=args.max_region_fraction
+        tile_size=tile, input_dilation=args.input_dilation, max_region_fraction=args.max_region_fraction
     )
     sparsedit.sparsify_(unet, config)
     with sparsedit.capturing(unet):
-        captured = unet(x, t).sample
+        captured = unet(x, t, **extra).sample
     print(f"{args.model}, {args.dtype}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"{platform.machine()}, load {loadavg()}")  # fmt: skip
     print(
@@ -102,11 +128,11 @@ def main():
         with torch.no_grad():
             for i in range(args.repeats + 1):  # the first pair warms up
                 t0 = time.perf_counter()
-                dense = unet(x_edit, t).sample
+                dense = unet(x_edit, t, **extra).sample
                 t1 = time.perf_counter()
                 with sparsedit.editing(unet, region=region):
                     t2 = time.perf_counter()
-                    sparse = unet(x_edit, t).sample
+                    sparse = unet(x_edit, t, **extra).sample
                     t3 = time.perf_counter()
                     stats = sparsedit.last_stats(unet)
                 if i:
