@@ -93,7 +93,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tile", default="8", help="an int, or per feature-map height like 64:8,32:4,16:2,0:2")
-    ap.add_argument("--input-dilation", type=int, default=None, help="default: 5 px for DDPM (SIGE), 2 latents px for SD")
+    ap.add_argument(
+        "--input-dilation", type=int, default=None, help="default: 5 px for DDPM (SIGE), 2 latents px for SD"
+    )
     ap.add_argument("--max-region-fraction", type=float, default=SparseConfig().max_region_fraction)
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/unet_edit.json"))
     args = ap.parse_args()
@@ -107,7 +109,11 @@ def main():
     x = torch.randn(batch, channels, size, size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     t = torch.full((batch,), 500)
     extra = {} if context is None else {"encoder_hidden_states": torch.randn(batch, *context, generator=g).to(dtype)}
-    tile = {int(k): int(v) for k, v in (p.split(":") for p in args.tile.split(","))} if ":" in args.tile else int(args.tile)
+    tile = (
+        {int(k): int(v) for k, v in (p.split(":") for p in args.tile.split(","))}
+        if ":" in args.tile
+        else int(args.tile)
+    )
     config = SparseConfig(
         tile_size=tile, input_dilation=args.input_dilation, max_region_fraction=args.max_region_fraction
     )
