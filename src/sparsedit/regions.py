@@ -18,6 +18,7 @@ __all__ = [
     "BlockIndex",
     "Geometry",
     "as_region",
+    "check_region_type",
     "block_index",
     "difference_mask",
     "dilate",
@@ -56,11 +57,8 @@ class Geometry:
         return tuple((t - 1) * s + r for t, s, r in zip(tile, self.stride, self.reach))
 
 
-def as_region(region: torch.Tensor, batch: int, height: int, width: int, device=None) -> torch.Tensor:
-    """Validate a user region and return it as a `[B, H, W]` bool tensor.
-
-    Accepts `[H, W]` (broadcast over the batch) or `[B, H, W]`, boolean, on the same device as the input.
-    """
+def check_region_type(region, device=None) -> None:
+    """Raise a descriptive error unless `region` is a bool tensor (on `device`, when given)."""
     if not isinstance(region, torch.Tensor):
         raise TypeError(f"region must be a torch.Tensor of dtype torch.bool, got {type(region).__name__}.")
     if region.dtype != torch.bool:
@@ -69,7 +67,17 @@ def as_region(region: torch.Tensor, batch: int, height: int, width: int, device=
             "`sparsedit.regions.difference_mask(original, edited)`."
         )
     if device is not None and region.device != torch.device(device):
-        raise ValueError(f"region is on {region.device} but the input is on {device}; move it with `region.to(...)`.")
+        raise ValueError(
+            f"region is on {region.device} but the model runs on {device}; move it with `region.to(...)`."
+        )
+
+
+def as_region(region: torch.Tensor, batch: int, height: int, width: int, device=None) -> torch.Tensor:
+    """Validate a user region and return it as a `[B, H, W]` bool tensor.
+
+    Accepts `[H, W]` (broadcast over the batch) or `[B, H, W]`, boolean, on the same device as the input.
+    """
+    check_region_type(region, device)
     if region.dim() == 2:
         region = region.unsqueeze(0).expand(batch, -1, -1)
     if region.dim() != 3 or tuple(region.shape[1:]) != (height, width) or region.shape[0] not in (1, batch):

@@ -26,7 +26,7 @@ from .config import SparseConfig
 from .nn.base import SparseHandler, UnsupportedLayerError, handler_for, is_dense_safe
 from .nn.state import Mode, SparseState
 from .nn.tracking import RegionTracking
-from .regions import as_region, difference_mask, dilate
+from .regions import as_region, check_region_type, difference_mask, dilate
 
 
 __all__ = [
@@ -336,13 +336,7 @@ def editing(model: nn.Module, region: torch.Tensor | None = None, commit: bool =
             "before editing."
         )
     if region is not None:
-        if not isinstance(region, torch.Tensor) or region.dtype != torch.bool:
-            as_region(region, 1, 0, 0)  # raises the descriptive type/dtype error
-        if region.device != st.cache.fingerprint["device"]:
-            raise ValueError(
-                f"region is on {region.device} but the model runs on {st.cache.fingerprint['device']}; "
-                "move it with `region.to(device)`."
-            )
+        check_region_type(region, st.cache.fingerprint["device"])
     att.pending_region = region
     st.commit = commit
     try:

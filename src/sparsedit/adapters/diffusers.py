@@ -15,8 +15,9 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from .. import ops
-from ..nn.base import IDENTITY, Prologue, SparseHandler, register_dense_safe, register_handler
+from ..nn.base import IDENTITY, Prologue, SparseHandler, handler_of, register_dense_safe, register_handler
 from ..nn.blocks import _no_store
+from ..nn.layers import group_stats
 from ..nn.state import LayerRecord, Mode
 from ..regions import Geometry
 
@@ -60,6 +61,70 @@ class HookAttach:
 # -- spatial self-attention (UNet2DModel attention blocks, the VAE mid block) -------------------------------------------
 
 
+# -- tokens: pixels of a channels-last feature map as rows ----------------------------------------------------------
+
+
+def _pixel_tokens(x: torch.Tensor) -> torch.Tensor:
+    """`[B, H*W, C]` rows of a `[B, C, H, W]` map (a view for the channels-last cache)."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
+def _group_norm_tokens(tokens, gn, mean, rstd):
+    """GroupNorm of pixels given as tokens `[B, n, C]`, with given per-(sample, group) statistics."""
+    b, n, c = tokens.shape
+    g = gn.num_groups
+    t = tokens.reshape(b, n, g, c // g).float()
+    t = (t - mean[:, None, :, None]) * rstd[:, None, :, None]
+    t = t.reshape(b, n, c)
+    if gn.affine:
+        t = t * gn.weight + gn.bias
+    return t.to(tokens.dtype)
+
+
+def _attend(attn, q_in, k, v):
+    """`attn`'s heads, scaled dot-product attention and output projection, for queries `q_in` and given keys/values."""
+    heads = attn.heads
+    b, n, _ = q_in.shape
+    q = attn.to_q(q_in)
+    d = q.shape[-1] // heads
+    q = q.view(b, n, heads, d).transpose(1, 2)
+    k = k.view(b, -1, heads, d).transpose(1, 2)
+    v = v.view(b, -1, heads, d).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, heads * d).to(q.dtype)
+    return attn.to_out[1](attn.to_out[0](o))
+
+
+def _refresh_kv(state, attn, k_all, v_all, active, h):
+    """Recompute the cached self-attention keys/values of the active tokens in place (undo-logged)."""
+    old_k, old_v = k_all[:, active].clone(), v_all[:, active].clone()
+    state.remember(lambda: (k_all.index_copy_(1, active, old_k), v_all.index_copy_(1, active, old_v)))
+    k_all.index_copy_(1, active, attn.to_k(h))
+    v_all.index_copy_(1, active, attn.to_v(h))
+
+
+def _active_tokens(state, handler, x):
+    """The output region of a token layer (approximate mode: the region at this resolution) and its flat indices,
+    shared by the batch (its union), so queries form one dense batch."""
+    h, w = x.shape[-2:]
+    region = handler.output_region(state.region_of(x), _POINT, (h, w))
+    return region.any(dim=0).reshape(-1).nonzero()[:, 0]
+
+
+def _write_tokens(state, buf, active, tokens) -> None:
+    """Write `[B, n, C]` tokens at `active` pixels of the cached map `buf` in place (undo-logged), and tag `buf` with
+    the active pixels as its changed region."""
+    b, c, h, w = buf.shape
+    if active.numel():
+        flat = _pixel_tokens(buf)
+        index = (torch.arange(b, device=buf.device)[:, None] * (h * w) + active).reshape(-1)
+        old = ops.gather_tokens(flat, index)
+        state.remember(lambda: ops.scatter_tokens(flat, old, index))
+        ops.scatter_tokens(flat, tokens.reshape(-1, c).to(buf.dtype), index)
+    mask = torch.zeros(h * w, dtype=torch.bool, device=buf.device)
+    mask[active] = True
+    state.set_region(buf, mask.reshape(1, h, w).expand(b, h, w))
+
+
 @register_handler(Attention)
 class SpatialAttentionHandler(SparseHandler):
     """Self-attention over a feature map's pixels (SIGE's attention extension).
@@ -91,33 +156,16 @@ class SpatialAttentionHandler(SparseHandler):
         hw = out.shape[-2] * out.shape[-1]
         return 4 * c * inner + 2 * hw * inner  # q, k, v, out projections + QK^T and AV
 
-    def _tokens(self, x):
-        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
-
-    def _normalize(self, tokens, mean, rstd):
-        """The group norm of pixels given as tokens `[B, n, C]`, with given per-(sample, group) statistics."""
-        gn = self.module.group_norm
-        if gn is None:
-            return tokens
-        b, n, c = tokens.shape
-        g = gn.num_groups
-        t = tokens.reshape(b, n, g, c // g).float()
-        t = (t - mean[:, None, :, None]) * rstd[:, None, :, None]
-        return (t.reshape(b, n, c) * gn.weight + gn.bias).to(tokens.dtype)
-
     def capture(self, key, out, x=None, *args, **kwargs):
         if x is None or not self._plain(x, args, kwargs):
             return super().capture(key, out)
         a = self.module
         extra = {}
-        tokens = self._tokens(x)
+        h = _pixel_tokens(x)
         if a.group_norm is not None:
-            g = a.group_norm.num_groups
-            var, mean = torch.var_mean(x.reshape(x.shape[0], g, -1).float(), dim=-1, unbiased=False)
-            extra = {"mean": mean, "rstd": torch.rsqrt(var + a.group_norm.eps)}
-            h = self._normalize(tokens, mean, extra["rstd"])
-        else:
-            h = tokens
+            mean, rstd = group_stats(x, a.group_norm.num_groups, a.group_norm.eps)
+            extra = {"mean": mean, "rstd": rstd}
+            h = _group_norm_tokens(h, a.group_norm, mean, rstd)
         self.state.cache.put(key, out=out, k=a.to_k(h), v=a.to_v(h), **extra)
 
     def sparse(self, x, *args, **kwargs):
@@ -136,42 +184,27 @@ class SpatialAttentionHandler(SparseHandler):
             st.record(LayerRecord(self.name, self.kind, (h, w), macs, macs, 1.0, "exact attention"))
             st.set_region(buf, full)
             return buf
-        region = self.output_region(region_in, _POINT, (h, w))
-        active = region.any(dim=0).reshape(-1).nonzero()[:, 0]  # the union over the batch: shared query rows
+        active = _active_tokens(st, self, x)
         n = int(active.numel())
+        a = self.module
+        tokens = None
         if n:
-            a = self.module
-            tokens = self._tokens(x)[:, active]
-            hn = self._normalize(tokens, entry["mean"], entry["rstd"]) if a.group_norm is not None else tokens
-            k_all, v_all = entry["k"], entry["v"]
-            old_k, old_v = k_all[:, active].clone(), v_all[:, active].clone()
-            st.remember(lambda: (k_all.index_copy_(1, active, old_k), v_all.index_copy_(1, active, old_v)))
-            k_all.index_copy_(1, active, a.to_k(hn))
-            v_all.index_copy_(1, active, a.to_v(hn))
-            heads = a.heads
-            d = k_all.shape[-1] // heads
-            q = a.to_q(hn).view(b, n, heads, d).transpose(1, 2)
-            k = k_all.view(b, -1, heads, d).transpose(1, 2)
-            v = v_all.view(b, -1, heads, d).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, heads * d).to(q.dtype)
-            o = a.to_out[1](a.to_out[0](o))
+            tokens = _pixel_tokens(x)[:, active]
+            hn = (
+                _group_norm_tokens(tokens, a.group_norm, entry["mean"], entry["rstd"])
+                if a.group_norm is not None
+                else tokens
+            )
+            _refresh_kv(st, a, entry["k"], entry["v"], active, hn)
+            o = _attend(a, hn, entry["k"], entry["v"])
             if a.residual_connection:
                 o = o + tokens
-            o = o / a.rescale_output_factor
-            flat = buf.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view: the cache is channels-last
-            index = (torch.arange(b, device=x.device)[:, None] * (h * w) + active).reshape(-1)
-            old = ops.gather_tokens(flat, index)
-            st.remember(lambda: ops.scatter_tokens(flat, old, index))
-            ops.scatter_tokens(flat, o.reshape(-1, c), index)
+            tokens = o / a.rescale_output_factor
+        _write_tokens(st, buf, active, tokens)
         hw = h * w
-        a = self.module
         inner = a.to_q.out_features
         sparse_macs = b * n * (4 * c * inner + 2 * hw * inner)  # k, v rows recomputed for the active pixels only
         st.record(LayerRecord(self.name, self.kind, (h, w), macs, sparse_macs, n / hw))
-        active_region = torch.zeros(hw, dtype=torch.bool, device=x.device)
-        active_region[active] = True
-        out_region = active_region.reshape(1, h, w).expand(b, h, w)
-        st.set_region(buf, out_region)
         return buf
 
 
@@ -202,9 +235,6 @@ class ResnetBlock2DHandler(SparseHandler):
             and isinstance(m.norm1, torch.nn.GroupNorm)
             and isinstance(m.norm2, torch.nn.GroupNorm)
         )
-
-    def _handler(self, module):
-        return module.__dict__["_sparsedit_handler"]
 
     def _temb(self, temb):
         m = self.module
@@ -245,12 +275,12 @@ class ResnetBlock2DHandler(SparseHandler):
     def sparse(self, x, temb=None):
         m, st = self.module, self.state
         out = self.buffer(st.key(self.name))
-        act = self._handler(m.nonlinearity)
-        norm1 = self._handler(m.norm1)
+        act = handler_of(m.nonlinearity)
+        norm1 = handler_of(m.norm1)
         p1 = act.fold(x, st.key(act.name), norm1.fold(x, st.key(norm1.name), IDENTITY))
-        h = self._handler(m.conv1).sparse(x, p1)
+        h = handler_of(m.conv1).sparse(x, p1)
         t = self._temb(temb)
-        norm2_handler = self._handler(m.norm2)
+        norm2_handler = handler_of(m.norm2)
         norm2 = norm2_handler.prologue(h, st.key(norm2_handler.name))
         scale, shift = norm2.scale, norm2.shift
         if m.time_embedding_norm == "default":
@@ -262,23 +292,11 @@ class ResnetBlock2DHandler(SparseHandler):
         p2 = act.fold(h, st.key(act.name), Prologue(scale, shift))
         if m.dropout.training and m.dropout.p > 0:
             raise RuntimeError(f"{self.name}: Dropout in training mode is random; call model.eval() before editing.")
-        skip = self._handler(m.conv_shortcut).sparse(x) if m.conv_shortcut is not None else x
-        return self._handler(m.conv2).sparse(h, p2, residual=skip, into=out)
+        skip = handler_of(m.conv_shortcut).sparse(x) if m.conv_shortcut is not None else x
+        return handler_of(m.conv2).sparse(h, p2, residual=skip, into=out)
 
 
 # -- text-conditioned transformers (Stable Diffusion's Transformer2DModel) --------------------------------------------
-
-
-def _group_norm_tokens(tokens, gn, mean, rstd):
-    """GroupNorm of pixels given as tokens `[B, n, C]`, with given per-(sample, group) statistics."""
-    b, n, c = tokens.shape
-    g = gn.num_groups
-    t = tokens.reshape(b, n, g, c // g).float()
-    t = (t - mean[:, None, :, None]) * rstd[:, None, :, None]
-    t = t.reshape(b, n, c)
-    if gn.affine:
-        t = t * gn.weight + gn.bias
-    return t.to(tokens.dtype)
 
 
 def _pointwise_proj(module, h):
@@ -286,18 +304,6 @@ def _pointwise_proj(module, h):
     if isinstance(module, torch.nn.Conv2d):
         return F.linear(h, module.weight.flatten(1), module.bias)
     return module(h)
-
-
-def _attend(attn, q_in, k, v):
-    heads = attn.heads
-    b, n, _ = q_in.shape
-    q = attn.to_q(q_in)
-    d = q.shape[-1] // heads
-    q = q.view(b, n, heads, d).transpose(1, 2)
-    k = k.view(b, -1, heads, d).transpose(1, 2)
-    v = v.view(b, -1, heads, d).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, heads * d).to(q.dtype)
-    return attn.to_out[1](attn.to_out[0](o))
 
 
 @register_handler(Transformer2DModel)
@@ -395,44 +401,27 @@ class Transformer2DHandler(SparseHandler):
         buf = entry["out"]
         b, c, h, w = x.shape
         hw = h * w
-        gn_handler = m.norm.__dict__["_sparsedit_handler"]
-        gn_entry = st.cache.get(st.key(gn_handler.name))
-        region = self.output_region(st.region_of(x), _POINT, (h, w))
-        active = region.any(dim=0).reshape(-1).nonzero()[:, 0]
+        gn_entry = st.cache.get(st.key(handler_of(m.norm).name))
+        active = _active_tokens(st, self, x)
         n = int(active.numel())
         dense = self._macs(b, hw, hw, kwargs)
+        out_tokens = None
         if n:
             ctx = kwargs.get("encoder_hidden_states")
-            residual = x.permute(0, 2, 3, 1).reshape(b, hw, c)[:, active]
+            residual = _pixel_tokens(x)[:, active]
             hs = _pointwise_proj(m.proj_in, _group_norm_tokens(residual, m.norm, gn_entry["mean"], gn_entry["rstd"]))
             for i, blk in enumerate(m.transformer_blocks):
                 nh = blk.norm1(hs)
-                k_all, v_all = entry[f"k{i}"], entry[f"v{i}"]
-                old_k, old_v = k_all[:, active].clone(), v_all[:, active].clone()
-                st.remember(
-                    lambda k_all=k_all, v_all=v_all, ok=old_k, ov=old_v: (
-                        k_all.index_copy_(1, active, ok),
-                        v_all.index_copy_(1, active, ov),
-                    )
-                )
-                k_all.index_copy_(1, active, blk.attn1.to_k(nh))
-                v_all.index_copy_(1, active, blk.attn1.to_v(nh))
-                hs = _attend(blk.attn1, nh, k_all, v_all) + hs
+                _refresh_kv(st, blk.attn1, entry[f"k{i}"], entry[f"v{i}"], active, nh)
+                hs = _attend(blk.attn1, nh, entry[f"k{i}"], entry[f"v{i}"]) + hs
                 if blk.attn2 is not None:
                     nh = blk.norm2(hs)
                     kv = ctx if ctx is not None else nh
                     hs = _attend(blk.attn2, nh, blk.attn2.to_k(kv), blk.attn2.to_v(kv)) + hs
                 hs = blk.ff(blk.norm3(hs)) + hs
             out_tokens = _pointwise_proj(m.proj_out, hs) + residual
-            flat = buf.permute(0, 2, 3, 1).reshape(b, hw, c)  # a view: the cache is channels-last
-            index = (torch.arange(b, device=x.device)[:, None] * hw + active).reshape(-1)
-            old = ops.gather_tokens(flat, index)
-            st.remember(lambda: ops.scatter_tokens(flat, old, index))
-            ops.scatter_tokens(flat, out_tokens.reshape(-1, c).to(buf.dtype), index)
+        _write_tokens(st, buf, active, out_tokens)
         st.record(LayerRecord(self.name, self.kind, (h, w), dense, self._macs(b, n, hw, kwargs) if n else 0, n / hw))
-        mask = torch.zeros(hw, dtype=torch.bool, device=x.device)
-        mask[active] = True
-        st.set_region(buf, mask.reshape(1, h, w).expand(b, h, w))
         if kwargs.get("return_dict", True):
             return Transformer2DModelOutput(sample=buf)
         return (buf,)

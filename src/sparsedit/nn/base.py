@@ -26,6 +26,7 @@ __all__ = [
     "SparseHandler",
     "UnsupportedLayerError",
     "handler_for",
+    "handler_of",
     "is_dense_safe",
     "register_dense_safe",
     "register_handler",
@@ -61,6 +62,11 @@ def register_handler(*module_types: type):
         return handler_cls
 
     return wrap
+
+
+def handler_of(module: nn.Module) -> SparseHandler | None:
+    """The handler attached to `module` by `sparsify_`, if any."""
+    return module.__dict__.get("_sparsedit_handler")
 
 
 def handler_for(module: nn.Module) -> type[SparseHandler] | None:

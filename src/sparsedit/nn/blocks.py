@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..regions import Geometry
-from .base import IDENTITY, Prologue, SparseHandler, register_handler
+from .base import IDENTITY, Prologue, SparseHandler, handler_of, register_handler
 from .state import Mode
 
 
@@ -69,10 +69,6 @@ class ResBlock(nn.Module):
         return self.add(self.shortcut(x), h)
 
 
-def _handler(module: nn.Module) -> SparseHandler | None:
-    return module.__dict__.get("_sparsedit_handler")
-
-
 def _foldable(handlers: list[SparseHandler]) -> bool:
     """Pointwise layers fold into one scale/shift + activation when every affine precedes the single activation."""
     seen_act = False
@@ -100,7 +96,7 @@ class Chain:
         self.items: list[tuple[list[SparseHandler], object]] = []
         pending: list[SparseHandler] = []
         for m in modules:
-            h = _handler(m)
+            h = handler_of(m)
             if h is not None and h.pointwise:
                 pending.append(h)
                 continue
@@ -244,7 +240,7 @@ class ResBlockHandler(SparseHandler):
     def prepare(self):
         m = self.module
         self.main = Chain([m.norm1, m.act1, m.conv1, m.norm2, m.act2, m.conv2])
-        self.add = _handler(m.add)
+        self.add = handler_of(m.add)
 
     def forward(self, x):
         st = self.state

@@ -12,9 +12,15 @@ from .base import IDENTITY, Prologue, SparseHandler, UnsupportedLayerError, regi
 from .state import LayerRecord
 
 
-__all__ = ["ActivationHandler", "BatchNormHandler", "ConvHandler", "GroupNormHandler", "PoolHandler"]
+__all__ = ["ActivationHandler", "BatchNormHandler", "ConvHandler", "GroupNormHandler", "PoolHandler", "group_stats"]
 
 _POINT = Geometry()
+
+
+def group_stats(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(sample, group) mean and 1/std of a `[B, C, ...]` tensor, in float32, as GroupNorm computes them."""
+    var, mean = torch.var_mean(x.detach().reshape(x.shape[0], num_groups, -1).float(), dim=-1, unbiased=False)
+    return mean, torch.rsqrt(var + eps)
 
 
 class WindowedHandler(SparseHandler):
@@ -233,9 +239,8 @@ class GroupNormHandler(PointwiseHandler):
         super().capture(key, out)
         m = self.module
         b, c, h, w = x.shape
-        xg = x.detach().reshape(b, m.num_groups, -1).float()
-        var, mean = torch.var_mean(xg, dim=-1, unbiased=False)
-        tensors = {"mean": mean, "rstd": torch.rsqrt(var + m.eps)}
+        mean, rstd = group_stats(x, m.num_groups, m.eps)
+        tensors = {"mean": mean, "rstd": rstd}
         if self.state.config.norm_stats == "recompute":
             t = self._grid(h)
             ny, nx = -(-h // t), -(-w // t)
