@@ -107,33 +107,23 @@ def sdedit_pipeline(size: int):
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
 
 
-def run_sd_img2img(photo, edited, workdir: Path, steps: int = 10, strength: float = 0.7) -> dict:
-    """A Stable Diffusion-architecture img2img pipeline (random weights), stroke edit through SparseEditor vs the dense
-    SDEdit of the edited photo from the same noise."""
+def _sparse_vs_dense(name, pipe, config, photo, edited, **capture_kwargs) -> dict:
+    """Capture `photo`, edit it into `edited` sparsely (the second, warm edit is timed), and compare with the dense
+    SDEdit of `edited` from the same noise (a warm capture). Images come back in [0, 1]."""
     from .editor import SparseEditor
-    from .testing import tiny_sd_img2img
 
-    pipe = tiny_sd_img2img(workdir / "tokenizer", unet_channels=(64, 128, 128), vae_channels=(16, 32, 32, 32))
-    kw = {"prompt": "a red house", "strength": strength, "num_inference_steps": steps, "output_type": "pt"}
-    to01 = lambda x: (x + 1) / 2  # noqa: E731  (diffusers takes image tensors in [0, 1])
-    config = SparseConfig(input_dilation=2)  # in latent pixels (16 image pixels)
+    kw = {"output_type": "pt", **capture_kwargs}
+    seed = 7
     editor = SparseEditor(pipe, config)
-    original = editor.capture(image=to01(photo), generator=torch.Generator().manual_seed(7), **kw).images
-    for _ in range(2):  # the second, warm edit is the one timed
-        sparse = editor.edit(image=to01(edited), output_type="pt", commit=False).images
+    original = editor.capture(image=photo, generator=torch.Generator().manual_seed(seed), **kw).images
+    for _ in range(2):
+        sparse = editor.edit(image=edited, output_type="pt", commit=False).images
     stats = dict(editor.last_stats)
     editor.remove()
     reference = SparseEditor(pipe, config)
-    dense = reference.capture(image=to01(edited), generator=torch.Generator().manual_seed(7), **kw).images
+    dense = reference.capture(image=edited, generator=torch.Generator().manual_seed(seed), **kw).images
     dense_seconds = reference.last_stats["seconds"]
     reference.remove()
-    return _sdedit_row(
-        f"Stable Diffusion img2img through SparseEditor ({steps} steps, strength {strength}, CFG 7.5)",
-        dense_seconds, stats, original, dense, sparse,
-    )  # fmt: skip
-
-
-def _sdedit_row(name, dense_seconds, stats, original, dense, sparse) -> dict:
     err = (sparse - dense).abs()
     mse = float(err.square().mean())
     return {
@@ -152,25 +142,29 @@ def _sdedit_row(name, dense_seconds, stats, original, dense, sparse) -> dict:
     }
 
 
+def run_sd_img2img(photo, edited, workdir: Path, steps: int = 10, strength: float = 0.7) -> dict:
+    """A Stable Diffusion-architecture img2img pipeline (random weights): stroke edit, sparse vs dense."""
+    from .testing import tiny_sd_img2img
+
+    pipe = tiny_sd_img2img(workdir / "tokenizer", unet_channels=(64, 128, 128), vae_channels=(16, 32, 32, 32))
+    to01 = lambda x: (x + 1) / 2  # noqa: E731  (diffusers takes image tensors in [0, 1])
+    return _sparse_vs_dense(
+        f"Stable Diffusion img2img through SparseEditor ({steps} steps, strength {strength}, CFG 7.5)",
+        pipe, SparseConfig(input_dilation=2),  # in latent pixels (16 image pixels)
+        to01(photo), to01(edited), prompt="a red house", strength=strength, num_inference_steps=steps,
+    )  # fmt: skip
+
+
 def run_sdedit(photo, edited, steps: int = 10, strength: float = 0.7) -> dict:
-    """SDEdit of the stroke through SparseEditor, against the dense SDEdit of the edited photo with the same noise."""
-    from .editor import SparseEditor
+    """SDEdit with a pixel-space DDPM UNet (random weights): stroke edit, sparse vs dense."""
+    from .editor import DIFFUSION_DEFAULTS
 
     torch.manual_seed(0)
-    pipe = sdedit_pipeline(photo.shape[-1])
-    editor = SparseEditor(pipe)
-    kw = {"strength": strength, "num_inference_steps": steps, "output_type": "pt"}
-    original = editor.capture(image=photo, generator=torch.Generator().manual_seed(7), **kw).images
-    for _ in range(2):  # the second, warm edit is the one timed
-        sparse = editor.edit(image=edited, output_type="pt", commit=False).images
-    stats = dict(editor.last_stats)
-    editor.remove()
-    reference = SparseEditor(pipe)  # the dense SDEdit of the edited photo (a capture: warm, same noise)
-    dense = reference.capture(image=edited, generator=torch.Generator().manual_seed(7), **kw).images
-    dense_seconds = reference.last_stats["seconds"]
-    reference.remove()
-    name = f"SDEdit through SparseEditor (DDPM UNet, {steps} steps, strength {strength})"
-    return _sdedit_row(name, dense_seconds, stats, original, dense, sparse)
+    return _sparse_vs_dense(
+        f"SDEdit through SparseEditor (DDPM UNet, {steps} steps, strength {strength})",
+        sdedit_pipeline(photo.shape[-1]), DIFFUSION_DEFAULTS,
+        photo, edited, strength=strength, num_inference_steps=steps,
+    )  # fmt: skip
 
 
 def _png(arr: np.ndarray) -> str:
