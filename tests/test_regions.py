@@ -95,3 +95,13 @@ def test_as_region_errors_say_what_to_do():
     with pytest.raises(ValueError, match=r"needs \[4, 4\]"):
         as_region(torch.zeros(5, 4, dtype=torch.bool), 1, 4, 4)
     assert as_region(torch.zeros(4, 4, dtype=torch.bool), 3, 4, 4).shape == (3, 4, 4)
+
+
+def test_mask_tiles_reads_the_region_at_each_tile():
+    r = torch.zeros(2, 9, 7, dtype=torch.bool)
+    r[1, 8, 6] = True
+    r[0, 0, 0] = True
+    bi = block_index(r, Geometry(), 4)
+    tiles = bi.mask_tiles(r)
+    for (b, y, x), t in zip(bi.origins.tolist(), tiles):
+        assert torch.equal(t[0], r[b, y : y + 4, x : x + 4])

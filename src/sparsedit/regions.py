@@ -216,6 +216,13 @@ class BlockIndex:
             o[:, 1 + axis] = o[:, 1 + axis] * self.geometry.stride[axis] - self.geometry.padding[axis]
         return o
 
+    def mask_tiles(self, region: torch.Tensor) -> torch.Tensor:
+        """The output-resolution `region` (`[B, H, W]` bool) at each tile: `[N, 1, th, tw]`, reading only the tiles."""
+        th, tw = self.tile
+        rows = self.origins[:, 1:2] + torch.arange(th, device=region.device)
+        cols = self.origins[:, 2:3] + torch.arange(tw, device=region.device)
+        return region[self.origins[:, 0][:, None, None], rows[:, :, None], cols[:, None, :]][:, None]
+
     @property
     def covered_fraction(self) -> float:
         """Fraction of output positions the tiles compute (counting overlaps once per tile: an upper bound)."""

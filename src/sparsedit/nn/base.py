@@ -216,7 +216,7 @@ class SparseHandler:
         if st.config.exact:
             if residual is not None:
                 new = new + ops.gather(residual, origins, bi.tile)
-            inside = ops.gather(region[:, None].to(buf.dtype), origins, bi.tile) > 0
+            inside = bi.mask_tiles(region)
             ops.scatter(buf, torch.where(inside, new.to(buf.dtype), old), origins)
         else:
             ops.scatter(buf, new, origins, residual)
