@@ -375,3 +375,59 @@ def test_large_edits_run_as_one_dense_forward(commit):
     far = torch.ones(16, 16, dtype=torch.bool)
     far[8:, 8:] = False  # outside the 8x8 tile the small edit rewrites: the reference input's cached output
     torch.testing.assert_close(again[..., far], reference[..., far], rtol=1e-5, atol=1e-6)
+
+
+def _storage_run(cfg, model, x0, x1, x2, r1, r2):
+    """Capture, a committed edit, then the same uncommitted edit twice; returns the outputs and the cache size."""
+    sparsedit.sparsify_(model, cfg)
+    with sparsedit.capturing(model):
+        model(x0)
+    nbytes = sparsedit.last_stats(model)["cache_bytes"]
+    with sparsedit.editing(model, region=r1, commit=True):
+        a = model(x1)
+    with sparsedit.editing(model, region=r2):
+        b = model(x2)
+    with sparsedit.editing(model, region=r2):
+        c = model(x2)
+    sparsedit.unsparsify_(model)
+    return a, b, c, nbytes
+
+
+def _storage_inputs():
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 3, 32, 32)
+    r1 = torch.zeros(2, 32, 32, dtype=torch.bool)
+    r1[0, 2:6, 2:6] = True
+    r2 = torch.zeros(2, 32, 32, dtype=torch.bool)
+    r2[1, 20:25, 18:22] = True
+    x1 = edit_input(x0, r1, 7)
+    return x0, x1, edit_input(x1, r2, 8), r1, r2
+
+
+@pytest.mark.parametrize("norm_stats", ["frozen", "recompute"])
+def test_cache_on_another_device_computes_the_same(norm_stats):
+    """`cache_device`: entries are stored apart and copied in per run (CPU to CPU here: the same code path as a GPU
+    model with a host-memory cache). Commits write back; uncommitted runs leave the store untouched."""
+    model = _resnet(16, 4)
+    x0, x1, x2, r1, r2 = _storage_inputs()
+    base = SparseConfig(tile_size=4, norm_stats=norm_stats)
+    want = _storage_run(base, model, x0, x1, x2, r1, r2)
+    got = _storage_run(SparseConfig(tile_size=4, norm_stats=norm_stats, cache_device="cpu"), model, x0, x1, x2, r1, r2)
+    for w, g in zip(want[:3], got[:3]):
+        assert torch.equal(w, g)
+    assert got[3] == want[3]
+
+
+def test_low_precision_cache_halves_memory_within_rounding():
+    model = _resnet(16, 4)
+    x0, x1, x2, r1, r2 = _storage_inputs()
+    want = _storage_run(SparseConfig(tile_size=4), model, x0, x1, x2, r1, r2)
+    got = _storage_run(SparseConfig(tile_size=4, cache_dtype="bfloat16"), model, x0, x1, x2, r1, r2)
+    assert got[3] < 0.6 * want[3]
+    for w, g in zip(want[:3], got[:3]):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=2**-7, atol=2**-7 * w.abs().max().item())
+        assert not torch.equal(g, w)  # the rounding is real: the option is an approximation
+    assert torch.equal(got[1], got[2])  # an uncommitted edit leaves the stored cache as it was
+    with pytest.raises(ValueError, match="cache_dtype"):
+        SparseConfig(cache_dtype="int8")

@@ -15,6 +15,7 @@ from typing import Any
 CONFIG_VERSION = 1
 
 _NORM_STATS = ("frozen", "recompute")
+_CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class _ConfigMixin:
@@ -85,6 +86,14 @@ class SparseConfig(_ConfigMixin):
         strict (`bool`, defaults to `True`):
             Raise when the model holds a layer the engine cannot make sparse. With `False` such layers run densely on
             every call (correct, but slower).
+        cache_dtype (`str`, *optional*):
+            Store cached feature maps (and attention keys/values) in this dtype, e.g. `"bfloat16"` to halve a float32
+            cache. Each run converts the entries it touches back to the compute dtype (one copy per entry per run),
+            so values outside the region come back rounded: an approximation, off by default. The model's input and
+            normalisation statistics stay at full precision.
+        cache_device (`str`, *optional*):
+            Keep the cache on this device, e.g. `"cpu"` for a model on a GPU: a multi-step capture then lives in host
+            memory and each sparse run copies in only the entries it touches (and writes them back when committed).
         poison_scratch (`bool`, defaults to `False`):
             Debugging: fill scratch buffers with NaN before use, so any read of memory nothing wrote shows in the
             result.
@@ -101,6 +110,8 @@ class SparseConfig(_ConfigMixin):
     max_region_fraction: float = 0.4
     check_region: bool = True
     strict: bool = True
+    cache_dtype: str | None = None
+    cache_device: str | None = None
     poison_scratch: bool = False
     version: int = field(default=CONFIG_VERSION)
 
@@ -124,6 +135,11 @@ class SparseConfig(_ConfigMixin):
             raise ValueError(f"SparseConfig.max_region_fraction must be in [0, 1], got {self.max_region_fraction}.")
         if not 0.0 <= self.dense_threshold <= 1.0:
             raise ValueError(f"SparseConfig.dense_threshold must be in [0, 1], got {self.dense_threshold}.")
+
+        if self.cache_dtype is not None and self.cache_dtype not in _CACHE_DTYPES:
+            raise ValueError(
+                f"SparseConfig.cache_dtype must be one of {_CACHE_DTYPES} or None, got {self.cache_dtype!r}."
+            )
 
     def tile_for(self, height: int) -> int:
         """The output tile edge to use on a feature map of the given height."""

@@ -8,8 +8,9 @@ editor.last_stats  # macs_dense, macs_sparse, active_fraction, seconds, cache_by
 editor.remove()  # the pipeline computes exactly as before
 ```
 
-Capture runs SDEdit densely (noise the image to `strength`, denoise), storing every step's UNet activations under that
-step's scope and the latent trajectory. An edit replays the same noise. Each step recomputes only the edited region
+Capture runs the pipeline densely (SDEdit: noise the image to `strength`, denoise; inpainting: the pipeline's own
+loop with its mask), storing every step's UNet activations under that step's scope and the latent trajectory. An edit
+replays the same noise. Each step recomputes only the edited region
 and reuses the capture elsewhere, and the latents outside the (dilated) region are the capture's, bit for bit, at
 every step. Accepted edits update the caches, so the next edit is incremental against the last result.
 """
@@ -73,37 +74,73 @@ def _output(x: torch.Tensor, output_type: str, return_dict: bool):
 
 @dataclass
 class _Capture:
-    """What a capture run depended on and produced, for the staleness check and for edits."""
+    """What a capture run depended on and produced, for the staleness check and for edits.
+
+    `latents` holds the tensors an edit recomputes only inside the region and takes from here outside it: the
+    encoded image (`"image"`), the encoded masked image and the latent mask (inpainting), and the decoded result.
+    """
 
     image: torch.Tensor  # the current (last accepted) input image, [-1, 1]
+    mask: torch.Tensor | None  # inpainting: the current mask, [B, 1, H, W] in {0, 1}
     trajectory: list[torch.Tensor]  # latents entering each step, then the final latents
     timesteps: list
     generator_state: torch.Tensor
     generator_device: str
-    settings: dict
+    call: dict  # the capture's arguments (prompt, strength, steps, guidance...), to recapture
+    embeds: torch.Tensor | None
+    latents: dict
+    decoded: torch.Tensor
+    scheduler: tuple
+
+
+_KINDS = {
+    "DDPMPipeline": "pixel",
+    "DDIMPipeline": "pixel",
+    "StableDiffusionImg2ImgPipeline": "img2img",
+    "StableDiffusionInpaintPipeline": "inpaint",
+}
+
+
+def _kind(pipe) -> str | None:
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in _KINDS:
+            return _KINDS[cls.__name__]
+    return None
 
 
 class SparseEditor:
-    """Spatially sparse SDEdit on a diffusers pipeline.
+    """Spatially sparse image editing on a diffusers pipeline.
 
     Args:
-        pipe: a `StableDiffusionImg2ImgPipeline` (SDEdit in latent space, classifier-free guidance; the VAE decoder
-            runs sparse and the decoded image is composited outside the region; the encoder runs densely), or a `DDPMPipeline`/`DDIMPipeline` (pixel-space
-            UNet, as SIGE's LSUN church model).
+        pipe: a `StableDiffusionImg2ImgPipeline` (SDEdit in latent space), a `StableDiffusionInpaintPipeline` (the
+            region comes from the change of `mask_image`; 9-channel inpainting UNets and 4-channel UNets with latent
+            blending), or a `DDPMPipeline`/`DDIMPipeline` (pixel-space SDEdit, as SIGE's LSUN church model). For
+            Stable Diffusion, classifier-free guidance is batched as the pipeline batches it, the VAE decoder runs
+            sparse and the decoded image is composited outside the region; the VAE encoder runs densely.
         config: the `SparseConfig` for the UNet. Defaults to SIGE's diffusion setting (`input_dilation=5`, in pixels
-            of the UNet's input: latent pixels for Stable Diffusion).
+            of the UNet's input: latent pixels for Stable Diffusion). `cache_dtype`/`cache_device` shrink or move
+            the per-step cache.
+        on_stale: `"raise"` (default): an edit whose capture no longer matches the pipeline (weights, scheduler)
+            raises `StaleCacheError`. `"recapture"`: capture again densely with the same arguments on the current
+            image, then edit.
     """
 
-    def __init__(self, pipe, config: SparseConfig | None = None):
-        unet, scheduler = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None)
-        supported = ("DDPMPipeline", "DDIMPipeline", "StableDiffusionImg2ImgPipeline")
-        if type(pipe).__name__ not in supported or unet is None or scheduler is None:
+    def __init__(self, pipe, config: SparseConfig | None = None, on_stale: str = "raise"):
+        unet, scheduler, kind = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None), _kind(pipe)
+        if kind is None or unet is None or scheduler is None:
             raise NotImplementedError(
-                f"SparseEditor supports {', '.join(supported)} so far, not {type(pipe).__name__}; for other models "
-                "use the model-level API (`sparsedit.sparsify_`, `capturing`, `editing`)."
+                f"SparseEditor supports {', '.join(_KINDS)} (and their subclasses) so far, not "
+                f"{type(pipe).__name__}; for other models use the model-level API (`sparsedit.sparsify_`, "
+                "`capturing`, `editing`)."
             )
+        if on_stale not in ("raise", "recapture"):
+            raise ValueError(f"on_stale must be 'raise' or 'recapture', got {on_stale!r}.")
+        if kind == "inpaint" and unet.config.in_channels not in (4, 9):
+            raise ValueError(f"an inpainting UNet has 4 or 9 input channels, this one {unet.config.in_channels}.")
         self.pipe = pipe
-        self.latent = type(pipe).__name__.startswith("StableDiffusion")
+        self.kind = kind
+        self.latent = kind != "pixel"
+        self.on_stale = on_stale
         self.config = DIFFUSION_DEFAULTS if config is None else config
         sparsify_(unet, self.config)
         if self.latent:
@@ -111,6 +148,7 @@ class SparseEditor:
             self._decoder_config = SparseConfig.from_dict({**self.config.to_dict(), "input_dilation": 1})
             sparsify_(pipe.vae.decoder, self._decoder_config)
         self._capture: _Capture | None = None
+        self._size: tuple[int | None, int | None] = (None, None)
         self.last_stats: dict = {}
 
     @property
@@ -124,7 +162,7 @@ class SparseEditor:
             unsparsify_(self.pipe.vae.decoder)
         self._capture = None
 
-    # -- the SDEdit loop, shared by capture (dense) and edit (sparse) ----------------------------------------------
+    # -- the loop, shared by capture (dense) and edit (sparse) ------------------------------------------------------
     def _timesteps(self, num_inference_steps: int, strength: float) -> list:
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}.")
@@ -138,49 +176,95 @@ class SparseEditor:
             raise ValueError(f"strength={strength} with {num_inference_steps} steps leaves no step to run.")
         return timesteps
 
-    def _encode(self, x0, generator):
-        """Image → the space the UNet denoises (the VAE latent sample for Stable Diffusion), as the pipeline does."""
-        if not self.latent:
-            return x0
+    def _encode(self, x, generator):
+        """Image → VAE latent sample, scaled, as the pipelines do (one draw from `generator`)."""
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 
         vae = self.pipe.vae
-        return vae.config.scaling_factor * retrieve_latents(vae.encode(x0.to(vae.dtype)), generator=generator)
+        return vae.config.scaling_factor * retrieve_latents(vae.encode(x.to(vae.dtype)), generator=generator)
 
     def _decode(self, z):
-        if not self.latent:
-            return z
         vae = self.pipe.vae
         return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
 
-    def _run(self, z0, timesteps, generator, predict, after_step):
-        """Noise `z0` to the first timestep, then denoise. `predict(i, t, z)` returns the guided noise prediction."""
+    def _randn(self, shape, generator, like):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+    def _prepare(self, x0, mask, generator, timesteps, strength, keep=None, cap=None) -> dict:
+        """The loop's starting point, drawing from `generator` in the pipeline's order. In an edit (`keep`, `cap`),
+        every encoded tensor is the capture's outside `keep`: the dense VAE encoder's GroupNorms move all latents a
+        little, and the UNet must see the captured input there."""
+
+        def kept(name, t):
+            return t if keep is None else torch.where(keep[:, None], t, cap.latents[name])
+
+        t0 = timesteps[0][None]
         sched = self.pipe.scheduler
-        noise = torch.randn(z0.shape, generator=generator, device=generator.device, dtype=z0.dtype).to(z0.device)
-        z = sched.add_noise(z0, noise, timesteps[0][None])
+        if self.kind == "pixel":
+            noise = self._randn(x0.shape, generator, x0)
+            return {"z": sched.add_noise(x0, noise, t0), "noise": noise}
+        dtype = self.unet.dtype
+        if self.kind == "img2img":
+            image = kept("image", self._encode(x0, generator))
+            noise = self._randn(image.shape, generator, image)
+            return {"z": sched.add_noise(image, noise, t0), "noise": noise, "image": image}
+        # StableDiffusionInpaintPipeline.prepare_latents, then prepare_mask_latents
+        strength_max = strength == 1.0
+        f = self.pipe.vae_scale_factor
+        shape = (x0.shape[0], self.pipe.vae.config.latent_channels, x0.shape[-2] // f, x0.shape[-1] // f)
+        out = {}
+        if self.unet.config.in_channels == 4 or not strength_max:
+            out["image"] = kept("image", self._encode(x0, generator).to(dtype))
+        noise = self._randn(shape, generator, torch.empty((), dtype=dtype, device=x0.device))
+        out["noise"] = noise
+        out["z"] = noise * sched.init_noise_sigma if strength_max else sched.add_noise(out["image"], noise, t0)
+        out["mask"] = F.interpolate(mask, size=shape[-2:]).to(dtype)
+        out["masked"] = kept("masked", self._encode(x0 * (mask < 0.5), generator).to(dtype))
+        return out
+
+    def _loop(self, prep, timesteps, generator, predict, composite):
+        """Denoise from `prep["z"]`. `predict(i, t, z)` returns the guided noise prediction; `composite(i, z)` puts
+        the capture's latents back outside the region (identity in a capture)."""
+        sched = self.pipe.scheduler
+        extra = {"generator": generator} if not self.latent else self.pipe.prepare_extra_step_kwargs(generator, 0.0)
+        blend = self.kind == "inpaint" and self.unet.config.in_channels == 4
+        z = prep["z"]
         trajectory = [z]
         for i, t in enumerate(timesteps):
-            z = sched.step(predict(i, t, z), t, z, generator=generator, return_dict=False)[0]
-            z = after_step(i, z)
+            z = sched.step(predict(i, t, z), t, z, **extra, return_dict=False)[0]
+            if blend:  # the pipeline's latent blending for 4-channel UNets
+                proper = prep["image"]
+                if i < len(timesteps) - 1:
+                    proper = sched.add_noise(proper, prep["noise"], torch.tensor([timesteps[i + 1]]))
+                z = (1 - prep["mask"]) * proper + prep["mask"] * z
+            z = composite(i, z)
             trajectory.append(z)
         return z, trajectory
 
-    def _predictor(self, embeds, guidance_scale, run_unet):
+    def _predictor(self, embeds, guidance_scale, prep, run_unet):
         """The per-step noise prediction, with classifier-free guidance batched as the pipeline batches it."""
         unet, sched = self.unet, self.pipe.scheduler
         cfg = embeds is not None and guidance_scale > 1.0
+        copies = 2 if cfg else 1
+        cond = None
+        if self.kind == "inpaint" and unet.config.in_channels == 9:
+            cond = torch.cat([prep["mask"], prep["masked"]], dim=1).repeat(copies, 1, 1, 1)
 
         def predict(i, t, z):
             if embeds is None:
                 return run_unet(i, lambda: unet(z, t).sample)
-            zin = sched.scale_model_input(torch.cat([z] * 2) if cfg else z, t)
+            zin = sched.scale_model_input(torch.cat([z] * copies), t)
+            if cond is not None:
+                zin = torch.cat([zin, cond], dim=1)
             eps = run_unet(i, lambda: unet(zin, t, encoder_hidden_states=embeds, return_dict=False)[0])
             if cfg:
-                uncond, cond = eps.chunk(2)
-                eps = uncond + guidance_scale * (cond - uncond)
+                uncond, text = eps.chunk(2)
+                eps = uncond + guidance_scale * (text - uncond)
             return eps
 
-        return predict, (2 if cfg else 1)
+        return predict, copies
 
     def _embeds(self, prompt, negative_prompt, guidance_scale, batch):
         if not self.latent:
@@ -200,12 +284,12 @@ class SparseEditor:
     def _check_scheduler(self, cap) -> None:
         """The scheduler may have been swapped, reconfigured or reset (a plain `pipe(...)` call resets its timesteps)
         since the capture: re-derive the capture's timesteps, and refuse a different scheduler."""
-        if self._scheduler_fingerprint() != cap.settings["scheduler"]:
+        if self._scheduler_fingerprint() != cap.scheduler:
             raise StaleCacheError(
                 "the pipeline's scheduler (or its config) changed since the capture, so the cached trajectory no "
                 "longer matches; capture again with `editor.capture(...)`."
             )
-        timesteps = self._timesteps(cap.settings["steps"], cap.settings["strength"])
+        timesteps = self._timesteps(cap.call["num_inference_steps"], cap.call["strength"])
         if [int(t) for t in timesteps] != [int(t) for t in cap.timesteps]:
             raise StaleCacheError("the scheduler's timesteps differ from the capture's; capture again.")
 
@@ -218,8 +302,23 @@ class SparseEditor:
 
     def _preprocess(self, image):
         if self.latent:  # exactly what the pipeline accepts (PIL, numpy, or tensors in [0, 1])
-            return self.pipe.image_processor.preprocess(image).to(self.unet.device, self.unet.dtype)
+            h, w = self._size
+            x = self.pipe.image_processor.preprocess(image, height=h, width=w)
+            return x.to(self.unet.device, self.unet.dtype)
         return _to_tensor(image, self.unet.device, self.unet.dtype)
+
+    def _preprocess_mask(self, mask_image, like: torch.Tensor) -> torch.Tensor:
+        if self.kind != "inpaint":
+            raise ValueError(f"mask_image is for StableDiffusionInpaintPipeline, not {type(self.pipe).__name__}.")
+        if mask_image is None:  # nothing masked: the pipeline reproduces the image
+            return torch.zeros_like(like[:, :1], dtype=torch.float32)
+        h, w = like.shape[-2:]
+        mask = self.pipe.mask_processor.preprocess(mask_image, height=h, width=w).to(like.device)
+        if mask.shape[0] == 1 and like.shape[0] > 1:
+            mask = mask.repeat(like.shape[0], 1, 1, 1)
+        if mask.shape[0] != like.shape[0] or tuple(mask.shape[-2:]) != (h, w):
+            raise ValueError(f"mask_image has shape {tuple(mask.shape)}; the image is {tuple(like.shape)}.")
+        return mask
 
     def _output(self, x, output_type, return_dict):
         if not self.latent:
@@ -229,40 +328,67 @@ class SparseEditor:
         images = self.pipe.image_processor.postprocess(x, output_type=output_type, do_denormalize=[True] * x.shape[0])
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None) if return_dict else (images,)
 
+    # -- capture ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def capture(
         self,
         image,
         prompt: str | list[str] | None = None,
-        strength: float = 0.7,
+        strength: float | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
+        mask_image=None,
+        height: int | None = None,
+        width: int | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ):
-        """Run SDEdit on `image` densely and cache what edits need. Returns the pipeline's own output type."""
-        unet = self.unet
+        """Run the pipeline densely on `image` and cache what edits need. Returns the pipeline's own output type,
+        bit-identical to calling the pipeline with the same arguments.
+
+        Args:
+            strength: SDEdit's noise level; defaults to 0.7 for SDEdit and to the pipeline's 1.0 for inpainting.
+            mask_image: inpainting only; `None` masks nothing (edits then bring masks in).
+            height, width: the size the image is resized to, as the pipeline takes them. The inpainting pipeline's
+                default is the UNet's sample size (512 px for SD 1.5); the others keep the image's size.
+        """
+        if self.kind == "inpaint":
+            f = self.pipe.vae_scale_factor
+            height, width = height or self.unet.config.sample_size * f, width or self.unet.config.sample_size * f
+        self._size = (height, width)
         x0 = self._preprocess(image)
-        generator = self._generator(generator)
+        mask = self._preprocess_mask(mask_image, x0) if self.kind == "inpaint" or mask_image is not None else None
+        call = {
+            "prompt": prompt,
+            "strength": (1.0 if self.kind == "inpaint" else 0.7) if strength is None else strength,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "negative_prompt": negative_prompt,
+        }
+        decoded = self._run_capture(x0, mask, call, self._generator(generator))
+        return self._output(decoded, output_type, return_dict)
+
+    def _run_capture(self, x0, mask, call, generator) -> torch.Tensor:
+        unet = self.unet
         state = generator.get_state()
-        timesteps = self._timesteps(num_inference_steps, strength)
-        embeds = self._embeds(prompt, negative_prompt, guidance_scale, x0.shape[0])
+        timesteps = self._timesteps(call["num_inference_steps"], call["strength"])
+        embeds = self._embeds(call["prompt"], call["negative_prompt"], call["guidance_scale"], x0.shape[0])
         started = time.perf_counter()
         macs = 0
 
-        def run_unet(i, call):
+        def run_unet(i, call_unet):
             nonlocal macs
             with scope(unet, i):
-                out = call()
+                out = call_unet()
             macs += last_stats(unet)["macs_dense"]
             return out
 
-        predict, _ = self._predictor(embeds, guidance_scale, run_unet)
-        z0 = self._encode(x0, generator)
+        prep = self._prepare(x0, mask, generator, timesteps, call["strength"])
+        predict, _ = self._predictor(embeds, call["guidance_scale"], prep, run_unet)
         with capturing(unet):
-            z, trajectory = self._run(z0, timesteps, generator, predict, lambda i, z: z)
+            z, trajectory = self._loop(prep, timesteps, generator, predict, lambda i, z: z)
         if self.latent:
             with capturing(self.pipe.vae.decoder):
                 decoded = self._decode(z)
@@ -271,20 +397,16 @@ class SparseEditor:
             decoded = z
         self._capture = _Capture(
             image=x0.clone(),
+            mask=None if mask is None else mask.clone(),
             trajectory=trajectory,
             timesteps=timesteps,
             generator_state=state,
             generator_device=str(generator.device),
-            settings={
-                "shape": tuple(x0.shape),
-                "embeds": embeds,
-                "guidance_scale": guidance_scale,
-                "decoded": decoded,
-                "z0": z0,
-                "steps": num_inference_steps,
-                "strength": strength,
-                "scheduler": self._scheduler_fingerprint(),
-            },  # fmt: skip
+            call=call,
+            embeds=embeds,
+            latents={k: prep[k] for k in ("image", "masked") if k in prep},
+            decoded=decoded,
+            scheduler=self._scheduler_fingerprint(),
         )
         self.last_stats = {
             "macs_dense": macs,
@@ -293,20 +415,27 @@ class SparseEditor:
             "seconds": time.perf_counter() - started,
             "cache_bytes": self.cache_bytes,
         }
-        return self._output(decoded, output_type, return_dict)
+        return decoded
 
     @property
     def cache_bytes(self) -> int:
+        """Bytes held for edits: the UNet's per-step activations, the VAE decoder's, and the latent trajectory."""
         from .spatial import _attachment
 
-        traj = sum(t.numel() * t.element_size() for t in self._capture.trajectory) if self._capture else 0
-        return _attachment(self.unet).state.cache.nbytes + traj
+        total = _attachment(self.unet).state.cache.nbytes
+        if self.latent:
+            total += _attachment(self.pipe.vae.decoder).state.cache.nbytes
+        if self._capture is not None:
+            total += sum(t.numel() * t.element_size() for t in self._capture.trajectory)
+        return total
 
+    # -- edit ---------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def edit(
         self,
         image=None,
         region: torch.Tensor | None = None,
+        mask_image=None,
         commit: bool = True,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -314,9 +443,12 @@ class SparseEditor:
         """Edit the captured image: only the changed region is recomputed, at every step.
 
         Args:
-            image: the edited image. `None` keeps the current image (then `region` must say what to regenerate).
-            region: bool `[H, W]` or `[B, H, W]` at image resolution; `None` uses every pixel where `image` differs
-                from the current image.
+            image: the edited image. `None` keeps the current image.
+            region: bool `[H, W]` or `[B, H, W]` at image resolution; `None` uses every pixel where `image` (or the
+                inpainting mask) differs from the current one. With neither a change nor a region, the current
+                result comes back at no cost.
+            mask_image: inpainting: the new mask (`None` keeps the current one). The region covers every pixel
+                whose masking changed.
             commit: make the result the new current image, so the next edit is incremental against it.
         """
         cap = self._capture
@@ -324,40 +456,58 @@ class SparseEditor:
             raise RuntimeError(
                 "Nothing captured yet: call `editor.capture(image=..., ...)` before `editor.edit(...)`."
             )
-        unet = self.unet
         x0 = cap.image if image is None else self._preprocess(image)
-        if tuple(x0.shape) != cap.settings["shape"]:
+        if tuple(x0.shape) != tuple(cap.image.shape):
             raise ValueError(
-                f"the edited image has shape {tuple(x0.shape)} but the capture had {cap.settings['shape']}; edits must "
-                "keep the size. Capture again for a new image size."
+                f"the edited image has shape {tuple(x0.shape)} but the capture had {tuple(cap.image.shape)}; edits "
+                "must keep the size. Capture again for a new image size."
             )
+        mask = cap.mask if mask_image is None else self._preprocess_mask(mask_image, x0)
         b, _, h, w = x0.shape
+        changed = difference_mask(x0, cap.image, eps=0.0)
+        if mask is not None:
+            changed |= (mask != cap.mask).any(dim=1)
         if region is None:
-            region = difference_mask(x0, cap.image, eps=0.0)
+            region = changed
         else:
             region = as_region(region, b, h, w, x0.device)
-            missed = difference_mask(x0, cap.image, eps=0.0) & ~region
+            missed = changed & ~region
             if bool(missed.any()):
                 raise ValueError(
-                    f"the image differs from the current image at {int(missed.sum())} pixels outside `region`; "
-                    "enlarge the region or pass region=None to detect it."
+                    f"the image (or mask) differs from the current one at {int(missed.sum())} pixels outside "
+                    "`region`; enlarge the region or pass region=None to detect it."
                 )
+        try:
+            return self._run_edit(cap, x0, mask, region, commit, output_type, return_dict)
+        except StaleCacheError:
+            if self.on_stale != "recapture":
+                raise
+        # The capture no longer matches the pipeline: capture the current image again, then edit.
+        generator = torch.Generator(device=cap.generator_device)
+        generator.set_state(cap.generator_state)
+        self._run_capture(cap.image, cap.mask, cap.call, generator)
+        recapture_seconds = self.last_stats["seconds"]
+        out = self._run_edit(self._capture, x0, mask, region, commit, output_type, return_dict)
+        self.last_stats["recaptured_seconds"] = recapture_seconds
+        return out
+
+    def _run_edit(self, cap, x0, mask, region, commit, output_type, return_dict):
+        self._check_scheduler(cap)  # also resets the scheduler's step index to the capture's first step
+        unet = self.unet
+        b, _, h, w = x0.shape
         z_shape = cap.trajectory[0].shape[-2:]
         # The composite region at the UNet's resolution: outside it, every step's latents are the capture's.
         keep = dilate(F.adaptive_max_pool2d(region[:, None].float(), z_shape)[:, 0] > 0, self.config.input_dilation)
-        self._check_scheduler(cap)
         generator = torch.Generator(device=cap.generator_device)
         generator.set_state(cap.generator_state)
         started = time.perf_counter()
         totals = defaultdict(int)
         fractions = defaultdict(list)
-        embeds, gs = cap.settings["embeds"], cap.settings["guidance_scale"]
-        _, copies = self._predictor(embeds, gs, None)
-        unet_region = keep.repeat(copies, 1, 1)
+        gs = cap.call["guidance_scale"]
 
-        def run_unet(i, call):
+        def run_unet(i, call_unet):
             with editing(unet, region=unet_region, commit=commit), scope(unet, i):
-                out = call()
+                out = call_unet()
                 stats = last_stats(unet)
             totals["macs_dense"] += stats["macs_dense"]
             totals["macs_sparse"] += stats["macs_sparse"]
@@ -365,15 +515,14 @@ class SparseEditor:
                 fractions[res].append(frac)
             return out
 
-        predict, _ = self._predictor(embeds, gs, run_unet)
-        z0 = self._encode(x0, generator)
-        # The VAE encoder is dense: its GroupNorms move every latent a little. Keep the capture's outside the region.
-        z0 = torch.where(keep[:, None], z0, cap.settings["z0"])
+        prep = self._prepare(x0, mask, generator, cap.timesteps, cap.call["strength"], keep=keep, cap=cap)
+        predict, copies = self._predictor(cap.embeds, gs, prep, run_unet)
+        unet_region = keep.repeat(copies, 1, 1)
 
         def composite(i, z):
             return torch.where(keep[:, None], z, cap.trajectory[i + 1])
 
-        z, trajectory = self._run(z0, cap.timesteps, generator, predict, composite)
+        z, trajectory = self._loop(prep, cap.timesteps, generator, predict, composite)
         decoded = z
         if self.latent:
             decoder = self.pipe.vae.decoder
@@ -385,12 +534,13 @@ class SparseEditor:
             # The decoder is approximate near the region and its reach spans the image: outside the region, the
             # pixels are the current image's decode, bit for bit.
             px = F.interpolate(keep[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
-            decoded = torch.where(px[:, None], decoded, cap.settings["decoded"])
+            decoded = torch.where(px[:, None], decoded, cap.decoded)
         if commit:
             cap.image = x0.clone()
+            cap.mask = None if mask is None else mask.clone()
             cap.trajectory = trajectory
-            cap.settings["decoded"] = decoded
-            cap.settings["z0"] = z0
+            cap.decoded = decoded
+            cap.latents = {k: prep[k] for k in cap.latents}
         self.last_stats = {
             "macs_dense": totals["macs_dense"],
             "macs_sparse": totals["macs_sparse"],

@@ -90,7 +90,11 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
         raise RuntimeError(
             "This model is already sparsified; call `sparsedit.unsparsify_(model)` before sparsifying it again."
         )
-    state = SparseState(config, ActivationCache())
+    cache = ActivationCache(
+        storage_dtype=None if config.cache_dtype is None else getattr(torch, config.cache_dtype),
+        storage_device=config.cache_device,
+    )
+    state = SparseState(config, cache)
     handlers, problems = [], []
     attach = _attach_strategy(model)
     for name, module in model.named_modules():
@@ -207,6 +211,7 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
         x = _first_image(args, kwargs)
         if st.mode is Mode.SPARSE:
             st.rollback()  # the previous uncommitted edit leaves the cache as captured
+            st.cache.flush(commit=False)
             try:
                 st.cache.check(_fingerprint(model, x, st.config))
             except StaleCacheError as e:
@@ -250,7 +255,7 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
             st.begin_run()
             if st.mode is Mode.CAPTURE:
                 st.cache.fingerprint = _fingerprint(model, x, st.config)
-                st.cache.put(_INPUT_KEY + st.scope, x=x)
+                st.cache.put_exact(_INPUT_KEY + st.scope, x=x)
                 att.aux[st.scope] = {
                     k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
                     for k, v in _aux_inputs(args, kwargs, x).items()
@@ -273,7 +278,7 @@ def _make_post_hook(att: _Attachment):
                 r.dense_reason = att.dense_run
             att.dense_run = None
             if st.commit:
-                st.cache.put(_INPUT_KEY + st.scope, x=_first_image(args, kwargs))
+                st.cache.put_exact(_INPUT_KEY + st.scope, x=_first_image(args, kwargs))
             return None
         if st.mode is Mode.SPARSE:
             # The result may be a cached buffer; hand the user their own copy.
@@ -282,7 +287,11 @@ def _make_post_hook(att: _Attachment):
             )
             if st.commit:
                 st.forget_undo()
-                st.cache.put(_INPUT_KEY + st.scope, x=_first_image(args, kwargs))
+                st.cache.flush(commit=True)
+                st.cache.put_exact(_INPUT_KEY + st.scope, x=_first_image(args, kwargs))
+            elif st.cache.converts:
+                st.cache.flush(commit=False)  # the stored cache was never touched: nothing to roll back
+                st.forget_undo()
             return output
         return None
 

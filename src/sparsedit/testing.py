@@ -27,16 +27,36 @@ def write_clip_tokenizer(directory: str | Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def tiny_sd_img2img(
+_SD_PIPELINES = {
+    "img2img": "StableDiffusionImg2ImgPipeline",
+    "inpaint": "StableDiffusionInpaintPipeline",
+    "txt2img": "StableDiffusionPipeline",
+}
+
+
+def tiny_sd_img2img(directory: str | Path, dtype: torch.dtype = torch.float32, **kwargs):
+    """A `StableDiffusionImg2ImgPipeline` in miniature; see `tiny_sd`."""
+    return tiny_sd(directory, "img2img", dtype, **kwargs)
+
+
+def tiny_sd(
     directory: str | Path,
+    pipeline: str = "img2img",
     dtype: torch.dtype = torch.float32,
     unet_channels: tuple[int, ...] = (32, 64),
     vae_channels: tuple[int, ...] = (8, 16, 16, 16),
     text_width: int = 32,
+    unet_in_channels: int | None = None,
 ):
-    """A `StableDiffusionImg2ImgPipeline` with the SD architecture in miniature (cross-attention UNet, 4-level VAE,
-    CLIP text encoder), random weights, and a DDIM scheduler. `directory` receives the tokenizer files."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    """A Stable Diffusion pipeline with the SD architecture in miniature (cross-attention UNet, 4-level VAE, CLIP text
+    encoder), random weights, and a DDIM scheduler. `directory` receives the tokenizer files.
+
+    Args:
+        pipeline: `"img2img"`, `"inpaint"` or `"txt2img"`.
+        unet_in_channels: 4, or 9 for an inpainting UNet (the default for `"inpaint"`).
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     write_clip_tokenizer(directory)
@@ -68,7 +88,7 @@ def tiny_sd_img2img(
     levels = len(unet_channels)
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=unet_in_channels or (9 if pipeline == "inpaint" else 4),
         out_channels=4,
         layers_per_block=1,
         block_out_channels=unet_channels,
@@ -78,7 +98,9 @@ def tiny_sd_img2img(
         attention_head_dim=8,
         norm_num_groups=8,
     ).eval()
-    pipe = StableDiffusionImg2ImgPipeline(
+    if pipeline not in _SD_PIPELINES:
+        raise ValueError(f"pipeline must be one of {sorted(_SD_PIPELINES)}, got {pipeline!r}.")
+    pipe = getattr(diffusers, _SD_PIPELINES[pipeline])(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
