@@ -2,12 +2,15 @@
 
 (a) Stable Diffusion 1.5 UNet architecture (`--model sd15`: block_out_channels 320/640/1280/1280, cross-attention 768),
 512 px images = 64x64 latents, batch 2 (classifier-free guidance), random text context of 77 tokens.
-(b) DDPM church-256 (`UNet2DModel`, block_out_channels 128/128/256/256/512/512, attention at 16x16), batch 1, regions
-of ~1%, ~5% and ~20% of the image. Dense and sparse runs alternate in one process; medians; MACs ratio and the error
+(b) DDPM church-256 (`UNet2DModel`, block_out_channels 128/128/256/256/512/512, attention at 16x16), batch 1.
+(c) The SD VAE decoder (`--model sd-vae-decoder`: `AutoencoderKL` decoder, 128/256/512/512, mid-block attention),
+64x64 latents to a 512 px image, batch 1.
+Regions of ~1%, ~5% and ~20% of the image. Dense and sparse runs alternate in one process; medians; MACs ratio and the error
 against the dense edited result beside each latency ratio.
 
     python benchmarks/unet_edit.py --model ddpm-church
     python benchmarks/unet_edit.py --model sd15 --fractions 0.01 0.05 0.2
+    python benchmarks/unet_edit.py --model sd-vae-decoder
 """
 
 from __future__ import annotations
@@ -56,11 +59,33 @@ def sd15():
     )
 
 
+def sd_vae_decoder():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    ).decoder
+
+
 # name: (builder, input size, batch, input channels, text context (tokens, width) or None, default input dilation)
 MODELS = {
     "ddpm-church": (ddpm_church, 256, 1, 3, None, 5),
     "sd15": (sd15, 64, 2, 4, (77, 768), 2),  # 512 px image = 64x64 latents; batch 2 = classifier-free guidance
+    "sd-vae-decoder": (sd_vae_decoder, 64, 1, 4, None, 1),  # the latent region dilated once more, as SparseEditor
 }
+
+
+def forward(model, x, t, extra):
+    if t is None:
+        return model(x)
+    return model(x, t, **extra).sample
 
 
 def stroke_region(size: int, fraction: float, batch: int) -> torch.Tensor:
@@ -97,7 +122,7 @@ def main():
         "--input-dilation", type=int, default=None, help="default: 5 px for DDPM (SIGE), 2 latents px for SD"
     )
     ap.add_argument("--max-region-fraction", type=float, default=SparseConfig().max_region_fraction)
-    ap.add_argument("--json", type=Path, default=Path("benchmarks/results/unet_edit.json"))
+    ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/unet_edit_<model>.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -107,7 +132,7 @@ def main():
     unet = build().eval().to(dtype).to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, channels, size, size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-    t = torch.full((batch,), 500)
+    t = None if args.model == "sd-vae-decoder" else torch.full((batch,), 500)
     extra = {} if context is None else {"encoder_hidden_states": torch.randn(batch, *context, generator=g).to(dtype)}
     tile = (
         {int(k): int(v) for k, v in (p.split(":") for p in args.tile.split(","))}
@@ -119,9 +144,10 @@ def main():
     )
     sparsedit.sparsify_(unet, config)
     with sparsedit.capturing(unet):
-        captured = unet(x, t, **extra).sample
+        captured = forward(unet, x, t, extra)
+    cache_bytes = sparsedit.last_stats(unet)["cache_bytes"]
     print(f"{args.model}, {args.dtype}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
-          f"{platform.machine()}, load {loadavg()}")  # fmt: skip
+          f"{platform.machine()}, load {loadavg()}, cache {cache_bytes / 2**20:.0f} MiB")  # fmt: skip
     print(
         f"{'region':>7} {'dense s':>8} {'sparse s':>8} {'speed-up':>8} {'MACs ratio':>10} {'max err':>8} {'PSNR':>6}"
     )
@@ -134,11 +160,11 @@ def main():
         with torch.no_grad():
             for i in range(args.repeats + 1):  # the first pair warms up
                 t0 = time.perf_counter()
-                dense = unet(x_edit, t, **extra).sample
+                dense = forward(unet, x_edit, t, extra)
                 t1 = time.perf_counter()
                 with sparsedit.editing(unet, region=region):
                     t2 = time.perf_counter()
-                    sparse = unet(x_edit, t, **extra).sample
+                    sparse = forward(unet, x_edit, t, extra)
                     t3 = time.perf_counter()
                     stats = sparsedit.last_stats(unet)
                 if i:
@@ -166,7 +192,8 @@ def main():
             f"{row['speedup']:>7.2f}x {row['macs_ratio']:>9.1f}x {row['max_abs_error']:>8.3f} {row['psnr_db']:>6.1f}"
         )
     meta = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "repeats": args.repeats,
-            "config": config.to_dict(), "loadavg_end": loadavg()}  # fmt: skip
+            "config": config.to_dict(), "loadavg_end": loadavg(), "cache_bytes": cache_bytes}  # fmt: skip
+    args.json = args.json or Path(f"benchmarks/results/unet_edit_{args.model}.json")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"load at end {loadavg()}; wrote {args.json}")

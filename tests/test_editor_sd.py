@@ -154,3 +154,18 @@ def test_changed_weights_raise_and_a_bf16_cache_halves_memory(pipe):
     got = half.edit(image=stroke(x), output_type="pt", commit=False).images
     assert half.cache_bytes < 0.6 * full_bytes
     assert (got - want).abs().max() < 0.02  # measured 0.003 (mean 3e-5), at 0.50x the cache bytes
+
+
+def test_vae_encoder_runs_sparse_and_tiling_is_refused(pipe):
+    import sparsedit
+
+    editor = SparseEditor(pipe, SparseConfig(input_dilation=1, tile_size=4))
+    x = photo()
+    editor.capture(image=x, prompt="a red house", generator=torch.Generator().manual_seed(5), **KW)
+    editor.edit(image=stroke(x), commit=False)
+    enc = sparsedit.last_stats(pipe.vae.encoder)
+    assert 0 < enc["macs_sparse"] < 0.6 * enc["macs_dense"]
+    pipe.vae.enable_tiling()
+    with pytest.raises(ValueError, match="disable_tiling"):
+        editor.edit(image=stroke(x))
+    pipe.vae.disable_tiling()

@@ -17,6 +17,7 @@ every step. Accepted edits update the caches, so the next edit is incremental ag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import defaultdict
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from .cache import StaleCacheError
 from .config import SparseConfig
 from .regions import as_region, difference_mask, dilate
-from .spatial import capturing, editing, last_stats, scope, sparsify_, unsparsify_
+from .spatial import _attachment, capturing, editing, last_stats, scope, sparsify_, unsparsify_
 
 
 __all__ = ["SparseEditor"]
@@ -116,7 +117,7 @@ class SparseEditor:
             region comes from the change of `mask_image`; 9-channel inpainting UNets and 4-channel UNets with latent
             blending), or a `DDPMPipeline`/`DDIMPipeline` (pixel-space SDEdit, as SIGE's LSUN church model). For
             Stable Diffusion, classifier-free guidance is batched as the pipeline batches it, the VAE decoder runs
-            sparse and the decoded image is composited outside the region; the VAE encoder runs densely.
+            sparse and the decoded image is composited outside the region; the VAE encoder runs sparse too.
         config: the `SparseConfig` for the UNet. Defaults to SIGE's diffusion setting (`input_dilation=5`, in pixels
             of the UNet's input: latent pixels for Stable Diffusion). `cache_dtype`/`cache_device` shrink or move
             the per-step cache.
@@ -147,6 +148,13 @@ class SparseEditor:
             # The VAE decoder runs sparse on the latent region (already dilated for the UNet: one more pixel here).
             self._decoder_config = SparseConfig.from_dict({**self.config.to_dict(), "input_dilation": 1})
             sparsify_(pipe.vae.decoder, self._decoder_config)
+            # The encoder runs sparse on the image region dilated by one latent pixel; outside the UNet's region its
+            # output is replaced by the capture's anyway.
+            self._encoder_config = SparseConfig.from_dict(
+                {**self.config.to_dict(), "input_dilation": pipe.vae_scale_factor}
+            )
+            sparsify_(pipe.vae.encoder, self._encoder_config)
+        self._encoder_stats: list[dict] = []
         self._capture: _Capture | None = None
         self._size: tuple[int | None, int | None] = (None, None)
         self.last_stats: dict = {}
@@ -160,6 +168,7 @@ class SparseEditor:
         unsparsify_(self.unet)
         if self.latent:
             unsparsify_(self.pipe.vae.decoder)
+            unsparsify_(self.pipe.vae.encoder)
         self._capture = None
 
     # -- the loop, shared by capture (dense) and edit (sparse) ------------------------------------------------------
@@ -176,12 +185,31 @@ class SparseEditor:
             raise ValueError(f"strength={strength} with {num_inference_steps} steps leaves no step to run.")
         return timesteps
 
-    def _encode(self, x, generator):
-        """Image → VAE latent sample, scaled, as the pipelines do (one draw from `generator`)."""
+    def _encode(self, x, generator, name: str):
+        """Image → VAE latent sample, scaled, as the pipelines do (one draw from `generator`). Inside a capture or an
+        edit of the encoder, each encoded image (`name`) has its own cache scope."""
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 
         vae = self.pipe.vae
-        return vae.config.scaling_factor * retrieve_latents(vae.encode(x.to(vae.dtype)), generator=generator)
+        with scope(vae.encoder, name):
+            z = vae.config.scaling_factor * retrieve_latents(vae.encode(x.to(vae.dtype)), generator=generator)
+        if _attachment(vae.encoder).state.mode is not None:
+            self._encoder_stats.append(last_stats(vae.encoder))
+        return z
+
+    def _check_vae(self) -> None:
+        vae = self.pipe.vae
+        if getattr(vae, "use_tiling", False) or getattr(vae, "use_slicing", False):
+            raise ValueError(
+                "SparseEditor runs the VAE sparse on whole images; call `pipe.vae.disable_tiling()` and "
+                "`pipe.vae.disable_slicing()` first (sparse editing already does the work of tiling)."
+            )
+
+    def _encoder_mode(self, context, **kwargs):
+        if not self.latent:
+            return contextlib.nullcontext()
+        self._check_vae()
+        return context(self.pipe.vae.encoder, **kwargs)
 
     def _decode(self, z):
         vae = self.pipe.vae
@@ -194,8 +222,8 @@ class SparseEditor:
 
     def _prepare(self, x0, mask, generator, timesteps, strength, keep=None, cap=None) -> dict:
         """The loop's starting point, drawing from `generator` in the pipeline's order. In an edit (`keep`, `cap`),
-        every encoded tensor is the capture's outside `keep`: the dense VAE encoder's GroupNorms move all latents a
-        little, and the UNet must see the captured input there."""
+        every encoded tensor is the capture's outside `keep`: the sparse VAE encoder is approximate near the region,
+        and the UNet must see the captured input there."""
 
         def kept(name, t):
             return t if keep is None else torch.where(keep[:, None], t, cap.latents[name])
@@ -207,7 +235,7 @@ class SparseEditor:
             return {"z": sched.add_noise(x0, noise, t0), "noise": noise}
         dtype = self.unet.dtype
         if self.kind == "img2img":
-            image = kept("image", self._encode(x0, generator))
+            image = kept("image", self._encode(x0, generator, "image"))
             noise = self._randn(image.shape, generator, image)
             return {"z": sched.add_noise(image, noise, t0), "noise": noise, "image": image}
         # StableDiffusionInpaintPipeline.prepare_latents, then prepare_mask_latents
@@ -216,12 +244,12 @@ class SparseEditor:
         shape = (x0.shape[0], self.pipe.vae.config.latent_channels, x0.shape[-2] // f, x0.shape[-1] // f)
         out = {}
         if self.unet.config.in_channels == 4 or not strength_max:
-            out["image"] = kept("image", self._encode(x0, generator).to(dtype))
+            out["image"] = kept("image", self._encode(x0, generator, "image").to(dtype))
         noise = self._randn(shape, generator, torch.empty((), dtype=dtype, device=x0.device))
         out["noise"] = noise
         out["z"] = noise * sched.init_noise_sigma if strength_max else sched.add_noise(out["image"], noise, t0)
         out["mask"] = F.interpolate(mask, size=shape[-2:]).to(dtype)
-        out["masked"] = kept("masked", self._encode(x0 * (mask < 0.5), generator).to(dtype))
+        out["masked"] = kept("masked", self._encode(x0 * (mask < 0.5), generator, "masked").to(dtype))
         return out
 
     def _loop(self, prep, timesteps, generator, predict, composite):
@@ -385,7 +413,10 @@ class SparseEditor:
             macs += last_stats(unet)["macs_dense"]
             return out
 
-        prep = self._prepare(x0, mask, generator, timesteps, call["strength"])
+        self._encoder_stats = []
+        with self._encoder_mode(capturing):
+            prep = self._prepare(x0, mask, generator, timesteps, call["strength"])
+        macs += sum(s["macs_dense"] for s in self._encoder_stats)
         predict, _ = self._predictor(embeds, call["guidance_scale"], prep, run_unet)
         with capturing(unet):
             z, trajectory = self._loop(prep, timesteps, generator, predict, lambda i, z: z)
@@ -420,11 +451,10 @@ class SparseEditor:
     @property
     def cache_bytes(self) -> int:
         """Bytes held for edits: the UNet's per-step activations, the VAE decoder's, and the latent trajectory."""
-        from .spatial import _attachment
-
         total = _attachment(self.unet).state.cache.nbytes
         if self.latent:
             total += _attachment(self.pipe.vae.decoder).state.cache.nbytes
+            total += _attachment(self.pipe.vae.encoder).state.cache.nbytes
         if self._capture is not None:
             total += sum(t.numel() * t.element_size() for t in self._capture.trajectory)
         return total
@@ -515,7 +545,12 @@ class SparseEditor:
                 fractions[res].append(frac)
             return out
 
-        prep = self._prepare(x0, mask, generator, cap.timesteps, cap.call["strength"], keep=keep, cap=cap)
+        self._encoder_stats = []
+        with self._encoder_mode(editing, region=region, commit=commit):
+            prep = self._prepare(x0, mask, generator, cap.timesteps, cap.call["strength"], keep=keep, cap=cap)
+        for stats in self._encoder_stats:
+            totals["macs_dense"] += stats["macs_dense"]
+            totals["macs_sparse"] += stats["macs_sparse"]
         predict, copies = self._predictor(cap.embeds, gs, prep, run_unet)
         unet_region = keep.repeat(copies, 1, 1)
 
@@ -549,9 +584,8 @@ class SparseEditor:
             "seconds": time.perf_counter() - started,
             "cache_bytes": self.cache_bytes,
             "background": (
-                "latents outside the dilated region are the capture's at every step; the VAE decoder runs sparse and "
-                "the pixels outside the region are composited from the current image's decode (the VAE encoder runs "
-                "densely)"
+                "latents outside the dilated region are the capture's at every step; the VAE encoder and decoder run "
+                "sparse and the pixels outside the region are composited from the current image's decode"
                 if self.latent
                 else "exact: the pixels outside the dilated region are the capture's at every step"
             ),

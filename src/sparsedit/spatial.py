@@ -55,6 +55,7 @@ class _Attachment:
         self.aux: dict[tuple, dict[str, object]] = {}  # non-image inputs of each captured scope
         self.dense_run: str | None = None  # why the current edit runs densely, if it does
         self.strategy = None
+        self.output_format = torch.contiguous_format
         self.started = 0.0
         self.seconds = 0.0
 
@@ -265,6 +266,16 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
     return pre_hook
 
 
+def _memory_format(output) -> torch.memory_format:
+    """The layout of a model's (first) feature-map output: some models return channels-last maps."""
+    for t in output if isinstance(output, (tuple, list)) else [getattr(output, "sample", output)]:
+        if isinstance(t, torch.Tensor) and t.dim() == 4:
+            if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+                return torch.channels_last
+            break
+    return torch.contiguous_format
+
+
 def _make_post_hook(att: _Attachment):
     def post_hook(module, args, kwargs, output):
         st = att.state
@@ -280,10 +291,17 @@ def _make_post_hook(att: _Attachment):
             if st.commit:
                 st.cache.put_exact(_INPUT_KEY + st.scope, x=_first_image(args, kwargs))
             return None
+        if st.mode is Mode.CAPTURE:
+            att.output_format = _memory_format(output)
         if st.mode is Mode.SPARSE:
-            # The result may be a cached buffer; hand the user their own copy.
+            # The result may be a cached buffer; hand the user their own copy, in the layout the dense model returns
+            # (downstream layout-sensitive kernels then round exactly as after a dense run).
+            fmt = att.output_format
             output = tree_map(
-                lambda t: t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t, output
+                lambda t: t.clone(memory_format=fmt if t.dim() == 4 else torch.contiguous_format)
+                if isinstance(t, torch.Tensor)
+                else t,
+                output,
             )
             if st.commit:
                 st.forget_undo()
