@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from unet_edit import loadavg, sd15, stroke_region
 
-import sparsedit
 from sparsedit import SparseConfig, SparseEditor
 from sparsedit.demo import load_photo
 from sparsedit.testing import write_clip_tokenizer
@@ -40,9 +39,17 @@ def sd15_pipeline(dtype):
     tokenizer = CLIPTokenizer.from_pretrained(directory, model_max_length=77)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                       num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
     ).eval()
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -91,7 +98,9 @@ def main():
           f"{args.dtype}, cache dtype {args.cache_dtype or args.dtype}, threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}, {platform.machine()}, load {loadavg()}")  # fmt: skip
     print(f"capture {capture_s:.1f} s, cache {cache / 2**30:.2f} GiB, photo: {source}")
-    print(f"{'region':>7} {'dense s':>8} {'sparse s':>8} {'speed-up':>8} {'MACs ratio':>10} {'max err':>8} {'PSNR':>6}")
+    print(
+        f"{'region':>7} {'dense s':>8} {'sparse s':>8} {'speed-up':>8} {'MACs ratio':>10} {'max err':>8} {'PSNR':>6}"
+    )
     rows = []
     for frac in args.fractions:
         region = stroke_region(args.size, frac, 1)

@@ -298,9 +298,11 @@ def _make_post_hook(att: _Attachment):
             # (downstream layout-sensitive kernels then round exactly as after a dense run).
             fmt = att.output_format
             output = tree_map(
-                lambda t: t.clone(memory_format=fmt if t.dim() == 4 else torch.contiguous_format)
-                if isinstance(t, torch.Tensor)
-                else t,
+                lambda t: (
+                    t.clone(memory_format=fmt if t.dim() == 4 else torch.contiguous_format)
+                    if isinstance(t, torch.Tensor)
+                    else t
+                ),
                 output,
             )
             if st.commit:
