@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from unet_edit import loadavg, sd15, stroke_region
+from unet_edit import loadavg, sd15, sd_vae, stroke_region
 
 from sparsedit import SparseConfig, SparseEditor
 from sparsedit.demo import load_photo
@@ -31,7 +31,7 @@ from sparsedit.testing import write_clip_tokenizer
 
 
 def sd15_pipeline(dtype):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     directory = tempfile.mkdtemp()
@@ -51,14 +51,7 @@ def sd15_pipeline(dtype):
             pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
     ).eval()
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    ).eval()
+    vae = sd_vae().eval()
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
     pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=sd15().eval(),

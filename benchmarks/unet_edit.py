@@ -59,7 +59,8 @@ def sd15():
     )
 
 
-def sd_vae_decoder():
+def sd_vae():
+    """The Stable Diffusion VAE architecture (`AutoencoderKL`, 128/256/512/512, two layers per block)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -71,7 +72,11 @@ def sd_vae_decoder():
         layers_per_block=2,
         latent_channels=4,
         sample_size=512,
-    ).decoder
+    )
+
+
+def sd_vae_decoder():
+    return sd_vae().decoder
 
 
 # name: (builder, input size, batch, input channels, text context (tokens, width) or None, default input dilation)
