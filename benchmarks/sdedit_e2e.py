@@ -27,30 +27,15 @@ from unet_edit import loadavg, sd15, sd_vae, stroke_region
 
 from sparsedit import SparseConfig, SparseEditor
 from sparsedit.demo import load_photo
-from sparsedit.testing import write_clip_tokenizer
+from sparsedit.testing import clip_text_encoder
 
 
 def sd15_pipeline(dtype):
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    directory = tempfile.mkdtemp()
-    write_clip_tokenizer(directory)
-    tokenizer = CLIPTokenizer.from_pretrained(directory, model_max_length=77)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
-    ).eval()
+    tokenizer, text_encoder = clip_text_encoder(
+        tempfile.mkdtemp(), 768, layers=12, heads=12, intermediate=3072, length=77
+    )
     vae = sd_vae().eval()
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip

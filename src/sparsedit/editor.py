@@ -156,7 +156,6 @@ class SparseEditor:
             sparsify_(pipe.vae.encoder, self._encoder_config)
         self._encoder_stats: list[dict] = []
         self._capture: _Capture | None = None
-        self._size: tuple[int | None, int | None] = (None, None)
         self.last_stats: dict = {}
 
     @property
@@ -328,10 +327,9 @@ class SparseEditor:
             raise TypeError("generator must be one torch.Generator (it is replayed to reuse the capture's noise).")
         return generator
 
-    def _preprocess(self, image):
+    def _preprocess(self, image, height=None, width=None):
         if self.latent:  # exactly what the pipeline accepts (PIL, numpy, or tensors in [0, 1])
-            h, w = self._size
-            x = self.pipe.image_processor.preprocess(image, height=h, width=w)
+            x = self.pipe.image_processor.preprocess(image, height=height, width=width)
             return x.to(self.unet.device, self.unet.dtype)
         return _to_tensor(image, self.unet.device, self.unet.dtype)
 
@@ -385,8 +383,7 @@ class SparseEditor:
         if self.kind == "inpaint":
             f = self.pipe.vae_scale_factor
             height, width = height or self.unet.config.sample_size * f, width or self.unet.config.sample_size * f
-        self._size = (height, width)
-        x0 = self._preprocess(image)
+        x0 = self._preprocess(image, height, width)
         mask = self._preprocess_mask(mask_image, x0) if self.kind == "inpaint" or mask_image is not None else None
         call = {
             "prompt": prompt,
@@ -394,6 +391,8 @@ class SparseEditor:
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
             "negative_prompt": negative_prompt,
+            "height": height,
+            "width": width,
         }
         decoded = self._run_capture(x0, mask, call, self._generator(generator))
         return self._output(decoded, output_type, return_dict)
@@ -486,7 +485,7 @@ class SparseEditor:
             raise RuntimeError(
                 "Nothing captured yet: call `editor.capture(image=..., ...)` before `editor.edit(...)`."
             )
-        x0 = cap.image if image is None else self._preprocess(image)
+        x0 = cap.image if image is None else self._preprocess(image, cap.call["height"], cap.call["width"])
         if tuple(x0.shape) != tuple(cap.image.shape):
             raise ValueError(
                 f"the edited image has shape {tuple(x0.shape)} but the capture had {tuple(cap.image.shape)}; edits "

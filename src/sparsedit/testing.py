@@ -27,6 +27,28 @@ def write_clip_tokenizer(directory: str | Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
+def clip_text_encoder(directory: str | Path, width: int, layers: int, heads: int, intermediate: int, length: int):
+    """An offline CLIP tokenizer (written to `directory`) and a random-weight `CLIPTextModel` of the given size,
+    seeded with 0. Returns `(tokenizer, text_encoder)`."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    write_clip_tokenizer(directory)
+    tokenizer = CLIPTokenizer.from_pretrained(str(directory), model_max_length=length)
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer, CLIPTextModel(config).eval()
+
+
 _SD_PIPELINES = {
     "img2img": "StableDiffusionImg2ImgPipeline",
     "inpaint": "StableDiffusionInpaintPipeline",
@@ -57,24 +79,8 @@ def tiny_sd(
     """
     import diffusers
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    write_clip_tokenizer(directory)
-    tokenizer = CLIPTokenizer.from_pretrained(str(directory), model_max_length=16)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=text_width,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    ).eval()
+    tokenizer, text_encoder = clip_text_encoder(directory, text_width, layers=2, heads=4, intermediate=37, length=16)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
