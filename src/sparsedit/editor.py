@@ -27,8 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import textedit
 from .cache import StaleCacheError
-from .config import SparseConfig
+from .config import SparseConfig, TextEditConfig
 from .regions import as_region, difference_mask, dilate
 from .spatial import _attachment, capturing, editing, last_stats, scope, sparsify_, unsparsify_
 
@@ -92,11 +93,18 @@ class _Capture:
     latents: dict
     decoded: torch.Tensor
     scheduler: tuple
+    attention: dict | None = (
+        None  # prompt edits: the cross-attention maps/probabilities recorded, and for which version
+    )
+    version: int = 0  # bumped by every committed edit
+    step_macs: int = 0  # one dense UNet step
+    macs: int = 0  # the whole dense run
 
 
 _KINDS = {
     "DDPMPipeline": "pixel",
     "DDIMPipeline": "pixel",
+    "StableDiffusionPipeline": "txt2img",
     "StableDiffusionImg2ImgPipeline": "img2img",
     "StableDiffusionInpaintPipeline": "inpaint",
 }
@@ -126,7 +134,13 @@ class SparseEditor:
             image, then edit.
     """
 
-    def __init__(self, pipe, config: SparseConfig | None = None, on_stale: str = "raise"):
+    def __init__(
+        self,
+        pipe,
+        config: SparseConfig | None = None,
+        on_stale: str = "raise",
+        text_config: TextEditConfig | None = None,
+    ):
         unet, scheduler, kind = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None), _kind(pipe)
         if kind is None or unet is None or scheduler is None:
             raise NotImplementedError(
@@ -143,6 +157,15 @@ class SparseEditor:
         self.latent = kind != "pixel"
         self.on_stale = on_stale
         self.config = DIFFUSION_DEFAULTS if config is None else config
+        self.text_config = TextEditConfig() if text_config is None else text_config
+        if not isinstance(self.text_config, TextEditConfig):
+            raise TypeError(f"text_config must be a TextEditConfig, got {type(self.text_config).__name__}.")
+        self._control = None
+        if self.latent:  # prompt edits: the cross-attention layers record the capture's maps and inject them
+            self._control = textedit.AttentionControl()
+            if self.config.cache_dtype is not None:
+                self._control.storage_dtype = getattr(torch, self.config.cache_dtype)
+            self._processors = textedit.install(unet, self._control)
         sparsify_(unet, self.config)
         if self.latent:
             # The VAE decoder runs sparse on the latent region (already dilated for the UNet: one more pixel here).
@@ -157,6 +180,8 @@ class SparseEditor:
         self._encoder_stats: list[dict] = []
         self._capture: _Capture | None = None
         self.last_stats: dict = {}
+        self.last_region: torch.Tensor | None = None  # the last edit's regenerated region, bool [B, H, W]
+        self._extra_macs = 0
 
     @property
     def unet(self):
@@ -168,6 +193,7 @@ class SparseEditor:
         if self.latent:
             unsparsify_(self.pipe.vae.decoder)
             unsparsify_(self.pipe.vae.encoder)
+            textedit.uninstall(self.unet, self._processors)
         self._capture = None
 
     # -- the loop, shared by capture (dense) and edit (sparse) ------------------------------------------------------
@@ -222,7 +248,7 @@ class SparseEditor:
     def _prepare(self, x0, mask, generator, timesteps, strength, keep=None, cap=None) -> dict:
         """The loop's starting point, drawing from `generator` in the pipeline's order. In an edit (`keep`, `cap`),
         every encoded tensor is the capture's outside `keep`: the sparse VAE encoder is approximate near the region,
-        and the UNet must see the captured input there."""
+        and the UNet must see the captured input there. Text-to-image takes `x0 = (batch, height, width)`."""
 
         def kept(name, t):
             return t if keep is None else torch.where(keep[:, None], t, cap.latents[name])
@@ -233,6 +259,12 @@ class SparseEditor:
             noise = self._randn(x0.shape, generator, x0)
             return {"z": sched.add_noise(x0, noise, t0), "noise": noise}
         dtype = self.unet.dtype
+        if self.kind == "txt2img":  # StableDiffusionPipeline.prepare_latents
+            f = self.pipe.vae_scale_factor
+            b, h, w = x0
+            shape = (b, self.unet.config.in_channels, h // f, w // f)
+            noise = self._randn(shape, generator, torch.empty((), dtype=dtype, device=self.unet.device))
+            return {"z": noise * sched.init_noise_sigma, "noise": noise}
         if self.kind == "img2img":
             image = kept("image", self._encode(x0, generator, "image"))
             noise = self._randn(image.shape, generator, image)
@@ -251,15 +283,18 @@ class SparseEditor:
         out["masked"] = kept("masked", self._encode(x0 * (mask < 0.5), generator, "masked").to(dtype))
         return out
 
-    def _loop(self, prep, timesteps, generator, predict, composite):
-        """Denoise from `prep["z"]`. `predict(i, t, z)` returns the guided noise prediction; `composite(i, z)` puts
-        the capture's latents back outside the region (identity in a capture)."""
+    def _loop(self, prep, timesteps, generator, predict, composite, start=0, stop=None, z=None):
+        """Denoise steps `start` to `stop` from `z` (default: `prep["z"]`). `predict(i, t, z)` returns the guided
+        noise prediction; `composite(i, z)` puts the capture's latents back outside the region (identity in a
+        capture). Returns the last latents and the trajectory from step `start` on."""
         sched = self.pipe.scheduler
         extra = {"generator": generator} if not self.latent else self.pipe.prepare_extra_step_kwargs(generator, 0.0)
         blend = self.kind == "inpaint" and self.unet.config.in_channels == 4
-        z = prep["z"]
+        z = prep["z"] if z is None else z
         trajectory = [z]
-        for i, t in enumerate(timesteps):
+        stop = len(timesteps) if stop is None else stop
+        for i in range(start, stop):
+            t = timesteps[i]
             z = sched.step(predict(i, t, z), t, z, **extra, return_dict=False)[0]
             if blend:  # the pipeline's latent blending for 4-channel UNets
                 proper = prep["image"]
@@ -280,6 +315,8 @@ class SparseEditor:
             cond = torch.cat([prep["mask"], prep["masked"]], dim=1).repeat(copies, 1, 1, 1)
 
         def predict(i, t, z):
+            if self._control is not None:
+                self._control.step = i
             if embeds is None:
                 return run_unet(i, lambda: unet(z, t).sample)
             zin = sched.scale_model_input(torch.cat([z] * copies), t)
@@ -300,8 +337,11 @@ class SparseEditor:
             return None
         if prompt is None:
             raise ValueError("Stable Diffusion needs a prompt: capture(prompt=..., image=...).")
-        cond, uncond = self.pipe.encode_prompt(prompt, self.unet.device, batch // (len(prompt) if isinstance(prompt, list) else 1),
-                                               guidance_scale > 1.0, negative_prompt)  # fmt: skip
+        prompts = len(prompt) if isinstance(prompt, list) else 1
+        if batch % prompts:
+            raise ValueError(f"{prompts} prompts for {batch} images: give one prompt, or one per image.")
+        cond, uncond = self.pipe.encode_prompt(prompt, self.unet.device, batch // prompts, guidance_scale > 1.0,
+                                               negative_prompt)  # fmt: skip
         return torch.cat([uncond, cond]) if guidance_scale > 1.0 else cond
 
     def _scheduler_fingerprint(self) -> tuple:
@@ -358,7 +398,7 @@ class SparseEditor:
     @torch.no_grad()
     def capture(
         self,
-        image,
+        image=None,
         prompt: str | list[str] | None = None,
         strength: float | None = None,
         num_inference_steps: int = 20,
@@ -380,14 +420,27 @@ class SparseEditor:
             height, width: the size the image is resized to, as the pipeline takes them. The inpainting pipeline's
                 default is the UNet's sample size (512 px for SD 1.5); the others keep the image's size.
         """
-        if self.kind == "inpaint":
+        if self.kind in ("inpaint", "txt2img"):
             f = self.pipe.vae_scale_factor
             height, width = height or self.unet.config.sample_size * f, width or self.unet.config.sample_size * f
-        x0 = self._preprocess(image, height, width)
-        mask = self._preprocess_mask(mask_image, x0) if self.kind == "inpaint" or mask_image is not None else None
+        if self.kind == "txt2img":
+            if image is not None or mask_image is not None:
+                raise ValueError(
+                    "StableDiffusionPipeline generates from the prompt alone; it takes no image. For stroke edits, "
+                    "make the editor on `StableDiffusionImg2ImgPipeline(**pipe.components)`."
+                )
+            if height % self.pipe.vae_scale_factor or width % self.pipe.vae_scale_factor:
+                raise ValueError(f"height and width must be multiples of {self.pipe.vae_scale_factor}.")
+            x0, mask = (len(prompt) if isinstance(prompt, list) else 1, height, width), None
+        else:
+            if image is None:
+                raise ValueError(f"{type(self.pipe).__name__} edits an image: capture(image=..., ...).")
+            x0 = self._preprocess(image, height, width)
+            mask = self._preprocess_mask(mask_image, x0) if self.kind == "inpaint" or mask_image is not None else None
+        full = self.kind in ("inpaint", "txt2img")
         call = {
             "prompt": prompt,
-            "strength": (1.0 if self.kind == "inpaint" else 0.7) if strength is None else strength,
+            "strength": (1.0 if full else 0.7) if strength is None else strength,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
             "negative_prompt": negative_prompt,
@@ -397,28 +450,40 @@ class SparseEditor:
         decoded = self._run_capture(x0, mask, call, self._generator(generator))
         return self._output(decoded, output_type, return_dict)
 
+    def _batch(self, x0) -> int:
+        return x0[0] if self.kind == "txt2img" else x0.shape[0]
+
     def _run_capture(self, x0, mask, call, generator) -> torch.Tensor:
         unet = self.unet
         state = generator.get_state()
         timesteps = self._timesteps(call["num_inference_steps"], call["strength"])
-        embeds = self._embeds(call["prompt"], call["negative_prompt"], call["guidance_scale"], x0.shape[0])
+        embeds = self._embeds(call["prompt"], call["negative_prompt"], call["guidance_scale"], self._batch(x0))
         started = time.perf_counter()
         macs = 0
 
+        step_macs = 0
+
         def run_unet(i, call_unet):
-            nonlocal macs
+            nonlocal macs, step_macs
             with scope(unet, i):
                 out = call_unet()
-            macs += last_stats(unet)["macs_dense"]
+            step_macs = last_stats(unet)["macs_dense"]
+            macs += step_macs
             return out
 
         self._encoder_stats = []
         with self._encoder_mode(capturing):
             prep = self._prepare(x0, mask, generator, timesteps, call["strength"])
         macs += sum(s["macs_dense"] for s in self._encoder_stats)
-        predict, _ = self._predictor(embeds, call["guidance_scale"], prep, run_unet)
-        with capturing(unet):
-            z, trajectory = self._loop(prep, timesteps, generator, predict, lambda i, z: z)
+        predict, copies = self._predictor(embeds, call["guidance_scale"], prep, run_unet)
+        n = len(timesteps)
+        recording = self._record_attention(range(n), range(self.text_config.inject_steps(n)), prep["z"], copies,
+                                           self.text_config)  # fmt: skip
+        try:
+            with capturing(unet):
+                z, trajectory = self._loop(prep, timesteps, generator, predict, lambda i, z: z)
+        finally:
+            attention = recording()
         if self.latent:
             with capturing(self.pipe.vae.decoder):
                 decoded = self._decode(z)
@@ -426,7 +491,7 @@ class SparseEditor:
         else:
             decoded = z
         self._capture = _Capture(
-            image=x0.clone(),
+            image=x0.clone() if isinstance(x0, torch.Tensor) else x0,
             mask=None if mask is None else mask.clone(),
             trajectory=trajectory,
             timesteps=timesteps,
@@ -437,6 +502,9 @@ class SparseEditor:
             latents={k: prep[k] for k in ("image", "masked") if k in prep},
             decoded=decoded,
             scheduler=self._scheduler_fingerprint(),
+            attention=attention,
+            step_macs=step_macs,
+            macs=macs,
         )
         self.last_stats = {
             "macs_dense": macs,
@@ -449,14 +517,134 @@ class SparseEditor:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes held for edits: the UNet's per-step activations, the VAE decoder's, and the latent trajectory."""
+        """Bytes held for edits: the UNet's per-step activations, the VAE decoder's and encoder's, the latent
+        trajectory and any stored cross-attention probabilities."""
         total = _attachment(self.unet).state.cache.nbytes
         if self.latent:
             total += _attachment(self.pipe.vae.decoder).state.cache.nbytes
             total += _attachment(self.pipe.vae.encoder).state.cache.nbytes
         if self._capture is not None:
             total += sum(t.numel() * t.element_size() for t in self._capture.trajectory)
+            attention = self._capture.attention or {}
+            total += sum(t.numel() * t.element_size() for t in attention.get("probs", {}).values())
         return total
+
+    # -- prompt edits: attention records and region detection ---------------------------------------------------------
+    def _text_editable(self) -> bool:
+        return self.kind in ("txt2img", "img2img")
+
+    def _record_attention(self, map_steps, prob_steps, z, copies, text_config, version=0):
+        """Make the cross-attention layers record maps (at `map_steps`) and probabilities (at `prob_steps`) during
+        the UNet calls that follow; returns the function that stops recording and returns what was recorded."""
+        ctl = self._control
+        if ctl is None or not self._text_editable():
+            return lambda: None
+        size = textedit.map_resolution(self.unet, tuple(z.shape[-2:]), text_config.attention_downscale)
+        ctl.maps, ctl.probs = {}, {}
+        ctl.map_tokens = size[0] * size[1]
+        ctl.cond = slice(z.shape[0], None) if copies == 2 else slice(None)
+        ctl.record_maps, ctl.record_probs = set(map_steps), set(prob_steps)
+
+        def done():
+            maps = {i: (total / n).reshape(total.shape[0], *size, -1) for i, (total, n) in ctl.maps.items()}
+            out = {"maps": maps, "probs": dict(ctl.probs), "size": size, "version": version}
+            ctl.record_maps, ctl.record_probs = set(), set()
+            ctl.maps, ctl.probs = {}, {}
+            return out
+
+        return done
+
+    def _attention(self, cap, text_config, map_steps, prob_steps) -> dict:
+        """The current image's cross-attention maps and probabilities at the given steps: the capture's records, or
+        (after a committed edit changed the trajectory or the prompt) recomputed by dense UNet calls on the current
+        trajectory, which give exactly what a capture of it would have recorded."""
+        size = textedit.map_resolution(self.unet, tuple(cap.trajectory[0].shape[-2:]), text_config.attention_downscale)
+        att = cap.attention
+        if att is None or att["version"] != cap.version or att["size"] != size:
+            att = {"maps": {}, "probs": {}, "size": size, "version": cap.version}
+        have_probs = {step for _, step in att["probs"]}
+        need_maps = [i for i in map_steps if i not in att["maps"]]
+        need_probs = [i for i in prob_steps if i not in have_probs]
+        if need_maps or need_probs:
+            gs = cap.call["guidance_scale"]
+            predict, copies = self._predictor(cap.embeds, gs, {}, lambda i, call_unet: call_unet())
+            recording = self._record_attention(need_maps, need_probs, cap.trajectory[0], copies, text_config,
+                                               cap.version)  # fmt: skip
+            inject, self._control.inject = self._control.inject, None  # the current image's own attention
+            try:
+                for i in sorted(set(need_maps) | set(need_probs)):
+                    predict(i, cap.timesteps[i], cap.trajectory[i])
+                    self._extra_macs += cap.step_macs
+            finally:
+                fresh = recording()
+                self._control.inject = inject
+            att["maps"].update(fresh["maps"])
+            att["probs"].update(fresh["probs"])
+            self._check_scheduler(cap)  # scale_model_input may have moved a scheduler's step index
+        cap.attention = att
+        return att
+
+    def _prompt_tokens(self, prompt, negative, b):
+        """Per image: the prompt's and the negative prompt's padded token ids."""
+
+        def per_image(p):
+            plist = [p if p is not None else ""] if not isinstance(p, list) else p
+            return textedit.token_ids(self.pipe.tokenizer, [q for q in plist for _ in range(b // len(plist))])
+
+        return per_image(prompt), per_image(negative)
+
+    def _alignment(self, cap, prompt, negative, b, copies):
+        """Token alignment of the current and the new prompts: `mapping` `[b, L]` (cond rows) and the changed word
+        tokens of every UNet batch row, in the source and in the target (`[copies * b, L]` bool each)."""
+        tok = self.pipe.tokenizer
+        special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+        src_p, src_n = self._prompt_tokens(cap.call["prompt"], cap.call["negative_prompt"], b)
+        tgt_p, tgt_n = self._prompt_tokens(prompt, negative, b)
+        rows = list(zip(src_n, tgt_n)) * (copies == 2) + list(zip(src_p, tgt_p))
+        aligned = [textedit.align_tokens(s, t, special) for s, t in rows]
+        device = self.unet.device
+        mapping = torch.tensor([m for m, _, _ in aligned[-b:]], device=device)
+        changed_s = torch.tensor([c for _, c, _ in aligned], device=device)
+        changed_t = torch.tensor([c for _, _, c in aligned], device=device)
+        return mapping, changed_s, changed_t
+
+    def _guided(self, z, t, embeds_list, guidance_scale):
+        """Guided noise predictions of `z` at `t` under each of `embeds_list`, in one UNet call (no scheduler
+        scaling: `z` is a variance-preserving noised latent)."""
+        copies = embeds_list[0].shape[0] // z.shape[0]
+        n = len(embeds_list)
+        self._control.step = None  # no step's recording or injection applies
+        self._extra_macs += self._capture.step_macs * n
+        eps = self.unet(torch.cat([z] * (copies * n)), t, encoder_hidden_states=torch.cat(embeds_list),
+                        return_dict=False)[0]  # fmt: skip
+        out = []
+        for e in eps.chunk(n):
+            if copies == 2:
+                uncond, text = e.chunk(2)
+                e = uncond + guidance_scale * (text - uncond)
+            out.append(e)
+        return out
+
+    def _noise_diff(self, cap, embeds, text_config) -> torch.Tensor:
+        """DiffEdit's score: mean over noise draws of `|eps(new prompt) - eps(current prompt)|`, channels averaged,
+        on the current result noised to `noise_strength`."""
+        sched = self.pipe.scheduler
+        if getattr(sched, "alphas_cumprod", None) is None:
+            raise NotImplementedError(
+                f"{type(sched).__name__} has no alphas_cumprod; use TextEditConfig(region='latent_diff')."
+            )
+        z0 = cap.trajectory[-1]
+        goal = text_config.noise_strength * sched.config.num_train_timesteps
+        t = min(cap.timesteps, key=lambda s: abs(float(s) - goal))
+        ab = sched.alphas_cumprod[int(t)].to(device=z0.device, dtype=torch.float32)
+        g = torch.Generator(device=z0.device).manual_seed(text_config.seed)
+        score = 0
+        for _ in range(text_config.noise_samples):
+            noise = torch.randn(z0.shape, generator=g, device=z0.device, dtype=torch.float32)
+            zt = (ab.sqrt() * z0.float() + (1 - ab).sqrt() * noise).to(z0.dtype)
+            src, tgt = self._guided(zt, t, [cap.embeds, embeds], cap.call["guidance_scale"])
+            score = score + (tgt.float() - src.float()).abs().mean(dim=1)
+        return score / text_config.noise_samples
 
     # -- edit ---------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -468,74 +656,220 @@ class SparseEditor:
         commit: bool = True,
         output_type: str = "pil",
         return_dict: bool = True,
+        *,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        text_config: TextEditConfig | None = None,
+        generator: torch.Generator | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        strength: float | None = None,
     ):
-        """Edit the captured image: only the changed region is recomputed, at every step.
+        """Edit the captured result: only the changed region is recomputed, at every step.
 
         Args:
             image: the edited image. `None` keeps the current image.
-            region: bool `[H, W]` or `[B, H, W]` at image resolution; `None` uses every pixel where `image` (or the
-                inpainting mask) differs from the current one. With neither a change nor a region, the current
-                result comes back at no cost.
+            region: bool `[H, W]` or `[B, H, W]` at image resolution. For an image edit, `None` uses every pixel where
+                `image` (or the inpainting mask) differs from the current one. For a prompt edit, an explicit region
+                is the region to regenerate (`TextEditConfig(region="mask")`); `None` detects it. With neither a
+                change nor a region, the current result comes back at no cost.
             mask_image: inpainting: the new mask (`None` keeps the current one). The region covers every pixel
                 whose masking changed.
-            commit: make the result the new current image, so the next edit is incremental against it.
+            commit: make the result the new current image (and prompt), so the next edit is incremental against it.
+            prompt, negative_prompt: a prompt edit (`StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`): the
+                new prompt; `None` keeps the current one. The region the change affects is found as `text_config`
+                says (default: the editor's), then regenerated sparsely; outside it the latents are the current
+                ones. An unchanged prompt gives an empty region and the current image.
+            text_config: a `TextEditConfig` for this edit (default: the one the editor was made with).
+            generator, num_inference_steps, guidance_scale, strength: only to check: the capture fixed them, and a
+                different value means the cache belongs to another generation (`StaleCacheError`, or a new capture
+                with these values under `on_stale="recapture"`).
         """
         cap = self._capture
         if cap is None:
             raise RuntimeError(
                 "Nothing captured yet: call `editor.capture(image=..., ...)` before `editor.edit(...)`."
             )
-        x0 = cap.image if image is None else self._preprocess(image, cap.call["height"], cap.call["width"])
-        if tuple(x0.shape) != tuple(cap.image.shape):
+        tcfg = self.text_config if text_config is None else text_config
+        if not isinstance(tcfg, TextEditConfig):
+            raise TypeError(f"text_config must be a TextEditConfig, got {type(tcfg).__name__}.")
+        text = prompt is not None or negative_prompt is not None
+        if text and not self._text_editable():
             raise ValueError(
-                f"the edited image has shape {tuple(x0.shape)} but the capture had {tuple(cap.image.shape)}; edits "
-                "must keep the size. Capture again for a new image size."
+                f"prompt edits need StableDiffusionPipeline or StableDiffusionImg2ImgPipeline, not "
+                f"{type(self.pipe).__name__}"
+                + (" (an unconditional model takes no prompt)." if not self.latent else ".")
             )
-        mask = cap.mask if mask_image is None else self._preprocess_mask(mask_image, x0)
-        b, _, h, w = x0.shape
-        changed = difference_mask(x0, cap.image, eps=0.0)
-        if mask is not None:
-            changed |= (mask != cap.mask).any(dim=1)
+        if text and tcfg.region == "mask" and region is None:
+            raise ValueError(
+                "TextEditConfig(region='mask') regenerates the region you pass: edit(prompt=..., region=...)."
+            )
+        cap = self._check_call(cap, generator, num_inference_steps, guidance_scale, strength)
+        if self.kind == "txt2img":
+            if image is not None or mask_image is not None:
+                raise ValueError(
+                    "a text-to-image capture has no input image to edit; change the prompt, or make the editor on "
+                    "`StableDiffusionImg2ImgPipeline(**pipe.components)` for stroke edits."
+                )
+            x0, mask = cap.image, None
+            b, h, w = x0
+            changed = torch.zeros(b, h, w, dtype=torch.bool, device=self.unet.device)
+        else:
+            x0 = cap.image if image is None else self._preprocess(image, cap.call["height"], cap.call["width"])
+            if tuple(x0.shape) != tuple(cap.image.shape):
+                raise ValueError(
+                    f"the edited image has shape {tuple(x0.shape)} but the capture had {tuple(cap.image.shape)}; "
+                    "edits must keep the size. Capture again for a new image size."
+                )
+            mask = cap.mask if mask_image is None else self._preprocess_mask(mask_image, x0)
+            b, _, h, w = x0.shape
+            changed = difference_mask(x0, cap.image, eps=0.0)
+            if mask is not None:
+                changed |= (mask != cap.mask).any(dim=1)
         if region is None:
             region = changed
         else:
-            region = as_region(region, b, h, w, x0.device)
+            region = as_region(region, b, h, w, self.unet.device)
             missed = changed & ~region
             if bool(missed.any()):
                 raise ValueError(
                     f"the image (or mask) differs from the current one at {int(missed.sum())} pixels outside "
                     "`region`; enlarge the region or pass region=None to detect it."
                 )
+        change = None
+        if text:
+            change = {
+                "prompt": cap.call["prompt"] if prompt is None else prompt,
+                "negative_prompt": cap.call["negative_prompt"] if negative_prompt is None else negative_prompt,
+                "config": tcfg,
+                "region": region if region is not changed else None,
+            }
+            if change["region"] is not None:
+                region = changed  # the image part; the given region is the prompt's
         try:
-            return self._run_edit(cap, x0, mask, region, commit, output_type, return_dict)
+            return self._run_edit(cap, x0, mask, region, commit, output_type, return_dict, change)
         except StaleCacheError:
             if self.on_stale != "recapture":
                 raise
         # The capture no longer matches the pipeline: capture the current image again, then edit.
-        generator = torch.Generator(device=cap.generator_device)
-        generator.set_state(cap.generator_state)
-        self._run_capture(cap.image, cap.mask, cap.call, generator)
+        self._recapture(cap)
         recapture_seconds = self.last_stats["seconds"]
-        out = self._run_edit(self._capture, x0, mask, region, commit, output_type, return_dict)
+        out = self._run_edit(self._capture, x0, mask, region, commit, output_type, return_dict, change)
         self.last_stats["recaptured_seconds"] = recapture_seconds
         return out
 
-    def _run_edit(self, cap, x0, mask, region, commit, output_type, return_dict):
-        self._check_scheduler(cap)  # also resets the scheduler's step index to the capture's first step
-        unet = self.unet
-        b, _, h, w = x0.shape
-        z_shape = cap.trajectory[0].shape[-2:]
-        # The composite region at the UNet's resolution: outside it, every step's latents are the capture's.
-        keep = dilate(F.adaptive_max_pool2d(region[:, None].float(), z_shape)[:, 0] > 0, self.config.input_dilation)
+    def _recapture(self, cap) -> None:
         generator = torch.Generator(device=cap.generator_device)
         generator.set_state(cap.generator_state)
+        self._run_capture(cap.image, cap.mask, cap.call, generator)
+
+    def _check_call(self, cap, generator, num_inference_steps, guidance_scale, strength):
+        """An edit that names another seed, step count, guidance or strength than the capture's asks for another
+        generation: refuse (the cache would be stale), or capture again with those values (`on_stale="recapture"`)."""
+        asked = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "strength": strength}
+        differ = [f"{k}={v} (captured: {cap.call[k]})" for k, v in asked.items() if v is not None and v != cap.call[k]]
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError("generator must be one torch.Generator.")
+            same = str(generator.device) == cap.generator_device and torch.equal(
+                generator.get_state(), cap.generator_state
+            )
+            if not same:
+                differ.append("generator (its seed or state differs from the capture's)")
+        if not differ:
+            return cap
+        if self.on_stale != "recapture":
+            raise StaleCacheError(
+                f"this edit asks for {', '.join(differ)}: the cache holds another generation. Capture again with "
+                "these values, or make the editor with on_stale='recapture'."
+            )
+        cap.call.update({k: v for k, v in asked.items() if v is not None})
+        if generator is not None:
+            cap.generator_state, cap.generator_device = generator.get_state(), str(generator.device)
+        self._recapture(cap)
+        self.last_stats["recaptured_seconds"] = self.last_stats["seconds"]
+        return self._capture
+
+    def _detect(self, cap, change, embeds, prep, generator, copies, predict_dense):
+        """The latent region a prompt change affects (`[b, h, w]` bool), the step the sparse run starts at and the
+        dense latents there (latent_diff, cross_attention: the first steps run densely)."""
+        tcfg = change["config"]
+        z_shape = cap.trajectory[0].shape[-2:]
+        if change["region"] is not None:
+            return F.adaptive_max_pool2d(change["region"][:, None].float(), z_shape)[:, 0] > 0, 0, None
+        if tcfg.region == "noise_diff":
+            return textedit.noise_diff_region(self._noise_diff(cap, embeds, tcfg), tcfg), 0, None
+        k = tcfg.steps_for(len(cap.timesteps))
+        attention = recording = None
+        if tcfg.region == "cross_attention":
+            attention = self._attention(cap, tcfg, range(k), [])
+            recording = self._record_attention(range(k), [], prep["z"], copies, tcfg)
+        try:
+            z, dense = self._loop(prep, cap.timesteps, generator, predict_dense, lambda i, z: z, stop=k)
+        finally:
+            target = recording() if recording is not None else None
+        if tcfg.region == "latent_diff":
+            region = textedit.latent_diff_region(dense[1:], cap.trajectory[1 : k + 1], tcfg)
+        else:
+            b = cap.trajectory[0].shape[0]
+            _, words_s, words_t = self._alignment(cap, change["prompt"], change["negative_prompt"], b, copies)
+            src = torch.stack([attention["maps"][i] for i in range(k)]).mean(0)
+            tgt = torch.stack([target["maps"][i] for i in range(k)]).mean(0)
+            rows = textedit.cross_attention_region(src, words_s, z_shape, tcfg)
+            rows |= textedit.cross_attention_region(tgt, words_t, z_shape, tcfg)
+            region = rows.reshape(copies, b, *z_shape).any(dim=0)
+        return region, k, z
+
+    def _run_edit(self, cap, x0, mask, region, commit, output_type, return_dict, change=None):
+        self._check_scheduler(cap)  # also resets the scheduler's step index to the capture's first step
+        unet = self.unet
+        b = self._batch(x0)
+        h, w = cap.decoded.shape[-2:]
+        z_shape = cap.trajectory[0].shape[-2:]
+        gs = cap.call["guidance_scale"]
         started = time.perf_counter()
         totals = defaultdict(int)
         fractions = defaultdict(list)
-        gs = cap.call["guidance_scale"]
+        embeds = cap.embeds
+        copies = 2 if embeds is not None and gs > 1.0 else 1
+        if change is not None:
+            embeds = self._embeds(change["prompt"], change["negative_prompt"], gs, b)
+            if torch.equal(embeds, cap.embeds) and change["region"] is None:
+                change["unchanged"] = True  # e.g. only the negative prompt changed, without guidance
+        text = change is not None and not change.get("unchanged")
+        # The image part's composite region at the UNet's resolution (dilated as the config says).
+        keep = dilate(F.adaptive_max_pool2d(region[:, None].float(), z_shape)[:, 0] > 0, self.config.input_dilation)
+        if not text and not bool(keep.any()):  # nothing changed: the current result, at no cost
+            if commit and change is not None:
+                cap.call["prompt"], cap.call["negative_prompt"] = change["prompt"], change["negative_prompt"]
+            self.last_region = torch.zeros(b, h, w, dtype=torch.bool, device=keep.device)
+            self.last_stats = {"macs_dense": cap.macs, "macs_sparse": 0, "active_fraction": {}, "region_fraction": 0.0,
+                               "detect_seconds": 0.0, "seconds": time.perf_counter() - started,
+                               "cache_bytes": self.cache_bytes, "background": "unchanged"}  # fmt: skip
+            return self._output(cap.decoded.clone(), output_type, return_dict)
+        generator = torch.Generator(device=cap.generator_device)
+        generator.set_state(cap.generator_state)
+        inject = None
+        if text and change["config"].inject_attention > 0:
+            tcfg = change["config"]
+            n_inject = tcfg.inject_steps(len(cap.timesteps))
+            probs = self._attention(cap, tcfg, [], range(n_inject))["probs"]
+            mapping, _, _ = self._alignment(cap, change["prompt"], change["negative_prompt"], b, copies)
+            if tcfg.injection == "replace":
+                src, tgt = (self._prompt_tokens(p, None, b)[0] for p in (cap.call["prompt"], change["prompt"]))
+                eos = self.pipe.tokenizer.eos_token_id
+                if any(s.index(eos) != t.index(eos) for s, t in zip(src, tgt)):
+                    raise ValueError(
+                        "injection='replace' swaps words of equal token length; these prompts differ in length. "
+                        "Use TextEditConfig(injection='refine')."
+                    )
+                mapping = torch.arange(mapping.shape[1], device=mapping.device).expand_as(mapping)
+            textedit.check_installed(unet, self._control)
+            inject = (set(range(n_inject)), mapping, probs)
+            self._control.cond = slice(b, None) if copies == 2 else slice(None)
 
         def run_unet(i, call_unet):
-            with editing(unet, region=unet_region, commit=commit), scope(unet, i):
+            with editing(unet, region=unet_region, commit=commit, changeable=changeable), scope(unet, i):
                 out = call_unet()
                 stats = last_stats(unet)
             totals["macs_dense"] += stats["macs_dense"]
@@ -544,42 +878,83 @@ class SparseEditor:
                 fractions[res].append(frac)
             return out
 
-        self._encoder_stats = []
-        with self._encoder_mode(editing, region=region, commit=commit):
-            prep = self._prepare(x0, mask, generator, cap.timesteps, cap.call["strength"], keep=keep, cap=cap)
-        for stats in self._encoder_stats:
-            totals["macs_dense"] += stats["macs_dense"]
-            totals["macs_sparse"] += stats["macs_sparse"]
-        predict, copies = self._predictor(cap.embeds, gs, prep, run_unet)
-        unet_region = keep.repeat(copies, 1, 1)
+        def run_dense(i, call_unet):
+            totals["macs_dense"] += per_step_macs
+            totals["macs_sparse"] += per_step_macs
+            return call_unet()
 
-        def composite(i, z):
-            return torch.where(keep[:, None], z, cap.trajectory[i + 1])
+        per_step_macs = 0
+        self._extra_macs = 0
+        changeable = ("encoder_hidden_states",) if self.latent else ()
+        if self._control is not None:
+            self._control.inject = inject
+        try:
+            self._encoder_stats = []
+            with self._encoder_mode(editing, region=region, commit=commit):
+                prep = self._prepare(x0, mask, generator, cap.timesteps, cap.call["strength"], keep=keep, cap=cap)
+            for stats in self._encoder_stats:
+                totals["macs_dense"] += stats["macs_dense"]
+                totals["macs_sparse"] += stats["macs_sparse"]
+            start, z = 0, None
+            detect_seconds = 0.0
+            if text:
+                detect_started = time.perf_counter()
+                per_step_macs = cap.step_macs
+                predict_dense, _ = self._predictor(embeds, gs, prep, run_dense)
+                found, start, z_dense = self._detect(cap, change, embeds, prep, generator, copies, predict_dense)
+                keep = keep | dilate(found, change["config"].dilation)
+                if start:
+                    z = torch.where(keep[:, None], z_dense, cap.trajectory[start])
+                detect_seconds = time.perf_counter() - detect_started
+            unet_region = keep.repeat(copies, 1, 1)
+            predict, _ = self._predictor(embeds, gs, prep, run_unet)
 
-        z, trajectory = self._loop(prep, cap.timesteps, generator, predict, composite)
+            def composite(i, z):
+                return torch.where(keep[:, None], z, cap.trajectory[i + 1])
+
+            if bool(keep.any()):
+                z, trajectory = self._loop(prep, cap.timesteps, generator, predict, composite, start=start, z=z)
+                trajectory = cap.trajectory[:start] + trajectory
+            else:  # nothing to regenerate: the current result, at no cost
+                z, trajectory = cap.trajectory[-1], cap.trajectory
+        finally:
+            if self._control is not None:
+                self._control.idle()
+        totals["macs_dense"] += self._extra_macs
+        totals["macs_sparse"] += self._extra_macs
         decoded = z
         if self.latent:
             decoder = self.pipe.vae.decoder
-            with editing(decoder, region=keep, commit=commit):
-                decoded = self._decode(z)
-                stats = last_stats(decoder)
-            totals["macs_dense"] += stats["macs_dense"]
-            totals["macs_sparse"] += stats["macs_sparse"]
+            if bool(keep.any()):
+                with editing(decoder, region=keep, commit=commit):
+                    decoded = self._decode(z)
+                    stats = last_stats(decoder)
+                totals["macs_dense"] += stats["macs_dense"]
+                totals["macs_sparse"] += stats["macs_sparse"]
+            else:
+                decoded = cap.decoded
             # The decoder is approximate near the region and its reach spans the image: outside the region, the
             # pixels are the current image's decode, bit for bit.
             px = F.interpolate(keep[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
             decoded = torch.where(px[:, None], decoded, cap.decoded)
         if commit:
-            cap.image = x0.clone()
-            cap.mask = None if mask is None else mask.clone()
+            if self.kind != "txt2img":
+                cap.image = x0.clone()
+                cap.mask = None if mask is None else mask.clone()
             cap.trajectory = trajectory
             cap.decoded = decoded
             cap.latents = {k: prep[k] for k in cap.latents}
+            if change is not None:
+                cap.call["prompt"], cap.call["negative_prompt"] = change["prompt"], change["negative_prompt"]
+                cap.embeds = embeds
+            cap.version += 1
+        self.last_region = F.interpolate(keep[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
         self.last_stats = {
             "macs_dense": totals["macs_dense"],
             "macs_sparse": totals["macs_sparse"],
             "active_fraction": {k: sum(v) / len(v) for k, v in fractions.items()},
-            "region_fraction": float(region.float().mean()),
+            "region_fraction": float(self.last_region.float().mean()) if text else float(region.float().mean()),
+            "detect_seconds": detect_seconds,
             "seconds": time.perf_counter() - started,
             "cache_bytes": self.cache_bytes,
             "background": (
@@ -589,4 +964,7 @@ class SparseEditor:
                 else "exact: the pixels outside the dilated region are the capture's at every step"
             ),
         }
+        if change is not None:
+            self.last_stats["region_method"] = "mask" if change["region"] is not None else change["config"].region
+            self.last_stats["detect_steps"] = start
         return self._output(decoded, output_type, return_dict)

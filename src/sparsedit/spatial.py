@@ -52,6 +52,7 @@ class _Attachment:
         self.handlers = handlers
         self.hooks = hooks
         self.pending_region: torch.Tensor | None = None
+        self.changeable: frozenset[str] = frozenset()  # non-image inputs an edit may change (e.g. the prompt)
         self.aux: dict[tuple, dict[str, object]] = {}  # non-image inputs of each captured scope
         self.dense_run: str | None = None  # why the current edit runs densely, if it does
         self.strategy = None
@@ -170,13 +171,18 @@ def _first_image(args, kwargs) -> torch.Tensor:
 
 def _aux_inputs(args, kwargs, image: torch.Tensor) -> dict[str, object]:
     """Every input other than the image (timestep, prompt embeddings, flags), by name, for the staleness check."""
-    named = {f"argument {i}": v for i, v in enumerate(args)}
-    named.update({f"argument {k!r}": v for k, v in kwargs.items()})
+    named = {_aux_name(i): v for i, v in enumerate(args)}
+    named.update({_aux_name(k): v for k, v in kwargs.items()})
     return {k: v for k, v in named.items() if v is not image}
 
 
-def _check_aux(captured: dict[str, object], now: dict[str, object]) -> None:
-    for name in sorted(set(captured) | set(now)):
+def _aux_name(key) -> str:
+    return f"argument {key!r}" if isinstance(key, str) else f"argument {key}"
+
+
+def _check_aux(captured: dict[str, object], now: dict[str, object], changeable=frozenset()) -> None:
+    allowed = {_aux_name(k) for k in changeable}
+    for name in sorted((set(captured) | set(now)) - allowed):
         a, b = captured.get(name), now.get(name)
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
             same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
@@ -225,7 +231,7 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
                     "`sparsedit.scope(model, ...)` with the same key."
                 )
             entry = st.cache.get(key)
-            _check_aux(att.aux.get(st.scope, {}), _aux_inputs(args, kwargs, x))
+            _check_aux(att.aux.get(st.scope, {}), _aux_inputs(args, kwargs, x), att.changeable)
             reference = entry["x"]
             changed = difference_mask(x, reference, eps=0.0)
             region = att.pending_region
@@ -276,6 +282,17 @@ def _memory_format(output) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _remember_changed_aux(att: _Attachment, args, kwargs) -> None:
+    """A committed run with a changed (allowed) input, e.g. a new prompt: the cache now belongs to that input."""
+    if not att.changeable:
+        return
+    now = _aux_inputs(args, kwargs, _first_image(args, kwargs))
+    stored = att.aux.setdefault(att.state.scope, {})
+    for name in {_aux_name(k) for k in att.changeable} & set(now):
+        v = now[name]
+        stored[name] = v.detach().clone() if isinstance(v, torch.Tensor) else v
+
+
 def _make_post_hook(att: _Attachment):
     def post_hook(module, args, kwargs, output):
         st = att.state
@@ -290,6 +307,7 @@ def _make_post_hook(att: _Attachment):
             att.dense_run = None
             if st.commit:
                 st.cache.put_exact(_INPUT_KEY + st.scope, x=_first_image(args, kwargs))
+                _remember_changed_aux(att, args, kwargs)
             return None
         if st.mode is Mode.CAPTURE:
             att.output_format = _memory_format(output)
@@ -309,6 +327,7 @@ def _make_post_hook(att: _Attachment):
                 st.forget_undo()
                 st.cache.flush(commit=True)
                 st.cache.put_exact(_INPUT_KEY + st.scope, x=_first_image(args, kwargs))
+                _remember_changed_aux(att, args, kwargs)
             elif st.cache.converts:
                 st.cache.flush(commit=False)  # the stored cache was never touched: nothing to roll back
                 st.forget_undo()
@@ -347,7 +366,7 @@ def capturing(model: nn.Module):
 
 
 @contextlib.contextmanager
-def editing(model: nn.Module, region: torch.Tensor | None = None, commit: bool = False):
+def editing(model: nn.Module, region: torch.Tensor | None = None, commit: bool = False, changeable: tuple = ()):
     """Run `model` sparsely against the capture: only `region` (and what it reaches) is recomputed.
 
     Args:
@@ -356,6 +375,10 @@ def editing(model: nn.Module, region: torch.Tensor | None = None, commit: bool =
             differs from the captured input.
         commit: keep the result in the cache, so the next edit is incremental against this one. Without it, the cache
             is restored to the capture when the context exits.
+        changeable: names (keyword) or positions of non-image inputs that may differ from the capture's, e.g.
+            `("encoder_hidden_states",)` for a prompt edit: the region is then computed with the new input and the
+            rest of the map keeps the captured values (FISEdit's approximation). Any other differing input raises
+            `StaleCacheError`. A committed run records the new value.
     """
     att = _attachment(model)
     st = att.state
@@ -367,6 +390,7 @@ def editing(model: nn.Module, region: torch.Tensor | None = None, commit: bool =
     if region is not None:
         check_region_type(region, st.cache.fingerprint["device"])
     att.pending_region = region
+    att.changeable = frozenset(changeable)
     st.commit = commit
     try:
         with _mode(att, Mode.SPARSE), RegionTracking(st):
@@ -375,6 +399,7 @@ def editing(model: nn.Module, region: torch.Tensor | None = None, commit: bool =
         if not commit:
             st.rollback()
         att.pending_region = None
+        att.changeable = frozenset()
         st.commit = False
 
 

@@ -306,6 +306,14 @@ def _pointwise_proj(module, h):
     return module(h)
 
 
+def _plain_processor(processor) -> bool:
+    """diffusers' default attention processors, or a wrapper of one that computes sparse runs itself (prompt edits'
+    attention control: `wrapped` plus `sparse_attend`)."""
+    if hasattr(processor, "sparse_attend"):
+        processor = processor.wrapped
+    return isinstance(processor, (AttnProcessor2_0, AttnProcessor))
+
+
 @register_handler(Transformer2DModel)
 class Transformer2DHandler(SparseHandler):
     """Stable Diffusion's spatial transformer, sparse over tokens (SIGE's attention extension, FISEdit's linear layers on
@@ -330,8 +338,8 @@ class Transformer2DHandler(SparseHandler):
                 and b.pos_embed is None
                 and getattr(b, "_chunk_size", None) is None
                 and not hasattr(b, "fuser")
-                and isinstance(b.attn1.processor, (AttnProcessor2_0, AttnProcessor))
-                and (b.attn2 is None or isinstance(b.attn2.processor, (AttnProcessor2_0, AttnProcessor)))
+                and _plain_processor(b.attn1.processor)
+                and (b.attn2 is None or _plain_processor(b.attn2.processor))
                 for b in blocks
             )
         )
@@ -417,7 +425,10 @@ class Transformer2DHandler(SparseHandler):
                 if blk.attn2 is not None:
                     nh = blk.norm2(hs)
                     kv = ctx if ctx is not None else nh
-                    hs = _attend(blk.attn2, nh, blk.attn2.to_k(kv), blk.attn2.to_v(kv)) + hs
+                    attn2 = blk.attn2
+                    plain = lambda a=attn2, q=nh, c=kv: _attend(a, q, a.to_k(c), a.to_v(c))  # noqa: E731
+                    controlled = getattr(attn2.processor, "sparse_attend", None)
+                    hs = (controlled(attn2, nh, kv, active, plain) if controlled else plain()) + hs
                 hs = blk.ff(blk.norm3(hs)) + hs
             out_tokens = _pointwise_proj(m.proj_out, hs) + residual
         _write_tokens(st, buf, active, out_tokens)
