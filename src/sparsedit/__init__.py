@@ -1,7 +1,8 @@
 """sparsedit: image editing with diffusion models and conditional GANs that recomputes only what changed."""
 
+from . import textedit
 from .cache import ActivationCache, StaleCacheError
-from .config import SparseConfig
+from .config import SparseConfig, TextEditConfig
 from .editor import SparseEditor
 from .nn import Mode, UnsupportedLayerError
 from .regions import difference_mask
@@ -15,6 +16,7 @@ __all__ = [
     "Mode",
     "SparseConfig",
     "SparseEditor",
+    "TextEditConfig",
     "StaleCacheError",
     "UnsupportedLayerError",
     "capturing",
@@ -25,5 +27,6 @@ __all__ = [
     "profiling",
     "scope",
     "sparsify_",
+    "textedit",
     "unsparsify_",
 ]

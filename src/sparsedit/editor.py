@@ -231,7 +231,7 @@ class SparseEditor:
             )
 
     def _encoder_mode(self, context, **kwargs):
-        if not self.latent:
+        if not self.latent or self.kind == "txt2img":  # text-to-image encodes no image
             return contextlib.nullcontext()
         self._check_vae()
         return context(self.pipe.vae.encoder, **kwargs)
@@ -704,7 +704,7 @@ class SparseEditor:
             raise ValueError(
                 "TextEditConfig(region='mask') regenerates the region you pass: edit(prompt=..., region=...)."
             )
-        cap = self._check_call(cap, generator, num_inference_steps, guidance_scale, strength)
+        cap, recaptured = self._check_call(cap, generator, num_inference_steps, guidance_scale, strength)
         if self.kind == "txt2img":
             if image is not None or mask_image is not None:
                 raise ValueError(
@@ -747,7 +747,10 @@ class SparseEditor:
             if change["region"] is not None:
                 region = changed  # the image part; the given region is the prompt's
         try:
-            return self._run_edit(cap, x0, mask, region, commit, output_type, return_dict, change)
+            out = self._run_edit(cap, x0, mask, region, commit, output_type, return_dict, change)
+            if recaptured is not None:
+                self.last_stats["recaptured_seconds"] = recaptured
+            return out
         except StaleCacheError:
             if self.on_stale != "recapture":
                 raise
@@ -777,7 +780,7 @@ class SparseEditor:
             if not same:
                 differ.append("generator (its seed or state differs from the capture's)")
         if not differ:
-            return cap
+            return cap, None
         if self.on_stale != "recapture":
             raise StaleCacheError(
                 f"this edit asks for {', '.join(differ)}: the cache holds another generation. Capture again with "
@@ -787,8 +790,7 @@ class SparseEditor:
         if generator is not None:
             cap.generator_state, cap.generator_device = generator.get_state(), str(generator.device)
         self._recapture(cap)
-        self.last_stats["recaptured_seconds"] = self.last_stats["seconds"]
-        return self._capture
+        return self._capture, self.last_stats["seconds"]
 
     def _detect(self, cap, change, embeds, prep, generator, copies, predict_dense):
         """The latent region a prompt change affects (`[b, h, w]` bool), the step the sparse run starts at and the
