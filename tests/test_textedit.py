@@ -287,3 +287,14 @@ def test_text_edit_config_validates_and_round_trips():
         TextEditConfig(region="otsu")
     with pytest.raises(ValueError, match="injection"):
         TextEditConfig(injection="swap")
+
+
+def test_find_region_previews_the_edit(txt2img):
+    editor, out0 = capture_txt2img(txt2img)
+    region = editor.find_region(prompt="a blue house")
+    assert editor.last_stats["detect_seconds"] > 0 and editor.last_stats["macs_detect"] > 0
+    assert region.shape == (1, 128, 128) and 0 < region.float().mean() < 1
+    out = editor.edit(prompt="a blue house", output_type="pt").images
+    assert torch.equal(editor.last_region, region)
+    assert not editor.find_region(prompt="a blue house").any()  # committed: now the current prompt
+    assert torch.equal(editor.edit(prompt="a blue house", output_type="pt").images, out)

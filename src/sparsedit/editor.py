@@ -792,6 +792,86 @@ class SparseEditor:
         self._recapture(cap)
         return self._capture, self.last_stats["seconds"]
 
+    def _injection(self, cap, change, b, copies):
+        """Prompt-to-Prompt's attention injection for this edit (`AttentionControl.inject`), or `None`."""
+        tcfg = change["config"]
+        if tcfg.inject_attention <= 0:
+            return None
+        n_inject = tcfg.inject_steps(len(cap.timesteps))
+        probs = self._attention(cap, tcfg, [], range(n_inject))["probs"]
+        mapping, _, _ = self._alignment(cap, change["prompt"], change["negative_prompt"], b, copies)
+        if tcfg.injection == "replace":
+            src, tgt = (self._prompt_tokens(p, None, b)[0] for p in (cap.call["prompt"], change["prompt"]))
+            eos = self.pipe.tokenizer.eos_token_id
+            if any(s.index(eos) != t.index(eos) for s, t in zip(src, tgt, strict=True)):
+                raise ValueError(
+                    "injection='replace' swaps words of equal token length; these prompts differ in length. "
+                    "Use TextEditConfig(injection='refine')."
+                )
+            mapping = torch.arange(mapping.shape[1], device=mapping.device).expand_as(mapping)
+        textedit.check_installed(self.unet, self._control)
+        self._control.cond = slice(b, None) if copies == 2 else slice(None)
+        return set(range(n_inject)), mapping, probs
+
+    @torch.no_grad()
+    def find_region(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        text_config: TextEditConfig | None = None,
+    ) -> torch.Tensor:
+        """The region `edit(prompt=..., negative_prompt=...)` would regenerate, without editing: bool `[B, H, W]` at
+        image resolution (after `TextEditConfig.dilation`). Nothing is committed; `last_stats["detect_seconds"]`
+        says what finding it cost. Useful to show the region before accepting an edit."""
+        cap = self._capture
+        if cap is None:
+            raise RuntimeError("Nothing captured yet: call `editor.capture(...)` first.")
+        if not self._text_editable():
+            raise ValueError(f"prompt edits need a Stable Diffusion text pipeline, not {type(self.pipe).__name__}.")
+        tcfg = self.text_config if text_config is None else text_config
+        if tcfg.region == "mask":
+            raise ValueError("TextEditConfig(region='mask') finds nothing: the region is the one you pass.")
+        change = {
+            "prompt": cap.call["prompt"] if prompt is None else prompt,
+            "negative_prompt": cap.call["negative_prompt"] if negative_prompt is None else negative_prompt,
+            "config": tcfg,
+            "region": None,
+        }
+        self._check_scheduler(cap)
+        started = time.perf_counter()
+        b = self._batch(cap.image)
+        h, w = cap.decoded.shape[-2:]
+        gs = cap.call["guidance_scale"]
+        copies = 2 if gs > 1.0 else 1
+        embeds = self._embeds(change["prompt"], change["negative_prompt"], gs, b)
+        found = torch.zeros(b, *cap.trajectory[0].shape[-2:], dtype=torch.bool, device=self.unet.device)
+        self._extra_macs = 0
+        if not torch.equal(embeds, cap.embeds):
+            generator = torch.Generator(device=cap.generator_device)
+            generator.set_state(cap.generator_state)
+            try:
+                self._control.inject = self._injection(cap, change, b, copies)
+                x0 = cap.image
+                empty = torch.zeros(b, h, w, dtype=torch.bool, device=self.unet.device)
+                with self._encoder_mode(editing, region=empty, commit=False):
+                    prep = self._prepare(x0, None, generator, cap.timesteps, cap.call["strength"], keep=found, cap=cap)
+                predict, _ = self._predictor(embeds, gs, prep, lambda i, call_unet: call_unet())
+                found, k, _ = self._detect(cap, change, embeds, prep, generator, copies, predict)
+                found = dilate(found, tcfg.dilation)
+                self._extra_macs += k * cap.step_macs
+            finally:
+                self._control.idle()
+                self._check_scheduler(cap)
+        region = F.interpolate(found[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
+        self.last_stats = {
+            "detect_seconds": time.perf_counter() - started,
+            "region_fraction": float(region.float().mean()),
+            "region_method": tcfg.region,
+            "macs_detect": self._extra_macs,
+            "macs_dense": cap.macs,
+        }
+        return region
+
     def _detect(self, cap, change, embeds, prep, generator, copies, predict_dense):
         """The latent region a prompt change affects (`[b, h, w]` bool), the step the sparse run starts at and the
         dense latents there (latent_diff, cross_attention: the first steps run densely)."""
@@ -851,24 +931,7 @@ class SparseEditor:
             return self._output(cap.decoded.clone(), output_type, return_dict)
         generator = torch.Generator(device=cap.generator_device)
         generator.set_state(cap.generator_state)
-        inject = None
-        if text and change["config"].inject_attention > 0:
-            tcfg = change["config"]
-            n_inject = tcfg.inject_steps(len(cap.timesteps))
-            probs = self._attention(cap, tcfg, [], range(n_inject))["probs"]
-            mapping, _, _ = self._alignment(cap, change["prompt"], change["negative_prompt"], b, copies)
-            if tcfg.injection == "replace":
-                src, tgt = (self._prompt_tokens(p, None, b)[0] for p in (cap.call["prompt"], change["prompt"]))
-                eos = self.pipe.tokenizer.eos_token_id
-                if any(s.index(eos) != t.index(eos) for s, t in zip(src, tgt)):
-                    raise ValueError(
-                        "injection='replace' swaps words of equal token length; these prompts differ in length. "
-                        "Use TextEditConfig(injection='refine')."
-                    )
-                mapping = torch.arange(mapping.shape[1], device=mapping.device).expand_as(mapping)
-            textedit.check_installed(unet, self._control)
-            inject = (set(range(n_inject)), mapping, probs)
-            self._control.cond = slice(b, None) if copies == 2 else slice(None)
+        inject = self._injection(cap, change, b, copies) if text else None
 
         def run_unet(i, call_unet):
             with editing(unet, region=unet_region, commit=commit, changeable=changeable), scope(unet, i):
