@@ -8,13 +8,14 @@ masks): `editor.edit(prompt=new, region=mask, commit=False)`, every step sparse,
 `pipe(prompt=new, ...)` with the same seed. Dense and sparse alternate in one process; medians. The detection
 methods are timed separately (`editor.find_region`): that is the overhead an edit without a mask adds.
 
-    python benchmarks/text_edit.py --cache-dtype bfloat16            # 512 px (the cache needs ~13 GiB in bf16)
+    python benchmarks/text_edit.py --cache-dtype bfloat16            # 512 px (the UNet cache needs ~8 GiB in bf16)
     python benchmarks/text_edit.py --size 256 --repeats 3           # quicker
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import platform
@@ -83,9 +84,11 @@ def main():
         mask = ellipse(args.size, frac)
         dense_t, sparse_t = [], []
         for _ in range(args.repeats):
+            gc.collect()
             t0 = time.perf_counter()
             dense = pipe(prompt=TARGET, generator=torch.Generator().manual_seed(0), output_type="pt", **kw).images
             dense_t.append(time.perf_counter() - t0)
+            gc.collect()
             t0 = time.perf_counter()
             sparse = editor.edit(prompt=TARGET, region=mask, commit=False, output_type="pt").images
             sparse_t.append(time.perf_counter() - t0)

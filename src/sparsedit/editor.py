@@ -128,7 +128,9 @@ class SparseEditor:
             sparse and the decoded image is composited outside the region; the VAE encoder runs sparse too.
         config: the `SparseConfig` for the UNet. Defaults to SIGE's diffusion setting (`input_dilation=5`, in pixels
             of the UNet's input: latent pixels for Stable Diffusion). `cache_dtype`/`cache_device` shrink or move
-            the per-step cache.
+            the per-step cache. The VAE encoder and decoder take this config (with their own input dilation) but
+            keep their cache in the model's dtype: each runs once per edit and converts its whole cache then, so a
+            smaller storage dtype would raise the peak memory (store + working copy) instead of lowering it.
         on_stale: `"raise"` (default): an edit whose capture no longer matches the pipeline (weights, scheduler)
             raises `StaleCacheError`. `"recapture"`: capture again densely with the same arguments on the current
             image, then edit.
@@ -169,13 +171,12 @@ class SparseEditor:
         sparsify_(unet, self.config)
         if self.latent:
             # The VAE decoder runs sparse on the latent region (already dilated for the UNet: one more pixel here).
-            self._decoder_config = SparseConfig.from_dict({**self.config.to_dict(), "input_dilation": 1})
+            vae = {**self.config.to_dict(), "cache_dtype": None}
+            self._decoder_config = SparseConfig.from_dict({**vae, "input_dilation": 1})
             sparsify_(pipe.vae.decoder, self._decoder_config)
             # The encoder runs sparse on the image region dilated by one latent pixel; outside the UNet's region its
             # output is replaced by the capture's anyway.
-            self._encoder_config = SparseConfig.from_dict(
-                {**self.config.to_dict(), "input_dilation": pipe.vae_scale_factor}
-            )
+            self._encoder_config = SparseConfig.from_dict({**vae, "input_dilation": pipe.vae_scale_factor})
             sparsify_(pipe.vae.encoder, self._encoder_config)
         self._encoder_stats: list[dict] = []
         self._capture: _Capture | None = None
