@@ -18,8 +18,8 @@ def test_info_lists_versions_and_backends():
 
 def test_demo_writes_report(tmp_path):
     report = run_demo(tmp_path, size=48, repeats=1, sd_size=128)
-    assert (tmp_path / "report.html").read_text().count("<img") == 3 + 4 * 4
-    assert [r["name"].split(" ")[0] for r in report["runs"]] == ["Stable", "SDEdit", "UNet", "BatchNorm"]
+    assert (tmp_path / "report.html").read_text().count("<img") == 3 + 5 * 4
+    assert [r["name"].split(" ")[0] for r in report["runs"]] == ["Stable", "Prompt", "SDEdit", "UNet", "BatchNorm"]
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["weights"].startswith("random")
     for row in report["runs"]:

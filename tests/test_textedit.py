@@ -298,3 +298,13 @@ def test_find_region_previews_the_edit(txt2img):
     assert torch.equal(editor.last_region, region)
     assert not editor.find_region(prompt="a blue house").any()  # committed: now the current prompt
     assert torch.equal(editor.edit(prompt="a blue house", output_type="pt").images, out)
+
+
+@pytest.mark.parametrize("method", ["latent_diff", "cross_attention"])
+def test_a_batch_of_prompts_edits_only_the_changed_one(txt2img, method):
+    editor, out0 = capture_txt2img(txt2img, prompt=["a red house", "a lake"])
+    out = editor.edit(prompt=["a blue house", "a lake"], text_config=TextEditConfig(region=method),
+                      output_type="pt").images  # fmt: skip
+    region = editor.last_region
+    assert region[0].any() and not region[1].any()
+    assert torch.equal(out[1], out0[1]) and not torch.equal(out[0], out0[0])

@@ -107,6 +107,25 @@ def sdedit_pipeline(size: int):
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
 
 
+def _row(name, dense, sparse, dense_seconds, stats, original) -> dict:
+    err = (sparse - dense).abs()
+    mse = float(err.square().mean())
+    return {
+        "name": name,
+        "dense_seconds": dense_seconds,
+        "sparse_seconds": stats["seconds"],
+        "speedup": dense_seconds / stats["seconds"],
+        "macs_dense": stats["macs_dense"],
+        "macs_sparse": stats["macs_sparse"],
+        "macs_ratio": stats["macs_dense"] / max(stats["macs_sparse"], 1),
+        "max_abs_error": float(err.max()),
+        "psnr_db": float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf"),
+        "cache_bytes": stats["cache_bytes"],
+        "active_fraction": stats["active_fraction"],
+        "images": (original, dense, sparse, err),
+    }
+
+
 def _sparse_vs_dense(name, pipe, config, photo, edited, **capture_kwargs) -> dict:
     """Capture `photo`, edit it into `edited` sparsely (the second, warm edit is timed), and compare with the dense
     SDEdit of `edited` from the same noise (a warm capture). Images come back in [0, 1]."""
@@ -124,22 +143,34 @@ def _sparse_vs_dense(name, pipe, config, photo, edited, **capture_kwargs) -> dic
     dense = reference.capture(image=edited, generator=torch.Generator().manual_seed(seed), **kw).images
     dense_seconds = reference.last_stats["seconds"]
     reference.remove()
-    err = (sparse - dense).abs()
-    mse = float(err.square().mean())
-    return {
-        "name": name,
-        "dense_seconds": dense_seconds,
-        "sparse_seconds": stats["seconds"],
-        "speedup": dense_seconds / stats["seconds"],
-        "macs_dense": stats["macs_dense"],
-        "macs_sparse": stats["macs_sparse"],
-        "macs_ratio": stats["macs_dense"] / max(stats["macs_sparse"], 1),
-        "max_abs_error": float(err.max()),
-        "psnr_db": float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf"),
-        "cache_bytes": stats["cache_bytes"],
-        "active_fraction": stats["active_fraction"],
-        "images": (original, dense, sparse, err),
-    }
+    return _row(name, dense, sparse, dense_seconds, stats, original)
+
+
+def run_sd_prompt_edit(workdir: Path, size: int = 256, steps: int = 10) -> dict:
+    """A Stable Diffusion-architecture txt2img pipeline (random weights): a prompt edit on a given region (the
+    detectors need trained weights to find a meaningful one), sparse vs regenerating densely."""
+    import time
+
+    from .editor import SparseEditor
+    from .testing import tiny_sd
+
+    pipe = tiny_sd(
+        workdir / "tokenizer-txt2img", "txt2img", unet_channels=(64, 128, 128), vae_channels=(16, 32, 32, 32)
+    )
+    kw = {"num_inference_steps": steps, "height": size, "width": size, "output_type": "pt"}
+    editor = SparseEditor(pipe, SparseConfig(input_dilation=2))
+    original = editor.capture(prompt="a red house by a lake", generator=torch.Generator().manual_seed(7), **kw).images
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    region = ((xx - size * 0.45) / (size * 0.16)) ** 2 + ((yy - size * 0.55) / (size * 0.12)) ** 2 <= 1  # ~6%
+    for _ in range(2):
+        sparse = editor.edit(prompt="a blue house by a lake", region=region, commit=False, output_type="pt").images
+    stats = dict(editor.last_stats)
+    editor.remove()
+    started = time.perf_counter()
+    dense = pipe("a blue house by a lake", generator=torch.Generator().manual_seed(7), **kw).images
+    dense_seconds = time.perf_counter() - started
+    name = f"Prompt edit through SparseEditor (txt2img, {steps} steps, CFG 7.5, 'red' → 'blue' on a ~6% region)"
+    return _row(name, dense, sparse, dense_seconds, stats, original)
 
 
 def run_sd_img2img(photo, edited, workdir: Path, steps: int = 10, strength: float = 0.7) -> dict:
@@ -257,10 +288,11 @@ def run_demo(out: Path, size: int = 256, repeats: int = 3, seed: int = 0, sd_siz
     full_edited = paint_stroke(full)
     sections = [
         (run_sd_img2img(full, full_edited, out), f"at {sd_size}×{sd_size} ({sd_size // 8}×{sd_size // 8} latents)"),
+        (run_sd_prompt_edit(out), "at 256×256"),
         (run_sdedit(photo, edited), f"at {size}×{size}"),
     ]
     note = (
-        " (one warm run each: the dense SDEdit of the edited photo vs the sparse edit). With random weights the "
+        " (one warm run each: the dense result of the same edit vs the sparse edit). With random weights the "
         "models do not denoise, so the images are noise; at these small widths, per-layer overheads eat much of the "
         "MACs saved. BENCHMARKS.md has the measurements on full-size architectures."
     )
@@ -272,8 +304,8 @@ def run_demo(out: Path, size: int = 256, repeats: int = 3, seed: int = 0, sd_siz
             (
                 f"{row['name']} {where}{note}",
                 [
-                    ("result for the photo (capture)", _png(_rgb(original * 2 - 1, -1, 1))),
-                    ("dense result for the edited photo", _png(_rgb(dense_img * 2 - 1, -1, 1))),
+                    ("capture (before the edit)", _png(_rgb(original * 2 - 1, -1, 1))),
+                    ("dense result of the edit", _png(_rgb(dense_img * 2 - 1, -1, 1))),
                     ("sparse edit (SparseEditor)", _png(_rgb(sparse_img * 2 - 1, -1, 1))),
                     (f"|sparse − dense|, scaled to its max {float(err.max()):.1e}", _png(_heat(err[0].amax(0)))),
                 ],

@@ -986,8 +986,7 @@ class SparseEditor:
         finally:
             if self._control is not None:
                 self._control.idle()
-        totals["macs_dense"] += self._extra_macs
-        totals["macs_sparse"] += self._extra_macs
+        totals["macs_sparse"] += self._extra_macs  # detection work a dense regeneration does not do
         decoded = z
         if self.latent:
             decoder = self.pipe.vae.decoder
@@ -1016,7 +1015,8 @@ class SparseEditor:
             cap.version += 1
         self.last_region = F.interpolate(keep[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
         self.last_stats = {
-            "macs_dense": totals["macs_dense"],
+            # A prompt edit is compared with regenerating densely: the capture's whole dense run.
+            "macs_dense": cap.macs if text else totals["macs_dense"],
             "macs_sparse": totals["macs_sparse"],
             "active_fraction": {k: sum(v) / len(v) for k, v in fractions.items()},
             "region_fraction": float(self.last_region.float().mean()) if text else float(region.float().mean()),
