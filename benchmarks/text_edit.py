@@ -8,7 +8,9 @@ masks): `editor.edit(prompt=new, region=mask, commit=False)`, every step sparse,
 `pipe(prompt=new, ...)` with the same seed. Dense and sparse alternate in one process; medians. The detection
 methods are timed separately (`editor.find_region`): that is the overhead an edit without a mask adds.
 
-    python benchmarks/text_edit.py --cache-dtype bfloat16            # 512 px (the UNet cache needs ~8 GiB in bf16)
+    python benchmarks/text_edit.py --cache-dtype bfloat16            # 512 px: the capture holds 14.3 GiB
+    # On a 24 GiB machine, also set MALLOC_MMAP_THRESHOLD_=1048576 MALLOC_TRIM_THRESHOLD_=1048576, or glibc keeps
+    # freed GiBs and the process is killed for memory (it was, once, in its second region).
     python benchmarks/text_edit.py --size 256 --repeats 3           # quicker
 """
 
