@@ -237,3 +237,118 @@ class TextEditConfig(_ConfigMixin):
     def inject_steps(self, total: int) -> int:
         """How many of `total` steps (from the first) get the capture's attention injected."""
         return int(round(self.inject_attention * total))
+
+
+_REUSE = ("encoder", "deep", "encoder+deep")
+# Faster Diffusion's key steps (Li et al., NeurIPS 2024), as loop indices: SD with DDIM-50, and DPM-Solver-20 (the
+# paper's {20, 19, 18, 17, 15, 10, 5} counted down from 20).
+PAPER_KEY_STEPS = {"ddim50": (50, (0, 1, 2, 3, 5, 10, 15, 25, 35)), "dpm20": (20, (0, 1, 2, 3, 5, 10, 15))}
+
+
+@dataclass
+class TemporalConfig(_ConfigMixin):
+    """Temporal reuse across denoising steps: Faster Diffusion's encoder propagation (Li et al., NeurIPS 2024) and
+    DeepCache's deep-feature reuse (Ma et al., CVPR 2024), in one schedule.
+
+    At a key step the model runs whole and its reusable features are kept; at the other steps those features are
+    reused from the last key step.
+
+    Args:
+        key_steps (`str` or `list[int]`, defaults to `"auto"`):
+            Loop indices (0 = the first step the pipeline runs) of the key steps, or a preset: `"ddim50"` (the paper's
+            SD DDIM-50 schedule `[0, 1, 2, 3, 5, 10, 15, 25, 35]`), `"dpm20"` (its DPM-Solver-20 schedule
+            `[0, 1, 2, 3, 5, 10, 15]`), or `"auto"` (`"ddim50"` from 35 steps on, else `"dpm20"`). A preset keeps
+            steps 0-3 (the features change fastest at the start) and rescales the later ones to the step count.
+            Step 0 is always a key step.
+        every (`int`, *optional*):
+            Every k-th step is a key step (DeepCache's uniform interval); overrides `key_steps`.
+        reuse (`str`, defaults to `"encoder"`):
+            What a non-key step reuses. `"encoder"` (Faster Diffusion): the whole encoder (UNet: `conv_in`, down
+            blocks and mid block; DiT: the first `encoder_blocks` blocks); the decoder runs. `"deep"` (DeepCache): the
+            shallow skip branches down to `skip_level` run, on the current input, and everything deeper is reused.
+            `"encoder+deep"` (UNets): both, so only the decoder layers of the shallow branches run.
+        skip_level (`int`, defaults to `1`):
+            `"deep"`/`"encoder+deep"`: UNet skip connections `0..skip_level` (0 = `conv_in`'s, then one per
+            resnet/attention layer and downsampler of the down blocks, shallowest first) stay computed with the decoder
+            layers that consume them; DiT: the first and last `skip_level + 1` blocks run, and the blocks between
+            reuse their residual (output minus input) from the key step.
+        parallel (`bool`, defaults to `False`):
+            A non-key decoder never reads the current latent, so the decoder passes of all non-key steps up to the
+            next key step run as one batch (with guidance batched inside), and the scheduler then steps through them
+            one by one. Needs `reuse="encoder"` or `"encoder+deep"`, the pipeline-level `enable` (it knows the coming
+            timesteps) and a first-order scheduler.
+        parallel_batch (`int`, *optional*):
+            At most this many steps per batched decoder call (memory); `None`: up to the next key step.
+        prior_noise (`float`, defaults to `0.003`):
+            Prior noise injection: after each step at a timestep below `prior_noise_below`, `z += prior_noise * z_T`
+            with `z_T` the loop's first latent in units of the scheduler's initial noise sigma (the paper's
+            `z_t += 0.003 z_T` for t < 500). Applied only when the schedule reuses something (a schedule of key steps
+            alone is dense and stays bit-identical). `0` turns it off.
+        prior_noise_below (`float`, defaults to `500`):
+            The timestep threshold for `prior_noise`.
+        encoder_blocks (`int`, *optional*):
+            DiT-family transformers: the first this many blocks act as the encoder; default 18 of 28 (the paper's),
+            scaled to the model's depth.
+        version (`int`): config schema version, for JSON round-trips.
+    """
+
+    key_steps: str | list[int] = "auto"
+    every: int | None = None
+    reuse: str = "encoder"
+    skip_level: int = 1
+    parallel: bool = False
+    parallel_batch: int | None = None
+    prior_noise: float = 0.003
+    prior_noise_below: float = 500.0
+    encoder_blocks: int | None = None
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self):
+        if isinstance(self.key_steps, str):
+            if self.key_steps != "auto" and self.key_steps not in PAPER_KEY_STEPS:
+                raise ValueError(
+                    f"TemporalConfig.key_steps must be 'auto', one of {sorted(PAPER_KEY_STEPS)} or a list of step "
+                    f"indices, got {self.key_steps!r}."
+                )
+        else:
+            steps = [int(i) for i in self.key_steps]
+            if not steps or 0 not in steps or min(steps) < 0:
+                raise ValueError(
+                    f"TemporalConfig.key_steps must hold step 0 and no negative index (the first step has nothing to "
+                    f"reuse), got {list(self.key_steps)}."
+                )
+            self.key_steps = sorted(set(steps))
+        if self.every is not None and self.every < 1:
+            raise ValueError(f"TemporalConfig.every must be >= 1, got {self.every}.")
+        if self.reuse not in _REUSE:
+            raise ValueError(f"TemporalConfig.reuse must be one of {_REUSE}, got {self.reuse!r}.")
+        if self.skip_level < 0:
+            raise ValueError(f"TemporalConfig.skip_level must be >= 0, got {self.skip_level}.")
+        if self.parallel and self.reuse == "deep":
+            raise ValueError(
+                "TemporalConfig(parallel=True) batches decoder passes that must not read the current latent, but "
+                "reuse='deep' recomputes the shallow encoder on it; use reuse='encoder' or 'encoder+deep'."
+            )
+        if self.parallel_batch is not None and self.parallel_batch < 1:
+            raise ValueError(f"TemporalConfig.parallel_batch must be >= 1, got {self.parallel_batch}.")
+        if self.prior_noise < 0:
+            raise ValueError(f"TemporalConfig.prior_noise must be >= 0, got {self.prior_noise}.")
+        if self.encoder_blocks is not None and self.encoder_blocks < 1:
+            raise ValueError(f"TemporalConfig.encoder_blocks must be >= 1, got {self.encoder_blocks}.")
+
+    def key_steps_for(self, total: int) -> list[int]:
+        """The key steps of a loop of `total` steps, as sorted loop indices."""
+        if self.every is not None:
+            steps = set(range(0, total, self.every))
+        elif isinstance(self.key_steps, str):
+            name = self.key_steps if self.key_steps != "auto" else ("ddim50" if total >= 35 else "dpm20")
+            ref, base = PAPER_KEY_STEPS[name]
+            steps = {i for i in base if i < 4} | {round(i * total / ref) for i in base if i >= 4}
+        else:
+            steps = set(self.key_steps)
+        return sorted(i for i in steps | {0} if i < total)
+
+    @property
+    def needs_total(self) -> bool:
+        """Whether the schedule depends on the number of steps (a preset)."""
+        return self.every is None and isinstance(self.key_steps, str)
