@@ -27,9 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import temporal as temporal_reuse
 from . import textedit
 from .cache import StaleCacheError
-from .config import SparseConfig, TextEditConfig
+from .config import SparseConfig, TemporalConfig, TextEditConfig
 from .regions import as_region, difference_mask, dilate
 from .spatial import _attachment, capturing, editing, last_stats, scope, sparsify_, unsparsify_
 
@@ -134,6 +135,11 @@ class SparseEditor:
         on_stale: `"raise"` (default): an edit whose capture no longer matches the pipeline (weights, scheduler)
             raises `StaleCacheError`. `"recapture"`: capture again densely with the same arguments on the current
             image, then edit.
+        text_config: the default `TextEditConfig` for prompt edits.
+        temporal: a `TemporalConfig`: the capture and every edit reuse features across steps (Faster Diffusion's
+            encoder propagation, DeepCache's deep reuse). In an edit, key steps run the encoder sparsely and the other
+            steps reuse it, so the two savings multiply. Outside the region the latents stay the capture's, bit for
+            bit. Parallel decoding does not compose with per-step caches: `parallel=False`.
     """
 
     def __init__(
@@ -142,6 +148,7 @@ class SparseEditor:
         config: SparseConfig | None = None,
         on_stale: str = "raise",
         text_config: TextEditConfig | None = None,
+        temporal: TemporalConfig | None = None,
     ):
         unet, scheduler, kind = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None), _kind(pipe)
         if kind is None or unet is None or scheduler is None:
@@ -168,7 +175,23 @@ class SparseEditor:
             if self.config.cache_dtype is not None:
                 self._control.storage_dtype = getattr(torch, self.config.cache_dtype)
             self._processors = textedit.install(unet, self._control)
+        if temporal is not None and not isinstance(temporal, TemporalConfig):
+            raise TypeError(f"temporal must be a TemporalConfig, got {type(temporal).__name__}.")
+        if temporal is not None and temporal.parallel:
+            raise ValueError(
+                "SparseEditor keeps a cache per denoising step, and parallel decoding batches several steps in one "
+                "call: use TemporalConfig(parallel=False) (the encoder is still reused at non-key steps)."
+            )
+        if temporal_reuse.is_applied(unet):
+            raise RuntimeError(
+                "this UNet already carries temporal reuse (`sparsedit.temporal.enable`); call `temporal.disable(pipe)` "
+                "and pass the config as `SparseEditor(pipe, temporal=...)` instead."
+            )
         sparsify_(unet, self.config)
+        self.temporal = temporal
+        if temporal is not None:  # after sparsify_: the reuse hooks sit outside the sparse ones
+            temporal_reuse.apply_encoder_propagation(unet, temporal)
+            temporal_reuse._state(unet).driven = True  # steps come from the editor's loops; other calls run whole
         if self.latent:
             # The VAE decoder runs sparse on the latent region (already dilated for the UNet: one more pixel here).
             vae = {**self.config.to_dict(), "cache_dtype": None}
@@ -190,6 +213,8 @@ class SparseEditor:
 
     def remove(self) -> None:
         """Detach everything: the pipeline computes bit-identically to before. The caches are dropped."""
+        if self.temporal is not None:
+            temporal_reuse.remove_encoder_propagation(self.unet)
         unsparsify_(self.unet)
         if self.latent:
             unsparsify_(self.pipe.vae.decoder)
@@ -294,17 +319,35 @@ class SparseEditor:
         z = prep["z"] if z is None else z
         trajectory = [z]
         stop = len(timesteps) if stop is None else stop
-        for i in range(start, stop):
-            t = timesteps[i]
-            z = sched.step(predict(i, t, z), t, z, **extra, return_dict=False)[0]
-            if blend:  # the pipeline's latent blending for 4-channel UNets
-                proper = prep["image"]
-                if i < len(timesteps) - 1:
-                    proper = sched.add_noise(proper, prep["noise"], torch.tensor([timesteps[i + 1]]))
-                z = (1 - prep["mask"]) * proper + prep["mask"] * z
-            z = composite(i, z)
-            trajectory.append(z)
+        reuse = None
+        if self.temporal is not None:
+            # A loop from step 0 starts a new generation; a continuation (a prompt edit after its dense detection
+            # steps) keeps the features of the last key step.
+            reuse = temporal_reuse._begin_loop(self.unet, len(timesteps)) if start == 0 else None
+            reuse = reuse or temporal_reuse._state(self.unet)
+            z_T = prep["z"] / float(getattr(sched, "init_noise_sigma", 1.0))
+        try:
+            for i in range(start, stop):
+                t = timesteps[i]
+                if reuse is not None:
+                    reuse.step = i
+                z = sched.step(predict(i, t, z), t, z, **extra, return_dict=False)[0]
+                if reuse is not None and reuse.reuses:
+                    z = temporal_reuse.inject_prior_noise(z, t, z_T, self.temporal)
+                z = self._blend(z, prep, timesteps, i) if blend else z
+                z = composite(i, z)
+                trajectory.append(z)
+        finally:
+            if reuse is not None:
+                reuse.step = None  # calls outside the loop (noise_diff's) run whole
         return z, trajectory
+
+    def _blend(self, z, prep, timesteps, i):
+        """The inpainting pipeline's latent blending for 4-channel UNets."""
+        proper = prep["image"]
+        if i < len(timesteps) - 1:
+            proper = self.pipe.scheduler.add_noise(proper, prep["noise"], torch.tensor([timesteps[i + 1]]))
+        return (1 - prep["mask"]) * proper + prep["mask"] * z
 
     def _predictor(self, embeds, guidance_scale, prep, run_unet):
         """The per-step noise prediction, with classifier-free guidance batched as the pipeline batches it."""
@@ -460,16 +503,15 @@ class SparseEditor:
         timesteps = self._timesteps(call["num_inference_steps"], call["strength"])
         embeds = self._embeds(call["prompt"], call["negative_prompt"], call["guidance_scale"], self._batch(x0))
         started = time.perf_counter()
-        macs = 0
-
-        step_macs = 0
+        macs = computed = step_macs = 0
 
         def run_unet(i, call_unet):
-            nonlocal macs, step_macs
+            nonlocal computed, step_macs
             with scope(unet, i):
                 out = call_unet()
-            step_macs = last_stats(unet)["macs_dense"]
-            macs += step_macs
+            # A step that reuses features (temporal) computes less; a whole step (a key step) is the dense cost.
+            computed += last_stats(unet)["macs_dense"]
+            step_macs = max(step_macs, last_stats(unet)["macs_dense"])
             return out
 
         self._encoder_stats = []
@@ -485,10 +527,13 @@ class SparseEditor:
                 z, trajectory = self._loop(prep, timesteps, generator, predict, lambda i, z: z)
         finally:
             attention = recording()
+        vae_macs = macs
+        macs += step_macs * len(timesteps)
         if self.latent:
             with capturing(self.pipe.vae.decoder):
                 decoded = self._decode(z)
             macs += last_stats(self.pipe.vae.decoder)["macs_dense"]
+            vae_macs += last_stats(self.pipe.vae.decoder)["macs_dense"]
         else:
             decoded = z
         self._capture = _Capture(
@@ -509,7 +554,7 @@ class SparseEditor:
         )
         self.last_stats = {
             "macs_dense": macs,
-            "macs_sparse": macs,
+            "macs_sparse": vae_macs + computed,  # less than macs_dense when temporal reuse skips work
             "active_fraction": {},
             "seconds": time.perf_counter() - started,
             "cache_bytes": self.cache_bytes,
@@ -938,7 +983,8 @@ class SparseEditor:
             with editing(unet, region=unet_region, commit=commit, changeable=changeable), scope(unet, i):
                 out = call_unet()
                 stats = last_stats(unet)
-            totals["macs_dense"] += stats["macs_dense"]
+            # With temporal reuse a step runs only some layers; the dense reference is a whole step.
+            totals["macs_dense"] += cap.step_macs if self.temporal is not None else stats["macs_dense"]
             totals["macs_sparse"] += stats["macs_sparse"]
             for res, frac in stats["active_fraction"].items():
                 fractions[res].append(frac)
