@@ -1,8 +1,8 @@
 """sparsedit: image editing with diffusion models and conditional GANs that recomputes only what changed."""
 
-from . import textedit
+from . import temporal, textedit
 from .cache import ActivationCache, StaleCacheError
-from .config import SparseConfig, TextEditConfig
+from .config import SparseConfig, TemporalConfig, TextEditConfig
 from .editor import SparseEditor
 from .nn import Mode, UnsupportedLayerError
 from .regions import difference_mask
@@ -18,6 +18,7 @@ __all__ = [
     "SparseEditor",
     "TextEditConfig",
     "StaleCacheError",
+    "TemporalConfig",
     "UnsupportedLayerError",
     "capturing",
     "difference_mask",
@@ -27,6 +28,7 @@ __all__ = [
     "profiling",
     "scope",
     "sparsify_",
+    "temporal",
     "textedit",
     "unsparsify_",
 ]

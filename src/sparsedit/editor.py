@@ -157,6 +157,18 @@ class SparseEditor:
                 f"{type(pipe).__name__}; for other models use the model-level API (`sparsedit.sparsify_`, "
                 "`capturing`, `editing`)."
             )
+        if temporal is not None and not isinstance(temporal, TemporalConfig):
+            raise TypeError(f"temporal must be a TemporalConfig, got {type(temporal).__name__}.")
+        if temporal is not None and temporal.parallel:
+            raise ValueError(
+                "SparseEditor keeps a cache per denoising step, and parallel decoding batches several steps in one "
+                "call: use TemporalConfig(parallel=False) (the encoder is still reused at non-key steps)."
+            )
+        if temporal_reuse.is_applied(unet):
+            raise RuntimeError(
+                "this UNet already carries temporal reuse (`sparsedit.temporal.enable`); call `temporal.disable(pipe)` "
+                "and pass the config as `SparseEditor(pipe, temporal=...)` instead."
+            )
         if on_stale not in ("raise", "recapture"):
             raise ValueError(f"on_stale must be 'raise' or 'recapture', got {on_stale!r}.")
         if kind == "inpaint" and unet.config.in_channels not in (4, 9):
@@ -175,18 +187,6 @@ class SparseEditor:
             if self.config.cache_dtype is not None:
                 self._control.storage_dtype = getattr(torch, self.config.cache_dtype)
             self._processors = textedit.install(unet, self._control)
-        if temporal is not None and not isinstance(temporal, TemporalConfig):
-            raise TypeError(f"temporal must be a TemporalConfig, got {type(temporal).__name__}.")
-        if temporal is not None and temporal.parallel:
-            raise ValueError(
-                "SparseEditor keeps a cache per denoising step, and parallel decoding batches several steps in one "
-                "call: use TemporalConfig(parallel=False) (the encoder is still reused at non-key steps)."
-            )
-        if temporal_reuse.is_applied(unet):
-            raise RuntimeError(
-                "this UNet already carries temporal reuse (`sparsedit.temporal.enable`); call `temporal.disable(pipe)` "
-                "and pass the config as `SparseEditor(pipe, temporal=...)` instead."
-            )
         sparsify_(unet, self.config)
         self.temporal = temporal
         if temporal is not None:  # after sparsify_: the reuse hooks sit outside the sparse ones

@@ -92,6 +92,11 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
         raise RuntimeError(
             "This model is already sparsified; call `sparsedit.unsparsify_(model)` before sparsifying it again."
         )
+    if "_sparsedit_temporal" in model.__dict__:
+        raise RuntimeError(
+            "This model carries temporal reuse; its hooks must sit outside the sparse ones. Call "
+            "`sparsedit.temporal.remove_encoder_propagation(model)`, sparsify, then apply temporal reuse again."
+        )
     cache = ActivationCache(
         storage_dtype=None if config.cache_dtype is None else getattr(torch, config.cache_dtype),
         storage_device=config.cache_device,

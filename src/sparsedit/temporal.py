@@ -122,7 +122,9 @@ def _dit_units(model: nn.Module, config: TemporalConfig) -> list[_Unit]:
         s = config.skip_level + 1
         middle = units[s : n - s]
         if not middle:
-            raise ValueError(f"TemporalConfig.skip_level={config.skip_level} leaves no middle block of the model's {n}.")
+            raise ValueError(
+                f"TemporalConfig.skip_level={config.skip_level} leaves no middle block of the model's {n}."
+            )
         for u in middle[:-1]:
             u.role = PASS
         middle[0].role = DELTA_IN if len(middle) > 1 else DELTA_OUT
@@ -296,8 +298,7 @@ class _UnitHook:
         regions = None
         if spatial is not None:
             regions = [
-                spatial.region_of(t) if isinstance(t, torch.Tensor) and spatial.has_region(t) else None
-                for t in leaves
+                spatial.region_of(t) if isinstance(t, torch.Tensor) and spatial.has_region(t) else None for t in leaves
             ]
         return tree_unflatten(kept, spec), regions
 
