@@ -103,6 +103,7 @@ def main():
             t0 = time.perf_counter()
             latents[name] = generate(pipe, args)
             times[name].append(time.perf_counter() - t0)
+            print(f"  {name}: {times[name][-1]:.1f} s", flush=True)  # partial results survive an interrupted run
             if cfg is not None:
                 temporal.disable(pipe)
     full, _ = step_macs(pipe, None, args)

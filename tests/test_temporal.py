@@ -10,7 +10,12 @@ from .sd_fixtures import tiny_sd
 
 
 diffusers = pytest.importorskip("diffusers")
-SCHEDULERS = ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"]
+SCHEDULERS = [
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+]
 
 
 # -- the schedule -----------------------------------------------------------------------------------------------------

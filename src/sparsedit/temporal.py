@@ -544,6 +544,8 @@ def enable(pipe, config: TemporalConfig | None = None) -> None:
     set_timesteps, step = sched.set_timesteps, sched.step
     prior = {"z_T": None}
 
+    # `functools.wraps`: pipelines inspect these signatures (custom timesteps, `eta`, `generator`).
+    @functools.wraps(set_timesteps)
     def set_timesteps_wrapper(*args, **kwargs):
         out = set_timesteps(*args, **kwargs)
         _begin_loop(model, None, list(sched.timesteps))
@@ -551,6 +553,7 @@ def enable(pipe, config: TemporalConfig | None = None) -> None:
         prior["z_T"] = None
         return out
 
+    @functools.wraps(step)
     def step_wrapper(model_output, timestep, sample, *args, **kwargs):
         if prior["z_T"] is None:
             prior["z_T"] = sample.detach() / float(getattr(sched, "init_noise_sigma", 1.0))
