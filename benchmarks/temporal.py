@@ -63,8 +63,10 @@ def step_macs(pipe, cfg: TemporalConfig | None, args) -> tuple[int, int]:
     sparsify_(unet, SparseConfig())
     per_call = []
     handle = unet.register_forward_hook(lambda *a: per_call.append(last_stats(unet)["macs_dense"]))
-    probe = TemporalConfig(**{**(cfg or TemporalConfig()).to_dict(), "key_steps": [0], "every": None})
-    probe.parallel = False  # the same work as sequential, batched
+    # Parallel mode does the same work as sequential, batched: profile it sequentially.
+    probe = TemporalConfig(
+        **{**(cfg or TemporalConfig()).to_dict(), "key_steps": [0], "every": None, "parallel": False}
+    )
     temporal.enable(pipe, probe)
     with profiling(unet):
         pipe("a photo", num_inference_steps=2, height=args.size, width=args.size, output_type="latent")

@@ -165,6 +165,7 @@ class _State:
     scheduler: object = None
     call_step: int | None = None  # the step the last call belonged to
     restore: tuple | None = None  # `enable`: the scheduler and its own methods, for `disable`
+    hooked: list = field(default_factory=list)  # the unit modules carrying a hook, for removal
 
     def new_generation(self) -> None:
         self.step, self.call, self.last_t, self.call_step = 0, 0, None, None
@@ -462,7 +463,7 @@ def apply_encoder_propagation(
     units = _units(model, config)
     state = _State(config, total=num_inference_steps)
     owner = weakref.ref(model)
-    hooked = []
+    hooked = state.hooked
     for unit in units:
         if unit.role == RUN:
             continue
@@ -472,13 +473,11 @@ def apply_encoder_propagation(
             hooked.append(module)
     HookRegistry.check_if_exists_or_initialize(model).register_hook(root_hook(state, _forward_names(model)), HOOK_NAME)
     model.__dict__[_ATTR] = state
-    model.__dict__["_sparsedit_temporal_modules"] = hooked
 
 
 def remove_encoder_propagation(model: nn.Module) -> None:
     """Detach every hook `apply_encoder_propagation` added; the model computes bit-identically to before."""
-    _state(model)
-    for module in [*model.__dict__.pop("_sparsedit_temporal_modules"), model]:
+    for module in [*_state(model).hooked, model]:
         module._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
     del model.__dict__[_ATTR]
 
