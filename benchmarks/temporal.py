@@ -45,6 +45,7 @@ def modes(steps: int) -> dict[str, TemporalConfig | None]:
         "encoder propagation": TemporalConfig(parallel=False),
         "encoder propagation, parallel": TemporalConfig(parallel=True),
         "deep reuse (every 3)": TemporalConfig(reuse="deep", every=3, skip_level=1),
+        "deep reuse (every 3), skip level 0": TemporalConfig(reuse="deep", every=3, skip_level=0),
         "deep reuse, paper key steps": TemporalConfig(reuse="deep", skip_level=1),
         "encoder+deep, paper key steps": TemporalConfig(reuse="encoder+deep", skip_level=1),
         "encoder+deep, paper key steps, parallel": TemporalConfig(reuse="encoder+deep", skip_level=1, parallel=True),
@@ -83,7 +84,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--edit-fraction", type=float, default=0.05)
-    ap.add_argument("--skip-edit", action="store_true")
+    ap.add_argument("--skip-edit", action="store_true", help="leave out the sparse-edit section")
+    ap.add_argument("--edit-only", action="store_true", help="run only the sparse-edit section")
+    ap.add_argument("--modes", nargs="+", metavar="SUBSTRING",
+                    help="run only the modes whose names contain one of these (dense always runs)")  # fmt: skip
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/temporal.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,9 +99,14 @@ def main():
     print(f"SD 1.5 architecture txt2img, {args.size} px, {args.steps} steps DDIM, CFG 7.5, float32, threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, {platform.machine()}, load {loadavg()}")  # fmt: skip
     configs = modes(args.steps)
+    if args.modes:
+        configs = {k: v for k, v in configs.items() if v is None or any(m in k for m in args.modes)}
+    if args.edit_only:
+        configs = {}
     times = {name: [] for name in configs}
     latents = {}
-    generate(pipe, args)  # warm-up
+    if configs:
+        generate(pipe, args)  # warm-up
     for _ in range(args.repeats):
         for name, cfg in configs.items():
             if cfg is not None:
@@ -108,11 +117,12 @@ def main():
             print(f"  {name}: {times[name][-1]:.1f} s", flush=True)  # partial results survive an interrupted run
             if cfg is not None:
                 temporal.disable(pipe)
-    full, _ = step_macs(pipe, None, args)
     rows = []
-    dense_s = statistics.median(times["dense"])
-    ref = latents["dense"].float()
-    print(f"{'mode':<42} {'key steps':>9} {'s':>7} {'speed-up':>8} {'MACs ratio':>10} {'drift':>7}")
+    full = step_macs(pipe, None, args)[0] if configs else None
+    if configs:
+        dense_s = statistics.median(times["dense"])
+        ref = latents["dense"].float()
+        print(f"{'mode':<42} {'key steps':>9} {'s':>7} {'speed-up':>8} {'MACs ratio':>10} {'drift':>7}")
     for name, cfg in configs.items():
         keys = len(cfg.key_steps_for(args.steps)) if cfg is not None else args.steps
         reuse_macs = step_macs(pipe, cfg, args)[1] if cfg is not None else full

@@ -40,12 +40,13 @@ def regions(draw, b: int, h: int, w: int):
 
 @st.composite
 def conv_stacks(draw, in_channels: int):
-    """A random (possibly nested) nn.Sequential of convs (k 1/3/5, stride 1/2, padding, dilation), eval BatchNorm,
-    activations, pools and nearest upsampling."""
+    """A random (possibly nested) nn.Sequential of convs (k 1/3/5, stride 1/2, padding, dilation), transposed convs,
+    explicit reflection/replication/zero pads, eval BatchNorm and InstanceNorm with running statistics, activations,
+    pools and nearest upsampling."""
     layers = []
     c = in_channels
     for _ in range(draw(st.integers(1, 5))):
-        kind = draw(st.sampled_from(["conv", "conv", "conv", "bn", "act", "up", "pool"]))
+        kind = draw(st.sampled_from(["conv", "conv", "conv", "bn", "act", "up", "pool", "convT", "pad", "in"]))
         if kind == "conv":
             kh = draw(st.sampled_from([1, 3, 5]))
             kw = kh if draw(st.booleans()) else draw(st.sampled_from([1, 3, 5]))
@@ -72,6 +73,31 @@ def conv_stacks(draw, in_channels: int):
             layers.append(bn)
         elif kind == "act":
             layers.append(draw(st.sampled_from([nn.ReLU(), nn.SiLU(), nn.Tanh(), nn.LeakyReLU(0.2), nn.GELU()])))
+        elif kind == "convT":
+            k = draw(st.sampled_from([2, 3, 4]))
+            stride = draw(st.sampled_from([1, 2]))
+            out = draw(st.integers(1, 5))
+            layers.append(
+                nn.ConvTranspose2d(
+                    c,
+                    out,
+                    k,
+                    stride=stride,
+                    padding=draw(st.integers(0, k - 1)),
+                    output_padding=draw(st.integers(0, stride - 1)),
+                    bias=draw(st.booleans()),
+                )
+            )
+            c = out
+        elif kind == "pad":
+            p = draw(st.integers(1, 2))
+            layers.append(draw(st.sampled_from([nn.ReflectionPad2d(p), nn.ReplicationPad2d(p), nn.ZeroPad2d(p)])))
+        elif kind == "in":  # InstanceNorm with running statistics: in eval mode a fixed affine, exact
+            norm = nn.InstanceNorm2d(c, affine=True, track_running_stats=True)
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.data.normal_()
+            layers.append(norm)
         elif kind == "up":
             layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
         else:

@@ -1,9 +1,10 @@
 """sparsedit: image editing with diffusion models and conditional GANs that recomputes only what changed."""
 
-from . import temporal, textedit
+from . import models, temporal, textedit
 from .cache import ActivationCache, StaleCacheError
 from .config import SparseConfig, TemporalConfig, TextEditConfig
 from .editor import SparseEditor
+from .gan import GANEditor
 from .nn import Mode, UnsupportedLayerError
 from .regions import difference_mask
 from .spatial import capturing, editing, is_sparsified, last_stats, profiling, scope, sparsify_, unsparsify_
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationCache",
+    "GANEditor",
     "Mode",
     "SparseConfig",
     "SparseEditor",
@@ -25,6 +27,7 @@ __all__ = [
     "editing",
     "is_sparsified",
     "last_stats",
+    "models",
     "profiling",
     "scope",
     "sparsify_",

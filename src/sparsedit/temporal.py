@@ -483,15 +483,17 @@ def remove_encoder_propagation(model: nn.Module) -> None:
 
 
 def stats(model: nn.Module) -> dict:
-    """What the last generation did: its key steps, and how many model calls computed whole, reused, or ran as
-    parallel decoder batches."""
+    """What the last generation did: its key steps, how many model calls computed whole, reused, or ran as
+    parallel decoder batches, and `kept_bytes`, the memory the features kept for reuse hold now."""
     st = _state(model)
+    kept = [t for t in tree_flatten(list(st.store.values()))[0] if isinstance(t, torch.Tensor)]
     return {
         "key_steps": list(st.keys) if st.keys is not None else None,
         "total_steps": st.total,
         "key_calls": st.counts["key"],
         "reuse_calls": st.counts["reuse"],
         "parallel_calls": st.counts["parallel_calls"],
+        "kept_bytes": sum(t.numel() * t.element_size() for t in {id(t): t for t in kept}.values()),
     }
 
 

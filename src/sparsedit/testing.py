@@ -6,6 +6,7 @@ Nothing here downloads anything: the CLIP tokenizer is written from a byte-level
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -120,3 +121,58 @@ def tiny_sd(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dtype=dtype)
+
+
+# -- label maps for the conditional GANs (Cityscapes ids) ----------------------------------------------------------
+ROAD, SIDEWALK, BUILDING, POLE, VEGETATION, SKY, PERSON, CAR = 7, 8, 11, 17, 21, 23, 24, 26
+
+
+def street_scene(h: int = 256, w: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Cityscapes-like layout: label ids `[1, H, W]` and instance ids (cars get their own)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.full((h, w), SKY, dtype=torch.long)
+    horizon = h * 5 // 8
+    x = 0
+    while x < w:  # buildings of random widths and heights
+        bw = int(torch.randint(w // 16, w // 6, (1,), generator=g))
+        top = int(torch.randint(h // 10, h // 3, (1,), generator=g))
+        labels[top:horizon, x : x + bw] = BUILDING
+        x += bw
+    labels[horizon - h // 6 : horizon, : w // 5] = VEGETATION
+    labels[horizon - h // 8 : horizon, w * 3 // 4 :] = VEGETATION
+    labels[horizon:, :] = ROAD
+    labels[horizon : horizon + h // 16, :] = SIDEWALK
+    for px in range(w // 10, w, w // 5):
+        labels[h // 4 : horizon + h // 16, px : px + 3] = POLE
+    instance = labels.clone()
+    for k in range(4):
+        cx = int(torch.randint(0, w - w // 8, (1,), generator=g))
+        cy = horizon + int(torch.randint(h // 16, h // 4, (1,), generator=g))
+        labels[cy : cy + h // 12, cx : cx + w // 10] = CAR
+        instance[cy : cy + h // 12, cx : cx + w // 10] = CAR * 1000 + k
+    labels[horizon - 10 : horizon + 20, w // 2 : w // 2 + 6] = PERSON
+    instance[horizon - 10 : horizon + 20, w // 2 : w // 2 + 6] = PERSON * 1000
+    return labels[None], instance[None]
+
+
+def paint_labels(labels, instance, fraction: float, cls: int = VEGETATION):
+    """Paint a rectangle of `cls` over the middle of the road and buildings, covering `fraction` of the image."""
+    _, h, w = labels.shape
+    area = fraction * h * w
+    rh = max(1, min(h, round(math.sqrt(area / 2))))
+    rw = max(1, min(w, round(area / rh)))
+    y0, x0 = max(0, h * 9 // 16 - rh // 2), max(0, w * 2 // 5 - rw // 2)
+    new, inst = labels.clone(), instance.clone()
+    new[:, y0 : y0 + rh, x0 : x0 + rw] = cls
+    inst[:, y0 : y0 + rh, x0 : x0 + rw] = cls
+    return new, inst
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random BatchNorm running statistics (random-weight models are otherwise near-identity there); eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return model.eval()

@@ -10,9 +10,20 @@ from .. import ops
 from ..regions import Geometry, block_index
 from .base import IDENTITY, Prologue, SparseHandler, UnsupportedLayerError, register_handler
 from .state import LayerRecord
+from .tracking import padded_region
 
 
-__all__ = ["ActivationHandler", "BatchNormHandler", "ConvHandler", "GroupNormHandler", "PoolHandler", "group_stats"]
+__all__ = [
+    "ActivationHandler",
+    "BatchNormHandler",
+    "ConvHandler",
+    "ConvTransposeHandler",
+    "GroupNormHandler",
+    "InstanceNormHandler",
+    "PadHandler",
+    "PoolHandler",
+    "group_stats",
+]
 
 _POINT = Geometry()
 
@@ -228,6 +239,7 @@ class GroupNormHandler(PointwiseHandler):
     def check_supported(self):
         # In exact mode a GroupNorm changes every output position, so it never folds into a sparse gather.
         self.pointwise = not self.state.config.exact
+        self.groups, self.channels = self.module.num_groups, self.module.num_channels
 
     def macs_per_position(self, out):
         return 2 * out.shape[1]  # statistics + affine
@@ -239,21 +251,21 @@ class GroupNormHandler(PointwiseHandler):
         super().capture(key, out)
         m = self.module
         b, c, h, w = x.shape
-        mean, rstd = group_stats(x, m.num_groups, m.eps)
+        mean, rstd = group_stats(x, self.groups, m.eps)
         tensors = {"mean": mean, "rstd": rstd}
         if self.state.config.norm_stats == "recompute":
             t = self._grid(h)
             ny, nx = -(-h // t), -(-w // t)
             xp = F.pad(x.detach().double(), (0, nx * t - w, 0, ny * t - h))
-            cells = xp.reshape(b, m.num_groups, c // m.num_groups, ny, t, nx, t)
+            cells = xp.reshape(b, self.groups, c // self.groups, ny, t, nx, t)
             tensors["cell_sum"] = cells.sum(dim=(2, 4, 6))
             tensors["cell_sumsq"] = cells.square().sum(dim=(2, 4, 6))
         self.state.cache.put(key, **tensors)
 
     def _affine(self, mean, rstd, b):
         m = self.module
-        g = m.num_groups
-        per = m.num_channels // g
+        g = self.groups
+        per = self.channels // g
         scale = rstd.repeat_interleave(per, dim=1)
         shift = -mean.repeat_interleave(per, dim=1) * scale
         if m.weight is not None:
@@ -277,14 +289,14 @@ class GroupNormHandler(PointwiseHandler):
         csum, csq = entry["cell_sum"], entry["cell_sumsq"]
         if cells.num_blocks:
             tiles = ops.gather(x, cells.origins, (t, t)).double()  # zeros past the border add nothing
-            tiles = tiles.reshape(tiles.shape[0], m.num_groups, -1)
+            tiles = tiles.reshape(tiles.shape[0], self.groups, -1)
             bi, cy, cx = cells.origins[:, 0], cells.origins[:, 1] // t, cells.origins[:, 2] // t
             index = (bi, slice(None), cy, cx)
             old_sum, old_sq = csum[index].clone(), csq[index].clone()
             self.state.remember(lambda: (csum.__setitem__(index, old_sum), csq.__setitem__(index, old_sq)))
             csum[index] = tiles.sum(-1)
             csq[index] = tiles.square().sum(-1)
-        n = (c // m.num_groups) * h * w
+        n = (c // self.groups) * h * w
         mean = csum.sum(dim=(2, 3)) / n
         var = (csq.sum(dim=(2, 3)) / n - mean.square()).clamp_min(0)
         return mean.float(), torch.rsqrt(var + m.eps).float()
@@ -303,6 +315,140 @@ class GroupNormHandler(PointwiseHandler):
         st.record(LayerRecord(self.name, self.kind, tuple(buf.shape[-2:]), macs, macs, 1.0, "exact GroupNorm"))
         st.set_region(buf, region)
         return buf
+
+
+@register_handler(nn.InstanceNorm2d)
+class InstanceNormHandler(GroupNormHandler):
+    """InstanceNorm2d: GroupNorm with one group per channel (pix2pix, SPADE's `spadeinstance`). Its statistics span
+    the whole map, so sparse runs freeze them from the capture or recompute them (approximate mode); in exact mode it
+    runs densely. With `track_running_stats=True` in eval mode it is a fixed affine, exact like BatchNorm."""
+
+    def check_supported(self):
+        m = self.module
+        self.running = m.track_running_stats
+        self.pointwise = self.running or not self.state.config.exact
+        self.groups = self.channels = m.num_features
+
+    def capture(self, key, out, x, *args, **kwargs):
+        if self.running:
+            return SparseHandler.capture(self, key, out)
+        return super().capture(key, out, x, *args, **kwargs)
+
+    def prologue(self, x, key):
+        if not self.running:
+            return super().prologue(x, key)
+        return BatchNormHandler.prologue(self, x, key)
+
+
+@register_handler(nn.ConvTranspose2d)
+class ConvTransposeHandler(SparseHandler):
+    """A transposed convolution (pix2pix's upsampling). An output tile reads the input pixels whose scattered
+    kernels reach it; the tile is computed with `conv_transpose2d` at padding 0 on those pixels and cropped."""
+
+    kind = "conv"
+    consumes_prologue = True
+
+    def check_supported(self):
+        m = self.module
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise UnsupportedLayerError(f"{self.name}: ConvTranspose2d runs sparse only with integer zero padding.")
+        reach = [d * (k - 1) + 1 for k, d in zip(m.kernel_size, m.dilation)]
+        if any(s > r for s, r in zip(m.stride, reach)):
+            raise UnsupportedLayerError(
+                f"{self.name}: ConvTranspose2d with stride {m.stride} larger than its kernel's reach {reach} leaves "
+                "output positions no input reaches; it cannot run sparse."
+            )
+
+    def macs_per_position(self, out):
+        m = self.module
+        per_input = m.in_channels * (m.out_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        return per_input // (m.stride[0] * m.stride[1])
+
+    def propagate(self, region: torch.Tensor, out_hw) -> torch.Tensor:
+        """Output positions that any changed input position scatters into (exact)."""
+        m = self.module
+        if not bool(region.any()):
+            return region.new_zeros((region.shape[0], *out_hw))
+        ones = torch.ones(1, 1, *m.kernel_size, device=region.device)
+        out = F.conv_transpose2d(
+            region[:, None].float(), ones, None, m.stride, m.padding, m.output_padding, 1, m.dilation
+        )
+        return out[:, 0, : out_hw[0], : out_hw[1]] > 0
+
+    def _span(self, axis: int, o0: int, t: int) -> tuple[int, int, int]:
+        """Input start, input length and crop offset of the output rows (or columns) `[o0, o0 + t)`."""
+        m = self.module
+        s, p, d, k = m.stride[axis], m.padding[axis], m.dilation[axis], m.kernel_size[axis]
+        i0 = -(-(o0 + p - d * (k - 1)) // s)
+        i1 = (o0 + t - 1 + p) // s
+        return i0, i1 - i0 + 1, o0 - s * i0 + p
+
+    def compute(self, x, bi, prologue: Prologue):
+        m = self.module
+        (th, tw), poison = bi.tile, self.state.config.poison_scratch
+        out = None
+        origins = bi.origins
+        # Tiles whose origins share a residue modulo the stride read equally sized input windows: one batch each.
+        ry, rx = origins[:, 1] % m.stride[0], origins[:, 2] % m.stride[1]
+        for y in ry.unique().tolist():
+            for x_ in rx.unique().tolist():
+                sel = ((ry == y) & (rx == x_)).nonzero()[:, 0]
+                if sel.numel() == 0:
+                    continue
+                o = origins[sel]
+                iy, ny, cy = self._span(0, y, th)
+                ix, nx, cx = self._span(1, x_, tw)
+                # The spans for residue y hold for every origin o0 = y + k*s, shifted by k input pixels.
+                inp = o.clone()
+                inp[:, 1] = (o[:, 1] - y) // m.stride[0] + iy
+                inp[:, 2] = (o[:, 2] - x_) // m.stride[1] + ix
+                tiles = prologue.gather(x, inp, (ny, nx), poison)
+                res = F.conv_transpose2d(tiles, m.weight, m.bias, m.stride, 0, 0, m.groups, m.dilation)
+                res = res[:, :, cy : cy + th, cx : cx + tw]
+                if out is None:
+                    out = res.new_empty((origins.shape[0], res.shape[1], th, tw))
+                out[sel] = res
+        return out
+
+    def compute_dense(self, x, prologue: Prologue):
+        return self.original(x if prologue is IDENTITY else prologue.apply_dense(x))
+
+    def sparse(self, x, prologue: Prologue = IDENTITY, residual: torch.Tensor | None = None, into=None):
+        st = self.state
+        buf = into if into is not None else self.buffer(st.key(self.name))
+        out_hw = tuple(buf.shape[-2:])
+        region_in = st.region_of(x)
+        if st.config.exact or bool(region_in.all()) or not bool(region_in.any()):
+            region = self.propagate(region_in, out_hw)
+        else:
+            region = st.pyramid(out_hw)
+        if residual is not None:
+            region = region | st.region_of(residual)
+        self.run_tiles(x, region, _POINT, self.compute, self.compute_dense, buf, residual, prologue)
+        st.set_region(buf, region)
+        return buf
+
+
+@register_handler(nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad2d)
+class PadHandler(SparseHandler):
+    """Explicit padding before a padding-free convolution (pix2pix's reflection pads): computed densely (a copy of
+    the map), with the region padded the same way so the convolution after it stays sparse."""
+
+    kind = "pad"
+
+    def capture(self, key, out, *args, **kwargs):
+        pass  # sparse runs recompute the padding; nothing to keep
+
+    def sparse(self, x):
+        st = self.state
+        st.key(self.name)
+        out = self.original(x)
+        m = self.module
+        mode = {nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate"}.get(type(m), "constant")
+        region = padded_region(st.region_of(x), tuple(m.padding), mode, getattr(m, "value", 0))
+        if region is not None:
+            st.set_region(out, region)
+        return out
 
 
 @register_handler(nn.Upsample, nn.UpsamplingNearest2d)

@@ -113,17 +113,32 @@ class RegionTracking(TorchFunctionMode):
         if mode != "nearest" or out.dim() != 4 or not self.state.has_region(x):
             return None
         (h, w), (oh, ow) = x.shape[-2:], out.shape[-2:]
-        if oh % h or ow % w:
-            return None
-        return self.state.region_of(x).repeat_interleave(oh // h, 1).repeat_interleave(ow // w, 2)
+        region = self.state.region_of(x)
+        if oh >= h and ow >= w and not (oh % h or ow % w):
+            return region.repeat_interleave(oh // h, 1).repeat_interleave(ow // w, 2)
+        if oh <= h and ow <= w and not (h % oh or w % ow):
+            # Nearest downsampling by an integer factor s reads source pixel floor(i * s) = i * s: a strided slice.
+            return region[:, :: h // oh, :: w // ow].contiguous()
+        return None
 
     def _zero_pad(self, out, args, kwargs):
         x = args[0]
         pad = args[1] if len(args) > 1 else kwargs.get("pad")
         mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
         value = kwargs.get("value", args[3] if len(args) > 3 else None)
-        if mode != "constant" or value not in (None, 0, 0.0) or out.dim() != 4 or len(pad) != 4:
+        if out.dim() != 4 or len(pad) != 4 or not self.state.has_region(x) or min(pad) < 0:
             return None
-        if not self.state.has_region(x) or min(pad) < 0:
-            return None
-        return F.pad(self.state.region_of(x), tuple(pad))
+        return padded_region(self.state.region_of(x), tuple(pad), mode, value)
+
+
+def padded_region(region: torch.Tensor, pad: tuple, mode: str = "constant", value=None) -> torch.Tensor | None:
+    """The region of `F.pad(x, pad, mode)` given x's region `[B, H, W]`; `None` for a padding it cannot follow.
+
+    Constant padding adds unchanged pixels (when the value is fixed); reflect and replicate padding copy pixels, so a
+    padded pixel changed exactly when the pixel it copies changed.
+    """
+    if mode == "constant":
+        return F.pad(region, pad) if value in (None, 0, 0.0) else None
+    if mode in ("reflect", "replicate"):
+        return F.pad(region[:, None].to(torch.uint8), pad, mode=mode)[:, 0].bool()
+    return None
