@@ -17,9 +17,10 @@ def test_info_lists_versions_and_backends():
 
 
 def test_demo_writes_report(tmp_path):
-    report = run_demo(tmp_path, size=48, repeats=1, sd_size=128)
-    assert (tmp_path / "report.html").read_text().count("<img") == 3 + 5 * 4
-    assert [r["name"].split(" ")[0] for r in report["runs"]] == ["Stable", "Prompt", "SDEdit", "UNet", "BatchNorm"]
+    report = run_demo(tmp_path, size=48, repeats=1, sd_size=128, gan_size=(64, 128), gan_ngf=8)
+    assert (tmp_path / "report.html").read_text().count("<img") == 3 + 6 * 4
+    names = [r["name"].split(" ")[0] for r in report["runs"]]
+    assert names == ["Stable", "Prompt", "SDEdit", "GauGAN", "UNet", "BatchNorm"]
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["weights"].startswith("random")
     for row in report["runs"]:

@@ -203,7 +203,7 @@ def run_sdedit(photo, edited, steps: int = 10, strength: float = 0.7) -> dict:
     )  # fmt: skip
 
 
-def run_gan_edit(fraction: float = 0.012, repeats: int = 3) -> dict:
+def run_gan_edit(fraction: float = 0.012, repeats: int = 3, size: tuple[int, int] = (256, 512), ngf: int = 64) -> dict:
     """GauGAN's Cityscapes generator (random weights): a label edit (vegetation painted over ~1.2% of a street
     scene), `GANEditor` (exact) against the plain generator, alternating."""
     from .gan import GANEditor
@@ -211,8 +211,8 @@ def run_gan_edit(fraction: float = 0.012, repeats: int = 3) -> dict:
     from .testing import paint_labels, randomize_batchnorm, street_scene
 
     torch.manual_seed(0)
-    model = randomize_batchnorm(SPADEGenerator.cityscapes())
-    labels, instance = street_scene()
+    model = randomize_batchnorm(SPADEGenerator(label_nc=35, size=size, ngf=ngf, num_upsampling_layers="more"))
+    labels, instance = street_scene(*size)
     new, new_instance = paint_labels(labels, instance, fraction)
     editor = GANEditor(model)
     original = editor.capture(labels, instance)
@@ -226,7 +226,7 @@ def run_gan_edit(fraction: float = 0.012, repeats: int = 3) -> dict:
             dense_t.append(time.perf_counter() - started)
     stats = dict(editor.last_stats, seconds=statistics.median(sparse_t[1:]))
     editor.remove()
-    row = _row("GauGAN label edit (SPADE Cityscapes 256x512, exact)", (dense + 1) / 2, (sparse + 1) / 2,
+    row = _row(f"GauGAN label edit (SPADE, Cityscapes classes, {size[0]}x{size[1]}, ngf {ngf}, exact)", (dense + 1) / 2, (sparse + 1) / 2,
                statistics.median(dense_t[1:]), stats, (original + 1) / 2)  # fmt: skip
     row["region_fraction"] = stats["region_fraction"]
     return row
@@ -269,7 +269,15 @@ def _time_pair(model, x, x_edit, region, repeats: int):
     return dense_out, sparse_out, statistics.median(dense), statistics.median(sparse), stats
 
 
-def run_demo(out: Path, size: int = 256, repeats: int = 3, seed: int = 0, sd_size: int = 512) -> dict:
+def run_demo(
+    out: Path,
+    size: int = 256,
+    repeats: int = 3,
+    seed: int = 0,
+    sd_size: int = 512,
+    gan_size: tuple[int, int] = (256, 512),
+    gan_ngf: int = 64,
+) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -324,7 +332,7 @@ def run_demo(out: Path, size: int = 256, repeats: int = 3, seed: int = 0, sd_siz
         (run_sd_img2img(full, full_edited, out), f"at {sd_size}×{sd_size} ({sd_size // 8}×{sd_size // 8} latents)"),
         (run_sd_prompt_edit(out, sd_size), f"at {sd_size}×{sd_size}"),
         (run_sdedit(photo, edited), f"at {size}×{size}"),
-        (run_gan_edit(repeats=repeats), "(label map 256×512, ~1.2% repainted)"),
+        (run_gan_edit(repeats=repeats, size=gan_size, ngf=gan_ngf), "(~1.2% of the label map repainted)"),
     ]
     note = (
         " (one warm run each: the dense result of the same edit vs the sparse edit). With random weights the "
