@@ -192,6 +192,8 @@ def test_the_step_comes_from_the_pipelines_loop(tmp_path):
     s = temporal.stats(pipe.unet)
     assert s["total_steps"] == 5 and s["key_steps"] == TemporalConfig().key_steps_for(5)
     assert s["key_calls"] + s["reuse_calls"] == 5
+    # the kept features: the mid block's output and the encoder's skip connections, at least one latent-sized map
+    assert s["kept_bytes"] >= 4 * 2 * 8 * 8 * 4
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(RuntimeError, match="scheduler was replaced"):
         pipe("a red house", image=torch.rand(1, 3, 64, 64), strength=0.5, num_inference_steps=10)

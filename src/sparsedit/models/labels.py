@@ -94,7 +94,7 @@ def encode_labels(
                     f"the instance map has shape {tuple(inst.shape)} but the label map {tuple(labels.shape)}; "
                     "they must match."
                 )
-            out[:, num_classes :] = instance_edges(inst).to(dtype)
+            out[:, num_classes:] = instance_edges(inst).to(dtype)
     if size is not None and tuple(out.shape[-2:]) != tuple(size):
         raise ValueError(
             f"the label map is {out.shape[-2]}x{out.shape[-1]} but the generator is built for {size[0]}x{size[1]}; "

@@ -212,12 +212,16 @@ class SPADEGenerator(nn.Module):
                    **overrides)  # fmt: skip
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, config: str | dict = "cityscapes", map_location="cpu") -> SPADEGenerator:
+    def from_checkpoint(
+        cls, path: str | Path, config: str | dict = "cityscapes", map_location="cpu"
+    ) -> SPADEGenerator:
         """Load a SPADE-project generator checkpoint (`latest_net_G.pth`, or a `.safetensors` file with the same
         keys) from a local path. `config` is `"cityscapes"` or the constructor's keyword arguments."""
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"no checkpoint at {path}; download the SPADE project's weights and pass the path.")
+            raise FileNotFoundError(
+                f"no checkpoint at {path}; download the SPADE project's weights and pass the path."
+            )
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -257,6 +261,9 @@ class SPADEGenerator(nn.Module):
             seg = self.encode(seg, instance)
         elif seg.dim() != 4 or seg.shape[1] != self.semantic_nc or tuple(seg.shape[-2:]) != self.size:
             seg = self.encode(seg)  # raises the descriptive error
+        # Channels-last, like the engine's cached maps: sparse gathers then read pixel rows without a full copy of
+        # the label map per SPADE layer (the layout does not change any value).
+        seg = seg.contiguous(memory_format=torch.channels_last)
         pyramid = {}
 
         def at(x):
@@ -406,4 +413,3 @@ class SPADEResnetBlockHandler(SparseHandler):
         st.key(actvn)
         out = p["add"].buffer(st.key(p["add"].name))
         return p["conv_1"].sparse(p["norm_1"].sparse(dx, seg), _LEAKY, residual=x_s, into=out)
-
