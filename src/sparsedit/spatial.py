@@ -124,7 +124,7 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
         )
     for h in handlers:
         attach.attach(h)
-    for h in handlers:
+    for h in reversed(handlers):  # descendants first: a container's plan may read its children's
         h.prepare()
     att = _Attachment(state, handlers, [])
     att.strategy = attach

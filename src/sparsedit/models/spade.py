@@ -310,14 +310,8 @@ class SPADEHandler(SparseHandler):
         self.gamma = handler_of(m.mlp_gamma)
         self.beta = handler_of(m.mlp_beta)
         self.relu = handler_of(m.mlp_shared[1])
-
-    @property
-    def fused(self) -> bool:
-        """Every part has a handler and the norm folds into a gather (parents ask before this one is prepared)."""
-        m = self.module
-        norm = handler_of(m.param_free_norm)
-        parts = (norm, *(handler_of(c) for c in (m.mlp_shared[0], m.mlp_shared[1], m.mlp_gamma, m.mlp_beta)))
-        return all(h is not None for h in parts) and norm.pointwise
+        parts = (self.norm, self.shared, self.gamma, self.beta, self.relu)
+        self.fused = all(h is not None for h in parts) and self.norm.pointwise
 
     def macs_per_position(self, out):
         return 2 * out.shape[1]
