@@ -18,11 +18,12 @@ def test_info_lists_versions_and_backends():
 
 def test_demo_writes_report(tmp_path):
     report = run_demo(tmp_path, size=48, repeats=1, sd_size=128, gan_size=(64, 128), gan_ngf=8)
-    assert (tmp_path / "report.html").read_text().count("<img") == 3 + 6 * 4
+    assert (tmp_path / "report.html").read_text().count("<img") == 3 + 7 * 4 + 2 * 2
     names = [r["name"].split(" ")[0] for r in report["runs"]]
-    assert names == ["Stable", "Prompt", "SDEdit", "GauGAN", "UNet", "BatchNorm"]
+    assert names == ["SDEdit", "GauGAN", "Stable", "Prompt", "GauGAN", "UNet", "BatchNorm"]
+    assert "trained scene-ddpm" in report["runs"][0]["name"] and "trained scene-spade" in report["runs"][1]["name"]
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["weights"].startswith("random")
+    assert "trained" in json.dumps(saved["weights"])
     for row in report["runs"]:
         assert row["macs_sparse"] < row["macs_dense"]
         assert row["dense_seconds"] > 0 and row["sparse_seconds"] > 0

@@ -23,11 +23,12 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), help="Folder for report.html and report.json."),
     size: int = typer.Option(256, help="Image size (pixels, square)."),
     repeats: int = typer.Option(3, help="Timed runs of each of dense and sparse (alternating); the median is shown."),
+    scene_size: int = typer.Option(64, help="Resolution of the trained scene models' edits (trained at 64)."),
 ) -> None:
-    """Edit a photo through a sparsified conv network; write an HTML report comparing dense and sparse."""
+    """Edits with the trained scene models and full-size architectures; an HTML report of dense vs sparse."""
     from .demo import run_demo
 
-    report = run_demo(out, size=size, repeats=repeats)
+    report = run_demo(out, size=size, repeats=repeats, scene_size=scene_size)
     for row in report["runs"]:
         typer.echo(
             f"{row['name']}: dense {row['dense_seconds'] * 1e3:.1f} ms, sparse {row['sparse_seconds'] * 1e3:.1f} ms "

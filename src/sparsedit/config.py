@@ -15,6 +15,7 @@ from typing import Any
 CONFIG_VERSION = 1
 
 _NORM_STATS = ("frozen", "recompute")
+_ATTENTION = ("sparse", "dense")
 _CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -69,6 +70,15 @@ class SparseConfig(_ConfigMixin):
             (SIGE uses 5 for diffusion models and 1 for GauGAN).
         pyramid_threshold (`float`, defaults to `0.3`):
             Approximate mode only: a downsampled mask pixel is active when its bilinear coverage exceeds this.
+        dense_below (`int`, defaults to `0`):
+            Approximate mode only: feature maps this many pixels high or smaller take the whole map as their region
+            (when anything changed), so the coarse stages of a UNet, where one pixel spans much of the image, are
+            recomputed in full instead of from stale context. `0`: every resolution uses its region.
+        attention (`str`, defaults to `"sparse"`):
+            Approximate mode only: self-attention over pixels. `"sparse"` (SIGE): only the region's pixels are
+            queries, against every pixel's keys and values (the region's rows refreshed). `"dense"`: every pixel is
+            a query again and the layer's whole output counts as changed, so the layers after it run on the whole
+            map (closer to dense, slower). Exact mode always runs attention densely.
         norm_stats (`str`, defaults to `"frozen"`):
             GroupNorm statistics in sparse runs: `"frozen"` reuses the capture's statistics (SIGE, FISEdit);
             `"recompute"` updates them exactly from cached per-tile sums, paying only for the active region.
@@ -105,6 +115,8 @@ class SparseConfig(_ConfigMixin):
     dilation: int = 1
     input_dilation: int = 0
     pyramid_threshold: float = 0.3
+    dense_below: int = 0
+    attention: str = "sparse"
     norm_stats: str = "frozen"
     dense_threshold: float = 0.6
     max_region_fraction: float = 0.4
@@ -129,6 +141,10 @@ class SparseConfig(_ConfigMixin):
             raise ValueError("SparseConfig.dilation and input_dilation must be >= 0.")
         if not 0.0 <= self.pyramid_threshold < 1.0:
             raise ValueError(f"SparseConfig.pyramid_threshold must be in [0, 1), got {self.pyramid_threshold}.")
+        if self.dense_below < 0:
+            raise ValueError(f"SparseConfig.dense_below must be >= 0, got {self.dense_below}.")
+        if self.attention not in _ATTENTION:
+            raise ValueError(f"SparseConfig.attention must be one of {_ATTENTION}, got {self.attention!r}.")
         if self.norm_stats not in _NORM_STATS:
             raise ValueError(f"SparseConfig.norm_stats must be one of {_NORM_STATS}, got {self.norm_stats!r}.")
         if not 0.0 <= self.max_region_fraction <= 1.0:

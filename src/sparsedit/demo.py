@@ -1,7 +1,9 @@
-"""`sparsedit demo`: a stroke edit on a photo through sparsified conv networks, dense vs sparse, as an HTML report.
+"""`sparsedit demo`: edits recomputed sparsely against the dense result of the same edit, as an HTML report.
 
-Until the diffusion integration lands, the networks are conv stacks shaped like one level of a diffusion UNet, with
-random weights: the report shows how much work an edit saves and how close the sparse result is, not a pretty image.
+The first sections use the trained scene models (`sparsedit.pretrained`): SDEdit of a brush stroke with the pixel
+DDPM, and a label-map edit with the SPADE generator. The others run full-size architectures (Stable Diffusion img2img
+and prompt edits, GauGAN Cityscapes, a UNet level, a BatchNorm trunk) with random weights: they show how much work an
+edit saves and how close the sparse result is, not a pretty image.
 """
 
 from __future__ import annotations
@@ -191,29 +193,10 @@ def run_sd_img2img(photo, edited, workdir: Path, steps: int = 10, strength: floa
     )  # fmt: skip
 
 
-def run_sdedit(photo, edited, steps: int = 10, strength: float = 0.7) -> dict:
-    """SDEdit with a pixel-space DDPM UNet (random weights): stroke edit, sparse vs dense."""
-    from .editor import DIFFUSION_DEFAULTS
-
-    torch.manual_seed(0)
-    return _sparse_vs_dense(
-        f"SDEdit through SparseEditor (DDPM UNet, {steps} steps, strength {strength})",
-        sdedit_pipeline(photo.shape[-1]), DIFFUSION_DEFAULTS,
-        photo, edited, strength=strength, num_inference_steps=steps,
-    )  # fmt: skip
-
-
-def run_gan_edit(fraction: float = 0.012, repeats: int = 3, size: tuple[int, int] = (256, 512), ngf: int = 64) -> dict:
-    """GauGAN's Cityscapes generator (random weights): a label edit (vegetation painted over ~1.2% of a street
-    scene), `GANEditor` (exact) against the plain generator, alternating."""
+def _gan_pair(model, labels, instance, new, new_instance, repeats: int):
+    """Capture `labels`, then time the edit to `new`: `GANEditor` against the plain generator, alternating."""
     from .gan import GANEditor
-    from .models import SPADEGenerator
-    from .testing import paint_labels, randomize_batchnorm, street_scene
 
-    torch.manual_seed(0)
-    model = randomize_batchnorm(SPADEGenerator(label_nc=35, size=size, ngf=ngf, num_upsampling_layers="more"))
-    labels, instance = street_scene(*size)
-    new, new_instance = paint_labels(labels, instance, fraction)
     editor = GANEditor(model)
     original = editor.capture(labels, instance)
     dense_t, sparse_t = [], []
@@ -226,9 +209,84 @@ def run_gan_edit(fraction: float = 0.012, repeats: int = 3, size: tuple[int, int
             dense_t.append(time.perf_counter() - started)
     stats = dict(editor.last_stats, seconds=statistics.median(sparse_t[1:]))
     editor.remove()
-    row = _row(f"GauGAN label edit (SPADE, Cityscapes classes, {size[0]}x{size[1]}, ngf {ngf}, exact)", (dense + 1) / 2, (sparse + 1) / 2,
-               statistics.median(dense_t[1:]), stats, (original + 1) / 2)  # fmt: skip
+    return original, dense, sparse, statistics.median(dense_t[1:]), stats
+
+
+def run_gan_edit(fraction: float = 0.012, repeats: int = 3, size: tuple[int, int] = (256, 512), ngf: int = 64) -> dict:
+    """GauGAN's Cityscapes generator (random weights): a label edit (vegetation painted over ~1.2% of a street
+    scene), `GANEditor` (exact) against the plain generator, alternating."""
+    from .models import SPADEGenerator
+    from .testing import paint_labels, randomize_batchnorm, street_scene
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(SPADEGenerator(label_nc=35, size=size, ngf=ngf, num_upsampling_layers="more"))
+    labels, instance = street_scene(*size)
+    new, new_instance = paint_labels(labels, instance, fraction)
+    original, dense, sparse, dense_s, stats = _gan_pair(model, labels, instance, new, new_instance, repeats)
+    row = _row(f"GauGAN label edit (SPADE, Cityscapes classes, {size[0]}x{size[1]}, ngf {ngf}, random weights, exact)",
+               (dense + 1) / 2, (sparse + 1) / 2, dense_s, stats, (original + 1) / 2)  # fmt: skip
     row["region_fraction"] = stats["region_fraction"]
+    return row
+
+
+# -- the trained scene models (sparsedit.pretrained) ----------------------------------------------------------------
+SCENE_SEED, SCENE_INDEX = 1_000_000, 6  # a held-out meadow scene (training used seeds below 1,000,000)
+
+
+def _lake(size: int) -> torch.Tensor:
+    """Where the demo's edits put a lake: an ellipse in the scene's foreground meadow, ~4% of the image."""
+    yy, xx = torch.meshgrid((torch.arange(size) + 0.5) / size, (torch.arange(size) + 0.5) / size, indexing="ij")
+    return ((xx - 0.34) / 0.17) ** 2 + ((yy - 0.80) / 0.075) ** 2 <= 1
+
+
+def scene_inputs(size: int) -> dict:
+    """The demo's scene at `size` px: its image and labels, a user's blue brush stroke (a lake) painted on the
+    image, and the label map with the same lake painted in."""
+    from .data import scenes
+
+    scene = scenes.render(scenes.describe(SCENE_SEED, SCENE_INDEX), (size, size))
+    image, labels = scene[0][None], scene[1][None]
+    lake = _lake(size)
+    stroke = image.clone()
+    stroke[0][:, lake] = torch.tensor([-0.75, -0.35, 0.35])[:, None]  # flat blue paint
+    new_labels = labels.clone()
+    new_labels[0][lake] = scenes.WATER
+    return {"image": image, "stroke": stroke, "labels": labels, "new_labels": new_labels, "lake": lake}
+
+
+def run_scene_sdedit(
+    size: int = 64, steps: int = 50, strength: float = 0.5, config: SparseConfig | None = None
+) -> dict:
+    """SDEdit with the trained scene DDPM: a flat blue stroke becomes a lake. Sparse edit vs the dense SDEdit."""
+    from . import pretrained
+
+    torch.manual_seed(0)
+    pipe = pretrained.load("scene-ddpm", size=size)
+    config = config or SparseConfig(input_dilation=2)
+    inputs = scene_inputs(size)
+    row = _sparse_vs_dense(
+        f"SDEdit with the trained scene-ddpm ({size}x{size} px, {steps} steps, strength {strength}): a blue stroke "
+        "becomes a lake",
+        pipe, config, inputs["image"], inputs["stroke"], strength=strength, num_inference_steps=steps,
+    )  # fmt: skip
+    row["inputs"] = [("scene (held out from training)", inputs["image"]), ("brush stroke", inputs["stroke"])]
+    return row
+
+
+def run_scene_gan_edit(size: int = 64, repeats: int = 3) -> dict:
+    """A label edit with the trained scene SPADE generator: a lake painted into the meadow's label map."""
+    from . import pretrained
+    from .data import scenes
+
+    model = pretrained.load("scene-spade", size=size)
+    inputs = scene_inputs(size)
+    original, dense, sparse, dense_s, stats = _gan_pair(model, inputs["labels"], None, inputs["new_labels"], None,
+                                                        repeats)  # fmt: skip
+    row = _row(f"GauGAN label edit with the trained scene-spade ({size}x{size} px, exact): water painted into the "
+               "label map", (dense + 1) / 2, (sparse + 1) / 2, dense_s, stats, (original + 1) / 2)  # fmt: skip
+    row["region_fraction"] = stats["region_fraction"]
+    to_img = lambda lab: scenes.to_rgb(lab).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
+    row["inputs"] = [("label map", to_img(inputs["labels"])), ("edited label map", to_img(inputs["new_labels"]))]
     return row
 
 
@@ -277,6 +335,7 @@ def run_demo(
     sd_size: int = 512,
     gan_size: tuple[int, int] = (256, 512),
     gan_ngf: int = 64,
+    scene_size: int = 64,
 ) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -328,28 +387,32 @@ def run_demo(
         )
     full, _ = load_photo(sd_size)
     full_edited = paint_stroke(full)
-    sections = [
-        (run_sd_img2img(full, full_edited, out), f"at {sd_size}×{sd_size} ({sd_size // 8}×{sd_size // 8} latents)"),
-        (run_sd_prompt_edit(out, sd_size), f"at {sd_size}×{sd_size}"),
-        (run_sdedit(photo, edited), f"at {size}×{size}"),
-        (run_gan_edit(repeats=repeats, size=gan_size, ngf=gan_ngf), "(~1.2% of the label map repainted)"),
-    ]
-    note = (
-        " (one warm run each: the dense result of the same edit vs the sparse edit). With random weights the "
-        "models do not denoise, so the images are noise; at these small widths, per-layer overheads eat much of the "
-        "MACs saved. BENCHMARKS.md has the measurements on full-size architectures."
+    random_note = (
+        " Random weights: the images are noise; at these small widths, per-layer overheads eat much of the MACs "
+        "saved. BENCHMARKS.md has the measurements on full-size architectures."
     )
+    sections = [
+        (run_scene_sdedit(scene_size), " Trained weights (sparsedit.pretrained)."),
+        (run_scene_gan_edit(scene_size, repeats=repeats), " Trained weights (sparsedit.pretrained)."),
+        (run_sd_img2img(full, full_edited, out), f" At {sd_size}×{sd_size} ({sd_size // 8}×{sd_size // 8} latents)."
+         + random_note),
+        (run_sd_prompt_edit(out, sd_size), f" At {sd_size}×{sd_size}." + random_note),
+        (run_gan_edit(repeats=repeats, size=gan_size, ngf=gan_ngf), " ~1.2% of the label map repainted."
+         + random_note),
+    ]  # fmt: skip
     for i, (row, where) in enumerate(sections):
         original, dense_img, sparse_img, err = row.pop("images")
+        inputs = [(cap, _png(_rgb(img, -1, 1))) for cap, img in row.pop("inputs", [])]
         runs.insert(i, row)
         figures.insert(
             i,
             (
-                f"{row['name']} {where}{note}",
-                [
+                f"{row['name']}.{where} One warm run each: the dense result of the same edit vs the sparse edit.",
+                inputs
+                + [
                     ("capture (before the edit)", _png(_rgb(original * 2 - 1, -1, 1))),
                     ("dense result of the edit", _png(_rgb(dense_img * 2 - 1, -1, 1))),
-                    ("sparse edit (SparseEditor)", _png(_rgb(sparse_img * 2 - 1, -1, 1))),
+                    ("sparse edit", _png(_rgb(sparse_img * 2 - 1, -1, 1))),
                     (f"|sparse − dense|, scaled to its max {float(err.max()):.1e}", _png(_heat(err[0].amax(0)))),
                 ],
             ),
@@ -361,7 +424,10 @@ def run_demo(
         "threads": torch.get_num_threads(),
         "dtype": "float32",
         "loadavg": _loadavg(),
-        "weights": "random (no trained weights ship yet)",
+        "weights": {
+            "scene-ddpm, scene-spade": "trained (sparsedit.pretrained, shipped with the package)",
+            "the other sections": "random",
+        },
         "runs": runs,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -379,7 +445,7 @@ def _loadavg() -> str:
 def _html(report, photo, edited, region, figures) -> str:
     def img_row(items):
         return "".join(
-            f'<figure><img src="{src}" width="256"><figcaption>{html.escape(cap)}</figcaption></figure>'
+            f'<figure><img src="{src}" width="192"><figcaption>{html.escape(cap)}</figcaption></figure>'
             for cap, src in items
         )
 
@@ -402,10 +468,11 @@ figure{{margin:0}}img{{image-rendering:pixelated;border:1px solid #ccc}}table{{b
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
 .note{{background:#fff4d6;padding:8px 12px;border-left:4px solid #e0a800}}</style></head><body>
 <h1>sparsedit demo: a brush stroke, recomputed sparsely</h1>
-<p class=note><b>The network weights are random.</b> No trained weights ship yet, so the outputs are not meaningful
-pictures; what the report shows is how much computation the edit saves and how close the sparse result is to the
-dense one.</p>
-<p>Input: {html.escape(report["input"])}, {report["size"]}×{report["size"]} px; the stroke changes
+<p class=note>The first two sections use the small scene models trained by <code>training/</code> and shipped with
+the package (<code>sparsedit.pretrained</code>): their pictures mean something. The other sections use full-size
+architectures with <b>random weights</b>: their outputs are noise, and what they show is how much computation an
+edit saves and how close the sparse result is to the dense one.</p>
+<p>Photo sections: {html.escape(report["input"])}, {report["size"]}×{report["size"]} px; the stroke changes
 {100 * report["edit_fraction"]:.2f}% of the pixels. {report["dtype"]}, {report["threads"]} threads,
 load {html.escape(report["loadavg"])}; times are medians of alternating dense/sparse runs.</p>
 <div class=row>{img_row(inputs)}</div>

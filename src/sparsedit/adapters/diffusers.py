@@ -178,10 +178,11 @@ class SpatialAttentionHandler(SparseHandler):
         b, c, h, w = x.shape
         macs = self.macs_dense(buf)
         region_in = st.region_of(x)
-        if st.config.exact and bool(region_in.any()):
+        if (st.config.exact or st.config.attention == "dense") and bool(region_in.any()):
             full = torch.ones_like(region_in)
             self.write_dense(buf, self.original(x), full)
-            st.record(LayerRecord(self.name, self.kind, (h, w), macs, macs, 1.0, "exact attention"))
+            note = "exact attention" if st.config.exact else "dense attention (policy)"
+            st.record(LayerRecord(self.name, self.kind, (h, w), macs, macs, 1.0, note))
             st.set_region(buf, full)
             return buf
         active = _active_tokens(st, self, x)

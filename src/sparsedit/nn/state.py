@@ -128,6 +128,8 @@ class SparseState:
             self._pyramid.update(
                 mask_pyramid(self.input_region, [size], cfg.pyramid_threshold, cfg.dilation, cfg.input_dilation)
             )
+            if size[0] <= cfg.dense_below and bool(self._pyramid[size].any()):  # coarse maps: the whole map
+                self._pyramid[size] = torch.ones_like(self._pyramid[size])
         return self._pyramid[size]
 
     def record(self, rec: LayerRecord) -> None:

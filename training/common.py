@@ -1,0 +1,139 @@
+"""Shared pieces of the training scripts: the scene pool, resumable checkpoints, the loss log, loss-curve SVGs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from sparsedit.data import scenes
+
+
+ROOT = Path(__file__).resolve().parent
+RUNS = ROOT / "runs"
+HELD_OUT_SEED = 1_000_000  # training pools use seeds below this; evaluations use this seed and above
+
+
+def scene_pool(n: int, size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`n` scenes rendered once and cached under `training/runs/` (uint8 images, uint8 labels)."""
+    path = RUNS / f"pool-{size}px-{n}-seed{seed}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    started = time.perf_counter()
+    chunks = []
+    for k in range(0, n, 500):
+        d = scenes.sample(min(500, n - k), size, seed=seed * 1000 + k // 500)
+        chunks.append(
+            {
+                "image": ((d["image"] + 1) * 127.5).round().to(torch.uint8),
+                "labels": d["labels"].to(torch.uint8),
+            }
+        )
+        print(f"pool: {k + len(chunks[-1]['image'])}/{n} scenes, {time.perf_counter() - started:.0f} s", flush=True)
+    pool = {key: torch.cat([c[key] for c in chunks]) for key in ("image", "labels")}
+    _atomic_save(pool, path)
+    return pool
+
+
+def batch_from(pool: dict, step: int, batch: int, base_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training batch of `step`: a deterministic draw from the pool with random horizontal flips, so a resumed
+    run sees the same batches as an uninterrupted one."""
+    g = torch.Generator().manual_seed(base_seed * 7919 + step)
+    idx = torch.randint(len(pool["image"]), (batch,), generator=g)
+    flip = torch.rand(batch, generator=g) < 0.5
+    img = pool["image"][idx].float() / 127.5 - 1
+    lab = pool["labels"][idx].long()
+    img[flip] = img[flip].flip(-1)
+    lab[flip] = lab[flip].flip(-1)
+    return img, lab
+
+
+def _atomic_save(obj, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Run:
+    """A resumable run directory: `checkpoint.pt` (whatever `state()` returns) and `loss.csv`."""
+
+    def __init__(self, directory: Path, fields: list[str]):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt = self.dir / "checkpoint.pt"
+        self.log = self.dir / "loss.csv"
+        self.fields = ["step", "seconds", *fields]
+        if not self.log.exists():
+            with open(self.log, "w", newline="") as f:
+                csv.writer(f).writerow(self.fields)
+
+    def resume(self) -> dict | None:
+        if not self.ckpt.exists():
+            return None
+        return torch.load(self.ckpt, map_location="cpu", weights_only=False)
+
+    def save(self, state: dict):
+        _atomic_save(state, self.ckpt)
+
+    def record(self, step: int, seconds: float, **values):
+        with open(self.log, "a", newline="") as f:
+            csv.writer(f).writerow([step, f"{seconds:.1f}", *(f"{values[k]:.6g}" for k in self.fields[2:])])
+
+    def history(self) -> dict[str, list[float]]:
+        with open(self.log) as f:
+            rows = list(csv.DictReader(f))
+        steps = {}
+        for r in rows:  # a resumed run may log a step twice: keep the last
+            steps[int(r["step"])] = r
+        rows = [steps[k] for k in sorted(steps)]
+        return {k: [float(r[k]) for r in rows] for k in self.fields}
+
+
+def loss_curve_svg(steps, series: dict[str, list[float]], title: str, path: Path, smooth: int = 25, log_y=True):
+    """A small line chart (moving average over `smooth` logged points) as a standalone SVG file."""
+    import math
+
+    w, h, m = 640, 320, 50
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+
+    def avg(v):
+        out = []
+        for i in range(len(v)):
+            window = v[max(0, i - smooth + 1) : i + 1]
+            out.append(sum(window) / len(window))
+        return out
+
+    series = {k: avg(v) for k, v in series.items()}
+    ys = [y for v in series.values() for y in v if y > 0 or not log_y]
+    f = (lambda y: math.log10(max(y, 1e-12))) if log_y else (lambda y: y)
+    lo, hi = f(min(ys)), f(max(ys))
+    hi = hi if hi > lo else lo + 1
+    x0, x1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+
+    def px(x, y):
+        return m + (x - x0) / (x1 - x0) * (w - 1.5 * m), h - m - (f(y) - lo) / (hi - lo) * (h - 1.7 * m)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+        f'<text x="{w / 2}" y="18" text-anchor="middle" font-size="14">{title}</text>',
+        f'<line x1="{m}" y1="{h - m}" x2="{w - m / 2}" y2="{h - m}" stroke="black"/>',
+        f'<line x1="{m}" y1="{h - m}" x2="{m}" y2="{0.7 * m}" stroke="black"/>',
+        f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">step (last: {int(x1)})</text>',
+    ]
+    for k in range(5):
+        v = lo + (hi - lo) * k / 4
+        _, y = px(x0, 10**v if log_y else v)
+        label = f"{10**v:.3g}" if log_y else f"{v:.3g}"
+        parts.append(f'<text x="{m - 4}" y="{y + 4}" text-anchor="end">{label}</text>')
+    for i, (name, v) in enumerate(series.items()):
+        pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in (px(x, y) for x, y in zip(steps, v)))
+        c = colours[i % len(colours)]
+        parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{pts}"/>')
+        parts.append(f'<text x="{w - m * 2.5}" y="{40 + 16 * i}" fill="{c}">{name}</text>')
+    parts.append("</svg>")
+    Path(path).write_text("\n".join(parts))

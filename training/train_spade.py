@@ -1,0 +1,131 @@
+"""Train "scene-spade": a SPADE generator (GauGAN's architecture, small) from scene label maps to 64×64 images.
+
+    python training/train_spade.py                      # trains, or resumes training/runs/scene-spade
+    python training/train_spade.py --minutes 90 --threads 1
+    python training/train_spade.py --install            # also write the generator's weights into the package
+
+Losses: a conditional PatchGAN discriminator with the hinge loss (as SPADE) plus `--l1` × the L1 distance to the
+rendered scene (pix2pix's reconstruction term; it stands in for SPADE's VGG loss, whose weights we cannot download).
+Every `--save-every` steps the run directory gets `checkpoint.pt` (resume by running the same command again),
+`scene-spade.safetensors` and `loss.csv`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from common import RUNS, Run, batch_from, scene_pool
+
+from sparsedit import pretrained
+from sparsedit.data import scenes
+
+
+NAME = "scene-spade"
+
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix's 70×70-style PatchGAN on (image, one-hot labels), spectral-normalised like SPADE's."""
+
+    def __init__(self, in_channels: int, nf: int = 32, layers: int = 3):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        blocks, c = [], in_channels
+        for k in range(layers):
+            out = nf * 2**k
+            blocks += [sn(nn.Conv2d(c, out, 4, stride=2 if k < layers - 1 else 1, padding=1)), nn.LeakyReLU(0.2)]
+            c = out
+        blocks.append(sn(nn.Conv2d(c, 1, 4, padding=1)))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, image, onehot):
+        return self.net(torch.cat([image, onehot], 1))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=str(RUNS / NAME), help="run directory (resumed if it has a checkpoint)")
+    p.add_argument("--steps", type=int, default=100_000, help="stop at this many steps in total")
+    p.add_argument("--minutes", type=float, default=120.0, help="stop after this long (this invocation)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr-g", type=float, default=1e-4)
+    p.add_argument("--lr-d", type=float, default=4e-4)  # TTUR, as SPADE
+    p.add_argument("--l1", type=float, default=10.0, help="weight of the L1 reconstruction loss")
+    p.add_argument("--pool", type=int, default=20_000, help="scenes rendered once for training")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--install", action="store_true", help="copy the weights into the package when done")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    size = pretrained.ARCHITECTURES[NAME]["generator"]["size"][0]
+    pool = scene_pool(args.pool, size)
+    gen = pretrained.build(NAME).train()
+    disc = PatchDiscriminator(3 + gen.semantic_nc)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr_g, betas=(0.0, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr_d, betas=(0.0, 0.9))
+    run = Run(args.run, ["l1", "g_adv", "d_real", "d_fake"])
+    step, elapsed = 0, 0.0
+    state = run.resume()
+    if state is not None:
+        gen.load_state_dict(state["gen"])
+        disc.load_state_dict(state["disc"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        step, elapsed = state["step"], state["seconds"]
+        print(f"resumed {args.run} at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
+
+    def checkpoint():
+        run.save({"gen": gen.state_dict(), "disc": disc.state_dict(), "opt_g": opt_g.state_dict(),
+                  "opt_d": opt_d.state_dict(), "step": step, "seconds": elapsed, "args": vars(args)})  # fmt: skip
+        pretrained.save(NAME, gen, run.dir / f"{NAME}.safetensors", step=step, minutes=f"{elapsed / 60:.1f}")
+
+    started = time.perf_counter()
+    t_last, logs = time.perf_counter(), []
+    while step < args.steps and time.perf_counter() - started < args.minutes * 60:
+        real, labels = batch_from(pool, step, args.batch, base_seed=2)
+        onehot = gen.encode(labels)
+        fake = gen(onehot)
+        # discriminator: hinge loss
+        d_real = F.relu(1 - disc(real, onehot)).mean()
+        d_fake = F.relu(1 + disc(fake.detach(), onehot)).mean()
+        opt_d.zero_grad(set_to_none=True)
+        (d_real + d_fake).backward()
+        opt_d.step()
+        # generator: adversarial + L1
+        g_adv = -disc(fake, onehot).mean()
+        l1 = (fake - real).abs().mean()
+        opt_g.zero_grad(set_to_none=True)
+        (g_adv + args.l1 * l1).backward()
+        opt_g.step()
+        step += 1
+        logs.append((l1.item(), g_adv.item(), d_real.item(), d_fake.item()))
+        now = time.perf_counter()
+        elapsed += now - t_last
+        t_last = now
+        if step % args.log_every == 0:
+            mean = [sum(v) / len(v) for v in zip(*logs)]
+            run.record(step, elapsed, **dict(zip(["l1", "g_adv", "d_real", "d_fake"], mean)))
+            print(f"step {step}  l1 {mean[0]:.4f}  g_adv {mean[1]:.3f}  d {mean[2]:.3f}/{mean[3]:.3f}  "
+                  f"{elapsed / 60:.1f} min", flush=True)  # fmt: skip
+            logs = []
+        if step % args.save_every == 0:
+            checkpoint()
+    checkpoint()
+    print(f"stopped at step {step} ({elapsed / 60:.1f} min trained); weights in {run.dir / (NAME + '.safetensors')}")
+    if args.install:
+        shutil.copy(run.dir / f"{NAME}.safetensors", pretrained.weights_file(NAME))
+        print(f"installed {pretrained.weights_file(NAME)}")
+
+
+assert scenes.NUM_CLASSES == pretrained.ARCHITECTURES[NAME]["generator"]["label_nc"]
+
+if __name__ == "__main__":
+    main()
