@@ -156,3 +156,45 @@ def test_scheduler_use_or_change_between_capture_and_edit():
     pipe.scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000)
     with pytest.raises(sparsedit.StaleCacheError, match="scheduler"):
         editor.edit(image=stroke(x))
+
+
+def test_coarse_maps_dense_and_attention_policy():
+    """`dense_below` gives coarse maps their whole area; `attention="dense"` recomputes every query. With every map
+    whole and statistics recomputed, the approximate machinery reproduces the dense UNet output."""
+    unet = tiny_pipe().unet
+    x = image(h=32, w=32)
+    x_edit = stroke(x)
+    t = torch.tensor([500])
+    region = sparsedit.difference_mask(x, x_edit)
+    with torch.no_grad():
+        want = unet(x_edit, t).sample
+    errors = {}
+    for name, cfg in {
+        "sparse": SparseConfig(input_dilation=1, tile_size=4),
+        "whole": SparseConfig(input_dilation=1, tile_size=4, dense_below=32, norm_stats="recompute", attention="dense"),
+        "coarse": SparseConfig(input_dilation=1, tile_size=4, dense_below=16),
+    }.items():
+        sparsedit.sparsify_(unet, cfg)
+        with torch.no_grad():
+            with sparsedit.capturing(unet):
+                unet(x, t)
+            with sparsedit.editing(unet, region=region):
+                got = unet(x_edit, t).sample
+                layers = sparsedit.last_stats(unet)["layers"]
+        sparsedit.unsparsify_(unet)
+        errors[name] = float((got - want).abs().max())
+        coarse = [r for r in layers if r["resolution"][0] <= 16 and r["macs_sparse"] > 0]
+        attn = [r for r in layers if r["kind"] == "attention"]
+        assert attn
+        if name == "sparse":
+            assert all(r["active_fraction"] < 1 for r in attn)
+        if name in ("whole", "coarse"):  # coarse maps: every position of every layer that ran
+            assert coarse and all(r["active_fraction"] == 1.0 for r in coarse)
+        if name == "whole":
+            assert all(r["dense_reason"] == "dense attention (policy)" for r in attn)
+    assert errors["whole"] < 1e-4
+    assert errors["sparse"] > 1e-3  # the default approximations are visible at this size, so the check means something
+    with pytest.raises(ValueError, match="attention"):
+        SparseConfig(attention="global")
+    with pytest.raises(ValueError, match="dense_below"):
+        SparseConfig(dense_below=-1)
