@@ -171,7 +171,9 @@ def test_coarse_maps_dense_and_attention_policy():
     errors = {}
     for name, cfg in {
         "sparse": SparseConfig(input_dilation=1, tile_size=4),
-        "whole": SparseConfig(input_dilation=1, tile_size=4, dense_below=32, norm_stats="recompute", attention="dense"),
+        "whole": SparseConfig(
+            input_dilation=1, tile_size=4, dense_below=32, norm_stats="recompute", attention="dense"
+        ),
         "coarse": SparseConfig(input_dilation=1, tile_size=4, dense_below=16),
     }.items():
         sparsedit.sparsify_(unet, cfg)

@@ -36,6 +36,7 @@ def main(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--pool", type=int, default=20_000, help="scenes rendered once for training")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--install", action="store_true", help="copy the EMA weights into the package when done")
@@ -47,7 +48,8 @@ def main(argv=None):
     arch = pretrained.ARCHITECTURES[NAME]
     size = arch["unet"]["sample_size"]
     pool = scene_pool(args.pool, size)
-    model = pretrained.build(NAME).train()
+    dev = torch.device(args.device)
+    model = pretrained.build(NAME).to(dev).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     sched = pretrained.scheduler(NAME)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -64,16 +66,18 @@ def main(argv=None):
     def checkpoint():
         run.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                   "seconds": elapsed, "args": vars(args)})  # fmt: skip
-        pretrained.save(NAME, ema, run.dir / f"{NAME}.safetensors", step=step, minutes=f"{elapsed / 60:.1f}")
+        pretrained.save(NAME, ema.cpu(), run.dir / f"{NAME}.safetensors", step=step, minutes=f"{elapsed / 60:.1f}")
+        ema.to(dev)
 
-    alphas = sched.alphas_cumprod
+    alphas = sched.alphas_cumprod.to(dev)
     started = time.perf_counter()
     t_last, losses = time.perf_counter(), []
     while step < args.steps and time.perf_counter() - started < args.minutes * 60:
         x0, _ = batch_from(pool, step, args.batch, base_seed=1)
         g = torch.Generator().manual_seed(10_000_000 + step)
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g).to(dev)
+        x0 = x0.to(dev)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         lr = args.lr * min(1.0, (step + 1) / args.warmup)

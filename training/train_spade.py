@@ -57,6 +57,7 @@ def main(argv=None):
     p.add_argument("--l1", type=float, default=10.0, help="weight of the L1 reconstruction loss")
     p.add_argument("--pool", type=int, default=20_000, help="scenes rendered once for training")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--install", action="store_true", help="copy the weights into the package when done")
@@ -67,8 +68,9 @@ def main(argv=None):
 
     size = pretrained.ARCHITECTURES[NAME]["generator"]["size"][0]
     pool = scene_pool(args.pool, size)
-    gen = pretrained.build(NAME).train()
-    disc = PatchDiscriminator(3 + gen.semantic_nc)
+    dev = torch.device(args.device)
+    gen = pretrained.build(NAME).to(dev).train()
+    disc = PatchDiscriminator(3 + gen.semantic_nc).to(dev)
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr_g, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr_d, betas=(0.0, 0.9))
     run = Run(args.run, ["l1", "g_adv", "d_real", "d_fake"])
@@ -85,12 +87,14 @@ def main(argv=None):
     def checkpoint():
         run.save({"gen": gen.state_dict(), "disc": disc.state_dict(), "opt_g": opt_g.state_dict(),
                   "opt_d": opt_d.state_dict(), "step": step, "seconds": elapsed, "args": vars(args)})  # fmt: skip
-        pretrained.save(NAME, gen, run.dir / f"{NAME}.safetensors", step=step, minutes=f"{elapsed / 60:.1f}")
+        pretrained.save(NAME, gen.cpu(), run.dir / f"{NAME}.safetensors", step=step, minutes=f"{elapsed / 60:.1f}")
+        gen.to(dev)
 
     started = time.perf_counter()
     t_last, logs = time.perf_counter(), []
     while step < args.steps and time.perf_counter() - started < args.minutes * 60:
         real, labels = batch_from(pool, step, args.batch, base_seed=2)
+        real, labels = real.to(dev), labels.to(dev)
         onehot = gen.encode(labels)
         fake = gen(onehot)
         # discriminator: hinge loss
