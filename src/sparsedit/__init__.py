@@ -1,6 +1,6 @@
 """sparsedit: image editing with diffusion models and conditional GANs that recomputes only what changed."""
 
-from . import models, temporal, textedit
+from . import data, metrics, models, pretrained, temporal, textedit
 from .cache import ActivationCache, StaleCacheError
 from .config import SparseConfig, TemporalConfig, TextEditConfig
 from .editor import SparseEditor
@@ -27,7 +27,10 @@ __all__ = [
     "editing",
     "is_sparsified",
     "last_stats",
+    "data",
+    "metrics",
     "models",
+    "pretrained",
     "profiling",
     "scope",
     "sparsify_",
