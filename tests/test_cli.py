@@ -17,7 +17,7 @@ def test_info_lists_versions_and_backends():
 
 
 def test_demo_writes_report(tmp_path):
-    report = run_demo(tmp_path, size=48, repeats=1, sd_size=128, gan_size=(64, 128), gan_ngf=8)
+    report = run_demo(tmp_path, size=48, repeats=1, sd_size=128, gan_size=(64, 128), gan_ngf=8, scene_size=64)
     assert (tmp_path / "report.html").read_text().count("<img") == 3 + 7 * 4 + 2 * 2
     names = [r["name"].split(" ")[0] for r in report["runs"]]
     assert names == ["SDEdit", "GauGAN", "Stable", "Prompt", "GauGAN", "UNet", "BatchNorm"]

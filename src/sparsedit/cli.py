@@ -23,7 +23,9 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), help="Folder for report.html and report.json."),
     size: int = typer.Option(256, help="Image size (pixels, square)."),
     repeats: int = typer.Option(3, help="Timed runs of each of dense and sparse (alternating); the median is shown."),
-    scene_size: int = typer.Option(64, help="Resolution of the trained scene models' edits (trained at 64)."),
+    scene_size: int = typer.Option(
+        128, help="Resolution of the trained scene models' edits (trained at 64; both are convolutional)."
+    ),
 ) -> None:
     """Edits with the trained scene models and full-size architectures; an HTML report of dense vs sparse."""
     from .demo import run_demo

@@ -335,7 +335,7 @@ def run_demo(
     sd_size: int = 512,
     gan_size: tuple[int, int] = (256, 512),
     gan_ngf: int = 64,
-    scene_size: int = 64,
+    scene_size: int = 128,
 ) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
