@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import time
@@ -79,6 +80,20 @@ class Run:
     def save(self, state: dict):
         _atomic_save(state, self.ckpt)
 
+    def restore(self, objects: dict) -> tuple[int, float]:
+        """Load the checkpoint (if any) into `objects` (modules, optimizers by key); returns `(step, seconds)`."""
+        state = self.resume()
+        if state is None:
+            return 0, 0.0
+        for key, obj in objects.items():
+            obj.load_state_dict(state[key])
+        print(f"resumed {self.dir} at step {state['step']} ({state['seconds'] / 60:.1f} min trained)", flush=True)
+        return state["step"], state["seconds"]
+
+    def checkpoint(self, objects: dict, step: int, seconds: float, args):
+        self.save({**{k: o.state_dict() for k, o in objects.items()}, "step": step, "seconds": seconds,
+                   "args": vars(args)})  # fmt: skip
+
     def record(self, step: int, seconds: float, **values):
         with open(self.log, "a", newline="") as f:
             csv.writer(f).writerow([step, f"{seconds:.1f}", *(f"{values[k]:.6g}" for k in self.fields[2:])])
@@ -137,3 +152,35 @@ def loss_curve_svg(steps, series: dict[str, list[float]], title: str, path: Path
         parts.append(f'<text x="{w - m * 2.5}" y="{40 + 16 * i}" fill="{c}">{name}</text>')
     parts.append("</svg>")
     Path(path).write_text("\n".join(parts))
+
+
+def run_parser(doc: str, name: str, model_args, argv=None) -> argparse.Namespace:
+    """The options both trainers share (run directory, budget, threads, device, logging, install), plus the model's
+    own (`model_args(parser)`), parsed; sets the thread count and the seed."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=str(RUNS / name), help="run directory (resumed if it has a checkpoint)")
+    p.add_argument("--steps", type=int, default=100_000, help="stop at this many steps in total")
+    p.add_argument("--minutes", type=float, default=120.0, help="stop after this long (this invocation)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--pool", type=int, default=20_000, help="scenes rendered once for training")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--install", action="store_true", help="copy the exported weights into the package when done")
+    model_args(p)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return args
+
+
+def install(name: str, run_dir: Path):
+    """Copy a run's exported weights into the package (what `--install` does)."""
+    import shutil
+
+    from sparsedit import pretrained
+
+    shutil.copy(Path(run_dir) / f"{name}.safetensors", pretrained.weights_file(name))
+    print(f"installed {pretrained.weights_file(name)}")

@@ -10,14 +10,12 @@ the same command again), `scene-ddpm.safetensors` (the EMA weights in the shippe
 
 from __future__ import annotations
 
-import argparse
 import copy
-import shutil
 import time
 
 import torch
 import torch.nn.functional as F
-from common import RUNS, Run, batch_from, scene_pool
+from common import Run, batch_from, install, run_parser, scene_pool
 
 from sparsedit import pretrained
 
@@ -26,24 +24,12 @@ NAME = "scene-ddpm"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=str(RUNS / NAME), help="run directory (resumed if it has a checkpoint)")
-    p.add_argument("--steps", type=int, default=100_000, help="stop at this many optimizer steps in total")
-    p.add_argument("--minutes", type=float, default=120.0, help="stop after this long (this invocation)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--pool", type=int, default=20_000, help="scenes rendered once for training")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--install", action="store_true", help="copy the EMA weights into the package when done")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    def model_args(p):
+        p.add_argument("--lr", type=float, default=3e-4)
+        p.add_argument("--warmup", type=int, default=50)
+        p.add_argument("--ema", type=float, default=0.999)
+
+    args = run_parser(__doc__, NAME, model_args, argv)
 
     arch = pretrained.ARCHITECTURES[NAME]
     size = arch["unet"]["sample_size"]
@@ -54,18 +40,11 @@ def main(argv=None):
     sched = pretrained.scheduler(NAME)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     run = Run(args.run, ["loss", "lr"])
-    step, elapsed = 0, 0.0
-    state = run.resume()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["seconds"]
-        print(f"resumed {args.run} at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
+    objects = {"model": model, "ema": ema, "opt": opt}
+    step, elapsed = run.restore(objects)
 
     def checkpoint():
-        run.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                  "seconds": elapsed, "args": vars(args)})  # fmt: skip
+        run.checkpoint(objects, step, elapsed, args)
         pretrained.save(NAME, ema.cpu(), run.dir / f"{NAME}.safetensors", step=step, minutes=f"{elapsed / 60:.1f}")
         ema.to(dev)
 
@@ -106,8 +85,7 @@ def main(argv=None):
     checkpoint()
     print(f"stopped at step {step} ({elapsed / 60:.1f} min trained); weights in {run.dir / (NAME + '.safetensors')}")
     if args.install:
-        shutil.copy(run.dir / f"{NAME}.safetensors", pretrained.weights_file(NAME))
-        print(f"installed {pretrained.weights_file(NAME)}")
+        install(NAME, run.dir)
 
 
 if __name__ == "__main__":

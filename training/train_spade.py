@@ -12,14 +12,12 @@ Every `--save-every` steps the run directory gets `checkpoint.pt` (resume by run
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from common import RUNS, Run, batch_from, scene_pool
+from common import Run, batch_from, install, run_parser, scene_pool
 
 from sparsedit import pretrained
 from sparsedit.data import scenes
@@ -47,24 +45,12 @@ class PatchDiscriminator(nn.Module):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=str(RUNS / NAME), help="run directory (resumed if it has a checkpoint)")
-    p.add_argument("--steps", type=int, default=100_000, help="stop at this many steps in total")
-    p.add_argument("--minutes", type=float, default=120.0, help="stop after this long (this invocation)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr-g", type=float, default=1e-4)
-    p.add_argument("--lr-d", type=float, default=4e-4)  # TTUR, as SPADE
-    p.add_argument("--l1", type=float, default=10.0, help="weight of the L1 reconstruction loss")
-    p.add_argument("--pool", type=int, default=20_000, help="scenes rendered once for training")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--install", action="store_true", help="copy the weights into the package when done")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    def model_args(p):
+        p.add_argument("--lr-g", type=float, default=1e-4)
+        p.add_argument("--lr-d", type=float, default=4e-4)  # TTUR, as SPADE
+        p.add_argument("--l1", type=float, default=10.0, help="weight of the L1 reconstruction loss")
+
+    args = run_parser(__doc__, NAME, model_args, argv)
 
     size = pretrained.ARCHITECTURES[NAME]["generator"]["size"][0]
     pool = scene_pool(args.pool, size)
@@ -74,19 +60,11 @@ def main(argv=None):
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr_g, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr_d, betas=(0.0, 0.9))
     run = Run(args.run, ["l1", "g_adv", "d_real", "d_fake"])
-    step, elapsed = 0, 0.0
-    state = run.resume()
-    if state is not None:
-        gen.load_state_dict(state["gen"])
-        disc.load_state_dict(state["disc"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        step, elapsed = state["step"], state["seconds"]
-        print(f"resumed {args.run} at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
+    objects = {"gen": gen, "disc": disc, "opt_g": opt_g, "opt_d": opt_d}
+    step, elapsed = run.restore(objects)
 
     def checkpoint():
-        run.save({"gen": gen.state_dict(), "disc": disc.state_dict(), "opt_g": opt_g.state_dict(),
-                  "opt_d": opt_d.state_dict(), "step": step, "seconds": elapsed, "args": vars(args)})  # fmt: skip
+        run.checkpoint(objects, step, elapsed, args)
         pretrained.save(NAME, gen.cpu(), run.dir / f"{NAME}.safetensors", step=step, minutes=f"{elapsed / 60:.1f}")
         gen.to(dev)
 
@@ -125,8 +103,7 @@ def main(argv=None):
     checkpoint()
     print(f"stopped at step {step} ({elapsed / 60:.1f} min trained); weights in {run.dir / (NAME + '.safetensors')}")
     if args.install:
-        shutil.copy(run.dir / f"{NAME}.safetensors", pretrained.weights_file(NAME))
-        print(f"installed {pretrained.weights_file(NAME)}")
+        install(NAME, run.dir)
 
 
 assert scenes.NUM_CLASSES == pretrained.ARCHITECTURES[NAME]["generator"]["label_nc"]
