@@ -33,7 +33,7 @@ from unet_edit import loadavg
 from sparsedit import GANEditor, SparseConfig, SparseEditor, TemporalConfig, pretrained
 from sparsedit import temporal as temporal_reuse
 from sparsedit.data import scenes
-from sparsedit.demo import SCENE_SEED, _lake
+from sparsedit.demo import SCENE_SEED, lake_mask, paint_lake
 from sparsedit.metrics import psnr, ssim
 
 
@@ -88,12 +88,6 @@ def mean_rows(rows: list[dict]) -> dict:
     return out
 
 
-def stroke(image: torch.Tensor, lake: torch.Tensor) -> torch.Tensor:
-    out = image.clone()
-    out[0][:, lake] = torch.tensor([-0.75, -0.35, 0.35])[:, None]
-    return out
-
-
 def run_diffusion(args, scene_list, lake, outside):
     pipe = pretrained.load("scene-ddpm", size=args.size)
     kw = {"strength": args.strength, "num_inference_steps": args.steps, "output_type": "pt"}
@@ -101,7 +95,7 @@ def run_diffusion(args, scene_list, lake, outside):
     refs = []
     for k, (img, _) in enumerate(scene_list):  # the dense SDEdit of each stroked scene, from the capture's noise
         reference = SparseEditor(pipe, SparseConfig())
-        refs.append(to11(reference.capture(image=stroke(img, lake), generator=torch.Generator().manual_seed(k),
+        refs.append(to11(reference.capture(image=paint_lake(img, lake), generator=torch.Generator().manual_seed(k),
                                            **kw).images))  # fmt: skip
         dense_s = reference.last_stats["seconds"]
         reference.remove()
@@ -113,7 +107,7 @@ def run_diffusion(args, scene_list, lake, outside):
             editor.capture(image=img, generator=torch.Generator().manual_seed(k), **kw)
             out = None
             for _ in range(args.repeats):
-                out = to11(editor.edit(image=stroke(img, lake), output_type="pt", commit=False).images)
+                out = to11(editor.edit(image=paint_lake(img, lake), output_type="pt", commit=False).images)
                 times.append(editor.last_stats["seconds"])
             s = editor.last_stats
             macs.append(s["macs_dense"] / max(s["macs_sparse"], 1))
@@ -232,7 +226,7 @@ def main():
     for i in picks[: args.scenes]:
         img, lab = scenes.render(scenes.describe(SCENE_SEED, i), (args.size, args.size))
         scene_list.append((img[None], lab[None]))
-    lake = _lake(args.size)
+    lake = lake_mask(args.size)
     grow = torch.nn.functional.max_pool2d(lake[None, None].float(), 2 * (args.size // 8) + 1, 1, args.size // 8)
     outside = grow[0, 0] == 0  # farther than 1/8 of the image from the stroke
     result = {"size": args.size, "scenes": picks[: args.scenes], "threads": torch.get_num_threads(),

@@ -233,10 +233,17 @@ def run_gan_edit(fraction: float = 0.012, repeats: int = 3, size: tuple[int, int
 SCENE_SEED, SCENE_INDEX = 1_000_000, 6  # a held-out meadow scene (training used seeds below 1,000,000)
 
 
-def _lake(size: int) -> torch.Tensor:
+def lake_mask(size: int) -> torch.Tensor:
     """Where the demo's edits put a lake: an ellipse in the scene's foreground meadow, ~4% of the image."""
     yy, xx = torch.meshgrid((torch.arange(size) + 0.5) / size, (torch.arange(size) + 0.5) / size, indexing="ij")
     return ((xx - 0.34) / 0.17) ** 2 + ((yy - 0.80) / 0.075) ** 2 <= 1
+
+
+def paint_lake(image: torch.Tensor, lake: torch.Tensor) -> torch.Tensor:
+    """A user's brush stroke: flat blue paint over `lake` ([H, W] bool) on `[B, 3, H, W]` images in [-1, 1]."""
+    out = image.clone()
+    out[..., lake] = torch.tensor([-0.75, -0.35, 0.35])[:, None]
+    return out
 
 
 def scene_inputs(size: int) -> dict:
@@ -246,9 +253,8 @@ def scene_inputs(size: int) -> dict:
 
     scene = scenes.render(scenes.describe(SCENE_SEED, SCENE_INDEX), (size, size))
     image, labels = scene[0][None], scene[1][None]
-    lake = _lake(size)
-    stroke = image.clone()
-    stroke[0][:, lake] = torch.tensor([-0.75, -0.35, 0.35])[:, None]  # flat blue paint
+    lake = lake_mask(size)
+    stroke = paint_lake(image, lake)
     new_labels = labels.clone()
     new_labels[0][lake] = scenes.WATER
     return {"image": image, "stroke": stroke, "labels": labels, "new_labels": new_labels, "lake": lake}
