@@ -60,7 +60,8 @@ def _atomic_save(obj, path: Path):
 
 
 class Run:
-    """A resumable run directory: `checkpoint.pt` (whatever `state()` returns) and `loss.csv`."""
+    """A resumable run directory: `checkpoint.pt` (the state of the modules and optimizers, the step, the time),
+    `loss.csv`, and the exported weights."""
 
     def __init__(self, directory: Path, fields: list[str]):
         self.dir = Path(directory)
@@ -72,27 +73,57 @@ class Run:
             with open(self.log, "w", newline="") as f:
                 csv.writer(f).writerow(self.fields)
 
-    def resume(self) -> dict | None:
-        if not self.ckpt.exists():
-            return None
-        return torch.load(self.ckpt, map_location="cpu", weights_only=False)
-
-    def save(self, state: dict):
-        _atomic_save(state, self.ckpt)
-
     def restore(self, objects: dict) -> tuple[int, float]:
         """Load the checkpoint (if any) into `objects` (modules, optimizers by key); returns `(step, seconds)`."""
-        state = self.resume()
-        if state is None:
+        if not self.ckpt.exists():
             return 0, 0.0
+        state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
         for key, obj in objects.items():
             obj.load_state_dict(state[key])
         print(f"resumed {self.dir} at step {state['step']} ({state['seconds'] / 60:.1f} min trained)", flush=True)
         return state["step"], state["seconds"]
 
     def checkpoint(self, objects: dict, step: int, seconds: float, args):
-        self.save({**{k: o.state_dict() for k, o in objects.items()}, "step": step, "seconds": seconds,
-                   "args": vars(args)})  # fmt: skip
+        _atomic_save({**{k: o.state_dict() for k, o in objects.items()}, "step": step, "seconds": seconds,
+                      "args": vars(args)}, self.ckpt)  # fmt: skip
+
+    def train(self, name: str, args, objects: dict, export: torch.nn.Module, train_step):
+        """The loop both trainers share. Resume from the checkpoint, then call `train_step(step)` (one optimizer step;
+        returns its losses as floats by the log's field names) until `--steps` in total or `--minutes` of this
+        invocation. Every `--log-every` steps the mean losses go to loss.csv. Every `--save-every` steps and at the end
+        the checkpoint is saved and `export` written as `<name>.safetensors` in the run directory. `--install` then
+        copies that file into the package."""
+        from sparsedit import pretrained
+
+        step, elapsed = self.restore(objects)
+        weights = self.dir / f"{name}.safetensors"
+
+        def save():
+            self.checkpoint(objects, step, elapsed, args)
+            device = next(export.parameters()).device
+            pretrained.save(name, export.cpu(), weights, step=step, minutes=f"{elapsed / 60:.1f}")
+            export.to(device)
+
+        started = t_last = time.perf_counter()
+        logs = []
+        while step < args.steps and time.perf_counter() - started < args.minutes * 60:
+            logs.append(train_step(step))
+            step += 1
+            now = time.perf_counter()
+            elapsed += now - t_last
+            t_last = now
+            if step % args.log_every == 0:
+                mean = {k: sum(log[k] for log in logs) / len(logs) for k in self.fields[2:]}
+                self.record(step, elapsed, **mean)
+                shown = "  ".join(f"{k} {v:.4g}" for k, v in mean.items())
+                print(f"step {step}  {shown}  {elapsed / 60:.1f} min", flush=True)
+                logs = []
+            if step % args.save_every == 0:
+                save()
+        save()
+        print(f"stopped at step {step} ({elapsed / 60:.1f} min trained); weights in {weights}")
+        if args.install:
+            install(name, self.dir)
 
     def record(self, step: int, seconds: float, **values):
         with open(self.log, "a", newline="") as f:

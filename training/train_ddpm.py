@@ -11,11 +11,10 @@ the same command again), `scene-ddpm.safetensors` (the EMA weights in the shippe
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 import torch.nn.functional as F
-from common import Run, batch_from, install, run_parser, scene_pool
+from common import Run, batch_from, run_parser, scene_pool
 
 from sparsedit import pretrained
 
@@ -40,18 +39,9 @@ def main(argv=None):
     sched = pretrained.scheduler(NAME)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     run = Run(args.run, ["loss", "lr"])
-    objects = {"model": model, "ema": ema, "opt": opt}
-    step, elapsed = run.restore(objects)
-
-    def checkpoint():
-        run.checkpoint(objects, step, elapsed, args)
-        pretrained.save(NAME, ema.cpu(), run.dir / f"{NAME}.safetensors", step=step, minutes=f"{elapsed / 60:.1f}")
-        ema.to(dev)
-
     alphas = sched.alphas_cumprod.to(dev)
-    started = time.perf_counter()
-    t_last, losses = time.perf_counter(), []
-    while step < args.steps and time.perf_counter() - started < args.minutes * 60:
+
+    def train_step(step: int) -> dict[str, float]:
         x0, _ = batch_from(pool, step, args.batch, base_seed=1)
         g = torch.Generator().manual_seed(10_000_000 + step)
         noise = torch.randn(x0.shape, generator=g).to(dev)
@@ -71,21 +61,9 @@ def main(argv=None):
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
-        step += 1
-        losses.append(loss.item())
-        now = time.perf_counter()
-        elapsed += now - t_last
-        t_last = now
-        if step % args.log_every == 0:
-            run.record(step, elapsed, loss=sum(losses) / len(losses), lr=lr)
-            print(f"step {step}  loss {sum(losses) / len(losses):.4f}  {elapsed / 60:.1f} min", flush=True)
-            losses = []
-        if step % args.save_every == 0:
-            checkpoint()
-    checkpoint()
-    print(f"stopped at step {step} ({elapsed / 60:.1f} min trained); weights in {run.dir / (NAME + '.safetensors')}")
-    if args.install:
-        install(NAME, run.dir)
+        return {"loss": loss.item(), "lr": lr}
+
+    run.train(NAME, args, {"model": model, "ema": ema, "opt": opt}, export=ema, train_step=train_step)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,10 @@ Every `--save-every` steps the run directory gets `checkpoint.pt` (resume by run
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from common import Run, batch_from, install, run_parser, scene_pool
+from common import Run, batch_from, run_parser, scene_pool
 
 from sparsedit import pretrained
 from sparsedit.data import scenes
@@ -60,17 +58,8 @@ def main(argv=None):
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr_g, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr_d, betas=(0.0, 0.9))
     run = Run(args.run, ["l1", "g_adv", "d_real", "d_fake"])
-    objects = {"gen": gen, "disc": disc, "opt_g": opt_g, "opt_d": opt_d}
-    step, elapsed = run.restore(objects)
 
-    def checkpoint():
-        run.checkpoint(objects, step, elapsed, args)
-        pretrained.save(NAME, gen.cpu(), run.dir / f"{NAME}.safetensors", step=step, minutes=f"{elapsed / 60:.1f}")
-        gen.to(dev)
-
-    started = time.perf_counter()
-    t_last, logs = time.perf_counter(), []
-    while step < args.steps and time.perf_counter() - started < args.minutes * 60:
+    def train_step(step: int) -> dict[str, float]:
         real, labels = batch_from(pool, step, args.batch, base_seed=2)
         real, labels = real.to(dev), labels.to(dev)
         onehot = gen.encode(labels)
@@ -87,23 +76,10 @@ def main(argv=None):
         opt_g.zero_grad(set_to_none=True)
         (g_adv + args.l1 * l1).backward()
         opt_g.step()
-        step += 1
-        logs.append((l1.item(), g_adv.item(), d_real.item(), d_fake.item()))
-        now = time.perf_counter()
-        elapsed += now - t_last
-        t_last = now
-        if step % args.log_every == 0:
-            mean = [sum(v) / len(v) for v in zip(*logs)]
-            run.record(step, elapsed, **dict(zip(["l1", "g_adv", "d_real", "d_fake"], mean)))
-            print(f"step {step}  l1 {mean[0]:.4f}  g_adv {mean[1]:.3f}  d {mean[2]:.3f}/{mean[3]:.3f}  "
-                  f"{elapsed / 60:.1f} min", flush=True)  # fmt: skip
-            logs = []
-        if step % args.save_every == 0:
-            checkpoint()
-    checkpoint()
-    print(f"stopped at step {step} ({elapsed / 60:.1f} min trained); weights in {run.dir / (NAME + '.safetensors')}")
-    if args.install:
-        install(NAME, run.dir)
+        return {"l1": l1.item(), "g_adv": g_adv.item(), "d_real": d_real.item(), "d_fake": d_fake.item()}
+
+    objects = {"gen": gen, "disc": disc, "opt_g": opt_g, "opt_d": opt_d}
+    run.train(NAME, args, objects, export=gen, train_step=train_step)
 
 
 assert scenes.NUM_CLASSES == pretrained.ARCHITECTURES[NAME]["generator"]["label_nc"]

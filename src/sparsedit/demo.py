@@ -242,7 +242,9 @@ def lake_mask(size: int) -> torch.Tensor:
 def paint_lake(image: torch.Tensor, lake: torch.Tensor) -> torch.Tensor:
     """A user's brush stroke: flat blue paint over `lake` ([H, W] bool) on `[B, 3, H, W]` images in [-1, 1]."""
     out = image.clone()
-    out[..., lake] = torch.tensor([-0.75, -0.35, 0.35])[:, None]
+    out[..., lake.to(image.device)] = torch.tensor([-0.75, -0.35, 0.35], dtype=image.dtype, device=image.device)[
+        :, None
+    ]
     return out
 
 
