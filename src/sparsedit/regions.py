@@ -8,6 +8,7 @@ the fixed-size tiles that cover it (SIGE's block gather, Li et al., NeurIPS 2022
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -201,7 +202,7 @@ class BlockIndex:
     out_shape: tuple[int, int, int]
     geometry: Geometry
 
-    @property
+    @functools.cached_property
     def num_blocks(self) -> int:
         return int(self.origins.shape[0])
 
@@ -209,12 +210,17 @@ class BlockIndex:
     def input_tile(self) -> tuple[int, int]:
         return self.geometry.input_tile(self.tile)
 
-    def input_origins(self) -> torch.Tensor:
-        """(batch, y, x) of each tile's input window, in input coordinates; negative where it reaches padding."""
+    @functools.cached_property
+    def _input_origins(self) -> torch.Tensor:
         o = self.origins.clone()
         for axis in (0, 1):
             o[:, 1 + axis] = o[:, 1 + axis] * self.geometry.stride[axis] - self.geometry.padding[axis]
         return o
+
+    def input_origins(self) -> torch.Tensor:
+        """(batch, y, x) of each tile's input window, in input coordinates; negative where it reaches padding.
+        Computed once per index (plans reuse indices across runs); do not modify it in place."""
+        return self._input_origins
 
     def mask_tiles(self, region: torch.Tensor) -> torch.Tensor:
         """The output-resolution `region` (`[B, H, W]` bool) at each tile: `[N, 1, th, tw]`, reading only the tiles."""
@@ -223,7 +229,7 @@ class BlockIndex:
         cols = self.origins[:, 2:3] + torch.arange(tw, device=region.device)
         return region[self.origins[:, 0][:, None, None], rows[:, :, None], cols[:, None, :]][:, None]
 
-    @property
+    @functools.cached_property
     def covered_fraction(self) -> float:
         """Fraction of output positions the tiles compute (counting overlaps once per tile: an upper bound)."""
         b, h, w = self.out_shape

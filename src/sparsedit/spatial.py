@@ -214,6 +214,12 @@ def _fingerprint(model: nn.Module, x: torch.Tensor, config: SparseConfig) -> dic
     }
 
 
+def _reach_fraction(region: torch.Tensor, config: SparseConfig) -> float:
+    """Fraction of the input the edit reaches before any layer (after `input_dilation` in approximate mode)."""
+    reach = dilate(region, config.input_dilation) if not config.exact else region
+    return float(reach.float().mean())
+
+
 def _make_pre_hook(model: nn.Module, att: _Attachment):
     def pre_hook(module, args, kwargs):
         st = att.state
@@ -252,9 +258,9 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
                             "`region`, which would silently keep stale values there. Enlarge the region, or pass "
                             "region=None to detect the changed pixels automatically."
                         )
-            st.input_region = region
-            reach = dilate(region, st.config.input_dilation) if not st.config.exact else region
-            fraction = float(reach.float().mean())
+            st.use_region(region)
+            region = st.input_region
+            fraction = st.memo(("input reach",), (), lambda: _reach_fraction(region, st.config))
             if fraction > st.config.max_region_fraction:
                 # Too large to pay: one plain dense forward (a committing edit refreshes the cache with it).
                 att.dense_run = f"region covers {100 * fraction:.1f}% > max_region_fraction"

@@ -107,7 +107,7 @@ def _active_tokens(state, handler, x):
     shared by the batch (its union), so queries form one dense batch."""
     h, w = x.shape[-2:]
     region = handler.output_region(state.region_of(x), _POINT, (h, w))
-    return region.any(dim=0).reshape(-1).nonzero()[:, 0]
+    return state.memo(("tokens", id(region)), (region,), lambda: region.any(dim=0).reshape(-1).nonzero()[:, 0])
 
 
 def _write_tokens(state, buf, active, tokens) -> None:
@@ -120,9 +120,13 @@ def _write_tokens(state, buf, active, tokens) -> None:
         old = ops.gather_tokens(flat, index)
         state.remember(lambda: ops.scatter_tokens(flat, old, index))
         ops.scatter_tokens(flat, tokens.reshape(-1, c).to(buf.dtype), index)
-    mask = torch.zeros(h * w, dtype=torch.bool, device=buf.device)
-    mask[active] = True
-    state.set_region(buf, mask.reshape(1, h, w).expand(b, h, w))
+
+    def build():
+        mask = torch.zeros(h * w, dtype=torch.bool, device=buf.device)
+        mask[active] = True
+        return mask.reshape(1, h, w).expand(b, h, w)
+
+    state.set_region(buf, state.memo(("token region", id(active), b, h, w), (active,), build))
 
 
 @register_handler(Attention)
@@ -178,8 +182,8 @@ class SpatialAttentionHandler(SparseHandler):
         b, c, h, w = x.shape
         macs = self.macs_dense(buf)
         region_in = st.region_of(x)
-        if (st.config.exact or st.config.attention == "dense") and bool(region_in.any()):
-            full = torch.ones_like(region_in)
+        if (st.config.exact or st.config.attention == "dense") and st.any(region_in):
+            full = st.full(region_in.shape, region_in.device)
             self.write_dense(buf, self.original(x), full)
             note = "exact attention" if st.config.exact else "dense attention (policy)"
             st.record(LayerRecord(self.name, self.kind, (h, w), macs, macs, 1.0, note))

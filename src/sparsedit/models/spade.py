@@ -350,7 +350,7 @@ class SPADEHandler(SparseHandler):
         gamma = self.gamma.sparse(hidden, _RELU)
         beta = self.beta.sparse(hidden, _RELU)
         norm = self.norm.prologue(x, st.key(self.norm.name))
-        region = st.region_of(x) | st.region_of(gamma) | st.region_of(beta)
+        region = st.union(st.region_of(x), st.region_of(gamma), st.region_of(beta))
         poison = st.config.poison_scratch
 
         def compute(x_, bi, p):

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..regions import BlockIndex, Geometry, block_index
+from ..regions import BlockIndex, Geometry
 from .state import LayerRecord, Mode, SparseState
 
 
@@ -216,7 +216,7 @@ class SparseHandler:
         if st.config.exact:
             if residual is not None:
                 new = new + ops.gather(residual, origins, bi.tile)
-            inside = bi.mask_tiles(region)
+            inside = st.memo(("inside", id(bi), id(region)), (bi, region), lambda: bi.mask_tiles(region))
             ops.scatter(buf, torch.where(inside, new.to(buf.dtype), old), origins)
         else:
             ops.scatter(buf, new, origins, residual)
@@ -230,15 +230,14 @@ class SparseHandler:
         buf.copy_(torch.where(region[:, None], new.to(buf.dtype), buf))
 
     def output_region(self, region_in: torch.Tensor, geometry: Geometry, out_hw) -> torch.Tensor:
-        from ..regions import propagate
-
-        if not bool(region_in.any()):
-            return region_in.new_zeros((region_in.shape[0], *out_hw))
-        if self.state.config.exact:
-            return propagate(region_in, geometry)
-        if bool(region_in.all()):  # an untracked input: everything may have changed
-            return region_in.new_ones((region_in.shape[0], *out_hw))
-        return self.state.pyramid(out_hw)
+        st = self.state
+        if not st.any(region_in):
+            return st.empty((region_in.shape[0], *out_hw), region_in.device)
+        if st.config.exact:
+            return st.propagate(region_in, geometry)
+        if st.all(region_in):  # an untracked input: everything may have changed
+            return st.full((region_in.shape[0], *out_hw), region_in.device)
+        return st.pyramid(out_hw)
 
     def run_tiles(self, x, region_out, geometry, compute, compute_dense, buf, residual, prologue):
         """Compute `region_out` of this layer's output into `buf`: sparse tiles, or dense when tiles do not pay.
@@ -249,10 +248,10 @@ class SparseHandler:
         out_hw = tuple(buf.shape[-2:])
         per_pos = self.macs_per_position(buf)
         dense_macs = per_pos * buf.shape[0] * out_hw[0] * out_hw[1]
-        if not bool(region_out.any()):
+        if not st.any(region_out):
             st.record(LayerRecord(self.name, self.kind, out_hw, dense_macs, 0, 0.0))
             return
-        bi = block_index(region_out, geometry, self.tile_for(out_hw[0]))
+        bi = st.block_index(region_out, geometry, self.tile_for(out_hw[0]))
         frac = bi.covered_fraction
         if frac > st.config.dense_threshold:
             self.write_dense(buf, compute_dense(x, prologue), region_out, residual)

@@ -197,7 +197,7 @@ class AddHandler(SparseHandler):
     def sparse(self, a, b):
         st = self.state
         buf = self.buffer(st.key(self.name))
-        region = st.region_of(a) | st.region_of(b)
+        region = st.union(st.region_of(a), st.region_of(b))
         poison = st.config.poison_scratch
 
         def compute(_, bi, __):
@@ -217,9 +217,7 @@ class ConcatHandler(SparseHandler):
     def sparse(self, *xs):
         st = self.state
         buf = self.buffer(st.key(self.name))
-        region = st.region_of(xs[0])
-        for x in xs[1:]:
-            region = region | st.region_of(x)
+        region = st.union(*(st.region_of(x) for x in xs))
         poison = st.config.poison_scratch
 
         def compute(_, bi, __):

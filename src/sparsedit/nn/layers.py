@@ -59,7 +59,7 @@ class WindowedHandler(SparseHandler):
         buf = into if into is not None else self.buffer(key)
         region = self.output_region(st.region_of(x), self.geometry, tuple(buf.shape[-2:]))
         if residual is not None:
-            region = region | st.region_of(residual)
+            region = st.union(region, st.region_of(residual))
         self.run_tiles(x, region, self.geometry, self.compute, self.compute_dense, buf, residual, prologue)
         st.set_region(buf, region)
         return buf
@@ -285,7 +285,7 @@ class GroupNormHandler(PointwiseHandler):
         b, c, h, w = x.shape
         t = self._grid(h)
         region = self.state.region_of(x)
-        cells = block_index(region, _POINT, t, clamp=False)
+        cells = self.state.block_index(region, _POINT, t, clamp=False)
         csum, csq = entry["cell_sum"], entry["cell_sumsq"]
         if cells.num_blocks:
             tiles = ops.gather(x, cells.origins, (t, t)).double()  # zeros past the border add nothing
@@ -309,7 +309,7 @@ class GroupNormHandler(PointwiseHandler):
         key = st.key(self.name)
         buf = into if into is not None else self.buffer(key)
         new = self.original(x if prologue is IDENTITY else prologue.apply_dense(x))
-        region = torch.ones(buf.shape[0], *buf.shape[-2:], dtype=torch.bool, device=buf.device)
+        region = st.full((buf.shape[0], *buf.shape[-2:]), buf.device)
         self.write_dense(buf, new, region)
         macs = self.macs_dense(buf)
         st.record(LayerRecord(self.name, self.kind, tuple(buf.shape[-2:]), macs, macs, 1.0, "exact GroupNorm"))
@@ -418,12 +418,14 @@ class ConvTransposeHandler(SparseHandler):
         buf = into if into is not None else self.buffer(st.key(self.name))
         out_hw = tuple(buf.shape[-2:])
         region_in = st.region_of(x)
-        if st.config.exact or bool(region_in.all()) or not bool(region_in.any()):
-            region = self.propagate(region_in, out_hw)
+        if st.config.exact or st.all(region_in) or not st.any(region_in):
+            region = st.memo(
+                ("convT", id(self), id(region_in)), (region_in,), lambda: self.propagate(region_in, out_hw)
+            )
         else:
             region = st.pyramid(out_hw)
         if residual is not None:
-            region = region | st.region_of(residual)
+            region = st.union(region, st.region_of(residual))
         self.run_tiles(x, region, _POINT, self.compute, self.compute_dense, buf, residual, prologue)
         st.set_region(buf, region)
         return buf
@@ -474,14 +476,23 @@ class UpsampleHandler(SparseHandler):
             raise UnsupportedLayerError(f"{self.name}: only equal integer upsampling factors run sparse.")
         s = oh // h
         region_in = st.region_of(x)
-        if st.config.exact or not bool(region_in.any()) or bool(region_in.all()):
-            region = region_in.repeat_interleave(s, 1).repeat_interleave(s, 2)
+        if st.config.exact or not st.any(region_in) or st.all(region_in):
+            region = st.memo(
+                ("nearest up", id(region_in), s),
+                (region_in,),
+                lambda: region_in.repeat_interleave(s, 1).repeat_interleave(s, 2),
+            )
         else:
             region = st.pyramid((oh, ow))
-        need = F.max_pool2d(region[:, None].float(), s)[:, 0] > 0  # input pixels whose copies are in the region
-        bi_in = block_index(need, _POINT, max(1, self.tile_for(oh) // s))
-        bi_out = type(bi_in)(bi_in.origins * bi_in.origins.new_tensor([1, s, s]), (bi_in.tile[0] * s,
-                             bi_in.tile[1] * s), (buf.shape[0], oh, ow), _POINT)  # fmt: skip
+
+        def indices():
+            need = F.max_pool2d(region[:, None].float(), s)[:, 0] > 0  # input pixels whose copies are in the region
+            bi_in = block_index(need, _POINT, max(1, self.tile_for(oh) // s))
+            bi_out = type(bi_in)(bi_in.origins * bi_in.origins.new_tensor([1, s, s]), (bi_in.tile[0] * s,
+                                 bi_in.tile[1] * s), (buf.shape[0], oh, ow), _POINT)  # fmt: skip
+            return bi_in, bi_out
+
+        bi_in, bi_out = st.memo(("upsample tiles", id(region), s, self.tile_for(oh)), (region,), indices)
         macs = 0
         if bi_out.covered_fraction > st.config.dense_threshold:
             self.write_dense(buf, F.interpolate(prologue.apply_dense(x), scale_factor=s, mode="nearest"), region)

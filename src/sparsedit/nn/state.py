@@ -11,10 +11,10 @@ from enum import Enum
 import torch
 
 from ..config import SparseConfig
-from ..regions import mask_pyramid
+from ..regions import BlockIndex, Geometry, block_index, dilate, downsample_region, propagate
 
 
-__all__ = ["LayerRecord", "Mode", "SparseState"]
+__all__ = ["LayerRecord", "Mode", "Plan", "SparseState"]
 
 
 class Mode(Enum):
@@ -36,6 +36,48 @@ class LayerRecord:
     macs_sparse: int
     active_fraction: float  # fraction of output positions computed
     dense_reason: str | None = None
+
+
+class Plan:
+    """Everything derived from one edit's input region, built once and reused by every run with that region.
+
+    A diffusion edit calls the model once per denoising step (and per guidance branch) with the same region, so the
+    per-resolution masks, region propagations and unions, tile indices and sparse-or-dense choices are computed on
+    the first run and looked up afterwards. Entries are keyed by the identity of the region tensors they derive from;
+    each entry holds those tensors, so an identity can never be reused by another tensor while the plan lives.
+    Every region a sparse run sees comes from the plan (or from a memoised operation on plan regions), so after the
+    first run the lookups hit.
+    """
+
+    MAX_ENTRIES = 20000  # a model that keeps making fresh regions (untracked arithmetic) must not grow it forever
+
+    def __init__(self, region: torch.Tensor | None):
+        self.region = region
+        self.memo: dict[tuple, tuple[tuple, object]] = {}
+        self.runs = 0
+        self.hits = 0
+        self.misses = 0
+
+    def matches(self, region: torch.Tensor) -> bool:
+        r = self.region
+        return (
+            r is not None
+            and r.shape == region.shape
+            and r.device == region.device
+            and (r is region or torch.equal(r, region))
+        )
+
+    def get(self, key: tuple, pins: tuple, build: Callable[[], object]):
+        hit = self.memo.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit[1]
+        self.misses += 1
+        value = build()
+        if len(self.memo) >= self.MAX_ENTRIES:
+            self.memo.clear()
+        self.memo[key] = (pins, value)
+        return value
 
 
 @dataclass
@@ -63,7 +105,7 @@ class SparseState:
     _calls: Counter = field(default_factory=Counter)
     _regions: dict[int, tuple[weakref.ref, torch.Tensor]] = field(default_factory=dict)
     _tainted: dict[int, weakref.ref] = field(default_factory=dict)
-    _pyramid: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    plan: Plan = field(default_factory=lambda: Plan(None))
 
     # -- runs ---------------------------------------------------------------------------------------------------
     def begin_run(self) -> None:
@@ -72,7 +114,7 @@ class SparseState:
         self._calls.clear()
         self._regions.clear()
         self._tainted.clear()
-        self._pyramid.clear()
+        self.plan.runs += 1
 
     def end_run(self) -> None:
         self._regions.clear()
@@ -118,19 +160,79 @@ class SparseState:
         if hit is not None and hit[0]() is t:
             return hit[1]
         b, _, h, w = t.shape
-        return torch.ones(b, h, w, dtype=torch.bool, device=t.device)
+        return self.full((b, h, w), t.device)
+
+    # -- the per-edit plan: everything that depends only on the region, memoised -------------------------------------
+    def use_region(self, region: torch.Tensor) -> None:
+        """Set the input region of the coming sparse run; the plan is kept when the region equals the last one."""
+        if not self.plan.matches(region):
+            self.plan = Plan(region.clone())
+        self.input_region = self.plan.region
+
+    def full(self, shape: tuple[int, int, int], device) -> torch.Tensor:
+        """An all-changed region (one tensor per shape and plan)."""
+        shape = tuple(shape)
+        return self.plan.get(
+            ("full", shape, str(device)), (), lambda: torch.ones(shape, dtype=torch.bool, device=device)
+        )
+
+    def empty(self, shape: tuple[int, int, int], device) -> torch.Tensor:
+        shape = tuple(shape)
+        return self.plan.get(
+            ("empty", shape, str(device)), (), lambda: torch.zeros(shape, dtype=torch.bool, device=device)
+        )
+
+    def union(self, *regions: torch.Tensor) -> torch.Tensor:
+        """`a | b | ...` of regions of one shape, memoised by identity (so unions of plan regions are plan regions)."""
+        regions = tuple(dict.fromkeys(regions, None))  # drop repeats, keep order (tensors hash by identity)
+        if len(regions) == 1:
+            return regions[0]
+
+        def build():
+            out = regions[0]
+            for r in regions[1:]:
+                out = out | r
+            return out
+
+        return self.plan.get(("union", *map(id, regions)), regions, build)
+
+    def any(self, region: torch.Tensor) -> bool:
+        return self.plan.get(("any", id(region)), (region,), lambda: bool(region.any()))
+
+    def all(self, region: torch.Tensor) -> bool:
+        return self.plan.get(("all", id(region)), (region,), lambda: bool(region.all()))
+
+    def propagate(self, region: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        return self.plan.get(("propagate", id(region), geometry), (region,), lambda: propagate(region, geometry))
+
+    def block_index(self, region: torch.Tensor, geometry: Geometry, tile, clamp: bool = True) -> BlockIndex:
+        tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
+        return self.plan.get(
+            ("blocks", id(region), geometry, tile, clamp),
+            (region,),
+            lambda: block_index(region, geometry, tile, clamp),
+        )
+
+    def memo(self, key: tuple, pins: tuple, build: Callable[[], object]):
+        """Memoise anything else that depends only on plan regions (`pins`: the tensors `key` names by identity)."""
+        return self.plan.get(key, pins, build)
 
     def pyramid(self, size: tuple[int, int]) -> torch.Tensor:
         """Approximate mode: the fixed region at one resolution (SIGE's per-resolution masks)."""
         size = tuple(size)
-        if size not in self._pyramid:
-            cfg = self.config
-            self._pyramid.update(
-                mask_pyramid(self.input_region, [size], cfg.pyramid_threshold, cfg.dilation, cfg.input_dilation)
-            )
-            if size[0] <= cfg.dense_below and bool(self._pyramid[size].any()):  # coarse maps: the whole map
-                self._pyramid[size] = torch.ones_like(self._pyramid[size])
-        return self._pyramid[size]
+        cfg = self.config
+
+        def base():
+            return dilate(self.input_region, cfg.input_dilation)
+
+        def build():
+            dilated = self.plan.get(("pyramid base",), (), base)
+            r = dilate(downsample_region(dilated, size, cfg.pyramid_threshold), cfg.dilation)
+            if size[0] <= cfg.dense_below and bool(r.any()):  # coarse maps: the whole map
+                r = torch.ones_like(r)
+            return r
+
+        return self.plan.get(("pyramid", size), (), build)
 
     def record(self, rec: LayerRecord) -> None:
         self.records.append(rec)

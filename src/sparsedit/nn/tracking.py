@@ -85,27 +85,32 @@ class RegionTracking(TorchFunctionMode):
         if out.dim() != 4:
             return None
         b, _, h, w = out.shape
-        region = out.new_zeros((b, h, w), dtype=torch.bool)
+        st = self.state
+        regions = []
         for t in inputs:
             if t.dim() == 4 and t.shape[-2:] == (h, w):
-                if not self.state.has_region(t):
+                if not st.has_region(t):
                     return None  # an untracked spatial operand (fresh noise, say): changed everywhere
-                region = region | self.state.region_of(t)
+                regions.append(st.region_of(t))
             elif t.dim() >= 2 and t.shape[-2:] != (1, 1) and t.numel() > 1:
                 return None  # some other spatial tensor: don't guess
-        return region
+        if not regions:
+            return st.empty((b, h, w), out.device)
+        if any(r.shape[0] != b for r in regions):  # broadcast over the batch
+            return st.union(*(r.expand(b, h, w) if r.shape[0] != b else r for r in regions))
+        return st.union(*regions)
 
     def _concat(self, out, args, kwargs):
         tensors = args[0] if args else kwargs.get("tensors")
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
         if out.dim() != 4 or dim not in (1, -3):
             return None
-        region = None
+        regions = []
         for t in tensors:
             if not self.state.has_region(t):
                 return None
-            region = self.state.region_of(t) if region is None else region | self.state.region_of(t)
-        return region
+            regions.append(self.state.region_of(t))
+        return self.state.union(*regions)
 
     def _nearest(self, out, args, kwargs):
         x = args[0]
@@ -113,12 +118,19 @@ class RegionTracking(TorchFunctionMode):
         if mode != "nearest" or out.dim() != 4 or not self.state.has_region(x):
             return None
         (h, w), (oh, ow) = x.shape[-2:], out.shape[-2:]
-        region = self.state.region_of(x)
+        st = self.state
+        region = st.region_of(x)
         if oh >= h and ow >= w and not (oh % h or ow % w):
-            return region.repeat_interleave(oh // h, 1).repeat_interleave(ow // w, 2)
+            return st.memo(
+                ("nearest", id(region), oh, ow),
+                (region,),
+                lambda: region.repeat_interleave(oh // h, 1).repeat_interleave(ow // w, 2),
+            )
         if oh <= h and ow <= w and not (h % oh or w % ow):
             # Nearest downsampling by an integer factor s reads source pixel floor(i * s) = i * s: a strided slice.
-            return region[:, :: h // oh, :: w // ow].contiguous()
+            return st.memo(
+                ("nearest", id(region), oh, ow), (region,), lambda: region[:, :: h // oh, :: w // ow].contiguous()
+            )
         return None
 
     def _zero_pad(self, out, args, kwargs):
