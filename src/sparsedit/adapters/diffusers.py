@@ -184,11 +184,11 @@ class SpatialAttentionHandler(SparseHandler):
         region_in = st.region_of(x)
         if (st.config.exact or st.config.attention == "dense") and st.any(region_in):
             full = st.full(region_in.shape, region_in.device)
-            self.write_dense(buf, self.original(x), full)
+            out = self.write_dense(buf, self.original(x), full)
             note = "exact attention" if st.config.exact else "dense attention (policy)"
             st.record(LayerRecord(self.name, self.kind, (h, w), macs, macs, 1.0, note))
-            st.set_region(buf, full)
-            return buf
+            st.set_region(out, full)
+            return out
         active = _active_tokens(st, self, x)
         n = int(active.numel())
         a = self.module

@@ -361,9 +361,9 @@ class SPADEHandler(SparseHandler):
         def compute_dense(x_, p):
             return p.apply_dense(x_) * (1 + gamma) + beta
 
-        self.run_tiles(x, region, _POINT, compute, compute_dense, buf, None, norm)
-        st.set_region(buf, region)
-        return buf
+        out = self.run_tiles(x, region, _POINT, compute, compute_dense, buf, None, norm)
+        st.set_region(out, region)
+        return out
 
 
 @register_handler(SPADEResnetBlock)

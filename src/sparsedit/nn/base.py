@@ -11,6 +11,7 @@ uncommitted edit can be rolled back; nothing is copied at full size per layer.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn as nn
 from .. import ops
 from ..regions import BlockIndex, Geometry
 from .state import LayerRecord, Mode, SparseState
+from .virtual import LazyConcat
 
 
 __all__ = [
@@ -113,7 +115,19 @@ class Prologue:
         return ops.reference.apply_activation(x, self.activation, self.slope)
 
     def gather(self, x, origins, tile, poison=False):
+        if isinstance(x, LazyConcat) and not x.filled:  # a skip concatenation: read each part's tiles
+            tiles, c0 = [], 0
+            for part in x.parts:
+                c1 = c0 + part.shape[1]
+                tiles.append(self.channels(c0, c1).gather(part, origins, tile, poison))
+                c0 = c1
+            return torch.cat(tiles, dim=1)
         return ops.gather(x, origins, tile, self.scale, self.shift, self.activation, self.slope, poison)
+
+    def channels(self, start: int, stop: int) -> Prologue:
+        """This prologue restricted to channels `[start, stop)`."""
+        pick = lambda t: None if t is None else t[:, start:stop]  # noqa: E731
+        return dataclasses.replace(self, scale=pick(self.scale), shift=pick(self.shift))
 
 
 IDENTITY = Prologue()
@@ -221,13 +235,22 @@ class SparseHandler:
         else:
             ops.scatter(buf, new, origins, residual)
 
-    def write_dense(self, buf, new, region, residual=None) -> None:
-        """Dense fallback: the full map was computed; keep the cached values outside `region`."""
-        old = buf.clone()
-        self.state.remember(lambda: buf.copy_(old))
+    def write_dense(self, buf, new, region, residual=None) -> torch.Tensor:
+        """Dense fallback: the full map was computed; keep the cached values outside `region`. Returns the layer's
+        output: `buf`, or, when every position changed in an uncommitted run, `new` itself (the cache is not touched,
+        so there is nothing to copy and nothing to undo: dense work at the cost of dense work)."""
+        st = self.state
         if residual is not None:
             new = new + residual
-        buf.copy_(torch.where(region[:, None], new.to(buf.dtype), buf))
+        if st.all(region) and not st.commit and new.dtype == buf.dtype and new.shape == buf.shape:
+            return new
+        old = buf.clone()
+        st.remember(lambda: buf.copy_(old))
+        if st.all(region):
+            buf.copy_(new)
+        else:
+            buf.copy_(torch.where(region[:, None], new.to(buf.dtype), buf))
+        return buf
 
     def output_region(self, region_in: torch.Tensor, geometry: Geometry, out_hw) -> torch.Tensor:
         st = self.state
@@ -239,10 +262,11 @@ class SparseHandler:
             return st.full((region_in.shape[0], *out_hw), region_in.device)
         return st.pyramid(out_hw)
 
-    def run_tiles(self, x, region_out, geometry, compute, compute_dense, buf, residual, prologue):
+    def run_tiles(self, x, region_out, geometry, compute, compute_dense, buf, residual, prologue) -> torch.Tensor:
         """Compute `region_out` of this layer's output into `buf`: sparse tiles, or dense when tiles do not pay.
 
         `compute(x, bi, prologue)` returns the output tiles of `bi`; `compute_dense(x, prologue)` the full output.
+        Returns the layer's output (`buf`, or a fresh map from `write_dense`).
         """
         st = self.state
         out_hw = tuple(buf.shape[-2:])
@@ -250,13 +274,14 @@ class SparseHandler:
         dense_macs = per_pos * buf.shape[0] * out_hw[0] * out_hw[1]
         if not st.any(region_out):
             st.record(LayerRecord(self.name, self.kind, out_hw, dense_macs, 0, 0.0))
-            return
+            return buf
         bi = st.block_index(region_out, geometry, self.tile_for(out_hw[0]))
         frac = bi.covered_fraction
         if frac > st.config.dense_threshold:
-            self.write_dense(buf, compute_dense(x, prologue), region_out, residual)
+            out = self.write_dense(buf, compute_dense(x, prologue), region_out, residual)
             st.record(LayerRecord(self.name, self.kind, out_hw, dense_macs, dense_macs, 1.0, "cost model"))
-            return
+            return out
         self.write(buf, bi, compute(x, bi, prologue), region_out, residual)
         sparse_macs = per_pos * bi.num_blocks * bi.tile[0] * bi.tile[1]
         st.record(LayerRecord(self.name, self.kind, out_hw, dense_macs, sparse_macs, frac))
+        return buf

@@ -205,9 +205,9 @@ class AddHandler(SparseHandler):
                 b, bi.origins, bi.tile, poison=poison
             )
 
-        self.run_tiles(None, region, _POINT, compute, lambda _, __: a + b, buf, None, IDENTITY)
-        st.set_region(buf, region)
-        return buf
+        out = self.run_tiles(None, region, _POINT, compute, lambda _, __: a + b, buf, None, IDENTITY)
+        st.set_region(out, region)
+        return out
 
 
 @register_handler(Concat)
@@ -223,9 +223,9 @@ class ConcatHandler(SparseHandler):
         def compute(_, bi, __):
             return torch.cat([ops.gather(x, bi.origins, bi.tile, poison=poison) for x in xs], dim=1)
 
-        self.run_tiles(None, region, _POINT, compute, lambda _, __: torch.cat(xs, 1), buf, None, IDENTITY)
-        st.set_region(buf, region)
-        return buf
+        out = self.run_tiles(None, region, _POINT, compute, lambda _, __: torch.cat(xs, 1), buf, None, IDENTITY)
+        st.set_region(out, region)
+        return out
 
 
 @register_handler(ResBlock)

@@ -60,9 +60,9 @@ class WindowedHandler(SparseHandler):
         region = self.output_region(st.region_of(x), self.geometry, tuple(buf.shape[-2:]))
         if residual is not None:
             region = st.union(region, st.region_of(residual))
-        self.run_tiles(x, region, self.geometry, self.compute, self.compute_dense, buf, residual, prologue)
-        st.set_region(buf, region)
-        return buf
+        out = self.run_tiles(x, region, self.geometry, self.compute, self.compute_dense, buf, residual, prologue)
+        st.set_region(out, region)
+        return out
 
 
 @register_handler(nn.Conv2d)
@@ -155,7 +155,7 @@ class PointwiseHandler(SparseHandler):
         p = self.fold(x, key, prologue)
         region = st.region_of(x)
         poison = st.config.poison_scratch
-        self.run_tiles(
+        out = self.run_tiles(
             x,
             region,
             _POINT,
@@ -165,8 +165,8 @@ class PointwiseHandler(SparseHandler):
             None,
             p,
         )
-        st.set_region(buf, region)
-        return buf
+        st.set_region(out, region)
+        return out
 
 
 _ACTIVATION_NAMES = {
@@ -310,11 +310,11 @@ class GroupNormHandler(PointwiseHandler):
         buf = into if into is not None else self.buffer(key)
         new = self.original(x if prologue is IDENTITY else prologue.apply_dense(x))
         region = st.full((buf.shape[0], *buf.shape[-2:]), buf.device)
-        self.write_dense(buf, new, region)
+        out = self.write_dense(buf, new, region)
         macs = self.macs_dense(buf)
         st.record(LayerRecord(self.name, self.kind, tuple(buf.shape[-2:]), macs, macs, 1.0, "exact GroupNorm"))
-        st.set_region(buf, region)
-        return buf
+        st.set_region(out, region)
+        return out
 
 
 @register_handler(nn.InstanceNorm2d)
@@ -426,9 +426,9 @@ class ConvTransposeHandler(SparseHandler):
             region = st.pyramid(out_hw)
         if residual is not None:
             region = st.union(region, st.region_of(residual))
-        self.run_tiles(x, region, _POINT, self.compute, self.compute_dense, buf, residual, prologue)
-        st.set_region(buf, region)
-        return buf
+        out = self.run_tiles(x, region, _POINT, self.compute, self.compute_dense, buf, residual, prologue)
+        st.set_region(out, region)
+        return out
 
 
 @register_handler(nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad2d)
@@ -495,7 +495,8 @@ class UpsampleHandler(SparseHandler):
         bi_in, bi_out = st.memo(("upsample tiles", id(region), s, self.tile_for(oh)), (region,), indices)
         macs = 0
         if bi_out.covered_fraction > st.config.dense_threshold:
-            self.write_dense(buf, F.interpolate(prologue.apply_dense(x), scale_factor=s, mode="nearest"), region)
+            new = F.interpolate(prologue.apply_dense(x), scale_factor=s, mode="nearest")
+            buf = self.write_dense(buf, new, region)
             st.record(LayerRecord(self.name, self.kind, (oh, ow), macs, macs, 1.0, "cost model"))
         elif bi_in.num_blocks:
             tiles = prologue.gather(x, bi_in.origins, bi_in.tile, st.config.poison_scratch)

@@ -106,6 +106,7 @@ class SparseState:
     _regions: dict[int, tuple[weakref.ref, torch.Tensor]] = field(default_factory=dict)
     _tainted: dict[int, weakref.ref] = field(default_factory=dict)
     plan: Plan = field(default_factory=lambda: Plan(None))
+    lazy: list[weakref.ref] = field(default_factory=list)  # LazyConcat tensors made in this run
 
     # -- runs ---------------------------------------------------------------------------------------------------
     def begin_run(self) -> None:
@@ -117,6 +118,12 @@ class SparseState:
         self.plan.runs += 1
 
     def end_run(self) -> None:
+        # A lazy tensor still alive (kept by user code or another technique) must not escape the run unfilled.
+        for ref in self.lazy:
+            t = ref()
+            if t is not None:
+                t.materialize()
+        self.lazy.clear()
         self._regions.clear()
         self._tainted.clear()
 

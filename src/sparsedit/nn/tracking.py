@@ -13,11 +13,14 @@ is *tainted*: whatever it touches afterwards counts as changed everywhere.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .state import Mode, SparseState
+from .virtual import LazyConcat
 
 
 _T = torch.Tensor
@@ -51,8 +54,12 @@ class RegionTracking(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         st = self.state
+        if func in _CONCAT and st.mode is Mode.SPARSE:
+            lazy = self._lazy_concat(args, kwargs)
+            if lazy is not None:
+                return lazy
+        out = func(*args, **kwargs)
         if st.mode is not Mode.SPARSE:  # a dense fallback run: nothing to track
             return out
         inputs = _tensors(args, kwargs)
@@ -79,6 +86,28 @@ class RegionTracking(TorchFunctionMode):
         elif out.dim() != 4:
             st.taint(out)
         # A 4D output without a region counts as changed everywhere (SparseState.region_of).
+        return out
+
+    def _lazy_concat(self, args, kwargs):
+        """A channel concatenation of tracked maps: a `LazyConcat` that gathers read part by part (see virtual.py)."""
+        tensors = args[0] if args else kwargs.get("tensors")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        st = self.state
+        if (
+            dim not in (1, -3)
+            or "out" in kwargs
+            or not isinstance(tensors, (list, tuple))
+            or len(tensors) < 2
+            or not all(isinstance(t, torch.Tensor) and t.dim() == 4 and st.has_region(t) for t in tensors)
+        ):
+            return None
+        first = tensors[0]
+        if any(t.shape[0] != first.shape[0] or t.shape[2:] != first.shape[2:] or t.dtype != first.dtype
+               or t.device != first.device for t in tensors):  # fmt: skip
+            return None
+        out = LazyConcat.of(tensors)
+        st.lazy.append(weakref.ref(out))
+        st.set_region(out, st.union(*(st.region_of(t) for t in tensors)))
         return out
 
     def _pointwise(self, out, inputs):
