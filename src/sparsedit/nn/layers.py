@@ -142,7 +142,9 @@ class PointwiseHandler(SparseHandler):
     def fold(self, x, key, prologue: Prologue) -> Prologue:
         p = self.prologue(x, key)
         folded = (
-            prologue.then_affine(p.scale, p.shift) if self.affine else prologue.then_activation(p.activation, p.slope)
+            prologue.then_affine(p.scale, p.shift)
+            if self.affine
+            else prologue.then_activation(p.activation, p.slope, p.params, p.weight)
         )
         if folded is None:  # planning guarantees this never happens
             raise RuntimeError(f"{self.name}: cannot fold into the preceding prologue")
@@ -176,24 +178,60 @@ _ACTIVATION_NAMES = {
     nn.Sigmoid: "sigmoid",
     nn.LeakyReLU: "leaky_relu",
     nn.GELU: "gelu",
+    nn.PReLU: "prelu",
+    nn.ELU: "elu",
+    nn.SELU: "selu",
+    nn.CELU: "celu",
+    nn.Hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.Hardtanh: "hardtanh",  # nn.ReLU6 is a Hardtanh(0, 6)
+    nn.Mish: "mish",
+    nn.Softplus: "softplus",
 }
+
+
+def _activation_params(m: nn.Module) -> tuple[float, ...]:
+    """The float parameters an activation module carries, in the order `ops.gather(params=...)` takes them."""
+    if isinstance(m, (nn.ELU, nn.CELU)):
+        return (float(m.alpha),)
+    if isinstance(m, nn.Hardtanh):
+        return (float(m.min_val), float(m.max_val))
+    if isinstance(m, nn.Softplus):
+        return (float(m.beta), float(m.threshold))
+    return ()
 
 
 @register_handler(nn.Identity, nn.Dropout, nn.Dropout2d, *_ACTIVATION_NAMES)
 class ActivationHandler(PointwiseHandler):
+    """Elementwise activations (and Identity, eval-mode Dropout): folded into the next layer's gather, or applied
+    to the active tiles alone. PReLU's learnable slope travels with the prologue as a per-channel weight."""
+
     kind = "activation"
 
     def check_supported(self):
         m = self.module
-        if isinstance(m, nn.GELU) and m.approximate != "none":
-            raise UnsupportedLayerError(f"{self.name}: GELU(approximate={m.approximate!r}) is not supported.")
-        self.activation = next((n for t, n in _ACTIVATION_NAMES.items() if isinstance(m, t)), "identity")
+        name = next((n for t, n in _ACTIVATION_NAMES.items() if isinstance(m, t)), "identity")
+        if isinstance(m, nn.GELU):
+            if m.approximate not in ("none", "tanh"):
+                raise UnsupportedLayerError(f"{self.name}: GELU(approximate={m.approximate!r}) is not supported.")
+            name = "gelu" if m.approximate == "none" else "gelu_tanh"
+        self.activation = name
         self.slope = float(getattr(m, "negative_slope", 0.01))
+        self.params = _activation_params(m)
 
     def prologue(self, x, key):
-        if isinstance(self.module, (nn.Dropout, nn.Dropout2d)) and self.module.training and self.module.p > 0:
+        m = self.module
+        if isinstance(m, (nn.Dropout, nn.Dropout2d)) and m.training and m.p > 0:
             raise RuntimeError(f"{self.name}: Dropout in training mode is random; call model.eval() before editing.")
-        return Prologue(activation=self.activation, slope=self.slope)
+        weight = None
+        if isinstance(m, nn.PReLU):
+            if m.weight.numel() not in (1, x.shape[1]):
+                raise ValueError(
+                    f"{self.name}: PReLU has {m.weight.numel()} slopes but its input has {x.shape[1]} channels; "
+                    "use num_parameters=1 or the input's channel count."
+                )
+            weight = m.weight.detach()
+        return Prologue(activation=self.activation, slope=self.slope, params=self.params, weight=weight)
 
 
 @register_handler(nn.BatchNorm2d)

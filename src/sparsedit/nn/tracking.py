@@ -24,7 +24,9 @@ _T = torch.Tensor
 # Elementwise functions: the output at a pixel depends only on the inputs at that pixel.
 _POINTWISE = {
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.where, torch.clamp,
-    torch.sigmoid, torch.tanh, torch.exp, F.silu, F.relu, F.gelu, F.leaky_relu, F.mish,
+    torch.sigmoid, torch.tanh, torch.exp, torch.relu, F.silu, F.relu, F.gelu, F.leaky_relu, F.mish,
+    F.prelu, F.elu, F.selu, F.celu, F.hardswish, F.hardsigmoid, F.hardtanh, F.relu6, F.softplus, F.softsign,
+    F.tanhshrink, F.logsigmoid, _T.relu,
     _T.add, _T.__add__, _T.__radd__, _T.__iadd__, _T.sub, _T.__sub__, _T.__rsub__,
     _T.mul, _T.__mul__, _T.__rmul__, _T.div, _T.__truediv__, _T.__rtruediv__, _T.neg, _T.__neg__,
     _T.clamp, _T.sigmoid, _T.tanh, _T.to, _T.float, _T.half, _T.bfloat16, _T.type_as,
