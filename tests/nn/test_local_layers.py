@@ -510,3 +510,23 @@ def test_mixed_model_approximate(data):
     h, w = 2 * data.draw(st.integers(4, 8)), 2 * data.draw(st.integers(4, 8))
     torch.manual_seed(data.draw(st.integers(0, 2**16)))
     check_approximate(_mixed_model(), torch.randn(1, 3, h, w), data.draw(regions(1, h, w)))
+
+
+class FunctionalPad(nn.Module):
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 2, 3)
+
+    def forward(self, x):
+        return self.b(F.pad(self.a(x), (1, 1, 1, 1), mode=self.mode))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_functional_pad_is_tracked(mode):
+    torch.manual_seed(0)
+    region = torch.zeros(1, 24, 24, dtype=torch.bool)
+    region[0, 12, 0] = True  # at the left edge: circular padding carries it to the right edge
+    stats = check_exact(FunctionalPad(mode), torch.randn(1, 2, 24, 24), region, tile=2)
+    assert stats["layers"][-1]["active_fraction"] < 0.1
