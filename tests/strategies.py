@@ -72,7 +72,14 @@ def conv_stacks(draw, in_channels: int):
             bn.weight.data.normal_()
             layers.append(bn)
         elif kind == "act":
-            layers.append(draw(st.sampled_from([nn.ReLU(), nn.SiLU(), nn.Tanh(), nn.LeakyReLU(0.2), nn.GELU()])))
+            layers.append(
+                draw(
+                    st.sampled_from(
+                        [nn.ReLU(), nn.SiLU(), nn.Tanh(), nn.LeakyReLU(0.2), nn.GELU(), nn.ELU(0.5), nn.Hardswish()]
+                        + [nn.Mish(), nn.PReLU(), nn.Softplus(2.0), nn.ReLU6(), nn.GELU(approximate="tanh")]
+                    )
+                )
+            )
         elif kind == "convT":
             k = draw(st.sampled_from([2, 3, 4]))
             stride = draw(st.sampled_from([1, 2]))

@@ -85,10 +85,10 @@ def test_region_that_misses_a_change():
 @pytest.mark.parametrize(
     "layer, match",
     [
-        (nn.PixelShuffle(1), "PixelShuffle has no sparse implementation"),
+        (nn.AdaptiveAvgPool2d(1), "AdaptiveAvgPool2d has no sparse implementation"),
         (nn.ConvTranspose2d(3, 3, 1, stride=2), "larger than its kernel's reach"),
-        (nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
-        (nn.Upsample(scale_factor=2, mode="bilinear"), "mode='bilinear'"),
+        (nn.Conv2d(3, 3, 2, padding="same", padding_mode="reflect"), "pads asymmetrically"),
+        (nn.Upsample(scale_factor=2, mode="trilinear"), "mode='trilinear'"),
         (nn.MaxPool2d(3, padding=1), "padding=0"),
     ],
 )

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsedit import ops
@@ -111,3 +111,50 @@ def test_bad_arguments_are_named():
         ops.gather(x, torch.zeros(1, 3, dtype=torch.int64), (2, 2), activation="swish")
     with pytest.raises(ValueError, match=r"scale must have shape \[B, C\]"):
         ops.gather(x, torch.zeros(1, 3, dtype=torch.int64), (2, 2), scale=torch.ones(2))
+
+
+@settings(max_examples=40)
+@given(data=st.data())
+def test_gather_padding_modes_match_f_pad(data):
+    """Reflect, replicate and circular gathers read the pixels `F.pad` puts outside the image, activated like any."""
+    b, c = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 4))
+    h, w = data.draw(st.integers(2, 9)), data.draw(st.integers(2, 9))
+    mode = data.draw(st.sampled_from(["reflect", "replicate", "circular"]))
+    p = data.draw(st.integers(0, min(h, w) - 1 if mode == "reflect" else min(h, w)))
+    th, tw = data.draw(st.integers(1, h + 2 * p)), data.draw(st.integers(1, w + 2 * p))
+    n = data.draw(st.integers(0, 5))
+    origins = torch.tensor(
+        [[data.draw(st.integers(0, b - 1)), data.draw(st.integers(-p, h + p - th)),
+          data.draw(st.integers(-p, w + p - tw))] for _ in range(n)],
+        dtype=torch.int64,
+    ).reshape(n, 3)  # fmt: skip
+    x = torch.randn(b, c, h, w)
+    weight = torch.randn(c)
+    got = ops.gather(x, origins, (th, tw), activation="prelu", poison=True, weight=weight, padding_mode=mode)
+    y = F.pad(F.prelu(x, weight), (p, p, p, p), mode=mode)
+    want = [y[i, :, r + p : r + p + th, q + p : q + p + tw] for i, r, q in origins.tolist()]
+    want = torch.stack(want) if want else x.new_zeros(0, c, th, tw)
+    assert torch.equal(got, want)
+
+
+def test_gather_activation_parameters():
+    x = torch.randn(2, 3, 5, 5)
+    origins = torch.tensor([[0, -1, -1], [1, 2, 3]], dtype=torch.int64)
+    for act, params, fn in [
+        ("elu", (0.3,), lambda t: F.elu(t, 0.3)),
+        ("celu", (1.7,), lambda t: F.celu(t, 1.7)),
+        ("hardtanh", (-0.2, 0.4), lambda t: F.hardtanh(t, -0.2, 0.4)),
+        ("softplus", (2.0, 1.5), lambda t: F.softplus(t, 2.0, 1.5)),
+    ]:
+        got = ops.gather(x, origins, (3, 3), activation=act, params=params)
+        want = _slow_gather(x, origins, (3, 3), None, None, "identity")
+        inside = _slow_gather(torch.ones_like(x), origins, (3, 3), None, None, "identity") > 0
+        torch.testing.assert_close(got, torch.where(inside, fn(want), 0.0), rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(
+        torch.ops.sparsedit.gather.default,
+        (x, origins, 4, 4, None, None, "prelu", 0.01, False, [], torch.randn(3), "reflect"),
+    )
+    with pytest.raises(ValueError, match="unknown padding_mode"):
+        ops.gather(x, origins, (2, 2), padding_mode="mirror")
+    with pytest.raises(ValueError, match="PReLU's slope"):
+        ops.gather(x, origins, (2, 2), activation="prelu", weight=torch.ones(2))

@@ -80,12 +80,23 @@ def handler_for(module: nn.Module) -> type[SparseHandler] | None:
 
 @dataclass(frozen=True)
 class Prologue:
-    """A per-channel affine then an activation, applied to input tiles inside the gather (fused GroupNorm+SiLU)."""
+    """A per-channel affine then an activation, applied to input tiles inside the gather (fused GroupNorm+SiLU).
+
+    Attributes:
+        scale, shift: `[B, C]` per-sample, per-channel affine (or `None`).
+        activation: a name from `sparsedit.ops.ACTIVATIONS`.
+        slope: leaky_relu's negative slope.
+        params: the activation's other float parameters (ELU's alpha, Hardtanh's bounds, Softplus' beta and
+            threshold), in torch's argument order.
+        weight: PReLU's learnable slope, `[C]` or `[1]`.
+    """
 
     scale: torch.Tensor | None = None  # [B, C]
     shift: torch.Tensor | None = None  # [B, C]
     activation: str = "identity"
     slope: float = 0.01
+    params: tuple[float, ...] = ()
+    weight: torch.Tensor | None = None  # [C] or [1]
 
     def then_affine(self, scale, shift) -> Prologue | None:
         if self.activation != "identity":
@@ -100,29 +111,34 @@ class Prologue:
             new_shift = new_shift + shift if shift is not None else new_shift
         return Prologue(new_scale, new_shift)
 
-    def then_activation(self, activation: str, slope: float) -> Prologue | None:
+    def then_activation(
+        self, activation: str, slope: float = 0.01, params: tuple[float, ...] = (), weight=None
+    ) -> Prologue | None:
         if activation == "identity":
             return self
         if self.activation != "identity":
             return None
-        return Prologue(self.scale, self.shift, activation, slope)
+        return Prologue(self.scale, self.shift, activation, slope, tuple(params), weight)
 
     def apply_dense(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
             x = x * self.scale[:, :, None, None].to(x.dtype)
         if self.shift is not None:
             x = x + self.shift[:, :, None, None].to(x.dtype)
-        return ops.reference.apply_activation(x, self.activation, self.slope)
+        return ops.reference.apply_activation(x, self.activation, self.slope, self.params, self.weight)
 
-    def gather(self, x, origins, tile, poison=False):
+    def gather(self, x, origins, tile, poison=False, padding_mode="zeros"):
         if isinstance(x, LazyConcat) and not x.filled:  # a skip concatenation: read each part's tiles
             tiles, c0 = [], 0
             for part in x.parts:
                 c1 = c0 + part.shape[1]
-                tiles.append(self.channels(c0, c1).gather(part, origins, tile, poison))
+                tiles.append(self.channels(c0, c1).gather(part, origins, tile, poison, padding_mode))
                 c0 = c1
             return torch.cat(tiles, dim=1)
-        return ops.gather(x, origins, tile, self.scale, self.shift, self.activation, self.slope, poison)
+        return ops.gather(
+            x, origins, tile, self.scale, self.shift, self.activation, self.slope, poison,
+            params=self.params, weight=self.weight, padding_mode=padding_mode,
+        )  # fmt: skip
 
     def channels(self, start: int, stop: int) -> Prologue:
         """This prologue restricted to channels `[start, stop)`."""

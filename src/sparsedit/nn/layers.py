@@ -7,8 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..regions import Geometry, block_index
+from ..regions import Geometry, block_index, propagate
 from .base import IDENTITY, Prologue, SparseHandler, UnsupportedLayerError, register_handler
+from .resample import SEPARABLE_MODES, propagate_resample, resample_tiles, taps_for
 from .state import LayerRecord
 from .tracking import padded_region
 
@@ -21,7 +22,10 @@ __all__ = [
     "GroupNormHandler",
     "InstanceNormHandler",
     "PadHandler",
+    "PixelShuffleHandler",
+    "PixelUnshuffleHandler",
     "PoolHandler",
+    "UpsampleHandler",
     "group_stats",
 ]
 
@@ -39,6 +43,7 @@ class WindowedHandler(SparseHandler):
 
     consumes_prologue = True
     geometry: Geometry
+    padding_mode = "zeros"  # what the halo reads past the border: see `ops.gather`
 
     def apply(self, tiles: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -47,7 +52,8 @@ class WindowedHandler(SparseHandler):
         raise NotImplementedError
 
     def compute(self, x, bi, prologue: Prologue):
-        tiles = prologue.gather(x, bi.input_origins(), bi.input_tile, self.state.config.poison_scratch)
+        poison = self.state.config.poison_scratch
+        tiles = prologue.gather(x, bi.input_origins(), bi.input_tile, poison, self.padding_mode)
         return self.apply(tiles)
 
     def compute_dense(self, x, prologue: Prologue):
@@ -65,17 +71,27 @@ class WindowedHandler(SparseHandler):
         return out
 
 
+_PAD_MODES = {"zeros": "zeros", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
 @register_handler(nn.Conv2d)
 class ConvHandler(WindowedHandler):
+    """Conv2d, any groups, stride and dilation. With `padding_mode` reflect, replicate or circular the halo of a tile
+    at the border reads the reflected, replicated or wrapped-around pixels (an index mapping in the gather, no padded
+    copy of the map), and the region reaches through that padding: a change at one edge of a circularly padded map
+    changes the outputs at the opposite edge."""
+
     kind = "conv"
 
     def check_supported(self):
         m = self.module
-        if m.padding_mode != "zeros":
+        if m.padding_mode not in _PAD_MODES:
             raise UnsupportedLayerError(
-                f"{self.name}: Conv2d with padding_mode={m.padding_mode!r} cannot run sparse (only 'zeros'); "
-                "pad explicitly before the convolution or pass SparseConfig(strict=False) to run it densely."
+                f"{self.name}: Conv2d with padding_mode={m.padding_mode!r} cannot run sparse (supported: "
+                f"{sorted(_PAD_MODES)}); pad explicitly before the convolution or pass SparseConfig(strict=False) "
+                "to run it densely."
             )
+        self.padding_mode = _PAD_MODES[m.padding_mode]
         if isinstance(m.padding, str):
             if m.padding == "valid":
                 padding = (0, 0)
@@ -91,6 +107,19 @@ class ConvHandler(WindowedHandler):
             padding = m.padding
         self.geometry = Geometry.of(m.kernel_size, m.stride, padding, m.dilation)
 
+    def output_region(self, region_in, geometry, out_hw):
+        st = self.state
+        if self.padding_mode == "zeros" or not st.config.exact or not st.any(region_in):
+            return super().output_region(region_in, geometry, out_hw)
+        # The padding copies pixels: pad the region the same way, then slide the window over it without padding.
+        (py, px), mode = geometry.padding, self.padding_mode
+
+        def build():
+            padded = padded_region(region_in, (px, px, py, py), mode)
+            return propagate(padded, Geometry(geometry.kernel, geometry.stride, (0, 0), geometry.dilation))
+
+        return st.memo(("padded conv", id(region_in), geometry, mode), (region_in,), build)
+
     def macs_per_position(self, out):
         m = self.module
         return m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
@@ -101,7 +130,27 @@ class ConvHandler(WindowedHandler):
 
     def apply_dense(self, x):
         m = self.module
+        if self.padding_mode != "zeros":
+            py, px = self.geometry.padding
+            x = F.pad(x, (px, px, py, py), mode=self.padding_mode)
+            return F.conv2d(x, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
         return F.conv2d(x, m.weight, m.bias, m.stride, self.geometry.padding, m.dilation, m.groups)
+
+
+@register_handler(nn.PixelUnshuffle)
+class PixelUnshuffleHandler(WindowedHandler):
+    """Space-to-depth by a factor r: an r x r window with stride r, computed on the active tiles."""
+
+    kind = "shuffle"
+
+    def check_supported(self):
+        r = self.module.downscale_factor
+        self.geometry = Geometry.of(r, r, 0, 1)
+
+    def apply(self, tiles):
+        return F.pixel_unshuffle(tiles, self.module.downscale_factor)
+
+    apply_dense = apply
 
 
 @register_handler(nn.AvgPool2d, nn.MaxPool2d)
@@ -142,7 +191,9 @@ class PointwiseHandler(SparseHandler):
     def fold(self, x, key, prologue: Prologue) -> Prologue:
         p = self.prologue(x, key)
         folded = (
-            prologue.then_affine(p.scale, p.shift) if self.affine else prologue.then_activation(p.activation, p.slope)
+            prologue.then_affine(p.scale, p.shift)
+            if self.affine
+            else prologue.then_activation(p.activation, p.slope, p.params, p.weight)
         )
         if folded is None:  # planning guarantees this never happens
             raise RuntimeError(f"{self.name}: cannot fold into the preceding prologue")
@@ -176,24 +227,60 @@ _ACTIVATION_NAMES = {
     nn.Sigmoid: "sigmoid",
     nn.LeakyReLU: "leaky_relu",
     nn.GELU: "gelu",
+    nn.PReLU: "prelu",
+    nn.ELU: "elu",
+    nn.SELU: "selu",
+    nn.CELU: "celu",
+    nn.Hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.Hardtanh: "hardtanh",  # nn.ReLU6 is a Hardtanh(0, 6)
+    nn.Mish: "mish",
+    nn.Softplus: "softplus",
 }
+
+
+def _activation_params(m: nn.Module) -> tuple[float, ...]:
+    """The float parameters an activation module carries, in the order `ops.gather(params=...)` takes them."""
+    if isinstance(m, (nn.ELU, nn.CELU)):
+        return (float(m.alpha),)
+    if isinstance(m, nn.Hardtanh):
+        return (float(m.min_val), float(m.max_val))
+    if isinstance(m, nn.Softplus):
+        return (float(m.beta), float(m.threshold))
+    return ()
 
 
 @register_handler(nn.Identity, nn.Dropout, nn.Dropout2d, *_ACTIVATION_NAMES)
 class ActivationHandler(PointwiseHandler):
+    """Elementwise activations (and Identity, eval-mode Dropout): folded into the next layer's gather, or applied
+    to the active tiles alone. PReLU's learnable slope travels with the prologue as a per-channel weight."""
+
     kind = "activation"
 
     def check_supported(self):
         m = self.module
-        if isinstance(m, nn.GELU) and m.approximate != "none":
-            raise UnsupportedLayerError(f"{self.name}: GELU(approximate={m.approximate!r}) is not supported.")
-        self.activation = next((n for t, n in _ACTIVATION_NAMES.items() if isinstance(m, t)), "identity")
+        name = next((n for t, n in _ACTIVATION_NAMES.items() if isinstance(m, t)), "identity")
+        if isinstance(m, nn.GELU):
+            if m.approximate not in ("none", "tanh"):
+                raise UnsupportedLayerError(f"{self.name}: GELU(approximate={m.approximate!r}) is not supported.")
+            name = "gelu" if m.approximate == "none" else "gelu_tanh"
+        self.activation = name
         self.slope = float(getattr(m, "negative_slope", 0.01))
+        self.params = _activation_params(m)
 
     def prologue(self, x, key):
-        if isinstance(self.module, (nn.Dropout, nn.Dropout2d)) and self.module.training and self.module.p > 0:
+        m = self.module
+        if isinstance(m, (nn.Dropout, nn.Dropout2d)) and m.training and m.p > 0:
             raise RuntimeError(f"{self.name}: Dropout in training mode is random; call model.eval() before editing.")
-        return Prologue(activation=self.activation, slope=self.slope)
+        weight = None
+        if isinstance(m, nn.PReLU):
+            if m.weight.numel() not in (1, x.shape[1]):
+                raise ValueError(
+                    f"{self.name}: PReLU has {m.weight.numel()} slopes but its input has {x.shape[1]} channels; "
+                    "use num_parameters=1 or the input's channel count."
+                )
+            weight = m.weight.detach()
+        return Prologue(activation=self.activation, slope=self.slope, params=self.params, weight=weight)
 
 
 @register_handler(nn.BatchNorm2d)
@@ -453,35 +540,35 @@ class PadHandler(SparseHandler):
         return out
 
 
-@register_handler(nn.Upsample, nn.UpsamplingNearest2d)
-class UpsampleHandler(SparseHandler):
-    """Nearest-neighbour upsampling by an integer factor: only the active input tiles are upsampled."""
+def _expand_region(region: torch.Tensor, s: int) -> torch.Tensor:
+    return region.repeat_interleave(s, 1).repeat_interleave(s, 2)
 
-    kind = "upsample"
+
+class _UpscaleHandler(SparseHandler):
+    """An integer upscaling where output pixel `(y, x)` depends on input pixel `(y // s, x // s)` only: the active
+    input tiles (of `tile / s` pixels) are gathered with the prologue fused, upscaled, and written as output tiles
+    of `tile` pixels (a multiple of the factor)."""
+
     consumes_prologue = True
 
-    def check_supported(self):
-        m = self.module
-        if m.mode != "nearest":
-            raise UnsupportedLayerError(
-                f"{self.name}: Upsample(mode={m.mode!r}) cannot run sparse yet; only mode='nearest' is supported."
-            )
+    def factor(self, x, buf) -> int:
+        raise NotImplementedError
+
+    def upscale(self, tiles: torch.Tensor, s: int) -> torch.Tensor:
+        raise NotImplementedError
 
     def sparse(self, x, prologue: Prologue = IDENTITY, into=None):
         st = self.state
         key = st.key(self.name)
         buf = into if into is not None else self.buffer(key)
-        (h, w), (oh, ow) = x.shape[-2:], buf.shape[-2:]
-        if oh % h or ow % w or oh // h != ow // w:
-            raise UnsupportedLayerError(f"{self.name}: only equal integer upsampling factors run sparse.")
-        s = oh // h
+        return self.sparse_upscale(x, prologue, buf, self.factor(x, buf))
+
+    def sparse_upscale(self, x, prologue: Prologue, buf: torch.Tensor, s: int):
+        st = self.state
+        oh, ow = buf.shape[-2:]
         region_in = st.region_of(x)
         if st.config.exact or not st.any(region_in) or st.all(region_in):
-            region = st.memo(
-                ("nearest up", id(region_in), s),
-                (region_in,),
-                lambda: region_in.repeat_interleave(s, 1).repeat_interleave(s, 2),
-            )
+            region = st.memo(("expand", id(region_in), s), (region_in,), lambda: _expand_region(region_in, s))
         else:
             region = st.pyramid((oh, ow))
 
@@ -495,12 +582,81 @@ class UpsampleHandler(SparseHandler):
         bi_in, bi_out = st.memo(("upsample tiles", id(region), s, self.tile_for(oh)), (region,), indices)
         macs = 0
         if bi_out.covered_fraction > st.config.dense_threshold:
-            new = F.interpolate(prologue.apply_dense(x), scale_factor=s, mode="nearest")
-            buf = self.write_dense(buf, new, region)
+            buf = self.write_dense(buf, self.upscale(prologue.apply_dense(x), s), region)
             st.record(LayerRecord(self.name, self.kind, (oh, ow), macs, macs, 1.0, "cost model"))
         elif bi_in.num_blocks:
             tiles = prologue.gather(x, bi_in.origins, bi_in.tile, st.config.poison_scratch)
-            self.write(buf, bi_out, tiles.repeat_interleave(s, 2).repeat_interleave(s, 3), region)
+            self.write(buf, bi_out, self.upscale(tiles, s), region)
             st.record(LayerRecord(self.name, self.kind, (oh, ow), macs, macs, bi_out.covered_fraction))
+        else:
+            st.record(LayerRecord(self.name, self.kind, (oh, ow), macs, macs, 0.0))
         st.set_region(buf, region)
         return buf
+
+
+@register_handler(nn.PixelShuffle)
+class PixelShuffleHandler(_UpscaleHandler):
+    """Depth-to-space by a factor r (sub-pixel convolution upsampling): output pixel `(y, x)` is one channel of input
+    pixel `(y // r, x // r)`, so the region maps exactly and only the active input tiles are shuffled."""
+
+    kind = "shuffle"
+
+    def factor(self, x, buf):
+        return self.module.upscale_factor
+
+    def upscale(self, tiles, s):
+        return F.pixel_shuffle(tiles, s)
+
+
+@register_handler(nn.Upsample, nn.UpsamplingNearest2d)
+class UpsampleHandler(_UpscaleHandler):
+    """`nn.Upsample` (and `UpsamplingBilinear2d`). Nearest by an equal integer factor copies the active input tiles.
+    Bilinear, bicubic (either `align_corners`), nearest by other factors, nearest-exact and area resample separably:
+    the region is the exact set of outputs whose taps touch a changed input (`resample.propagate_resample`), and each
+    active output tile is computed from an input window covering its taps, with the weights torch uses."""
+
+    kind = "upsample"
+
+    def check_supported(self):
+        m = self.module
+        if m.mode not in SEPARABLE_MODES:
+            raise UnsupportedLayerError(
+                f"{self.name}: Upsample(mode={m.mode!r}) cannot run sparse; supported modes on 2D maps: "
+                f"{SEPARABLE_MODES}."
+            )
+
+    def macs_per_position(self, out):
+        return out.shape[1] * {"bilinear": 4, "bicubic": 16}.get(self.module.mode, 0)
+
+    def upscale(self, tiles, s):  # nearest by an integer factor
+        return tiles.repeat_interleave(s, 2).repeat_interleave(s, 3)
+
+    def sparse(self, x, prologue: Prologue = IDENTITY, into=None):
+        st = self.state
+        key = st.key(self.name)
+        buf = into if into is not None else self.buffer(key)
+        (h, w), (oh, ow) = x.shape[-2:], buf.shape[-2:]
+        if self.module.mode == "nearest" and not (oh % h or ow % w) and oh // h == ow // w:
+            return self.sparse_upscale(x, prologue, buf, oh // h)
+        m = self.module
+        ty, tx = taps_for(x, (oh, ow), m.mode, m.align_corners, m.size, m.scale_factor, m.recompute_scale_factor)
+        region_in = st.region_of(x)
+        if st.config.exact or not st.any(region_in) or st.all(region_in):
+            region = st.memo(
+                ("resample", id(region_in), id(ty), id(tx)),
+                (region_in, ty, tx),
+                lambda: propagate_resample(region_in, ty, tx),
+            )
+        else:
+            region = st.pyramid((oh, ow))
+        poison = st.config.poison_scratch
+
+        def compute(x_, bi, p):
+            return resample_tiles(x_, bi.origins, bi.tile, ty, tx, lambda t, o, size: p.gather(t, o, size, poison))
+
+        def compute_dense(x_, p):
+            return self.original(x_ if p is IDENTITY else p.apply_dense(x_))
+
+        out = self.run_tiles(x, region, _POINT, compute, compute_dense, buf, None, prologue)
+        st.set_region(out, region)
+        return out

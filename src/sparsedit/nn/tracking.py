@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .resample import SEPARABLE_MODES, propagate_resample, taps_for
 from .state import Mode, SparseState
 from .virtual import LazyConcat
 
@@ -27,13 +28,16 @@ _T = torch.Tensor
 # Elementwise functions: the output at a pixel depends only on the inputs at that pixel.
 _POINTWISE = {
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.where, torch.clamp,
-    torch.sigmoid, torch.tanh, torch.exp, F.silu, F.relu, F.gelu, F.leaky_relu, F.mish,
+    torch.sigmoid, torch.tanh, torch.exp, torch.relu, F.silu, F.relu, F.gelu, F.leaky_relu, F.mish,
+    F.prelu, F.elu, F.selu, F.celu, F.hardswish, F.hardsigmoid, F.hardtanh, F.relu6, F.softplus, F.softsign,
+    F.tanhshrink, F.logsigmoid, _T.relu,
     _T.add, _T.__add__, _T.__radd__, _T.__iadd__, _T.sub, _T.__sub__, _T.__rsub__,
     _T.mul, _T.__mul__, _T.__rmul__, _T.div, _T.__truediv__, _T.__rtruediv__, _T.neg, _T.__neg__,
     _T.clamp, _T.sigmoid, _T.tanh, _T.to, _T.float, _T.half, _T.bfloat16, _T.type_as,
     _T.contiguous, _T.clone, _T.detach,
 }  # fmt: skip
 _CONCAT = {torch.cat, torch.concat}
+_SHUFFLE = {F.pixel_shuffle, F.pixel_unshuffle}  # (these are torch.pixel_shuffle and torch.pixel_unshuffle)
 
 
 def _tensors(args, kwargs) -> list[torch.Tensor]:
@@ -78,7 +82,9 @@ class RegionTracking(TorchFunctionMode):
             elif func in _CONCAT:
                 region = self._concat(out, args, kwargs)
             elif func is F.interpolate:
-                region = self._nearest(out, args, kwargs)
+                region = self._interpolate(out, args, kwargs)
+            elif func in _SHUFFLE:
+                region = self._shuffle(func, out, args, kwargs)
             elif func is F.pad:
                 region = self._zero_pad(out, args, kwargs)
         if region is not None:
@@ -141,26 +147,47 @@ class RegionTracking(TorchFunctionMode):
             regions.append(self.state.region_of(t))
         return self.state.union(*regions)
 
-    def _nearest(self, out, args, kwargs):
-        x = args[0]
-        mode = kwargs.get("mode", args[3] if len(args) > 3 else "nearest")
-        if mode != "nearest" or out.dim() != 4 or not self.state.has_region(x):
+    def _shuffle(self, func, out, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        if out.dim() != 4 or x.dim() != 4 or not self.state.has_region(x):
+            return None
+        st = self.state
+        region = st.region_of(x)
+        if func is F.pixel_shuffle:  # output pixel (y, x) is a channel of input pixel (y // r, x // r)
+            r = out.shape[-1] // x.shape[-1]
+            build = lambda: region.repeat_interleave(r, 1).repeat_interleave(r, 2)  # noqa: E731
+        else:
+            r = x.shape[-1] // out.shape[-1]  # unshuffle: output pixel (y, x) holds the input's r x r block there
+            build = lambda: F.max_pool2d(region[:, None].to(torch.float32), r)[:, 0] > 0  # noqa: E731
+        return st.memo(("shuffle", func, id(region), r), (region,), build)
+
+    def _interpolate(self, out, args, kwargs):
+        names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+        a = dict(zip(names, args))
+        a.update(kwargs)
+        x, mode = a["input"], a.get("mode", "nearest")
+        if out.dim() != 4 or x.dim() != 4 or not self.state.has_region(x) or mode not in SEPARABLE_MODES:
             return None
         (h, w), (oh, ow) = x.shape[-2:], out.shape[-2:]
         st = self.state
         region = st.region_of(x)
-        if oh >= h and ow >= w and not (oh % h or ow % w):
+        if mode == "nearest" and oh >= h and ow >= w and not (oh % h or ow % w):
             return st.memo(
                 ("nearest", id(region), oh, ow),
                 (region,),
                 lambda: region.repeat_interleave(oh // h, 1).repeat_interleave(ow // w, 2),
             )
-        if oh <= h and ow <= w and not (h % oh or w % ow):
+        if mode == "nearest" and oh <= h and ow <= w and not (h % oh or w % ow):
             # Nearest downsampling by an integer factor s reads source pixel floor(i * s) = i * s: a strided slice.
             return st.memo(
                 ("nearest", id(region), oh, ow), (region,), lambda: region[:, :: h // oh, :: w // ow].contiguous()
             )
-        return None
+        # Any other separable resampling: the outputs whose taps (read from torch, per shape) touch the region.
+        ty, tx = taps_for(
+            x, (oh, ow), mode, a.get("align_corners"), a.get("size"), a.get("scale_factor"),
+            a.get("recompute_scale_factor"), a.get("antialias", False),
+        )  # fmt: skip
+        return propagate_resample(region, ty, tx)
 
     def _zero_pad(self, out, args, kwargs):
         x = args[0]
@@ -175,11 +202,12 @@ class RegionTracking(TorchFunctionMode):
 def padded_region(region: torch.Tensor, pad: tuple, mode: str = "constant", value=None) -> torch.Tensor | None:
     """The region of `F.pad(x, pad, mode)` given x's region `[B, H, W]`; `None` for a padding it cannot follow.
 
-    Constant padding adds unchanged pixels (when the value is fixed); reflect and replicate padding copy pixels, so a
-    padded pixel changed exactly when the pixel it copies changed.
+    Constant padding adds unchanged pixels (when the value is fixed); reflect, replicate and circular padding copy
+    pixels, so a padded pixel changed exactly when the pixel it copies changed (a change at the left edge of a
+    circularly padded map reaches the padding right of it).
     """
     if mode == "constant":
         return F.pad(region, pad) if value in (None, 0, 0.0) else None
-    if mode in ("reflect", "replicate"):
+    if mode in ("reflect", "replicate", "circular"):
         return F.pad(region[:, None].to(torch.uint8), pad, mode=mode)[:, 0].bool()
     return None

@@ -6,6 +6,9 @@ Equivalent PyTorch code for `gather` (one tile; the backends do all tiles at onc
     tile = zero_padded(x)[b, :, y : y + th, x0 : x0 + tw]         # zero outside the image
     tile = act(tile * scale[b, :, None, None] + shift[b, :, None, None])  # inside the image only
 
+With `padding_mode` "reflect", "replicate" or "circular", pixels outside the image read the pixel `F.pad` would put
+there (reflected, edge-replicated or wrapped around), scaled and activated like any other.
+
 and for `scatter`::
 
     out[b, :, y : y + th, x0 : x0 + tw] = tile (+ residual[b, :, y : y + th, x0 : x0 + tw])
@@ -20,11 +23,12 @@ from . import (
     schemas,
 )
 from .dispatch import Backend, NoBackendError, backends, register_backend, select_backend
-from .reference import ACTIVATIONS
+from .reference import ACTIVATIONS, PADDING_MODES
 
 
 __all__ = [
     "ACTIVATIONS",
+    "PADDING_MODES",
     "Backend",
     "NoBackendError",
     "backends",
@@ -53,22 +57,49 @@ def gather(
     activation: str = "identity",
     negative_slope: float = 0.01,
     poison: bool = False,
+    *,
+    params: tuple[float, ...] = (),
+    weight: torch.Tensor | None = None,
+    padding_mode: str = "zeros",
 ) -> torch.Tensor:
     """Gather tiles of `x` (`[B, C, H, W]`) with top-left corners `origins` (`[N, 3]`: batch, y, x; may be negative).
 
-    Pixels outside the image read as zero (after the fused scale/shift/activation, as a zero-padded convolution sees
-    them). `scale` and `shift` are `[B, C]` per-sample, per-channel factors. Returns `[N, C, th, tw]`.
+    Args:
+        x: the feature map.
+        origins: int64 `[N, 3]` tile corners, on `x`'s device.
+        tile: `(th, tw)`.
+        scale, shift: optional `[B, C]` per-sample, per-channel factors, applied before the activation.
+        activation: one of `ops.ACTIVATIONS`.
+        negative_slope: leaky_relu's slope (and PReLU's when `weight` is `None`).
+        poison: fill the result with NaN first, so a pixel nothing writes shows.
+        params: the activation's float parameters, in torch's order: elu/celu `(alpha,)`, hardtanh
+            `(min_val, max_val)`, softplus `(beta, threshold)`; torch's defaults when absent.
+        weight: PReLU's slope, `[C]` per channel or `[1]` shared.
+        padding_mode: what pixels outside the image read: `"zeros"` (zero, after the activation, as a zero-padded
+            convolution sees them), or the pixel `F.pad` puts there with `"reflect"`, `"replicate"`, `"circular"`.
+
+    Returns:
+        `[N, C, th, tw]` tiles.
     """
     _check_origins(origins, x, "gather")
     if x.dim() != 4:
         raise ValueError(f"gather takes a [B, C, H, W] tensor, got shape {tuple(x.shape)}.")
     if activation not in ACTIVATIONS:
         raise ValueError(f"gather: unknown activation {activation!r}; supported: {ACTIVATIONS}.")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"gather: unknown padding_mode {padding_mode!r}; supported: {PADDING_MODES}.")
     for name, t in (("scale", scale), ("shift", shift)):
         if t is not None and tuple(t.shape) != tuple(x.shape[:2]):
             raise ValueError(f"gather: {name} must have shape [B, C] = {tuple(x.shape[:2])}, got {tuple(t.shape)}.")
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] not in (1, x.shape[1])):
+        raise ValueError(
+            f"gather: weight (PReLU's slope) must have shape [{x.shape[1]}] or [1], got {tuple(weight.shape)}."
+        )
     th, tw = tile
-    return schemas.gather(x, origins, th, tw, scale, shift, activation, float(negative_slope), poison)
+    return schemas.gather(
+        x, origins, th, tw, scale, shift, activation, float(negative_slope), poison,
+        [float(p) for p in params], weight, padding_mode,
+    )  # fmt: skip
 
 
 def scatter(

@@ -23,12 +23,17 @@ def gather(
     activation: str,
     slope: float,
     poison: bool,
+    params: list[float] | None = None,
+    weight: Tensor | None = None,
+    padding_mode: str = "zeros",
 ) -> Tensor:
-    return select_backend("gather", [x])(x, origins, th, tw, scale, shift, activation, slope, poison)
+    return select_backend("gather", [x])(
+        x, origins, th, tw, scale, shift, activation, slope, poison, tuple(params or ()), weight, padding_mode
+    )
 
 
 @gather.register_fake
-def _(x, origins, th, tw, scale, shift, activation, slope, poison):
+def _(x, origins, th, tw, scale, shift, activation, slope, poison, params=None, weight=None, padding_mode="zeros"):
     # Backends return tiles channels-last (each pixel's channels contiguous), as convolution on CPU prefers.
     return x.new_empty((origins.shape[0], th, tw, x.shape[1])).permute(0, 3, 1, 2)
 

@@ -11,21 +11,67 @@ import torch.nn.functional as F
 from ..dispatch import Backend, register_backend
 
 
+def _param(params: tuple[float, ...], i: int, default: float) -> float:
+    return params[i] if len(params) > i else default
+
+
+def _prelu(x, slope, params, weight):
+    if weight is None:  # a single slope given as a float
+        return F.leaky_relu(x, slope)
+    return F.prelu(x, weight.to(x.dtype))
+
+
+# Every activation takes `(x, slope, params, weight)`: x is `[N, C, H, W]` (any memory layout), `slope` the float of
+# leaky_relu, `params` the activation's float parameters (torch's defaults when absent), `weight` a per-channel `[C]`
+# (or single `[1]`) tensor for PReLU.
 _ACTIVATIONS = {
-    "identity": lambda x, slope: x,
-    "silu": lambda x, slope: F.silu(x),
-    "relu": lambda x, slope: F.relu(x),
-    "gelu": lambda x, slope: F.gelu(x),
-    "tanh": lambda x, slope: torch.tanh(x),
-    "sigmoid": lambda x, slope: torch.sigmoid(x),
-    "leaky_relu": lambda x, slope: F.leaky_relu(x, slope),
+    "identity": lambda x, slope, params, weight: x,
+    "silu": lambda x, slope, params, weight: F.silu(x),
+    "relu": lambda x, slope, params, weight: F.relu(x),
+    "gelu": lambda x, slope, params, weight: F.gelu(x),
+    "gelu_tanh": lambda x, slope, params, weight: F.gelu(x, approximate="tanh"),
+    "tanh": lambda x, slope, params, weight: torch.tanh(x),
+    "sigmoid": lambda x, slope, params, weight: torch.sigmoid(x),
+    "leaky_relu": lambda x, slope, params, weight: F.leaky_relu(x, slope),
+    "prelu": _prelu,
+    "elu": lambda x, slope, params, weight: F.elu(x, _param(params, 0, 1.0)),
+    "selu": lambda x, slope, params, weight: F.selu(x),
+    "celu": lambda x, slope, params, weight: F.celu(x, _param(params, 0, 1.0)),
+    "hardswish": lambda x, slope, params, weight: F.hardswish(x),
+    "hardsigmoid": lambda x, slope, params, weight: F.hardsigmoid(x),
+    "hardtanh": lambda x, slope, params, weight: F.hardtanh(x, _param(params, 0, -1.0), _param(params, 1, 1.0)),
+    "mish": lambda x, slope, params, weight: F.mish(x),
+    "softplus": lambda x, slope, params, weight: F.softplus(x, _param(params, 0, 1.0), _param(params, 1, 20.0)),
 }
 
 ACTIVATIONS = tuple(_ACTIVATIONS)
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-def apply_activation(x: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
-    return _ACTIVATIONS[activation](x, slope)
+def apply_activation(
+    x: torch.Tensor,
+    activation: str,
+    slope: float = 0.01,
+    params: tuple[float, ...] = (),
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply a named activation to a `[N, C, H, W]` tensor (`params` and `weight` as in `ops.gather`)."""
+    return _ACTIVATIONS[activation](x, slope, tuple(params), weight)
+
+
+def map_index(i: torch.Tensor, n: int, padding_mode: str) -> torch.Tensor:
+    """Map indices along an axis of length `n` (possibly outside `[0, n)`) to the pixel that padding mode reads.
+
+    `"zeros"` clamps (the caller masks the outside to zero); `"reflect"` mirrors without repeating the edge pixel,
+    `"replicate"` repeats the edge pixel and `"circular"` wraps around, as `F.pad` does.
+    """
+    if padding_mode == "reflect" and n > 1:
+        period = 2 * (n - 1)
+        i = i.abs().remainder(period)
+        return torch.where(i >= n, period - i, i)
+    if padding_mode == "circular":
+        return i.remainder(n)
+    return i.clamp(0, n - 1)
 
 
 def _tile_grid(origins: torch.Tensor, th: int, tw: int):
@@ -48,28 +94,36 @@ class ReferenceBackend(Backend):
     devices = ("cpu", "cuda", "mps", "xpu")
     dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-    def gather(self, x, origins, th, tw, scale, shift, activation, slope, poison):
+    def gather(self, x, origins, th, tw, scale, shift, activation, slope, poison, params, weight, padding_mode):
         b, c, h, w = x.shape
         n = origins.shape[0]
         rows, cols = _tile_grid(origins, th, tw)
-        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        if padding_mode == "zeros":
+            inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        else:  # every tile pixel reads an image pixel (reflected, replicated or wrapped)
+            inside = None
+        rows, cols = map_index(rows, h, padding_mode), map_index(cols, w, padding_mode)
         bidx = origins[:, 0]
         # Pixels as rows of C channels: free for channels-last tensors (the cache keeps them so), one copy otherwise.
         flat = _pixel_rows(x)
-        lin = (bidx[:, None, None] * h + rows.clamp(0, h - 1)[:, :, None]) * w + cols.clamp(0, w - 1)[:, None, :]
+        lin = (bidx[:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]
         vals = flat.index_select(0, lin.reshape(-1)).view(n, th, tw, c)
         if scale is not None:
             vals = vals * scale[bidx][:, None, None, :].to(vals.dtype)
         if shift is not None:
             vals = vals + shift[bidx][:, None, None, :].to(vals.dtype)
-        vals = apply_activation(vals, activation, slope)
+        # Activations see [N, C, th, tw] (a free permuted view; elementwise results keep its channels-last layout).
+        vals = apply_activation(vals.permute(0, 3, 1, 2), activation, slope, params, weight).permute(0, 2, 3, 1)
         if poison:
             # Write the image pixels, then the zero padding: any pixel neither step wrote stays NaN.
             out = x.new_full((n, th, tw, c), float("nan"))
-            out[inside] = vals[inside]
-            out[~inside] = 0
+            if inside is None:
+                out.copy_(vals)
+            else:
+                out[inside] = vals[inside]
+                out[~inside] = 0
             vals = out
-        elif not bool(inside.all()):  # only tiles that reach past the border need their padding zeroed
+        elif inside is not None and not bool(inside.all()):  # tiles reaching past the border: zero their padding
             vals = vals.masked_fill(~inside[..., None], 0)
         return vals.permute(0, 3, 1, 2)  # [N, C, th, tw], channels-last in memory
 
