@@ -25,7 +25,9 @@ def test_demo_writes_report(tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert "trained" in json.dumps(saved["weights"])
     for row in report["runs"]:
-        assert row["macs_sparse"] < row["macs_dense"]
+        # Sparse work, unless the run-level cost model measured sparse slower than dense on this machine (tiny
+        # models at these test sizes) and ran it densely, saying so.
+        assert row["macs_sparse"] < row["macs_dense"] or row["dense_fallback"]
         assert row["dense_seconds"] > 0 and row["sparse_seconds"] > 0
     exact = next(r for r in report["runs"] if "exact" in r["name"])
     assert exact["max_abs_error"] < 1e-4

@@ -125,6 +125,8 @@ def _row(name, dense, sparse, dense_seconds, stats, original) -> dict:
         "psnr_db": float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf"),
         "cache_bytes": stats["cache_bytes"],
         "active_fraction": stats["active_fraction"],
+        "dense_fallback": stats.get("dense_run")
+        or (f"{stats['dense_steps']} steps" if stats.get("dense_steps") else None),
         "images": (original, dense, sparse, err),
     }
 
@@ -378,6 +380,7 @@ def run_demo(
                 "psnr_db": float(10 * np.log10(peak**2 / mse)) if mse > 0 else float("inf"),
                 "active_fraction": stats["active_fraction"],
                 "cache_bytes": stats["cache_bytes"],
+                "dense_fallback": next((r for r in stats["dense_layers"].values() if r.startswith("measur")), None),
             }
         )
         lo = dense_out[0].amin(dim=(1, 2), keepdim=True)

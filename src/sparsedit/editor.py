@@ -988,6 +988,10 @@ class SparseEditor:
             totals["macs_sparse"] += stats["macs_sparse"]
             for res, frac in stats["active_fraction"].items():
                 fractions[res].append(frac)
+            for part, t in stats["time"].items():
+                unet_time[part] += t
+            if any(r.startswith("measur") or "max_region_fraction" in r for r in stats["dense_layers"].values()):
+                totals["dense_steps"] += 1
             return out
 
         def run_dense(i, call_unet):
@@ -996,6 +1000,7 @@ class SparseEditor:
             return call_unet()
 
         per_step_macs = 0
+        unet_time = defaultdict(float)
         self._extra_macs = 0
         changeable = ("encoder_hidden_states",) if self.latent else ()
         if self._control is not None:
@@ -1068,6 +1073,10 @@ class SparseEditor:
             "region_fraction": float(self.last_region.float().mean()) if text else float(region.float().mean()),
             "detect_seconds": detect_seconds,
             "seconds": time.perf_counter() - started,
+            "unet_time": dict(unet_time),
+            "dense_steps": totals[
+                "dense_steps"
+            ],  # steps the measured cost model ran densely (slower sparse)  # the UNet's seconds by part, summed over the steps (see spatial.last_stats)
             "cache_bytes": self.cache_bytes,
             "background": (
                 "latents outside the dilated region are the capture's at every step; the VAE encoder and decoder run "

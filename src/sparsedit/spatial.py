@@ -14,6 +14,7 @@ sparsedit.unsparsify_(model)  # outputs bit-identical to before
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections import defaultdict
 
@@ -59,6 +60,13 @@ class _Attachment:
         self.output_format = torch.contiguous_format
         self.started = 0.0
         self.seconds = 0.0
+        # "Never slower than dense", from measured time: the fastest dense forward seen (captures and dense runs) and
+        # the fastest sparse run of this model at any region.
+        self.dense_seconds: float | None = None
+        self.sparse_floor: float | None = None
+        self.pure_dense = False  # whether `dense_seconds` comes from a plain dense forward (no caching)
+        self.capture_records: list = []  # the last capture's per-layer records (a plain dense run reports them)
+        self.tracking: RegionTracking | None = None  # entered for each sparse forward only
 
 
 def _attachment(model: nn.Module) -> _Attachment:
@@ -126,11 +134,28 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
         attach.attach(h)
     for h in reversed(handlers):  # descendants first: a container's plan may read its children's
         h.prepare()
+    _warm_up_ops()
     att = _Attachment(state, handlers, [])
     att.strategy = attach
     att.hooks.append(model.register_forward_pre_hook(_make_pre_hook(model, att), with_kwargs=True))
     att.hooks.append(model.register_forward_hook(_make_post_hook(att), with_kwargs=True, always_call=True))
     model.__dict__["_sparsedit"] = att
+
+
+_WARM = []
+
+
+def _warm_up_ops() -> None:
+    """Call the engine's custom ops once per process: the first call of any `torch.library` op imports torch's
+    compiler stack (about 2 s), which must not land in, and be measured as part of, a user's first sparse edit."""
+    if _WARM:
+        return
+    from . import ops
+
+    x = torch.zeros(1, 1, 2, 2)
+    origins = torch.zeros(1, 3, dtype=torch.int64)
+    ops.scatter(x, ops.gather(x, origins, (1, 1)), origins)
+    _WARM.append(True)
 
 
 def unsparsify_(model: nn.Module) -> None:
@@ -220,6 +245,29 @@ def _reach_fraction(region: torch.Tensor, config: SparseConfig) -> float:
     return float(reach.float().mean())
 
 
+def _measured_slower(att: _Attachment, plan) -> str | None:
+    """Why this edit should run densely because sparse runs were measured slower than dense on this machine: the
+    edit's own earlier runs (a diffusion edit runs the model once per step with one region), or, for a new region,
+    every sparse run of this model so far (tiny models, small images). `None`: run sparse."""
+    if not att.state.config.measured_fallback or att.dense_seconds is None:
+        return None
+    if (
+        not att.pure_dense
+        and not att.state.commit
+        and plan.sparse_seconds
+        and min(plan.sparse_seconds) > 0.5 * att.dense_seconds
+    ):
+        # The reference so far is a capture, which also stores the cache: time the plain forward once.
+        return f"measuring the plain dense forward once (sparse took {min(plan.sparse_seconds):.4f} s)"
+    if plan.sparse_seconds and min(plan.sparse_seconds) > att.dense_seconds:
+        return f"measured: sparse {min(plan.sparse_seconds):.4f} s > dense {att.dense_seconds:.4f} s for this region"
+    if not plan.sparse_seconds and att.sparse_floor is not None and att.sparse_floor > att.dense_seconds:
+        return (
+            f"measured: this model's fastest sparse run ({att.sparse_floor:.4f} s) > dense {att.dense_seconds:.4f} s"
+        )
+    return None
+
+
 def _make_pre_hook(model: nn.Module, att: _Attachment):
     def pre_hook(module, args, kwargs):
         st = att.state
@@ -261,14 +309,20 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
             st.use_region(region)
             region = st.input_region
             fraction = st.memo(("input reach",), (), lambda: _reach_fraction(region, st.config))
-            if fraction > st.config.max_region_fraction:
-                # Too large to pay: one plain dense forward (a committing edit refreshes the cache with it).
-                att.dense_run = f"region covers {100 * fraction:.1f}% > max_region_fraction"
-                st.mode = Mode.CAPTURE if st.commit else Mode.PROFILE
+            slower = _measured_slower(att, st.plan)
+            if fraction > st.config.max_region_fraction or slower:
+                # Too large to pay, or measured not to pay: one plain dense forward (a committing edit refreshes the
+                # cache with it).
+                att.dense_run = slower or f"region covers {100 * fraction:.1f}% > max_region_fraction"
+                # Uncommitted: the plain forward (no handler does anything), so it costs what dense costs.
+                st.mode = Mode.CAPTURE if st.commit else None
                 if st.commit:
                     st.cache.fingerprint = _fingerprint(model, x, st.config)
                 return None
             st.set_region(x, region)
+            # Region tracking watches the tensor arithmetic between layers during this forward only.
+            att.tracking = RegionTracking(st)
+            att.tracking.__enter__()
         else:
             st.begin_run()
             if st.mode is Mode.CAPTURE:
@@ -307,11 +361,27 @@ def _remember_changed_aux(att: _Attachment, args, kwargs) -> None:
 def _make_post_hook(att: _Attachment):
     def post_hook(module, args, kwargs, output):
         st = att.state
-        if st.mode is None:
+        if att.tracking is not None:
+            att.tracking.__exit__(None, None, None)
+            att.tracking = None
+        if st.mode is None and not att.dense_run:
             return None
         att.seconds = time.perf_counter() - att.started
         st.end_run()
+        if st.mode is Mode.CAPTURE or att.dense_run:  # a dense forward: the reference time
+            att.dense_seconds = att.seconds if att.dense_seconds is None else min(att.dense_seconds, att.seconds)
+            if st.mode is Mode.CAPTURE:
+                att.capture_records = list(st.records)
+            else:
+                att.pure_dense = att.pure_dense or st.mode is None
+        elif st.mode is Mode.SPARSE:
+            # Building the edit's plan is paid once per region; what is compared with dense is the run itself.
+            run = att.seconds - time_breakdown(st.records, att.seconds)["plan"]
+            st.plan.sparse_seconds.append(run)
+            att.sparse_floor = run if att.sparse_floor is None else min(att.sparse_floor, run)
         if att.dense_run:
+            if st.mode is None:  # the plain forward recorded nothing: the capture's layers, all dense
+                st.records = [dataclasses.replace(r, time={}, seconds=0.0) for r in att.capture_records]
             st.mode = Mode.SPARSE
             for r in st.records:
                 r.dense_reason = att.dense_run
@@ -404,9 +474,12 @@ def editing(model: nn.Module, region: torch.Tensor | None = None, commit: bool =
     att.changeable = frozenset(changeable)
     st.commit = commit
     try:
-        with _mode(att, Mode.SPARSE), RegionTracking(st):
+        with _mode(att, Mode.SPARSE):
             yield
     finally:
+        if att.tracking is not None:  # a forward that never reached its post hook
+            att.tracking.__exit__(None, None, None)
+            att.tracking = None
         if not commit:
             st.rollback()
         att.pending_region = None
@@ -437,13 +510,26 @@ def profiling(model: nn.Module):
         yield
 
 
+def time_breakdown(records, seconds: float) -> dict[str, float]:
+    """Where a run's time went, summed over its layers: `plan` (tile indices; zero once the edit's plan is built),
+    `gather`, `compute`, `scatter` (including undo logs), `dense` (layers computed whole), and `other`: everything
+    outside the layers' sparse paths (region tracking, glue arithmetic between layers, hooks, Python)."""
+    out = dict.fromkeys(("plan", "gather", "compute", "scatter", "dense"), 0.0)
+    for r in records:
+        for part, t in r.time.items():
+            out[part] = out.get(part, 0.0) + t
+    out["other"] = max(0.0, seconds - sum(out.values()))
+    return out
+
+
 def last_stats(model: nn.Module) -> dict:
     """What the last run inside `capturing`, `editing` or `profiling` computed.
 
     Returns:
         A dict with `macs_dense` (what a dense run costs), `macs_sparse` (what this run computed), `active_fraction`
         (per output resolution `"HxW"`: mean fraction of positions computed by its layers), `input_active_fraction`,
-        `seconds`, `cache_bytes`, `dense_layers` (layers that ran densely, with the reason) and `layers` (per call).
+        `seconds`, `cache_bytes`, `dense_layers` (layers that ran densely, with the reason), `time` (the run's seconds
+        by part, see `time_breakdown`) and `layers` (per call, each with its `seconds` and `time` by part).
     """
     att = _attachment(model)
     st = att.state
@@ -459,5 +545,6 @@ def last_stats(model: nn.Module) -> dict:
         "seconds": att.seconds,
         "cache_bytes": st.cache.nbytes,
         "dense_layers": {r.name: r.dense_reason for r in st.records if r.dense_reason},
+        "time": time_breakdown(st.records, att.seconds),
         "layers": [vars(r).copy() for r in st.records],
     }

@@ -177,6 +177,7 @@ class SpatialAttentionHandler(SparseHandler):
         key = st.key(self.name)
         if not self._plain(x, args, kwargs):
             return self.original(x, *args, **kwargs)  # untracked output: counts as changed everywhere
+        st.start_laps()
         entry = st.cache.get(key)
         buf = entry["out"]
         b, c, h, w = x.shape
@@ -185,6 +186,7 @@ class SpatialAttentionHandler(SparseHandler):
         if (st.config.exact or st.config.attention == "dense") and st.any(region_in):
             full = st.full(region_in.shape, region_in.device)
             out = self.write_dense(buf, self.original(x), full)
+            st.lap("dense")
             note = "exact attention" if st.config.exact else "dense attention (policy)"
             st.record(LayerRecord(self.name, self.kind, (h, w), macs, macs, 1.0, note))
             st.set_region(out, full)
@@ -205,7 +207,9 @@ class SpatialAttentionHandler(SparseHandler):
             if a.residual_connection:
                 o = o + tokens
             tokens = o / a.rescale_output_factor
+        st.lap("compute")
         _write_tokens(st, buf, active, tokens)
+        st.lap("scatter")
         hw = h * w
         inner = a.to_q.out_features
         sparse_macs = b * n * (4 * c * inner + 2 * hw * inner)  # k, v rows recomputed for the active pixels only
@@ -410,6 +414,7 @@ class Transformer2DHandler(SparseHandler):
 
     def sparse(self, key, x, kwargs):
         st, m = self.state, self.module
+        st.start_laps()
         entry = st.cache.get(key)
         buf = entry["out"]
         b, c, h, w = x.shape
@@ -436,7 +441,9 @@ class Transformer2DHandler(SparseHandler):
                     hs = (controlled(attn2, nh, kv, active, plain) if controlled else plain()) + hs
                 hs = blk.ff(blk.norm3(hs)) + hs
             out_tokens = _pointwise_proj(m.proj_out, hs) + residual
+        st.lap("compute")
         _write_tokens(st, buf, active, out_tokens)
+        st.lap("scatter")
         st.record(LayerRecord(self.name, self.kind, (h, w), dense, self._macs(b, n, hw, kwargs) if n else 0, n / hw))
         if kwargs.get("return_dict", True):
             return Transformer2DModelOutput(sample=buf)

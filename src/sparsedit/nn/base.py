@@ -223,8 +223,8 @@ class SparseHandler:
     def buffer(self, key) -> torch.Tensor:
         return self.state.cache.get(key)["out"]
 
-    def tile_for(self, height: int) -> int:
-        return self.state.config.tile_for(height)
+    def tile_for(self, height: int, channels: int | None = None) -> int:
+        return self.state.config.tile_for(height, channels)
 
     def write(
         self,
@@ -285,19 +285,27 @@ class SparseHandler:
         Returns the layer's output (`buf`, or a fresh map from `write_dense`).
         """
         st = self.state
+        st.start_laps()
         out_hw = tuple(buf.shape[-2:])
         per_pos = self.macs_per_position(buf)
         dense_macs = per_pos * buf.shape[0] * out_hw[0] * out_hw[1]
         if not st.any(region_out):
             st.record(LayerRecord(self.name, self.kind, out_hw, dense_macs, 0, 0.0))
             return buf
-        bi = st.block_index(region_out, geometry, self.tile_for(out_hw[0]))
+        bi = st.block_index(region_out, geometry, self.tile_for(out_hw[0], buf.shape[1]))
         frac = bi.covered_fraction
+        st.lap("plan")
         if frac > st.config.dense_threshold:
-            out = self.write_dense(buf, compute_dense(x, prologue), region_out, residual)
+            new = compute_dense(x, prologue)
+            st.lap("dense")
+            out = self.write_dense(buf, new, region_out, residual)
+            st.lap("scatter")
             st.record(LayerRecord(self.name, self.kind, out_hw, dense_macs, dense_macs, 1.0, "cost model"))
             return out
-        self.write(buf, bi, compute(x, bi, prologue), region_out, residual)
+        new = compute(x, bi, prologue)
+        st.lap("compute")
+        self.write(buf, bi, new, region_out, residual)
+        st.lap("scatter")
         sparse_macs = per_pos * bi.num_blocks * bi.tile[0] * bi.tile[1]
         st.record(LayerRecord(self.name, self.kind, out_hw, dense_macs, sparse_macs, frac))
         return buf

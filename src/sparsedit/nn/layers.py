@@ -54,6 +54,7 @@ class WindowedHandler(SparseHandler):
     def compute(self, x, bi, prologue: Prologue):
         poison = self.state.config.poison_scratch
         tiles = prologue.gather(x, bi.input_origins(), bi.input_tile, poison, self.padding_mode)
+        self.state.lap("gather")
         return self.apply(tiles)
 
     def compute_dense(self, x, prologue: Prologue):
@@ -126,7 +127,31 @@ class ConvHandler(WindowedHandler):
 
     def apply(self, tiles):
         m = self.module
+        if tiles.shape[-2:] == m.kernel_size and m.groups == 1 and m.dilation == (1, 1):
+            return self.apply_pixels(tiles)
         return F.conv2d(tiles, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+
+    def apply_pixels(self, tiles):
+        """Output tiles of one pixel: each gathered tile is exactly one receptive field, so the convolution is one
+        GEMM over the active pixels (im2col of only those pixels), with no halo and no per-tile kernel launch."""
+        m = self.module
+        n = tiles.shape[0]
+        # Gathered tiles are channels-last in memory: rows of (ky, kx, c), matched by the weight permuted once.
+        if tiles.is_contiguous(memory_format=torch.channels_last):
+            cols = tiles.permute(0, 2, 3, 1).reshape(n, -1)
+        else:
+            cols = tiles.permute(0, 2, 3, 1).contiguous().reshape(n, -1)
+        w = self._pixel_weight()
+        out = F.linear(cols, w.to(cols.dtype), None if m.bias is None else m.bias.to(cols.dtype))
+        return out.reshape(n, -1, 1, 1)
+
+    def _pixel_weight(self) -> torch.Tensor:
+        w = self.module.weight
+        cached = getattr(self, "_pixel_w", None)
+        if cached is None or cached[0] is not w or cached[1] != w._version or cached[2].dtype != w.dtype:
+            cached = (w, w._version, w.detach().permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous())
+            self._pixel_w = cached
+        return cached[2]
 
     def apply_dense(self, x):
         m = self.module

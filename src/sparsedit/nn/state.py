@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable
@@ -36,6 +37,8 @@ class LayerRecord:
     macs_sparse: int
     active_fraction: float  # fraction of output positions computed
     dense_reason: str | None = None
+    seconds: float = 0.0  # wall time of the layer's sparse path (CPU clock; on CUDA, launch time unless synchronised)
+    time: dict[str, float] = field(default_factory=dict)  # that time by part: plan, gather, compute, scatter, dense
 
 
 class Plan:
@@ -55,6 +58,7 @@ class Plan:
         self.region = region
         self.memo: dict[tuple, tuple[tuple, object]] = {}
         self.runs = 0
+        self.sparse_seconds: list[float] = []  # measured sparse runs with this region (the dense fallback reads it)
         self.hits = 0
         self.misses = 0
 
@@ -107,6 +111,8 @@ class SparseState:
     _tainted: dict[int, weakref.ref] = field(default_factory=dict)
     plan: Plan = field(default_factory=lambda: Plan(None))
     lazy: list[weakref.ref] = field(default_factory=list)  # LazyConcat tensors made in this run
+    laps: dict[str, float] | None = None
+    _lap_t: float = 0.0
 
     # -- runs ---------------------------------------------------------------------------------------------------
     def begin_run(self) -> None:
@@ -241,5 +247,21 @@ class SparseState:
 
         return self.plan.get(("pyramid", size), (), build)
 
+    # -- per-layer time ------------------------------------------------------------------------------------------------
+    def start_laps(self) -> None:
+        """Start timing one layer call; `lap(part)` charges the time since the last lap to `part`."""
+        self.laps = {}
+        self._lap_t = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        if self.laps is not None:
+            self.laps[part] = self.laps.get(part, 0.0) + now - self._lap_t
+        self._lap_t = now
+
     def record(self, rec: LayerRecord) -> None:
+        if self.laps:
+            rec.time = self.laps
+            rec.seconds = sum(self.laps.values())
+        self.laps = None
         self.records.append(rec)
