@@ -122,7 +122,9 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tile", default="8", help="an int, or per feature-map height like 64:8,32:4,16:2,0:2")
+    ap.add_argument(
+        "--tile", default="auto", help="auto (SparseConfig's default), an int, or per map height like 64:8,16:1,0:8"
+    )
     ap.add_argument(
         "--input-dilation", type=int, default=None, help="default: 5 px for DDPM (SIGE), 2 latents px for SD"
     )
@@ -140,7 +142,9 @@ def main():
     t = None if args.model == "sd-vae-decoder" else torch.full((batch,), 500)
     extra = {} if context is None else {"encoder_hidden_states": torch.randn(batch, *context, generator=g).to(dtype)}
     tile = (
-        {int(k): int(v) for k, v in (p.split(":") for p in args.tile.split(","))}
+        None
+        if args.tile == "auto"
+        else {int(k): int(v) for k, v in (p.split(":") for p in args.tile.split(","))}
         if ":" in args.tile
         else int(args.tile)
     )
