@@ -26,6 +26,7 @@ __all__ = [
     "downsample_region",
     "mask_pyramid",
     "propagate",
+    "repeat_region",
 ]
 
 
@@ -151,6 +152,11 @@ def propagate(region: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     pooled = F.max_pool2d(crop, geometry.kernel, stride=geometry.stride, dilation=geometry.dilation)
     out[:, o_y0:o_y1, o_x0:o_x1] = pooled[:, 0] > 0
     return out
+
+
+def repeat_region(region: torch.Tensor, sy: int, sx: int | None = None) -> torch.Tensor:
+    """A `[B, H, W]` region after nearest upsampling by integer factors (each pixel becomes an `sy` x `sx` block)."""
+    return region.repeat_interleave(sy, 1).repeat_interleave(sy if sx is None else sx, 2)
 
 
 def downsample_region(region: torch.Tensor, size: tuple[int, int], threshold: float = 0.3) -> torch.Tensor:

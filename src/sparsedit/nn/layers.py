@@ -72,7 +72,7 @@ class WindowedHandler(SparseHandler):
         return out
 
 
-_PAD_MODES = {"zeros": "zeros", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+_PAD_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 @register_handler(nn.Conv2d)
@@ -92,7 +92,7 @@ class ConvHandler(WindowedHandler):
                 f"{sorted(_PAD_MODES)}); pad explicitly before the convolution or pass SparseConfig(strict=False) "
                 "to run it densely."
             )
-        self.padding_mode = _PAD_MODES[m.padding_mode]
+        self.padding_mode = m.padding_mode
         if isinstance(m.padding, str):
             if m.padding == "valid":
                 padding = (0, 0)
@@ -565,10 +565,6 @@ class PadHandler(SparseHandler):
         return out
 
 
-def _expand_region(region: torch.Tensor, s: int) -> torch.Tensor:
-    return region.repeat_interleave(s, 1).repeat_interleave(s, 2)
-
-
 class _UpscaleHandler(SparseHandler):
     """An integer upscaling where output pixel `(y, x)` depends on input pixel `(y // s, x // s)` only: the active
     input tiles (of `tile / s` pixels) are gathered with the prologue fused, upscaled, and written as output tiles
@@ -593,7 +589,7 @@ class _UpscaleHandler(SparseHandler):
         oh, ow = buf.shape[-2:]
         region_in = st.region_of(x)
         if st.config.exact or not st.any(region_in) or st.all(region_in):
-            region = st.memo(("expand", id(region_in), s), (region_in,), lambda: _expand_region(region_in, s))
+            region = st.repeat(region_in, s)
         else:
             region = st.pyramid((oh, ow))
 

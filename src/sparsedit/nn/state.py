@@ -12,7 +12,7 @@ from enum import Enum
 import torch
 
 from ..config import SparseConfig
-from ..regions import BlockIndex, Geometry, block_index, dilate, downsample_region, propagate
+from ..regions import BlockIndex, Geometry, block_index, dilate, downsample_region, propagate, repeat_region
 
 
 __all__ = ["LayerRecord", "Mode", "Plan", "SparseState"]
@@ -217,6 +217,11 @@ class SparseState:
 
     def propagate(self, region: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         return self.plan.get(("propagate", id(region), geometry), (region,), lambda: propagate(region, geometry))
+
+    def repeat(self, region: torch.Tensor, sy: int, sx: int | None = None) -> torch.Tensor:
+        """`regions.repeat_region`, memoised (nearest upsampling, pixel shuffle)."""
+        sx = sy if sx is None else sx
+        return self.plan.get(("repeat", id(region), sy, sx), (region,), lambda: repeat_region(region, sy, sx))
 
     def block_index(self, region: torch.Tensor, geometry: Geometry, tile, clamp: bool = True) -> BlockIndex:
         tile = (tile, tile) if isinstance(tile, int) else tuple(tile)

@@ -155,11 +155,10 @@ class RegionTracking(TorchFunctionMode):
         region = st.region_of(x)
         if func is F.pixel_shuffle:  # output pixel (y, x) is a channel of input pixel (y // r, x // r)
             r = out.shape[-1] // x.shape[-1]
-            build = lambda: region.repeat_interleave(r, 1).repeat_interleave(r, 2)  # noqa: E731
-        else:
-            r = x.shape[-1] // out.shape[-1]  # unshuffle: output pixel (y, x) holds the input's r x r block there
-            build = lambda: F.max_pool2d(region[:, None].to(torch.float32), r)[:, 0] > 0  # noqa: E731
-        return st.memo(("shuffle", func, id(region), r), (region,), build)
+            return st.repeat(region, r)
+        r = x.shape[-1] // out.shape[-1]  # unshuffle: output pixel (y, x) holds the input's r x r block there
+        build = lambda: F.max_pool2d(region[:, None].to(torch.float32), r)[:, 0] > 0  # noqa: E731
+        return st.memo(("unshuffle", id(region), r), (region,), build)
 
     def _interpolate(self, out, args, kwargs):
         names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
@@ -172,11 +171,7 @@ class RegionTracking(TorchFunctionMode):
         st = self.state
         region = st.region_of(x)
         if mode == "nearest" and oh >= h and ow >= w and not (oh % h or ow % w):
-            return st.memo(
-                ("nearest", id(region), oh, ow),
-                (region,),
-                lambda: region.repeat_interleave(oh // h, 1).repeat_interleave(ow // w, 2),
-            )
+            return st.repeat(region, oh // h, ow // w)
         if mode == "nearest" and oh <= h and ow <= w and not (h % oh or w % ow):
             # Nearest downsampling by an integer factor s reads source pixel floor(i * s) = i * s: a strided slice.
             return st.memo(
