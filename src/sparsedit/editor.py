@@ -990,8 +990,7 @@ class SparseEditor:
                 fractions[res].append(frac)
             for part, t in stats["time"].items():
                 unet_time[part] += t
-            if any(r.startswith("measur") or "max_region_fraction" in r for r in stats["dense_layers"].values()):
-                totals["dense_steps"] += 1
+            totals["dense_steps"] += stats["dense_run"] is not None
             return out
 
         def run_dense(i, call_unet):
@@ -1073,10 +1072,8 @@ class SparseEditor:
             "region_fraction": float(self.last_region.float().mean()) if text else float(region.float().mean()),
             "detect_seconds": detect_seconds,
             "seconds": time.perf_counter() - started,
-            "unet_time": dict(unet_time),
-            "dense_steps": totals[
-                "dense_steps"
-            ],  # steps the measured cost model ran densely (slower sparse)  # the UNet's seconds by part, summed over the steps (see spatial.last_stats)
+            "unet_time": dict(unet_time),  # the UNet's seconds by part, summed over the steps (spatial.last_stats)
+            "dense_steps": totals["dense_steps"],  # UNet steps the run-level cost model ran as plain dense forwards
             "cache_bytes": self.cache_bytes,
             "background": (
                 "latents outside the dilated region are the capture's at every step; the VAE encoder and decoder run "

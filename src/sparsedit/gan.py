@@ -27,13 +27,6 @@ from .spatial import capturing, editing, is_sparsified, last_stats, sparsify_, u
 __all__ = ["GANEditor"]
 
 
-def _dense_run(stats: dict) -> str | None:
-    """Why the whole run was dense (the engine's run-level cost model), if it was."""
-    reasons = set(stats.get("dense_layers", {}).values())
-    run_level = [r for r in reasons if r.startswith("measur") or "max_region_fraction" in r]
-    return run_level[0] if run_level and stats.get("macs_sparse") == stats.get("macs_dense") else None
-
-
 class GANEditor:
     """Sparse label-map editing for a conditional generator (`SPADEGenerator`, `Pix2PixGenerator`, or any
     `nn.Module` of supported layers that maps a `[B, C, H, W]` input to an image).
@@ -165,7 +158,7 @@ class GANEditor:
             "cache_bytes": last_stats(self.generator)["cache_bytes"],
             "dense_layers": stats["dense_layers"],
             "time": stats.get("time", {}),
-            "dense_run": _dense_run(stats),
+            "dense_run": stats.get("dense_run"),
             "exact": self.exact,
         }
         return image

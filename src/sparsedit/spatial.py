@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from collections import defaultdict
 
@@ -56,6 +57,7 @@ class _Attachment:
         self.changeable: frozenset[str] = frozenset()  # non-image inputs an edit may change (e.g. the prompt)
         self.aux: dict[tuple, dict[str, object]] = {}  # non-image inputs of each captured scope
         self.dense_run: str | None = None  # why the current edit runs densely, if it does
+        self.last_dense_run: str | None = None  # the same, for the last finished run (`last_stats["dense_run"]`)
         self.strategy = None
         self.output_format = torch.contiguous_format
         self.started = 0.0
@@ -142,20 +144,15 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
     model.__dict__["_sparsedit"] = att
 
 
-_WARM = []
-
-
+@functools.cache
 def _warm_up_ops() -> None:
     """Call the engine's custom ops once per process: the first call of any `torch.library` op imports torch's
     compiler stack (about 2 s), which must not land in, and be measured as part of, a user's first sparse edit."""
-    if _WARM:
-        return
     from . import ops
 
     x = torch.zeros(1, 1, 2, 2)
     origins = torch.zeros(1, 3, dtype=torch.int64)
     ops.scatter(x, ops.gather(x, origins, (1, 1)), origins)
-    _WARM.append(True)
 
 
 def unsparsify_(model: nn.Module) -> None:
@@ -368,6 +365,7 @@ def _make_post_hook(att: _Attachment):
             return None
         att.seconds = time.perf_counter() - att.started
         st.end_run()
+        att.last_dense_run = att.dense_run
         if st.mode is Mode.CAPTURE or att.dense_run:  # a dense forward: the reference time
             att.dense_seconds = att.seconds if att.dense_seconds is None else min(att.dense_seconds, att.seconds)
             if st.mode is Mode.CAPTURE:
@@ -528,7 +526,8 @@ def last_stats(model: nn.Module) -> dict:
     Returns:
         A dict with `macs_dense` (what a dense run costs), `macs_sparse` (what this run computed), `active_fraction`
         (per output resolution `"HxW"`: mean fraction of positions computed by its layers), `input_active_fraction`,
-        `seconds`, `cache_bytes`, `dense_layers` (layers that ran densely, with the reason), `time` (the run's seconds
+        `seconds`, `cache_bytes`, `dense_layers` (layers that ran densely, with the reason), `dense_run` (why the
+        whole run was one plain dense forward: the region's size or a measurement; `None` otherwise), `time` (the run's seconds
         by part, see `time_breakdown`) and `layers` (per call, each with its `seconds` and `time` by part).
     """
     att = _attachment(model)
@@ -545,6 +544,7 @@ def last_stats(model: nn.Module) -> dict:
         "seconds": att.seconds,
         "cache_bytes": st.cache.nbytes,
         "dense_layers": {r.name: r.dense_reason for r in st.records if r.dense_reason},
+        "dense_run": att.last_dense_run,
         "time": time_breakdown(st.records, att.seconds),
         "layers": [vars(r).copy() for r in st.records],
     }
