@@ -25,7 +25,7 @@ from sparsedit import SparseConfig
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from unet_edit import MODELS, forward, loadavg, stroke_region  # noqa: E402
+from unet_edit import MODELS, build_case, edited_input, forward, loadavg, stroke_region  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -58,20 +58,14 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    build, size, batch, channels, context, dilation = MODELS[args.model]
-    torch.manual_seed(0)
-    model = build().eval().to(dtype).to(memory_format=torch.channels_last)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, channels, size, size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-    t = None if args.model == "sd-vae-decoder" else torch.full((batch,), 500)
-    extra = {} if context is None else {"encoder_hidden_states": torch.randn(batch, *context, generator=g).to(dtype)}
+    _, size, batch, _, _, dilation = MODELS[args.model]
+    model, x, t, extra, g = build_case(args.model, dtype)
     sparsedit.sparsify_(model, SparseConfig(input_dilation=dilation))
     with torch.no_grad():
         with sparsedit.capturing(model):
             forward(model, x, t, extra)
         region = stroke_region(size, args.fraction, batch)
-        x_edit = torch.where(region[:, None], torch.randn(x.shape, generator=g).to(dtype), x)
-        x_edit = x_edit.contiguous(memory_format=torch.channels_last)
+        x_edit = edited_input(x, region, g)
         dense_t, sparse_t, stats = [], [], None
         for i in range(args.repeats + 1):
             t0 = time.perf_counter()

@@ -93,6 +93,25 @@ def forward(model, x, t, extra):
     return model(x, t, **extra).sample
 
 
+def build_case(name: str, dtype: torch.dtype):
+    """One benchmark case: the model (channels-last, eval), its input, timestep, extra keyword inputs, and the
+    generator that drew them (edits draw from it next)."""
+    build, size, batch, channels, context, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval().to(dtype).to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, channels, size, size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    t = None if name == "sd-vae-decoder" else torch.full((batch,), 500)
+    extra = {} if context is None else {"encoder_hidden_states": torch.randn(batch, *context, generator=g).to(dtype)}
+    return model, x, t, extra, g
+
+
+def edited_input(x: torch.Tensor, region: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """`x` with fresh noise inside `region` (channels-last, like the input)."""
+    x_edit = torch.where(region[:, None], torch.randn(x.shape, generator=g).to(x.dtype), x)
+    return x_edit.contiguous(memory_format=torch.channels_last)
+
+
 def stroke_region(size: int, fraction: float, batch: int) -> torch.Tensor:
     """A diagonal brush stroke whose width is chosen (by bisection) to cover `fraction` of the image."""
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
@@ -133,14 +152,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    build, size, batch, channels, context, dilation = MODELS[args.model]
+    _, size, batch, _, _, dilation = MODELS[args.model]
     args.input_dilation = dilation if args.input_dilation is None else args.input_dilation
-    torch.manual_seed(0)
-    unet = build().eval().to(dtype).to(memory_format=torch.channels_last)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, channels, size, size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-    t = None if args.model == "sd-vae-decoder" else torch.full((batch,), 500)
-    extra = {} if context is None else {"encoder_hidden_states": torch.randn(batch, *context, generator=g).to(dtype)}
+    unet, x, t, extra, g = build_case(args.model, dtype)
     tile = (
         None
         if args.tile == "auto"
@@ -163,8 +177,7 @@ def main():
     rows = []
     for frac in args.fractions:
         region = stroke_region(size, frac, batch)
-        x_edit = torch.where(region[:, None], torch.randn(x.shape, generator=g).to(dtype), x)
-        x_edit = x_edit.contiguous(memory_format=torch.channels_last)
+        x_edit = edited_input(x, region, g)
         dense_t, sparse_t = [], []
         with torch.no_grad():
             for i in range(args.repeats + 1):  # the first pair warms up
