@@ -34,6 +34,18 @@ def _edit(x, region, seed=1):
     return torch.where(region[:, None], x + torch.randn(x.shape, generator=g), x)
 
 
+def _captured_stack(size: int, box: tuple[slice, slice], **config):
+    """conv → ReLU → conv, sparsified (exact) and captured on a random input; a square region at `box`."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
+    sparsedit.sparsify_(model, SparseConfig(exact=True, **config))
+    x = torch.randn(1, 3, size, size)
+    with sparsedit.capturing(model):
+        captured = model(x)
+    region = torch.zeros(1, size, size, dtype=torch.bool)
+    region[(0, *box)] = True
+    return model, x, captured, region
+
+
 @settings(max_examples=25)
 @given(data=st.data())
 def test_lazy_concat_and_pixel_tiles_are_exact(data):
@@ -69,13 +81,7 @@ def test_lazy_concat_fills_itself_for_any_other_reader():
 
 
 def test_plan_is_reused_across_runs_and_rebuilt_for_a_new_region():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1)).eval()
-    sparsedit.sparsify_(model, SparseConfig(exact=True))
-    x = torch.randn(1, 3, 16, 16)
-    with sparsedit.capturing(model):
-        model(x)
-    region = torch.zeros(1, 16, 16, dtype=torch.bool)
-    region[0, 4:6, 4:6] = True
+    model, x, _, region = _captured_stack(16, (slice(4, 6), slice(4, 6)))
     state = model._sparsedit.state
     with sparsedit.editing(model, region=region):
         model(_edit(x, region))
@@ -91,13 +97,7 @@ def test_plan_is_reused_across_runs_and_rebuilt_for_a_new_region():
 
 
 def test_last_stats_breaks_the_time_down_by_part_and_layer():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
-    sparsedit.sparsify_(model, SparseConfig(exact=True, dense_threshold=1.0))
-    x = torch.randn(1, 3, 32, 32)
-    with sparsedit.capturing(model):
-        model(x)
-    region = torch.zeros(1, 32, 32, dtype=torch.bool)
-    region[0, 3:9, 20:25] = True
+    model, x, _, region = _captured_stack(32, (slice(3, 9), slice(20, 25)), dense_threshold=1.0)
     with sparsedit.editing(model, region=region):
         model(_edit(x, region))
     stats = sparsedit.last_stats(model)
@@ -110,13 +110,7 @@ def test_last_stats_breaks_the_time_down_by_part_and_layer():
 
 @pytest.mark.timing
 def test_a_region_measured_slower_than_dense_runs_dense_and_says_so():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
-    sparsedit.sparsify_(model, SparseConfig(exact=True))
-    x = torch.randn(1, 3, 24, 24)
-    with sparsedit.capturing(model):
-        captured = model(x)
-    region = torch.zeros(1, 24, 24, dtype=torch.bool)
-    region[0, 2:5, 2:5] = True
+    model, x, captured, region = _captured_stack(24, (slice(2, 5), slice(2, 5)))
     x_edit = _edit(x, region)
     att = model._sparsedit
     with sparsedit.editing(model, region=region):
@@ -128,6 +122,7 @@ def test_a_region_measured_slower_than_dense_runs_dense_and_says_so():
     stats = sparsedit.last_stats(model)
     assert stats["macs_sparse"] == stats["macs_dense"] > 0
     assert all(r.startswith("measured: sparse") for r in stats["dense_layers"].values())
+    assert stats["dense_run"].startswith("measured: sparse")
     with torch.no_grad():
         sparsedit.unsparsify_(model)
         torch.testing.assert_close(again, model(x_edit))  # the dense result of the edit
@@ -137,13 +132,7 @@ def test_a_region_measured_slower_than_dense_runs_dense_and_says_so():
 
 @pytest.mark.timing
 def test_a_capture_time_reference_is_refined_by_one_plain_dense_run():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
-    sparsedit.sparsify_(model, SparseConfig(exact=True))
-    x = torch.randn(1, 3, 24, 24)
-    with sparsedit.capturing(model):
-        model(x)
-    region = torch.zeros(1, 24, 24, dtype=torch.bool)
-    region[0, 2:5, 2:5] = True
+    model, x, _, region = _captured_stack(24, (slice(2, 5), slice(2, 5)))
     att = model._sparsedit
     with sparsedit.editing(model, region=region):
         model(_edit(x, region))
