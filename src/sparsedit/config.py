@@ -101,7 +101,7 @@ class SparseConfig(_ConfigMixin):
             dense forward of the model seen so far (its captures, and dense runs), later runs with that region (the
             other denoising steps of an edit, repeated edits) run densely; when every sparse run of the model so far
             was slower than dense (a tiny model, a small image), new regions run densely too. `last_stats` names the
-            measurement in `dense_layers`. The capture's time includes storing the cache, so the dense reference is
+            measurement in `dense_run`. The capture's time includes storing the cache, so the dense reference is
             refined by the first dense run.
         check_region (`bool`, defaults to `True`):
             When editing with an explicit region, verify that the input equals the captured input outside it. A
