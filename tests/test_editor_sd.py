@@ -141,7 +141,7 @@ def test_sequential_edits_track_a_fresh_capture_then_edit(pipe):
 
 def test_changed_weights_raise_and_a_bf16_cache_halves_memory(pipe):
     x = photo()
-    full = SparseEditor(pipe, SparseConfig(input_dilation=1, tile_size=4))
+    full = SparseEditor(pipe, SparseConfig(input_dilation=1, tile_size=4, cache_dtype=None))  # the model's dtype
     full.capture(image=x, prompt="a red house", generator=torch.Generator().manual_seed(5), **KW)
     want = full.edit(image=stroke(x), output_type="pt", commit=False).images
     full_bytes = full.cache_bytes

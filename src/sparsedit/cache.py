@@ -7,16 +7,60 @@ refuses to be used by a run whose fingerprint differs (a stale cache is never us
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Hashable, Iterable
 
 import torch
 
 
-__all__ = ["ActivationCache", "StaleCacheError", "weights_fingerprint"]
+__all__ = ["ActivationCache", "CacheBudgetError", "CacheBytes", "StaleCacheError", "weights_fingerprint"]
 
 
 class StaleCacheError(RuntimeError):
     """The cache was captured under different conditions than the run that wants to use it."""
+
+
+class CacheBudgetError(MemoryError):
+    """A capture would hold more than `SparseConfig(cache_budget=...)` allows."""
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+class CacheBytes(int):
+    """A byte count (an `int`) that also says what it is made of: `parts` maps each part (`"unet"`, `"vae_encoder"`,
+    `"vae_decoder"`, `"text"`, `"latents"`) to its bytes, and `cache_bytes["unet"]` reads one."""
+
+    parts: dict[str, int]
+
+    def __new__(cls, parts: dict[str, int], offloaded: int = 0):
+        obj = super().__new__(cls, sum(parts.values()))
+        obj.parts = dict(parts)
+        obj.offloaded = offloaded  # of the total, bytes kept on disk rather than in memory
+        return obj
+
+    def __getitem__(self, part: str) -> int:
+        return self.parts[part]
+
+    def keys(self):
+        return self.parts.keys()
+
+    def items(self):
+        return self.parts.items()
+
+    def __repr__(self) -> str:
+        return f"CacheBytes({int(self)}, {self.parts})"
+
+
+def is_feature_map(t: torch.Tensor) -> bool:
+    """Entries a lower storage precision applies to: float maps and token tensors (not sums kept in float64)."""
+    return t.is_floating_point() and t.dim() >= 3 and t.dtype != torch.float64
 
 
 def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
@@ -40,23 +84,72 @@ class ActivationCache:
     ends: `flush(commit=True)` writes the copies back (an accepted edit), `flush(commit=False)` drops them.
     """
 
-    def __init__(self, storage_dtype: torch.dtype | None = None, storage_device: str | torch.device | None = None):
+    def __init__(
+        self,
+        storage_dtype: torch.dtype | None = None,
+        storage_device: str | torch.device | None = None,
+        budget: int | None = None,
+    ):
         self._entries: dict[Hashable, dict[str, torch.Tensor]] = {}
         self._home: dict[Hashable, dict[str, tuple[torch.dtype, torch.device]]] = {}
         self._working: dict[Hashable, dict[str, torch.Tensor]] = {}
         self.storage_dtype = storage_dtype
-        self.storage_device = None if storage_device is None else torch.device(storage_device)
+        self.budget = budget
+        self._dir: str | None = None  # "disk" storage: the temporary directory of the memory-mapped files
+        self._files = itertools.count()
+        self.counting: dict | None = None  # a dry run's tally (see `dry_run`)
+        self._resident = 0  # bytes of the entries held in memory (kept up to date by `_put` and `clear`)
         self.fingerprint: dict | None = None
+        self.set_device(storage_device)
+
+    def set_device(self, storage_device) -> None:
+        """Where entries stored from now on live: a device, `"disk"` (memory-mapped temporary files) or `None`."""
+        self.disk = storage_device == "disk"
+        self.storage_device = None if storage_device is None or self.disk else torch.device(storage_device)
 
     @property
     def converts(self) -> bool:
-        return self.storage_dtype is not None or self.storage_device is not None
+        return self.storage_dtype is not None or self.storage_device is not None or self.disk
 
     def _stored_form(self, t: torch.Tensor) -> tuple[torch.dtype, torch.device]:
         dtype = t.dtype
-        if self.storage_dtype is not None and t.is_floating_point() and t.dim() >= 3 and t.dtype != torch.float64:
+        if self.storage_dtype is not None and is_feature_map(t):
             dtype = self.storage_dtype
+        if self.disk:
+            return dtype, torch.device("cpu")
         return dtype, (t.device if self.storage_device is None else self.storage_device)
+
+    def _allocate(self, shape, dtype, device) -> torch.Tensor:
+        """Storage for one entry; channels-last for 4D maps. On disk: a shared memory map of a temporary file."""
+        if not self.disk:
+            t = torch.empty(shape, dtype=dtype, device=device)
+            return t.to(memory_format=torch.channels_last) if len(shape) == 4 else t
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="sparsedit-cache-")
+            weakref.finalize(self, shutil.rmtree, self._dir, True)
+        path = os.path.join(self._dir, f"{next(self._files)}.bin")
+        numel = 1
+        for d in shape:
+            numel *= d
+        flat = torch.from_file(path, shared=True, size=max(numel, 1), dtype=dtype)[:numel]
+        if len(shape) == 4:
+            b, c, h, w = shape
+            return flat.view(b, h, w, c).permute(0, 3, 1, 2)
+        return flat.view(shape)
+
+    @contextlib.contextmanager
+    def dry_run(self):
+        """Count what puts would store, storing nothing: yields the tally `{"maps": bytes of feature maps in their
+        own dtype, "maps_numel": their elements, "other": bytes of the rest}`."""
+        prev, self.counting = self.counting, {"maps": 0, "maps_numel": 0, "other": 0}
+        try:
+            yield self.counting
+        finally:
+            self.counting = prev
+
+    def resident_bytes(self) -> int:
+        """Bytes held in memory (not on disk)."""
+        return self._resident
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -76,6 +169,28 @@ class ActivationCache:
         self._put(key, tensors, exact=True)
 
     def _put(self, key, tensors, exact: bool) -> None:
+        if self.counting is not None:
+            for t in tensors.values():
+                if is_feature_map(t) and not exact:
+                    self.counting["maps"] += t.numel() * t.element_size()
+                    self.counting["maps_numel"] += t.numel()
+                else:
+                    self.counting["other"] += t.numel() * t.element_size()
+            return
+        if self.budget is not None:
+            held = self._entries.get(key, {})
+            old = sum(_resident(held[n]) for n in tensors if n in held)
+            new = 0
+            for t in tensors.values():
+                dtype = t.dtype if exact else self._stored_form(t)[0]
+                new += 0 if (self.disk and not exact) else t.numel() * torch.empty((), dtype=dtype).element_size()
+            total = self._resident - old + new
+            if total > self.budget:
+                raise CacheBudgetError(
+                    f"the cache would hold {gib(total)} (entry {key!r}), more than cache_budget={gib(self.budget)}. "
+                    "Raise the budget, store in a smaller dtype (cache_dtype='bfloat16'), offload "
+                    "(cache_device='disk'), or capture fewer steps or a smaller image."
+                )
         entry = self._entries.setdefault(key, {})
         home = self._home.setdefault(key, {})
         self._working.pop(key, None)
@@ -85,9 +200,16 @@ class ActivationCache:
             if exact:
                 dtype = t.dtype
             # Feature maps are kept channels-last: a pixel's channels are contiguous, so tile gathers and scatters
-            # move whole rows of memory.
-            fmt = torch.channels_last if t.dim() == 4 else torch.contiguous_format
-            entry[name] = torch.empty(t.shape, dtype=dtype, device=device).to(memory_format=fmt).copy_(t)
+            # move whole rows of memory. The model's input (`exact`) stays in memory, in its own dtype.
+            if exact and self.disk:
+                stored = torch.empty(t.shape, dtype=dtype, device=t.device)
+                stored = stored.to(memory_format=torch.channels_last) if t.dim() == 4 else stored
+            else:
+                stored = self._allocate(tuple(t.shape), dtype, device)
+            if name in entry:
+                self._resident -= _resident(entry[name])
+            entry[name] = stored.copy_(t)
+            self._resident += _resident(stored)
             home[name] = (t.dtype, t.device)
 
     def get(self, key: Hashable) -> dict[str, torch.Tensor]:
@@ -108,7 +230,9 @@ class ActivationCache:
             for name, t in entry.items():
                 dtype, device = home[name]
                 fmt = torch.channels_last if t.dim() == 4 else torch.contiguous_format
-                working[name] = t.to(device=device, dtype=dtype, memory_format=fmt, non_blocking=True)
+                # From disk, always a copy in memory: runs write into it, and only a commit writes the file.
+                working[name] = t.to(device=device, dtype=dtype, memory_format=fmt, non_blocking=True,
+                                     copy=_on_disk(t))  # fmt: skip
             self._working[key] = working
         return working
 
@@ -126,11 +250,20 @@ class ActivationCache:
         self._home.clear()
         self._working.clear()
         self.fingerprint = None
+        self._resident = 0
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all entries."""
+        """Bytes held by all entries (in memory or on disk)."""
         return sum(t.numel() * t.element_size() for e in self._entries.values() for t in e.values())
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of the entries kept on disk."""
+        return self.nbytes - self.resident_bytes() if self.disk else 0
 
     def check(self, fingerprint: dict) -> None:
         """Raise `StaleCacheError` naming every field that differs from the capture's fingerprint."""
@@ -146,3 +279,13 @@ class ActivationCache:
                 "the cache does not match this run (" + "; ".join(diffs) + "). "
                 "Capture again with `sparsedit.capturing(model)` on the new input or weights."
             )
+
+
+def _on_disk(t: torch.Tensor) -> bool:
+    """Whether `t` is backed by a memory-mapped file (`torch.from_file`), i.e. not plain allocated memory."""
+    storage = t.untyped_storage()
+    return t.device.type == "cpu" and getattr(storage, "filename", None) is not None
+
+
+def _resident(t: torch.Tensor) -> int:
+    return 0 if _on_disk(t) else t.numel() * t.element_size()

@@ -17,6 +17,36 @@ CONFIG_VERSION = 1
 _NORM_STATS = ("frozen", "recompute")
 _ATTENTION = ("sparse", "dense")
 _CACHE_DTYPES = ("float32", "float16", "bfloat16")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(value: int | float | str | None, what: str = "cache_budget") -> int | None:
+    """Bytes from an int or a string like `"3GiB"`, `"512 MiB"`, `"2.5GB"` (`None` stays `None`)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be a number of bytes or a string like '3GiB', got {value!r}.")
+    if isinstance(value, (int, float)):
+        n = value
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits) :]
+        if unit not in _UNITS or not digits:
+            raise ValueError(
+                f"{what}={value!r}: write bytes as a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB), "
+                "e.g. '3GiB'."
+            )
+        try:
+            n = float(digits) * _UNITS[unit]
+        except ValueError:
+            raise ValueError(f"{what}={value!r}: {digits!r} is not a number.") from None
+    else:
+        raise TypeError(f"{what} must be a number of bytes or a string like '3GiB', got {type(value).__name__}.")
+    if n <= 0:
+        raise ValueError(f"{what} must be positive, got {value!r}.")
+    return int(n)
 
 
 class _ConfigMixin:
@@ -109,14 +139,22 @@ class SparseConfig(_ConfigMixin):
         strict (`bool`, defaults to `True`):
             Raise when the model holds a layer the engine cannot make sparse. With `False` such layers run densely on
             every call (correct, but slower).
-        cache_dtype (`str`, *optional*):
+        cache_dtype (`str`, *optional*, defaults to `"auto"`):
             Store cached feature maps (and attention keys/values) in this dtype, e.g. `"bfloat16"` to halve a float32
             cache. Each run converts the entries it touches back to the compute dtype (one copy per entry per run),
-            so values outside the region come back rounded: an approximation, off by default. The model's input and
-            normalisation statistics stay at full precision.
+            so values outside the region come back rounded. The model's input and normalisation statistics stay at
+            full precision. `None`: the model's dtype. `"auto"`: `SparseEditor` stores its UNet's per-step cache in
+            bfloat16 in approximate mode (measured: within 0.1 dB of a float32 cache, see BENCHMARKS.md) and keeps
+            everything else, exact mode and the model-level API (`sparsify_`) in the model's dtype.
         cache_device (`str`, *optional*):
             Keep the cache on this device, e.g. `"cpu"` for a model on a GPU: a multi-step capture then lives in host
             memory and each sparse run copies in only the entries it touches (and writes them back when committed).
+            `"disk"`: in memory-mapped temporary files, which the OS pages in when a run touches them.
+        cache_budget (`int` or `str`, *optional*):
+            The most bytes of memory the cache may hold, e.g. `"3GiB"`. `SparseEditor.capture` measures what the
+            capture would hold (one dry step of each model, storing nothing) and fits it: bfloat16 storage first, then
+            the per-step UNet cache on disk; if nothing fits it raises `CacheBudgetError` before capturing, saying
+            how much each option needs. The model-level API raises as soon as a capture would exceed it.
         poison_scratch (`bool`, defaults to `False`):
             Debugging: fill scratch buffers with NaN before use, so any read of memory nothing wrote shows in the
             result.
@@ -136,8 +174,9 @@ class SparseConfig(_ConfigMixin):
     measured_fallback: bool = True
     check_region: bool = True
     strict: bool = True
-    cache_dtype: str | None = None
+    cache_dtype: str | None = "auto"
     cache_device: str | None = None
+    cache_budget: int | str | None = None
     poison_scratch: bool = False
     version: int = field(default=CONFIG_VERSION)
 
@@ -166,10 +205,21 @@ class SparseConfig(_ConfigMixin):
         if not 0.0 <= self.dense_threshold <= 1.0:
             raise ValueError(f"SparseConfig.dense_threshold must be in [0, 1], got {self.dense_threshold}.")
 
-        if self.cache_dtype is not None and self.cache_dtype not in _CACHE_DTYPES:
+        if self.cache_dtype is not None and self.cache_dtype not in (*_CACHE_DTYPES, "auto"):
             raise ValueError(
-                f"SparseConfig.cache_dtype must be one of {_CACHE_DTYPES} or None, got {self.cache_dtype!r}."
+                f"SparseConfig.cache_dtype must be 'auto', one of {_CACHE_DTYPES} or None, got {self.cache_dtype!r}."
             )
+        parse_bytes(self.cache_budget, "SparseConfig.cache_budget")
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """`cache_budget` in bytes (`None`: no budget)."""
+        return parse_bytes(self.cache_budget, "SparseConfig.cache_budget")
+
+    @property
+    def storage_dtype(self) -> str | None:
+        """The cache dtype the model-level API uses: `cache_dtype`, with `"auto"` meaning the model's dtype."""
+        return None if self.cache_dtype == "auto" else self.cache_dtype
 
     def tile_for(self, height: int, channels: int | None = None) -> int:
         """The output tile edge to use on a feature map of the given height (and channel count, for the default)."""

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from . import temporal as temporal_reuse
 from . import textedit
-from .cache import StaleCacheError
+from . import session
+from .cache import CacheBytes, StaleCacheError
 from .config import SparseConfig, TemporalConfig, TextEditConfig
 from .regions import as_region, difference_mask, dilate
 from .spatial import _attachment, capturing, editing, last_stats, scope, sparsify_, unsparsify_
@@ -182,19 +183,26 @@ class SparseEditor:
         if not isinstance(self.text_config, TextEditConfig):
             raise TypeError(f"text_config must be a TextEditConfig, got {type(self.text_config).__name__}.")
         self._control = None
+        # The UNet's per-step cache: "auto" stores feature maps in bfloat16 in approximate mode (measured within
+        # 0.1 dB of a float32 cache); the budget is the editor's to divide between the models (see `capture`).
+        unet_dtype = self.config.cache_dtype
+        if unet_dtype == "auto":
+            unet_dtype = "bfloat16" if not self.config.exact and unet.dtype == torch.float32 else None
+        unet_config = SparseConfig.from_dict({**self.config.to_dict(), "cache_dtype": unet_dtype,
+                                              "cache_budget": None})  # fmt: skip
         if self.latent:  # prompt edits: the cross-attention layers record the capture's maps and inject them
             self._control = textedit.AttentionControl()
-            if self.config.cache_dtype is not None:
-                self._control.storage_dtype = getattr(torch, self.config.cache_dtype)
+            if unet_dtype is not None:
+                self._control.storage_dtype = getattr(torch, unet_dtype)
             self._processors = textedit.install(unet, self._control)
-        sparsify_(unet, self.config)
+        sparsify_(unet, unet_config)
         self.temporal = temporal
         if temporal is not None:  # after sparsify_: the reuse hooks sit outside the sparse ones
             temporal_reuse.apply_encoder_propagation(unet, temporal)
             temporal_reuse._state(unet).driven = True  # steps come from the editor's loops; other calls run whole
         if self.latent:
             # The VAE decoder runs sparse on the latent region (already dilated for the UNet: one more pixel here).
-            vae = {**self.config.to_dict(), "cache_dtype": None}
+            vae = {**self.config.to_dict(), "cache_dtype": None, "cache_budget": None}
             self._decoder_config = SparseConfig.from_dict({**vae, "input_dilation": 1})
             sparsify_(pipe.vae.decoder, self._decoder_config)
             # The encoder runs sparse on the image region dilated by one latent pixel; outside the UNet's region its
@@ -502,6 +510,21 @@ class SparseEditor:
         state = generator.get_state()
         timesteps = self._timesteps(call["num_inference_steps"], call["strength"])
         embeds = self._embeds(call["prompt"], call["negative_prompt"], call["guidance_scale"], self._batch(x0))
+        budget = None
+        if self.config.budget_bytes is not None:  # measured by dry runs, before anything is stored
+            copies = 2 if embeds is not None and call["guidance_scale"] > 1.0 else 1
+            budget = session.fit_budget(self, x0, call, embeds, timesteps, copies)
+            if budget["choice"] != "as configured" and self._control is not None:
+                self._control.storage_dtype = torch.bfloat16
+        with session.peak_memory(self.unet.device) as peak:
+            decoded = self._capture_run(x0, mask, call, generator, state, timesteps, embeds)
+        self.last_stats.update(peak)
+        if budget is not None:
+            self.last_stats["budget"] = budget
+        return decoded
+
+    def _capture_run(self, x0, mask, call, generator, state, timesteps, embeds) -> torch.Tensor:
+        unet = self.unet
         started = time.perf_counter()
         macs = computed = step_macs = 0
 
@@ -562,18 +585,32 @@ class SparseEditor:
         return decoded
 
     @property
-    def cache_bytes(self) -> int:
-        """Bytes held for edits: the UNet's per-step activations, the VAE decoder's and encoder's, the latent
-        trajectory and any stored cross-attention probabilities."""
-        total = _attachment(self.unet).state.cache.nbytes
+    def cache_bytes(self) -> CacheBytes:
+        """Bytes held for edits (an int), by part: `"unet"` (the per-step activations), `"vae_encoder"`,
+        `"vae_decoder"`, `"text"` (prompt embeddings and stored cross-attention probabilities) and `"latents"` (the
+        trajectory, the encoded images and the decoded result). `.offloaded` says how many of them are on disk."""
+        return session.cache_parts(self)
+
+    def _models(self) -> dict:
+        """The sparsified models by part name."""
+        models = {"unet": self.unet}
         if self.latent:
-            total += _attachment(self.pipe.vae.decoder).state.cache.nbytes
-            total += _attachment(self.pipe.vae.encoder).state.cache.nbytes
-        if self._capture is not None:
-            total += sum(t.numel() * t.element_size() for t in self._capture.trajectory)
-            attention = self._capture.attention or {}
-            total += sum(t.numel() * t.element_size() for t in attention.get("probs", {}).values())
-        return total
+            models.update(vae_encoder=self.pipe.vae.encoder, vae_decoder=self.pipe.vae.decoder)
+        return models
+
+    def save(self, path) -> None:
+        """Write this session (the capture, every cache, the edit state and the pipeline's fingerprint) to the
+        directory `path` (safetensors files and a JSON manifest). `SparseEditor.load(pipe, path)` resumes it: the
+        next edit is bit-identical to the one this editor would make."""
+        session.save_editor(self, path)
+
+    @classmethod
+    def load(cls, pipe, path, *, mmap: bool = True) -> SparseEditor:
+        """Resume a session written by `editor.save(path)` on `pipe` (a pipeline of the same class, weights,
+        scheduler and config; otherwise `StaleCacheError` names what differs). With `mmap`, the caches are
+        memory-mapped copy-on-write from the files (the OS pages them in as edits touch them); `mmap=False` reads
+        them into memory."""
+        return session.load_editor(cls, pipe, path, mmap=mmap)
 
     # -- prompt edits: attention records and region detection ---------------------------------------------------------
     def _text_editable(self) -> bool:
@@ -949,6 +986,12 @@ class SparseEditor:
         return region, k, z
 
     def _run_edit(self, cap, x0, mask, region, commit, output_type, return_dict, change=None):
+        with session.peak_memory(self.unet.device) as peak:
+            out = self._edit_run(cap, x0, mask, region, commit, output_type, return_dict, change)
+        self.last_stats.update(peak)
+        return out
+
+    def _edit_run(self, cap, x0, mask, region, commit, output_type, return_dict, change=None):
         self._check_scheduler(cap)  # also resets the scheduler's step index to the capture's first step
         unet = self.unet
         b = self._batch(x0)

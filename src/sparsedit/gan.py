@@ -163,6 +163,22 @@ class GANEditor:
         }
         return image
 
+    def save(self, path) -> None:
+        """Write this session (the generator's cache, the current label map and image, the config and a content
+        fingerprint of the generator's weights) to the directory `path`; `GANEditor.load(generator, path)`
+        resumes it, and the next edit is bit-identical to the one this editor would make."""
+        from . import session
+
+        session.save_gan(self, path)
+
+    @classmethod
+    def load(cls, generator: nn.Module, path, *, mmap: bool = True) -> GANEditor:
+        """Resume a session written by `editor.save(path)` on `generator` (same class and weights; otherwise
+        `StaleCacheError`). With `mmap`, the cache is memory-mapped copy-on-write from the file."""
+        from . import session
+
+        return session.load_gan(cls, generator, path, mmap=mmap)
+
     def remove(self) -> None:
         """Detach the engine: the generator computes bit-identically to before. The cache is dropped."""
         unsparsify_(self.generator)

@@ -108,8 +108,9 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
             "`sparsedit.temporal.remove_encoder_propagation(model)`, sparsify, then apply temporal reuse again."
         )
     cache = ActivationCache(
-        storage_dtype=None if config.cache_dtype is None else getattr(torch, config.cache_dtype),
+        storage_dtype=None if config.storage_dtype is None else getattr(torch, config.storage_dtype),
         storage_device=config.cache_device,
+        budget=config.budget_bytes,
     )
     state = SparseState(config, cache)
     handlers, problems = [], []

@@ -5,6 +5,8 @@ Imported only when a model containing diffusers modules is sparsified.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
@@ -240,7 +242,8 @@ class ResnetBlock2DHandler(SparseHandler):
             and m.upsample is None
             and m.downsample is None
             and m.output_scale_factor == 1.0
-            and m.time_embedding_norm in ("default", "scale_shift")
+            # diffusers' forward treats any other value (the VAE's "group") as a plain norm2 with no time embedding
+            and (m.time_embedding_norm in ("default", "scale_shift") or m.time_emb_proj is None)
             and isinstance(m.norm1, torch.nn.GroupNorm)
             and isinstance(m.norm2, torch.nn.GroupNorm)
         )
@@ -272,9 +275,11 @@ class ResnetBlock2DHandler(SparseHandler):
                 if t is not None:
                     h = h + t[:, :, None, None]
                 h = m.norm2(h)
-            else:
+            elif m.time_embedding_norm == "scale_shift":
                 scale, shift = torch.chunk(t[:, :, None, None], 2, dim=1)
                 h = m.norm2(h) * (1 + scale) + shift
+            else:
+                h = m.norm2(h)
             h = m.conv2(m.dropout(m.nonlinearity(h)))
         shortcut = m.conv_shortcut(x) if m.conv_shortcut is not None else x
         out = (shortcut + h) / m.output_scale_factor
@@ -295,7 +300,7 @@ class ResnetBlock2DHandler(SparseHandler):
         if m.time_embedding_norm == "default":
             if t is not None:
                 shift = shift + scale * t.to(scale.dtype)
-        else:
+        elif m.time_embedding_norm == "scale_shift":
             ts, tt = torch.chunk(t.to(scale.dtype), 2, dim=1)
             scale, shift = scale * (1 + ts), shift * (1 + ts) + tt
         p2 = act.fold(h, st.key(act.name), Prologue(scale, shift))
@@ -386,7 +391,10 @@ class Transformer2DHandler(SparseHandler):
                     lambda mod, inp, out, tag=f"{name[-1]}{i}": stored.__setitem__(tag, out.detach())
                 ))  # fmt: skip
         try:
-            result = self.original(x, **kwargs)
+            # Sparse runs read the GroupNorm's statistics, the block's output and the self-attention keys/values;
+            # the children's own outputs (GroupNorm, proj_in/proj_out) are recomputed on the active tokens.
+            with _no_store(st) if st.mode is Mode.CAPTURE else contextlib.nullcontext():
+                result = self.original(x, **kwargs)
         finally:
             for h in hooks:
                 h.remove()

@@ -1,0 +1,526 @@
+"""Sessions that fit and outlive the process: what a `SparseEditor` holds (by part), a capture fitted to
+`SparseConfig(cache_budget=...)`, peak memory, and `save`/`load` of a whole editing session (issue 17).
+
+A saved session is a directory: `tensors.safetensors` (every cached tensor, the capture's trajectory, images,
+embeddings and generator state) and `session.json` (the keys, the capture's arguments, the editor's config and a
+content fingerprint of every model component and the scheduler). Loading checks the fingerprint against the pipeline
+it is given (`StaleCacheError` names what differs) and memory-maps the tensors copy-on-write: the file is never
+written, and pages are read as edits touch them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import mmap
+import os
+import resource
+from pathlib import Path
+
+import torch
+
+from .cache import CacheBudgetError, CacheBytes, StaleCacheError, gib
+from .config import SparseConfig, TextEditConfig
+from .nn.state import LayerRecord
+from .spatial import _INPUT_KEY, _attachment, _fingerprint, capturing
+
+
+__all__ = ["content_fingerprint", "load_editor", "peak_memory", "save_editor"]
+
+FORMAT = 1
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
+                                                       torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+                                                       torch.bool)}  # fmt: skip
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}  # fmt: skip
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+# -- what an editor holds ---------------------------------------------------------------------------------------------
+def cache_parts(editor) -> CacheBytes:
+    parts, offloaded = {}, 0
+    for part, model in editor._models().items():
+        cache = _attachment(model).state.cache
+        parts[part] = cache.nbytes
+        offloaded += cache.disk_bytes
+    cap = editor._capture
+    text = latents = 0
+    if cap is not None:
+        latents = sum(_nbytes(t) for t in cap.trajectory) + _nbytes(cap.decoded)
+        latents += sum(_nbytes(t) for t in cap.latents.values()) + _nbytes(cap.image) + _nbytes(cap.mask)
+        text = _nbytes(cap.embeds) + sum(_nbytes(t) for t in (cap.attention or {}).get("probs", {}).values())
+        text += sum(_nbytes(t) for t in (cap.attention or {}).get("maps", {}).values())
+    if editor.latent:
+        parts["text"] = text
+    parts["latents"] = latents
+    return CacheBytes(parts, offloaded)
+
+
+# -- peak memory ------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def peak_memory(device: torch.device):
+    """Measure the peak memory of the block: `{"peak_bytes": ...}` filled on exit. CUDA: the allocator's peak. CPU:
+    the process's peak resident set (VmHWM, reset at entry where Linux allows; otherwise the process's peak)."""
+    out = {"peak_bytes": None, "peak_kind": None}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    try:
+        yield out
+    finally:
+        if device.type == "cuda":
+            out["peak_bytes"], out["peak_kind"] = torch.cuda.max_memory_allocated(device), "cuda allocated"
+        else:
+            out["peak_bytes"], out["peak_kind"] = _vm_hwm(), "process peak RSS"
+
+
+def _vm_hwm() -> int:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- a capture that fits the budget ------------------------------------------------------------------------------------
+def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
+    """Measure what the capture would hold (each model once in a dry capture that stores nothing), then choose the
+    most faithful storage that fits `editor.config.cache_budget`: as configured; the UNet's cache in bfloat16; the
+    VAE's too; the UNet's per-step cache on disk. Raises `CacheBudgetError` (before capturing) when none fits.
+    Returns the estimate and the choice, for `last_stats["budget"]`."""
+    budget = editor.config.budget_bytes
+    unet = editor.unet
+    n = len(timesteps)
+    tallies = {}
+    with torch.no_grad():
+        if editor.latent and editor.kind != "txt2img":
+            enc = editor.pipe.vae.encoder
+            encodes = 2 if editor.kind == "inpaint" else 1
+            with capturing(enc), _attachment(enc).state.cache.dry_run() as tally:
+                enc(x0.to(editor.pipe.vae.dtype))
+            tallies["vae_encoder"] = {k: v * encodes for k, v in tally.items()}
+        f = editor.pipe.vae_scale_factor if editor.latent else 1
+        if editor.kind == "txt2img":
+            b, h, w = x0
+        else:
+            b, _, h, w = x0.shape
+        z = torch.zeros(b * copies, unet.config.in_channels, h // f, w // f, dtype=unet.dtype, device=unet.device)
+        with capturing(unet), _attachment(unet).state.cache.dry_run() as tally:
+            if embeds is None:
+                unet(z, timesteps[0])
+            else:
+                unet(z, timesteps[0], encoder_hidden_states=embeds)
+        tallies["unet"] = {k: v * n for k, v in tally.items()}
+        if editor.latent:
+            dec = editor.pipe.vae.decoder
+            lat = torch.zeros(b, editor.pipe.vae.config.latent_channels, h // f, w // f, dtype=editor.pipe.vae.dtype,
+                              device=unet.device)  # fmt: skip
+            with capturing(dec), _attachment(dec).state.cache.dry_run() as tally:
+                dec(lat)
+            tallies["vae_decoder"] = dict(tally)
+    latent_bytes = b * 4 * (h // f) * (w // f) * (n + 4) * torch.empty((), dtype=unet.dtype).element_size()
+    other = latent_bytes + b * 3 * h * w * 8 + _nbytes(embeds)  # trajectory, image and decoded, embeddings
+
+    def size(part, dtype):
+        t = tallies.get(part)
+        if t is None:
+            return 0
+        maps = t["maps"] if dtype is None else t["maps_numel"] * torch.empty((), dtype=dtype).element_size()
+        return maps + t["other"]
+
+    caches = {part: _attachment(m).state.cache for part, m in editor._models().items()}
+    now = {part: c.storage_dtype for part, c in caches.items()}
+    bf16 = torch.bfloat16
+    options = [
+        ("as configured", now, False),
+        ("UNet cache in bfloat16", {**now, "unet": bf16}, False),
+        ("UNet and VAE caches in bfloat16", dict.fromkeys(now, bf16), False),
+        ("UNet per-step cache on disk (bfloat16), VAE caches in bfloat16", dict.fromkeys(now, bf16), True),
+    ]
+    needs = []
+    for name, dtypes, disk in options:
+        resident = other + sum(size(p, d) for p, d in dtypes.items() if not (disk and p == "unet"))
+        if disk:
+            resident += tallies["unet"]["other"]  # the model's inputs stay in memory
+        needs.append(f"{name}: {gib(resident)}")
+        if resident <= budget:
+            for part, cache in caches.items():
+                cache.storage_dtype = dtypes[part]
+                cache.budget = None
+            if disk:
+                caches["unet"].set_device("disk")
+            # The hard limit, in case the estimate was low: the UNet's share of the budget.
+            caches["unet"].budget = None if disk else budget - (resident - size("unet", dtypes["unet"]))
+            return {"budget": budget, "estimate": resident, "choice": name, "options": needs}
+    raise CacheBudgetError(
+        f"this capture does not fit cache_budget={gib(budget)}: "
+        + "; ".join(needs)
+        + ". Raise the budget, or capture fewer steps (num_inference_steps, strength) or a smaller image."
+    )
+
+
+# -- content fingerprints -----------------------------------------------------------------------------------------------
+def tensor_digest(t: torch.Tensor) -> str:
+    """A digest of a tensor's values: float64 sum and sum of squares, and the bytes of up to 4096 evenly spaced
+    elements. Reads every element once (about a second per few GB), so any in-place change shows."""
+    t = t.detach()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+    if t.numel():
+        flat = t.reshape(-1)
+        if t.is_floating_point() or t.is_complex():
+            f = flat.float() if t.dtype in (torch.float16, torch.bfloat16) else flat
+            h.update(f"{float(f.sum(dtype=torch.float64))!r}{float(f.square().sum(dtype=torch.float64))!r}".encode())
+        else:
+            h.update(f"{int(flat.long().sum())}".encode())
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step].contiguous().cpu()
+        h.update(sample.view(torch.uint8).numpy().tobytes() if sample.dtype != torch.bool else sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def content_fingerprint(module: torch.nn.Module | None) -> str | None:
+    """One digest of every parameter and buffer of `module` (their names and values)."""
+    if module is None:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        h.update(name.encode())
+        h.update(tensor_digest(t).encode())
+    return h.hexdigest()
+
+
+def pipeline_fingerprint(editor) -> dict:
+    pipe = editor.pipe
+    out = {"pipeline": type(pipe).__name__, "scheduler": list(editor._scheduler_fingerprint())}
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            out[name] = content_fingerprint(module)
+    return out
+
+
+def _compare(saved: dict, now: dict) -> None:
+    diffs = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diffs:
+        raise StaleCacheError(
+            f"the saved session was captured with another {', '.join(diffs)} than this pipeline has "
+            f"({'; '.join(f'{k}: saved {str(saved.get(k))[:60]!r}, now {str(now.get(k))[:60]!r}' for k in diffs)}). "
+            "Load it on the pipeline it was saved from, or capture again."
+        )
+
+
+# -- save -----------------------------------------------------------------------------------------------------------
+class _Writer:
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, t: torch.Tensor) -> dict:
+        """Store `t`; returns how to rebuild it (its name, and whether it was channels-last)."""
+        t = t.detach().cpu()
+        nhwc = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+        self.tensors[name] = (t.permute(0, 2, 3, 1) if nhwc else t).contiguous()
+        return {"tensor": name, "nhwc": nhwc, "device": str(t.device)}
+
+
+def _value(w: _Writer, name: str, v):
+    """A JSON description of an input value: tensors go to the file."""
+    if isinstance(v, torch.Tensor):
+        return {"tensor": w.add(name, v)}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return {"json": v}
+    raise NotImplementedError(f"this session holds an input of type {type(v).__name__} ({name}) that cannot be saved.")
+
+
+def _save_model(w: _Writer, part: str, model) -> dict:
+    att = _attachment(model)
+    st, cache = att.state, att.state.cache
+    cache.flush(commit=False)
+    st.rollback()
+    entries = []
+    for i, (key, entry) in enumerate(cache._entries.items()):
+        fields = {}
+        for field, t in entry.items():
+            home_dtype, home_device = cache._home[key][field]
+            fields[field] = {**w.add(f"{part}/{i}/{field}", t), "home_dtype": str(home_dtype).removeprefix("torch."),
+                             "home_device": str(home_device)}  # fmt: skip
+        entries.append({"key": list(key), "fields": fields})
+    aux = [
+        {"scope": list(sc), "values": {k: _value(w, f"{part}/aux/{j}/{k}", v) for k, v in vals.items()}}
+        for j, (sc, vals) in enumerate(att.aux.items())
+    ]
+    return {
+        "entries": entries,
+        "aux": aux,
+        "storage_dtype": None if cache.storage_dtype is None else str(cache.storage_dtype).removeprefix("torch."),
+        "records": [vars(r) for r in st.records],
+        "capture_records": [vars(r) for r in att.capture_records],
+        "output_format": "channels_last" if att.output_format == torch.channels_last else "contiguous",
+        "timing": {"dense_seconds": att.dense_seconds, "pure_dense": att.pure_dense, "sparse_floor": att.sparse_floor},
+    }
+
+
+def save_editor(editor, path) -> None:
+    cap = editor._capture
+    if cap is None:
+        raise RuntimeError("nothing to save: call `editor.capture(...)` first.")
+    if editor.temporal is not None:
+        raise NotImplementedError("saving a session with temporal reuse is not supported yet; capture it again.")
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    w = _Writer()
+    capture = {
+        "image": w.add("capture/image", cap.image)["tensor"] if isinstance(cap.image, torch.Tensor) else None,
+        "batch_shape": None if isinstance(cap.image, torch.Tensor) else list(cap.image),
+        "mask": None if cap.mask is None else w.add("capture/mask", cap.mask)["tensor"],
+        "trajectory": [w.add(f"capture/trajectory/{i}", t)["tensor"] for i, t in enumerate(cap.trajectory)],
+        "timesteps": w.add("capture/timesteps", torch.stack([torch.as_tensor(t) for t in cap.timesteps]))["tensor"],
+        "generator_state": w.add("capture/generator_state", cap.generator_state)["tensor"],
+        "generator_device": cap.generator_device,
+        "call": cap.call,
+        "embeds": None if cap.embeds is None else w.add("capture/embeds", cap.embeds)["tensor"],
+        "latents": {k: w.add(f"capture/latents/{k}", t)["tensor"] for k, t in cap.latents.items()},
+        "decoded": w.add("capture/decoded", cap.decoded)["tensor"],
+        "scheduler": list(cap.scheduler),
+        "version": cap.version,
+        "step_macs": cap.step_macs,
+        "macs": cap.macs,
+        "attention": None,
+    }
+    if cap.attention is not None:
+        att = cap.attention
+        capture["attention"] = {
+            "size": list(att["size"]),
+            "version": att["version"],
+            "maps": {str(i): w.add(f"capture/attention/maps/{i}", t)["tensor"] for i, t in att["maps"].items()},
+            "probs": [
+                {"key": list(k), "tensor": w.add(f"capture/attention/probs/{j}", t)["tensor"]}
+                for j, (k, t) in enumerate(att["probs"].items())
+            ],
+        }
+    try:
+        json.dumps(cap.call)
+    except TypeError:
+        raise NotImplementedError("this capture's arguments (e.g. a prompt given as embeddings) cannot be saved.") from None
+    manifest = {
+        "format": FORMAT,
+        "editor": type(editor).__name__,
+        "kind": editor.kind,
+        "config": editor.config.to_dict(),
+        "text_config": editor.text_config.to_dict(),
+        "on_stale": editor.on_stale,
+        "fingerprint": pipeline_fingerprint(editor),
+        "capture": capture,
+        "models": {part: _save_model(w, part, m) for part, m in editor._models().items()},
+    }
+    save_file(w.tensors, str(path / "tensors.safetensors"))
+    (path / "session.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, torch.dtype):
+        return str(o).removeprefix("torch.")
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"cannot save {type(o).__name__}")
+
+
+# -- load -----------------------------------------------------------------------------------------------------------
+def read_tensors(path: Path, use_mmap: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file. With `use_mmap`: views of a copy-on-write memory map of the file (writes
+    stay in this process; the file is never changed)."""
+    if not use_mmap:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    n = int.from_bytes(mm[:8], "little")
+    header = json.loads(mm[8 : 8 + n])
+    header.pop("__metadata__", None)
+    base = torch.frombuffer(mm, dtype=torch.uint8) if len(mm) else torch.empty(0, dtype=torch.uint8)
+    out = {}
+    for name, info in header.items():
+        dtype = _ST_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        raw = base[8 + n + start : 8 + n + end]
+        size = torch.empty((), dtype=dtype).element_size()
+        if (8 + n + start) % size:
+            raw = raw.clone()  # misaligned for this dtype: a copy
+        out[name] = raw.view(dtype).reshape(info["shape"])
+    return out
+
+
+def _tensor(tensors, ref: dict) -> torch.Tensor:
+    t = tensors[ref["tensor"]]
+    return t.permute(0, 3, 1, 2) if ref.get("nhwc") else t
+
+
+def _restore_value(tensors, v, device):
+    if "tensor" in v:
+        return _tensor(tensors, v["tensor"]).to(device)
+    return v["json"]
+
+
+def _tuple(x):
+    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def _load_model(tensors, saved: dict, model, config: SparseConfig) -> None:
+    att = _attachment(model)
+    st, cache = att.state, att.state.cache
+    st.rollback()
+    cache.clear()
+    att.aux.clear()
+    cache.storage_dtype = None if saved["storage_dtype"] is None else _DTYPES[saved["storage_dtype"]]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = None
+    for e in saved["entries"]:
+        key = _tuple(e["key"])
+        entry, home = cache._entries.setdefault(key, {}), cache._home.setdefault(key, {})
+        for field, ref in e["fields"].items():
+            t = _tensor(tensors, ref)
+            home_dtype = _DTYPES[ref["home_dtype"]]
+            if t.device != device and not cache.converts:
+                t = t.to(device)
+            entry[field] = t
+            home[field] = (home_dtype, device)
+            cache._resident += t.numel() * t.element_size()
+        if key[: len(_INPUT_KEY)] == _INPUT_KEY:
+            x = entry["x"]
+    for a in saved["aux"]:
+        att.aux[_tuple(a["scope"])] = {k: _restore_value(tensors, v, device) for k, v in a["values"].items()}
+    st.records = [_record(r) for r in saved["records"]]
+    att.capture_records = [_record(r) for r in saved["capture_records"] or []]
+    att.output_format = torch.channels_last if saved["output_format"] == "channels_last" else torch.contiguous_format
+    for k, v in saved["timing"].items():
+        setattr(att, k, v)
+    if x is not None:
+        cache.fingerprint = _fingerprint(model, x, st.config)
+
+
+def _record(d: dict) -> LayerRecord:
+    fields = {f.name for f in dataclasses.fields(LayerRecord)}
+    d = {k: v for k, v in d.items() if k in fields}
+    d["resolution"] = tuple(d["resolution"])
+    return LayerRecord(**d)
+
+
+def load_editor(cls, pipe, path, mmap: bool = True):
+    path = Path(path)
+    manifest_path = path / "session.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"no saved session at {path} (expected {manifest_path}); write one with editor.save().")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: session format {manifest.get('format')!r}; this sparsedit reads format {FORMAT}.")
+    if manifest["fingerprint"]["pipeline"] != type(pipe).__name__:
+        raise StaleCacheError(
+            f"the session was saved from a {manifest['fingerprint']['pipeline']}, not a {type(pipe).__name__}; load it "
+            "on the same kind of pipeline."
+        )
+    editor = cls(pipe, SparseConfig.from_dict(manifest["config"]), on_stale=manifest["on_stale"],
+                 text_config=TextEditConfig.from_dict(manifest["text_config"]))  # fmt: skip
+    try:
+        _compare(manifest["fingerprint"], pipeline_fingerprint(editor))
+        tensors = read_tensors(path / "tensors.safetensors", use_mmap=mmap)
+        device = editor.unet.device
+        for part, model in editor._models().items():
+            _load_model(tensors, manifest["models"][part], model, editor.config)
+        c = manifest["capture"]
+
+        def get(name):
+            return None if name is None else tensors[name].to(device)
+
+        from .editor import _Capture
+
+        attention = None
+        if c["attention"] is not None:
+            a = c["attention"]
+            attention = {
+                "size": tuple(a["size"]),
+                "version": a["version"],
+                "maps": {int(i): get(n) for i, n in a["maps"].items()},
+                "probs": {_tuple(p["key"]): get(p["tensor"]) for p in a["probs"]},
+            }
+        ts = tensors[c["timesteps"]].to(device)
+        editor._capture = _Capture(
+            image=get(c["image"]) if c["image"] is not None else tuple(c["batch_shape"]),
+            mask=get(c["mask"]),
+            trajectory=[get(n) for n in c["trajectory"]],
+            timesteps=list(ts),
+            generator_state=tensors[c["generator_state"]].clone(),
+            generator_device=c["generator_device"],
+            call=c["call"],
+            embeds=get(c["embeds"]),
+            latents={k: get(n) for k, n in c["latents"].items()},
+            decoded=get(c["decoded"]),
+            scheduler=tuple(c["scheduler"]),
+            attention=attention,
+            version=c["version"],
+            step_macs=c["step_macs"],
+            macs=c["macs"],
+        )
+        editor._check_scheduler(editor._capture)
+    except BaseException:
+        editor.remove()
+        raise
+    return editor
+
+
+def save_gan(editor, path) -> None:
+    from safetensors.torch import save_file
+
+    if editor._input is None:
+        raise RuntimeError("nothing to save: call `editor.capture(labels)` first.")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    w = _Writer()
+    manifest = {
+        "format": FORMAT,
+        "editor": type(editor).__name__,
+        "config": editor.config.to_dict(),
+        "fingerprint": {"generator": content_fingerprint(editor.generator), "class": type(editor.generator).__name__},
+        "input": w.add("input", editor._input),
+        "image": w.add("image", editor._image),
+        "models": {"generator": _save_model(w, "generator", editor.generator)},
+    }
+    save_file(w.tensors, str(path / "tensors.safetensors"))
+    (path / "session.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
+
+
+def load_gan(cls, generator, path, mmap: bool = True):
+    path = Path(path)
+    manifest_path = path / "session.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"no saved session at {path} (expected {manifest_path}); write one with editor.save().")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("editor") != cls.__name__:
+        raise ValueError(f"{path} is not a saved {cls.__name__} session (format {FORMAT}).")
+    now = {"generator": content_fingerprint(generator), "class": type(generator).__name__}
+    _compare(manifest["fingerprint"], now)
+    editor = cls(generator, SparseConfig.from_dict(manifest["config"]))
+    try:
+        tensors = read_tensors(path / "tensors.safetensors", use_mmap=mmap)
+        device = next((p.device for p in generator.parameters()), torch.device("cpu"))
+        _load_model(tensors, manifest["models"]["generator"], generator, editor.config)
+        editor._input = _tensor(tensors, manifest["input"]).to(device)
+        editor._image = _tensor(tensors, manifest["image"]).to(device)
+    except BaseException:
+        editor.remove()
+        raise
+    return editor
+
+
+def file_bytes(path) -> int:
+    return sum(os.path.getsize(p) for p in Path(path).iterdir() if p.is_file())
