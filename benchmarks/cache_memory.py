@@ -61,7 +61,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe = sd15_pipeline(torch.float32)
-    weights = sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+    weights = sum(
+        p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()
+    )
     kw = {}
     if args.cache_dtype != "default":
         kw["cache_dtype"] = None if args.cache_dtype == "none" else args.cache_dtype
@@ -80,7 +82,9 @@ def main():
     capture_s = time.perf_counter() - t0
     cache = editor.last_stats["cache_bytes"]
     parts = dict(getattr(cache, "parts", {}))
-    print(f"capture {capture_s:.1f} s; cache {int(cache) / 2**30:.3f} GiB {({k: round(v / 2**30, 3) for k, v in parts.items()})}")
+    print(
+        f"capture {capture_s:.1f} s; cache {int(cache) / 2**30:.3f} GiB { ({k: round(v / 2**30, 3) for k, v in parts.items()}) }"
+    )
     for name, model in (("unet", pipe.unet), ("vae_decoder", pipe.vae.decoder), ("vae_encoder", pipe.vae.encoder)):
         top = list(by_kind(model).items())[:6]
         print(f"  {name}: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in top))

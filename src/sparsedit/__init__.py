@@ -1,7 +1,7 @@
 """sparsedit: image editing with diffusion models and conditional GANs that recomputes only what changed."""
 
 from . import data, metrics, models, pretrained, temporal, textedit
-from .cache import ActivationCache, StaleCacheError
+from .cache import ActivationCache, CacheBudgetError, CacheBytes, StaleCacheError
 from .config import SparseConfig, TemporalConfig, TextEditConfig
 from .editor import SparseEditor
 from .gan import GANEditor
@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationCache",
+    "CacheBudgetError",
+    "CacheBytes",
     "GANEditor",
     "Mode",
     "SparseConfig",

@@ -202,7 +202,8 @@ class SparseEditor:
             temporal_reuse._state(unet).driven = True  # steps come from the editor's loops; other calls run whole
         if self.latent:
             # The VAE decoder runs sparse on the latent region (already dilated for the UNet: one more pixel here).
-            vae = {**self.config.to_dict(), "cache_dtype": None, "cache_budget": None}
+            vae = {**self.config.to_dict(), "cache_dtype": unet_dtype if self.config.cache_dtype == "auto" else None,
+                   "cache_budget": None}  # fmt: skip
             self._decoder_config = SparseConfig.from_dict({**vae, "input_dilation": 1})
             sparsify_(pipe.vae.decoder, self._decoder_config)
             # The encoder runs sparse on the image region dilated by one latent pixel; outside the UNet's region its

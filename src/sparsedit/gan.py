@@ -155,7 +155,9 @@ class GANEditor:
             "active_fraction": stats["active_fraction"],
             "region_fraction": float(changed.float().mean()),
             "seconds": time.perf_counter() - started,
-            "cache_bytes": stats["cache_bytes"] if "cache_bytes" in stats else last_stats(self.generator)["cache_bytes"],
+            "cache_bytes": stats["cache_bytes"]
+            if "cache_bytes" in stats
+            else last_stats(self.generator)["cache_bytes"],
             "dense_layers": stats["dense_layers"],
             "time": stats.get("time", {}),
             "dense_run": stats.get("dense_run"),

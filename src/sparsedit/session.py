@@ -183,7 +183,9 @@ def tensor_digest(t: torch.Tensor) -> str:
             h.update(f"{int(flat.long().sum())}".encode())
         step = max(1, flat.numel() // 4096)
         sample = flat[::step].contiguous().cpu()
-        h.update(sample.view(torch.uint8).numpy().tobytes() if sample.dtype != torch.bool else sample.numpy().tobytes())
+        h.update(
+            sample.view(torch.uint8).numpy().tobytes() if sample.dtype != torch.bool else sample.numpy().tobytes()
+        )
     return h.hexdigest()
 
 
@@ -311,7 +313,9 @@ def save_editor(editor, path) -> None:
     try:
         json.dumps(cap.call)
     except TypeError:
-        raise NotImplementedError("this capture's arguments (e.g. a prompt given as embeddings) cannot be saved.") from None
+        raise NotImplementedError(
+            "this capture's arguments (e.g. a prompt given as embeddings) cannot be saved."
+        ) from None
     manifest = {
         "format": FORMAT,
         "editor": type(editor).__name__,
@@ -420,7 +424,9 @@ def load_editor(cls, pipe, path, mmap: bool = True):
     path = Path(path)
     manifest_path = path / "session.json"
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"no saved session at {path} (expected {manifest_path}); write one with editor.save().")
+        raise FileNotFoundError(
+            f"no saved session at {path} (expected {manifest_path}); write one with editor.save()."
+        )
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: session format {manifest.get('format')!r}; this sparsedit reads format {FORMAT}.")
@@ -503,7 +509,9 @@ def load_gan(cls, generator, path, mmap: bool = True):
     path = Path(path)
     manifest_path = path / "session.json"
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"no saved session at {path} (expected {manifest_path}); write one with editor.save().")
+        raise FileNotFoundError(
+            f"no saved session at {path} (expected {manifest_path}); write one with editor.save()."
+        )
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != FORMAT or manifest.get("editor") != cls.__name__:
         raise ValueError(f"{path} is not a saved {cls.__name__} session (format {FORMAT}).")

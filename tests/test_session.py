@@ -1,0 +1,221 @@
+"""Caches that fit and sessions that outlive the process (issue 17): what a capture keeps, the budget, disk offload,
+and save → load → edit."""
+
+import pytest
+import torch
+
+from sparsedit import CacheBudgetError, GANEditor, SparseConfig, SparseEditor, StaleCacheError
+from sparsedit.cache import ActivationCache, CacheBytes
+from sparsedit.config import parse_bytes
+from sparsedit.spatial import _attachment
+
+from .sd_fixtures import tiny_sd_img2img
+from .test_gan import blob_labels, tiny_spade
+
+
+pytest.importorskip("diffusers")
+KW = {"prompt": "a red house", "strength": 0.7, "num_inference_steps": 6, "output_type": "pt"}
+
+
+@pytest.fixture
+def pipe(tmp_path):
+    return tiny_sd_img2img(tmp_path / "tok")
+
+
+def photo(h=64, w=64):
+    return torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+
+
+def stroke(x, y0=10, x0=12):
+    y = x.clone()
+    y[:, :, y0 : y0 + 10, x0 : x0 + 16] = 0.9
+    return y
+
+
+def capture(editor, x):
+    return editor.capture(image=x, generator=torch.Generator().manual_seed(3), **KW).images
+
+
+def test_parse_bytes():
+    assert parse_bytes("3GiB") == 3 * 2**30
+    assert parse_bytes("512 MiB") == 512 * 2**20
+    assert parse_bytes("2.5GB") == 2_500_000_000
+    assert parse_bytes(1000) == 1000 and parse_bytes(None) is None
+    for bad in ("3 parsecs", "GiB", "-1GiB", 0):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+    with pytest.raises(ValueError, match="cache_budget"):
+        SparseConfig(cache_budget="lots")
+    assert SparseConfig(cache_budget="1KiB").budget_bytes == 1024
+
+
+def test_cache_bytes_by_part_and_what_is_kept(pipe):
+    editor = SparseEditor(pipe)
+    capture(editor, photo())
+    total = editor.last_stats["cache_bytes"]
+    assert isinstance(total, CacheBytes) and int(total) == sum(total.parts.values()) > 0
+    assert set(total.keys()) == {"unet", "vae_encoder", "vae_decoder", "text", "latents"}
+    assert total["unet"] == _attachment(pipe.unet).state.cache.nbytes
+    assert editor.last_stats["peak_bytes"] > 0
+    # The UNet's per-step feature maps are bfloat16 by default ("auto"); its inputs stay in their own dtype.
+    entries = _attachment(pipe.unet).state.cache._entries
+    dtypes = {t.dtype for key, e in entries.items() if key[0] != "__input__" for t in e.values() if t.dim() >= 3}
+    assert dtypes == {torch.bfloat16}
+    assert all(e["x"].dtype == torch.float32 for key, e in entries.items() if key[0] == "__input__")
+    # Recomputed, never read: the transformers' GroupNorm and proj_in/proj_out outputs, the VAE resnets' norms and
+    # activations (folded into the next conv's gather).
+    names = {key[0] for key in entries}
+    assert not any(n.endswith(("attentions.0.proj_in", "attentions.0.proj_out")) for n in names)
+    assert all("out" not in e for key, e in entries.items() if key[0].endswith("attentions.0.norm"))
+    dec = _attachment(pipe.vae.decoder).state.cache._entries
+    resnet_norms = [e for key, e in dec.items() if ".resnets." in key[0] and key[0].endswith(("norm1", "norm2"))]
+    assert resnet_norms and all(set(e) == {"mean", "rstd"} for e in resnet_norms)  # statistics only
+    assert not any(".resnets." in key[0] and key[0].endswith("nonlinearity") for key in dec)
+
+
+def test_bf16_default_stays_close_to_a_full_precision_cache(pipe):
+    x = photo(96, 96)
+    full = SparseEditor(pipe, SparseConfig(input_dilation=2, cache_dtype=None))
+    capture(full, x)
+    want = full.edit(image=stroke(x), commit=False, output_type="pt").images
+    full_bytes = full.cache_bytes["unet"]
+    full.remove()
+    auto = SparseEditor(pipe, SparseConfig(input_dilation=2))
+    capture(auto, x)
+    got = auto.edit(image=stroke(x), commit=False, output_type="pt").images
+    assert auto.cache_bytes["unet"] < 0.6 * full_bytes
+    assert (got - want).abs().max() < 0.02
+
+
+def test_budget_too_small_raises_before_capturing(pipe):
+    editor = SparseEditor(pipe, SparseConfig(cache_budget="64KiB"))
+    with pytest.raises(CacheBudgetError, match=r"cache_budget=.*as configured: .*GiB"):
+        capture(editor, photo())
+    assert editor._capture is None and _attachment(pipe.unet).state.cache.nbytes == 0
+
+
+def test_budget_fits_by_precision_then_by_disk(pipe):
+    x = photo()
+    free = SparseEditor(pipe, SparseConfig(cache_dtype=None))
+    out = capture(free, x)
+    want = free.edit(image=stroke(x), commit=False, output_type="pt").images
+    need = int(free.cache_bytes)
+    free.remove()
+    # A budget below the full-precision cache: the capture stores in bfloat16 (or on disk) and stays within it.
+    tight = SparseEditor(pipe, SparseConfig(cache_dtype=None, cache_budget=int(0.75 * need)))
+    assert torch.equal(capture(tight, x), out)  # the capture is still the pipeline's own result
+    assert tight.last_stats["budget"]["choice"] != "as configured"
+    resident = int(tight.cache_bytes) - tight.cache_bytes.offloaded
+    assert resident <= 0.75 * need
+    got = tight.edit(image=stroke(x), commit=False, output_type="pt").images
+    assert (got - want).abs().max() < 0.03
+    tight.remove()
+    # Tighter still: the UNet's per-step cache goes to memory-mapped files.
+    disk = SparseEditor(pipe, SparseConfig(cache_dtype=None, cache_budget=int(0.5 * need)))
+    capture(disk, x)
+    choice = disk.last_stats["budget"]["choice"]
+    assert "disk" in choice, disk.last_stats["budget"]
+    assert disk.cache_bytes.offloaded > 0
+    got = disk.edit(image=stroke(x), output_type="pt").images  # committed: written back to the files
+    assert (got - want).abs().max() < 0.03
+    again = disk.edit(image=stroke(x), output_type="pt").images  # unchanged now: the committed result
+    assert torch.equal(again, got)
+    path = _attachment(pipe.unet).state.cache._dir
+    disk.remove()
+    import os
+
+    assert path is None or not os.path.exists(path)
+
+
+def test_model_level_budget_raises_during_capture():
+    import sparsedit
+    from sparsedit.demo import UNetLevel
+
+    model = UNetLevel(c=16, groups=4).eval()
+    sparsedit.sparsify_(model, SparseConfig(cache_budget=4096))
+    with pytest.raises(CacheBudgetError, match="cache_budget"), torch.no_grad(), sparsedit.capturing(model):
+        model(torch.randn(1, 3, 32, 32))
+    assert _attachment(model).state.cache.nbytes == 0  # a half-filled cache is dropped
+
+
+def test_disk_cache_round_trip(tmp_path):
+    cache = ActivationCache(storage_device="disk")
+    x = torch.randn(2, 5, 7, 3)
+    cache.put(("a", 0), out=x)
+    assert cache.disk_bytes == x.numel() * 4 and cache.resident_bytes() == 0
+    working = cache.get(("a", 0))["out"]
+    assert torch.equal(working, x) and working.is_contiguous(memory_format=torch.channels_last)
+    working.add_(1)
+    cache.flush(commit=False)
+    assert torch.equal(cache.get(("a", 0))["out"], x)  # dropped, the file unchanged
+    cache.get(("a", 0))["out"].add_(1)
+    cache.flush(commit=True)
+    assert torch.equal(cache.get(("a", 0))["out"], x + 1)
+    cache.clear()
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_save_load_edit_is_bit_identical(pipe, tmp_path, mmap):
+    x = photo()
+    editor = SparseEditor(pipe, SparseConfig(input_dilation=1))
+    capture(editor, x)
+    editor.edit(image=stroke(x))  # history: one committed edit
+    editor.save(tmp_path / "session")
+    want = editor.edit(image=stroke(stroke(x), 40, 30), output_type="pt").images
+    stats = editor.last_stats
+    editor.remove()
+    loaded = SparseEditor.load(pipe, tmp_path / "session", mmap=mmap)
+    got = loaded.edit(image=stroke(stroke(x), 40, 30), output_type="pt").images
+    assert torch.equal(got, want)
+    assert loaded.last_stats["macs_sparse"] == stats["macs_sparse"]
+    # The file is never written by the edits of a memory-mapped session: load it again, same result.
+    loaded.remove()
+    again = SparseEditor.load(pipe, tmp_path / "session", mmap=mmap)
+    assert torch.equal(again.edit(image=stroke(stroke(x), 40, 30), output_type="pt").images, want)
+    again.remove()
+
+
+def test_load_refuses_a_different_pipeline(pipe, tmp_path):
+    x = photo()
+    editor = SparseEditor(pipe)
+    capture(editor, x)
+    editor.save(tmp_path / "s")
+    editor.remove()
+    weight = next(pipe.text_encoder.parameters())
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.data.add_(1e-3)  # slips past version counters
+    with pytest.raises(StaleCacheError, match="text_encoder"):
+        SparseEditor.load(pipe, tmp_path / "s")
+    with torch.no_grad():
+        weight.data.copy_(saved)
+    from diffusers import DDPMScheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(StaleCacheError, match="scheduler"):
+        SparseEditor.load(pipe, tmp_path / "s")
+    pipe.scheduler = original
+    with pytest.raises(FileNotFoundError, match="editor.save"):
+        SparseEditor.load(pipe, tmp_path / "nothing-here")
+    # After refusals the pipeline is untouched: a load on the right pipeline works.
+    SparseEditor.load(pipe, tmp_path / "s").remove()
+
+
+def test_gan_save_load(tmp_path):
+    model = tiny_spade()
+    labels = blob_labels(1, 32, 64, 5, seed=4)
+    editor = GANEditor(model)
+    editor.capture(labels)
+    edited = labels.clone()
+    edited[:, 4:10, 8:20] = (labels[:, 4:10, 8:20] + 1) % 5
+    editor.save(tmp_path / "gan")
+    want = editor.edit(edited)
+    editor.remove()
+    loaded = GANEditor.load(model, tmp_path / "gan")
+    assert torch.equal(loaded.edit(edited), want)
+    loaded.remove()
+    with torch.no_grad():
+        next(model.parameters()).data.mul_(1.01)
+    with pytest.raises(StaleCacheError, match="generator"):
+        GANEditor.load(model, tmp_path / "gan")
