@@ -27,9 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import session, textedit
 from . import temporal as temporal_reuse
-from . import textedit
-from . import session
 from .cache import CacheBytes, StaleCacheError
 from .config import SparseConfig, TemporalConfig, TextEditConfig
 from .regions import as_region, difference_mask, dilate
@@ -507,7 +506,6 @@ class SparseEditor:
         return x0[0] if self.kind == "txt2img" else x0.shape[0]
 
     def _run_capture(self, x0, mask, call, generator) -> torch.Tensor:
-        unet = self.unet
         state = generator.get_state()
         timesteps = self._timesteps(call["num_inference_steps"], call["strength"])
         embeds = self._embeds(call["prompt"], call["negative_prompt"], call["guidance_scale"], self._batch(x0))
