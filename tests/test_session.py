@@ -219,3 +219,66 @@ def test_gan_save_load(tmp_path):
         next(model.parameters()).data.mul_(1.01)
     with pytest.raises(StaleCacheError, match="generator"):
         GANEditor.load(model, tmp_path / "gan")
+
+
+def test_int8_cache_quantizes_maps_and_keeps_tokens_in_bf16():
+    cache = ActivationCache(storage_dtype=torch.int8)
+    x = torch.randn(2, 6, 5, 7) * torch.arange(1, 7).float()[None, :, None, None]  # channels of different ranges
+    kv = torch.randn(2, 35, 6)
+    cache.put(("a", 0), out=x, k=kv)
+    stored = cache._entries[("a", 0)]
+    assert stored["out"].dtype == torch.int8 and stored["k"].dtype == torch.bfloat16
+    got = cache.get(("a", 0))
+    assert got["out"].dtype == torch.float32 and got["out"].is_contiguous(memory_format=torch.channels_last)
+    err = (got["out"] - x).abs().amax(dim=(0, 2, 3))
+    assert torch.all(err <= x.abs().amax(dim=(0, 2, 3)) / 254 + 1e-6)  # half a step of each channel's scale
+    got["out"][:, :, 0, 0] = 100.0  # a committed edit beyond the old range: re-quantized with a new scale
+    cache.flush(commit=True)
+    assert torch.allclose(cache.get(("a", 0))["out"][:, :, 0, 0], torch.full((2, 6), 100.0), rtol=1e-2)
+    with pytest.raises(ValueError, match="exact"):
+        SparseConfig(exact=True, cache_dtype="int8")
+
+
+def test_int8_editor_cache_is_smaller_and_close(pipe, tmp_path):
+    x = photo(96, 96)
+    auto = SparseEditor(pipe, SparseConfig(input_dilation=2))
+    capture(auto, x)
+    want = auto.edit(image=stroke(x), commit=False, output_type="pt").images
+    auto_bytes = auto.cache_bytes["unet"]
+    auto.remove()
+    small = SparseEditor(pipe, SparseConfig(input_dilation=2, cache_dtype="int8"))
+    capture(small, x)
+    got = small.edit(image=stroke(x), commit=False, output_type="pt").images
+    assert small.cache_bytes["unet"] < 0.8 * auto_bytes
+    assert (got - want).abs().max() < 0.05
+    small.save(tmp_path / "int8")  # the scales travel with the session
+    small.remove()
+    loaded = SparseEditor.load(pipe, tmp_path / "int8")
+    assert torch.equal(loaded.edit(image=stroke(x), commit=False, output_type="pt").images, got)
+
+
+def test_prefetch_gives_the_same_working_copies():
+    cache = ActivationCache(storage_dtype=torch.bfloat16)
+    maps = {s: torch.randn(1, 4, 6, 6) for s in range(3)}
+    for s, x in maps.items():
+        cache.put(("conv", 0, s), out=x)
+        cache.put(("norm", 0, s), mean=torch.randn(1, 2))
+    assert cache.scope_keys((1,)) == [("conv", 0, 1), ("norm", 0, 1)]
+    assert cache.prefetch(cache.scope_keys((1,))) == 2
+    got = cache.get(("conv", 0, 1))["out"]
+    assert torch.equal(got, maps[1].to(torch.bfloat16).float())
+    cache.prefetch([("conv", 0, 2)])
+    cache.put(("conv", 0, 2), out=maps[0])  # rewritten after the prefetch: the stale copy is never handed out
+    assert torch.equal(cache.get(("conv", 0, 2))["out"], maps[0].to(torch.bfloat16).float())
+    assert ActivationCache().prefetch([("conv", 0, 1)]) == 0  # nothing to copy for a cache used in place
+
+
+def test_prefetching_editor_is_bit_identical(pipe):
+    x = photo()
+    plain = SparseEditor(pipe, SparseConfig(input_dilation=1, prefetch=False))
+    capture(plain, x)
+    want = plain.edit(image=stroke(x), output_type="pt").images
+    plain.remove()
+    ahead = SparseEditor(pipe, SparseConfig(input_dilation=1, prefetch=True))
+    capture(ahead, x)
+    assert torch.equal(ahead.edit(image=stroke(x), output_type="pt").images, want)

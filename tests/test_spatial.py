@@ -430,4 +430,4 @@ def test_low_precision_cache_halves_memory_within_rounding():
         assert not torch.equal(g, w)  # the rounding is real: the option is an approximation
     assert torch.equal(got[1], got[2])  # an uncommitted edit leaves the stored cache as it was
     with pytest.raises(ValueError, match="cache_dtype"):
-        SparseConfig(cache_dtype="int8")
+        SparseConfig(cache_dtype="int4")

@@ -7,7 +7,17 @@ from .editor import SparseEditor
 from .gan import GANEditor
 from .nn import Mode, UnsupportedLayerError
 from .regions import difference_mask
-from .spatial import capturing, editing, is_sparsified, last_stats, profiling, scope, sparsify_, unsparsify_
+from .spatial import (
+    capturing,
+    editing,
+    is_sparsified,
+    last_stats,
+    prefetch,
+    profiling,
+    scope,
+    sparsify_,
+    unsparsify_,
+)
 
 
 __version__ = "0.1.0"
@@ -32,6 +42,7 @@ __all__ = [
     "data",
     "metrics",
     "models",
+    "prefetch",
     "pretrained",
     "profiling",
     "scope",

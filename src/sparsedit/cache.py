@@ -99,6 +99,14 @@ class ActivationCache:
         self._files = itertools.count()
         self.counting: dict | None = None  # a dry run's tally (see `dry_run`)
         self._resident = 0  # bytes of the entries held in memory (kept up to date by `_put` and `clear`)
+        self._scales: dict[Hashable, dict[str, torch.Tensor]] = {}  # int8 storage: per-channel scales
+        self._prefetched: dict[Hashable, object] = {}  # key -> Future of its working copies (see `prefetch`)
+        # An uncommitted run drops its working copies at the end, so the cache holds them weakly: each is freed as
+        # soon as the run's last reader lets go (the VAE decoder's whole float32 working set is never alive at once).
+        self.retain = True
+        self._weak: dict[Hashable, dict[str, weakref.ref]] = {}
+        self._copies: dict[int, weakref.ref] = {}  # working tensors that are copies, not the stored ones (by id)
+        self._pool = None
         self.fingerprint: dict | None = None
         self.set_device(storage_device)
 
@@ -115,6 +123,8 @@ class ActivationCache:
         dtype = t.dtype
         if self.storage_dtype is not None and is_feature_map(t):
             dtype = self.storage_dtype
+            if dtype == torch.int8 and t.dim() != 4:
+                dtype = torch.bfloat16  # int8 is for context maps; keys/values and tokens keep bfloat16
         if self.disk:
             return dtype, torch.device("cpu")
         return dtype, (t.device if self.storage_device is None else self.storage_device)
@@ -174,6 +184,7 @@ class ActivationCache:
                 if is_feature_map(t) and not exact:
                     self.counting["maps"] += t.numel() * t.element_size()
                     self.counting["maps_numel"] += t.numel()
+                    self.counting["maps4d_numel"] = self.counting.get("maps4d_numel", 0) + t.numel() * (t.dim() == 4)
                 else:
                     self.counting["other"] += t.numel() * t.element_size()
             return
@@ -194,6 +205,7 @@ class ActivationCache:
         entry = self._entries.setdefault(key, {})
         home = self._home.setdefault(key, {})
         self._working.pop(key, None)
+        self._drop_prefetched(key)
         for name, t in tensors.items():
             t = t.detach()
             dtype, device = self._stored_form(t)
@@ -208,9 +220,13 @@ class ActivationCache:
                 stored = self._allocate(tuple(t.shape), dtype, device)
             if name in entry:
                 self._resident -= _resident(entry[name])
+            home[name] = (t.dtype, t.device)
+            if dtype == torch.int8 and t.is_floating_point():
+                q, scale = quantize(t)
+                self._scales.setdefault(key, {})[name] = scale.to(stored.device)
+                t = q
             entry[name] = stored.copy_(t)
             self._resident += _resident(stored)
-            home[name] = (t.dtype, t.device)
 
     def get(self, key: Hashable) -> dict[str, torch.Tensor]:
         """The entry under `key`. Runs update it in place (a working copy when the cache converts; see `flush`)."""
@@ -224,33 +240,106 @@ class ActivationCache:
         if not self.converts:
             return entry
         working = self._working.get(key)
+        if working is None and key in self._weak:
+            working = {name: ref() for name, ref in self._weak[key].items()}
+            if any(t is None for t in working.values()):
+                raise RuntimeError(
+                    f"sparsedit internal error: the working copy of cache entry {key!r} was requested again after "
+                    "its run released it; please report this (SparseConfig(cache_dtype=None) avoids it)."
+                )
+            return working
         if working is None:
-            home = self._home[key]
+            working = self._prefetched.pop(key).result() if key in self._prefetched else self._working_copy(key)
+            for name, t in working.items():
+                if t is not entry[name]:
+                    self._copies[id(t)] = weakref.ref(t)
+            if self.retain:
+                self._working[key] = working
+            else:
+                self._weak[key] = {name: weakref.ref(t) for name, t in working.items()}
+        return working
+
+    def is_copy(self, t: torch.Tensor) -> bool:
+        """Whether `t` is a working copy handed out by `get` (writes to it never reach the stored entry unless a
+        committed run flushes it), rather than the stored tensor itself."""
+        ref = self._copies.get(id(t))
+        return ref is not None and ref() is t
+
+    def _working_copy(self, key: Hashable) -> dict[str, torch.Tensor]:
+        entry, home = self._entries[key], self._home[key]
+        stream = None
+        if any(d.type == "cuda" for _, d in home.values()) and self._pool is not None:
+            stream = torch.cuda.Stream(device=next(d for _, d in home.values() if d.type == "cuda"))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             working = {}
+            scales = self._scales.get(key, {})
             for name, t in entry.items():
                 dtype, device = home[name]
                 fmt = torch.channels_last if t.dim() == 4 else torch.contiguous_format
+                if name in scales:  # int8: value = q * per-channel scale
+                    w = t.to(device=device, dtype=dtype, memory_format=fmt) * scales[name].to(device, dtype)
+                    working[name] = w.contiguous(memory_format=fmt)
+                    continue
                 # From disk, always a copy in memory: runs write into it, and only a commit writes the file.
                 working[name] = t.to(device=device, dtype=dtype, memory_format=fmt, non_blocking=True,
                                      copy=_on_disk(t))  # fmt: skip
-            self._working[key] = working
+        if stream is not None:
+            stream.synchronize()
         return working
+
+    def scope_keys(self, scope: tuple) -> list:
+        """The keys captured in `scope` (keys end with their scope)."""
+        n = len(scope)
+        return [k for k in self._entries if isinstance(k, tuple) and len(k) >= 2 + n and k[len(k) - n :] == scope]
+
+    def prefetch(self, keys) -> int:
+        """Start making the working copies of `keys` in the background (one worker thread; on CUDA, a side stream),
+        while the current run computes; a later `get` takes them. Only for a cache that converts (another dtype,
+        device, or disk). Returns how many entries were queued."""
+        if not self.converts:
+            return 0
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsedit-prefetch")
+            weakref.finalize(self, self._pool.shutdown, wait=False)
+        queued = 0
+        for key in keys:
+            if key in self._entries and key not in self._working and key not in self._prefetched:
+                self._prefetched[key] = self._pool.submit(self._working_copy, key)
+                queued += 1
+        return queued
 
     def flush(self, commit: bool) -> None:
         """End of a run on a converting cache: write the working copies back (`commit`) or drop them."""
         if commit:
             for key, working in self._working.items():
                 entry = self._entries[key]
+                scales = self._scales.get(key, {})
                 for name, t in working.items():
+                    if name in scales:
+                        q, scale = quantize(t)
+                        scales[name] = scale.to(entry[name].device)
+                        t = q
                     entry[name].copy_(t)
         self._working.clear()
+        self._weak.clear()
+        self._copies.clear()
+
+    def _drop_prefetched(self, key) -> None:
+        future = self._prefetched.pop(key, None)
+        if future is not None:
+            future.cancel() or future.result()  # never let a stale copy finish writing after the entry changed
 
     def clear(self) -> None:
+        for key in list(self._prefetched):
+            self._drop_prefetched(key)
         self._entries.clear()
         self._home.clear()
         self._working.clear()
         self.fingerprint = None
         self._resident = 0
+        self._scales.clear()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
@@ -289,3 +378,11 @@ def _on_disk(t: torch.Tensor) -> bool:
 
 def _resident(t: torch.Tensor) -> int:
     return 0 if _on_disk(t) else t.numel() * t.element_size()
+
+
+def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one float32 scale per channel (dim 1 of a `[B, C, H, W]` map): `t ≈ q * scale`."""
+    dims = [d for d in range(t.dim()) if d != 1]
+    scale = (t.detach().abs().amax(dim=dims, keepdim=True).float() / 127.0).clamp_min(1e-12)
+    q = torch.round(t.float() / scale).clamp_(-127, 127).to(torch.int8)
+    return q, scale

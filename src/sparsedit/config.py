@@ -16,7 +16,7 @@ CONFIG_VERSION = 1
 
 _NORM_STATS = ("frozen", "recompute")
 _ATTENTION = ("sparse", "dense")
-_CACHE_DTYPES = ("float32", "float16", "bfloat16")
+_CACHE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
           "gib": 2**30, "tib": 2**40}  # fmt: skip
 
@@ -145,7 +145,9 @@ class SparseConfig(_ConfigMixin):
             so values outside the region come back rounded. The model's input and normalisation statistics stay at
             full precision. `None`: the model's dtype. `"auto"`: `SparseEditor` stores its UNet's per-step cache in
             bfloat16 in approximate mode (measured: within 0.1 dB of a float32 cache, see BENCHMARKS.md) and keeps
-            everything else, exact mode and the model-level API (`sparsify_`) in the model's dtype.
+            everything else, exact mode and the model-level API (`sparsify_`) in the model's dtype. `"int8"` (opt-in,
+            approximate mode): feature maps as int8 with one float32 scale per channel (keys/values and tokens in
+            bfloat16), a quarter of float32; the error it adds is reported in BENCHMARKS.md.
         cache_device (`str`, *optional*):
             Keep the cache on this device, e.g. `"cpu"` for a model on a GPU: a multi-step capture then lives in host
             memory and each sparse run copies in only the entries it touches (and writes them back when committed).
@@ -155,6 +157,11 @@ class SparseConfig(_ConfigMixin):
             capture would hold (one dry step of each model, storing nothing) and fits it: bfloat16 storage first, then
             the per-step UNet cache on disk; if nothing fits it raises `CacheBudgetError` before capturing, saying
             how much each option needs. The model-level API raises as soon as a capture would exceed it.
+        prefetch (`bool`, *optional*):
+            In a `SparseEditor` loop, copy the next step's cache entries into working form in the background while
+            the current step computes (`sparsedit.prefetch`). `None` (default): on for a model on a GPU whose cache
+            is kept elsewhere or in another dtype, off on CPU (there the copy competes with the computation for the
+            same cores and memory bandwidth; measured in BENCHMARKS.md).
         poison_scratch (`bool`, defaults to `False`):
             Debugging: fill scratch buffers with NaN before use, so any read of memory nothing wrote shows in the
             result.
@@ -177,6 +184,7 @@ class SparseConfig(_ConfigMixin):
     cache_dtype: str | None = "auto"
     cache_device: str | None = None
     cache_budget: int | str | None = None
+    prefetch: bool | None = None
     poison_scratch: bool = False
     version: int = field(default=CONFIG_VERSION)
 
@@ -210,6 +218,11 @@ class SparseConfig(_ConfigMixin):
                 f"SparseConfig.cache_dtype must be 'auto', one of {_CACHE_DTYPES} or None, got {self.cache_dtype!r}."
             )
         parse_bytes(self.cache_budget, "SparseConfig.cache_budget")
+        if self.cache_dtype == "int8" and self.exact:
+            raise ValueError(
+                "SparseConfig(cache_dtype='int8') rounds the cached context; exact mode reads it bit for bit. Use "
+                "cache_dtype=None (or 'auto') with exact=True."
+            )
 
     @property
     def budget_bytes(self) -> int | None:

@@ -32,7 +32,7 @@ from . import temporal as temporal_reuse
 from .cache import CacheBytes, StaleCacheError
 from .config import SparseConfig, TemporalConfig, TextEditConfig
 from .regions import as_region, difference_mask, dilate
-from .spatial import _attachment, capturing, editing, last_stats, scope, sparsify_, unsparsify_
+from .spatial import _attachment, capturing, editing, last_stats, prefetch, scope, sparsify_, unsparsify_
 
 
 __all__ = ["SparseEditor"]
@@ -191,8 +191,8 @@ class SparseEditor:
                                               "cache_budget": None})  # fmt: skip
         if self.latent:  # prompt edits: the cross-attention layers record the capture's maps and inject them
             self._control = textedit.AttentionControl()
-            if unet_dtype is not None:
-                self._control.storage_dtype = getattr(torch, unet_dtype)
+            if unet_dtype is not None:  # cross-attention probabilities: bfloat16 at the smallest
+                self._control.storage_dtype = getattr(torch, "bfloat16" if unet_dtype == "int8" else unet_dtype)
             self._processors = textedit.install(unet, self._control)
         sparsify_(unet, unet_config)
         self.temporal = temporal
@@ -1022,6 +1022,8 @@ class SparseEditor:
         inject = self._injection(cap, change, b, copies) if text else None
 
         def run_unet(i, call_unet):
+            if prefetching and i + 1 < len(cap.timesteps):
+                prefetch(unet, i + 1)  # the next step's entries, copied while this step computes
             with editing(unet, region=unet_region, commit=commit, changeable=changeable), scope(unet, i):
                 out = call_unet()
                 stats = last_stats(unet)
@@ -1041,6 +1043,9 @@ class SparseEditor:
             return call_unet()
 
         per_step_macs = 0
+        prefetching = self.config.prefetch
+        if prefetching is None:
+            prefetching = unet.device.type == "cuda"
         unet_time = defaultdict(float)
         self._extra_macs = 0
         changeable = ("encoder_hidden_states",) if self.latent else ()

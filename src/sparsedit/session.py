@@ -133,7 +133,10 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
         t = tallies.get(part)
         if t is None:
             return 0
-        maps = t["maps"] if dtype is None else t["maps_numel"] * torch.empty((), dtype=dtype).element_size()
+        if dtype == torch.int8:  # 4D maps at one byte, keys/values and tokens in bfloat16
+            maps = t.get("maps4d_numel", 0) + 2 * (t["maps_numel"] - t.get("maps4d_numel", 0))
+        else:
+            maps = t["maps"] if dtype is None else t["maps_numel"] * torch.empty((), dtype=dtype).element_size()
         return maps + t["other"]
 
     caches = {part: _attachment(m).state.cache for part, m in editor._models().items()}
@@ -254,6 +257,9 @@ def _save_model(w: _Writer, part: str, model) -> dict:
             home_dtype, home_device = cache._home[key][field]
             fields[field] = {**w.add(f"{part}/{i}/{field}", t), "home_dtype": str(home_dtype).removeprefix("torch."),
                              "home_device": str(home_device)}  # fmt: skip
+            scale = cache._scales.get(key, {}).get(field)
+            if scale is not None:
+                fields[field]["scale"] = w.add(f"{part}/{i}/{field}@scale", scale)
         entries.append({"key": list(key), "fields": fields})
     aux = [
         {"scope": list(sc), "values": {k: _value(w, f"{part}/aux/{j}/{k}", v) for k, v in vals.items()}}
@@ -399,6 +405,8 @@ def _load_model(tensors, saved: dict, model, config: SparseConfig) -> None:
                 t = t.to(device)
             entry[field] = t
             home[field] = (home_dtype, device)
+            if "scale" in ref:
+                cache._scales.setdefault(key, {})[field] = _tensor(tensors, ref["scale"]).clone()
             cache._resident += t.numel() * t.element_size()
         if key[: len(_INPUT_KEY)] == _INPUT_KEY:
             x = entry["x"]

@@ -34,6 +34,7 @@ from .regions import as_region, check_region_type, difference_mask, dilate
 __all__ = [
     "SparseConfig",
     "capturing",
+    "prefetch",
     "editing",
     "is_sparsified",
     "last_stats",
@@ -277,6 +278,7 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
         if st.mode is Mode.SPARSE:
             st.rollback()  # the previous uncommitted edit leaves the cache as captured
             st.cache.flush(commit=False)
+            st.cache.retain = st.commit  # an uncommitted run's working copies die with their last reader
             try:
                 st.cache.check(_fingerprint(model, x, st.config))
             except StaleCacheError as e:
@@ -501,6 +503,15 @@ def scope(model: nn.Module, *key):
         yield
     finally:
         st.scope = previous
+
+
+def prefetch(model: nn.Module, *key) -> int:
+    """Start copying the cache entries of scope `key` (e.g. the next denoising step) into working form in the
+    background, so the run that uses them does not wait: for a cache stored in another dtype, on another device
+    (`cache_device="cpu"` for a model on a GPU) or on disk. Returns the number of entries queued (0 when the cache
+    is used in place)."""
+    st = _attachment(model).state
+    return st.cache.prefetch(st.cache.scope_keys(st.scope + tuple(key)))
 
 
 @contextlib.contextmanager

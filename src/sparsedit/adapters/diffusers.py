@@ -98,8 +98,9 @@ def _attend(attn, q_in, k, v):
 
 def _refresh_kv(state, attn, k_all, v_all, active, h):
     """Recompute the cached self-attention keys/values of the active tokens in place (undo-logged)."""
-    old_k, old_v = k_all[:, active].clone(), v_all[:, active].clone()
-    state.remember(lambda: (k_all.index_copy_(1, active, old_k), v_all.index_copy_(1, active, old_v)))
+    if state.needs_undo(k_all) or state.needs_undo(v_all):
+        old_k, old_v = k_all[:, active].clone(), v_all[:, active].clone()
+        state.remember(lambda: (k_all.index_copy_(1, active, old_k), v_all.index_copy_(1, active, old_v)))
     k_all.index_copy_(1, active, attn.to_k(h))
     v_all.index_copy_(1, active, attn.to_v(h))
 
@@ -119,8 +120,9 @@ def _write_tokens(state, buf, active, tokens) -> None:
     if active.numel():
         flat = _pixel_tokens(buf)
         index = (torch.arange(b, device=buf.device)[:, None] * (h * w) + active).reshape(-1)
-        old = ops.gather_tokens(flat, index)
-        state.remember(lambda: ops.scatter_tokens(flat, old, index))
+        if state.needs_undo(buf):
+            old = ops.gather_tokens(flat, index)
+            state.remember(lambda: ops.scatter_tokens(flat, old, index))
         ops.scatter_tokens(flat, tokens.reshape(-1, c).to(buf.dtype), index)
 
     def build():

@@ -240,9 +240,11 @@ class SparseHandler:
         old values); approximate mode writes whole tiles, with the residual add fused into the scatter.
         """
         st = self.state
-        old = ops.gather(buf, bi.origins, bi.tile)
         origins = bi.origins
-        st.remember(lambda: ops.scatter(buf, old, origins))
+        undo = st.needs_undo(buf)
+        old = ops.gather(buf, origins, bi.tile) if undo or st.config.exact else None
+        if undo:
+            st.remember(lambda: ops.scatter(buf, old, origins))
         if st.config.exact:
             if residual is not None:
                 new = new + ops.gather(residual, origins, bi.tile)
@@ -260,8 +262,9 @@ class SparseHandler:
             new = new + residual
         if st.all(region) and not st.commit and new.dtype == buf.dtype and new.shape == buf.shape:
             return new
-        old = buf.clone()
-        st.remember(lambda: buf.copy_(old))
+        if st.needs_undo(buf):
+            old = buf.clone()
+            st.remember(lambda: buf.copy_(old))
         if st.all(region):
             buf.copy_(new)
         else:

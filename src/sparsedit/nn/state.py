@@ -140,8 +140,18 @@ class SparseState:
         return (name, idx, *self.scope)
 
     # -- undo log: sparse runs write into cached buffers in place; uncommitted runs are rolled back -----------------
-    def remember(self, restore: Callable[[], None]) -> None:
+    def remember(self, restore: Callable[[], None], target: torch.Tensor | None = None) -> bool:
+        """Log how to undo an in-place write into `target` (a cached buffer). Not needed, and not logged, when
+        `target` is a working copy in an uncommitted run: the copy is dropped at the end of the run. Returns whether
+        it was logged (callers skip saving the old values when not)."""
+        if target is not None and not self.commit and self.cache.is_copy(target):
+            return False
         self.undo.append(restore)
+        return True
+
+    def needs_undo(self, target: torch.Tensor) -> bool:
+        """Whether an in-place write into `target` must be undo-logged (see `remember`)."""
+        return self.commit or not self.cache.is_copy(target)
 
     def rollback(self) -> None:
         while self.undo:
