@@ -128,10 +128,10 @@ class SparseEditor:
             Stable Diffusion, classifier-free guidance is batched as the pipeline batches it, the VAE decoder runs
             sparse and the decoded image is composited outside the region; the VAE encoder runs sparse too.
         config: the `SparseConfig` for the UNet. Defaults to SIGE's diffusion setting (`input_dilation=5`, in pixels
-            of the UNet's input: latent pixels for Stable Diffusion). `cache_dtype`/`cache_device` shrink or move
-            the per-step cache. The VAE encoder and decoder take this config (with their own input dilation) but
-            keep their cache in the model's dtype: each runs once per edit and converts its whole cache then, so a
-            smaller storage dtype would raise the peak memory (store + working copy) instead of lowering it.
+            of the UNet's input: latent pixels for Stable Diffusion). `cache_dtype` (default `"auto"`: bfloat16 in
+            approximate mode) sets the storage of the UNet's per-step cache and of the VAE encoder's and decoder's
+            (which take this config with their own input dilation); `cache_device` moves the UNet's;
+            `cache_budget` bounds the whole capture (see `capture`).
         on_stale: `"raise"` (default): an edit whose capture no longer matches the pipeline (weights, scheduler)
             raises `StaleCacheError`. `"recapture"`: capture again densely with the same arguments on the current
             image, then edit.
@@ -201,8 +201,7 @@ class SparseEditor:
             temporal_reuse._state(unet).driven = True  # steps come from the editor's loops; other calls run whole
         if self.latent:
             # The VAE decoder runs sparse on the latent region (already dilated for the UNet: one more pixel here).
-            vae = {**self.config.to_dict(), "cache_dtype": unet_dtype if self.config.cache_dtype == "auto" else None,
-                   "cache_budget": None}  # fmt: skip
+            vae = {**self.config.to_dict(), "cache_dtype": unet_dtype, "cache_budget": None}
             self._decoder_config = SparseConfig.from_dict({**vae, "input_dilation": 1})
             sparsify_(pipe.vae.decoder, self._decoder_config)
             # The encoder runs sparse on the image region dilated by one latent pixel; outside the UNet's region its
