@@ -148,6 +148,7 @@ def main():
         "--input-dilation", type=int, default=None, help="default: 5 px for DDPM (SIGE), 2 latents px for SD"
     )
     ap.add_argument("--max-region-fraction", type=float, default=SparseConfig().max_region_fraction)
+    ap.add_argument("--cache-dtype", default=None, help="SparseConfig.cache_dtype (default: the model's dtype)")
     ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/unet_edit_<model>.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -163,8 +164,9 @@ def main():
         else int(args.tile)
     )
     config = SparseConfig(
-        tile_size=tile, input_dilation=args.input_dilation, max_region_fraction=args.max_region_fraction
-    )
+        tile_size=tile, input_dilation=args.input_dilation, max_region_fraction=args.max_region_fraction,
+        cache_dtype=args.cache_dtype,
+    )  # fmt: skip
     sparsedit.sparsify_(unet, config)
     with sparsedit.capturing(unet):
         captured = forward(unet, x, t, extra)
@@ -213,7 +215,7 @@ def main():
             f"{100 * row['region_fraction']:>6.1f}% {row['dense_s']:>8.2f} {row['sparse_s']:>8.2f} "
             f"{row['speedup']:>7.2f}x {row['macs_ratio']:>9.1f}x {row['max_abs_error']:>8.3f} {row['psnr_db']:>6.1f}"
         )
-    meta = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "repeats": args.repeats,
+    meta = {"model": args.model, "dtype": args.dtype, "cache_dtype": args.cache_dtype, "threads": torch.get_num_threads(), "repeats": args.repeats,
             "config": config.to_dict(), "loadavg_end": loadavg(), "cache_bytes": cache_bytes}  # fmt: skip
     args.json = args.json or Path(f"benchmarks/results/unet_edit_{args.model}.json")
     args.json.parent.mkdir(parents=True, exist_ok=True)

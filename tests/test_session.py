@@ -221,14 +221,17 @@ def test_gan_save_load(tmp_path):
         GANEditor.load(model, tmp_path / "gan")
 
 
-def test_int8_cache_quantizes_maps_and_keeps_tokens_in_bf16():
+def test_int8_cache_quantizes_maps_and_tokens_per_channel():
     cache = ActivationCache(storage_dtype=torch.int8)
     x = torch.randn(2, 6, 5, 7) * torch.arange(1, 7).float()[None, :, None, None]  # channels of different ranges
-    kv = torch.randn(2, 35, 6)
-    cache.put(("a", 0), out=x, k=kv)
+    kv = torch.randn(2, 35, 6) * torch.arange(1, 7).float()
+    cache.put(("a", 0), out=x, k=kv, mean=torch.randn(2, 3))
     stored = cache._entries[("a", 0)]
-    assert stored["out"].dtype == torch.int8 and stored["k"].dtype == torch.bfloat16
+    assert stored["out"].dtype == torch.int8 and stored["k"].dtype == torch.int8
+    assert stored["mean"].dtype == torch.float32  # statistics keep full precision
     got = cache.get(("a", 0))
+    k_err = (got["k"] - kv).abs().amax(dim=(0, 1))
+    assert torch.all(k_err <= kv.abs().amax(dim=(0, 1)) / 254 + 1e-6)
     assert got["out"].dtype == torch.float32 and got["out"].is_contiguous(memory_format=torch.channels_last)
     err = (got["out"] - x).abs().amax(dim=(0, 2, 3))
     assert torch.all(err <= x.abs().amax(dim=(0, 2, 3)) / 254 + 1e-6)  # half a step of each channel's scale

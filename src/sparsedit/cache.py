@@ -123,8 +123,8 @@ class ActivationCache:
         dtype = t.dtype
         if self.storage_dtype is not None and is_feature_map(t):
             dtype = self.storage_dtype
-            if dtype == torch.int8 and t.dim() != 4:
-                dtype = torch.bfloat16  # int8 is for context maps; keys/values and tokens keep bfloat16
+            if dtype == torch.int8 and t.dim() not in (3, 4):
+                dtype = torch.bfloat16  # int8 is for maps [B, C, H, W] and tokens [B, L, C]
         if self.disk:
             return dtype, torch.device("cpu")
         return dtype, (t.device if self.storage_device is None else self.storage_device)
@@ -381,8 +381,10 @@ def _resident(t: torch.Tensor) -> int:
 
 
 def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one float32 scale per channel (dim 1 of a `[B, C, H, W]` map): `t ≈ q * scale`."""
-    dims = [d for d in range(t.dim()) if d != 1]
+    """Symmetric int8 with one float32 scale per channel (dim 1 of a `[B, C, H, W]` map, the last dim of `[B, L, C]`
+    tokens such as attention keys and values): `t ≈ q * scale`."""
+    channel = 1 if t.dim() == 4 else t.dim() - 1
+    dims = [d for d in range(t.dim()) if d != channel]
     scale = (t.detach().abs().amax(dim=dims, keepdim=True).float() / 127.0).clamp_min(1e-12)
     q = torch.round(t.float() / scale).clamp_(-127, 127).to(torch.int8)
     return q, scale

@@ -146,8 +146,8 @@ class SparseConfig(_ConfigMixin):
             full precision. `None`: the model's dtype. `"auto"`: `SparseEditor` stores its UNet's per-step cache in
             bfloat16 in approximate mode (measured: within 0.1 dB of a float32 cache, see BENCHMARKS.md) and keeps
             everything else, exact mode and the model-level API (`sparsify_`) in the model's dtype. `"int8"` (opt-in,
-            approximate mode): feature maps as int8 with one float32 scale per channel (keys/values and tokens in
-            bfloat16), a quarter of float32; the error it adds is reported in BENCHMARKS.md.
+            approximate mode): feature maps and attention keys/values as int8 with one float32 scale per channel, a
+            quarter of float32; the error it adds is reported in BENCHMARKS.md.
         cache_device (`str`, *optional*):
             Keep the cache on this device, e.g. `"cpu"` for a model on a GPU: a multi-step capture then lives in host
             memory and each sparse run copies in only the entries it touches (and writes them back when committed).
