@@ -23,7 +23,6 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,40 +38,6 @@ __all__ = ["SparseEditor"]
 
 # SIGE's setting for diffusion models: the edit region is dilated by 5 pixels before sparse computation.
 DIFFUSION_DEFAULTS = SparseConfig(input_dilation=5)
-
-
-def _to_tensor(image, device, dtype) -> torch.Tensor:
-    """PIL image(s), numpy `[H, W, C]`/`[B, H, W, C]` in [0, 1] or uint8, or a `[B, C, H, W]` tensor in [-1, 1]."""
-    if isinstance(image, torch.Tensor):
-        x = image if image.dim() == 4 else image[None]
-        return x.to(device=device, dtype=dtype)
-    images = image if isinstance(image, (list, tuple)) else [image]
-    arrays = []
-    for im in images:
-        a = np.asarray(im)
-        a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=-1)
-        arrays.append(a[..., :3])
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1
-    return x.to(device=device, dtype=dtype)
-
-
-def _output(x: torch.Tensor, output_type: str, return_dict: bool):
-    from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-
-    images = (x / 2 + 0.5).clamp(0, 1)
-    if output_type == "pt":
-        result = images
-    else:
-        result = images.permute(0, 2, 3, 1).float().cpu().numpy()
-        if output_type == "pil":
-            from PIL import Image
-
-            result = [Image.fromarray((im * 255).round().astype(np.uint8)) for im in result]
-        elif output_type != "np":
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
-    return ImagePipelineOutput(images=result) if return_dict else (result,)
 
 
 @dataclass
@@ -100,22 +65,6 @@ class _Capture:
     version: int = 0  # bumped by every committed edit
     step_macs: int = 0  # one dense UNet step
     macs: int = 0  # the whole dense run
-
-
-_KINDS = {
-    "DDPMPipeline": "pixel",
-    "DDIMPipeline": "pixel",
-    "StableDiffusionPipeline": "txt2img",
-    "StableDiffusionImg2ImgPipeline": "img2img",
-    "StableDiffusionInpaintPipeline": "inpaint",
-}
-
-
-def _kind(pipe) -> str | None:
-    for cls in type(pipe).__mro__:
-        if cls.__name__ in _KINDS:
-            return _KINDS[cls.__name__]
-    return None
 
 
 class SparseEditor:
@@ -150,10 +99,12 @@ class SparseEditor:
         text_config: TextEditConfig | None = None,
         temporal: TemporalConfig | None = None,
     ):
-        unet, scheduler, kind = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None), _kind(pipe)
-        if kind is None or unet is None or scheduler is None:
+        from .adapters.pipelines import adapter_for, supported_pipelines
+
+        unet, scheduler, adapter = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None), adapter_for(pipe)
+        if adapter is None or unet is None or scheduler is None:
             raise NotImplementedError(
-                f"SparseEditor supports {', '.join(_KINDS)} (and their subclasses) so far, not "
+                f"SparseEditor supports {', '.join(supported_pipelines())} (and their subclasses) so far, not "
                 f"{type(pipe).__name__}; for other models use the model-level API (`sparsedit.sparsify_`, "
                 "`capturing`, `editing`)."
             )
@@ -171,11 +122,11 @@ class SparseEditor:
             )
         if on_stale not in ("raise", "recapture"):
             raise ValueError(f"on_stale must be 'raise' or 'recapture', got {on_stale!r}.")
-        if kind == "inpaint" and unet.config.in_channels not in (4, 9):
-            raise ValueError(f"an inpainting UNet has 4 or 9 input channels, this one {unet.config.in_channels}.")
+        adapter.check()
         self.pipe = pipe
-        self.kind = kind
-        self.latent = kind != "pixel"
+        self.adapter = adapter  # what this pipeline family does around the loop (adapters/pipelines.py)
+        self.kind = adapter.kind
+        self.latent = adapter.latent
         self.on_stale = on_stale
         self.config = DIFFUSION_DEFAULTS if config is None else config
         self.text_config = TextEditConfig() if text_config is None else text_config
@@ -264,65 +215,33 @@ class SparseEditor:
             )
 
     def _encoder_mode(self, context, **kwargs):
-        if not self.latent or self.kind == "txt2img":  # text-to-image encodes no image
+        if not self.adapter.encodes_image:  # text-to-image and pixel pipelines encode no image
             return contextlib.nullcontext()
         self._check_vae()
         return context(self.pipe.vae.encoder, **kwargs)
 
     def _decode(self, z):
-        vae = self.pipe.vae
-        return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
-
-    def _randn(self, shape, generator, like):
-        from diffusers.utils.torch_utils import randn_tensor
-
-        return randn_tensor(shape, generator=generator, device=like.device, dtype=like.dtype)
+        return self.adapter.decode(z)
 
     def _prepare(self, x0, mask, generator, timesteps, strength, keep=None, cap=None) -> dict:
-        """The loop's starting point, drawing from `generator` in the pipeline's order. In an edit (`keep`, `cap`),
-        every encoded tensor is the capture's outside `keep`: the sparse VAE encoder is approximate near the region,
-        and the UNet must see the captured input there. Text-to-image takes `x0 = (batch, height, width)`."""
+        """The loop's starting point (the adapter's `prepare`). In an edit (`keep`, `cap`), every encoded tensor is
+        the capture's outside `keep`: the sparse VAE encoder is approximate near the region, and the UNet must see
+        the captured input there. Text-to-image takes `x0 = (batch, height, width)`."""
 
         def kept(name, t):
             return t if keep is None else torch.where(keep[:, None], t, cap.latents[name])
 
-        t0 = timesteps[0][None]
-        sched = self.pipe.scheduler
-        if self.kind == "pixel":
-            noise = self._randn(x0.shape, generator, x0)
-            return {"z": sched.add_noise(x0, noise, t0), "noise": noise}
-        dtype = self.unet.dtype
-        if self.kind == "txt2img":  # StableDiffusionPipeline.prepare_latents
-            f = self.pipe.vae_scale_factor
-            b, h, w = x0
-            shape = (b, self.unet.config.in_channels, h // f, w // f)
-            noise = self._randn(shape, generator, torch.empty((), dtype=dtype, device=self.unet.device))
-            return {"z": noise * sched.init_noise_sigma, "noise": noise}
-        if self.kind == "img2img":
-            image = kept("image", self._encode(x0, generator, "image"))
-            noise = self._randn(image.shape, generator, image)
-            return {"z": sched.add_noise(image, noise, t0), "noise": noise, "image": image}
-        # StableDiffusionInpaintPipeline.prepare_latents, then prepare_mask_latents
-        strength_max = strength == 1.0
-        f = self.pipe.vae_scale_factor
-        shape = (x0.shape[0], self.pipe.vae.config.latent_channels, x0.shape[-2] // f, x0.shape[-1] // f)
-        out = {}
-        if self.unet.config.in_channels == 4 or not strength_max:
-            out["image"] = kept("image", self._encode(x0, generator, "image").to(dtype))
-        noise = self._randn(shape, generator, torch.empty((), dtype=dtype, device=x0.device))
-        out["noise"] = noise
-        out["z"] = noise * sched.init_noise_sigma if strength_max else sched.add_noise(out["image"], noise, t0)
-        out["mask"] = F.interpolate(mask, size=shape[-2:]).to(dtype)
-        out["masked"] = kept("masked", self._encode(x0 * (mask < 0.5), generator, "masked").to(dtype))
-        return out
+        def encode(x, name):
+            return self._encode(x, generator, name)
+
+        return self.adapter.prepare(x0, mask, generator, timesteps, strength, encode, kept)
 
     def _loop(self, prep, timesteps, generator, predict, composite, start=0, stop=None, z=None):
         """Denoise steps `start` to `stop` from `z` (default: `prep["z"]`). `predict(i, t, z)` returns the guided
         noise prediction; `composite(i, z)` puts the capture's latents back outside the region (identity in a
         capture). Returns the last latents and the trajectory from step `start` on."""
         sched = self.pipe.scheduler
-        extra = {"generator": generator} if not self.latent else self.pipe.prepare_extra_step_kwargs(generator, 0.0)
-        blend = self.kind == "inpaint" and self.unet.config.in_channels == 4
+        extra = self.adapter.step_kwargs(generator)
         z = prep["z"] if z is None else z
         trajectory = [z]
         stop = len(timesteps) if stop is None else stop
@@ -341,7 +260,7 @@ class SparseEditor:
                 z = sched.step(predict(i, t, z), t, z, **extra, return_dict=False)[0]
                 if reuse is not None and reuse.reuses:
                     z = temporal_reuse.inject_prior_noise(z, t, z_T, self.temporal)
-                z = self._blend(z, prep, timesteps, i) if blend else z
+                z = self.adapter.after_step(z, prep, timesteps, i)
                 z = composite(i, z)
                 trajectory.append(z)
         finally:
@@ -349,21 +268,12 @@ class SparseEditor:
                 reuse.step = None  # calls outside the loop (noise_diff's) run whole
         return z, trajectory
 
-    def _blend(self, z, prep, timesteps, i):
-        """The inpainting pipeline's latent blending for 4-channel UNets."""
-        proper = prep["image"]
-        if i < len(timesteps) - 1:
-            proper = self.pipe.scheduler.add_noise(proper, prep["noise"], torch.tensor([timesteps[i + 1]]))
-        return (1 - prep["mask"]) * proper + prep["mask"] * z
-
     def _predictor(self, embeds, guidance_scale, prep, run_unet):
         """The per-step noise prediction, with classifier-free guidance batched as the pipeline batches it."""
         unet, sched = self.unet, self.pipe.scheduler
         cfg = embeds is not None and guidance_scale > 1.0
         copies = 2 if cfg else 1
-        cond = None
-        if self.kind == "inpaint" and unet.config.in_channels == 9:
-            cond = torch.cat([prep["mask"], prep["masked"]], dim=1).repeat(copies, 1, 1, 1)
+        cond = self.adapter.unet_condition(prep, copies) if prep else None
 
         def predict(i, t, z):
             if self._control is not None:
@@ -382,18 +292,7 @@ class SparseEditor:
         return predict, copies
 
     def _embeds(self, prompt, negative_prompt, guidance_scale, batch):
-        if not self.latent:
-            if prompt is not None or negative_prompt is not None:
-                raise ValueError(f"{type(self.pipe).__name__} is unconditional: it takes no prompt.")
-            return None
-        if prompt is None:
-            raise ValueError("Stable Diffusion needs a prompt: capture(prompt=..., image=...).")
-        prompts = len(prompt) if isinstance(prompt, list) else 1
-        if batch % prompts:
-            raise ValueError(f"{prompts} prompts for {batch} images: give one prompt, or one per image.")
-        cond, uncond = self.pipe.encode_prompt(prompt, self.unet.device, batch // prompts, guidance_scale > 1.0,
-                                               negative_prompt)  # fmt: skip
-        return torch.cat([uncond, cond]) if guidance_scale > 1.0 else cond
+        return self.adapter.embeds(prompt, negative_prompt, guidance_scale, batch)
 
     def _scheduler_fingerprint(self) -> tuple:
         sched = self.pipe.scheduler
@@ -419,31 +318,13 @@ class SparseEditor:
         return generator
 
     def _preprocess(self, image, height=None, width=None):
-        if self.latent:  # exactly what the pipeline accepts (PIL, numpy, or tensors in [0, 1])
-            x = self.pipe.image_processor.preprocess(image, height=height, width=width)
-            return x.to(self.unet.device, self.unet.dtype)
-        return _to_tensor(image, self.unet.device, self.unet.dtype)
+        return self.adapter.preprocess(image, height, width)
 
     def _preprocess_mask(self, mask_image, like: torch.Tensor) -> torch.Tensor:
-        if self.kind != "inpaint":
-            raise ValueError(f"mask_image is for StableDiffusionInpaintPipeline, not {type(self.pipe).__name__}.")
-        if mask_image is None:  # nothing masked: the pipeline reproduces the image
-            return torch.zeros_like(like[:, :1], dtype=torch.float32)
-        h, w = like.shape[-2:]
-        mask = self.pipe.mask_processor.preprocess(mask_image, height=h, width=w).to(like.device)
-        if mask.shape[0] == 1 and like.shape[0] > 1:
-            mask = mask.repeat(like.shape[0], 1, 1, 1)
-        if mask.shape[0] != like.shape[0] or tuple(mask.shape[-2:]) != (h, w):
-            raise ValueError(f"mask_image has shape {tuple(mask.shape)}; the image is {tuple(like.shape)}.")
-        return mask
+        return self.adapter.preprocess_mask(mask_image, like)
 
     def _output(self, x, output_type, return_dict):
-        if not self.latent:
-            return _output(x, output_type, return_dict)
-        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
-
-        images = self.pipe.image_processor.postprocess(x, output_type=output_type, do_denormalize=[True] * x.shape[0])
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None) if return_dict else (images,)
+        return self.adapter.output(x, output_type, return_dict)
 
     # -- capture ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -471,10 +352,10 @@ class SparseEditor:
             height, width: the size the image is resized to, as the pipeline takes them. The inpainting pipeline's
                 default is the UNet's sample size (512 px for SD 1.5); the others keep the image's size.
         """
-        if self.kind in ("inpaint", "txt2img"):
+        if self.adapter.fixed_size:
             f = self.pipe.vae_scale_factor
             height, width = height or self.unet.config.sample_size * f, width or self.unet.config.sample_size * f
-        if self.kind == "txt2img":
+        if not self.adapter.takes_image:
             if image is not None or mask_image is not None:
                 raise ValueError(
                     "StableDiffusionPipeline generates from the prompt alone; it takes no image. For stroke edits, "
@@ -487,8 +368,8 @@ class SparseEditor:
             if image is None:
                 raise ValueError(f"{type(self.pipe).__name__} edits an image: capture(image=..., ...).")
             x0 = self._preprocess(image, height, width)
-            mask = self._preprocess_mask(mask_image, x0) if self.kind == "inpaint" or mask_image is not None else None
-        full = self.kind in ("inpaint", "txt2img")
+            mask = self._preprocess_mask(mask_image, x0) if self.adapter.takes_mask or mask_image is not None else None
+        full = self.adapter.full_strength
         call = {
             "prompt": prompt,
             "strength": (1.0 if full else 0.7) if strength is None else strength,
@@ -502,7 +383,7 @@ class SparseEditor:
         return self._output(decoded, output_type, return_dict)
 
     def _batch(self, x0) -> int:
-        return x0[0] if self.kind == "txt2img" else x0.shape[0]
+        return self.adapter.batch(x0)
 
     def _run_capture(self, x0, mask, call, generator) -> torch.Tensor:
         state = generator.get_state()
@@ -612,7 +493,7 @@ class SparseEditor:
 
     # -- prompt edits: attention records and region detection ---------------------------------------------------------
     def _text_editable(self) -> bool:
-        return self.kind in ("txt2img", "img2img")
+        return self.adapter.text_editable
 
     def _record_attention(self, map_steps, prob_steps, z, copies, text_config, version=0):
         """Make the cross-attention layers record maps (at `map_steps`) and probabilities (at `prob_steps`) during
@@ -786,7 +667,7 @@ class SparseEditor:
                 "TextEditConfig(region='mask') regenerates the region you pass: edit(prompt=..., region=...)."
             )
         cap, recaptured = self._check_call(cap, generator, num_inference_steps, guidance_scale, strength)
-        if self.kind == "txt2img":
+        if not self.adapter.takes_image:
             if image is not None or mask_image is not None:
                 raise ValueError(
                     "a text-to-image capture has no input image to edit; change the prompt, or make the editor on "
@@ -1099,7 +980,7 @@ class SparseEditor:
             px = F.interpolate(keep[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
             decoded = torch.where(px[:, None], decoded, cap.decoded)
         if commit:
-            if self.kind != "txt2img":
+            if self.adapter.takes_image:
                 cap.image = x0.clone()
                 cap.mask = None if mask is None else mask.clone()
             cap.trajectory = trajectory
