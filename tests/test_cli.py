@@ -12,6 +12,7 @@ def test_info_lists_versions_and_backends():
     result = CliRunner().invoke(app, ["info"])
     assert result.exit_code == 0, result.output
     assert "torch" in result.output and "reference" in result.output
+    assert "StableDiffusionXLImg2ImgPipeline" in result.output and "DDPMPipeline" in result.output
     out = subprocess.run([sys.executable, "-m", "sparsedit", "info"], capture_output=True, text=True)
     assert out.returncode == 0 and "backends" in out.stdout
 

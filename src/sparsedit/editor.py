@@ -65,6 +65,7 @@ class _Capture:
     version: int = 0  # bumped by every committed edit
     step_macs: int = 0  # one dense UNet step
     macs: int = 0  # the whole dense run
+    conditions: dict | None = None  # the adapter's conditioning besides the text context (SDXL's pooled embedding)
 
 
 class SparseEditor:
@@ -283,7 +284,8 @@ class SparseEditor:
             zin = sched.scale_model_input(torch.cat([z] * copies), t)
             if cond is not None:
                 zin = torch.cat([zin, cond], dim=1)
-            eps = run_unet(i, lambda: unet(zin, t, encoder_hidden_states=embeds, return_dict=False)[0])
+            extra = self.adapter.unet_kwargs(z, copies)
+            eps = run_unet(i, lambda: unet(zin, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0])
             if cfg:
                 uncond, text = eps.chunk(2)
                 eps = uncond + guidance_scale * (text - uncond)
@@ -334,7 +336,7 @@ class SparseEditor:
         prompt: str | list[str] | None = None,
         strength: float | None = None,
         num_inference_steps: int = 20,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         mask_image=None,
         height: int | None = None,
@@ -370,6 +372,8 @@ class SparseEditor:
             x0 = self._preprocess(image, height, width)
             mask = self._preprocess_mask(mask_image, x0) if self.adapter.takes_mask or mask_image is not None else None
         full = self.adapter.full_strength
+        if guidance_scale is None:
+            guidance_scale = self.adapter.guidance_scale  # the pipeline's own default (7.5 for SD, 5.0 for SDXL)
         call = {
             "prompt": prompt,
             "strength": (1.0 if full else 0.7) if strength is None else strength,
@@ -453,6 +457,7 @@ class SparseEditor:
             attention=attention,
             step_macs=step_macs,
             macs=macs,
+            conditions=dict(getattr(self.adapter, "conditions", None) or {}),
         )
         self.last_stats = {
             "macs_dense": macs,
@@ -871,7 +876,11 @@ class SparseEditor:
         return out
 
     def _edit_run(self, cap, x0, mask, region, commit, output_type, return_dict, change=None):
-        self._check_scheduler(cap)  # also resets the scheduler's step index to the capture's first step
+        self._check_scheduler(cap)
+        if cap.conditions:
+            self.adapter.conditions = dict(
+                cap.conditions
+            )  # also resets the scheduler's step index to the capture's first step
         unet = self.unet
         b = self._batch(x0)
         h, w = cap.decoded.shape[-2:]

@@ -42,4 +42,9 @@ def info_text() -> str:
         devices = [t.device.type for t in probe if not backend.not_supported_reasons("gather", [t])]
         dtypes = ", ".join(str(d).replace("torch.", "") for d in backend.dtypes)
         lines.append(f"  {backend.name:<12} ready on {', '.join(devices) or 'no device here'} ({dtypes})")
+    from .adapters.pipelines import supported_pipelines
+
+    lines.append("")
+    lines.append("pipelines SparseEditor supports (and their subclasses):")
+    lines.extend(f"  {name}" for name in supported_pipelines())
     return "\n".join(lines)

@@ -112,12 +112,13 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
             b, h, w = x0
         else:
             b, _, h, w = x0.shape
-        z = torch.zeros(b * copies, unet.config.in_channels, h // f, w // f, dtype=unet.dtype, device=unet.device)
+        zl = torch.zeros(b, unet.config.in_channels, h // f, w // f, dtype=unet.dtype, device=unet.device)
+        z = torch.cat([zl] * copies)
         with capturing(unet), _attachment(unet).state.cache.dry_run() as tally:
             if embeds is None:
                 unet(z, timesteps[0])
             else:
-                unet(z, timesteps[0], encoder_hidden_states=embeds)
+                unet(z, timesteps[0], encoder_hidden_states=embeds, **editor.adapter.unet_kwargs(zl, copies))
         tallies["unet"] = {k: v * n for k, v in tally.items()}
         if editor.latent:
             dec = editor.pipe.vae.decoder
@@ -240,6 +241,8 @@ def _value(w: _Writer, name: str, v):
     """A JSON description of an input value: tensors go to the file."""
     if isinstance(v, torch.Tensor):
         return {"tensor": w.add(name, v)}
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        return {"dict": {k: _value(w, f"{name}/{k}", x) for k, x in v.items()}}
     if v is None or isinstance(v, (bool, int, float, str)):
         return {"json": v}
     raise NotImplementedError(f"this session holds an input of type {type(v).__name__} ({name}) that cannot be saved.")
@@ -304,6 +307,7 @@ def save_editor(editor, path) -> None:
         "step_macs": cap.step_macs,
         "macs": cap.macs,
         "attention": None,
+        "conditions": {k: w.add(f"capture/conditions/{k}", t)["tensor"] for k, t in (cap.conditions or {}).items()},
     }
     if cap.attention is not None:
         att = cap.attention
@@ -379,6 +383,8 @@ def _tensor(tensors, ref: dict) -> torch.Tensor:
 def _restore_value(tensors, v, device):
     if "tensor" in v:
         return _tensor(tensors, v["tensor"]).to(device)
+    if "dict" in v:
+        return {k: _restore_value(tensors, x, device) for k, x in v["dict"].items()}
     return v["json"]
 
 
@@ -484,6 +490,7 @@ def load_editor(cls, pipe, path, mmap: bool = True):
             version=c["version"],
             step_macs=c["step_macs"],
             macs=c["macs"],
+            conditions={k: get(n) for k, n in c.get("conditions", {}).items()},
         )
         editor._check_scheduler(editor._capture)
     except BaseException:

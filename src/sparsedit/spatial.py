@@ -209,17 +209,31 @@ def _aux_name(key) -> str:
     return f"argument {key!r}" if isinstance(key, str) else f"argument {key}"
 
 
+def _same_input(a, b) -> bool:
+    """Equal inputs: tensors by value (shape, dtype, every element), dicts, lists and tuples element by element."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_input(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_input(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _clone_input(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone()
+    if isinstance(v, dict):
+        return {k: _clone_input(x) for k, x in v.items()}
+    return v
+
+
 def _check_aux(captured: dict[str, object], now: dict[str, object], changeable=frozenset()) -> None:
     allowed = {_aux_name(k) for k in changeable}
     for name in sorted((set(captured) | set(now)) - allowed):
-        a, b = captured.get(name), now.get(name)
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-            same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
-        elif isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-            same = False
-        else:
-            same = a == b
-        if not same:
+        if not _same_input(captured.get(name), now.get(name)):
             raise StaleCacheError(
                 f"{name} differs from the captured run (e.g. another timestep, prompt or conditioning); the cache "
                 "only holds activations for the captured inputs. Capture again, or select the matching step with "
@@ -329,10 +343,7 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
             if st.mode is Mode.CAPTURE:
                 st.cache.fingerprint = _fingerprint(model, x, st.config)
                 st.cache.put_exact(_INPUT_KEY + st.scope, x=x)
-                att.aux[st.scope] = {
-                    k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
-                    for k, v in _aux_inputs(args, kwargs, x).items()
-                }
+                att.aux[st.scope] = {k: _clone_input(v) for k, v in _aux_inputs(args, kwargs, x).items()}
         return None
 
     return pre_hook

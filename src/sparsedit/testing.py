@@ -176,3 +176,68 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
             m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
             m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
     return model.eval()
+
+
+def tiny_sdxl(directory: str | Path, pipeline: str = "img2img", dtype: torch.dtype = torch.float32):
+    """A Stable Diffusion XL pipeline in miniature: two CLIP text encoders (the second with a projection, whose pooled
+    output and the size/crop `time_ids` condition the UNet through `addition_embed_type="text_time"`), a
+    cross-attention UNet whose context is both encoders' hidden states concatenated, a 4-level VAE, random weights and
+    a DDIM scheduler. `pipeline`: `"img2img"` or `"txt2img"`."""
+    import diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer, text_encoder = clip_text_encoder(directory, 32, layers=2, heads=4, intermediate=37, length=16)
+    torch.manual_seed(1)
+    config2 = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=16, projection_dim=32,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    text_encoder_2 = CLIPTextModelWithProjection(config2).eval()
+    torch.manual_seed(2)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    ).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,  # both encoders' hidden states, concatenated
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        norm_num_groups=8,
+    ).eval()
+    names = {"img2img": "StableDiffusionXLImg2ImgPipeline", "txt2img": "StableDiffusionXLPipeline"}
+    if pipeline not in names:
+        raise ValueError(f"pipeline must be one of {sorted(names)}, got {pipeline!r}.")
+    kwargs = {"requires_aesthetics_score": False} if pipeline == "img2img" else {}
+    pipe = getattr(diffusers, names[pipeline])(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(
+            num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+        ),
+        add_watermarker=False,
+        **kwargs,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)

@@ -70,6 +70,7 @@ class PipelineAdapter:
     fixed_size = False
     encodes_image = True
     takes_mask = False
+    guidance_scale = 7.5  # the pipeline's default classifier-free guidance
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -110,6 +111,11 @@ class PipelineAdapter:
         `generator` in the pipeline's order. `encode(x, name)` runs the (sparse) VAE encoder; `kept(name, t)` puts
         the capture's encoded tensor back outside an edit's region."""
         raise NotImplementedError
+
+    def unet_kwargs(self, z, copies: int) -> dict:
+        """Keyword arguments of the UNet call besides the latents, timestep and text context (SDXL's
+        `added_cond_kwargs`), for latents `z` and `copies` guidance branches."""
+        return {}
 
     def unet_condition(self, prep, copies: int) -> torch.Tensor | None:
         """Channels concatenated to the UNet's input (the inpainting UNet's mask and masked image), or `None`."""
@@ -286,3 +292,72 @@ class InpaintAdapter(PipelineAdapter):
         if i < len(timesteps) - 1:
             proper = self.pipe.scheduler.add_noise(proper, prep["noise"], torch.tensor([timesteps[i + 1]]))
         return (1 - prep["mask"]) * proper + prep["mask"] * z
+
+
+@register_pipeline("StableDiffusionXLImg2ImgPipeline")
+class SDXLImg2ImgAdapter(Img2ImgAdapter):
+    """`StableDiffusionXLImg2ImgPipeline`: SDEdit in latent space with SDXL's conditioning. Both text encoders'
+    hidden states are the cross-attention context; the second encoder's pooled embedding and the size/crop
+    `time_ids` go to the UNet as `added_cond_kwargs` (`text_time`), recorded with the capture and checked like the
+    other inputs. Stroke edits; prompt edits on SDXL are not supported yet."""
+
+    kind = "sdxl_img2img"
+    text_editable = False
+    guidance_scale = 5.0
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self.conditions: dict = {}
+
+    def check(self):
+        vae = self.pipe.vae
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            raise NotImplementedError(
+                "this SDXL VAE upcasts to float32 inside the pipeline (force_upcast); load it in float32, or use the "
+                "fp16-fixed VAE with `vae.config.force_upcast = False`, before making a SparseEditor."
+            )
+
+    def embeds(self, prompt, negative_prompt, guidance_scale, batch):
+        if prompt is None:
+            raise ValueError("Stable Diffusion XL needs a prompt: capture(prompt=..., image=...).")
+        prompts = len(prompt) if isinstance(prompt, list) else 1
+        if batch % prompts:
+            raise ValueError(f"{prompts} prompts for {batch} images: give one prompt, or one per image.")
+        cfg = guidance_scale > 1.0
+        cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
+            prompt=prompt, device=self.unet.device, num_images_per_prompt=batch // prompts,
+            do_classifier_free_guidance=cfg, negative_prompt=negative_prompt,
+        )  # fmt: skip
+        self.conditions = {"text_embeds": torch.cat([uncond_pooled, pooled]) if cfg else pooled}
+        return torch.cat([uncond, cond]) if cfg else cond
+
+    def unet_kwargs(self, z, copies):
+        pipe = self.pipe
+        f = pipe.vae_scale_factor
+        size = (z.shape[-2] * f, z.shape[-1] * f)
+        text = self.conditions["text_embeds"]
+        proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(text.shape[-1])
+        time_ids, neg_time_ids = pipe._get_add_time_ids(size, (0, 0), size, 6.0, 2.5, size, (0, 0), size,
+                                                        dtype=text.dtype, text_encoder_projection_dim=proj)  # fmt: skip
+        b = z.shape[0]
+        time_ids = time_ids.repeat(b, 1)
+        if copies == 2:
+            time_ids = torch.cat([neg_time_ids.repeat(b, 1), time_ids])
+        return {"added_cond_kwargs": {"text_embeds": text, "time_ids": time_ids.to(text.device)}}
+
+    def decode(self, z):
+        vae = self.pipe.vae
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(z.device, z.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(z.device, z.dtype)
+            return vae.decode(z * std / vae.config.scaling_factor + mean, return_dict=False)[0]
+        return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
+
+    def output(self, x, output_type, return_dict):
+        from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+
+        if getattr(self.pipe, "watermark", None) is not None:
+            x = self.pipe.watermark.apply_watermark(x)
+        images = self.pipe.image_processor.postprocess(x, output_type=output_type)
+        return StableDiffusionXLPipelineOutput(images=images) if return_dict else (images,)
