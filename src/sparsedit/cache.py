@@ -18,7 +18,14 @@ from collections.abc import Hashable, Iterable
 import torch
 
 
-__all__ = ["ActivationCache", "CacheBudgetError", "CacheBytes", "StaleCacheError", "weights_fingerprint"]
+__all__ = [
+    "ActivationCache",
+    "CacheBudgetError",
+    "CacheBytes",
+    "StaleCacheError",
+    "adapter_state",
+    "weights_fingerprint",
+]
 
 
 class StaleCacheError(RuntimeError):
@@ -70,6 +77,25 @@ def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
     address. Costs one Python loop over the parameters, no reads of their data.
     """
     return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in tensors)
+
+
+def adapter_state(model: torch.nn.Module) -> tuple:
+    """The state of the LoRA (PEFT) adapters inside `model` that changes its output without changing a parameter
+    tensor: which adapters are active, merged (fused into the base weights) or disabled, and their scaling
+    (`set_adapters` weights). Duck-typed on PEFT's tuner layers, so PEFT need not be importable. Loading or
+    deleting adapters adds or removes parameters, which `weights_fingerprint` sees."""
+    out = []
+    for name, m in model.named_modules():
+        scaling = getattr(m, "scaling", None)
+        if isinstance(scaling, dict) and hasattr(m, "merged_adapters"):
+            out.append((
+                name,
+                tuple(getattr(m, "active_adapters", ()) or ()),
+                tuple(m.merged_adapters),
+                bool(getattr(m, "disable_adapters", False)),
+                tuple(sorted((k, float(v)) for k, v in scaling.items())),
+            ))  # fmt: skip
+    return tuple(out)
 
 
 class ActivationCache:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import session, textedit
 from . import temporal as temporal_reuse
-from .cache import CacheBytes, StaleCacheError
+from .cache import CacheBytes, StaleCacheError, adapter_state, weights_fingerprint
 from .config import SparseConfig, TemporalConfig, TextEditConfig
 from .regions import as_region, difference_mask, dilate
 from .spatial import _attachment, capturing, editing, last_stats, prefetch, scope, sparsify_, unsparsify_
@@ -66,6 +66,7 @@ class _Capture:
     step_macs: int = 0  # one dense UNet step
     macs: int = 0  # the whole dense run
     conditions: dict | None = None  # the adapter's conditioning besides the text context (SDXL's pooled embedding)
+    text_fingerprint: tuple | None = None  # the text encoders the embeddings came from (`_text_fingerprint`)
 
 
 class SparseEditor:
@@ -300,9 +301,25 @@ class SparseEditor:
         sched = self.pipe.scheduler
         return type(sched).__name__, json.dumps(dict(sched.config), sort_keys=True, default=str)
 
+    def _text_fingerprint(self) -> tuple:
+        """Identity of the text encoders' weights and LoRA adapters: the capture's prompt embeddings are reused."""
+        out = []
+        for name in ("text_encoder", "text_encoder_2"):
+            module = getattr(self.pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                out.append((name, weights_fingerprint(list(module.parameters())), adapter_state(module)))
+        return tuple(out)
+
     def _check_scheduler(self, cap) -> None:
         """The scheduler may have been swapped, reconfigured or reset (a plain `pipe(...)` call resets its timesteps)
-        since the capture: re-derive the capture's timesteps, and refuse a different scheduler."""
+        since the capture: re-derive the capture's timesteps, and refuse a different scheduler. The text encoders
+        must be the capture's too (weights, LoRA adapters loaded, fused or re-weighted)."""
+        if cap.text_fingerprint is not None and self._text_fingerprint() != cap.text_fingerprint:
+            raise StaleCacheError(
+                "the pipeline's text encoder changed since the capture (its weights, or LoRA adapters loaded, fused, "
+                "unfused or re-weighted with set_adapters), so the captured prompt embeddings are stale; capture "
+                "again, or make the editor with on_stale='recapture'."
+            )
         if self._scheduler_fingerprint() != cap.scheduler:
             raise StaleCacheError(
                 "the pipeline's scheduler (or its config) changed since the capture, so the cached trajectory no "
@@ -458,6 +475,7 @@ class SparseEditor:
             step_macs=step_macs,
             macs=macs,
             conditions=dict(getattr(self.adapter, "conditions", None) or {}),
+            text_fingerprint=self._text_fingerprint(),
         )
         self.last_stats = {
             "macs_dense": macs,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import CacheBudgetError, CacheBytes, StaleCacheError, gib
+from .cache import CacheBudgetError, CacheBytes, StaleCacheError, adapter_state, gib
 from .config import SparseConfig, TextEditConfig
 from .nn.state import LayerRecord
 from .spatial import _INPUT_KEY, _attachment, _fingerprint, capturing
@@ -207,10 +207,12 @@ def content_fingerprint(module: torch.nn.Module | None) -> str | None:
 def pipeline_fingerprint(editor) -> dict:
     pipe = editor.pipe
     out = {"pipeline": type(pipe).__name__, "scheduler": list(editor._scheduler_fingerprint())}
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
             out[name] = content_fingerprint(module)
+            if adapter_state(module):
+                out[f"{name} LoRA adapters"] = [list(map(str, a)) for a in adapter_state(module)]
     return out
 
 
@@ -492,6 +494,7 @@ def load_editor(cls, pipe, path, mmap: bool = True):
             macs=c["macs"],
             conditions={k: get(n) for k, n in c.get("conditions", {}).items()},
         )
+        editor._capture.text_fingerprint = editor._text_fingerprint()  # checked against the saved content above
         editor._check_scheduler(editor._capture)
     except BaseException:
         editor.remove()

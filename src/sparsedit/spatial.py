@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
-from .cache import ActivationCache, StaleCacheError, weights_fingerprint
+from .cache import ActivationCache, StaleCacheError, adapter_state, weights_fingerprint
 from .config import SparseConfig
 from .nn.base import SparseHandler, UnsupportedLayerError, handler_for, is_dense_safe
 from .nn.state import Mode, SparseState
@@ -247,6 +247,7 @@ def _fingerprint(model: nn.Module, x: torch.Tensor, config: SparseConfig) -> dic
         "input dtype": x.dtype,
         "device": x.device,
         "weights": weights_fingerprint([*model.parameters(), *model.buffers()]),
+        "LoRA adapters": adapter_state(model),
         "config": config.to_json(),
         "training": model.training,
     }

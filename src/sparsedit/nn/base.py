@@ -40,7 +40,7 @@ class UnsupportedLayerError(NotImplementedError):
 
 
 _HANDLERS: dict[type, type[SparseHandler]] = {}
-_DENSE_SAFE: set[type] = {nn.Linear, nn.Embedding, nn.LayerNorm, nn.ModuleList, nn.ModuleDict}
+_DENSE_SAFE: set[type] = {nn.Linear, nn.Embedding, nn.LayerNorm, nn.ModuleList, nn.ModuleDict, nn.ParameterDict}
 
 
 def register_dense_safe(*module_types: type) -> None:
