@@ -2,7 +2,16 @@
 
 from . import data, metrics, models, pretrained, temporal, textedit
 from .cache import ActivationCache, CacheBudgetError, CacheBytes, StaleCacheError
-from .config import SparseConfig, TemporalConfig, TextEditConfig
+from .config import (
+    AttentionMode,
+    Injection,
+    NormStats,
+    OnStale,
+    RegionMethod,
+    SparseConfig,
+    TemporalConfig,
+    TextEditConfig,
+)
 from .editor import SparseEditor
 from .gan import GANEditor
 from .nn import Mode, UnsupportedLayerError
@@ -24,6 +33,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationCache",
+    "AttentionMode",
+    "Injection",
+    "NormStats",
+    "OnStale",
+    "RegionMethod",
     "CacheBudgetError",
     "CacheBytes",
     "GANEditor",

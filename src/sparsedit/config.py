@@ -9,13 +9,57 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 
 CONFIG_VERSION = 1
 
-_NORM_STATS = ("frozen", "recompute")
-_ATTENTION = ("sparse", "dense")
+
+class Option(str, Enum):
+    """A choice among named values: an `Enum` that is also its string, so `"frozen"` and `NormStats.FROZEN` are
+    interchangeable (comparisons, JSON, config files)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value, where: str):
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"{where} must be one of {[m.value for m in cls]}, got {value!r}.") from None
+
+
+class NormStats(Option):
+    FROZEN = "frozen"
+    RECOMPUTE = "recompute"
+
+
+class AttentionMode(Option):
+    SPARSE = "sparse"
+    DENSE = "dense"
+
+
+class RegionMethod(Option):
+    LATENT_DIFF = "latent_diff"
+    CROSS_ATTENTION = "cross_attention"
+    NOISE_DIFF = "noise_diff"
+    MASK = "mask"
+
+
+class Injection(Option):
+    REFINE = "refine"
+    REPLACE = "replace"
+
+
+class OnStale(Option):
+    RAISE = "raise"
+    RECAPTURE = "recapture"
+
+
+_NORM_STATS = tuple(m.value for m in NormStats)
+_ATTENTION = tuple(m.value for m in AttentionMode)
 _CACHE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
           "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -174,8 +218,8 @@ class SparseConfig(_ConfigMixin):
     input_dilation: int = 0
     pyramid_threshold: float = 0.3
     dense_below: int = 0
-    attention: str = "sparse"
-    norm_stats: str = "frozen"
+    attention: AttentionMode | str = "sparse"
+    norm_stats: NormStats | str = "frozen"
     dense_threshold: float = 0.6
     max_region_fraction: float = 0.4
     measured_fallback: bool = True
@@ -204,10 +248,8 @@ class SparseConfig(_ConfigMixin):
             raise ValueError(f"SparseConfig.pyramid_threshold must be in [0, 1), got {self.pyramid_threshold}.")
         if self.dense_below < 0:
             raise ValueError(f"SparseConfig.dense_below must be >= 0, got {self.dense_below}.")
-        if self.attention not in _ATTENTION:
-            raise ValueError(f"SparseConfig.attention must be one of {_ATTENTION}, got {self.attention!r}.")
-        if self.norm_stats not in _NORM_STATS:
-            raise ValueError(f"SparseConfig.norm_stats must be one of {_NORM_STATS}, got {self.norm_stats!r}.")
+        self.attention = AttentionMode.parse(self.attention, "SparseConfig.attention")
+        self.norm_stats = NormStats.parse(self.norm_stats, "SparseConfig.norm_stats")
         if not 0.0 <= self.max_region_fraction <= 1.0:
             raise ValueError(f"SparseConfig.max_region_fraction must be in [0, 1], got {self.max_region_fraction}.")
         if not 0.0 <= self.dense_threshold <= 1.0:
@@ -245,8 +287,8 @@ class SparseConfig(_ConfigMixin):
         return self.tile_size.get(0, 8)
 
 
-_TEXT_REGIONS = ("latent_diff", "cross_attention", "noise_diff", "mask")
-_INJECTIONS = ("refine", "replace")
+_TEXT_REGIONS = tuple(m.value for m in RegionMethod)
+_INJECTIONS = tuple(m.value for m in Injection)
 
 
 @dataclass
@@ -294,7 +336,7 @@ class TextEditConfig(_ConfigMixin):
         version (`int`): config schema version, for JSON round-trips.
     """
 
-    region: str = "latent_diff"
+    region: RegionMethod | str = "latent_diff"
     detect_steps: int | None = None
     opening: int = 2
     dilation: int = 1
@@ -305,12 +347,11 @@ class TextEditConfig(_ConfigMixin):
     noise_strength: float = 0.5
     seed: int = 0
     inject_attention: float = 0.0
-    injection: str = "refine"
+    injection: Injection | str = "refine"
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
-        if self.region not in _TEXT_REGIONS:
-            raise ValueError(f"TextEditConfig.region must be one of {_TEXT_REGIONS}, got {self.region!r}.")
+        self.region = RegionMethod.parse(self.region, "TextEditConfig.region")
         if self.detect_steps is not None and self.detect_steps < 1:
             raise ValueError(f"TextEditConfig.detect_steps must be >= 1 (or None), got {self.detect_steps}.")
         if self.opening < 0 or self.dilation < 0:
@@ -321,8 +362,7 @@ class TextEditConfig(_ConfigMixin):
             raise ValueError(f"TextEditConfig.noise_strength must be in (0, 1), got {self.noise_strength}.")
         if not 0.0 <= self.inject_attention <= 1.0:
             raise ValueError(f"TextEditConfig.inject_attention must be in [0, 1], got {self.inject_attention}.")
-        if self.injection not in _INJECTIONS:
-            raise ValueError(f"TextEditConfig.injection must be one of {_INJECTIONS}, got {self.injection!r}.")
+        self.injection = Injection.parse(self.injection, "TextEditConfig.injection")
 
     def steps_for(self, total: int) -> int:
         """Dense detection steps out of `total` denoising steps."""

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from . import session, textedit
 from . import temporal as temporal_reuse
 from .cache import CacheBytes, StaleCacheError, adapter_state, weights_fingerprint
-from .config import SparseConfig, TemporalConfig, TextEditConfig
+from .config import OnStale, SparseConfig, TemporalConfig, TextEditConfig
 from .regions import as_region, difference_mask, dilate
 from .spatial import _attachment, capturing, editing, last_stats, prefetch, scope, sparsify_, unsparsify_
 
@@ -122,8 +122,7 @@ class SparseEditor:
                 "this UNet already carries temporal reuse (`sparsedit.temporal.enable`); call `temporal.disable(pipe)` "
                 "and pass the config as `SparseEditor(pipe, temporal=...)` instead."
             )
-        if on_stale not in ("raise", "recapture"):
-            raise ValueError(f"on_stale must be 'raise' or 'recapture', got {on_stale!r}.")
+        on_stale = OnStale.parse(on_stale, "on_stale")
         adapter.check()
         self.pipe = pipe
         self.adapter = adapter  # what this pipeline family does around the loop (adapters/pipelines.py)

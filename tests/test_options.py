@@ -1,0 +1,25 @@
+"""Options are `(str, Enum)` types that still accept today's strings (issue 18)."""
+
+import json
+
+import pytest
+
+from sparsedit import AttentionMode, Injection, NormStats, OnStale, RegionMethod, SparseConfig, TextEditConfig
+
+
+def test_strings_and_enums_are_interchangeable():
+    a = SparseConfig(norm_stats="recompute", attention="dense")
+    b = SparseConfig(norm_stats=NormStats.RECOMPUTE, attention=AttentionMode.DENSE)
+    assert a == b and a.norm_stats is NormStats.RECOMPUTE and a.norm_stats == "recompute"
+    assert a.to_json() == b.to_json() and json.loads(a.to_json())["norm_stats"] == "recompute"
+    assert SparseConfig.from_json(a.to_json()) == a
+    t = TextEditConfig(region="mask", injection=Injection.REPLACE)
+    assert t.region is RegionMethod.MASK and t.injection == "replace" and str(t.region) == "mask"
+    assert OnStale("recapture") is OnStale.RECAPTURE
+
+
+def test_a_bad_option_names_the_choices():
+    with pytest.raises(ValueError, match=r"SparseConfig.norm_stats must be one of \['frozen', 'recompute'\]"):
+        SparseConfig(norm_stats="fresh")
+    with pytest.raises(ValueError, match="TextEditConfig.region must be one of"):
+        TextEditConfig(region="everywhere")
