@@ -73,3 +73,29 @@ def test_added_conditions_are_checked_and_saved(pipe, tmp_path):
     assert torch.equal(loaded.edit(image=stroke(x), commit=False, output_type="pt").images, want)
     with pytest.raises(ValueError, match="prompt edits"):
         loaded.edit(prompt="a blue house")
+
+
+@pytest.mark.parametrize(
+    ("kind", "norm_stats", "bound"), [("inpaint9", "frozen", 0.5), ("inpaint", "recompute", 0.75)]
+)
+def test_sdxl_inpaint_capture_and_sparse_mask_edit(tmp_path, kind, norm_stats, bound):
+    pipe = tiny_sdxl(tmp_path / "tok", kind)
+    x = photo(64, 64)
+    empty = torch.zeros(1, 1, 64, 64)
+    mask = empty.clone()
+    mask[..., 8:30, 20:50] = 1
+    kw = {"prompt": "a red house", "num_inference_steps": 6, "output_type": "pt"}
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    want = pipe(image=x, mask_image=empty, generator=gen(), **kw).images  # the pipeline's defaults (strength 0.9999)
+    editor = SparseEditor(pipe, SparseConfig(input_dilation=1, tile_size=4, norm_stats=norm_stats))
+    out0 = editor.capture(image=x, mask_image=empty, generator=gen(), **kw).images
+    assert torch.equal(out0, want) and editor.kind == "sdxl_inpaint"
+    sparse = editor.edit(mask_image=mask, commit=False, output_type="pt").images
+    near = editor.last_region[0]
+    assert near.any() and not near.all()
+    assert torch.equal(sparse[..., ~near], out0[..., ~near])  # outside the (dilated) mask change: the capture
+    dense = pipe(image=x, mask_image=mask, generator=gen(), **kw).images
+    err = (sparse - dense).abs()[..., near].mean()
+    effect = (dense - out0).abs()[..., near].mean()
+    assert err < bound * effect  # random weights: the bound is relative to the edit's own effect, as for SD
+    editor.remove()

@@ -387,12 +387,11 @@ class SparseEditor:
                 raise ValueError(f"{type(self.pipe).__name__} edits an image: capture(image=..., ...).")
             x0 = self._preprocess(image, height, width)
             mask = self._preprocess_mask(mask_image, x0) if self.adapter.takes_mask or mask_image is not None else None
-        full = self.adapter.full_strength
         if guidance_scale is None:
             guidance_scale = self.adapter.guidance_scale  # the pipeline's own default (7.5 for SD, 5.0 for SDXL)
         call = {
             "prompt": prompt,
-            "strength": (1.0 if full else 0.7) if strength is None else strength,
+            "strength": self.adapter.default_strength if strength is None else strength,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
             "negative_prompt": negative_prompt,

@@ -182,7 +182,8 @@ def tiny_sdxl(directory: str | Path, pipeline: str = "img2img", dtype: torch.dty
     """A Stable Diffusion XL pipeline in miniature: two CLIP text encoders (the second with a projection, whose pooled
     output and the size/crop `time_ids` condition the UNet through `addition_embed_type="text_time"`), a
     cross-attention UNet whose context is both encoders' hidden states concatenated, a 4-level VAE, random weights and
-    a DDIM scheduler. `pipeline`: `"img2img"` or `"txt2img"`."""
+    a DDIM scheduler. `pipeline`: `"img2img"`, `"txt2img"`, `"inpaint"` (a 4-channel UNet, latent blending) or
+    `"inpaint9"` (a 9-channel inpainting UNet)."""
     import diffusers
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -207,7 +208,7 @@ def tiny_sdxl(directory: str | Path, pipeline: str = "img2img", dtype: torch.dty
     ).eval()
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=9 if pipeline == "inpaint9" else 4,
         out_channels=4,
         layers_per_block=1,
         block_out_channels=(32, 64),
@@ -222,10 +223,11 @@ def tiny_sdxl(directory: str | Path, pipeline: str = "img2img", dtype: torch.dty
         projection_class_embeddings_input_dim=6 * 8 + 32,
         norm_num_groups=8,
     ).eval()
-    names = {"img2img": "StableDiffusionXLImg2ImgPipeline", "txt2img": "StableDiffusionXLPipeline"}
+    names = {"img2img": "StableDiffusionXLImg2ImgPipeline", "txt2img": "StableDiffusionXLPipeline",
+             "inpaint": "StableDiffusionXLInpaintPipeline", "inpaint9": "StableDiffusionXLInpaintPipeline"}  # fmt: skip
     if pipeline not in names:
         raise ValueError(f"pipeline must be one of {sorted(names)}, got {pipeline!r}.")
-    kwargs = {"requires_aesthetics_score": False} if pipeline == "img2img" else {}
+    kwargs = {"requires_aesthetics_score": False} if pipeline != "txt2img" else {}
     pipe = getattr(diffusers, names[pipeline])(
         vae=vae,
         text_encoder=text_encoder,

@@ -71,6 +71,7 @@ class PipelineAdapter:
     encodes_image = True
     takes_mask = False
     guidance_scale = 7.5  # the pipeline's default classifier-free guidance
+    default_strength = 0.7  # SDEdit's noise level; generation from noise (txt2img, inpainting) uses 1.0
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -208,6 +209,7 @@ class Text2ImgAdapter(PipelineAdapter):
     takes_image = False
     text_editable = True
     full_strength = True
+    default_strength = 1.0
     fixed_size = True
     encodes_image = False
 
@@ -245,6 +247,7 @@ class InpaintAdapter(PipelineAdapter):
     kind = "inpaint"
     takes_mask = True
     full_strength = True
+    default_strength = 1.0
     fixed_size = True
 
     def check(self):
@@ -294,14 +297,12 @@ class InpaintAdapter(PipelineAdapter):
         return (1 - prep["mask"]) * proper + prep["mask"] * z
 
 
-@register_pipeline("StableDiffusionXLImg2ImgPipeline")
-class SDXLImg2ImgAdapter(Img2ImgAdapter):
-    """`StableDiffusionXLImg2ImgPipeline`: SDEdit in latent space with SDXL's conditioning. Both text encoders'
-    hidden states are the cross-attention context; the second encoder's pooled embedding and the size/crop
-    `time_ids` go to the UNet as `added_cond_kwargs` (`text_time`), recorded with the capture and checked like the
-    other inputs. Stroke edits; prompt edits on SDXL are not supported yet."""
+class _SDXLConditioning:
+    """SDXL's conditioning, shared by its pipeline families: both text encoders' hidden states are the
+    cross-attention context; the second encoder's pooled embedding and the size/crop `time_ids` go to the UNet as
+    `added_cond_kwargs` (`text_time`), recorded with the capture and checked like the other inputs. Prompt edits on
+    SDXL are not supported yet (the pooled embedding would have to change with the prompt)."""
 
-    kind = "sdxl_img2img"
     text_editable = False
     guidance_scale = 5.0
 
@@ -310,6 +311,7 @@ class SDXLImg2ImgAdapter(Img2ImgAdapter):
         self.conditions: dict = {}
 
     def check(self):
+        super().check()
         vae = self.pipe.vae
         if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
             raise NotImplementedError(
@@ -361,3 +363,24 @@ class SDXLImg2ImgAdapter(Img2ImgAdapter):
             x = self.pipe.watermark.apply_watermark(x)
         images = self.pipe.image_processor.postprocess(x, output_type=output_type)
         return StableDiffusionXLPipelineOutput(images=images) if return_dict else (images,)
+
+
+@register_pipeline("StableDiffusionXLImg2ImgPipeline")
+class SDXLImg2ImgAdapter(_SDXLConditioning, Img2ImgAdapter):
+    """`StableDiffusionXLImg2ImgPipeline`: SDEdit in latent space with SDXL's conditioning; stroke edits."""
+
+    kind = "sdxl_img2img"
+
+
+@register_pipeline("StableDiffusionXLInpaintPipeline")
+class SDXLInpaintAdapter(_SDXLConditioning, InpaintAdapter):
+    """`StableDiffusionXLInpaintPipeline`: inpainting with SDXL's conditioning (4-channel UNets with latent blending,
+    9-channel inpainting UNets); the region comes from the change of `mask_image`."""
+
+    kind = "sdxl_inpaint"
+    default_strength = 0.9999  # the pipeline's own defaults
+    guidance_scale = 7.5
+
+    def check(self):
+        _SDXLConditioning.check(self)
+        InpaintAdapter.check(self)
