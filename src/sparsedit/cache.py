@@ -33,11 +33,17 @@ class StaleCacheError(RuntimeError):
 
 
 class CacheBudgetError(MemoryError):
-    """A capture would hold more than `SparseConfig(cache_budget=...)` allows."""
+    """A capture would hold more than `SparseConfig(cache_budget=...)` allows. `needs` maps each storage option that
+    was tried to the bytes it would hold in memory (empty when the hard limit tripped during a capture)."""
+
+    def __init__(self, message: str, needs: dict[str, int] | None = None):
+        super().__init__(message)
+        self.needs = dict(needs or {})
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """A byte count for people: GiB from 1 GiB up, MiB below."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 class CacheBytes(int):

@@ -199,7 +199,7 @@ class SparseConfig(_ConfigMixin):
         cache_budget (`int` or `str`, *optional*):
             The most bytes of memory the cache may hold, e.g. `"3GiB"`. `SparseEditor.capture` measures what the
             capture would hold (one dry step of each model, storing nothing) and fits it: bfloat16 storage first, then
-            the per-step UNet cache on disk; if nothing fits it raises `CacheBudgetError` before capturing, saying
+            int8 (approximate mode), then the per-step UNet cache on disk; if nothing fits it raises `CacheBudgetError` before capturing, saying
             how much each option needs. The model-level API raises as soon as a capture would exceed it.
         prefetch (`bool`, *optional*):
             In a `SparseEditor` loop, copy the next step's cache entries into working form in the background while
