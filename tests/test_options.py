@@ -23,3 +23,18 @@ def test_a_bad_option_names_the_choices():
         SparseConfig(norm_stats="fresh")
     with pytest.raises(ValueError, match="TextEditConfig.region must be one of"):
         TextEditConfig(region="everywhere")
+
+
+def test_edit_stats_is_a_dataclass_that_reads_like_a_dict():
+    from sparsedit import EditStats
+
+    s = EditStats.of({"macs_dense": 10, "macs_sparse": 2, "dense_run": None, "custom": 1})
+    assert s.macs_dense == 10 and s["macs_sparse"] == 2 and s["dense_run"] is None  # None is a value
+    assert "seconds" not in s and s.get("seconds", 0.5) == 0.5  # unset fields are absent
+    with pytest.raises(KeyError):
+        s["seconds"]
+    s["seconds"] = 1.5
+    s.update({"peak_bytes": 7})
+    assert dict(s) == {"macs_dense": 10, "macs_sparse": 2, "seconds": 1.5, "peak_bytes": 7, "dense_run": None,
+                       "custom": 1}  # fmt: skip
+    assert json.loads(json.dumps(dict(s)))["custom"] == 1

@@ -27,6 +27,7 @@ from .spatial import (
     sparsify_,
     unsparsify_,
 )
+from .stats import EditStats
 
 
 __version__ = "0.1.0"
@@ -40,6 +41,7 @@ __all__ = [
     "RegionMethod",
     "CacheBudgetError",
     "CacheBytes",
+    "EditStats",
     "GANEditor",
     "Mode",
     "SparseConfig",

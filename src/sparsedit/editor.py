@@ -32,6 +32,7 @@ from .cache import CacheBytes, StaleCacheError, adapter_state, weights_fingerpri
 from .config import OnStale, SparseConfig, TemporalConfig, TextEditConfig
 from .regions import as_region, difference_mask, dilate
 from .spatial import _attachment, capturing, editing, last_stats, prefetch, scope, sparsify_, unsparsify_
+from .stats import EditStats
 
 
 __all__ = ["SparseEditor"]
@@ -162,7 +163,7 @@ class SparseEditor:
             sparsify_(pipe.vae.encoder, self._encoder_config)
         self._encoder_stats: list[dict] = []
         self._capture: _Capture | None = None
-        self.last_stats: dict = {}
+        self.last_stats: EditStats = EditStats()
         self.last_region: torch.Tensor | None = None  # the last edit's regenerated region, bool [B, H, W]
         self._extra_macs = 0
 
@@ -475,13 +476,15 @@ class SparseEditor:
             conditions=dict(getattr(self.adapter, "conditions", None) or {}),
             text_fingerprint=self._text_fingerprint(),
         )
-        self.last_stats = {
-            "macs_dense": macs,
-            "macs_sparse": vae_macs + computed,  # less than macs_dense when temporal reuse skips work
-            "active_fraction": {},
-            "seconds": time.perf_counter() - started,
-            "cache_bytes": self.cache_bytes,
-        }
+        self.last_stats = EditStats.of(
+            {
+                "macs_dense": macs,
+                "macs_sparse": vae_macs + computed,  # less than macs_dense when temporal reuse skips work
+                "active_fraction": {},
+                "seconds": time.perf_counter() - started,
+                "cache_bytes": self.cache_bytes,
+            }
+        )
         return decoded
 
     @property
@@ -846,13 +849,15 @@ class SparseEditor:
                 self._control.idle()
                 self._check_scheduler(cap)
         region = F.interpolate(found[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
-        self.last_stats = {
-            "detect_seconds": time.perf_counter() - started,
-            "region_fraction": float(region.float().mean()),
-            "region_method": tcfg.region,
-            "macs_detect": self._extra_macs,
-            "macs_dense": cap.macs,
-        }
+        self.last_stats = EditStats.of(
+            {
+                "detect_seconds": time.perf_counter() - started,
+                "region_fraction": float(region.float().mean()),
+                "region_method": tcfg.region,
+                "macs_detect": self._extra_macs,
+                "macs_dense": cap.macs,
+            }
+        )
         return region
 
     def _detect(self, cap, change, embeds, prep, generator, copies, predict_dense):
@@ -918,9 +923,9 @@ class SparseEditor:
             if commit and change is not None:
                 cap.call["prompt"], cap.call["negative_prompt"] = change["prompt"], change["negative_prompt"]
             self.last_region = torch.zeros(b, h, w, dtype=torch.bool, device=keep.device)
-            self.last_stats = {"macs_dense": cap.macs, "macs_sparse": 0, "active_fraction": {}, "region_fraction": 0.0,
+            self.last_stats = EditStats.of({"macs_dense": cap.macs, "macs_sparse": 0, "active_fraction": {}, "region_fraction": 0.0,
                                "detect_seconds": 0.0, "seconds": time.perf_counter() - started,
-                               "cache_bytes": self.cache_bytes, "background": "unchanged"}  # fmt: skip
+                               "cache_bytes": self.cache_bytes, "background": "unchanged"})  # fmt: skip
             return self._output(cap.decoded.clone(), output_type, return_dict)
         generator = torch.Generator(device=cap.generator_device)
         generator.set_state(cap.generator_state)
@@ -1016,24 +1021,28 @@ class SparseEditor:
                 cap.embeds = embeds
             cap.version += 1
         self.last_region = F.interpolate(keep[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
-        self.last_stats = {
-            # A prompt edit is compared with regenerating densely: the capture's whole dense run.
-            "macs_dense": cap.macs if text else totals["macs_dense"],
-            "macs_sparse": totals["macs_sparse"],
-            "active_fraction": {k: sum(v) / len(v) for k, v in fractions.items()},
-            "region_fraction": float(self.last_region.float().mean()) if text else float(region.float().mean()),
-            "detect_seconds": detect_seconds,
-            "seconds": time.perf_counter() - started,
-            "unet_time": dict(unet_time),  # the UNet's seconds by part, summed over the steps (spatial.last_stats)
-            "dense_steps": totals["dense_steps"],  # UNet steps the run-level cost model ran as plain dense forwards
-            "cache_bytes": self.cache_bytes,
-            "background": (
-                "latents outside the dilated region are the capture's at every step; the VAE encoder and decoder run "
-                "sparse and the pixels outside the region are composited from the current image's decode"
-                if self.latent
-                else "exact: the pixels outside the dilated region are the capture's at every step"
-            ),
-        }
+        self.last_stats = EditStats.of(
+            {
+                # A prompt edit is compared with regenerating densely: the capture's whole dense run.
+                "macs_dense": cap.macs if text else totals["macs_dense"],
+                "macs_sparse": totals["macs_sparse"],
+                "active_fraction": {k: sum(v) / len(v) for k, v in fractions.items()},
+                "region_fraction": float(self.last_region.float().mean()) if text else float(region.float().mean()),
+                "detect_seconds": detect_seconds,
+                "seconds": time.perf_counter() - started,
+                "unet_time": dict(unet_time),  # the UNet's seconds by part, summed over the steps (spatial.last_stats)
+                "dense_steps": totals[
+                    "dense_steps"
+                ],  # UNet steps the run-level cost model ran as plain dense forwards
+                "cache_bytes": self.cache_bytes,
+                "background": (
+                    "latents outside the dilated region are the capture's at every step; the VAE encoder and decoder run "
+                    "sparse and the pixels outside the region are composited from the current image's decode"
+                    if self.latent
+                    else "exact: the pixels outside the dilated region are the capture's at every step"
+                ),
+            }
+        )
         if change is not None:
             self.last_stats["region_method"] = "mask" if change["region"] is not None else change["config"].region
             self.last_stats["detect_steps"] = start

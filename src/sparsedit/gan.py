@@ -22,6 +22,7 @@ import torch.nn as nn
 from .config import SparseConfig
 from .regions import as_region
 from .spatial import capturing, editing, is_sparsified, last_stats, sparsify_, unsparsify_
+from .stats import EditStats
 
 
 __all__ = ["GANEditor"]
@@ -54,7 +55,7 @@ class GANEditor:
         self.generator = generator.eval()
         self.config = config
         sparsify_(generator, config)
-        self.last_stats: dict = {}
+        self.last_stats: EditStats = EditStats()
         self.last_region: torch.Tensor | None = None
         self._input: torch.Tensor | None = None
         self._image: torch.Tensor | None = None
@@ -89,15 +90,17 @@ class GANEditor:
         stats = last_stats(self.generator)
         self._input, self._image = x, image
         self.last_region = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=x.device)
-        self.last_stats = {
-            "macs_dense": stats["macs_dense"],
-            "macs_sparse": stats["macs_dense"],
-            "active_fraction": {},
-            "region_fraction": 0.0,
-            "seconds": time.perf_counter() - started,
-            "cache_bytes": stats["cache_bytes"],
-            "exact": self.exact,
-        }
+        self.last_stats = EditStats.of(
+            {
+                "macs_dense": stats["macs_dense"],
+                "macs_sparse": stats["macs_dense"],
+                "active_fraction": {},
+                "region_fraction": 0.0,
+                "seconds": time.perf_counter() - started,
+                "cache_bytes": stats["cache_bytes"],
+                "exact": self.exact,
+            }
+        )
         return image
 
     def edit(
@@ -149,20 +152,22 @@ class GANEditor:
         if commit:
             self._input, self._image = x, image
         self.last_region = changed
-        self.last_stats = {
-            "macs_dense": stats["macs_dense"],
-            "macs_sparse": stats["macs_sparse"],
-            "active_fraction": stats["active_fraction"],
-            "region_fraction": float(changed.float().mean()),
-            "seconds": time.perf_counter() - started,
-            "cache_bytes": stats["cache_bytes"]
-            if "cache_bytes" in stats
-            else last_stats(self.generator)["cache_bytes"],
-            "dense_layers": stats["dense_layers"],
-            "time": stats.get("time", {}),
-            "dense_run": stats.get("dense_run"),
-            "exact": self.exact,
-        }
+        self.last_stats = EditStats.of(
+            {
+                "macs_dense": stats["macs_dense"],
+                "macs_sparse": stats["macs_sparse"],
+                "active_fraction": stats["active_fraction"],
+                "region_fraction": float(changed.float().mean()),
+                "seconds": time.perf_counter() - started,
+                "cache_bytes": stats["cache_bytes"]
+                if "cache_bytes" in stats
+                else last_stats(self.generator)["cache_bytes"],
+                "dense_layers": stats["dense_layers"],
+                "time": stats.get("time", {}),
+                "dense_run": stats.get("dense_run"),
+                "exact": self.exact,
+            }
+        )
         return image
 
     def save(self, path) -> None:
