@@ -151,7 +151,7 @@ class SparseEditor:
         self.temporal = temporal
         if temporal is not None:  # after sparsify_: the reuse hooks sit outside the sparse ones
             temporal_reuse.apply_encoder_propagation(unet, temporal)
-            temporal_reuse._state(unet).driven = True  # steps come from the editor's loops; other calls run whole
+            temporal_reuse.drive(unet)  # steps come from the editor's loops; other calls run whole
         if self.latent:
             # The VAE decoder runs sparse on the latent region (already dilated for the UNet: one more pixel here).
             vae = {**self.config.to_dict(), "cache_dtype": unet_dtype, "cache_budget": None}
@@ -251,8 +251,8 @@ class SparseEditor:
         if self.temporal is not None:
             # A loop from step 0 starts a new generation; a continuation (a prompt edit after its dense detection
             # steps) keeps the features of the last key step.
-            reuse = temporal_reuse._begin_loop(self.unet, len(timesteps)) if start == 0 else None
-            reuse = reuse or temporal_reuse._state(self.unet)
+            reuse = temporal_reuse.begin_loop(self.unet, len(timesteps)) if start == 0 else None
+            reuse = reuse or temporal_reuse.loop_state(self.unet)
             z_T = prep["z"] / float(getattr(sched, "init_noise_sigma", 1.0))
         try:
             for i in range(start, stop):

@@ -81,6 +81,12 @@ def _attachment(model: nn.Module) -> _Attachment:
     return att
 
 
+def sparse_state(model: nn.Module) -> SparseState | None:
+    """The engine's `SparseState` of a sparsified model (its mode, regions, cache), or `None`."""
+    att = model.__dict__.get("_sparsedit")
+    return None if att is None else att.state
+
+
 def is_sparsified(model: nn.Module) -> bool:
     return "_sparsedit" in model.__dict__
 
@@ -103,7 +109,9 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
         raise RuntimeError(
             "This model is already sparsified; call `sparsedit.unsparsify_(model)` before sparsifying it again."
         )
-    if "_sparsedit_temporal" in model.__dict__:
+    from .temporal import is_applied as temporal_applied
+
+    if temporal_applied(model):
         raise RuntimeError(
             "This model carries temporal reuse; its hooks must sit outside the sparse ones. Call "
             "`sparsedit.temporal.remove_encoder_propagation(model)`, sparsify, then apply temporal reuse again."

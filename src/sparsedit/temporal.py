@@ -223,6 +223,16 @@ def is_applied(model: nn.Module) -> bool:
     return _ATTR in model.__dict__
 
 
+def loop_state(model: nn.Module) -> _State:
+    """The temporal-reuse state of `model` (its current step, key steps and counters), for a loop that drives it."""
+    return _state(model)
+
+
+def drive(model: nn.Module) -> None:
+    """Steps come from the caller's own loops (`begin_loop`, `loop_state(model).step`); other calls run whole."""
+    _state(model).driven = True
+
+
 # -- hooks -----------------------------------------------------------------------------------------------------------
 def _timestep_value(args, kwargs, names) -> float | None:
     t = kwargs.get("timestep", args[names.index("timestep")] if "timestep" in names[: len(args)] else None)
@@ -235,12 +245,13 @@ def _spatial_state(owner):
     """The sparse engine's state when the model (`owner`, a weakref) is sparsified and inside an edit (region tags
     travel with reused features), else None."""
     model = owner()
-    att = None if model is None else model.__dict__.get("_sparsedit")
-    if att is None or att.state.mode is None:
+    if model is None:
         return None
     from .nn.state import Mode
+    from .spatial import sparse_state
 
-    return att.state if att.state.mode is Mode.SPARSE else None
+    st = sparse_state(model)
+    return st if st is not None and st.mode is Mode.SPARSE else None
 
 
 def _repeat(out, m: int):
@@ -498,7 +509,8 @@ def stats(model: nn.Module) -> dict:
 
 
 # -- driving loops ----------------------------------------------------------------------------------------------------
-def _begin_loop(model: nn.Module, total: int | None, timesteps=None) -> _State:
+def begin_loop(model: nn.Module, total: int | None, timesteps=None) -> _State:
+    """Start a new generation of `total` steps (a new trajectory: nothing is reused from the last one)."""
     st = _state(model)
     st.new_generation()
     st.driven, st.total, st.timesteps = True, total, timesteps
@@ -549,7 +561,7 @@ def enable(pipe, config: TemporalConfig | None = None) -> None:
     @functools.wraps(set_timesteps)
     def set_timesteps_wrapper(*args, **kwargs):
         out = set_timesteps(*args, **kwargs)
-        _begin_loop(model, None, list(sched.timesteps))
+        begin_loop(model, None, list(sched.timesteps))
         st.pipe, st.scheduler = weakref.ref(pipe), sched
         prior["z_T"] = None
         return out
