@@ -358,6 +358,25 @@ class ActivationCache:
         self._weak.clear()
         self._copies.clear()
 
+    def export(self):
+        """Every entry as stored: yields `(key, {field: (tensor, home dtype, home device, int8 scale or None)})`.
+        Call after the run's working copies are flushed."""
+        for key, entry in self._entries.items():
+            scales = self._scales.get(key, {})
+            yield key, {f: (t, *self._home[key][f], scales.get(f)) for f, t in entry.items()}
+
+    def restore(self, key: Hashable, fields: dict) -> None:
+        """Put back one exported entry (`fields` as `export` gives them), as stored: no conversion, no copy."""
+        entry, home = self._entries.setdefault(key, {}), self._home.setdefault(key, {})
+        self._drop_prefetched(key)
+        for name, (t, home_dtype, home_device, scale) in fields.items():
+            if name in entry:
+                self._resident -= _resident(entry[name])
+            entry[name], home[name] = t, (home_dtype, home_device)
+            self._resident += _resident(t)
+            if scale is not None:
+                self._scales.setdefault(key, {})[name] = scale
+
     def _drop_prefetched(self, key) -> None:
         future = self._prefetched.pop(key, None)
         if future is not None:

@@ -31,7 +31,7 @@ from . import temporal as temporal_reuse
 from .cache import CacheBytes, StaleCacheError, adapter_state, weights_fingerprint
 from .config import OnStale, SparseConfig, TemporalConfig, TextEditConfig
 from .regions import as_region, difference_mask, dilate
-from .spatial import _attachment, capturing, editing, last_stats, prefetch, scope, sparsify_, unsparsify_
+from .spatial import capturing, editing, last_stats, prefetch, scope, sparse_state, sparsify_, unsparsify_
 from .stats import EditStats
 
 
@@ -204,7 +204,7 @@ class SparseEditor:
         vae = self.pipe.vae
         with scope(vae.encoder, name):
             z = vae.config.scaling_factor * retrieve_latents(vae.encode(x.to(vae.dtype)), generator=generator)
-        if _attachment(vae.encoder).state.mode is not None:
+        if sparse_state(vae.encoder).mode is not None:
             self._encoder_stats.append(last_stats(vae.encoder))
         return z
 

@@ -24,7 +24,7 @@ import torch
 from .cache import CacheBudgetError, CacheBytes, StaleCacheError, adapter_state, gib
 from .config import SparseConfig, TextEditConfig
 from .nn.state import LayerRecord
-from .spatial import _INPUT_KEY, _attachment, _fingerprint, capturing
+from .spatial import capturing, export_capture, restore_capture, sparse_state
 
 
 __all__ = ["content_fingerprint", "load_editor", "peak_memory", "save_editor"]
@@ -46,7 +46,7 @@ def _nbytes(t) -> int:
 def cache_parts(editor) -> CacheBytes:
     parts, offloaded = {}, 0
     for part, model in editor._models().items():
-        cache = _attachment(model).state.cache
+        cache = sparse_state(model).cache
         parts[part] = cache.nbytes
         offloaded += cache.disk_bytes
     cap = editor._capture
@@ -105,7 +105,7 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
         if editor.latent and editor.kind != "txt2img":
             enc = editor.pipe.vae.encoder
             encodes = 2 if editor.kind == "inpaint" else 1
-            with capturing(enc), _attachment(enc).state.cache.dry_run() as tally:
+            with capturing(enc), sparse_state(enc).cache.dry_run() as tally:
                 enc(x0.to(editor.pipe.vae.dtype))
             tallies["vae_encoder"] = {k: v * encodes for k, v in tally.items()}
         f = editor.pipe.vae_scale_factor if editor.latent else 1
@@ -115,7 +115,7 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
             b, _, h, w = x0.shape
         zl = torch.zeros(b, unet.config.in_channels, h // f, w // f, dtype=unet.dtype, device=unet.device)
         z = torch.cat([zl] * copies)
-        with capturing(unet), _attachment(unet).state.cache.dry_run() as tally:
+        with capturing(unet), sparse_state(unet).cache.dry_run() as tally:
             if embeds is None:
                 unet(z, timesteps[0])
             else:
@@ -125,7 +125,7 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
             dec = editor.pipe.vae.decoder
             lat = torch.zeros(b, editor.pipe.vae.config.latent_channels, h // f, w // f, dtype=editor.pipe.vae.dtype,
                               device=unet.device)  # fmt: skip
-            with capturing(dec), _attachment(dec).state.cache.dry_run() as tally:
+            with capturing(dec), sparse_state(dec).cache.dry_run() as tally:
                 dec(lat)
             tallies["vae_decoder"] = dict(tally)
     latent_bytes = b * 4 * (h // f) * (w // f) * (n + 4) * torch.empty((), dtype=unet.dtype).element_size()
@@ -152,7 +152,7 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
             maps = t["maps"] if dtype is None else t["maps_numel"] * torch.empty((), dtype=dtype).element_size()
         return maps + t["other"]
 
-    caches = {part: _attachment(m).state.cache for part, m in editor._models().items()}
+    caches = {part: sparse_state(m).cache for part, m in editor._models().items()}
     now = {part: c.storage_dtype for part, c in caches.items()}
     bf16 = torch.bfloat16
     options = [
@@ -274,33 +274,29 @@ def _value(w: _Writer, name: str, v):
 
 
 def _save_model(w: _Writer, part: str, model) -> dict:
-    att = _attachment(model)
-    st, cache = att.state, att.state.cache
-    cache.flush(commit=False)
-    st.rollback()
+    saved = export_capture(model)
+    cache = saved["cache"]
     entries = []
-    for i, (key, entry) in enumerate(cache._entries.items()):
-        fields = {}
-        for field, t in entry.items():
-            home_dtype, home_device = cache._home[key][field]
-            fields[field] = {**w.add(f"{part}/{i}/{field}", t), "home_dtype": str(home_dtype).removeprefix("torch."),
-                             "home_device": str(home_device)}  # fmt: skip
-            scale = cache._scales.get(key, {}).get(field)
+    for i, (key, fields) in enumerate(cache.export()):
+        out = {}
+        for field, (t, home_dtype, home_device, scale) in fields.items():
+            out[field] = {**w.add(f"{part}/{i}/{field}", t), "home_dtype": str(home_dtype).removeprefix("torch."),
+                          "home_device": str(home_device)}  # fmt: skip
             if scale is not None:
-                fields[field]["scale"] = w.add(f"{part}/{i}/{field}@scale", scale)
-        entries.append({"key": list(key), "fields": fields})
+                out[field]["scale"] = w.add(f"{part}/{i}/{field}@scale", scale)
+        entries.append({"key": list(key), "fields": out})
     aux = [
         {"scope": list(sc), "values": {k: _value(w, f"{part}/aux/{j}/{k}", v) for k, v in vals.items()}}
-        for j, (sc, vals) in enumerate(att.aux.items())
+        for j, (sc, vals) in enumerate(saved["aux"].items())
     ]
     return {
         "entries": entries,
         "aux": aux,
         "storage_dtype": None if cache.storage_dtype is None else str(cache.storage_dtype).removeprefix("torch."),
-        "records": [vars(r) for r in st.records],
-        "capture_records": [vars(r) for r in att.capture_records],
-        "output_format": "channels_last" if att.output_format == torch.channels_last else "contiguous",
-        "timing": {"dense_seconds": att.dense_seconds, "pure_dense": att.pure_dense, "sparse_floor": att.sparse_floor},
+        "records": [vars(r) for r in saved["records"]],
+        "capture_records": [vars(r) for r in saved["capture_records"]],
+        "output_format": "channels_last" if saved["output_format"] == torch.channels_last else "contiguous",
+        "timing": saved["timing"],
     }
 
 
@@ -418,38 +414,26 @@ def _tuple(x):
 
 
 def _load_model(tensors, saved: dict, model, config: SparseConfig) -> None:
-    att = _attachment(model)
-    st, cache = att.state, att.state.cache
-    st.rollback()
-    cache.clear()
-    att.aux.clear()
-    cache.storage_dtype = None if saved["storage_dtype"] is None else _DTYPES[saved["storage_dtype"]]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    x = None
+    storage = None if saved["storage_dtype"] is None else _DTYPES[saved["storage_dtype"]]
+    converts = storage is not None or config.cache_device is not None
+    entries = []
     for e in saved["entries"]:
-        key = _tuple(e["key"])
-        entry, home = cache._entries.setdefault(key, {}), cache._home.setdefault(key, {})
+        fields = {}
         for field, ref in e["fields"].items():
             t = _tensor(tensors, ref)
-            home_dtype = _DTYPES[ref["home_dtype"]]
-            if t.device != device and not cache.converts:
+            if t.device != device and not converts:
                 t = t.to(device)
-            entry[field] = t
-            home[field] = (home_dtype, device)
-            if "scale" in ref:
-                cache._scales.setdefault(key, {})[field] = _tensor(tensors, ref["scale"]).clone()
-            cache._resident += t.numel() * t.element_size()
-        if key[: len(_INPUT_KEY)] == _INPUT_KEY:
-            x = entry["x"]
-    for a in saved["aux"]:
-        att.aux[_tuple(a["scope"])] = {k: _restore_value(tensors, v, device) for k, v in a["values"].items()}
-    st.records = [_record(r) for r in saved["records"]]
-    att.capture_records = [_record(r) for r in saved["capture_records"] or []]
-    att.output_format = torch.channels_last if saved["output_format"] == "channels_last" else torch.contiguous_format
-    for k, v in saved["timing"].items():
-        setattr(att, k, v)
-    if x is not None:
-        cache.fingerprint = _fingerprint(model, x, st.config)
+            scale = _tensor(tensors, ref["scale"]).clone() if "scale" in ref else None
+            fields[field] = (t, _DTYPES[ref["home_dtype"]], device, scale)
+        entries.append((_tuple(e["key"]), fields))
+    aux = {
+        _tuple(a["scope"]): {k: _restore_value(tensors, v, device) for k, v in a["values"].items()}
+        for a in saved["aux"]
+    }
+    layout = torch.channels_last if saved["output_format"] == "channels_last" else torch.contiguous_format
+    restore_capture(model, entries, aux, [_record(r) for r in saved["records"]],
+                    [_record(r) for r in saved["capture_records"] or []], layout, saved["timing"], storage)  # fmt: skip
 
 
 def _record(d: dict) -> LayerRecord:

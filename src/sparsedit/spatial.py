@@ -87,6 +87,49 @@ def sparse_state(model: nn.Module) -> SparseState | None:
     return None if att is None else att.state
 
 
+def export_capture(model: nn.Module) -> dict:
+    """What a saved session needs of a captured model besides the weights: its cache (`ActivationCache.export`),
+    the captured non-image inputs per scope, the capture's layer records, the output layout and the timing the
+    measured fallback has gathered. The last uncommitted edit is rolled back first."""
+    att = _attachment(model)
+    st = att.state
+    st.rollback()
+    st.cache.flush(commit=False)
+    return {
+        "cache": st.cache,
+        "aux": att.aux,
+        "records": list(st.records),
+        "capture_records": list(att.capture_records),
+        "output_format": att.output_format,
+        "timing": {"dense_seconds": att.dense_seconds, "pure_dense": att.pure_dense, "sparse_floor": att.sparse_floor},
+    }
+
+
+def restore_capture(model: nn.Module, entries, aux, records, capture_records, output_format, timing,
+                    storage_dtype) -> None:  # fmt: skip
+    """The inverse of `export_capture` on a sparsified model of the same weights: the cache holds `entries` (from
+    `ActivationCache.export`) and is fingerprinted for this model, so edits run against it."""
+    att = _attachment(model)
+    st = att.state
+    st.rollback()
+    st.cache.clear()
+    st.cache.storage_dtype = storage_dtype
+    att.aux.clear()
+    x = None
+    for key, fields in entries:
+        st.cache.restore(key, fields)
+        if key[: len(_INPUT_KEY)] == _INPUT_KEY:
+            x = fields["x"][0]
+    att.aux.update(aux)
+    st.records = list(records)
+    att.capture_records = list(capture_records)
+    att.output_format = output_format
+    for k, v in timing.items():
+        setattr(att, k, v)
+    if x is not None:
+        st.cache.fingerprint = _fingerprint(model, x, st.config)
+
+
 def is_sparsified(model: nn.Module) -> bool:
     return "_sparsedit" in model.__dict__
 
