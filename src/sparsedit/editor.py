@@ -166,6 +166,7 @@ class SparseEditor:
         self.last_stats: EditStats = EditStats()
         self.last_region: torch.Tensor | None = None  # the last edit's regenerated region, bool [B, H, W]
         self._extra_macs = 0
+        self._prompt = textedit.PromptEdits(self)
 
     @property
     def unet(self):
@@ -519,118 +520,18 @@ class SparseEditor:
     def _text_editable(self) -> bool:
         return self.adapter.text_editable
 
+    # -- prompt edits (the technique lives in textedit.PromptEdits) ----------------------------------------------------
     def _record_attention(self, map_steps, prob_steps, z, copies, text_config, version=0):
-        """Make the cross-attention layers record maps (at `map_steps`) and probabilities (at `prob_steps`) during
-        the UNet calls that follow; returns the function that stops recording and returns what was recorded."""
-        ctl = self._control
-        if ctl is None or not self._text_editable():
-            return lambda: None
-        size = textedit.map_resolution(self.unet, tuple(z.shape[-2:]), text_config.attention_downscale)
-        ctl.maps, ctl.probs = {}, {}
-        ctl.map_tokens = size[0] * size[1]
-        ctl.cond = slice(z.shape[0], None) if copies == 2 else slice(None)
-        ctl.record_maps, ctl.record_probs = set(map_steps), set(prob_steps)
-
-        def done():
-            maps = {i: (total / n).reshape(total.shape[0], *size, -1) for i, (total, n) in ctl.maps.items()}
-            out = {"maps": maps, "probs": dict(ctl.probs), "size": size, "version": version}
-            ctl.record_maps, ctl.record_probs = set(), set()
-            ctl.maps, ctl.probs = {}, {}
-            return out
-
-        return done
+        return self._prompt.record_attention(map_steps, prob_steps, z, copies, text_config, version)
 
     def _attention(self, cap, text_config, map_steps, prob_steps) -> dict:
-        """The current image's cross-attention maps and probabilities at the given steps: the capture's records, or
-        (after a committed edit changed the trajectory or the prompt) recomputed by dense UNet calls on the current
-        trajectory, which give exactly what a capture of it would have recorded."""
-        size = textedit.map_resolution(self.unet, tuple(cap.trajectory[0].shape[-2:]), text_config.attention_downscale)
-        att = cap.attention
-        if att is None or att["version"] != cap.version or att["size"] != size:
-            att = {"maps": {}, "probs": {}, "size": size, "version": cap.version}
-        have_probs = {step for _, step in att["probs"]}
-        need_maps = [i for i in map_steps if i not in att["maps"]]
-        need_probs = [i for i in prob_steps if i not in have_probs]
-        if need_maps or need_probs:
-            gs = cap.call["guidance_scale"]
-            predict, copies = self._predictor(cap.embeds, gs, {}, lambda i, call_unet: call_unet())
-            recording = self._record_attention(need_maps, need_probs, cap.trajectory[0], copies, text_config,
-                                               cap.version)  # fmt: skip
-            inject, self._control.inject = self._control.inject, None  # the current image's own attention
-            try:
-                for i in sorted(set(need_maps) | set(need_probs)):
-                    predict(i, cap.timesteps[i], cap.trajectory[i])
-                    self._extra_macs += cap.step_macs
-            finally:
-                fresh = recording()
-                self._control.inject = inject
-            att["maps"].update(fresh["maps"])
-            att["probs"].update(fresh["probs"])
-            self._check_scheduler(cap)  # scale_model_input may have moved a scheduler's step index
-        cap.attention = att
-        return att
+        return self._prompt.attention(cap, text_config, map_steps, prob_steps)
 
-    def _prompt_tokens(self, prompt, negative, b):
-        """Per image: the prompt's and the negative prompt's padded token ids."""
+    def _injection(self, cap, change, b, copies):
+        return self._prompt.injection(cap, change, b, copies)
 
-        def per_image(p):
-            plist = [p if p is not None else ""] if not isinstance(p, list) else p
-            return textedit.token_ids(self.pipe.tokenizer, [q for q in plist for _ in range(b // len(plist))])
-
-        return per_image(prompt), per_image(negative)
-
-    def _alignment(self, cap, prompt, negative, b, copies):
-        """Token alignment of the current and the new prompts: `mapping` `[b, L]` (cond rows) and the changed word
-        tokens of every UNet batch row, in the source and in the target (`[copies * b, L]` bool each)."""
-        tok = self.pipe.tokenizer
-        special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
-        src_p, src_n = self._prompt_tokens(cap.call["prompt"], cap.call["negative_prompt"], b)
-        tgt_p, tgt_n = self._prompt_tokens(prompt, negative, b)
-        rows = list(zip(src_n, tgt_n)) * (copies == 2) + list(zip(src_p, tgt_p))
-        aligned = [textedit.align_tokens(s, t, special) for s, t in rows]
-        device = self.unet.device
-        mapping = torch.tensor([m for m, _, _ in aligned[-b:]], device=device)
-        changed_s = torch.tensor([c for _, c, _ in aligned], device=device)
-        changed_t = torch.tensor([c for _, _, c in aligned], device=device)
-        return mapping, changed_s, changed_t
-
-    def _guided(self, z, t, embeds_list, guidance_scale):
-        """Guided noise predictions of `z` at `t` under each of `embeds_list`, in one UNet call (no scheduler
-        scaling: `z` is a variance-preserving noised latent)."""
-        copies = embeds_list[0].shape[0] // z.shape[0]
-        n = len(embeds_list)
-        self._control.step = None  # no step's recording or injection applies
-        self._extra_macs += self._capture.step_macs * n
-        eps = self.unet(torch.cat([z] * (copies * n)), t, encoder_hidden_states=torch.cat(embeds_list),
-                        return_dict=False)[0]  # fmt: skip
-        out = []
-        for e in eps.chunk(n):
-            if copies == 2:
-                uncond, text = e.chunk(2)
-                e = uncond + guidance_scale * (text - uncond)
-            out.append(e)
-        return out
-
-    def _noise_diff(self, cap, embeds, text_config) -> torch.Tensor:
-        """DiffEdit's score: mean over noise draws of `|eps(new prompt) - eps(current prompt)|`, channels averaged,
-        on the current result noised to `noise_strength`."""
-        sched = self.pipe.scheduler
-        if getattr(sched, "alphas_cumprod", None) is None:
-            raise NotImplementedError(
-                f"{type(sched).__name__} has no alphas_cumprod; use TextEditConfig(region='latent_diff')."
-            )
-        z0 = cap.trajectory[-1]
-        goal = text_config.noise_strength * sched.config.num_train_timesteps
-        t = min(cap.timesteps, key=lambda s: abs(float(s) - goal))
-        ab = sched.alphas_cumprod[int(t)].to(device=z0.device, dtype=torch.float32)
-        g = torch.Generator(device=z0.device).manual_seed(text_config.seed)
-        score = 0
-        for _ in range(text_config.noise_samples):
-            noise = torch.randn(z0.shape, generator=g, device=z0.device, dtype=torch.float32)
-            zt = (ab.sqrt() * z0.float() + (1 - ab).sqrt() * noise).to(z0.dtype)
-            src, tgt = self._guided(zt, t, [cap.embeds, embeds], cap.call["guidance_scale"])
-            score = score + (tgt.float() - src.float()).abs().mean(dim=1)
-        return score / text_config.noise_samples
+    def _detect(self, cap, change, embeds, prep, generator, copies, predict_dense):
+        return self._prompt.detect(cap, change, embeds, prep, generator, copies, predict_dense)
 
     # -- edit ---------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -778,27 +679,6 @@ class SparseEditor:
         self._recapture(cap)
         return self._capture, self.last_stats["seconds"]
 
-    def _injection(self, cap, change, b, copies):
-        """Prompt-to-Prompt's attention injection for this edit (`AttentionControl.inject`), or `None`."""
-        tcfg = change["config"]
-        if tcfg.inject_attention <= 0:
-            return None
-        n_inject = tcfg.inject_steps(len(cap.timesteps))
-        probs = self._attention(cap, tcfg, [], range(n_inject))["probs"]
-        mapping, _, _ = self._alignment(cap, change["prompt"], change["negative_prompt"], b, copies)
-        if tcfg.injection == "replace":
-            src, tgt = (self._prompt_tokens(p, None, b)[0] for p in (cap.call["prompt"], change["prompt"]))
-            eos = self.pipe.tokenizer.eos_token_id
-            if any(s.index(eos) != t.index(eos) for s, t in zip(src, tgt, strict=True)):
-                raise ValueError(
-                    "injection='replace' swaps words of equal token length; these prompts differ in length. "
-                    "Use TextEditConfig(injection='refine')."
-                )
-            mapping = torch.arange(mapping.shape[1], device=mapping.device).expand_as(mapping)
-        textedit.check_installed(self.unet, self._control)
-        self._control.cond = slice(b, None) if copies == 2 else slice(None)
-        return set(range(n_inject)), mapping, probs
-
     @torch.no_grad()
     def find_region(
         self,
@@ -809,86 +689,7 @@ class SparseEditor:
         """The region `edit(prompt=..., negative_prompt=...)` would regenerate, without editing: bool `[B, H, W]` at
         image resolution (after `TextEditConfig.dilation`). Nothing is committed; `last_stats["detect_seconds"]`
         says what finding it cost. Useful to show the region before accepting an edit."""
-        cap = self._capture
-        if cap is None:
-            raise RuntimeError("Nothing captured yet: call `editor.capture(...)` first.")
-        if not self._text_editable():
-            raise ValueError(f"prompt edits need a Stable Diffusion text pipeline, not {type(self.pipe).__name__}.")
-        tcfg = self.text_config if text_config is None else text_config
-        if tcfg.region == "mask":
-            raise ValueError("TextEditConfig(region='mask') finds nothing: the region is the one you pass.")
-        change = {
-            "prompt": cap.call["prompt"] if prompt is None else prompt,
-            "negative_prompt": cap.call["negative_prompt"] if negative_prompt is None else negative_prompt,
-            "config": tcfg,
-            "region": None,
-        }
-        self._check_scheduler(cap)
-        started = time.perf_counter()
-        b = self._batch(cap.image)
-        h, w = cap.decoded.shape[-2:]
-        gs = cap.call["guidance_scale"]
-        copies = 2 if gs > 1.0 else 1
-        embeds = self._embeds(change["prompt"], change["negative_prompt"], gs, b)
-        found = torch.zeros(b, *cap.trajectory[0].shape[-2:], dtype=torch.bool, device=self.unet.device)
-        self._extra_macs = 0
-        if not torch.equal(embeds, cap.embeds):
-            generator = torch.Generator(device=cap.generator_device)
-            generator.set_state(cap.generator_state)
-            try:
-                self._control.inject = self._injection(cap, change, b, copies)
-                x0 = cap.image
-                empty = torch.zeros(b, h, w, dtype=torch.bool, device=self.unet.device)
-                with self._encoder_mode(editing, region=empty, commit=False):
-                    prep = self._prepare(x0, None, generator, cap.timesteps, cap.call["strength"], keep=found, cap=cap)
-                predict, _ = self._predictor(embeds, gs, prep, lambda i, call_unet: call_unet())
-                found, k, _ = self._detect(cap, change, embeds, prep, generator, copies, predict)
-                found = dilate(found, tcfg.dilation)
-                self._extra_macs += k * cap.step_macs
-            finally:
-                self._control.idle()
-                self._check_scheduler(cap)
-        region = F.interpolate(found[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
-        self.last_stats = EditStats.of(
-            {
-                "detect_seconds": time.perf_counter() - started,
-                "region_fraction": float(region.float().mean()),
-                "region_method": tcfg.region,
-                "macs_detect": self._extra_macs,
-                "macs_dense": cap.macs,
-            }
-        )
-        return region
-
-    def _detect(self, cap, change, embeds, prep, generator, copies, predict_dense):
-        """The latent region a prompt change affects (`[b, h, w]` bool), the step the sparse run starts at and the
-        dense latents there (latent_diff, cross_attention: the first steps run densely)."""
-        tcfg = change["config"]
-        z_shape = cap.trajectory[0].shape[-2:]
-        if change["region"] is not None:
-            return F.adaptive_max_pool2d(change["region"][:, None].float(), z_shape)[:, 0] > 0, 0, None
-        if tcfg.region == "noise_diff":
-            return textedit.noise_diff_region(self._noise_diff(cap, embeds, tcfg), tcfg), 0, None
-        k = tcfg.steps_for(len(cap.timesteps))
-        attention = recording = None
-        if tcfg.region == "cross_attention":
-            attention = self._attention(cap, tcfg, range(k), [])
-            recording = self._record_attention(range(k), [], prep["z"], copies, tcfg)
-        try:
-            z, dense = self._loop(prep, cap.timesteps, generator, predict_dense, lambda i, z: z, stop=k)
-        finally:
-            target = recording() if recording is not None else None
-        if tcfg.region == "latent_diff":
-            region = textedit.latent_diff_region(dense[1:], cap.trajectory[1 : k + 1], tcfg)
-        else:
-            b = cap.trajectory[0].shape[0]
-            _, words_s, words_t = self._alignment(cap, change["prompt"], change["negative_prompt"], b, copies)
-            src = torch.stack([attention["maps"][i] for i in range(k)]).mean(0)
-            tgt = torch.stack([target["maps"][i] for i in range(k)]).mean(0)
-            rows = textedit.cross_attention_region(src, words_s, z_shape, tcfg)
-            rows |= textedit.cross_attention_region(tgt, words_t, z_shape, tcfg)
-            region = rows.reshape(copies, b, *z_shape).any(dim=0)
-        return region, k, z
+        return self._prompt.find_region(prompt, negative_prompt, text_config)
 
     def _run_edit(self, cap, x0, mask, region, commit, output_type, return_dict, change=None):
         with session.peak_memory(self.unet.device) as peak:

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import difflib
 import math
+import time
 
 import torch
 import torch.nn.functional as F
 
 from .config import TextEditConfig
+from .regions import dilate
+from .spatial import editing
+from .stats import EditStats
 
 
 __all__ = [
@@ -293,3 +297,240 @@ def map_resolution(unet, latent_size, downscale: int) -> tuple[int, int]:
         raise ValueError("this UNet has no cross-attention layers; use TextEditConfig(region='latent_diff').")
     goal = math.log(latent_size[0] / downscale)
     return min(sizes, key=lambda s: (abs(math.log(s[0]) - goal), -s[0]))
+
+
+class PromptEdits:
+    """The prompt-edit technique (FISEdit's region detection, Prompt-to-Prompt's attention injection) on a
+    `SparseEditor`: recording the capture's cross-attention, aligning the old and new prompts' tokens, and finding
+    the region a prompt change affects. The editor owns the loop and the caches; this owns the technique. It still
+    reads the editor's loop helpers and its current capture (`editor._capture`, `_predictor`, `_loop`): the next
+    step of issue 18 is to give those a public shape."""
+
+    def __init__(self, editor):
+        self.editor = editor
+
+    def record_attention(self, map_steps, prob_steps, z, copies, text_config, version=0):
+        """Make the cross-attention layers record maps (at `map_steps`) and probabilities (at `prob_steps`) during
+        the UNet calls that follow; returns the function that stops recording and returns what was recorded."""
+        ed = self.editor
+        ctl = ed._control
+        if ctl is None or not ed._text_editable():
+            return lambda: None
+        size = map_resolution(ed.unet, tuple(z.shape[-2:]), text_config.attention_downscale)
+        ctl.maps, ctl.probs = {}, {}
+        ctl.map_tokens = size[0] * size[1]
+        ctl.cond = slice(z.shape[0], None) if copies == 2 else slice(None)
+        ctl.record_maps, ctl.record_probs = set(map_steps), set(prob_steps)
+
+        def done():
+            maps = {i: (total / n).reshape(total.shape[0], *size, -1) for i, (total, n) in ctl.maps.items()}
+            out = {"maps": maps, "probs": dict(ctl.probs), "size": size, "version": version}
+            ctl.record_maps, ctl.record_probs = set(), set()
+            ctl.maps, ctl.probs = {}, {}
+            return out
+
+        return done
+
+    def attention(self, cap, text_config, map_steps, prob_steps) -> dict:
+        """The current image's cross-attention maps and probabilities at the given steps: the capture's records, or
+        (after a committed edit changed the trajectory or the prompt) recomputed by dense UNet calls on the current
+        trajectory, which give exactly what a capture of it would have recorded."""
+        ed = self.editor
+        size = map_resolution(ed.unet, tuple(cap.trajectory[0].shape[-2:]), text_config.attention_downscale)
+        att = cap.attention
+        if att is None or att["version"] != cap.version or att["size"] != size:
+            att = {"maps": {}, "probs": {}, "size": size, "version": cap.version}
+        have_probs = {step for _, step in att["probs"]}
+        need_maps = [i for i in map_steps if i not in att["maps"]]
+        need_probs = [i for i in prob_steps if i not in have_probs]
+        if need_maps or need_probs:
+            gs = cap.call["guidance_scale"]
+            predict, copies = ed._predictor(cap.embeds, gs, {}, lambda i, call_unet: call_unet())
+            recording = self.record_attention(need_maps, need_probs, cap.trajectory[0], copies, text_config,
+                                               cap.version)  # fmt: skip
+            inject, ed._control.inject = ed._control.inject, None  # the current image's own attention
+            try:
+                for i in sorted(set(need_maps) | set(need_probs)):
+                    predict(i, cap.timesteps[i], cap.trajectory[i])
+                    ed._extra_macs += cap.step_macs
+            finally:
+                fresh = recording()
+                ed._control.inject = inject
+            att["maps"].update(fresh["maps"])
+            att["probs"].update(fresh["probs"])
+            ed._check_scheduler(cap)  # scale_model_input may have moved a scheduler's step index
+        cap.attention = att
+        return att
+
+    def prompt_tokens(self, prompt, negative, b):
+        """Per image: the prompt's and the negative prompt's padded token ids."""
+        ed = self.editor
+
+        def per_image(p):
+            plist = [p if p is not None else ""] if not isinstance(p, list) else p
+            return token_ids(ed.pipe.tokenizer, [q for q in plist for _ in range(b // len(plist))])
+
+        return per_image(prompt), per_image(negative)
+
+    def alignment(self, cap, prompt, negative, b, copies):
+        """Token alignment of the current and the new prompts: `mapping` `[b, L]` (cond rows) and the changed word
+        tokens of every UNet batch row, in the source and in the target (`[copies * b, L]` bool each)."""
+        ed = self.editor
+        tok = ed.pipe.tokenizer
+        special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+        src_p, src_n = self.prompt_tokens(cap.call["prompt"], cap.call["negative_prompt"], b)
+        tgt_p, tgt_n = self.prompt_tokens(prompt, negative, b)
+        rows = list(zip(src_n, tgt_n)) * (copies == 2) + list(zip(src_p, tgt_p))
+        aligned = [align_tokens(s, t, special) for s, t in rows]
+        device = ed.unet.device
+        mapping = torch.tensor([m for m, _, _ in aligned[-b:]], device=device)
+        changed_s = torch.tensor([c for _, c, _ in aligned], device=device)
+        changed_t = torch.tensor([c for _, _, c in aligned], device=device)
+        return mapping, changed_s, changed_t
+
+    def guided(self, z, t, embeds_list, guidance_scale):
+        """Guided noise predictions of `z` at `t` under each of `embeds_list`, in one UNet call (no scheduler
+        scaling: `z` is a variance-preserving noised latent)."""
+        ed = self.editor
+        copies = embeds_list[0].shape[0] // z.shape[0]
+        n = len(embeds_list)
+        ed._control.step = None  # no step's recording or injection applies
+        ed._extra_macs += ed._capture.step_macs * n
+        eps = ed.unet(torch.cat([z] * (copies * n)), t, encoder_hidden_states=torch.cat(embeds_list),
+                        return_dict=False)[0]  # fmt: skip
+        out = []
+        for e in eps.chunk(n):
+            if copies == 2:
+                uncond, text = e.chunk(2)
+                e = uncond + guidance_scale * (text - uncond)
+            out.append(e)
+        return out
+
+    def noise_diff(self, cap, embeds, text_config) -> torch.Tensor:
+        """DiffEdit's score: mean over noise draws of `|eps(new prompt) - eps(current prompt)|`, channels averaged,
+        on the current result noised to `noise_strength`."""
+        ed = self.editor
+        sched = ed.pipe.scheduler
+        if getattr(sched, "alphas_cumprod", None) is None:
+            raise NotImplementedError(
+                f"{type(sched).__name__} has no alphas_cumprod; use TextEditConfig(region='latent_diff')."
+            )
+        z0 = cap.trajectory[-1]
+        goal = text_config.noise_strength * sched.config.num_train_timesteps
+        t = min(cap.timesteps, key=lambda s: abs(float(s) - goal))
+        ab = sched.alphas_cumprod[int(t)].to(device=z0.device, dtype=torch.float32)
+        g = torch.Generator(device=z0.device).manual_seed(text_config.seed)
+        score = 0
+        for _ in range(text_config.noise_samples):
+            noise = torch.randn(z0.shape, generator=g, device=z0.device, dtype=torch.float32)
+            zt = (ab.sqrt() * z0.float() + (1 - ab).sqrt() * noise).to(z0.dtype)
+            src, tgt = self.guided(zt, t, [cap.embeds, embeds], cap.call["guidance_scale"])
+            score = score + (tgt.float() - src.float()).abs().mean(dim=1)
+        return score / text_config.noise_samples
+
+    def injection(self, cap, change, b, copies):
+        """Prompt-to-Prompt's attention injection for this edit (`AttentionControl.inject`), or `None`."""
+        ed = self.editor
+        tcfg = change["config"]
+        if tcfg.inject_attention <= 0:
+            return None
+        n_inject = tcfg.inject_steps(len(cap.timesteps))
+        probs = self.attention(cap, tcfg, [], range(n_inject))["probs"]
+        mapping, _, _ = self.alignment(cap, change["prompt"], change["negative_prompt"], b, copies)
+        if tcfg.injection == "replace":
+            src, tgt = (self.prompt_tokens(p, None, b)[0] for p in (cap.call["prompt"], change["prompt"]))
+            eos = ed.pipe.tokenizer.eos_token_id
+            if any(s.index(eos) != t.index(eos) for s, t in zip(src, tgt, strict=True)):
+                raise ValueError(
+                    "injection='replace' swaps words of equal token length; these prompts differ in length. "
+                    "Use TextEditConfig(injection='refine')."
+                )
+            mapping = torch.arange(mapping.shape[1], device=mapping.device).expand_as(mapping)
+        check_installed(ed.unet, ed._control)
+        ed._control.cond = slice(b, None) if copies == 2 else slice(None)
+        return set(range(n_inject)), mapping, probs
+
+    def detect(self, cap, change, embeds, prep, generator, copies, predict_dense):
+        """The latent region a prompt change affects (`[b, h, w]` bool), the step the sparse run starts at and the
+        dense latents there (latent_diff, cross_attention: the first steps run densely)."""
+        ed = self.editor
+        tcfg = change["config"]
+        z_shape = cap.trajectory[0].shape[-2:]
+        if change["region"] is not None:
+            return F.adaptive_max_pool2d(change["region"][:, None].float(), z_shape)[:, 0] > 0, 0, None
+        if tcfg.region == "noise_diff":
+            return noise_diff_region(self.noise_diff(cap, embeds, tcfg), tcfg), 0, None
+        k = tcfg.steps_for(len(cap.timesteps))
+        attention = recording = None
+        if tcfg.region == "cross_attention":
+            attention = self.attention(cap, tcfg, range(k), [])
+            recording = self.record_attention(range(k), [], prep["z"], copies, tcfg)
+        try:
+            z, dense = ed._loop(prep, cap.timesteps, generator, predict_dense, lambda i, z: z, stop=k)
+        finally:
+            target = recording() if recording is not None else None
+        if tcfg.region == "latent_diff":
+            region = latent_diff_region(dense[1:], cap.trajectory[1 : k + 1], tcfg)
+        else:
+            b = cap.trajectory[0].shape[0]
+            _, words_s, words_t = self.alignment(cap, change["prompt"], change["negative_prompt"], b, copies)
+            src = torch.stack([attention["maps"][i] for i in range(k)]).mean(0)
+            tgt = torch.stack([target["maps"][i] for i in range(k)]).mean(0)
+            rows = cross_attention_region(src, words_s, z_shape, tcfg)
+            rows |= cross_attention_region(tgt, words_t, z_shape, tcfg)
+            region = rows.reshape(copies, b, *z_shape).any(dim=0)
+        return region, k, z
+
+    def find_region(self, prompt, negative_prompt, text_config):
+        """`SparseEditor.find_region`: the region a prompt change would regenerate, found without editing."""
+        ed = self.editor
+        cap = ed._capture
+        if cap is None:
+            raise RuntimeError("Nothing captured yet: call `editor.capture(...)` first.")
+        if not ed._text_editable():
+            raise ValueError(f"prompt edits need a Stable Diffusion text pipeline, not {type(ed.pipe).__name__}.")
+        tcfg = ed.text_config if text_config is None else text_config
+        if tcfg.region == "mask":
+            raise ValueError("TextEditConfig(region='mask') finds nothing: the region is the one you pass.")
+        change = {
+            "prompt": cap.call["prompt"] if prompt is None else prompt,
+            "negative_prompt": cap.call["negative_prompt"] if negative_prompt is None else negative_prompt,
+            "config": tcfg,
+            "region": None,
+        }
+        ed._check_scheduler(cap)
+        started = time.perf_counter()
+        b = ed._batch(cap.image)
+        h, w = cap.decoded.shape[-2:]
+        gs = cap.call["guidance_scale"]
+        copies = 2 if gs > 1.0 else 1
+        embeds = ed._embeds(change["prompt"], change["negative_prompt"], gs, b)
+        found = torch.zeros(b, *cap.trajectory[0].shape[-2:], dtype=torch.bool, device=ed.unet.device)
+        ed._extra_macs = 0
+        if not torch.equal(embeds, cap.embeds):
+            generator = torch.Generator(device=cap.generator_device)
+            generator.set_state(cap.generator_state)
+            try:
+                ed._control.inject = self.injection(cap, change, b, copies)
+                x0 = cap.image
+                empty = torch.zeros(b, h, w, dtype=torch.bool, device=ed.unet.device)
+                with ed._encoder_mode(editing, region=empty, commit=False):
+                    prep = ed._prepare(x0, None, generator, cap.timesteps, cap.call["strength"], keep=found, cap=cap)
+                predict, _ = ed._predictor(embeds, gs, prep, lambda i, call_unet: call_unet())
+                found, k, _ = self.detect(cap, change, embeds, prep, generator, copies, predict)
+                found = dilate(found, tcfg.dilation)
+                ed._extra_macs += k * cap.step_macs
+            finally:
+                ed._control.idle()
+                ed._check_scheduler(cap)
+        region = F.interpolate(found[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
+        ed.last_stats = EditStats.of(
+            {
+                "detect_seconds": time.perf_counter() - started,
+                "region_fraction": float(region.float().mean()),
+                "region_method": tcfg.region,
+                "macs_detect": ed._extra_macs,
+                "macs_dense": cap.macs,
+            }
+        )
+        return region
