@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import mmap
-import os
 import resource
 from pathlib import Path
 
@@ -255,11 +254,27 @@ class _Writer:
         self.tensors: dict[str, torch.Tensor] = {}
 
     def add(self, name: str, t: torch.Tensor) -> dict:
-        """Store `t`; returns how to rebuild it (its name, and whether it was channels-last)."""
+        """Store `t` with its layout (a channels-last map as NHWC bytes, as the cache holds it); returns how to rebuild
+        it (`_tensor`)."""
         t = t.detach().cpu()
         nhwc = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
         self.tensors[name] = (t.permute(0, 2, 3, 1) if nhwc else t).contiguous()
-        return {"tensor": name, "nhwc": nhwc, "device": str(t.device)}
+        return {"tensor": name, "nhwc": nhwc}
+
+    def plain(self, name: str, t: torch.Tensor | None) -> str | None:
+        """Store `t` in the default layout; returns its name (`None` for no tensor)."""
+        if t is None:
+            return None
+        self.tensors[name] = t.detach().cpu().contiguous()
+        return name
+
+    def write(self, path: Path, manifest: dict) -> None:
+        """The session directory: `tensors.safetensors` and `session.json`."""
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors, str(path / "tensors.safetensors"))
+        (path / "session.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
 
 
 def _value(w: _Writer, name: str, v):
@@ -306,48 +321,45 @@ def save_editor(editor, path) -> None:
         raise RuntimeError("nothing to save: call `editor.capture(...)` first.")
     if editor.temporal is not None:
         raise NotImplementedError("saving a session with temporal reuse is not supported yet; capture it again.")
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    w = _Writer()
-    capture = {
-        "image": w.add("capture/image", cap.image)["tensor"] if isinstance(cap.image, torch.Tensor) else None,
-        "batch_shape": None if isinstance(cap.image, torch.Tensor) else list(cap.image),
-        "mask": None if cap.mask is None else w.add("capture/mask", cap.mask)["tensor"],
-        "trajectory": [w.add(f"capture/trajectory/{i}", t)["tensor"] for i, t in enumerate(cap.trajectory)],
-        "timesteps": w.add("capture/timesteps", torch.stack([torch.as_tensor(t) for t in cap.timesteps]))["tensor"],
-        "generator_state": w.add("capture/generator_state", cap.generator_state)["tensor"],
-        "generator_device": cap.generator_device,
-        "call": cap.call,
-        "embeds": None if cap.embeds is None else w.add("capture/embeds", cap.embeds)["tensor"],
-        "latents": {k: w.add(f"capture/latents/{k}", t)["tensor"] for k, t in cap.latents.items()},
-        "decoded": w.add("capture/decoded", cap.decoded)["tensor"],
-        "scheduler": list(cap.scheduler),
-        "version": cap.version,
-        "step_macs": cap.step_macs,
-        "macs": cap.macs,
-        "attention": None,
-        "conditions": {k: w.add(f"capture/conditions/{k}", t)["tensor"] for k, t in (cap.conditions or {}).items()},
-    }
-    if cap.attention is not None:
-        att = cap.attention
-        capture["attention"] = {
-            "size": list(att["size"]),
-            "version": att["version"],
-            "maps": {str(i): w.add(f"capture/attention/maps/{i}", t)["tensor"] for i, t in att["maps"].items()},
-            "probs": [
-                {"key": list(k), "tensor": w.add(f"capture/attention/probs/{j}", t)["tensor"]}
-                for j, (k, t) in enumerate(att["probs"].items())
-            ],
-        }
     try:
         json.dumps(cap.call)
     except TypeError:
         raise NotImplementedError(
             "this capture's arguments (e.g. a prompt given as embeddings) cannot be saved."
         ) from None
-    manifest = {
+    w = _Writer()
+    image = cap.image if isinstance(cap.image, torch.Tensor) else None  # text-to-image: (batch, height, width)
+    capture = {
+        "image": w.plain("capture/image", image),
+        "batch_shape": None if image is not None else list(cap.image),
+        "mask": w.plain("capture/mask", cap.mask),
+        "trajectory": [w.plain(f"capture/trajectory/{i}", t) for i, t in enumerate(cap.trajectory)],
+        "timesteps": w.plain("capture/timesteps", torch.stack([torch.as_tensor(t) for t in cap.timesteps])),
+        "generator_state": w.plain("capture/generator_state", cap.generator_state),
+        "generator_device": cap.generator_device,
+        "call": cap.call,
+        "embeds": w.plain("capture/embeds", cap.embeds),
+        "latents": {k: w.plain(f"capture/latents/{k}", t) for k, t in cap.latents.items()},
+        "decoded": w.plain("capture/decoded", cap.decoded),
+        "scheduler": list(cap.scheduler),
+        "version": cap.version,
+        "step_macs": cap.step_macs,
+        "macs": cap.macs,
+        "attention": None,
+        "conditions": {k: w.plain(f"capture/conditions/{k}", t) for k, t in (cap.conditions or {}).items()},
+    }
+    if cap.attention is not None:
+        att = cap.attention
+        capture["attention"] = {
+            "size": list(att["size"]),
+            "version": att["version"],
+            "maps": {str(i): w.plain(f"capture/attention/maps/{i}", t) for i, t in att["maps"].items()},
+            "probs": [
+                {"key": list(k), "tensor": w.plain(f"capture/attention/probs/{j}", t)}
+                for j, (k, t) in enumerate(att["probs"].items())
+            ],
+        }
+    w.write(Path(path), {
         "format": FORMAT,
         "editor": type(editor).__name__,
         "kind": editor.kind,
@@ -357,16 +369,12 @@ def save_editor(editor, path) -> None:
         "fingerprint": pipeline_fingerprint(editor),
         "capture": capture,
         "models": {part: _save_model(w, part, m) for part, m in editor._models().items()},
-    }
-    save_file(w.tensors, str(path / "tensors.safetensors"))
-    (path / "session.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
+    })  # fmt: skip
 
 
 def _json_default(o):
     if isinstance(o, torch.dtype):
         return str(o).removeprefix("torch.")
-    if isinstance(o, tuple):
-        return list(o)
     raise TypeError(f"cannot save {type(o).__name__}")
 
 
@@ -443,16 +451,25 @@ def _record(d: dict) -> LayerRecord:
     return LayerRecord(**d)
 
 
-def load_editor(cls, pipe, path, mmap: bool = True):
-    path = Path(path)
+def _read_manifest(path: Path, cls) -> dict:
+    """`session.json` of a session saved by a `cls` editor, checked for its format."""
     manifest_path = path / "session.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(
             f"no saved session at {path} (expected {manifest_path}); write one with editor.save()."
         )
     manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: session format {manifest.get('format')!r}; this sparsedit reads format {FORMAT}.")
+    if manifest.get("format") != FORMAT or manifest.get("editor") != cls.__name__:
+        raise ValueError(
+            f"{path} is not a {cls.__name__} session of format {FORMAT} (it is a {manifest.get('editor')!r} session of "
+            f"format {manifest.get('format')!r}); load it with the editor and sparsedit version that saved it."
+        )
+    return manifest
+
+
+def load_editor(cls, pipe, path, mmap: bool = True):
+    path = Path(path)
+    manifest = _read_manifest(path, cls)
     if manifest["fingerprint"]["pipeline"] != type(pipe).__name__:
         raise StaleCacheError(
             f"the session was saved from a {manifest['fingerprint']['pipeline']}, not a {type(pipe).__name__}; load it "
@@ -510,36 +527,23 @@ def load_editor(cls, pipe, path, mmap: bool = True):
 
 
 def save_gan(editor, path) -> None:
-    from safetensors.torch import save_file
-
     if editor._input is None:
         raise RuntimeError("nothing to save: call `editor.capture(labels)` first.")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     w = _Writer()
-    manifest = {
+    w.write(Path(path), {
         "format": FORMAT,
         "editor": type(editor).__name__,
         "config": editor.config.to_dict(),
         "fingerprint": {"generator": content_fingerprint(editor.generator), "class": type(editor.generator).__name__},
-        "input": w.add("input", editor._input),
-        "image": w.add("image", editor._image),
+        "input": w.plain("input", editor._input),
+        "image": w.plain("image", editor._image),
         "models": {"generator": _save_model(w, "generator", editor.generator)},
-    }
-    save_file(w.tensors, str(path / "tensors.safetensors"))
-    (path / "session.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
+    })  # fmt: skip
 
 
 def load_gan(cls, generator, path, mmap: bool = True):
     path = Path(path)
-    manifest_path = path / "session.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(
-            f"no saved session at {path} (expected {manifest_path}); write one with editor.save()."
-        )
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("editor") != cls.__name__:
-        raise ValueError(f"{path} is not a saved {cls.__name__} session (format {FORMAT}).")
+    manifest = _read_manifest(path, cls)
     now = {"generator": content_fingerprint(generator), "class": type(generator).__name__}
     _compare(manifest["fingerprint"], now)
     editor = cls(generator, SparseConfig.from_dict(manifest["config"]))
@@ -547,13 +551,9 @@ def load_gan(cls, generator, path, mmap: bool = True):
         tensors = read_tensors(path / "tensors.safetensors", use_mmap=mmap)
         device = next((p.device for p in generator.parameters()), torch.device("cpu"))
         _load_model(tensors, manifest["models"]["generator"], generator, editor.config)
-        editor._input = _tensor(tensors, manifest["input"]).to(device)
-        editor._image = _tensor(tensors, manifest["image"]).to(device)
+        editor._input = tensors[manifest["input"]].to(device)
+        editor._image = tensors[manifest["image"]].to(device)
     except BaseException:
         editor.remove()
         raise
     return editor
-
-
-def file_bytes(path) -> int:
-    return sum(os.path.getsize(p) for p in Path(path).iterdir() if p.is_file())
