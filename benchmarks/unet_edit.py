@@ -61,18 +61,9 @@ def sd15():
 
 def sd_vae():
     """The Stable Diffusion VAE architecture (`AutoencoderKL`, 128/256/512/512, two layers per block)."""
-    from diffusers import AutoencoderKL
+    from sparsedit.testing import sd_style_vae
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
+    return sd_style_vae((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512)
 
 
 def sd_vae_decoder():

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import session, textedit
 from . import temporal as temporal_reuse
-from .cache import CacheBytes, StaleCacheError, adapter_state, weights_fingerprint
+from .cache import CacheBytes, StaleCacheError, module_fingerprint
 from .config import OnStale, SparseConfig, TemporalConfig, TextEditConfig
 from .regions import as_region, difference_mask, dilate
 from .spatial import capturing, editing, last_stats, prefetch, scope, sparse_state, sparsify_, unsparsify_
@@ -308,7 +308,7 @@ class SparseEditor:
         for name in ("text_encoder", "text_encoder_2"):
             module = getattr(self.pipe, name, None)
             if isinstance(module, torch.nn.Module):
-                out.append((name, weights_fingerprint(list(module.parameters())), adapter_state(module)))
+                out.append((name, module_fingerprint(module)))
         return tuple(out)
 
     def _check_scheduler(self, cap) -> None:

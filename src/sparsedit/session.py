@@ -233,8 +233,9 @@ def pipeline_fingerprint(editor) -> dict:
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
             out[name] = content_fingerprint(module)
-            if adapter_state(module):
-                out[f"{name} LoRA adapters"] = [list(map(str, a)) for a in adapter_state(module)]
+            adapters = adapter_state(module)
+            if adapters:
+                out[f"{name} LoRA adapters"] = [list(map(str, a)) for a in adapters]
     return out
 
 

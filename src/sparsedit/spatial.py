@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
-from .cache import ActivationCache, StaleCacheError, adapter_state, weights_fingerprint
+from .cache import ActivationCache, StaleCacheError, module_fingerprint
 from .config import SparseConfig
 from .nn.base import SparseHandler, UnsupportedLayerError, handler_for, is_dense_safe
 from .nn.state import Mode, SparseState
@@ -297,8 +297,7 @@ def _fingerprint(model: nn.Module, x: torch.Tensor, config: SparseConfig) -> dic
         "input shape": tuple(x.shape),
         "input dtype": x.dtype,
         "device": x.device,
-        "weights": weights_fingerprint([*model.parameters(), *model.buffers()]),
-        "LoRA adapters": adapter_state(model),
+        "weights and LoRA adapters": module_fingerprint(model),
         "config": config.to_json(),
         "training": model.training,
     }

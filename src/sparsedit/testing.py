@@ -50,6 +50,31 @@ def clip_text_encoder(directory: str | Path, width: int, layers: int, heads: int
     return tokenizer, CLIPTextModel(config).eval()
 
 
+def sd_style_vae(channels: tuple[int, ...], layers_per_block: int = 1, norm_num_groups: int = 8, **kwargs):
+    """An `AutoencoderKL` of the Stable Diffusion layout (one down/up block per entry of `channels`, 4 latent
+    channels), random weights from the current RNG state."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=tuple(channels),
+        latent_channels=4,
+        norm_num_groups=norm_num_groups,
+        layers_per_block=layers_per_block,
+        **kwargs,
+    )
+
+
+def tiny_ddim():
+    """The DDIM scheduler of the tiny test pipelines (Stable Diffusion's betas)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
+
+
 _SD_PIPELINES = {
     "img2img": "StableDiffusionImg2ImgPipeline",
     "inpaint": "StableDiffusionInpaintPipeline",
@@ -79,19 +104,10 @@ def tiny_sd(
         unet_in_channels: 4, or 9 for an inpainting UNet (the default for `"inpaint"`).
     """
     import diffusers
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     tokenizer, text_encoder = clip_text_encoder(directory, text_width, layers=2, heads=4, intermediate=37, length=16)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        block_out_channels=vae_channels,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-    ).eval()
+    vae = sd_style_vae(vae_channels).eval()
     levels = len(unet_channels)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -112,9 +128,7 @@ def tiny_sd(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(
-            num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
-        ),
+        scheduler=tiny_ddim(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -185,7 +199,7 @@ def tiny_sdxl(directory: str | Path, pipeline: str = "img2img", dtype: torch.dty
     a DDIM scheduler. `pipeline`: `"img2img"`, `"txt2img"`, `"inpaint"` (a 4-channel UNet, latent blending) or
     `"inpaint9"` (a 9-channel inpainting UNet)."""
     import diffusers
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     tokenizer, text_encoder = clip_text_encoder(directory, 32, layers=2, heads=4, intermediate=37, length=16)
@@ -196,16 +210,7 @@ def tiny_sdxl(directory: str | Path, pipeline: str = "img2img", dtype: torch.dty
                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     text_encoder_2 = CLIPTextModelWithProjection(config2).eval()
     torch.manual_seed(2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-    ).eval()
+    vae = sd_style_vae((8, 16, 16, 16)).eval()
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=9 if pipeline == "inpaint9" else 4,
@@ -235,9 +240,7 @@ def tiny_sdxl(directory: str | Path, pipeline: str = "img2img", dtype: torch.dty
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(
-            num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
-        ),
+        scheduler=tiny_ddim(),
         add_watermarker=False,
         **kwargs,
     )
