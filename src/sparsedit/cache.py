@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import shutil
 import tempfile
@@ -188,9 +189,7 @@ class ActivationCache:
             self._dir = tempfile.mkdtemp(prefix="sparsedit-cache-")
             weakref.finalize(self, shutil.rmtree, self._dir, True)
         path = os.path.join(self._dir, f"{next(self._files)}.bin")
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         flat = torch.from_file(path, shared=True, size=max(numel, 1), dtype=dtype)[:numel]
         if len(shape) == 4:
             b, c, h, w = shape
@@ -234,7 +233,6 @@ class ActivationCache:
                 if is_feature_map(t) and not exact:
                     self.counting["maps"] += t.numel() * t.element_size()
                     self.counting["maps_numel"] += t.numel()
-                    self.counting["maps4d_numel"] = self.counting.get("maps4d_numel", 0) + t.numel() * (t.dim() == 4)
                 else:
                     self.counting["other"] += t.numel() * t.element_size()
             return
@@ -244,7 +242,7 @@ class ActivationCache:
             new = 0
             for t in tensors.values():
                 dtype = t.dtype if exact else self._stored_form(t)[0]
-                new += 0 if (self.disk and not exact) else t.numel() * torch.empty((), dtype=dtype).element_size()
+                new += 0 if (self.disk and not exact) else t.numel() * dtype.itemsize
             total = self._resident - old + new
             if total > self.budget:
                 raise CacheBudgetError(
@@ -315,11 +313,12 @@ class ActivationCache:
         ref = self._copies.get(id(t))
         return ref is not None and ref() is t
 
-    def _working_copy(self, key: Hashable) -> dict[str, torch.Tensor]:
+    def _working_copy(self, key: Hashable, background: bool = False) -> dict[str, torch.Tensor]:
+        """The entry converted to its producer's dtype and device. In the background (a prefetch), copies to a GPU
+        go on a side stream, finished before the copy is handed out."""
         entry, home = self._entries[key], self._home[key]
-        stream = None
-        if any(d.type == "cuda" for _, d in home.values()) and self._pool is not None:
-            stream = torch.cuda.Stream(device=next(d for _, d in home.values() if d.type == "cuda"))
+        cuda = next((d for _, d in home.values() if d.type == "cuda"), None)
+        stream = torch.cuda.Stream(device=cuda) if background and cuda is not None else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             working = {}
             scales = self._scales.get(key, {})
@@ -356,7 +355,7 @@ class ActivationCache:
         queued = 0
         for key in keys:
             if key in self._entries and key not in self._working and key not in self._prefetched:
-                self._prefetched[key] = self._pool.submit(self._working_copy, key)
+                self._prefetched[key] = self._pool.submit(self._working_copy, key, True)
                 queued += 1
         return queued
 

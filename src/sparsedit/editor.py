@@ -311,10 +311,11 @@ class SparseEditor:
                 out.append((name, module_fingerprint(module)))
         return tuple(out)
 
-    def _check_scheduler(self, cap) -> None:
-        """The scheduler may have been swapped, reconfigured or reset (a plain `pipe(...)` call resets its timesteps)
-        since the capture: re-derive the capture's timesteps, and refuse a different scheduler. The text encoders
-        must be the capture's too (weights, LoRA adapters loaded, fused or re-weighted)."""
+    def _check_capture(self, cap) -> None:
+        """Refuse a capture that the pipeline no longer matches outside the UNet (whose own fingerprint the engine
+        checks on every run): the text encoders (weights, LoRA adapters loaded, fused or re-weighted), and the
+        scheduler, which may have been swapped, reconfigured or reset (a plain `pipe(...)` call resets its
+        timesteps): the capture's timesteps are derived again."""
         if cap.text_fingerprint is not None and self._text_fingerprint() != cap.text_fingerprint:
             raise StaleCacheError(
                 "the pipeline's text encoder changed since the capture (its weights, or LoRA adapters loaded, fused, "
@@ -474,7 +475,7 @@ class SparseEditor:
             attention=attention,
             step_macs=step_macs,
             macs=macs,
-            conditions=dict(getattr(self.adapter, "conditions", None) or {}),
+            conditions=dict(self.adapter.conditions),
             text_fingerprint=self._text_fingerprint(),
         )
         self.last_stats = EditStats.of(
@@ -698,11 +699,8 @@ class SparseEditor:
         return out
 
     def _edit_run(self, cap, x0, mask, region, commit, output_type, return_dict, change=None):
-        self._check_scheduler(cap)
-        if cap.conditions:
-            self.adapter.conditions = dict(
-                cap.conditions
-            )  # also resets the scheduler's step index to the capture's first step
+        self._check_capture(cap)  # also resets the scheduler's step index to the capture's first step
+        self.adapter.conditions = dict(cap.conditions or {})  # the capture's (a load or a prompt edit may follow)
         unet = self.unet
         b = self._batch(x0)
         h, w = cap.decoded.shape[-2:]

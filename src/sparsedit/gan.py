@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .config import SparseConfig
 from .regions import as_region
-from .spatial import capturing, editing, is_sparsified, last_stats, sparsify_, unsparsify_
+from .spatial import capturing, editing, is_sparsified, last_stats, sparse_state, sparsify_, unsparsify_
 from .stats import EditStats
 
 
@@ -144,7 +144,7 @@ class GANEditor:
         if not bool(changed.any()):
             image = self._image.clone()
             stats = {"macs_dense": self.last_stats.get("macs_dense", 0), "macs_sparse": 0, "active_fraction": {},
-                     "dense_layers": {}}  # fmt: skip
+                     "dense_layers": {}, "cache_bytes": sparse_state(self.generator).cache.nbytes}  # fmt: skip
         else:
             with editing(self.generator, region=changed, commit=commit):
                 image = self.generator(x)
@@ -159,9 +159,7 @@ class GANEditor:
                 "active_fraction": stats["active_fraction"],
                 "region_fraction": float(changed.float().mean()),
                 "seconds": time.perf_counter() - started,
-                "cache_bytes": stats["cache_bytes"]
-                if "cache_bytes" in stats
-                else last_stats(self.generator)["cache_bytes"],
+                "cache_bytes": stats["cache_bytes"],
                 "dense_layers": stats["dense_layers"],
                 "time": stats.get("time", {}),
                 "dense_run": stats.get("dense_run"),

@@ -25,6 +25,7 @@ __all__ = [
     "dilate",
     "downsample_region",
     "mask_pyramid",
+    "pyramid_level",
     "propagate",
     "repeat_region",
 ]
@@ -187,7 +188,12 @@ def mask_pyramid(
 ) -> dict[tuple[int, int], torch.Tensor]:
     """One region per resolution, SIGE style: dilate at input resolution, resample, threshold, dilate again."""
     base = dilate(region, input_dilation)
-    return {tuple(size): dilate(downsample_region(base, size, threshold), dilation) for size in sizes}
+    return {tuple(size): pyramid_level(base, size, threshold, dilation) for size in sizes}
+
+
+def pyramid_level(base: torch.Tensor, size: tuple[int, int], threshold: float = 0.3, dilation: int = 1):
+    """One level of `mask_pyramid` from the region already dilated at input resolution."""
+    return dilate(downsample_region(base, size, threshold), dilation)
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
             with capturing(dec), sparse_state(dec).cache.dry_run() as tally:
                 dec(lat)
             tallies["vae_decoder"] = dict(tally)
-    latent_bytes = b * 4 * (h // f) * (w // f) * (n + 4) * torch.empty((), dtype=unet.dtype).element_size()
+    latent_bytes = b * 4 * (h // f) * (w // f) * (n + 4) * unet.dtype.itemsize
     other = latent_bytes + b * 3 * h * w * 8 + _nbytes(embeds)  # trajectory, image and decoded, embeddings
     if editor._control is not None and editor._text_editable() and embeds is not None:
         # the cross-attention maps a capture records for prompt edits: one [rows, h, w, tokens] float32 map per step
@@ -145,10 +145,7 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
         t = tallies.get(part)
         if t is None:
             return 0
-        if dtype == torch.int8:  # 4D maps at one byte, keys/values and tokens in bfloat16
-            maps = t.get("maps4d_numel", 0) + 2 * (t["maps_numel"] - t.get("maps4d_numel", 0))
-        else:
-            maps = t["maps"] if dtype is None else t["maps_numel"] * torch.empty((), dtype=dtype).element_size()
+        maps = t["maps"] if dtype is None else t["maps_numel"] * dtype.itemsize
         return maps + t["other"]
 
     caches = {part: sparse_state(m).cache for part, m in editor._models().items()}
@@ -398,7 +395,7 @@ def read_tensors(path: Path, use_mmap: bool = True) -> dict[str, torch.Tensor]:
         dtype = _ST_DTYPES[info["dtype"]]
         start, end = info["data_offsets"]
         raw = base[8 + n + start : 8 + n + end]
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         if (8 + n + start) % size:
             raw = raw.clone()  # misaligned for this dtype: a copy
         out[name] = raw.view(dtype).reshape(info["shape"])
@@ -520,7 +517,7 @@ def load_editor(cls, pipe, path, mmap: bool = True):
             conditions={k: get(n) for k, n in c.get("conditions", {}).items()},
         )
         editor._capture.text_fingerprint = editor._text_fingerprint()  # checked against the saved content above
-        editor._check_scheduler(editor._capture)
+        editor._check_capture(editor._capture)
     except BaseException:
         editor.remove()
         raise

@@ -71,6 +71,11 @@ class _Attachment:
         self.capture_records: list = []  # the last capture's per-layer records (a plain dense run reports them)
         self.tracking: RegionTracking | None = None  # entered for each sparse forward only
 
+    def stop_tracking(self) -> None:
+        if self.tracking is not None:
+            self.tracking.__exit__(None, None, None)
+            self.tracking = None
+
 
 def _attachment(model: nn.Module) -> _Attachment:
     att = model.__dict__.get("_sparsedit")
@@ -424,9 +429,7 @@ def _remember_changed_aux(att: _Attachment, args, kwargs) -> None:
 def _make_post_hook(att: _Attachment):
     def post_hook(module, args, kwargs, output):
         st = att.state
-        if att.tracking is not None:
-            att.tracking.__exit__(None, None, None)
-            att.tracking = None
+        att.stop_tracking()
         if st.mode is None and not att.dense_run:
             return None
         att.seconds = time.perf_counter() - att.started
@@ -541,9 +544,7 @@ def editing(model: nn.Module, region: torch.Tensor | None = None, commit: bool =
         with _mode(att, Mode.SPARSE):
             yield
     finally:
-        if att.tracking is not None:  # a forward that never reached its post hook
-            att.tracking.__exit__(None, None, None)
-            att.tracking = None
+        att.stop_tracking()  # a forward that never reached its post hook
         if not commit:
             st.rollback()
         att.pending_region = None

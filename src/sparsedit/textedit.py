@@ -358,7 +358,7 @@ class PromptEdits:
                 ed._control.inject = inject
             att["maps"].update(fresh["maps"])
             att["probs"].update(fresh["probs"])
-            ed._check_scheduler(cap)  # scale_model_input may have moved a scheduler's step index
+            ed._check_capture(cap)  # scale_model_input may have moved a scheduler's step index
         cap.attention = att
         return att
 
@@ -498,7 +498,7 @@ class PromptEdits:
             "config": tcfg,
             "region": None,
         }
-        ed._check_scheduler(cap)
+        ed._check_capture(cap)
         started = time.perf_counter()
         b = ed._batch(cap.image)
         h, w = cap.decoded.shape[-2:]
@@ -522,7 +522,7 @@ class PromptEdits:
                 ed._extra_macs += k * cap.step_macs
             finally:
                 ed._control.idle()
-                ed._check_scheduler(cap)
+                ed._check_capture(cap)
         region = F.interpolate(found[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
         ed.last_stats = EditStats.of(
             {

@@ -75,6 +75,9 @@ class PipelineAdapter:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        # UNet conditioning besides the text context that `embeds` derives from the prompt (SDXL's pooled
+        # embedding); the editor keeps the capture's copy with the capture.
+        self.conditions: dict = {}
 
     @property
     def unet(self):
@@ -305,10 +308,6 @@ class _SDXLConditioning:
 
     text_editable = False
     guidance_scale = 5.0
-
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        self.conditions: dict = {}
 
     def check(self):
         super().check()

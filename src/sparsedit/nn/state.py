@@ -12,7 +12,7 @@ from enum import Enum
 import torch
 
 from ..config import SparseConfig
-from ..regions import BlockIndex, Geometry, block_index, dilate, downsample_region, propagate, repeat_region
+from ..regions import BlockIndex, Geometry, block_index, dilate, propagate, pyramid_level, repeat_region
 
 
 __all__ = ["LayerRecord", "Mode", "Plan", "SparseState"]
@@ -140,17 +140,13 @@ class SparseState:
         return (name, idx, *self.scope)
 
     # -- undo log: sparse runs write into cached buffers in place; uncommitted runs are rolled back -----------------
-    def remember(self, restore: Callable[[], None], target: torch.Tensor | None = None) -> bool:
-        """Log how to undo an in-place write into `target` (a cached buffer). Not needed, and not logged, when
-        `target` is a working copy in an uncommitted run: the copy is dropped at the end of the run. Returns whether
-        it was logged (callers skip saving the old values when not)."""
-        if target is not None and not self.commit and self.cache.is_copy(target):
-            return False
+    def remember(self, restore: Callable[[], None]) -> None:
+        """Log how to undo an in-place write into a cached buffer (callers ask `needs_undo` first)."""
         self.undo.append(restore)
-        return True
 
     def needs_undo(self, target: torch.Tensor) -> bool:
-        """Whether an in-place write into `target` must be undo-logged (see `remember`)."""
+        """Whether an in-place write into `target` (a cached buffer) must be undo-logged: not when it is a working
+        copy in an uncommitted run, which is dropped at the end of the run anyway."""
         return self.commit or not self.cache.is_copy(target)
 
     def rollback(self) -> None:
@@ -255,7 +251,7 @@ class SparseState:
 
         def build():
             dilated = self.plan.get(("pyramid base",), (), base)
-            r = dilate(downsample_region(dilated, size, cfg.pyramid_threshold), cfg.dilation)
+            r = pyramid_level(dilated, size, cfg.pyramid_threshold, cfg.dilation)
             if size[0] <= cfg.dense_below and bool(r.any()):  # coarse maps: the whole map
                 r = torch.ones_like(r)
             return r
