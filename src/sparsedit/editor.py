@@ -144,10 +144,9 @@ class SparseEditor:
                                               "cache_budget": None})  # fmt: skip
         if self.latent:  # prompt edits: the cross-attention layers record the capture's maps and inject them
             self._control = textedit.AttentionControl()
-            if unet_dtype is not None:  # cross-attention probabilities: bfloat16 at the smallest
-                self._control.storage_dtype = getattr(torch, "bfloat16" if unet_dtype == "int8" else unet_dtype)
             self._processors = textedit.install(unet, self._control)
         sparsify_(unet, unet_config)
+        self._sync_attention_storage()
         self.temporal = temporal
         if temporal is not None:  # after sparsify_: the reuse hooks sit outside the sparse ones
             temporal_reuse.apply_encoder_propagation(unet, temporal)
@@ -167,6 +166,13 @@ class SparseEditor:
         self.last_region: torch.Tensor | None = None  # the last edit's regenerated region, bool [B, H, W]
         self._extra_macs = 0
         self._prompt = textedit.PromptEdits(self)
+
+    def _sync_attention_storage(self) -> None:
+        """Stored cross-attention probabilities (prompt edits) take the UNet cache's storage dtype, bfloat16 at the
+        smallest (they are not quantized)."""
+        if self._control is not None:
+            dtype = sparse_state(self.unet).cache.storage_dtype
+            self._control.storage_dtype = torch.bfloat16 if dtype == torch.int8 else dtype
 
     @property
     def unet(self):
@@ -415,16 +421,15 @@ class SparseEditor:
         if self.config.budget_bytes is not None:  # measured by dry runs, before anything is stored
             copies = 2 if embeds is not None and call["guidance_scale"] > 1.0 else 1
             budget = session.fit_budget(self, x0, call, embeds, timesteps, copies)
-            if budget["choice"] != "as configured" and self._control is not None:
-                self._control.storage_dtype = torch.bfloat16
+            self._sync_attention_storage()
         with session.peak_memory(self.unet.device) as peak:
-            decoded = self._capture_run(x0, mask, call, generator, state, timesteps, embeds)
+            decoded = self._capture_dense(x0, mask, call, generator, state, timesteps, embeds)
         self.last_stats.update(peak)
         if budget is not None:
             self.last_stats["budget"] = budget
         return decoded
 
-    def _capture_run(self, x0, mask, call, generator, state, timesteps, embeds) -> torch.Tensor:
+    def _capture_dense(self, x0, mask, call, generator, state, timesteps, embeds) -> torch.Tensor:
         unet = self.unet
         started = time.perf_counter()
         macs = computed = step_macs = 0
@@ -694,11 +699,11 @@ class SparseEditor:
 
     def _run_edit(self, cap, x0, mask, region, commit, output_type, return_dict, change=None):
         with session.peak_memory(self.unet.device) as peak:
-            out = self._edit_run(cap, x0, mask, region, commit, output_type, return_dict, change)
+            out = self._edit_sparse(cap, x0, mask, region, commit, output_type, return_dict, change)
         self.last_stats.update(peak)
         return out
 
-    def _edit_run(self, cap, x0, mask, region, commit, output_type, return_dict, change=None):
+    def _edit_sparse(self, cap, x0, mask, region, commit, output_type, return_dict, change=None):
         self._check_capture(cap)  # also resets the scheduler's step index to the capture's first step
         self.adapter.conditions = dict(cap.conditions or {})  # the capture's (a load or a prompt edit may follow)
         unet = self.unet

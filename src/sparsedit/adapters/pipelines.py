@@ -56,7 +56,8 @@ class PipelineAdapter:
     - `kind`: a short name (`"pixel"`, `"txt2img"`, `"img2img"`, `"inpaint"`), saved with sessions;
     - `latent`: it denoises VAE latents (a VAE encoder/decoder and a text encoder come with it);
     - `takes_image`: `capture(image=...)` is required; `text_editable`: prompt edits apply;
-    - `full_strength`: its default strength is 1.0 (generation from noise), not SDEdit's 0.7;
+    - `default_strength`: SDEdit's 0.7, 1.0 for generation from noise (txt2img, inpainting), or the pipeline's own;
+    - `guidance_scale`: the pipeline's default classifier-free guidance;
     - `fixed_size`: height and width default to the UNet's sample size (not the image's);
     - `encodes_image`: the VAE encoder runs on the image; `takes_mask`: a `mask_image` is part of its input.
     """
@@ -66,12 +67,11 @@ class PipelineAdapter:
     latent = True
     takes_image = True
     text_editable = False
-    full_strength = False
     fixed_size = False
     encodes_image = True
     takes_mask = False
-    guidance_scale = 7.5  # the pipeline's default classifier-free guidance
-    default_strength = 0.7  # SDEdit's noise level; generation from noise (txt2img, inpainting) uses 1.0
+    guidance_scale = 7.5
+    default_strength = 0.7
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -211,7 +211,6 @@ class Text2ImgAdapter(PipelineAdapter):
     kind = "txt2img"
     takes_image = False
     text_editable = True
-    full_strength = True
     default_strength = 1.0
     fixed_size = True
     encodes_image = False
@@ -249,7 +248,6 @@ class InpaintAdapter(PipelineAdapter):
 
     kind = "inpaint"
     takes_mask = True
-    full_strength = True
     default_strength = 1.0
     fixed_size = True
 
