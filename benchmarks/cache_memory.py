@@ -27,7 +27,8 @@ from unet_edit import loadavg, stroke_region
 
 from sparsedit import SparseConfig, SparseEditor
 from sparsedit.demo import load_photo
-from sparsedit.spatial import _attachment
+from sparsedit.nn.base import handler_of
+from sparsedit.spatial import sparse_state
 
 
 def peak_rss() -> int:
@@ -36,13 +37,12 @@ def peak_rss() -> int:
 
 def by_kind(model) -> dict:
     """Cache bytes of one sparsified model by entry name (`out`, `k`, `mean`...) and layer kind."""
-    att = _attachment(model)
-    kinds = {h.name: h.kind for h in att.handlers}
+    kinds = {h.name: h.kind for h in map(handler_of, model.modules()) if h is not None}
     out = defaultdict(int)
-    for key, entry in att.state.cache._entries.items():
+    for key, fields in sparse_state(model).cache.export():
         name = key[0] if isinstance(key, tuple) else key
         kind = kinds.get(name, "input" if str(name).startswith("__") else "?")
-        for field, t in entry.items():
+        for field, (t, *_) in fields.items():
             out[f"{kind}.{field}"] += t.numel() * t.element_size()
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
