@@ -431,3 +431,68 @@ def test_low_precision_cache_halves_memory_within_rounding():
     assert torch.equal(got[1], got[2])  # an uncommitted edit leaves the stored cache as it was
     with pytest.raises(ValueError, match="cache_dtype"):
         SparseConfig(cache_dtype="int4")
+
+
+class _SideInput(nn.Module):
+    """A conv stack with a second spatial input added between its layers (as a ControlNet's residuals enter the
+    UNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, side=None):
+        h = torch.relu(self.conv1(x))
+        if side is not None:
+            h = h + side
+        return self.conv3(torch.relu(self.conv2(h)))
+
+
+@given(data=st.data())
+def test_spatial_inputs_with_their_regions_stay_sparse_and_exact(data):
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    h, w = data.draw(st.integers(12, 24), label="h"), data.draw(st.integers(12, 24), label="w")
+    model = _SideInput().eval()
+    x, side = torch.randn(1, 3, h, w), torch.randn(1, 6, h, w)
+    a = data.draw(regions(1, h, w), label="image region")
+    b = data.draw(regions(1, h, w), label="side region")
+    x1 = edit_input(x, a, 1)
+    side1 = torch.where(b[:, None], side + 1, side)
+    with torch.no_grad():
+        want = model(x1, side=side1)
+    sparsedit.sparsify_(model, SparseConfig(exact=True, tile_size=2, measured_fallback=False))
+    try:
+        with sparsedit.capturing(model, spatial_inputs=("side",)), torch.no_grad():
+            model(x, side=side)
+        with pytest.raises(ValueError, match="spatial inputs"):
+            with sparsedit.editing(model, input_regions={"other": b}):
+                pass
+        with sparsedit.editing(model, region=a, input_regions={"side": b}), torch.no_grad():
+            got = model(x1, side=side1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        tagged = sparsedit.last_stats(model)["macs_sparse"]
+        # Without its region the side input counts as changed everywhere: still exact, and no cheaper.
+        with sparsedit.editing(model, region=a), torch.no_grad():
+            got = model(x1, side=side1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert tagged <= sparsedit.last_stats(model)["macs_sparse"]
+    finally:
+        sparsedit.unsparsify_(model)
+
+
+def test_output_regions_name_where_a_sparse_run_changed_its_outputs():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)).eval()
+    sparsedit.sparsify_(model, SparseConfig(exact=True, tile_size=2, measured_fallback=False))
+    x = torch.randn(1, 3, 16, 16)
+    region = torch.zeros(1, 16, 16, dtype=torch.bool)
+    region[:, 5:7, 5:7] = True
+    with sparsedit.capturing(model), torch.no_grad():
+        y0 = model(x)
+    with sparsedit.editing(model, region=region), torch.no_grad():
+        y1 = model(edit_input(x, region, 0))
+    changed = sparsedit.output_regions(model)
+    assert changed.shape == (1, 16, 16) and changed.sum() == 36  # 2x2 grown by two 3x3 convolutions: 6x6
+    assert not (y1 != y0).any(dim=1)[~changed].any()
+    sparsedit.unsparsify_(model)

@@ -31,7 +31,17 @@ from . import temporal as temporal_reuse
 from .cache import CacheBytes, StaleCacheError, module_fingerprint
 from .config import OnStale, SparseConfig, TemporalConfig, TextEditConfig
 from .regions import as_region, difference_mask, dilate
-from .spatial import capturing, editing, last_stats, prefetch, scope, sparse_state, sparsify_, unsparsify_
+from .spatial import (
+    capturing,
+    editing,
+    last_stats,
+    output_regions,
+    prefetch,
+    scope,
+    sparse_state,
+    sparsify_,
+    unsparsify_,
+)
 from .stats import EditStats
 
 
@@ -68,6 +78,7 @@ class _Capture:
     macs: int = 0  # the whole dense run
     conditions: dict | None = None  # the adapter's conditioning besides the text context (SDXL's pooled embedding)
     text_fingerprint: tuple | None = None  # the text encoders the embeddings came from (`_text_fingerprint`)
+    inputs: dict | None = None  # the adapter's `extra_images` (the ControlNet's control image), at image resolution
 
 
 class SparseEditor:
@@ -125,6 +136,10 @@ class SparseEditor:
             )
         on_stale = OnStale.parse(on_stale, "on_stale")
         adapter.check()
+        if adapter.controlnet is not None and temporal is not None:
+            raise NotImplementedError(
+                "temporal reuse with a ControlNet is not supported yet: make the editor without it."
+            )
         self.pipe = pipe
         self.adapter = adapter  # what this pipeline family does around the loop (adapters/pipelines.py)
         self.kind = adapter.kind
@@ -146,6 +161,9 @@ class SparseEditor:
             self._control = textedit.AttentionControl()
             self._processors = textedit.install(unet, self._control)
         sparsify_(unet, unet_config)
+        self.controlnet = adapter.controlnet  # runs sparse on the UNet's region, step by step
+        if self.controlnet is not None:
+            sparsify_(self.controlnet, unet_config)
         self._sync_attention_storage()
         self.temporal = temporal
         if temporal is not None:  # after sparsify_: the reuse hooks sit outside the sparse ones
@@ -183,6 +201,8 @@ class SparseEditor:
         if self.temporal is not None:
             temporal_reuse.remove_encoder_propagation(self.unet)
         unsparsify_(self.unet)
+        if self.controlnet is not None:
+            unsparsify_(self.controlnet)
         if self.latent:
             unsparsify_(self.pipe.vae.decoder)
             unsparsify_(self.pipe.vae.encoder)
@@ -232,10 +252,11 @@ class SparseEditor:
     def _decode(self, z):
         return self.adapter.decode(z)
 
-    def _prepare(self, x0, mask, generator, timesteps, strength, keep=None, cap=None) -> dict:
-        """The loop's starting point (the adapter's `prepare`). In an edit (`keep`, `cap`), every encoded tensor is
-        the capture's outside `keep`: the sparse VAE encoder is approximate near the region, and the UNet must see
-        the captured input there. Text-to-image takes `x0 = (batch, height, width)`."""
+    def _prepare(self, x0, mask, generator, timesteps, call, inputs, copies, keep=None, cap=None) -> dict:
+        """The loop's starting point (the adapter's `prepare`, then `prepare_inputs` for its extra inputs). In an
+        edit (`keep`, `cap`), every encoded tensor is the capture's outside `keep`: the sparse VAE encoder is
+        approximate near the region, and the UNet must see the captured input there. Text-to-image takes
+        `x0 = (batch, height, width)`."""
 
         def kept(name, t):
             return t if keep is None else torch.where(keep[:, None], t, cap.latents[name])
@@ -243,7 +264,10 @@ class SparseEditor:
         def encode(x, name):
             return self._encode(x, generator, name)
 
-        return self.adapter.prepare(x0, mask, generator, timesteps, strength, encode, kept)
+        prep = self.adapter.prepare(x0, mask, generator, timesteps, call["strength"], encode, kept)
+        self.adapter.prepare_inputs(prep, inputs, call, copies, None if cap is None else cap.latents)
+        prep["call"], prep["steps"] = call, len(timesteps)
+        return prep
 
     def _loop(self, prep, timesteps, generator, predict, composite, start=0, stop=None, z=None):
         """Denoise steps `start` to `stop` from `z` (default: `prep["z"]`). `predict(i, t, z)` returns the guided
@@ -277,9 +301,14 @@ class SparseEditor:
                 reuse.step = None  # calls outside the loop (noise_diff's) run whole
         return z, trajectory
 
-    def _predictor(self, embeds, guidance_scale, prep, run_unet):
-        """The per-step noise prediction, with classifier-free guidance batched as the pipeline batches it."""
+    def _predictor(self, embeds, guidance_scale, prep, run_unet, run_control=None):
+        """The per-step noise prediction, with classifier-free guidance batched as the pipeline batches it.
+        `run_unet(i, fn)` runs the UNet call `fn` of step `i` under the capture or edit; with a ControlNet,
+        `run_control(i, fn, copies)` runs its call and returns `(output, output regions)`, and the UNet's call is
+        `run_unet(i, fn, regions)` with the regions of the ControlNet's residuals."""
         unet, sched = self.unet, self.pipe.scheduler
+        if run_control is None:
+            run_control = lambda i, fn, n: (fn(), None)  # noqa: E731
         cfg = embeds is not None and guidance_scale > 1.0
         copies = 2 if cfg else 1
         cond = self.adapter.unet_condition(prep, copies) if prep else None
@@ -290,10 +319,20 @@ class SparseEditor:
             if embeds is None:
                 return run_unet(i, lambda: unet(z, t).sample)
             zin = sched.scale_model_input(torch.cat([z] * copies), t)
+            extra = self.adapter.unet_kwargs(z, copies)
+            regions = None
+            if self.controlnet is not None:  # its residuals, from the 4-channel latents
+                n = self.adapter.control_copies(copies, prep["call"])
+                residuals, regions = self.adapter.control(i, t, z, zin, embeds, prep, prep["call"], copies,
+                                                          prep["steps"], lambda fn: run_control(i, fn, n))  # fmt: skip
+                extra = {**extra, **residuals}
             if cond is not None:
                 zin = torch.cat([zin, cond], dim=1)
-            extra = self.adapter.unet_kwargs(z, copies)
-            eps = run_unet(i, lambda: unet(zin, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0])
+
+            def call_unet():
+                return unet(zin, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
+
+            eps = run_unet(i, call_unet) if regions is None else run_unet(i, call_unet, regions)
             if cfg:
                 uncond, text = eps.chunk(2)
                 eps = uncond + guidance_scale * (text - uncond)
@@ -369,16 +408,22 @@ class SparseEditor:
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        **pipeline_kwargs,
     ):
         """Run the pipeline densely on `image` and cache what edits need. Returns the pipeline's own output type,
         bit-identical to calling the pipeline with the same arguments.
 
         Args:
-            strength: SDEdit's noise level; defaults to 0.7 for SDEdit and to the pipeline's 1.0 for inpainting.
+            strength: SDEdit's noise level; defaults to 0.7 for SDEdit, to the pipeline's 1.0 for inpainting and to
+                the ControlNet pipelines' own defaults.
             mask_image: inpainting only; `None` masks nothing (edits then bring masks in).
             height, width: the size the image is resized to, as the pipeline takes them. The inpainting pipeline's
                 default is the UNet's sample size (512 px for SD 1.5); the others keep the image's size.
+            pipeline_kwargs: the pipeline family's own arguments, with the pipeline's defaults: for the ControlNet
+                pipelines `control_image` (required), `controlnet_conditioning_scale`, `guess_mode`,
+                `control_guidance_start` and `control_guidance_end`.
         """
+        options, images = self._pipeline_kwargs(pipeline_kwargs, "capture")
         if self.adapter.fixed_size:
             f = self.pipe.vae_scale_factor
             height, width = height or self.unet.config.sample_size * f, width or self.unet.config.sample_size * f
@@ -406,14 +451,31 @@ class SparseEditor:
             "negative_prompt": negative_prompt,
             "height": height,
             "width": width,
+            **self.adapter.parse_options({**self.adapter.options, **options}),
         }
-        decoded = self._run_capture(x0, mask, call, self._generator(generator))
+        inputs = {
+            name: self.adapter.preprocess_input(name, images.get(name), x0) for name in self.adapter.extra_images
+        }
+        decoded = self._run_capture(x0, mask, call, self._generator(generator), inputs)
         return self._output(decoded, output_type, return_dict)
+
+    def _pipeline_kwargs(self, kwargs: dict, verb: str) -> tuple[dict, dict]:
+        """Split the pipeline family's own arguments into options and extra images; refuse anything else."""
+        a = self.adapter
+        unknown = sorted(set(kwargs) - set(a.option_names) - set(a.extra_images))
+        if unknown:
+            takes = ", ".join((*a.extra_images, *a.option_names)) or "no other arguments"
+            raise TypeError(
+                f"{verb}() got unexpected keyword argument(s) {', '.join(unknown)}; on {type(self.pipe).__name__} "
+                f"it takes the common ones and {takes}."
+            )
+        return ({k: v for k, v in kwargs.items() if k in a.option_names},
+                {k: v for k, v in kwargs.items() if k in a.extra_images})  # fmt: skip
 
     def _batch(self, x0) -> int:
         return self.adapter.batch(x0)
 
-    def _run_capture(self, x0, mask, call, generator) -> torch.Tensor:
+    def _run_capture(self, x0, mask, call, generator, inputs) -> torch.Tensor:
         state = generator.get_state()
         timesteps = self._timesteps(call["num_inference_steps"], call["strength"])
         embeds = self._embeds(call["prompt"], call["negative_prompt"], call["guidance_scale"], self._batch(x0))
@@ -423,18 +485,18 @@ class SparseEditor:
             budget = session.fit_budget(self, x0, call, embeds, timesteps, copies)
             self._sync_attention_storage()
         with session.peak_memory(self.unet.device) as peak:
-            decoded = self._capture_dense(x0, mask, call, generator, state, timesteps, embeds)
+            decoded = self._capture_dense(x0, mask, call, generator, state, timesteps, embeds, inputs)
         self.last_stats.update(peak)
         if budget is not None:
             self.last_stats["budget"] = budget
         return decoded
 
-    def _capture_dense(self, x0, mask, call, generator, state, timesteps, embeds) -> torch.Tensor:
-        unet = self.unet
+    def _capture_dense(self, x0, mask, call, generator, state, timesteps, embeds, inputs) -> torch.Tensor:
+        unet, controlnet = self.unet, self.controlnet
         started = time.perf_counter()
-        macs = computed = step_macs = 0
+        macs = computed = step_macs = control_macs = 0
 
-        def run_unet(i, call_unet):
+        def run_unet(i, call_unet, regions=None):
             nonlocal computed, step_macs
             with scope(unet, i):
                 out = call_unet()
@@ -443,21 +505,31 @@ class SparseEditor:
             step_macs = max(step_macs, last_stats(unet)["macs_dense"])
             return out
 
+        def run_control(i, call_control, n):
+            nonlocal computed, control_macs
+            with scope(controlnet, i):
+                out = call_control()
+            computed += last_stats(controlnet)["macs_dense"]
+            control_macs = max(control_macs, last_stats(controlnet)["macs_dense"])
+            return out, None
+
         self._encoder_stats = []
+        copies = 2 if embeds is not None and call["guidance_scale"] > 1.0 else 1
         with self._encoder_mode(capturing):
-            prep = self._prepare(x0, mask, generator, timesteps, call["strength"])
+            prep = self._prepare(x0, mask, generator, timesteps, call, inputs, copies)
         macs += sum(s["macs_dense"] for s in self._encoder_stats)
-        predict, copies = self._predictor(embeds, call["guidance_scale"], prep, run_unet)
+        predict, copies = self._predictor(embeds, call["guidance_scale"], prep, run_unet, run_control)
         n = len(timesteps)
         recording = self._record_attention(range(n), range(self.text_config.inject_steps(n)), prep["z"], copies,
                                            self.text_config)  # fmt: skip
         try:
-            with capturing(unet):
+            with capturing(unet, spatial_inputs=self._residual_inputs()), self._capturing_control():
                 z, trajectory = self._loop(prep, timesteps, generator, predict, lambda i, z: z)
         finally:
             attention = recording()
-        vae_macs = macs
-        macs += step_macs * len(timesteps)
+        step_macs += control_macs
+        vae_macs = macs + prep.get("extra_macs", 0)  # once (the ControlNet's conditioning embedding)
+        macs += (step_macs + prep.get("extra_macs", 0)) * len(timesteps)
         if self.latent:
             with capturing(self.pipe.vae.decoder):
                 decoded = self._decode(z)
@@ -474,7 +546,7 @@ class SparseEditor:
             generator_device=str(generator.device),
             call=call,
             embeds=embeds,
-            latents={k: prep[k] for k in ("image", "masked") if k in prep},
+            latents={k: prep[k] for k in self.adapter.kept if k in prep},
             decoded=decoded,
             scheduler=self._scheduler_fingerprint(),
             attention=attention,
@@ -482,6 +554,7 @@ class SparseEditor:
             macs=macs,
             conditions=dict(self.adapter.conditions),
             text_fingerprint=self._text_fingerprint(),
+            inputs={k: v.clone() for k, v in inputs.items()},
         )
         self.last_stats = EditStats.of(
             {
@@ -494,6 +567,18 @@ class SparseEditor:
         )
         return decoded
 
+    def _residual_inputs(self) -> tuple:
+        """The UNet's inputs that come from the ControlNet, with their regions (`spatial.capturing`)."""
+        from .adapters.controlnet import RESIDUALS
+
+        return RESIDUALS if self.controlnet is not None else ()
+
+    def _capturing_control(self):
+        """The ControlNet's capture: its control image is read through the precomputed embedding, not stored."""
+        if self.controlnet is None:
+            return contextlib.nullcontext()
+        return capturing(self.controlnet, spatial_inputs=("controlnet_cond",))
+
     @property
     def cache_bytes(self) -> CacheBytes:
         """Bytes held for edits (an int), by part: `"unet"` (the per-step activations), `"vae_encoder"`,
@@ -504,6 +589,8 @@ class SparseEditor:
     def _models(self) -> dict:
         """The sparsified models by part name."""
         models = {"unet": self.unet}
+        if self.controlnet is not None:
+            models["controlnet"] = self.controlnet
         if self.latent:
             models.update(vae_encoder=self.pipe.vae.encoder, vae_decoder=self.pipe.vae.decoder)
         return models
@@ -557,6 +644,7 @@ class SparseEditor:
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         strength: float | None = None,
+        **pipeline_kwargs,
     ):
         """Edit the captured result: only the changed region is recomputed, at every step.
 
@@ -577,7 +665,11 @@ class SparseEditor:
             generator, num_inference_steps, guidance_scale, strength: only to check: the capture fixed them, and a
                 different value means the cache belongs to another generation (`StaleCacheError`, or a new capture
                 with these values under `on_stale="recapture"`).
+            pipeline_kwargs: the pipeline family's own arguments. An extra image (the ControlNet's `control_image`)
+                is part of the edit: the region covers every pixel where it changed. An option
+                (`controlnet_conditioning_scale`, ...) is checked like `strength`.
         """
+        options, images = self._pipeline_kwargs(pipeline_kwargs, "edit")
         cap = self._capture
         if cap is None:
             raise RuntimeError(
@@ -597,14 +689,17 @@ class SparseEditor:
             raise ValueError(
                 "TextEditConfig(region='mask') regenerates the region you pass: edit(prompt=..., region=...)."
             )
-        cap, recaptured = self._check_call(cap, generator, num_inference_steps, guidance_scale, strength)
+        if options:  # normalised as the capture's were
+            parsed = self.adapter.parse_options({**{k: cap.call[k] for k in self.adapter.option_names}, **options})
+            options = {k: parsed[k] for k in options}
+        cap, recaptured = self._check_call(cap, generator, num_inference_steps, guidance_scale, strength, options)
         if not self.adapter.takes_image:
             if image is not None or mask_image is not None:
                 raise ValueError(
                     "a text-to-image capture has no input image to edit; change the prompt, or make the editor on "
                     "`StableDiffusionImg2ImgPipeline(**pipe.components)` for stroke edits."
                 )
-            x0, mask = cap.image, None
+            x0, mask, inputs = cap.image, None, {}
             b, h, w = x0
             changed = torch.zeros(b, h, w, dtype=torch.bool, device=self.unet.device)
         else:
@@ -619,6 +714,10 @@ class SparseEditor:
             changed = difference_mask(x0, cap.image, eps=0.0)
             if mask is not None:
                 changed |= (mask != cap.mask).any(dim=1)
+            inputs = dict(cap.inputs or {})
+            for name, value in images.items():
+                inputs[name] = self.adapter.preprocess_input(name, value, x0)
+                changed |= difference_mask(inputs[name], cap.inputs[name], eps=0.0)
         if region is None:
             region = changed
         else:
@@ -640,7 +739,7 @@ class SparseEditor:
             if change["region"] is not None:
                 region = changed  # the image part; the given region is the prompt's
         try:
-            out = self._run_edit(cap, x0, mask, region, commit, output_type, return_dict, change)
+            out = self._run_edit(cap, x0, mask, inputs, region, commit, output_type, return_dict, change)
             if recaptured is not None:
                 self.last_stats["recaptured_seconds"] = recaptured
             return out
@@ -650,19 +749,21 @@ class SparseEditor:
         # The capture no longer matches the pipeline: capture the current image again, then edit.
         self._recapture(cap)
         recapture_seconds = self.last_stats["seconds"]
-        out = self._run_edit(self._capture, x0, mask, region, commit, output_type, return_dict, change)
+        out = self._run_edit(self._capture, x0, mask, inputs, region, commit, output_type, return_dict, change)
         self.last_stats["recaptured_seconds"] = recapture_seconds
         return out
 
     def _recapture(self, cap) -> None:
         generator = torch.Generator(device=cap.generator_device)
         generator.set_state(cap.generator_state)
-        self._run_capture(cap.image, cap.mask, cap.call, generator)
+        self._run_capture(cap.image, cap.mask, cap.call, generator, cap.inputs or {})
 
-    def _check_call(self, cap, generator, num_inference_steps, guidance_scale, strength):
-        """An edit that names another seed, step count, guidance or strength than the capture's asks for another
-        generation: refuse (the cache would be stale), or capture again with those values (`on_stale="recapture"`)."""
-        asked = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "strength": strength}
+    def _check_call(self, cap, generator, num_inference_steps, guidance_scale, strength, options=None):
+        """An edit that names another seed, step count, guidance, strength or pipeline option than the capture's
+        asks for another generation: refuse (the cache would be stale), or capture again with those values
+        (`on_stale="recapture"`)."""
+        asked = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "strength": strength,
+                 **(options or {})}  # fmt: skip
         differ = [f"{k}={v} (captured: {cap.call[k]})" for k, v in asked.items() if v is not None and v != cap.call[k]]
         if generator is not None:
             if not isinstance(generator, torch.Generator):
@@ -697,16 +798,16 @@ class SparseEditor:
         says what finding it cost. Useful to show the region before accepting an edit."""
         return self._prompt.find_region(prompt, negative_prompt, text_config)
 
-    def _run_edit(self, cap, x0, mask, region, commit, output_type, return_dict, change=None):
+    def _run_edit(self, cap, x0, mask, inputs, region, commit, output_type, return_dict, change=None):
         with session.peak_memory(self.unet.device) as peak:
-            out = self._edit_sparse(cap, x0, mask, region, commit, output_type, return_dict, change)
+            out = self._edit_sparse(cap, x0, mask, inputs, region, commit, output_type, return_dict, change)
         self.last_stats.update(peak)
         return out
 
-    def _edit_sparse(self, cap, x0, mask, region, commit, output_type, return_dict, change=None):
+    def _edit_sparse(self, cap, x0, mask, inputs, region, commit, output_type, return_dict, change=None):
         self._check_capture(cap)  # also resets the scheduler's step index to the capture's first step
         self.adapter.conditions = dict(cap.conditions or {})  # the capture's (a load or a prompt edit may follow)
-        unet = self.unet
+        unet, controlnet = self.unet, self.controlnet
         b = self._batch(x0)
         h, w = cap.decoded.shape[-2:]
         z_shape = cap.trajectory[0].shape[-2:]
@@ -735,10 +836,30 @@ class SparseEditor:
         generator.set_state(cap.generator_state)
         inject = self._injection(cap, change, b, copies) if text else None
 
-        def run_unet(i, call_unet):
+        def count(stats):
+            totals["macs_dense"] += stats["macs_dense"]
+            totals["macs_sparse"] += stats["macs_sparse"]
+
+        def run_control(i, call_control, n):
+            with (
+                editing(controlnet, region=keep.repeat(n, 1, 1), commit=commit, changeable=changeable),
+                scope(controlnet, i),
+            ):
+                out = call_control()
+                stats, regions = last_stats(controlnet), output_regions(controlnet)
+            count(stats)
+            totals["dense_steps"] += stats["dense_run"] is not None
+            return out, regions
+
+        def run_unet(i, call_unet, regions=None):
             if prefetching and i + 1 < len(cap.timesteps):
                 prefetch(unet, i + 1)  # the next step's entries, copied while this step computes
-            with editing(unet, region=unet_region, commit=commit, changeable=changeable), scope(unet, i):
+                if controlnet is not None:
+                    prefetch(controlnet, i + 1)
+            with (
+                editing(unet, region=unet_region, commit=commit, changeable=changeable, input_regions=regions),
+                scope(unet, i),
+            ):
                 out = call_unet()
                 stats = last_stats(unet)
             # With temporal reuse a step runs only some layers; the dense reference is a whole step.
@@ -768,10 +889,12 @@ class SparseEditor:
         try:
             self._encoder_stats = []
             with self._encoder_mode(editing, region=region, commit=commit):
-                prep = self._prepare(x0, mask, generator, cap.timesteps, cap.call["strength"], keep=keep, cap=cap)
+                prep = self._prepare(x0, mask, generator, cap.timesteps, cap.call, inputs, copies, keep=keep, cap=cap)
             for stats in self._encoder_stats:
-                totals["macs_dense"] += stats["macs_dense"]
-                totals["macs_sparse"] += stats["macs_sparse"]
+                count(stats)
+            # Computed once per edit (the ControlNet's conditioning embedding); the pipeline does it at every step.
+            totals["macs_dense"] += prep.get("extra_macs", 0) * len(cap.timesteps)
+            totals["macs_sparse"] += prep.get("extra_macs", 0)
             start, z = 0, None
             detect_seconds = 0.0
             if text:
@@ -784,7 +907,7 @@ class SparseEditor:
                     z = torch.where(keep[:, None], z_dense, cap.trajectory[start])
                 detect_seconds = time.perf_counter() - detect_started
             unet_region = keep.repeat(copies, 1, 1)
-            predict, _ = self._predictor(embeds, gs, prep, run_unet)
+            predict, _ = self._predictor(embeds, gs, prep, run_unet, run_control)
 
             def composite(i, z):
                 return torch.where(keep[:, None], z, cap.trajectory[i + 1])
@@ -820,6 +943,7 @@ class SparseEditor:
             cap.trajectory = trajectory
             cap.decoded = decoded
             cap.latents = {k: prep[k] for k in cap.latents}
+            cap.inputs = dict(inputs)
             if change is not None:
                 cap.call["prompt"], cap.call["negative_prompt"] = change["prompt"], change["negative_prompt"]
                 cap.embeds = embeds

@@ -53,6 +53,7 @@ def cache_parts(editor) -> CacheBytes:
     if cap is not None:
         latents = sum(_nbytes(t) for t in cap.trajectory) + _nbytes(cap.decoded)
         latents += sum(_nbytes(t) for t in cap.latents.values()) + _nbytes(cap.image) + _nbytes(cap.mask)
+        latents += sum(_nbytes(t) for t in cap.inputs.values())
         text = _nbytes(cap.embeds) + sum(_nbytes(t) for t in (cap.attention or {}).get("probs", {}).values())
         text += sum(_nbytes(t) for t in (cap.attention or {}).get("maps", {}).values())
     if editor.latent:
@@ -120,6 +121,17 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
             else:
                 unet(z, timesteps[0], encoder_hidden_states=embeds, **editor.adapter.unet_kwargs(zl, copies))
         tallies["unet"] = {k: v * n for k, v in tally.items()}
+        cn = editor.controlnet
+        if cn is not None:  # the ControlNet's per-step cache, its conditioning embedding read as in the loop
+            n_c = editor.adapter.control_copies(copies, call)
+            control = torch.zeros(b * n_c, 3, h, w, dtype=cn.dtype, device=unet.device)
+            prep = {"control_embed": cn.controlnet_cond_embedding(control), "control_region": None}
+            zc = torch.zeros(b * n_c, cn.config.in_channels, h // f, w // f, dtype=cn.dtype, device=unet.device)
+            ctx = embeds if n_c == copies else embeds.chunk(2)[1]
+            with editor.adapter.embedding(prep), capturing(cn, spatial_inputs=("controlnet_cond",)):
+                with sparse_state(cn).cache.dry_run() as tally:
+                    cn(zc, timesteps[0], encoder_hidden_states=ctx, controlnet_cond=control, return_dict=False)
+            tallies["controlnet"] = {k: v * n for k, v in tally.items()}
         if editor.latent:
             dec = editor.pipe.vae.decoder
             lat = torch.zeros(b, editor.pipe.vae.config.latent_channels, h // f, w // f, dtype=editor.pipe.vae.dtype,
@@ -226,7 +238,7 @@ def content_fingerprint(module: torch.nn.Module | None) -> str | None:
 def pipeline_fingerprint(editor) -> dict:
     pipe = editor.pipe
     out = {"pipeline": type(pipe).__name__, "scheduler": list(editor._scheduler_fingerprint())}
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet"):
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
             out[name] = content_fingerprint(module)
@@ -305,6 +317,7 @@ def _save_model(w: _Writer, part: str, model) -> dict:
     return {
         "entries": entries,
         "aux": aux,
+        "spatial_inputs": saved["spatial_inputs"],
         "storage_dtype": None if cache.storage_dtype is None else str(cache.storage_dtype).removeprefix("torch."),
         "records": [vars(r) for r in saved["records"]],
         "capture_records": [vars(r) for r in saved["capture_records"]],
@@ -338,6 +351,7 @@ def save_editor(editor, path) -> None:
         "call": cap.call,
         "embeds": w.plain("capture/embeds", cap.embeds),
         "latents": {k: w.plain(f"capture/latents/{k}", t) for k, t in cap.latents.items()},
+        "inputs": {k: w.plain(f"capture/inputs/{k}", t) for k, t in cap.inputs.items()},
         "decoded": w.plain("capture/decoded", cap.decoded),
         "scheduler": list(cap.scheduler),
         "version": cap.version,
@@ -439,7 +453,8 @@ def _load_model(tensors, saved: dict, model, config: SparseConfig) -> None:
     }
     layout = torch.channels_last if saved["output_format"] == "channels_last" else torch.contiguous_format
     restore_capture(model, entries, aux, [_record(r) for r in saved["records"]],
-                    [_record(r) for r in saved["capture_records"] or []], layout, saved["timing"], storage)  # fmt: skip
+                    [_record(r) for r in saved["capture_records"] or []], layout, saved["timing"], storage,
+                    saved.get("spatial_inputs", ()))  # fmt: skip
 
 
 def _record(d: dict) -> LayerRecord:
@@ -508,6 +523,7 @@ def load_editor(cls, pipe, path, mmap: bool = True):
             call=c["call"],
             embeds=get(c["embeds"]),
             latents={k: get(n) for k, n in c["latents"].items()},
+            inputs={k: get(n) for k, n in c.get("inputs", {}).items()},
             decoded=get(c["decoded"]),
             scheduler=tuple(c["scheduler"]),
             attention=attention,

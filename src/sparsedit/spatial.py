@@ -38,6 +38,7 @@ __all__ = [
     "editing",
     "is_sparsified",
     "last_stats",
+    "output_regions",
     "profiling",
     "scope",
     "sparsify_",
@@ -57,6 +58,11 @@ class _Attachment:
         self.pending_region: torch.Tensor | None = None
         self.changeable: frozenset[str] = frozenset()  # non-image inputs an edit may change (e.g. the prompt)
         self.aux: dict[tuple, dict[str, object]] = {}  # non-image inputs of each captured scope
+        # Spatial non-image inputs whose changes the caller tracks (a ControlNet's residuals): neither stored nor
+        # compared; an edit gives their changed regions (`editing(input_regions=...)`).
+        self.spatial_inputs: frozenset[str] = frozenset()
+        self.input_regions: dict[str, object] = {}
+        self.output_regions = None  # the regions of the last sparse run's outputs (`output_regions`)
         self.dense_run: str | None = None  # why the current edit runs densely, if it does
         self.last_dense_run: str | None = None  # the same, for the last finished run (`last_stats["dense_run"]`)
         self.strategy = None
@@ -103,6 +109,7 @@ def export_capture(model: nn.Module) -> dict:
     return {
         "cache": st.cache,
         "aux": att.aux,
+        "spatial_inputs": sorted(att.spatial_inputs),
         "records": list(st.records),
         "capture_records": list(att.capture_records),
         "output_format": att.output_format,
@@ -111,7 +118,7 @@ def export_capture(model: nn.Module) -> dict:
 
 
 def restore_capture(model: nn.Module, entries, aux, records, capture_records, output_format, timing,
-                    storage_dtype) -> None:  # fmt: skip
+                    storage_dtype, spatial_inputs=()) -> None:  # fmt: skip
     """The inverse of `export_capture` on a sparsified model of the same weights: the cache holds `entries` (from
     `ActivationCache.export`) and is fingerprinted for this model, so edits run against it."""
     att = _attachment(model)
@@ -126,6 +133,7 @@ def restore_capture(model: nn.Module, entries, aux, records, capture_records, ou
         if key[: len(_INPUT_KEY)] == _INPUT_KEY:
             x = fields["x"][0]
     att.aux.update(aux)
+    att.spatial_inputs = frozenset(spatial_inputs)
     st.records = list(records)
     att.capture_records = list(capture_records)
     att.output_format = output_format
@@ -133,6 +141,13 @@ def restore_capture(model: nn.Module, entries, aux, records, capture_records, ou
         setattr(att, k, v)
     if x is not None:
         st.cache.fingerprint = _fingerprint(model, x, st.config)
+
+
+def output_regions(model: nn.Module):
+    """Where the outputs of the model's last sparse run differ from the capture: its output's structure with a
+    `[B, H, W]` bool region for each feature map, or `None` when that run was dense (a fallback: changed
+    everywhere). Feed them to a downstream model's `editing(input_regions=...)`."""
+    return _attachment(model).output_regions
 
 
 def is_sparsified(model: nn.Module) -> bool:
@@ -254,10 +269,11 @@ def _first_image(args, kwargs) -> torch.Tensor:
     raise ValueError("a sparsified model's input must include a [B, C, H, W] tensor.")
 
 
-def _aux_inputs(args, kwargs, image: torch.Tensor) -> dict[str, object]:
-    """Every input other than the image (timestep, prompt embeddings, flags), by name, for the staleness check."""
+def _aux_inputs(args, kwargs, image: torch.Tensor, skip=frozenset()) -> dict[str, object]:
+    """Every input other than the image (timestep, prompt embeddings, flags), by name, for the staleness check;
+    `skip`: keyword inputs whose changes the caller tracks (`capturing(spatial_inputs=...)`)."""
     named = {_aux_name(i): v for i, v in enumerate(args)}
-    named.update({_aux_name(k): v for k, v in kwargs.items()})
+    named.update({_aux_name(k): v for k, v in kwargs.items() if k not in skip})
     return {k: v for k, v in named.items() if v is not image}
 
 
@@ -361,7 +377,7 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
                     "`sparsedit.scope(model, ...)` with the same key."
                 )
             entry = st.cache.get(key)
-            _check_aux(att.aux.get(st.scope, {}), _aux_inputs(args, kwargs, x), att.changeable)
+            _check_aux(att.aux.get(st.scope, {}), _aux_inputs(args, kwargs, x, att.spatial_inputs), att.changeable)
             reference = entry["x"]
             changed = difference_mask(x, reference, eps=0.0)
             region = att.pending_region
@@ -391,6 +407,7 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
                     st.cache.fingerprint = _fingerprint(model, x, st.config)
                 return None
             st.set_region(x, region)
+            _tag_inputs(st, att, kwargs)
             # Region tracking watches the tensor arithmetic between layers during this forward only.
             att.tracking = RegionTracking(st)
             att.tracking.__enter__()
@@ -399,10 +416,43 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
             if st.mode is Mode.CAPTURE:
                 st.cache.fingerprint = _fingerprint(model, x, st.config)
                 st.cache.put_exact(_INPUT_KEY + st.scope, x=x)
-                att.aux[st.scope] = {k: _clone_input(v) for k, v in _aux_inputs(args, kwargs, x).items()}
+                aux = _aux_inputs(args, kwargs, x, att.spatial_inputs)
+                att.aux[st.scope] = {k: _clone_input(v) for k, v in aux.items()}
         return None
 
     return pre_hook
+
+
+def _tag_inputs(st: SparseState, att: _Attachment, kwargs) -> None:
+    """Give the spatial inputs named in `editing(input_regions=...)` their changed regions for this run (a tensor,
+    or one per tensor of a list or tuple input); any such input left without a region counts as changed everywhere."""
+    for name, regions in att.input_regions.items():
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor):
+            value, regions = [value], [regions]
+        if value is None or regions is None:
+            continue
+        if len(value) != len(regions):
+            raise ValueError(f"input_regions[{name!r}] has {len(regions)} regions for {len(value)} tensors.")
+        for t, r in zip(value, regions):
+            if isinstance(t, torch.Tensor) and t.dim() == 4 and r is not None:
+                if tuple(r.shape) != (t.shape[0], *t.shape[-2:]):
+                    raise ValueError(
+                        f"input_regions[{name!r}]: a region of shape {tuple(r.shape)} for a map of shape "
+                        f"{tuple(t.shape)}; give [B, H, W] at the map's resolution."
+                    )
+                st.set_region(t, r.to(device=t.device, dtype=torch.bool))
+
+
+def _region_tree(st: SparseState, output):
+    """The changed region of each 4D tensor of a sparse run's output (the same structure; `None` elsewhere)."""
+    if isinstance(output, torch.Tensor):
+        return st.region_of(output) if output.dim() == 4 else None
+    if isinstance(output, (list, tuple)):
+        return type(output)(_region_tree(st, o) for o in output) if not hasattr(output, "_fields") else None
+    if isinstance(output, dict):
+        return {k: _region_tree(st, v) for k, v in output.items()}
+    return None
 
 
 def _memory_format(output) -> torch.memory_format:
@@ -419,7 +469,7 @@ def _remember_changed_aux(att: _Attachment, args, kwargs) -> None:
     """A committed run with a changed (allowed) input, e.g. a new prompt: the cache now belongs to that input."""
     if not att.changeable:
         return
-    now = _aux_inputs(args, kwargs, _first_image(args, kwargs))
+    now = _aux_inputs(args, kwargs, _first_image(args, kwargs), att.spatial_inputs)
     stored = att.aux.setdefault(att.state.scope, {})
     for name in {_aux_name(k) for k in att.changeable} & set(now):
         v = now[name]
@@ -433,6 +483,7 @@ def _make_post_hook(att: _Attachment):
         if st.mode is None and not att.dense_run:
             return None
         att.seconds = time.perf_counter() - att.started
+        att.output_regions = _region_tree(st, output) if st.mode is Mode.SPARSE and not att.dense_run else None
         st.end_run()
         att.last_dense_run = att.dense_run
         if st.mode is Mode.CAPTURE or att.dense_run:  # a dense forward: the reference time
@@ -499,12 +550,19 @@ def _mode(att: _Attachment, mode: Mode):
 
 
 @contextlib.contextmanager
-def capturing(model: nn.Module):
-    """Run `model` densely and store what sparse runs need. Replaces any earlier capture."""
+def capturing(model: nn.Module, spatial_inputs: tuple = ()):
+    """Run `model` densely and store what sparse runs need. Replaces any earlier capture.
+
+    Args:
+        spatial_inputs: keyword inputs that are feature maps whose changes the caller tracks, e.g. a ControlNet's
+            `down_block_additional_residuals` for the UNet: they are not stored or compared with later runs, and
+            each edit gives their changed regions (`editing(input_regions=...)`; without, changed everywhere).
+    """
     att = _attachment(model)
     att.state.rollback()
     att.state.cache.clear()
     att.aux.clear()
+    att.spatial_inputs = frozenset(spatial_inputs)
     try:
         with _mode(att, Mode.CAPTURE):
             yield
@@ -514,7 +572,13 @@ def capturing(model: nn.Module):
 
 
 @contextlib.contextmanager
-def editing(model: nn.Module, region: torch.Tensor | None = None, commit: bool = False, changeable: tuple = ()):
+def editing(
+    model: nn.Module,
+    region: torch.Tensor | None = None,
+    commit: bool = False,
+    changeable: tuple = (),
+    input_regions: dict | None = None,
+):
     """Run `model` sparsely against the capture: only `region` (and what it reaches) is recomputed.
 
     Args:
@@ -527,6 +591,10 @@ def editing(model: nn.Module, region: torch.Tensor | None = None, commit: bool =
             `("encoder_hidden_states",)` for a prompt edit: the region is then computed with the new input and the
             rest of the map keeps the captured values (FISEdit's approximation). Any other differing input raises
             `StaleCacheError`. A committed run records the new value.
+        input_regions: for the `spatial_inputs` of the capture, where each differs from the captured run: a
+            `[B, H, W]` bool region at that input's resolution (a list of them for a list of maps), e.g.
+            `output_regions(controlnet)` after a sparse ControlNet run. Sparse layers downstream compute there. The
+            caller vouches for these regions: they are not checked against stored values (none are kept).
     """
     att = _attachment(model)
     st = att.state
@@ -539,6 +607,13 @@ def editing(model: nn.Module, region: torch.Tensor | None = None, commit: bool =
         check_region_type(region, st.cache.fingerprint["device"])
     att.pending_region = region
     att.changeable = frozenset(changeable)
+    unknown = set(input_regions or {}) - att.spatial_inputs
+    if unknown:
+        raise ValueError(
+            f"input_regions names {sorted(unknown)}, which the capture did not declare as spatial inputs; "
+            "capture with `capturing(model, spatial_inputs=(...))`."
+        )
+    att.input_regions = dict(input_regions or {})
     st.commit = commit
     try:
         with _mode(att, Mode.SPARSE):
@@ -549,6 +624,7 @@ def editing(model: nn.Module, region: torch.Tensor | None = None, commit: bool =
             st.rollback()
         att.pending_region = None
         att.changeable = frozenset()
+        att.input_regions = {}
         st.commit = False
 
 

@@ -246,3 +246,44 @@ def tiny_sdxl(directory: str | Path, pipeline: str = "img2img", dtype: torch.dty
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dtype=dtype)
+
+
+_CONTROLNET_PIPELINES = {
+    "img2img": ("img2img", "StableDiffusionControlNetImg2ImgPipeline"),
+    "inpaint": ("img2img", "StableDiffusionControlNetInpaintPipeline"),  # a 4-channel UNet: latent blending
+    "inpaint9": ("inpaint", "StableDiffusionControlNetInpaintPipeline"),  # a 9-channel inpainting UNet
+}
+
+
+def tiny_controlnet(directory: str | Path, pipeline: str = "img2img", dtype: torch.dtype = torch.float32):
+    """A Stable Diffusion ControlNet pipeline in miniature: `tiny_sd`'s components and a `ControlNetModel` made from
+    its UNet (`ControlNetModel.from_unet`) with a conditioning embedding that downsamples the control image by the
+    VAE's factor. The zero-initialised output convolutions get random weights, or the ControlNet would add nothing.
+    `pipeline`: `"img2img"`, `"inpaint"` (4-channel UNet) or `"inpaint9"` (9-channel inpainting UNet)."""
+    import diffusers
+    from diffusers import ControlNetModel
+
+    if pipeline not in _CONTROLNET_PIPELINES:
+        raise ValueError(f"pipeline must be one of {sorted(_CONTROLNET_PIPELINES)}, got {pipeline!r}.")
+    base, name = _CONTROLNET_PIPELINES[pipeline]
+    components = tiny_sd(directory, base).components
+    torch.manual_seed(5)
+    # from_unet copies the UNet's encoder; a 9-channel inpainting UNet's controlnet still takes 4-channel latents.
+    unet = components["unet"]
+    if unet.config.in_channels != 4:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_config({**unet.config, "in_channels": 4})
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    g = torch.Generator().manual_seed(6)
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                  controlnet.controlnet_cond_embedding.conv_out]  # fmt: skip
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.copy_(2.0 * torch.randn(conv.weight.shape, generator=g))
+            conv.bias.copy_(0.1 * torch.randn(conv.bias.shape, generator=g))
+    pipe = getattr(diffusers, name)(
+        **{k: v for k, v in components.items() if k != "image_encoder"}, controlnet=controlnet.eval()
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)

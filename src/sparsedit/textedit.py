@@ -515,7 +515,8 @@ class PromptEdits:
                 x0 = cap.image
                 empty = torch.zeros(b, h, w, dtype=torch.bool, device=ed.unet.device)
                 with ed._encoder_mode(editing, region=empty, commit=False):
-                    prep = ed._prepare(x0, None, generator, cap.timesteps, cap.call["strength"], keep=found, cap=cap)
+                    prep = ed._prepare(x0, None, generator, cap.timesteps, cap.call, cap.inputs or {}, copies,
+                                       keep=found, cap=cap)  # fmt: skip
                 predict, _ = ed._predictor(embeds, gs, prep, lambda i, call_unet: call_unet())
                 found, k, _ = self.detect(cap, change, embeds, prep, generator, copies, predict)
                 found = dilate(found, tcfg.dilation)

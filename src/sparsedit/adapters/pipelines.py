@@ -72,12 +72,20 @@ class PipelineAdapter:
     takes_mask = False
     guidance_scale = 7.5
     default_strength = 0.7
+    # Pipeline-specific call arguments (`capture(**kwargs)`, `edit(**kwargs)`): options fixed by the capture (a
+    # different value is another generation), with the pipeline's defaults, and image-resolution inputs besides the
+    # image and mask whose change is an edit region (the ControlNet's `control_image`).
+    option_names: tuple[str, ...] = ()
+    extra_images: tuple[str, ...] = ()
+    kept = ("image", "masked")  # `prepare`'s tensors kept with the capture (an edit composites or compares them)
+    controlnet = None
 
     def __init__(self, pipe):
         self.pipe = pipe
         # UNet conditioning besides the text context that `embeds` derives from the prompt (SDXL's pooled
         # embedding); the editor keeps the capture's copy with the capture.
         self.conditions: dict = {}
+        self.options: dict = {}
 
     @property
     def unet(self):
@@ -98,6 +106,14 @@ class PipelineAdapter:
     def preprocess_mask(self, mask_image, like: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"mask_image is for StableDiffusionInpaintPipeline, not {type(self.pipe).__name__}.")
 
+    def parse_options(self, options: dict) -> dict:
+        """Check and normalise the pipeline-specific options (all of `option_names`, defaults filled in)."""
+        return options
+
+    def preprocess_input(self, name: str, value, like: torch.Tensor) -> torch.Tensor:
+        """An `extra_images` input → a tensor at the image's resolution."""
+        raise NotImplementedError
+
     def embeds(self, prompt, negative_prompt, guidance_scale: float, batch: int):
         """The UNet's text conditioning, classifier-free guidance batched as the pipeline batches it (uncond first)."""
         if prompt is None:
@@ -115,6 +131,10 @@ class PipelineAdapter:
         `generator` in the pipeline's order. `encode(x, name)` runs the (sparse) VAE encoder; `kept(name, t)` puts
         the capture's encoded tensor back outside an edit's region."""
         raise NotImplementedError
+
+    def prepare_inputs(self, prep: dict, inputs: dict, call: dict, copies: int, captured: dict | None) -> None:
+        """Add what the `extra_images` inputs give the loop to `prep` (`captured`: the capture's kept tensors, in an
+        edit)."""
 
     def unet_kwargs(self, z, copies: int) -> dict:
         """Keyword arguments of the UNet call besides the latents, timestep and text context (SDXL's
@@ -381,3 +401,6 @@ class SDXLInpaintAdapter(_SDXLConditioning, InpaintAdapter):
     def check(self):
         _SDXLConditioning.check(self)
         InpaintAdapter.check(self)
+
+
+from . import controlnet as _controlnet  # noqa: E402, F401  (registers the ControlNet families)
