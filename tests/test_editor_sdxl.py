@@ -99,3 +99,41 @@ def test_sdxl_inpaint_capture_and_sparse_mask_edit(tmp_path, kind, norm_stats, b
     effect = (dense - out0).abs()[..., near].mean()
     assert err < bound * effect  # random weights: the bound is relative to the edit's own effect, as for SD
     editor.remove()
+
+
+def test_sdxl_text_to_image_capture_and_prompt_edits(tmp_path):
+    from sparsedit import TextEditConfig
+
+    pipe = tiny_sdxl(tmp_path / "tok", "txt2img")
+    kw = {"num_inference_steps": 6, "output_type": "pt", "height": 128, "width": 128}
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    want = pipe(prompt="a red house", generator=gen(), **kw).images
+    editor = SparseEditor(pipe, SparseConfig(input_dilation=1, tile_size=4, measured_fallback=False))
+    try:
+        out0 = editor.capture(prompt="a red house", generator=gen(), **kw).images
+        assert torch.equal(out0, want) and editor.kind == "sdxl_txt2img"
+        same = editor.edit(prompt="a red house", output_type="pt").images
+        assert torch.equal(same, out0)
+        region = torch.zeros(128, 128, dtype=torch.bool)
+        region[40:72, 48:88] = True
+        out1 = editor.edit(prompt="a blue lake", region=region, commit=False, output_type="pt").images
+        keep = editor.last_region[0]
+        assert keep.any() and not keep.all() and keep[region].all()
+        assert torch.equal(out1[..., ~keep], out0[..., ~keep])  # outside the region: the capture, bit for bit
+        assert (out1 - out0).abs()[..., keep].mean() > 1e-3  # the region follows the new prompt
+        assert editor.last_stats["macs_sparse"] < 0.9 * editor.last_stats["macs_dense"]
+        # The whole image as the region: the new pooled embedding and hidden states everywhere, the pipeline's own
+        # regeneration (random weights move the whole image with a word, so a small region is not compared).
+        dense = pipe(prompt="a blue lake", generator=gen(), **kw).images
+        whole = editor.edit(prompt="a blue lake", region=torch.ones(128, 128, dtype=torch.bool), commit=False,
+                            output_type="pt").images  # fmt: skip
+        assert torch.allclose(whole, dense, atol=1e-5)
+        # A committed prompt edit makes the new pooled embedding the capture's: the same prompt again is free.
+        editor.edit(prompt="a blue lake", region=region, output_type="pt")
+        assert torch.equal(editor._capture.conditions["text_embeds"], editor.adapter.conditions["text_embeds"])
+        again = editor.edit(prompt="a blue lake", output_type="pt").images
+        assert editor.last_stats["macs_sparse"] == 0 and again.shape == out0.shape
+        found = editor.find_region(prompt="a red lake", text_config=TextEditConfig(region="latent_diff"))
+        assert found.shape == (1, 128, 128)
+    finally:
+        editor.remove()

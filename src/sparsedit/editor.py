@@ -680,8 +680,10 @@ class SparseEditor:
             raise TypeError(f"text_config must be a TextEditConfig, got {type(tcfg).__name__}.")
         text = prompt is not None or negative_prompt is not None
         if text and not self._text_editable():
+            from .adapters.pipelines import supported_pipelines
+
             raise ValueError(
-                f"prompt edits need StableDiffusionPipeline or StableDiffusionImg2ImgPipeline, not "
+                f"prompt edits need one of {', '.join(supported_pipelines(text_editable=True))}, not "
                 f"{type(self.pipe).__name__}"
                 + (" (an unconditional model takes no prompt)." if not self.latent else ".")
             )
@@ -884,6 +886,8 @@ class SparseEditor:
         unet_time = defaultdict(float)
         self._extra_macs = 0
         changeable = ("encoder_hidden_states",) if self.latent else ()
+        if text and cap.conditions:  # SDXL: the pooled embedding changes with the prompt
+            changeable += ("added_cond_kwargs",)
         if self._control is not None:
             self._control.inject = inject
         try:
@@ -947,6 +951,7 @@ class SparseEditor:
             if change is not None:
                 cap.call["prompt"], cap.call["negative_prompt"] = change["prompt"], change["negative_prompt"]
                 cap.embeds = embeds
+                cap.conditions = dict(self.adapter.conditions)
             cap.version += 1
         self.last_region = F.interpolate(keep[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
         self.last_stats = EditStats.of(

@@ -39,9 +39,10 @@ def adapter_for(pipe) -> PipelineAdapter | None:
     return None
 
 
-def supported_pipelines() -> list[str]:
-    """The pipeline classes `SparseEditor` supports (and their subclasses)."""
-    return list(_REGISTRY)
+def supported_pipelines(text_editable: bool | None = None) -> list[str]:
+    """The pipeline classes `SparseEditor` supports (and their subclasses); `text_editable=True`: those that take
+    prompt edits."""
+    return [name for name, cls in _REGISTRY.items() if text_editable is None or cls.text_editable == text_editable]
 
 
 def _randn(shape, generator, device, dtype):
@@ -321,8 +322,9 @@ class InpaintAdapter(PipelineAdapter):
 class _SDXLConditioning:
     """SDXL's conditioning, shared by its pipeline families: both text encoders' hidden states are the
     cross-attention context; the second encoder's pooled embedding and the size/crop `time_ids` go to the UNet as
-    `added_cond_kwargs` (`text_time`), recorded with the capture and checked like the other inputs. Prompt edits on
-    SDXL are not supported yet (the pooled embedding would have to change with the prompt)."""
+    `added_cond_kwargs` (`text_time`), recorded with the capture and checked like the other inputs. A prompt edit
+    changes the pooled embedding with the prompt (`StableDiffusionXLPipeline`; the img2img and inpainting families
+    are stroke and mask edits only so far)."""
 
     text_editable = False
     guidance_scale = 5.0
@@ -380,6 +382,26 @@ class _SDXLConditioning:
             x = self.pipe.watermark.apply_watermark(x)
         images = self.pipe.image_processor.postprocess(x, output_type=output_type)
         return StableDiffusionXLPipelineOutput(images=images) if return_dict else (images,)
+
+
+@register_pipeline("StableDiffusionXLPipeline")
+class SDXLText2ImgAdapter(_SDXLConditioning, Text2ImgAdapter):
+    """`StableDiffusionXLPipeline`: generation from the prompt with SDXL's conditioning; prompt edits change both
+    encoders' hidden states and the pooled embedding (the UNet's `added_cond_kwargs` are then changeable inputs,
+    FISEdit's approximation: outside the region the maps keep the capture's values)."""
+
+    kind = "sdxl_txt2img"
+    text_editable = True
+
+    def unet_kwargs(self, z, copies):
+        pipe = self.pipe  # StableDiffusionXLPipeline._get_add_time_ids: sizes and crop, no aesthetic score
+        f = pipe.vae_scale_factor
+        size = (z.shape[-2] * f, z.shape[-1] * f)
+        text = self.conditions["text_embeds"]
+        proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(text.shape[-1])
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=text.dtype, text_encoder_projection_dim=proj)
+        time_ids = time_ids.repeat(z.shape[0] * copies, 1)  # the negative time ids are the same sizes
+        return {"added_cond_kwargs": {"text_embeds": text, "time_ids": time_ids.to(text.device)}}
 
 
 @register_pipeline("StableDiffusionXLImg2ImgPipeline")
