@@ -137,10 +137,14 @@ def test_a_controlnet_session_saves_and_resumes(pipe, tmp_path):
     editor.capture(image=x, control_image=c, generator=gen(), **KW)
     editor.edit(control_image=painted(c, 80, 100, 10, 30), output_type="pt")  # committed: saved with the session
     editor.save(tmp_path / "s")
+    history = editor.history
+    assert [h["edit"] for h in history] == [1] and history[0]["kind"] == "image"
     want = editor.edit(control_image=painted(c), commit=False, output_type="pt").images
+    assert editor.history == history  # an uncommitted edit is not part of the history
     editor.remove()
     loaded = SparseEditor.load(pipe, tmp_path / "s")
     try:
+        assert loaded.history == history
         assert torch.equal(loaded.edit(control_image=painted(c), commit=False, output_type="pt").images, want)
     finally:
         loaded.remove()

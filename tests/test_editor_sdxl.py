@@ -64,8 +64,8 @@ def test_added_conditions_are_checked_and_saved(pipe, tmp_path):
     editor.save(tmp_path / "s")
     want = editor.edit(image=stroke(x), commit=False, output_type="pt").images
     # The pooled embedding is part of the recorded UNet inputs: a different one is a stale cache, not a silent mix.
-    editor.adapter.conditions = {"text_embeds": editor._capture.conditions["text_embeds"] + 1}
-    editor._capture.conditions = dict(editor.adapter.conditions)
+    editor.adapter.conditions = {"text_embeds": editor.current.conditions["text_embeds"] + 1}
+    editor.current.conditions = dict(editor.adapter.conditions)
     with pytest.raises(StaleCacheError, match="added_cond_kwargs"):
         editor.edit(image=stroke(x), commit=False, output_type="pt")
     editor.remove()
@@ -130,7 +130,7 @@ def test_sdxl_text_to_image_capture_and_prompt_edits(tmp_path):
         assert torch.allclose(whole, dense, atol=1e-5)
         # A committed prompt edit makes the new pooled embedding the capture's: the same prompt again is free.
         editor.edit(prompt="a blue lake", region=region, output_type="pt")
-        assert torch.equal(editor._capture.conditions["text_embeds"], editor.adapter.conditions["text_embeds"])
+        assert torch.equal(editor.current.conditions["text_embeds"], editor.adapter.conditions["text_embeds"])
         again = editor.edit(prompt="a blue lake", output_type="pt").images
         assert editor.last_stats["macs_sparse"] == 0 and again.shape == out0.shape
         found = editor.find_region(prompt="a red lake", text_config=TextEditConfig(region="latent_diff"))

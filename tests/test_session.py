@@ -93,7 +93,7 @@ def test_budget_too_small_raises_before_capturing(pipe):
     editor = SparseEditor(pipe, SparseConfig(cache_budget="64KiB"))
     with pytest.raises(CacheBudgetError, match=r"cache_budget=.*as configured: .*(GiB|MiB)"):
         capture(editor, photo())
-    assert editor._capture is None and _attachment(pipe.unet).state.cache.nbytes == 0
+    assert editor.current is None and _attachment(pipe.unet).state.cache.nbytes == 0
 
 
 def test_budget_fits_by_precision_then_int8_then_disk(pipe):

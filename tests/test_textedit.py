@@ -68,7 +68,7 @@ def test_same_prompt_gives_an_empty_region_and_the_same_image(txt2img):
 @pytest.mark.parametrize("method", ["latent_diff", "cross_attention"])
 def test_a_changed_word_regenerates_a_region(txt2img, method):
     editor, out0 = capture_txt2img(txt2img)
-    steps_before = [z.clone() for z in editor._capture.trajectory]
+    steps_before = [z.clone() for z in editor.current.trajectory]
     out1 = editor.edit(prompt="a blue house", text_config=TextEditConfig(region=method, opening=0),
                        output_type="pt").images  # fmt: skip
     stats = editor.last_stats
@@ -81,7 +81,7 @@ def test_a_changed_word_regenerates_a_region(txt2img, method):
     assert outside_is_kept(editor, out1, out0)
     # Outside the region the latents of every step are the capture's; the first (dense) step's are kept too.
     keep = torch.nn.functional.adaptive_max_pool2d(editor.last_region[:, None].float(), (16, 16))[:, 0] > 0
-    for before, after in zip(steps_before, editor._capture.trajectory, strict=True):
+    for before, after in zip(steps_before, editor.current.trajectory, strict=True):
         assert torch.equal(after[..., ~keep[0]], before[..., ~keep[0]])
 
 
@@ -187,11 +187,11 @@ def test_image_and_prompt_edits_interleave(img2img):
 
 def test_attention_records_are_recomputed_exactly_after_a_commit(txt2img):
     editor, _ = capture_txt2img(txt2img, text_config=TextEditConfig(inject_attention=0.5))
-    cap = editor._capture
+    cap = editor.current
     recorded = cap.attention
     assert len({step for _, step in recorded["probs"]}) == 3
     cap.version += 1  # as after a committed edit: the records no longer count
-    again = editor._attention(cap, editor.text_config, range(STEPS), range(3))
+    again = editor._prompt.attention(cap, editor.text_config, range(STEPS), range(3))
     assert again is not recorded
     for i in range(STEPS):
         assert torch.equal(again["maps"][i], recorded["maps"][i])

@@ -44,11 +44,11 @@ def _nbytes(t) -> int:
 # -- what an editor holds ---------------------------------------------------------------------------------------------
 def cache_parts(editor) -> CacheBytes:
     parts, offloaded = {}, 0
-    for part, model in editor._models().items():
+    for part, model in editor.loop.models().items():
         cache = sparse_state(model).cache
         parts[part] = cache.nbytes
         offloaded += cache.disk_bytes
-    cap = editor._capture
+    cap = editor.current
     text = latents = 0
     if cap is not None:
         latents = sum(_nbytes(t) for t in cap.trajectory) + _nbytes(cap.decoded)
@@ -141,7 +141,7 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
             tallies["vae_decoder"] = dict(tally)
     latent_bytes = b * 4 * (h // f) * (w // f) * (n + 4) * unet.dtype.itemsize
     other = latent_bytes + b * 3 * h * w * 8 + _nbytes(embeds)  # trajectory, image and decoded, embeddings
-    if editor._control is not None and editor._text_editable() and embeds is not None:
+    if editor.loop.attention is not None and editor.adapter.text_editable and embeds is not None:
         # the cross-attention maps a capture records for prompt edits: one [rows, h, w, tokens] float32 map per step
         from . import textedit
 
@@ -160,7 +160,7 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
         maps = t["maps"] if dtype is None else t["maps_numel"] * dtype.itemsize
         return maps + t["other"]
 
-    caches = {part: sparse_state(m).cache for part, m in editor._models().items()}
+    caches = {part: sparse_state(m).cache for part, m in editor.loop.models().items()}
     now = {part: c.storage_dtype for part, c in caches.items()}
     bf16 = torch.bfloat16
     options = [
@@ -237,7 +237,7 @@ def content_fingerprint(module: torch.nn.Module | None) -> str | None:
 
 def pipeline_fingerprint(editor) -> dict:
     pipe = editor.pipe
-    out = {"pipeline": type(pipe).__name__, "scheduler": list(editor._scheduler_fingerprint())}
+    out = {"pipeline": type(pipe).__name__, "scheduler": list(editor.loop.scheduler_fingerprint())}
     for name in ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet"):
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
@@ -327,7 +327,7 @@ def _save_model(w: _Writer, part: str, model) -> dict:
 
 
 def save_editor(editor, path) -> None:
-    cap = editor._capture
+    cap = editor.current
     if cap is None:
         raise RuntimeError("nothing to save: call `editor.capture(...)` first.")
     if editor.temporal is not None:
@@ -380,7 +380,8 @@ def save_editor(editor, path) -> None:
         "on_stale": editor.on_stale,
         "fingerprint": pipeline_fingerprint(editor),
         "capture": capture,
-        "models": {part: _save_model(w, part, m) for part, m in editor._models().items()},
+        "history": editor.history,
+        "models": {part: _save_model(w, part, m) for part, m in editor.loop.models().items()},
     })  # fmt: skip
 
 
@@ -480,7 +481,9 @@ def _read_manifest(path: Path, cls) -> dict:
     return manifest
 
 
-def load_editor(cls, pipe, path, mmap: bool = True):
+def load_editor(cls, pipe, path):
+    """A `cls` editor on `pipe` made as the saved session's was, after checking the pipeline against the saved
+    fingerprint (`StaleCacheError` names what differs). `load_capture` then restores the session into it."""
     path = Path(path)
     manifest = _read_manifest(path, cls)
     if manifest["fingerprint"]["pipeline"] != type(pipe).__name__:
@@ -492,52 +495,58 @@ def load_editor(cls, pipe, path, mmap: bool = True):
                  text_config=TextEditConfig.from_dict(manifest["text_config"]))  # fmt: skip
     try:
         _compare(manifest["fingerprint"], pipeline_fingerprint(editor))
-        tensors = read_tensors(path / "tensors.safetensors", use_mmap=mmap)
-        device = editor.unet.device
-        for part, model in editor._models().items():
-            _load_model(tensors, manifest["models"][part], model, editor.config)
-        c = manifest["capture"]
-
-        def get(name):
-            return None if name is None else tensors[name].to(device)
-
-        from .editor import _Capture
-
-        attention = None
-        if c["attention"] is not None:
-            a = c["attention"]
-            attention = {
-                "size": tuple(a["size"]),
-                "version": a["version"],
-                "maps": {int(i): get(n) for i, n in a["maps"].items()},
-                "probs": {_tuple(p["key"]): get(p["tensor"]) for p in a["probs"]},
-            }
-        ts = tensors[c["timesteps"]].to(device)
-        editor._capture = _Capture(
-            image=get(c["image"]) if c["image"] is not None else tuple(c["batch_shape"]),
-            mask=get(c["mask"]),
-            trajectory=[get(n) for n in c["trajectory"]],
-            timesteps=list(ts),
-            generator_state=tensors[c["generator_state"]].clone(),
-            generator_device=c["generator_device"],
-            call=c["call"],
-            embeds=get(c["embeds"]),
-            latents={k: get(n) for k, n in c["latents"].items()},
-            inputs={k: get(n) for k, n in c.get("inputs", {}).items()},
-            decoded=get(c["decoded"]),
-            scheduler=tuple(c["scheduler"]),
-            attention=attention,
-            version=c["version"],
-            step_macs=c["step_macs"],
-            macs=c["macs"],
-            conditions={k: get(n) for k, n in c.get("conditions", {}).items()},
-        )
-        editor._capture.text_fingerprint = editor._text_fingerprint()  # checked against the saved content above
-        editor._check_capture(editor._capture)
     except BaseException:
         editor.remove()
         raise
     return editor
+
+
+def load_capture(editor, path, mmap: bool = True):
+    """Restore the saved caches into `editor`'s models; returns the saved `Capture` and the edit history."""
+    from .loop import Capture
+
+    path = Path(path)
+    manifest = _read_manifest(path, type(editor))
+    tensors = read_tensors(path / "tensors.safetensors", use_mmap=mmap)
+    device = editor.unet.device
+    for part, model in editor.loop.models().items():
+        _load_model(tensors, manifest["models"][part], model, editor.config)
+    c = manifest["capture"]
+
+    def get(name):
+        return None if name is None else tensors[name].to(device)
+
+    attention = None
+    if c["attention"] is not None:
+        a = c["attention"]
+        attention = {
+            "size": tuple(a["size"]),
+            "version": a["version"],
+            "maps": {int(i): get(n) for i, n in a["maps"].items()},
+            "probs": {_tuple(p["key"]): get(p["tensor"]) for p in a["probs"]},
+        }
+    ts = tensors[c["timesteps"]].to(device)
+    capture = Capture(
+        image=get(c["image"]) if c["image"] is not None else tuple(c["batch_shape"]),
+        mask=get(c["mask"]),
+        trajectory=[get(n) for n in c["trajectory"]],
+        timesteps=list(ts),
+        generator_state=tensors[c["generator_state"]].clone(),
+        generator_device=c["generator_device"],
+        call=c["call"],
+        embeds=get(c["embeds"]),
+        latents={k: get(n) for k, n in c["latents"].items()},
+        inputs={k: get(n) for k, n in c.get("inputs", {}).items()},
+        decoded=get(c["decoded"]),
+        scheduler=tuple(c["scheduler"]),
+        attention=attention,
+        version=c["version"],
+        step_macs=c["step_macs"],
+        macs=c["macs"],
+        conditions={k: get(n) for k, n in c.get("conditions", {}).items()},
+        text_fingerprint=editor.loop.text_fingerprint(),  # checked against the saved content by load_editor
+    )
+    return capture, list(manifest.get("history", []))
 
 
 def save_gan(editor, path) -> None:

@@ -302,9 +302,9 @@ def map_resolution(unet, latent_size, downscale: int) -> tuple[int, int]:
 class PromptEdits:
     """The prompt-edit technique (FISEdit's region detection, Prompt-to-Prompt's attention injection) on a
     `SparseEditor`: recording the capture's cross-attention, aligning the old and new prompts' tokens, and finding
-    the region a prompt change affects. The editor owns the loop and the caches; this owns the technique. It still
-    reads the editor's loop helpers and its current capture (`editor._capture`, `_predictor`, `_loop`): the next
-    step of issue 18 is to give those a public shape."""
+    the region a prompt change affects. The editor's `loop.Loop` owns the runs and the caches; this owns the technique
+    and drives the loop's public steps (`editor.loop.prepare`, `predictor`, `run`) on the editor's current capture
+    (`editor.current`) for its dense detection steps."""
 
     def __init__(self, editor):
         self.editor = editor
@@ -313,8 +313,8 @@ class PromptEdits:
         """Make the cross-attention layers record maps (at `map_steps`) and probabilities (at `prob_steps`) during
         the UNet calls that follow; returns the function that stops recording and returns what was recorded."""
         ed = self.editor
-        ctl = ed._control
-        if ctl is None or not ed._text_editable():
+        ctl = ed.loop.attention
+        if ctl is None or not ed.adapter.text_editable:
             return lambda: None
         size = map_resolution(ed.unet, tuple(z.shape[-2:]), text_config.attention_downscale)
         ctl.maps, ctl.probs = {}, {}
@@ -345,20 +345,20 @@ class PromptEdits:
         need_probs = [i for i in prob_steps if i not in have_probs]
         if need_maps or need_probs:
             gs = cap.call["guidance_scale"]
-            predict, copies = ed._predictor(cap.embeds, gs, {}, lambda i, call_unet: call_unet())
+            predict, copies = ed.loop.predictor(cap.embeds, gs, {}, lambda i, call_unet: call_unet())
             recording = self.record_attention(need_maps, need_probs, cap.trajectory[0], copies, text_config,
                                                cap.version)  # fmt: skip
-            inject, ed._control.inject = ed._control.inject, None  # the current image's own attention
+            inject, ed.loop.attention.inject = ed.loop.attention.inject, None  # the current image's own attention
             try:
                 for i in sorted(set(need_maps) | set(need_probs)):
                     predict(i, cap.timesteps[i], cap.trajectory[i])
-                    ed._extra_macs += cap.step_macs
+                    ed.loop.extra_macs += cap.step_macs
             finally:
                 fresh = recording()
-                ed._control.inject = inject
+                ed.loop.attention.inject = inject
             att["maps"].update(fresh["maps"])
             att["probs"].update(fresh["probs"])
-            ed._check_capture(cap)  # scale_model_input may have moved a scheduler's step index
+            ed.loop.check(cap)  # scale_model_input may have moved a scheduler's step index
         cap.attention = att
         return att
 
@@ -394,8 +394,8 @@ class PromptEdits:
         ed = self.editor
         copies = embeds_list[0].shape[0] // z.shape[0]
         n = len(embeds_list)
-        ed._control.step = None  # no step's recording or injection applies
-        ed._extra_macs += ed._capture.step_macs * n
+        ed.loop.attention.step = None  # no step's recording or injection applies
+        ed.loop.extra_macs += ed.current.step_macs * n
         eps = ed.unet(torch.cat([z] * (copies * n)), t, encoder_hidden_states=torch.cat(embeds_list),
                         return_dict=False)[0]  # fmt: skip
         out = []
@@ -446,8 +446,8 @@ class PromptEdits:
                     "Use TextEditConfig(injection='refine')."
                 )
             mapping = torch.arange(mapping.shape[1], device=mapping.device).expand_as(mapping)
-        check_installed(ed.unet, ed._control)
-        ed._control.cond = slice(b, None) if copies == 2 else slice(None)
+        check_installed(ed.unet, ed.loop.attention)
+        ed.loop.attention.cond = slice(b, None) if copies == 2 else slice(None)
         return set(range(n_inject)), mapping, probs
 
     def detect(self, cap, change, embeds, prep, generator, copies, predict_dense):
@@ -466,7 +466,7 @@ class PromptEdits:
             attention = self.attention(cap, tcfg, range(k), [])
             recording = self.record_attention(range(k), [], prep["z"], copies, tcfg)
         try:
-            z, dense = ed._loop(prep, cap.timesteps, generator, predict_dense, lambda i, z: z, stop=k)
+            z, dense = ed.loop.run(prep, cap.timesteps, generator, predict_dense, lambda i, z: z, stop=k)
         finally:
             target = recording() if recording is not None else None
         if tcfg.region == "latent_diff":
@@ -484,10 +484,10 @@ class PromptEdits:
     def find_region(self, prompt, negative_prompt, text_config):
         """`SparseEditor.find_region`: the region a prompt change would regenerate, found without editing."""
         ed = self.editor
-        cap = ed._capture
+        cap = ed.current
         if cap is None:
             raise RuntimeError("Nothing captured yet: call `editor.capture(...)` first.")
-        if not ed._text_editable():
+        if not ed.adapter.text_editable:
             raise ValueError(f"prompt edits need a Stable Diffusion text pipeline, not {type(ed.pipe).__name__}.")
         tcfg = ed.text_config if text_config is None else text_config
         if tcfg.region == "mask":
@@ -498,39 +498,39 @@ class PromptEdits:
             "config": tcfg,
             "region": None,
         }
-        ed._check_capture(cap)
+        ed.loop.check(cap)
         started = time.perf_counter()
-        b = ed._batch(cap.image)
+        b = ed.adapter.batch(cap.image)
         h, w = cap.decoded.shape[-2:]
         gs = cap.call["guidance_scale"]
         copies = 2 if gs > 1.0 else 1
-        embeds = ed._embeds(change["prompt"], change["negative_prompt"], gs, b)
+        embeds = ed.loop.embeds(change["prompt"], change["negative_prompt"], gs, b)
         found = torch.zeros(b, *cap.trajectory[0].shape[-2:], dtype=torch.bool, device=ed.unet.device)
-        ed._extra_macs = 0
+        ed.loop.extra_macs = 0
         if not torch.equal(embeds, cap.embeds):
             generator = torch.Generator(device=cap.generator_device)
             generator.set_state(cap.generator_state)
             try:
-                ed._control.inject = self.injection(cap, change, b, copies)
+                ed.loop.attention.inject = self.injection(cap, change, b, copies)
                 x0 = cap.image
                 empty = torch.zeros(b, h, w, dtype=torch.bool, device=ed.unet.device)
-                with ed._encoder_mode(editing, region=empty, commit=False):
-                    prep = ed._prepare(x0, None, generator, cap.timesteps, cap.call, cap.inputs or {}, copies,
+                with ed.loop.encoder_mode(editing, region=empty, commit=False):
+                    prep = ed.loop.prepare(x0, None, generator, cap.timesteps, cap.call, cap.inputs or {}, copies,
                                        keep=found, cap=cap)  # fmt: skip
-                predict, _ = ed._predictor(embeds, gs, prep, lambda i, call_unet: call_unet())
+                predict, _ = ed.loop.predictor(embeds, gs, prep, lambda i, call_unet: call_unet())
                 found, k, _ = self.detect(cap, change, embeds, prep, generator, copies, predict)
                 found = dilate(found, tcfg.dilation)
-                ed._extra_macs += k * cap.step_macs
+                ed.loop.extra_macs += k * cap.step_macs
             finally:
-                ed._control.idle()
-                ed._check_capture(cap)
+                ed.loop.attention.idle()
+                ed.loop.check(cap)
         region = F.interpolate(found[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
         ed.last_stats = EditStats.of(
             {
                 "detect_seconds": time.perf_counter() - started,
                 "region_fraction": float(region.float().mean()),
                 "region_method": tcfg.region,
-                "macs_detect": ed._extra_macs,
+                "macs_detect": ed.loop.extra_macs,
                 "macs_dense": cap.macs,
             }
         )

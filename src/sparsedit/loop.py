@@ -1,0 +1,576 @@
+"""The denoising loop under `SparseEditor`: the sparsified models of one pipeline, the dense capture run that fills
+their caches, and the sparse edit run that recomputes only the region at every step.
+
+`SparseEditor` (editor.py) is the front: it checks arguments, keeps the session (the current `Capture`, the history,
+`last_stats`) and calls `Loop.capture` and `Loop.edit`. The adapter (adapters/pipelines.py) says what differs between
+pipeline families; the prompt-edit technique (textedit.PromptEdits) drives `Loop.prepare`, `Loop.predictor` and
+`Loop.run` for its dense detection steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import temporal as temporal_reuse
+from . import textedit
+from .cache import StaleCacheError, module_fingerprint
+from .config import SparseConfig, TemporalConfig
+from .regions import dilate
+from .spatial import (
+    capturing,
+    editing,
+    last_stats,
+    output_regions,
+    prefetch,
+    scope,
+    sparse_state,
+    sparsify_,
+    unsparsify_,
+)
+from .stats import EditStats
+
+
+__all__ = ["Capture", "Loop"]
+
+
+@dataclass
+class Capture:
+    """What a capture run depended on and produced, for the staleness check and for edits.
+
+    `latents` holds the tensors an edit recomputes only inside the region and takes from here outside it: the
+    encoded image (`"image"`), the encoded masked image and the latent mask (inpainting), and the decoded result.
+    """
+
+    image: torch.Tensor  # the current (last accepted) input image, [-1, 1]
+    mask: torch.Tensor | None  # inpainting: the current mask, [B, 1, H, W] in {0, 1}
+    trajectory: list[torch.Tensor]  # latents entering each step, then the final latents
+    timesteps: list
+    generator_state: torch.Tensor
+    generator_device: str
+    call: dict  # the capture's arguments (prompt, strength, steps, guidance...), to recapture
+    embeds: torch.Tensor | None
+    latents: dict
+    decoded: torch.Tensor
+    scheduler: tuple
+    attention: dict | None = (
+        None  # prompt edits: the cross-attention maps/probabilities recorded, and for which version
+    )
+    version: int = 0  # bumped by every committed edit
+    step_macs: int = 0  # one dense UNet step
+    macs: int = 0  # the whole dense run
+    conditions: dict | None = None  # the adapter's conditioning besides the text context (SDXL's pooled embedding)
+    text_fingerprint: tuple | None = None  # the text encoders the embeddings came from (`_text_fingerprint`)
+    inputs: dict | None = None  # the adapter's `extra_images` (the ControlNet's control image), at image resolution
+
+
+class Loop:
+    """One pipeline's models made sparse, and the two runs over its denoising loop.
+
+    Args:
+        pipe: the pipeline; `adapter`: its family's adapter.
+        config: the `SparseConfig` the UNet (and the ControlNet) take; the VAE's encoder and decoder take it with their
+            own input dilation. `cache_dtype="auto"` is resolved here (bfloat16 in approximate mode).
+        temporal: a `TemporalConfig` or `None`.
+    """
+
+    def __init__(self, pipe, adapter, config: SparseConfig, temporal: TemporalConfig | None):
+        self.pipe = pipe
+        self.adapter = adapter
+        self.config = config
+        self.temporal = temporal
+        self.latent = adapter.latent
+        self.controlnet = adapter.controlnet  # runs sparse on the UNet's region, step by step
+        self.attention = None  # textedit.AttentionControl: prompt edits record and inject cross-attention
+        self.prompt = None  # textedit.PromptEdits, set by the editor
+        self.encoder_stats: list[dict] = []
+        self.extra_macs = 0  # detection work of a prompt edit that a dense regeneration does not do
+        unet = pipe.unet
+        # The UNet's per-step cache: "auto" stores feature maps in bfloat16 in approximate mode (measured within
+        # 0.1 dB of a float32 cache); a budget is divided between the models at capture (session.fit_budget).
+        dtype = config.cache_dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if not config.exact and unet.dtype == torch.float32 else None
+        models = {**config.to_dict(), "cache_dtype": dtype, "cache_budget": None}
+        unet_config = SparseConfig.from_dict(models)
+        if self.latent:  # prompt edits: the cross-attention layers record the capture's maps and inject them
+            self.attention = textedit.AttentionControl()
+            self._processors = textedit.install(unet, self.attention)
+        sparsify_(unet, unet_config)
+        if self.controlnet is not None:
+            sparsify_(self.controlnet, unet_config)
+        self.sync_attention_storage()
+        if temporal is not None:  # after sparsify_: the reuse hooks sit outside the sparse ones
+            temporal_reuse.apply_encoder_propagation(unet, temporal)
+            temporal_reuse.drive(unet)  # steps come from the editor's loops; other calls run whole
+        if self.latent:
+            # The VAE decoder runs sparse on the latent region (already dilated for the UNet: one more pixel here).
+            sparsify_(pipe.vae.decoder, SparseConfig.from_dict({**models, "input_dilation": 1}))
+            # The encoder runs sparse on the image region dilated by one latent pixel; outside the UNet's region its
+            # output is replaced by the capture's anyway.
+            sparsify_(pipe.vae.encoder, SparseConfig.from_dict({**models, "input_dilation": pipe.vae_scale_factor}))
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    def remove(self) -> None:
+        """Detach everything from the pipeline's models (`SparseEditor.remove`)."""
+        if self.temporal is not None:
+            temporal_reuse.remove_encoder_propagation(self.unet)
+        unsparsify_(self.unet)
+        if self.controlnet is not None:
+            unsparsify_(self.controlnet)
+        if self.latent:
+            unsparsify_(self.pipe.vae.decoder)
+            unsparsify_(self.pipe.vae.encoder)
+            textedit.uninstall(self.unet, self._processors)
+
+    def sync_attention_storage(self) -> None:
+        """Stored cross-attention probabilities (prompt edits) take the UNet cache's storage dtype, bfloat16 at the
+        smallest (they are not quantized)."""
+        if self.attention is not None:
+            dtype = sparse_state(self.unet).cache.storage_dtype
+            self.attention.storage_dtype = torch.bfloat16 if dtype == torch.int8 else dtype
+
+    def models(self) -> dict:
+        """The sparsified models by part name."""
+        models = {"unet": self.unet}
+        if self.controlnet is not None:
+            models["controlnet"] = self.controlnet
+        if self.latent:
+            models.update(vae_encoder=self.pipe.vae.encoder, vae_decoder=self.pipe.vae.decoder)
+        return models
+
+    def timesteps(self, num_inference_steps: int, strength: float) -> list:
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}.")
+        sched = self.pipe.scheduler
+        sched.set_timesteps(num_inference_steps, device=self.unet.device)
+        start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+        timesteps = list(sched.timesteps[start * sched.order :])
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start * sched.order)
+        if not timesteps:
+            raise ValueError(f"strength={strength} with {num_inference_steps} steps leaves no step to run.")
+        return timesteps
+
+    def encode(self, x, generator, name: str):
+        """Image → VAE latent sample, scaled, as the pipelines do (one draw from `generator`). Inside a capture or an
+        edit of the encoder, each encoded image (`name`) has its own cache scope."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+
+        vae = self.pipe.vae
+        with scope(vae.encoder, name):
+            z = vae.config.scaling_factor * retrieve_latents(vae.encode(x.to(vae.dtype)), generator=generator)
+        if sparse_state(vae.encoder).mode is not None:
+            self.encoder_stats.append(last_stats(vae.encoder))
+        return z
+
+    def check_vae(self) -> None:
+        vae = self.pipe.vae
+        if getattr(vae, "use_tiling", False) or getattr(vae, "use_slicing", False):
+            raise ValueError(
+                "SparseEditor runs the VAE sparse on whole images; call `pipe.vae.disable_tiling()` and "
+                "`pipe.vae.disable_slicing()` first (sparse editing already does the work of tiling)."
+            )
+
+    def encoder_mode(self, context, **kwargs):
+        if not self.adapter.encodes_image:  # text-to-image and pixel pipelines encode no image
+            return contextlib.nullcontext()
+        self.check_vae()
+        return context(self.pipe.vae.encoder, **kwargs)
+
+    def prepare(self, x0, mask, generator, timesteps, call, inputs, copies, keep=None, cap=None) -> dict:
+        """The loop's starting point (the adapter's `prepare`, then `prepare_inputs` for its extra inputs). In an
+        edit (`keep`, `cap`), every encoded tensor is the capture's outside `keep`: the sparse VAE encoder is
+        approximate near the region, and the UNet must see the captured input there. Text-to-image takes
+        `x0 = (batch, height, width)`."""
+
+        def kept(name, t):
+            return t if keep is None else torch.where(keep[:, None], t, cap.latents[name])
+
+        def encode(x, name):
+            return self.encode(x, generator, name)
+
+        prep = self.adapter.prepare(x0, mask, generator, timesteps, call["strength"], encode, kept)
+        self.adapter.prepare_inputs(prep, inputs, call, copies, None if cap is None else cap.latents)
+        prep["call"], prep["steps"] = call, len(timesteps)
+        return prep
+
+    def run(self, prep, timesteps, generator, predict, composite, start=0, stop=None, z=None):
+        """Denoise steps `start` to `stop` from `z` (default: `prep["z"]`). `predict(i, t, z)` returns the guided
+        noise prediction; `composite(i, z)` puts the capture's latents back outside the region (identity in a
+        capture). Returns the last latents and the trajectory from step `start` on."""
+        sched = self.pipe.scheduler
+        extra = self.adapter.step_kwargs(generator)
+        z = prep["z"] if z is None else z
+        trajectory = [z]
+        stop = len(timesteps) if stop is None else stop
+        reuse = None
+        if self.temporal is not None:
+            # A loop from step 0 starts a new generation; a continuation (a prompt edit after its dense detection
+            # steps) keeps the features of the last key step.
+            reuse = temporal_reuse.begin_loop(self.unet, len(timesteps)) if start == 0 else None
+            reuse = reuse or temporal_reuse.loop_state(self.unet)
+            z_T = prep["z"] / float(getattr(sched, "init_noise_sigma", 1.0))
+        try:
+            for i in range(start, stop):
+                t = timesteps[i]
+                if reuse is not None:
+                    reuse.step = i
+                z = sched.step(predict(i, t, z), t, z, **extra, return_dict=False)[0]
+                if reuse is not None and reuse.reuses:
+                    z = temporal_reuse.inject_prior_noise(z, t, z_T, self.temporal)
+                z = self.adapter.after_step(z, prep, timesteps, i)
+                z = composite(i, z)
+                trajectory.append(z)
+        finally:
+            if reuse is not None:
+                reuse.step = None  # calls outside the loop (noise_diff's) run whole
+        return z, trajectory
+
+    def predictor(self, embeds, guidance_scale, prep, run_unet, run_control=None):
+        """The per-step noise prediction, with classifier-free guidance batched as the pipeline batches it.
+        `run_unet(i, fn)` runs the UNet call `fn` of step `i` under the capture or edit; with a ControlNet,
+        `run_control(i, fn, copies)` runs its call and returns `(output, output regions)`, and the UNet's call is
+        `run_unet(i, fn, regions)` with the regions of the ControlNet's residuals."""
+        unet, sched = self.unet, self.pipe.scheduler
+        if run_control is None:
+            run_control = lambda i, fn, n: (fn(), None)  # noqa: E731
+        cfg = embeds is not None and guidance_scale > 1.0
+        copies = 2 if cfg else 1
+        cond = self.adapter.unet_condition(prep, copies) if prep else None
+
+        def predict(i, t, z):
+            if self.attention is not None:
+                self.attention.step = i
+            if embeds is None:
+                return run_unet(i, lambda: unet(z, t).sample)
+            zin = sched.scale_model_input(torch.cat([z] * copies), t)
+            extra = self.adapter.unet_kwargs(z, copies)
+            regions = None
+            if self.controlnet is not None:  # its residuals, from the 4-channel latents
+                n = self.adapter.control_copies(copies, prep["call"])
+                residuals, regions = self.adapter.control(i, t, z, zin, embeds, prep, prep["call"], copies,
+                                                          prep["steps"], lambda fn: run_control(i, fn, n))  # fmt: skip
+                extra = {**extra, **residuals}
+            if cond is not None:
+                zin = torch.cat([zin, cond], dim=1)
+
+            def call_unet():
+                return unet(zin, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
+
+            eps = run_unet(i, call_unet) if regions is None else run_unet(i, call_unet, regions)
+            if cfg:
+                uncond, text = eps.chunk(2)
+                eps = uncond + guidance_scale * (text - uncond)
+            return eps
+
+        return predict, copies
+
+    def embeds(self, prompt, negative_prompt, guidance_scale, batch):
+        return self.adapter.embeds(prompt, negative_prompt, guidance_scale, batch)
+
+    def scheduler_fingerprint(self) -> tuple:
+        sched = self.pipe.scheduler
+        return type(sched).__name__, json.dumps(dict(sched.config), sort_keys=True, default=str)
+
+    def text_fingerprint(self) -> tuple:
+        """Identity of the text encoders' weights and LoRA adapters: the capture's prompt embeddings are reused."""
+        out = []
+        for name in ("text_encoder", "text_encoder_2"):
+            module = getattr(self.pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                out.append((name, module_fingerprint(module)))
+        return tuple(out)
+
+    def check(self, cap) -> None:
+        """Refuse a capture that the pipeline no longer matches outside the UNet (whose own fingerprint the engine
+        checks on every run): the text encoders (weights, LoRA adapters loaded, fused or re-weighted), and the
+        scheduler, which may have been swapped, reconfigured or reset (a plain `pipe(...)` call resets its
+        timesteps): the capture's timesteps are derived again."""
+        if cap.text_fingerprint is not None and self.text_fingerprint() != cap.text_fingerprint:
+            raise StaleCacheError(
+                "the pipeline's text encoder changed since the capture (its weights, or LoRA adapters loaded, fused, "
+                "unfused or re-weighted with set_adapters), so the captured prompt embeddings are stale; capture "
+                "again, or make the editor with on_stale='recapture'."
+            )
+        if self.scheduler_fingerprint() != cap.scheduler:
+            raise StaleCacheError(
+                "the pipeline's scheduler (or its config) changed since the capture, so the cached trajectory no "
+                "longer matches; capture again with `editor.capture(...)`."
+            )
+        timesteps = self.timesteps(cap.call["num_inference_steps"], cap.call["strength"])
+        if [int(t) for t in timesteps] != [int(t) for t in cap.timesteps]:
+            raise StaleCacheError("the scheduler's timesteps differ from the capture's; capture again.")
+
+    def residual_inputs(self) -> tuple:
+        """The UNet's inputs that come from the ControlNet, with their regions (`spatial.capturing`)."""
+        from .adapters.controlnet import RESIDUALS
+
+        return RESIDUALS if self.controlnet is not None else ()
+
+    def capturing_control(self):
+        """The ControlNet's capture: its control image is read through the precomputed embedding, not stored."""
+        if self.controlnet is None:
+            return contextlib.nullcontext()
+        return capturing(self.controlnet, spatial_inputs=("controlnet_cond",))
+
+    def capture(self, x0, mask, call, generator, state, timesteps, embeds, inputs, text_config) -> tuple:
+        """Run the pipeline densely, filling every model's cache. Returns the `Capture` and its statistics."""
+        unet, controlnet = self.unet, self.controlnet
+        started = time.perf_counter()
+        macs = computed = step_macs = control_macs = 0
+
+        def run_unet(i, call_unet, regions=None):
+            nonlocal computed, step_macs
+            with scope(unet, i):
+                out = call_unet()
+            # A step that reuses features (temporal) computes less; a whole step (a key step) is the dense cost.
+            computed += last_stats(unet)["macs_dense"]
+            step_macs = max(step_macs, last_stats(unet)["macs_dense"])
+            return out
+
+        def run_control(i, call_control, n):
+            nonlocal computed, control_macs
+            with scope(controlnet, i):
+                out = call_control()
+            computed += last_stats(controlnet)["macs_dense"]
+            control_macs = max(control_macs, last_stats(controlnet)["macs_dense"])
+            return out, None
+
+        self.encoder_stats = []
+        copies = 2 if embeds is not None and call["guidance_scale"] > 1.0 else 1
+        with self.encoder_mode(capturing):
+            prep = self.prepare(x0, mask, generator, timesteps, call, inputs, copies)
+        macs += sum(s["macs_dense"] for s in self.encoder_stats)
+        predict, copies = self.predictor(embeds, call["guidance_scale"], prep, run_unet, run_control)
+        n = len(timesteps)
+        recording = self.prompt.record_attention(range(n), range(text_config.inject_steps(n)), prep["z"], copies,
+                                                 text_config)  # fmt: skip
+        try:
+            with capturing(unet, spatial_inputs=self.residual_inputs()), self.capturing_control():
+                z, trajectory = self.run(prep, timesteps, generator, predict, lambda i, z: z)
+        finally:
+            attention = recording()
+        step_macs += control_macs
+        vae_macs = macs + prep.get("extra_macs", 0)  # once (the ControlNet's conditioning embedding)
+        macs += (step_macs + prep.get("extra_macs", 0)) * len(timesteps)
+        if self.latent:
+            with capturing(self.pipe.vae.decoder):
+                decoded = self.adapter.decode(z)
+            macs += last_stats(self.pipe.vae.decoder)["macs_dense"]
+            vae_macs += last_stats(self.pipe.vae.decoder)["macs_dense"]
+        else:
+            decoded = z
+        cap = Capture(
+            image=x0.clone() if isinstance(x0, torch.Tensor) else x0,
+            mask=None if mask is None else mask.clone(),
+            trajectory=trajectory,
+            timesteps=timesteps,
+            generator_state=state,
+            generator_device=str(generator.device),
+            call=call,
+            embeds=embeds,
+            latents={k: prep[k] for k in self.adapter.kept if k in prep},
+            decoded=decoded,
+            scheduler=self.scheduler_fingerprint(),
+            attention=attention,
+            step_macs=step_macs,
+            macs=macs,
+            conditions=dict(self.adapter.conditions),
+            text_fingerprint=self.text_fingerprint(),
+            inputs={k: v.clone() for k, v in inputs.items()},
+        )
+        stats = EditStats.of(
+            {
+                "macs_dense": macs,
+                "macs_sparse": vae_macs + computed,  # less than macs_dense when temporal reuse skips work
+                "active_fraction": {},
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        return cap, stats
+
+    def edit(self, cap, x0, mask, inputs, region, commit, change=None) -> tuple:
+        """Run the pipeline sparsely against `cap`: every step recomputes only the region (and, for a prompt edit,
+        the region its detection finds), with the capture's latents outside it. A committed edit updates `cap` and
+        the caches. Returns the decoded result, the statistics and the regenerated region at image resolution."""
+        self.check(cap)  # also resets the scheduler's step index to the capture's first step
+        self.adapter.conditions = dict(cap.conditions or {})  # the capture's (a load or a prompt edit may follow)
+        unet, controlnet = self.unet, self.controlnet
+        b = self.adapter.batch(x0)
+        h, w = cap.decoded.shape[-2:]
+        z_shape = cap.trajectory[0].shape[-2:]
+        gs = cap.call["guidance_scale"]
+        started = time.perf_counter()
+        totals = defaultdict(int)
+        fractions = defaultdict(list)
+        embeds = cap.embeds
+        copies = 2 if embeds is not None and gs > 1.0 else 1
+        if change is not None:
+            embeds = self.embeds(change["prompt"], change["negative_prompt"], gs, b)
+            if torch.equal(embeds, cap.embeds) and change["region"] is None:
+                change["unchanged"] = True  # e.g. only the negative prompt changed, without guidance
+        text = change is not None and not change.get("unchanged")
+        # The image part's composite region at the UNet's resolution (dilated as the config says).
+        keep = dilate(F.adaptive_max_pool2d(region[:, None].float(), z_shape)[:, 0] > 0, self.config.input_dilation)
+        if not text and not bool(keep.any()):  # nothing changed: the current result, at no cost
+            if commit and change is not None:
+                cap.call["prompt"], cap.call["negative_prompt"] = change["prompt"], change["negative_prompt"]
+            stats = EditStats.of({"macs_dense": cap.macs, "macs_sparse": 0, "active_fraction": {}, "region_fraction": 0.0,
+                                  "detect_seconds": 0.0, "seconds": time.perf_counter() - started,
+                                  "background": "unchanged"})  # fmt: skip
+            return cap.decoded.clone(), stats, torch.zeros(b, h, w, dtype=torch.bool, device=keep.device)
+        generator = torch.Generator(device=cap.generator_device)
+        generator.set_state(cap.generator_state)
+        inject = self.prompt.injection(cap, change, b, copies) if text else None
+
+        def count(stats):
+            totals["macs_dense"] += stats["macs_dense"]
+            totals["macs_sparse"] += stats["macs_sparse"]
+
+        def run_control(i, call_control, n):
+            with (
+                editing(controlnet, region=keep.repeat(n, 1, 1), commit=commit, changeable=changeable),
+                scope(controlnet, i),
+            ):
+                out = call_control()
+                stats, regions = last_stats(controlnet), output_regions(controlnet)
+            count(stats)
+            totals["dense_steps"] += stats["dense_run"] is not None
+            return out, regions
+
+        def run_unet(i, call_unet, regions=None):
+            if prefetching and i + 1 < len(cap.timesteps):
+                prefetch(unet, i + 1)  # the next step's entries, copied while this step computes
+                if controlnet is not None:
+                    prefetch(controlnet, i + 1)
+            with (
+                editing(unet, region=unet_region, commit=commit, changeable=changeable, input_regions=regions),
+                scope(unet, i),
+            ):
+                out = call_unet()
+                stats = last_stats(unet)
+            # With temporal reuse a step runs only some layers; the dense reference is a whole step.
+            totals["macs_dense"] += cap.step_macs if self.temporal is not None else stats["macs_dense"]
+            totals["macs_sparse"] += stats["macs_sparse"]
+            for res, frac in stats["active_fraction"].items():
+                fractions[res].append(frac)
+            for part, t in stats["time"].items():
+                unet_time[part] += t
+            totals["dense_steps"] += stats["dense_run"] is not None
+            return out
+
+        def run_dense(i, call_unet):
+            totals["macs_dense"] += per_step_macs
+            totals["macs_sparse"] += per_step_macs
+            return call_unet()
+
+        per_step_macs = 0
+        prefetching = self.config.prefetch
+        if prefetching is None:
+            prefetching = unet.device.type == "cuda"
+        unet_time = defaultdict(float)
+        self.extra_macs = 0
+        changeable = ("encoder_hidden_states",) if self.latent else ()
+        if text and cap.conditions:  # SDXL: the pooled embedding changes with the prompt
+            changeable += ("added_cond_kwargs",)
+        if self.attention is not None:
+            self.attention.inject = inject
+        try:
+            self.encoder_stats = []
+            with self.encoder_mode(editing, region=region, commit=commit):
+                prep = self.prepare(x0, mask, generator, cap.timesteps, cap.call, inputs, copies, keep=keep, cap=cap)
+            for stats in self.encoder_stats:
+                count(stats)
+            # Computed once per edit (the ControlNet's conditioning embedding); the pipeline does it at every step.
+            totals["macs_dense"] += prep.get("extra_macs", 0) * len(cap.timesteps)
+            totals["macs_sparse"] += prep.get("extra_macs", 0)
+            start, z = 0, None
+            detect_seconds = 0.0
+            if text:
+                detect_started = time.perf_counter()
+                per_step_macs = cap.step_macs
+                predict_dense, _ = self.predictor(embeds, gs, prep, run_dense)
+                found, start, z_dense = self.prompt.detect(cap, change, embeds, prep, generator, copies, predict_dense)
+                keep = keep | dilate(found, change["config"].dilation)
+                if start:
+                    z = torch.where(keep[:, None], z_dense, cap.trajectory[start])
+                detect_seconds = time.perf_counter() - detect_started
+            unet_region = keep.repeat(copies, 1, 1)
+            predict, _ = self.predictor(embeds, gs, prep, run_unet, run_control)
+
+            def composite(i, z):
+                return torch.where(keep[:, None], z, cap.trajectory[i + 1])
+
+            if bool(keep.any()):
+                z, trajectory = self.run(prep, cap.timesteps, generator, predict, composite, start=start, z=z)
+                trajectory = cap.trajectory[:start] + trajectory
+            else:  # nothing to regenerate: the current result, at no cost
+                z, trajectory = cap.trajectory[-1], cap.trajectory
+        finally:
+            if self.attention is not None:
+                self.attention.idle()
+        totals["macs_sparse"] += self.extra_macs  # detection work a dense regeneration does not do
+        decoded = z
+        if self.latent:
+            decoder = self.pipe.vae.decoder
+            if bool(keep.any()):
+                with editing(decoder, region=keep, commit=commit):
+                    decoded = self.adapter.decode(z)
+                    stats = last_stats(decoder)
+                totals["macs_dense"] += stats["macs_dense"]
+                totals["macs_sparse"] += stats["macs_sparse"]
+            else:
+                decoded = cap.decoded
+            # The decoder is approximate near the region and its reach spans the image: outside the region, the
+            # pixels are the current image's decode, bit for bit.
+            px = F.interpolate(keep[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
+            decoded = torch.where(px[:, None], decoded, cap.decoded)
+        if commit:
+            if self.adapter.takes_image:
+                cap.image = x0.clone()
+                cap.mask = None if mask is None else mask.clone()
+            cap.trajectory = trajectory
+            cap.decoded = decoded
+            cap.latents = {k: prep[k] for k in cap.latents}
+            cap.inputs = dict(inputs)
+            if change is not None:
+                cap.call["prompt"], cap.call["negative_prompt"] = change["prompt"], change["negative_prompt"]
+                cap.embeds = embeds
+                cap.conditions = dict(self.adapter.conditions)
+            cap.version += 1
+        regenerated = F.interpolate(keep[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
+        stats = EditStats.of(
+            {
+                # A prompt edit is compared with regenerating densely: the capture's whole dense run.
+                "macs_dense": cap.macs if text else totals["macs_dense"],
+                "macs_sparse": totals["macs_sparse"],
+                "active_fraction": {k: sum(v) / len(v) for k, v in fractions.items()},
+                "region_fraction": float(regenerated.float().mean()) if text else float(region.float().mean()),
+                "detect_seconds": detect_seconds,
+                "seconds": time.perf_counter() - started,
+                "unet_time": dict(unet_time),  # the UNet's seconds by part, summed over the steps (spatial.last_stats)
+                "dense_steps": totals[
+                    "dense_steps"
+                ],  # UNet steps the run-level cost model ran as plain dense forwards
+                "background": (
+                    "latents outside the dilated region are the capture's at every step; the VAE encoder and decoder run "
+                    "sparse and the pixels outside the region are composited from the current image's decode"
+                    if self.latent
+                    else "exact: the pixels outside the dilated region are the capture's at every step"
+                ),
+            }
+        )
+        if change is not None:
+            stats["region_method"] = "mask" if change["region"] is not None else change["config"].region
+            stats["detect_steps"] = start
+        return decoded, stats, regenerated
