@@ -3,6 +3,8 @@
 (a) Stable Diffusion 1.5 UNet architecture (`--model sd15`: block_out_channels 320/640/1280/1280, cross-attention 768),
 512 px images = 64x64 latents, batch 2 (classifier-free guidance), random text context of 77 tokens.
 (b) DDPM church-256 (`UNet2DModel`, block_out_channels 128/128/256/256/512/512, attention at 16x16), batch 1.
+(d) The SDXL base UNet architecture (`--model sdxl`), 1024 px = 128x128 latents, batch 2 (guidance), context of 77
+tokens x 2048 and the `text_time` conditioning.
 (c) The SD VAE decoder (`--model sd-vae-decoder`: `AutoencoderKL` decoder, 128/256/512/512, mid-block attention),
 64x64 latents to a 512 px image, batch 1.
 Regions of ~1%, ~5% and ~20% of the image. Dense and sparse runs alternate in one process; medians; MACs ratio and the error
@@ -11,6 +13,7 @@ against the dense edited result beside each latency ratio.
     python benchmarks/unet_edit.py --model ddpm-church
     python benchmarks/unet_edit.py --model sd15 --fractions 0.01 0.05 0.2
     python benchmarks/unet_edit.py --model sd-vae-decoder
+    python benchmarks/unet_edit.py --model sdxl --fractions 0.01 0.05 --repeats 2 --cache-dtype bfloat16
 """
 
 from __future__ import annotations
@@ -59,6 +62,29 @@ def sd15():
     )
 
 
+def sdxl():
+    """The Stable Diffusion XL base UNet architecture (320/640/1280, 1/2/10 transformer layers, context 2048,
+    `text_time` conditioning): 2.6 B parameters."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+
+
 def sd_vae():
     """The Stable Diffusion VAE architecture (`AutoencoderKL`, 128/256/512/512, two layers per block)."""
     from sparsedit.testing import sd_style_vae
@@ -75,6 +101,7 @@ MODELS = {
     "ddpm-church": (ddpm_church, 256, 1, 3, None, 5),
     "sd15": (sd15, 64, 2, 4, (77, 768), 2),  # 512 px image = 64x64 latents; batch 2 = classifier-free guidance
     "sd-vae-decoder": (sd_vae_decoder, 64, 1, 4, None, 1),  # the latent region dilated once more, as SparseEditor
+    "sdxl": (sdxl, 128, 2, 4, (77, 2048), 2),  # 1024 px image = 128x128 latents, guidance batch 2
 }
 
 
@@ -94,6 +121,9 @@ def build_case(name: str, dtype: torch.dtype):
     x = torch.randn(batch, channels, size, size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     t = None if name == "sd-vae-decoder" else torch.full((batch,), 500)
     extra = {} if context is None else {"encoder_hidden_states": torch.randn(batch, *context, generator=g).to(dtype)}
+    if name == "sdxl":  # the pooled text embedding and the size/crop ids of a 1024 px image
+        ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch, dtype=dtype)
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, generator=g).to(dtype), "time_ids": ids}
     return model, x, t, extra, g
 
 

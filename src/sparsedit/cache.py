@@ -159,6 +159,8 @@ class ActivationCache:
         self._copies: dict[int, weakref.ref] = {}  # working tensors that are copies, not the stored ones (by id)
         self._pool = None
         self.fingerprint: dict | None = None
+        # A transaction's journal: what committed writes replaced, to put back if the transaction fails (`begin`).
+        self._journal: dict | None = None
         self.set_device(storage_device)
 
     def set_device(self, storage_device) -> None:
@@ -250,6 +252,9 @@ class ActivationCache:
                     "Raise the budget, store in a smaller dtype (cache_dtype='bfloat16'), offload "
                     "(cache_device='disk'), or capture fewer steps or a smaller image."
                 )
+        if self._journal is not None:
+            for name in tensors:
+                self._journal_ref(key, name)
         entry = self._entries.setdefault(key, {})
         home = self._home.setdefault(key, {})
         self._working.pop(key, None)
@@ -368,8 +373,12 @@ class ActivationCache:
                 for name, t in working.items():
                     if name in scales:
                         q, scale = quantize(t)
+                        if self._journal is not None:
+                            self._journal_diff(key, name, q, scales[name])
                         scales[name] = scale.to(entry[name].device)
                         t = q
+                    elif self._journal is not None:
+                        self._journal_diff(key, name, t, None)
                     entry[name].copy_(t)
         self._working.clear()
         self._weak.clear()
@@ -402,6 +411,13 @@ class ActivationCache:
     def clear(self) -> None:
         for key in list(self._prefetched):
             self._drop_prefetched(key)
+        if self._journal is not None and "cleared" not in self._journal:
+            # A capture inside a transaction: keep the whole previous cache (by reference) until it commits.
+            self._journal["cleared"] = (self._entries, self._home, self._scales, self._resident, self.fingerprint,
+                                        self._dir, self._journal["records"])  # fmt: skip
+            self._journal["records"] = []
+            self._entries, self._home, self._scales = {}, {}, {}
+            self._dir = None
         self._entries.clear()
         self._home.clear()
         self._working.clear()
@@ -411,6 +427,90 @@ class ActivationCache:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+    # -- transactions: a failed multi-run commit puts back exactly what it replaced -----------------------------------
+    def begin(self) -> None:
+        """Start journaling committed writes (a transaction over several runs, `spatial.transaction`)."""
+        self._journal = {"records": [], "seen": set(), "fingerprint": self.fingerprint,
+                         "form": (self.storage_dtype, self.budget, self.storage_device, self.disk)}  # fmt: skip
+
+    def _journal_ref(self, key, name) -> None:
+        """Before `key`'s `name` is replaced by a new tensor: keep the old one (a reference, no copy)."""
+        j = self._journal
+        if ("ref", key, name) in j["seen"]:
+            return
+        j["seen"].add(("ref", key, name))
+        entry = self._entries.get(key, {})
+        if name in entry:
+            scale = self._scales.get(key, {}).get(name)
+            j["records"].append(("ref", key, name, entry[name], self._home[key][name], scale))
+        else:
+            j["records"].append(("new", key, name))
+
+    def _journal_diff(self, key, name, new: torch.Tensor, scale) -> None:
+        """Before a working copy is written back into `key`'s `name`: keep the stored values it changes (a sparse
+        run changes only its region, so this is small)."""
+        j = self._journal
+        stored = self._entries[key][name]
+        if ("diff", id(stored)) in j["seen"]:
+            return
+        j["seen"].add(("diff", id(stored)))
+        flat = _flat(stored)
+        changed = (flat != _flat(new.to(stored.dtype) if new.dtype != stored.dtype else new)).nonzero().flatten()
+        old_scale = None if scale is None else scale.clone()
+        j["records"].append(("diff", key, name, stored, changed, flat[changed].clone(), old_scale))
+
+    def rollback(self) -> None:
+        """Put back everything committed since `begin`, and stop journaling."""
+        journal, self._journal = self._journal, None
+        if journal is None:
+            return
+        self._working.clear()
+        self._weak.clear()
+        self._copies.clear()
+        for key in list(self._prefetched):
+            self._drop_prefetched(key)
+        records = journal["records"]
+        if "cleared" in journal:
+            new_dir = self._dir
+            (self._entries, self._home, self._scales, self._resident, _, self._dir,
+             records) = journal["cleared"]  # fmt: skip
+            if new_dir is not None and new_dir != self._dir:
+                shutil.rmtree(new_dir, ignore_errors=True)
+        for record in reversed(records):
+            kind, key, name = record[:3]
+            entry = self._entries.setdefault(key, {})
+            if kind == "new":
+                if name in entry:
+                    self._resident -= _resident(entry.pop(name))
+                    self._home[key].pop(name, None)
+                if not entry:
+                    self._entries.pop(key)
+                    self._home.pop(key, None)
+            elif kind == "ref":
+                _, _, _, old, home, scale = record
+                if name in entry:
+                    self._resident -= _resident(entry[name])
+                entry[name] = old
+                self._home.setdefault(key, {})[name] = home
+                self._resident += _resident(old)
+                if scale is not None:
+                    self._scales.setdefault(key, {})[name] = scale
+            else:
+                _, _, _, stored, where, values, scale = record
+                _flat(stored)[where] = values
+                if scale is not None:
+                    self._scales[key][name] = scale
+        self.fingerprint = journal["fingerprint"]
+        self.storage_dtype, self.budget, self.storage_device, self.disk = journal["form"]
+
+    def end(self) -> None:
+        """Keep everything committed since `begin` (the transaction succeeded)."""
+        journal, self._journal = self._journal, None
+        if journal is not None and "cleared" in journal:
+            old_dir = journal["cleared"][5]
+            if old_dir is not None and old_dir != self._dir:
+                shutil.rmtree(old_dir, ignore_errors=True)
 
     @property
     def nbytes(self) -> int:
@@ -436,6 +536,13 @@ class ActivationCache:
                 "the cache does not match this run (" + "; ".join(diffs) + "). "
                 "Capture again with `sparsedit.capturing(model)` on the new input or weights."
             )
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a stored tensor in its memory order (channels-last maps are contiguous as NHWC)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.view(-1)
 
 
 def _on_disk(t: torch.Tensor) -> bool:

@@ -25,6 +25,7 @@ from .cache import CacheBytes, StaleCacheError
 from .config import OnStale, SparseConfig, TemporalConfig, TextEditConfig
 from .loop import Capture, Loop
 from .regions import as_region, difference_mask
+from .spatial import transaction
 from .stats import EditStats
 
 
@@ -228,13 +229,17 @@ class SparseEditor:
         timesteps = loop.timesteps(call["num_inference_steps"], call["strength"])
         embeds = loop.embeds(call["prompt"], call["negative_prompt"], call["guidance_scale"], self.adapter.batch(x0))
         budget = None
-        if self.config.budget_bytes is not None:  # measured by dry runs, before anything is stored
-            copies = 2 if embeds is not None and call["guidance_scale"] > 1.0 else 1
-            budget = session.fit_budget(self, x0, call, embeds, timesteps, copies)
-            loop.sync_attention_storage()
-        with session.peak_memory(self.unet.device) as peak:
-            self._capture, self.last_stats = loop.capture(x0, mask, call, generator, state, timesteps, embeds, inputs,
-                                                          self.text_config)  # fmt: skip
+        # One transaction: a capture that fails (any exception, Ctrl-C) leaves the previous one in place; it is kept
+        # (by reference) until the new one completes.
+        with transaction(*loop.models().values()):
+            if self.config.budget_bytes is not None:  # measured by dry runs, before anything is stored
+                copies = 2 if embeds is not None and call["guidance_scale"] > 1.0 else 1
+                budget = session.fit_budget(self, x0, call, embeds, timesteps, copies)
+                loop.sync_attention_storage()
+            with session.peak_memory(self.unet.device) as peak:
+                capture, stats = loop.capture(x0, mask, call, generator, state, timesteps, embeds, inputs,
+                                              self.text_config)  # fmt: skip
+        self._capture, self.last_stats = capture, stats
         self.history = []
         self.last_stats["cache_bytes"] = self.cache_bytes
         self.last_stats.update(peak)

@@ -32,6 +32,7 @@ from .spatial import (
     scope,
     sparse_state,
     sparsify_,
+    transaction,
     unsparsify_,
 )
 from .stats import EditStats
@@ -402,7 +403,15 @@ class Loop:
     def edit(self, cap, x0, mask, inputs, region, commit, change=None) -> tuple:
         """Run the pipeline sparsely against `cap`: every step recomputes only the region (and, for a prompt edit,
         the region its detection finds), with the capture's latents outside it. A committed edit updates `cap` and
-        the caches. Returns the decoded result, the statistics and the regenerated region at image resolution."""
+        the caches as one transaction: if anything raises (`KeyboardInterrupt` too), every model's cache and `cap`
+        stay as they were. Returns the decoded result, the statistics and the regenerated region at image
+        resolution."""
+        if not commit:
+            return self._edit(cap, x0, mask, inputs, region, commit, change)
+        with transaction(*self.models().values()):
+            return self._edit(cap, x0, mask, inputs, region, commit, change)
+
+    def _edit(self, cap, x0, mask, inputs, region, commit, change=None) -> tuple:
         self.check(cap)  # also resets the scheduler's step index to the capture's first step
         self.adapter.conditions = dict(cap.conditions or {})  # the capture's (a load or a prompt edit may follow)
         unet, controlnet = self.unet, self.controlnet
@@ -535,19 +544,6 @@ class Loop:
             # pixels are the current image's decode, bit for bit.
             px = F.interpolate(keep[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
             decoded = torch.where(px[:, None], decoded, cap.decoded)
-        if commit:
-            if self.adapter.takes_image:
-                cap.image = x0.clone()
-                cap.mask = None if mask is None else mask.clone()
-            cap.trajectory = trajectory
-            cap.decoded = decoded
-            cap.latents = {k: prep[k] for k in cap.latents}
-            cap.inputs = dict(inputs)
-            if change is not None:
-                cap.call["prompt"], cap.call["negative_prompt"] = change["prompt"], change["negative_prompt"]
-                cap.embeds = embeds
-                cap.conditions = dict(self.adapter.conditions)
-            cap.version += 1
         regenerated = F.interpolate(keep[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
         stats = EditStats.of(
             {
@@ -573,4 +569,18 @@ class Loop:
         if change is not None:
             stats["region_method"] = "mask" if change["region"] is not None else change["config"].region
             stats["detect_steps"] = start
+        # Last, when nothing can fail any more: the capture becomes the edited state.
+        if commit:
+            if self.adapter.takes_image:
+                cap.image = x0.clone()
+                cap.mask = None if mask is None else mask.clone()
+            cap.trajectory = trajectory
+            cap.decoded = decoded
+            cap.latents = {k: prep[k] for k in cap.latents}
+            cap.inputs = dict(inputs)
+            if change is not None:
+                cap.call["prompt"], cap.call["negative_prompt"] = change["prompt"], change["negative_prompt"]
+                cap.embeds = embeds
+                cap.conditions = dict(self.adapter.conditions)
+            cap.version += 1
         return decoded, stats, regenerated

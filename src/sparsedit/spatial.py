@@ -42,6 +42,7 @@ __all__ = [
     "profiling",
     "scope",
     "sparsify_",
+    "transaction",
     "unsparsify_",
 ]
 
@@ -76,6 +77,8 @@ class _Attachment:
         self.pure_dense = False  # whether `dense_seconds` comes from a plain dense forward (no caching)
         self.capture_records: list = []  # the last capture's per-layer records (a plain dense run reports them)
         self.tracking: RegionTracking | None = None  # entered for each sparse forward only
+        self.txn_depth = 0  # nesting of `transaction` contexts
+        self.txn_aux: dict | None = None  # the captured inputs as the transaction found them
 
     def stop_tracking(self) -> None:
         if self.tracking is not None:
@@ -469,6 +472,8 @@ def _remember_changed_aux(att: _Attachment, args, kwargs) -> None:
     """A committed run with a changed (allowed) input, e.g. a new prompt: the cache now belongs to that input."""
     if not att.changeable:
         return
+    if att.txn_aux is not None and att.state.scope not in att.txn_aux:
+        att.txn_aux[att.state.scope] = dict(att.aux.get(att.state.scope, {}))
     now = _aux_inputs(args, kwargs, _first_image(args, kwargs), att.spatial_inputs)
     stored = att.aux.setdefault(att.state.scope, {})
     for name in {_aux_name(k) for k in att.changeable} & set(now):
@@ -550,6 +555,51 @@ def _mode(att: _Attachment, mode: Mode):
 
 
 @contextlib.contextmanager
+def transaction(*models: nn.Module):
+    """Commit several runs as one: inside, committed runs (`editing(commit=True)`, captures) update the caches as
+    usual, and if anything raises before the context exits (any exception, `KeyboardInterrupt` included) every
+    model's cache, captured inputs and fingerprint are put back exactly as they were when it began. A diffusion edit
+    commits one run per denoising step, and must not leave some steps edited and the rest not.
+
+    The journal keeps what committed writes replaced: the changed values of each written entry (a sparse run changes
+    only its region) and, for a capture, the previous cache by reference until it completes. Nested transactions
+    join the outermost one."""
+    atts = [_attachment(m) for m in dict.fromkeys(models)]
+    started = [att for att in atts if att.txn_depth == 0]
+    for att in atts:
+        att.txn_depth += 1
+    for att in started:
+        att.state.cache.begin()
+        att.state.txn_undo = []
+        att.txn_aux = {"__all__": (dict(att.aux), att.spatial_inputs)}
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        for att in atts:
+            att.txn_depth -= 1
+        for att in started:
+            st = att.state
+            undo, st.txn_undo = st.txn_undo, None
+            saved, att.txn_aux = att.txn_aux, None
+            if ok:
+                st.cache.end()
+                continue
+            att.stop_tracking()
+            st.rollback()  # the failed run's own writes
+            st.cache.flush(commit=False)
+            st.cache.rollback()
+            for restore in reversed(undo):  # the committed runs' in-place writes
+                restore()
+            aux, att.spatial_inputs = saved.pop("__all__")
+            att.aux.clear()
+            att.aux.update(aux)
+            for scope_key, values in saved.items():
+                att.aux[scope_key] = values
+
+
+@contextlib.contextmanager
 def capturing(model: nn.Module, spatial_inputs: tuple = ()):
     """Run `model` densely and store what sparse runs need. Replaces any earlier capture.
 
@@ -561,7 +611,7 @@ def capturing(model: nn.Module, spatial_inputs: tuple = ()):
     att = _attachment(model)
     att.state.rollback()
     att.state.cache.clear()
-    att.aux.clear()
+    att.aux = {}  # a new dict: a transaction keeps the old one
     att.spatial_inputs = frozenset(spatial_inputs)
     try:
         with _mode(att, Mode.CAPTURE):
@@ -616,7 +666,8 @@ def editing(
     att.input_regions = dict(input_regions or {})
     st.commit = commit
     try:
-        with _mode(att, Mode.SPARSE):
+        # A committed edit is one transaction: a failure in any forward inside puts the cache back as it was.
+        with transaction(model) if commit else contextlib.nullcontext(), _mode(att, Mode.SPARSE):
             yield
     finally:
         att.stop_tracking()  # a forward that never reached its post hook

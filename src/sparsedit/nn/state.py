@@ -106,6 +106,8 @@ class SparseState:
     run_id: int = 0
     records: list[LayerRecord] = field(default_factory=list)
     undo: list[Callable[[], None]] = field(default_factory=list)
+    # Inside a transaction (`spatial.transaction`), the undo logs of committed runs, to roll back if it fails.
+    txn_undo: list[Callable[[], None]] | None = None
     _calls: Counter = field(default_factory=Counter)
     _regions: dict[int, tuple[weakref.ref, torch.Tensor]] = field(default_factory=dict)
     _tainted: dict[int, weakref.ref] = field(default_factory=dict)
@@ -154,6 +156,8 @@ class SparseState:
             self.undo.pop()()
 
     def forget_undo(self) -> None:
+        if self.txn_undo is not None and self.commit:
+            self.txn_undo.extend(self.undo)
         self.undo.clear()
 
     # -- regions travel with tensors --------------------------------------------------------------------------------
