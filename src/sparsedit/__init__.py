@@ -14,6 +14,7 @@ from .config import (
 )
 from .editor import SparseEditor
 from .gan import GANEditor
+from .guard import EditorBusyError
 from .nn import Mode, UnsupportedLayerError
 from .regions import difference_mask
 from .spatial import (
@@ -26,6 +27,7 @@ from .spatial import (
     profiling,
     scope,
     sparsify_,
+    transaction,
     unsparsify_,
 )
 from .stats import EditStats
@@ -43,6 +45,7 @@ __all__ = [
     "CacheBudgetError",
     "CacheBytes",
     "EditStats",
+    "EditorBusyError",
     "GANEditor",
     "Mode",
     "SparseConfig",
@@ -67,5 +70,6 @@ __all__ = [
     "sparsify_",
     "temporal",
     "textedit",
+    "transaction",
     "unsparsify_",
 ]

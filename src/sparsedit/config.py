@@ -180,6 +180,14 @@ class SparseConfig(_ConfigMixin):
         check_region (`bool`, defaults to `True`):
             When editing with an explicit region, verify that the input equals the captured input outside it. A
             region that misses a change would otherwise silently return stale pixels.
+        change_threshold (`float`, defaults to `12.0`):
+            `SparseEditor`: how much an input must change to be an edit, in 8-bit pixel units (0-255), against
+            re-encoding noise (a JPEG re-save, a float16 round trip). An area counts as changed where the mean
+            difference over 8x8 pixels exceeds it in a channel, or a pixel's luminance moved by 4x it
+            (`regions.change_mask`); elsewhere the edit keeps the current image's pixels and reports them in
+            `last_stats["ignored_pixels"]`. Measured (tests/test_guards.py): JPEG re-saves at quality 75 and up of
+            smooth pictures flag nothing; any stroke stronger than 12 over 8 pixels, or a thin line of 48 in
+            luminance, is found. `0`: every bit counts.
         strict (`bool`, defaults to `True`):
             Raise when the model holds a layer the engine cannot make sparse. With `False` such layers run densely on
             every call (correct, but slower).
@@ -224,6 +232,7 @@ class SparseConfig(_ConfigMixin):
     max_region_fraction: float = 0.4
     measured_fallback: bool = True
     check_region: bool = True
+    change_threshold: float = 12.0
     strict: bool = True
     cache_dtype: str | None = "auto"
     cache_device: str | None = None
@@ -252,6 +261,10 @@ class SparseConfig(_ConfigMixin):
         self.norm_stats = NormStats.parse(self.norm_stats, "SparseConfig.norm_stats")
         if not 0.0 <= self.max_region_fraction <= 1.0:
             raise ValueError(f"SparseConfig.max_region_fraction must be in [0, 1], got {self.max_region_fraction}.")
+        if not 0.0 <= self.change_threshold < 255.0:
+            raise ValueError(
+                f"SparseConfig.change_threshold is in 8-bit pixel units, in [0, 255), got {self.change_threshold}."
+            )
         if not 0.0 <= self.dense_threshold <= 1.0:
             raise ValueError(f"SparseConfig.dense_threshold must be in [0, 1], got {self.dense_threshold}.")
 

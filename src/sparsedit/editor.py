@@ -17,15 +17,18 @@ every step. Accepted edits update the caches, so the next edit is incremental ag
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import session, textedit
 from . import temporal as temporal_reuse
 from .cache import CacheBytes, StaleCacheError
 from .config import OnStale, SparseConfig, TemporalConfig, TextEditConfig
+from .guard import check_finite, make_lock, serialized
 from .loop import Capture, Loop
-from .regions import as_region, difference_mask
-from .spatial import transaction
+from .regions import as_region, change_mask, difference_mask
+from .spatial import is_sparsified, transaction
 from .stats import EditStats
 
 
@@ -33,6 +36,8 @@ __all__ = ["SparseEditor"]
 
 # SIGE's setting for diffusion models: the edit region is dilated by 5 pixels before sparse computation.
 DIFFUSION_DEFAULTS = SparseConfig(input_dilation=5)
+# Committed image edits between dense refreshes (measured drift: benchmarks/drift.py, BENCHMARKS.md).
+REFRESH_EVERY = 20
 
 
 class SparseEditor:
@@ -57,6 +62,15 @@ class SparseEditor:
             encoder propagation, DeepCache's deep reuse). In an edit, key steps run the encoder sparsely and the other
             steps reuse it, so the two savings multiply. Outside the region the latents stay the capture's, bit for
             bit. Parallel decoding does not compose with per-step caches: `parallel=False`.
+        blocking: an editor runs one call at a time (its methods hold a lock). With `True` (default) a call from
+            another thread waits for the running one; with `False` it raises `EditorBusyError` instead.
+        refresh_every: after this many committed image edits, capture the current image again densely
+            (`refresh`), which resets the drift that committed edits accumulate (measured in BENCHMARKS.md). `None`:
+            never on its own. Sessions with a committed prompt edit are not refreshed on their own (a dense
+            regeneration would change the image outside the edited regions).
+
+    Every call is a transaction: a capture or a committing edit that fails (any exception, Ctrl-C) leaves the
+    editor, its caches and its history exactly as they were.
     """
 
     def __init__(
@@ -66,6 +80,8 @@ class SparseEditor:
         on_stale: str = "raise",
         text_config: TextEditConfig | None = None,
         temporal: TemporalConfig | None = None,
+        blocking: bool = True,
+        refresh_every: int | None = REFRESH_EVERY,
     ):
         from .adapters.pipelines import adapter_for, supported_pipelines
 
@@ -82,6 +98,11 @@ class SparseEditor:
             raise ValueError(
                 "SparseEditor keeps a cache per denoising step, and parallel decoding batches several steps in one "
                 "call: use TemporalConfig(parallel=False) (the encoder is still reused at non-key steps)."
+            )
+        if is_sparsified(unet):
+            raise RuntimeError(
+                "this pipeline already has a SparseEditor (or `sparsedit.sparsify_`) attached: call `editor.remove()` "
+                "on that editor first (or `sparsedit.unsparsify_(pipe.unet)` for the model-level API)."
             )
         if temporal_reuse.is_applied(unet):
             raise RuntimeError(
@@ -104,6 +125,13 @@ class SparseEditor:
         if not isinstance(self.text_config, TextEditConfig):
             raise TypeError(f"text_config must be a TextEditConfig, got {type(self.text_config).__name__}.")
         self.temporal = temporal
+        self.blocking = bool(blocking)
+        if refresh_every is not None and (not isinstance(refresh_every, int) or refresh_every < 1):
+            raise ValueError(f"refresh_every must be a positive number of edits or None, got {refresh_every!r}.")
+        self.refresh_every = refresh_every
+        self._since_refresh = 0
+        self._lock = make_lock()
+        self._removed = False
         self.loop = Loop(pipe, adapter, self.config, temporal)  # sparsifies the models
         self.controlnet = self.loop.controlnet
         self._capture: Capture | None = None
@@ -117,8 +145,13 @@ class SparseEditor:
     def unet(self):
         return self.pipe.unet
 
+    @serialized
     def remove(self) -> None:
-        """Detach everything: the pipeline computes bit-identically to before. The caches are dropped."""
+        """Detach everything: the pipeline computes bit-identically to before. The caches are dropped. Calling it
+        again does nothing."""
+        if self._removed:
+            return
+        self._removed = True
         self.loop.remove()
         self._capture = None
 
@@ -130,6 +163,11 @@ class SparseEditor:
     def _generator(self, generator) -> torch.Generator:
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+        if isinstance(generator, (list, tuple)):
+            raise NotImplementedError(
+                "a list of generators (one per image) is not supported yet: pass one torch.Generator (the editor "
+                "replays its state to reuse the capture's noise in every edit)."
+            )
         if not isinstance(generator, torch.Generator):
             raise TypeError("generator must be one torch.Generator (it is replayed to reuse the capture's noise).")
         return generator
@@ -141,9 +179,10 @@ class SparseEditor:
         return self.adapter.preprocess_mask(mask_image, like)
 
     def _output(self, x, output_type, return_dict):
-        return self.adapter.output(x, output_type, return_dict)
+        return self.adapter.output(x, output_type, return_dict, latents=self.loop.last_latents)
 
     # -- capture ------------------------------------------------------------------------------------------------------
+    @serialized
     @torch.no_grad()
     def capture(
         self,
@@ -159,6 +198,11 @@ class SparseEditor:
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        eta: float = 0.0,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
         **pipeline_kwargs,
     ):
         """Run the pipeline densely on `image` and cache what edits need. Returns the pipeline's own output type,
@@ -170,10 +214,19 @@ class SparseEditor:
             mask_image: inpainting only; `None` masks nothing (edits then bring masks in).
             height, width: the size the image is resized to, as the pipeline takes them. The inpainting pipeline's
                 default is the UNet's sample size (512 px for SD 1.5); the others keep the image's size.
+            output_type: as the pipeline takes it, `"latent"` included (the final latents, not decoded).
+            eta, prompt_embeds, negative_prompt_embeds: as the pipeline takes them (a capture from embeddings cannot
+                be saved with `save`, and prompt edits need prompts).
+            callback_on_step_end: called after every step as the pipeline calls it, with the tensors named in
+                `callback_on_step_end_tensor_inputs` (`"latents"`); it may observe them but not change them (edits
+                replay the capture's trajectory).
             pipeline_kwargs: the pipeline family's own arguments, with the pipeline's defaults: for the ControlNet
                 pipelines `control_image` (required), `controlnet_conditioning_scale`, `guess_mode`,
                 `control_guidance_start` and `control_guidance_end`.
         """
+        unsupported = sorted(set(callback_on_step_end_tensor_inputs) - {"latents"})
+        if unsupported:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: only 'latents' is passed, not {unsupported}.")
         options, images = self._pipeline_kwargs(pipeline_kwargs, "capture")
         if self.adapter.fixed_size:
             f = self.pipe.vae_scale_factor
@@ -186,12 +239,15 @@ class SparseEditor:
                 )
             if height % self.pipe.vae_scale_factor or width % self.pipe.vae_scale_factor:
                 raise ValueError(f"height and width must be multiples of {self.pipe.vae_scale_factor}.")
-            x0, mask = (len(prompt) if isinstance(prompt, list) else 1, height, width), None
+            n = len(prompt) if isinstance(prompt, list) else 1 if prompt_embeds is None else prompt_embeds.shape[0]
+            x0, mask = (n, height, width), None
         else:
             if image is None:
                 raise ValueError(f"{type(self.pipe).__name__} edits an image: capture(image=..., ...).")
             x0 = self._preprocess(image, height, width)
+            check_finite("image", x0)
             mask = self._preprocess_mask(mask_image, x0) if self.adapter.takes_mask or mask_image is not None else None
+            check_finite("mask_image", mask)
         if guidance_scale is None:
             guidance_scale = self.adapter.guidance_scale  # the pipeline's own default (7.5 for SD, 5.0 for SDXL)
         call = {
@@ -204,11 +260,39 @@ class SparseEditor:
             "width": width,
             **self.adapter.parse_options({**self.adapter.options, **options}),
         }
+        if eta:
+            call["eta"] = float(eta)
+        if prompt_embeds is not None or negative_prompt_embeds is not None:
+            call["prompt_embeds"], call["negative_prompt_embeds"] = prompt_embeds, negative_prompt_embeds
         inputs = {
             name: self.adapter.preprocess_input(name, images.get(name), x0) for name in self.adapter.extra_images
         }
-        decoded = self._run_capture(x0, mask, call, self._generator(generator), inputs)
+        for name, t in inputs.items():
+            check_finite(name, t)
+        self.loop.callback = (callback_on_step_end, tuple(callback_on_step_end_tensor_inputs))
+        if callback_on_step_end is None:
+            self.loop.callback = None
+        try:
+            decoded = self._run_capture(x0, mask, call, self._generator(generator), inputs)
+        finally:
+            self.loop.callback = None
+        self.history = []
         return self._output(decoded, output_type, return_dict)
+
+    @serialized
+    @torch.no_grad()
+    def refresh(self):
+        """Capture the current (committed) state again, densely: the caches become a fresh capture's, dropping the
+        drift that committed edits accumulate near their regions. The result is the pipeline's own for the current
+        image; after a prompt edit, the current prompt regenerates the whole image. Returns the result as `edit`
+        does (`output_type="pt"`) and records a `"refresh"` entry in `history`."""
+        cap = self._capture
+        if cap is None:
+            raise RuntimeError("Nothing captured yet: call `editor.capture(...)` first.")
+        self._recapture(cap)
+        self._since_refresh = 0
+        self.history.append({"edit": cap.version, "kind": "refresh", "seconds": self.last_stats["seconds"]})
+        return self._output(self._capture.decoded, "pt", True)
 
     def _pipeline_kwargs(self, kwargs: dict, verb: str) -> tuple[dict, dict]:
         """Split the pipeline family's own arguments into options and extra images; refuse anything else."""
@@ -227,7 +311,8 @@ class SparseEditor:
         loop = self.loop
         state = generator.get_state()
         timesteps = loop.timesteps(call["num_inference_steps"], call["strength"])
-        embeds = loop.embeds(call["prompt"], call["negative_prompt"], call["guidance_scale"], self.adapter.batch(x0))
+        embeds = loop.embeds(call["prompt"], call["negative_prompt"], call["guidance_scale"], self.adapter.batch(x0),
+                             call.get("prompt_embeds"), call.get("negative_prompt_embeds"))  # fmt: skip
         budget = None
         # One transaction: a capture that fails (any exception, Ctrl-C) leaves the previous one in place; it is kept
         # (by reference) until the new one completes.
@@ -240,7 +325,7 @@ class SparseEditor:
                 capture, stats = loop.capture(x0, mask, call, generator, state, timesteps, embeds, inputs,
                                               self.text_config)  # fmt: skip
         self._capture, self.last_stats = capture, stats
-        self.history = []
+        self._since_refresh = 0
         self.last_stats["cache_bytes"] = self.cache_bytes
         self.last_stats.update(peak)
         if budget is not None:
@@ -254,6 +339,7 @@ class SparseEditor:
         trajectory, the encoded images and the decoded result). `.offloaded` says how many of them are on disk."""
         return session.cache_parts(self)
 
+    @serialized
     def save(self, path) -> None:
         """Write this session (the capture, every cache, the edit state and the pipeline's fingerprint) to the
         directory `path` (safetensors files and a JSON manifest). `SparseEditor.load(pipe, path)` resumes it: the
@@ -276,6 +362,7 @@ class SparseEditor:
         return editor
 
     # -- edit ---------------------------------------------------------------------------------------------------------
+    @serialized
     @torch.no_grad()
     def edit(
         self,
@@ -350,7 +437,7 @@ class SparseEditor:
                     "a text-to-image capture has no input image to edit; change the prompt, or make the editor on "
                     "`StableDiffusionImg2ImgPipeline(**pipe.components)` for stroke edits."
                 )
-            x0, mask, inputs = cap.image, None, {}
+            x0, mask, inputs, ignored = cap.image, None, {}, 0
             b, h, w = x0
             changed = torch.zeros(b, h, w, dtype=torch.bool, device=self.unet.device)
         else:
@@ -360,25 +447,44 @@ class SparseEditor:
                     f"the edited image has shape {tuple(x0.shape)} but the capture had {tuple(cap.image.shape)}; "
                     "edits must keep the size. Capture again for a new image size."
                 )
+            check_finite("the edited image", x0)
             mask = cap.mask if mask_image is None else self._preprocess_mask(mask_image, x0)
+            check_finite("mask_image", mask)
             b, _, h, w = x0.shape
-            changed = difference_mask(x0, cap.image, eps=0.0)
+            # Re-encoding noise below change_threshold (8-bit units; images here are in [-1, 1]) is no change: the
+            # current image's pixel stays there (regions.change_mask).
+            noise = self.config.change_threshold
+            differs = difference_mask(x0, cap.image, eps=0.0)
+            changed = change_mask(x0, cap.image, noise, unit=127.5)
+            x0 = torch.where(changed[:, None], x0, cap.image)
             if mask is not None:
                 changed |= (mask != cap.mask).any(dim=1)
             inputs = dict(cap.inputs or {})
-            for name, value in images.items():
-                inputs[name] = self.adapter.preprocess_input(name, value, x0)
-                changed |= difference_mask(inputs[name], cap.inputs[name], eps=0.0)
+            for name, value in images.items():  # extra images (a control image) are in [0, 1]
+                new = self.adapter.preprocess_input(name, value, x0)
+                check_finite(name, new)
+                moved = change_mask(new, cap.inputs[name], noise, unit=255.0)
+                differs |= difference_mask(new, cap.inputs[name], eps=0.0)
+                inputs[name] = torch.where(moved[:, None], new, cap.inputs[name])
+                changed |= moved
+            ignored = int((differs & ~changed).sum())
         if region is None:
             region = changed
         else:
             region = as_region(region, b, h, w, self.unet.device)
             missed = changed & ~region
-            if bool(missed.any()):
+            if bool(missed.any()) and self.config.check_region:
                 raise ValueError(
                     f"the image (or mask) differs from the current one at {int(missed.sum())} pixels outside "
-                    "`region`; enlarge the region or pass region=None to detect it."
+                    "`region`; enlarge the region, pass region=None to detect it, or make the editor with "
+                    "SparseConfig(check_region=False) to keep the current pixels outside the region."
                 )
+            if bool(missed.any()):  # check_region=False: outside the region the current input stays
+                keep = region[:, None]
+                x0 = torch.where(keep, x0, cap.image) if isinstance(x0, torch.Tensor) else x0
+                mask = None if mask is None else torch.where(keep, mask, cap.mask)
+                inputs = {k: torch.where(keep, v, cap.inputs[k]) for k, v in inputs.items()}
+                ignored += int(missed.sum())
         change = None
         if text:
             change = {
@@ -393,6 +499,7 @@ class SparseEditor:
             out = self._run_edit(cap, x0, mask, inputs, region, commit, output_type, return_dict, change)
             if recaptured is not None:
                 self.last_stats["recaptured_seconds"] = recaptured
+            self.last_stats["ignored_pixels"] = ignored  # changed by no more than change_threshold, or outside region
             return out
         except StaleCacheError:
             if self.on_stale != "recapture":
@@ -407,7 +514,9 @@ class SparseEditor:
     def _recapture(self, cap) -> None:
         generator = torch.Generator(device=cap.generator_device)
         generator.set_state(cap.generator_state)
+        version = cap.version
         self._run_capture(cap.image, cap.mask, cap.call, generator, cap.inputs or {})
+        self._capture.version = version  # the same state, captured afresh
 
     def _check_call(self, cap, generator, num_inference_steps, guidance_scale, strength, options=None):
         """An edit that names another seed, step count, guidance, strength or pipeline option than the capture's
@@ -437,6 +546,7 @@ class SparseEditor:
         self._recapture(cap)
         return self._capture, self.last_stats["seconds"]
 
+    @serialized
     @torch.no_grad()
     def find_region(
         self,
@@ -454,12 +564,30 @@ class SparseEditor:
             decoded, self.last_stats, self.last_region = self.loop.edit(cap, x0, mask, inputs, region, commit, change)
         self.last_stats["cache_bytes"] = self.cache_bytes
         self.last_stats.update(peak)
+        frac = self.last_stats["region_fraction"]
+        if self.last_stats.get("ran_dense") and frac > 0.9:
+            warnings.warn(
+                f"this edit changed {100 * frac:.0f}% of the image, so it ran as a dense regeneration "
+                f"({self.last_stats['ran_dense']}). If you painted on the result instead of the input image, paint on "
+                "the input (`editor.current.image`); if the image was re-encoded (JPEG) or converted, raise "
+                "SparseConfig(change_threshold=...) above its noise.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         if commit and self.last_stats["macs_sparse"]:
             self.history.append({
                 "edit": cap.version,
                 "kind": "prompt" if change is not None else "image",
-                "prompt": cap.call["prompt"],
+                "prompt": cap.call["prompt"] if isinstance(cap.call["prompt"], (str, list, type(None))) else None,
                 "region_fraction": self.last_stats["region_fraction"],
                 "seconds": self.last_stats["seconds"],
             })  # fmt: skip
-        return self.adapter.output(decoded, output_type, return_dict)
+            self._since_refresh += 1
+            prompted = any(h["kind"] == "prompt" for h in self.history)
+            if self.refresh_every and self._since_refresh >= self.refresh_every and not prompted:
+                stats = self.last_stats
+                self.refresh()  # the committed state, captured afresh; this edit's result is that capture's
+                stats["refresh_seconds"] = self.last_stats["seconds"]
+                self.last_stats = stats
+                decoded = self._capture.decoded
+        return self.adapter.output(decoded, output_type, return_dict, latents=self.loop.last_latents)

@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 
 from .config import SparseConfig
+from .guard import check_finite, make_lock, serialized
 from .regions import as_region
-from .spatial import capturing, editing, is_sparsified, last_stats, sparse_state, sparsify_, unsparsify_
+from .spatial import capturing, editing, is_sparsified, last_stats, sparse_state, sparsify_, transaction, unsparsify_
 from .stats import EditStats
 
 
@@ -42,11 +43,14 @@ class GANEditor:
     generator's to float tolerance, and pixels the edit cannot reach are bit-identical to the capture.
     """
 
-    def __init__(self, generator: nn.Module, config: SparseConfig | None = None):
+    def __init__(self, generator: nn.Module, config: SparseConfig | None = None, blocking: bool = True):
         if not isinstance(generator, nn.Module):
             raise TypeError(f"GANEditor takes a generator nn.Module, got {type(generator).__name__}.")
         if is_sparsified(generator):
-            raise RuntimeError("This generator is already sparsified; call `sparsedit.unsparsify_(generator)` first.")
+            raise RuntimeError(
+                "this generator already has a GANEditor (or `sparsedit.sparsify_`) attached: call `editor.remove()` on "
+                "that editor first (or `sparsedit.unsparsify_(generator)` for the model-level API)."
+            )
         if config is None:
             default = getattr(generator, "default_sparse_config", None)
             config = default() if default is not None else SparseConfig(exact=True)
@@ -54,6 +58,9 @@ class GANEditor:
             raise TypeError(f"config must be a SparseConfig, got {type(config).__name__}.")
         self.generator = generator.eval()
         self.config = config
+        self.blocking = bool(blocking)  # one call at a time: other threads wait (or, with False, EditorBusyError)
+        self._lock = make_lock()
+        self._removed = False
         sparsify_(generator, config)
         self.last_stats: EditStats = EditStats()
         self.last_region: torch.Tensor | None = None
@@ -81,12 +88,17 @@ class GANEditor:
             raise TypeError(f"{type(g).__name__} takes a float [B, C, H, W] input.")
         return labels
 
+    @serialized
     def capture(self, labels: torch.Tensor, instance: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the generator densely on `labels` and cache what edits need. Returns the image `[B, 3, H, W]`."""
+        """Run the generator densely on `labels` and cache what edits need. Returns the image `[B, 3, H, W]`. A
+        capture that fails (any exception, Ctrl-C) leaves the previous one in place."""
         x = self.encode(labels, instance)
+        check_finite("the generator's input", x)
         started = time.perf_counter()
-        with capturing(self.generator):
+        with transaction(self.generator), capturing(self.generator):
             image = self.generator(x)
+            if not bool(torch.isfinite(image).all()):
+                raise FloatingPointError("the generator produced NaN or infinite values; nothing was cached.")
         stats = last_stats(self.generator)
         self._input, self._image = x, image
         self.last_region = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=x.device)
@@ -103,6 +115,7 @@ class GANEditor:
         )
         return image
 
+    @serialized
     def edit(
         self,
         labels: torch.Tensor,
@@ -126,6 +139,7 @@ class GANEditor:
         if self._input is None:
             raise RuntimeError("Nothing captured yet: call `editor.capture(labels)` first.")
         x = self.encode(labels, instance)
+        check_finite("the generator's input", x)
         if x.shape != self._input.shape:
             raise ValueError(
                 f"the edited input has shape {tuple(x.shape)} but the capture's was {tuple(self._input.shape)}; "
@@ -146,8 +160,10 @@ class GANEditor:
             stats = {"macs_dense": self.last_stats.get("macs_dense", 0), "macs_sparse": 0, "active_fraction": {},
                      "dense_layers": {}, "cache_bytes": sparse_state(self.generator).cache.nbytes}  # fmt: skip
         else:
-            with editing(self.generator, region=changed, commit=commit):
+            with editing(self.generator, region=changed, commit=commit):  # a committed edit is one transaction
                 image = self.generator(x)
+                if not bool(torch.isfinite(image).all()):
+                    raise FloatingPointError("the edit produced NaN or infinite values; nothing was committed.")
             stats = last_stats(self.generator)
         if commit:
             self._input, self._image = x, image
@@ -168,6 +184,7 @@ class GANEditor:
         )
         return image
 
+    @serialized
     def save(self, path) -> None:
         """Write this session (the generator's cache, the current label map and image, the config and a content
         fingerprint of the generator's weights) to the directory `path`; `GANEditor.load(generator, path)`
@@ -184,7 +201,12 @@ class GANEditor:
 
         return session.load_gan(cls, generator, path, mmap=mmap)
 
+    @serialized
     def remove(self) -> None:
-        """Detach the engine: the generator computes bit-identically to before. The cache is dropped."""
+        """Detach the engine: the generator computes bit-identically to before. The cache is dropped. Calling it
+        again does nothing."""
+        if self._removed:
+            return
+        self._removed = True
         unsparsify_(self.generator)
         self._input = self._image = None

@@ -22,6 +22,7 @@ from . import temporal as temporal_reuse
 from . import textedit
 from .cache import StaleCacheError, module_fingerprint
 from .config import SparseConfig, TemporalConfig
+from .guard import weights_checksum
 from .regions import dilate
 from .spatial import (
     capturing,
@@ -69,6 +70,7 @@ class Capture:
     conditions: dict | None = None  # the adapter's conditioning besides the text context (SDXL's pooled embedding)
     text_fingerprint: tuple | None = None  # the text encoders the embeddings came from (`_text_fingerprint`)
     inputs: dict | None = None  # the adapter's `extra_images` (the ControlNet's control image), at image resolution
+    checksums: dict | None = None  # `guard.weights_checksum` of every model component, taken after the capture
 
 
 class Loop:
@@ -92,6 +94,8 @@ class Loop:
         self.prompt = None  # textedit.PromptEdits, set by the editor
         self.encoder_stats: list[dict] = []
         self.extra_macs = 0  # detection work of a prompt edit that a dense regeneration does not do
+        self.callback = None  # the capture's (callback_on_step_end, tensor input names) while it runs
+        self.last_latents = None  # the last run's final latents (output_type="latent")
         unet = pipe.unet
         # The UNet's per-step cache: "auto" stores feature maps in bfloat16 in approximate mode (measured within
         # 0.1 dB of a float32 cache); a budget is divided between the models at capture (session.fit_budget).
@@ -210,7 +214,7 @@ class Loop:
         noise prediction; `composite(i, z)` puts the capture's latents back outside the region (identity in a
         capture). Returns the last latents and the trajectory from step `start` on."""
         sched = self.pipe.scheduler
-        extra = self.adapter.step_kwargs(generator)
+        extra = self.adapter.step_kwargs(generator, prep.get("call", {}).get("eta", 0.0))
         z = prep["z"] if z is None else z
         trajectory = [z]
         stop = len(timesteps) if stop is None else stop
@@ -231,11 +235,25 @@ class Loop:
                     z = temporal_reuse.inject_prior_noise(z, t, z_T, self.temporal)
                 z = self.adapter.after_step(z, prep, timesteps, i)
                 z = composite(i, z)
+                if self.callback is not None:
+                    self._call_back(i, t, z)
                 trajectory.append(z)
         finally:
             if reuse is not None:
                 reuse.step = None  # calls outside the loop (noise_diff's) run whole
         return z, trajectory
+
+    def _call_back(self, i, t, z) -> None:
+        """The capture's `callback_on_step_end`, called as the pipeline calls it. It may observe; a callback that
+        changes the latents could not be replayed by edits, so that is refused."""
+        fn, names = self.callback
+        out = fn(self.pipe, i, t, {"latents": z} if "latents" in names else {})
+        new = (out or {}).get("latents", z)
+        if new is not z and not torch.equal(new, z):
+            raise NotImplementedError(
+                "callback_on_step_end changed the latents: edits replay the capture's trajectory and could not "
+                "replay that. Observe the latents in the callback without changing them, or edit its result instead."
+            )
 
     def predictor(self, embeds, guidance_scale, prep, run_unet, run_control=None):
         """The per-step noise prediction, with classifier-free guidance batched as the pipeline batches it.
@@ -276,8 +294,10 @@ class Loop:
 
         return predict, copies
 
-    def embeds(self, prompt, negative_prompt, guidance_scale, batch):
-        return self.adapter.embeds(prompt, negative_prompt, guidance_scale, batch)
+    def embeds(self, prompt, negative_prompt, guidance_scale, batch, prompt_embeds=None, negative_prompt_embeds=None):
+        return self.adapter.embeds(
+            prompt, negative_prompt, guidance_scale, batch, prompt_embeds, negative_prompt_embeds
+        )
 
     def scheduler_fingerprint(self) -> tuple:
         sched = self.pipe.scheduler
@@ -292,11 +312,28 @@ class Loop:
                 out.append((name, module_fingerprint(module)))
         return tuple(out)
 
-    def check(self, cap) -> None:
+    def components(self) -> dict:
+        """Every model the output depends on: the UNet, the VAE, the text encoders and the ControlNet."""
+        names = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet")
+        found = {n: getattr(self.pipe, n, None) for n in names}
+        return {n: m for n, m in found.items() if isinstance(m, torch.nn.Module)}
+
+    def check(self, cap, weights: bool = False) -> None:
         """Refuse a capture that the pipeline no longer matches outside the UNet (whose own fingerprint the engine
         checks on every run): the text encoders (weights, LoRA adapters loaded, fused or re-weighted), and the
         scheduler, which may have been swapped, reconfigured or reset (a plain `pipe(...)` call resets its
-        timesteps): the capture's timesteps are derived again."""
+        timesteps): the capture's timesteps are derived again. With `weights` (once per edit), the content checksum
+        of every component too, which sees in-place writes through `param.data` that version counters miss."""
+        if weights and cap.checksums is not None:
+            now = weights_checksum(self.components())
+            changed = [n for n in cap.checksums if now.get(n) != cap.checksums[n]]
+            if changed:
+                raise StaleCacheError(
+                    f"the weights of the pipeline's {', '.join(changed)} changed since the capture (written in place, "
+                    "e.g. through `param.data`, LoRA adapters fused or unfused, or loaded anew), so the cache holds "
+                    "another model's activations; "
+                    "capture again, or make the editor with on_stale='recapture'."
+                )
         if cap.text_fingerprint is not None and self.text_fingerprint() != cap.text_fingerprint:
             raise StaleCacheError(
                 "the pipeline's text encoder changed since the capture (its weights, or LoRA adapters loaded, fused, "
@@ -371,6 +408,11 @@ class Loop:
             vae_macs += last_stats(self.pipe.vae.decoder)["macs_dense"]
         else:
             decoded = z
+        if not bool(torch.isfinite(decoded).all()):
+            raise FloatingPointError(
+                "the capture produced NaN or infinite values (the pipeline does too: an overflow in float16?); nothing "
+                "was cached. Run the pipeline in float32 or bfloat16."
+            )
         cap = Capture(
             image=x0.clone() if isinstance(x0, torch.Tensor) else x0,
             mask=None if mask is None else mask.clone(),
@@ -389,6 +431,7 @@ class Loop:
             conditions=dict(self.adapter.conditions),
             text_fingerprint=self.text_fingerprint(),
             inputs={k: v.clone() for k, v in inputs.items()},
+            checksums=weights_checksum(self.components()),
         )
         stats = EditStats.of(
             {
@@ -398,6 +441,7 @@ class Loop:
                 "seconds": time.perf_counter() - started,
             }
         )
+        self.last_latents = cap.trajectory[-1]
         return cap, stats
 
     def edit(self, cap, x0, mask, inputs, region, commit, change=None) -> tuple:
@@ -412,7 +456,9 @@ class Loop:
             return self._edit(cap, x0, mask, inputs, region, commit, change)
 
     def _edit(self, cap, x0, mask, inputs, region, commit, change=None) -> tuple:
-        self.check(cap)  # also resets the scheduler's step index to the capture's first step
+        checked = time.perf_counter()
+        self.check(cap, weights=True)  # also resets the scheduler's step index to the capture's first step
+        check_seconds = time.perf_counter() - checked
         self.adapter.conditions = dict(cap.conditions or {})  # the capture's (a load or a prompt edit may follow)
         unet, controlnet = self.unet, self.controlnet
         b = self.adapter.batch(x0)
@@ -437,6 +483,7 @@ class Loop:
             stats = EditStats.of({"macs_dense": cap.macs, "macs_sparse": 0, "active_fraction": {}, "region_fraction": 0.0,
                                   "detect_seconds": 0.0, "seconds": time.perf_counter() - started,
                                   "background": "unchanged"})  # fmt: skip
+            self.last_latents = cap.trajectory[-1]
             return cap.decoded.clone(), stats, torch.zeros(b, h, w, dtype=torch.bool, device=keep.device)
         generator = torch.Generator(device=cap.generator_device)
         generator.set_state(cap.generator_state)
@@ -476,6 +523,8 @@ class Loop:
             for part, t in stats["time"].items():
                 unet_time[part] += t
             totals["dense_steps"] += stats["dense_run"] is not None
+            if stats["dense_run"] is not None:
+                reasons[stats["dense_run"]] = None
             return out
 
         def run_dense(i, call_unet):
@@ -488,6 +537,7 @@ class Loop:
         if prefetching is None:
             prefetching = unet.device.type == "cuda"
         unet_time = defaultdict(float)
+        reasons = {}  # why UNet steps ran as plain dense forwards
         self.extra_macs = 0
         changeable = ("encoder_hidden_states",) if self.latent else ()
         if text and cap.conditions:  # SDXL: the pooled embedding changes with the prompt
@@ -555,6 +605,15 @@ class Loop:
                 "detect_seconds": detect_seconds,
                 "seconds": time.perf_counter() - started,
                 "unet_time": dict(unet_time),  # the UNet's seconds by part, summed over the steps (spatial.last_stats)
+                "check_seconds": check_seconds,  # the staleness check, weights checksum included
+                # Why the edit ran densely (every UNet step a plain dense forward), or how much of it did; None: sparse.
+                "ran_dense": (
+                    None
+                    if not totals["dense_steps"]
+                    else "; ".join(reasons)
+                    if totals["dense_steps"] >= len(cap.timesteps) - start
+                    else f"{totals['dense_steps']} of {len(cap.timesteps) - start} steps: " + "; ".join(reasons)
+                ),
                 "dense_steps": totals[
                     "dense_steps"
                 ],  # UNet steps the run-level cost model ran as plain dense forwards
@@ -569,6 +628,11 @@ class Loop:
         if change is not None:
             stats["region_method"] = "mask" if change["region"] is not None else change["config"].region
             stats["detect_steps"] = start
+        if not bool(torch.isfinite(decoded).all()):
+            raise FloatingPointError(
+                "the edit produced NaN or infinite values (an overflow: float16 activations?); nothing was committed. "
+                "Run the pipeline in float32 or bfloat16."
+            )
         # Last, when nothing can fail any more: the capture becomes the edited state.
         if commit:
             if self.adapter.takes_image:
@@ -583,4 +647,5 @@ class Loop:
                 cap.embeds = embeds
                 cap.conditions = dict(self.adapter.conditions)
             cap.version += 1
+        self.last_latents = z
         return decoded, stats, regenerated

@@ -21,6 +21,7 @@ __all__ = [
     "as_region",
     "check_region_type",
     "block_index",
+    "change_mask",
     "difference_mask",
     "dilate",
     "downsample_region",
@@ -114,6 +115,35 @@ def difference_mask(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torc
     if not a.is_floating_point():
         a, b = a.float(), b.float()
     return ((a - b).abs() > eps).any(dim=1)
+
+
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def change_mask(new: torch.Tensor, old: torch.Tensor, threshold: float, unit: float = 255.0,
+                block: int = 8) -> torch.Tensor:  # fmt: skip
+    """Where an image changed beyond re-encoding noise: `[B, H, W]` bool, for `[B, C, H, W]` images.
+
+    A JPEG re-save or a float16 round trip moves single pixels by up to 30-80 (8-bit units) at edges, mostly in
+    colour, but its errors average out over JPEG's 8x8 blocks; a stroke's do not. So an area counts as changed where
+    the mean signed difference over a `block`x`block` window exceeds `threshold` in any channel, or where the
+    luminance of a single pixel moved by more than `4 * threshold` (thin strokes); the change is every pixel within
+    `block // 2` pixels of such an area that moved by more than `threshold`. `unit`: one 8-bit step in the images' scale
+    (255 for [0, 1], 127.5 for [-1, 1]). `threshold=0`: every pixel that differs.
+    """
+    differs = difference_mask(new, old, eps=0.0)
+    if threshold <= 0 or not bool(differs.any()):
+        return differs
+    d = (new.float() - old.float()) * unit
+    k = block
+    mean = F.avg_pool2d(F.pad(d, (k // 2, k - 1 - k // 2, k // 2, k - 1 - k // 2), mode="replicate"), k, stride=1)
+    area = mean.abs().amax(dim=1) > threshold
+    if d.shape[1] == 3:
+        luma = (d * torch.tensor(_LUMA, dtype=d.dtype, device=d.device).view(1, 3, 1, 1)).sum(dim=1)
+        area |= luma.abs() > 4 * threshold
+    else:
+        area |= d.abs().amax(dim=1) > 4 * threshold
+    return dilate(area, k // 2) & (d.abs().amax(dim=1) > threshold)
 
 
 def dilate(region: torch.Tensor, radius: int | tuple[int, int]) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 
 from .cache import CacheBudgetError, CacheBytes, StaleCacheError, adapter_state, gib
 from .config import SparseConfig, TextEditConfig
+from .guard import weights_checksum
 from .nn.state import LayerRecord
 from .spatial import capturing, export_capture, restore_capture, sparse_state
 
@@ -545,6 +546,7 @@ def load_capture(editor, path, mmap: bool = True):
         macs=c["macs"],
         conditions={k: get(n) for k, n in c.get("conditions", {}).items()},
         text_fingerprint=editor.loop.text_fingerprint(),  # checked against the saved content by load_editor
+        checksums=weights_checksum(editor.loop.components()),  # the content was checked by load_editor
     )
     return capture, list(manifest.get("history", []))
 

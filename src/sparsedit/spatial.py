@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import threading
 import time
 from collections import defaultdict
 
@@ -78,6 +79,7 @@ class _Attachment:
         self.capture_records: list = []  # the last capture's per-layer records (a plain dense run reports them)
         self.tracking: RegionTracking | None = None  # entered for each sparse forward only
         self.txn_depth = 0  # nesting of `transaction` contexts
+        self.owner: int | None = None  # the thread inside a capturing/editing context
         self.txn_aux: dict | None = None  # the captured inputs as the transaction found them
 
     def stop_tracking(self) -> None:
@@ -545,13 +547,21 @@ def _make_post_hook(att: _Attachment):
 def _mode(att: _Attachment, mode: Mode):
     st = att.state
     if st.mode is not None:
+        if att.owner != threading.get_ident():
+            raise RuntimeError(
+                f"another thread is running this model in a {st.mode.value} context. One model serves one caller at "
+                "a time: serialize the calls (a SparseEditor or GANEditor does: its calls wait for each other), or "
+                "give each thread its own copy of the model."
+            )
         raise RuntimeError(f"already inside a {st.mode.value} context; contexts of one model do not nest.")
     st.mode = mode
+    att.owner = threading.get_ident()
     try:
         with torch.no_grad():
             yield
     finally:
         st.mode = None
+        att.owner = None
 
 
 @contextlib.contextmanager

@@ -115,15 +115,18 @@ class PipelineAdapter:
         """An `extra_images` input → a tensor at the image's resolution."""
         raise NotImplementedError
 
-    def embeds(self, prompt, negative_prompt, guidance_scale: float, batch: int):
-        """The UNet's text conditioning, classifier-free guidance batched as the pipeline batches it (uncond first)."""
-        if prompt is None:
-            raise ValueError("Stable Diffusion needs a prompt: capture(prompt=..., image=...).")
-        prompts = len(prompt) if isinstance(prompt, list) else 1
+    def embeds(self, prompt, negative_prompt, guidance_scale: float, batch: int, prompt_embeds=None,
+               negative_prompt_embeds=None):  # fmt: skip
+        """The UNet's text conditioning, classifier-free guidance batched as the pipeline batches it (uncond first);
+        `prompt_embeds`/`negative_prompt_embeds` as the pipeline takes them, instead of the prompts."""
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Stable Diffusion needs a prompt: capture(prompt=..., image=...) (or prompt_embeds=...).")
+        prompts = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
         if batch % prompts:
             raise ValueError(f"{prompts} prompts for {batch} images: give one prompt, or one per image.")
         cond, uncond = self.pipe.encode_prompt(prompt, self.unet.device, batch // prompts, guidance_scale > 1.0,
-                                               negative_prompt)  # fmt: skip
+                                               negative_prompt, prompt_embeds=prompt_embeds,
+                                               negative_prompt_embeds=negative_prompt_embeds)  # fmt: skip
         return torch.cat([uncond, cond]) if guidance_scale > 1.0 else cond
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -146,8 +149,8 @@ class PipelineAdapter:
         """Channels concatenated to the UNet's input (the inpainting UNet's mask and masked image), or `None`."""
         return None
 
-    def step_kwargs(self, generator) -> dict:
-        return self.pipe.prepare_extra_step_kwargs(generator, 0.0)
+    def step_kwargs(self, generator, eta: float = 0.0) -> dict:
+        return self.pipe.prepare_extra_step_kwargs(generator, eta)
 
     def after_step(self, z, prep, timesteps, i) -> torch.Tensor:
         """Anything the pipeline does to the latents after the scheduler's step (inpainting's latent blending)."""
@@ -158,11 +161,22 @@ class PipelineAdapter:
         vae = self.pipe.vae
         return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
 
-    def output(self, x, output_type: str, return_dict: bool):
+    def output(self, x, output_type: str, return_dict: bool, latents=None):
+        """The pipeline's own return value for decoded images `x` (the final `latents` for `output_type="latent"`),
+        after the pipeline's safety checker when it has one."""
         from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-        images = self.pipe.image_processor.postprocess(x, output_type=output_type, do_denormalize=[True] * x.shape[0])
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None) if return_dict else (images,)
+        nsfw = None
+        if output_type == "latent":
+            images = latents
+        else:
+            if getattr(self.pipe, "safety_checker", None) is not None:
+                x, nsfw = self.pipe.run_safety_checker(x, x.device, x.dtype)
+            denormalize = [True] * x.shape[0] if nsfw is None else [not n for n in nsfw]
+            images = self.pipe.image_processor.postprocess(x, output_type=output_type, do_denormalize=denormalize)
+        return (
+            StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw) if return_dict else (images, nsfw)
+        )
 
 
 def _to_tensor(image, device, dtype) -> torch.Tensor:
@@ -193,8 +207,8 @@ class PixelAdapter(PipelineAdapter):
     def preprocess(self, image, height=None, width=None):
         return _to_tensor(image, self.unet.device, self.unet.dtype)
 
-    def embeds(self, prompt, negative_prompt, guidance_scale, batch):
-        if prompt is not None or negative_prompt is not None:
+    def embeds(self, prompt, negative_prompt, guidance_scale, batch, prompt_embeds=None, negative_prompt_embeds=None):
+        if any(p is not None for p in (prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)):
             raise ValueError(f"{type(self.pipe).__name__} is unconditional: it takes no prompt.")
         return None
 
@@ -202,15 +216,24 @@ class PixelAdapter(PipelineAdapter):
         noise = _randn(x0.shape, generator, x0.device, x0.dtype)
         return {"z": self.pipe.scheduler.add_noise(x0, noise, timesteps[0][None]), "noise": noise}
 
-    def step_kwargs(self, generator):
-        return {"generator": generator}
+    def step_kwargs(self, generator, eta: float = 0.0):
+        import inspect
+
+        kwargs = {"generator": generator}
+        if eta:
+            if "eta" not in inspect.signature(self.pipe.scheduler.step).parameters:
+                raise ValueError(f"eta is for DDIM-style schedulers; {type(self.pipe.scheduler).__name__} takes none.")
+            kwargs["eta"] = eta
+        return kwargs
 
     def decode(self, z):
         return z
 
-    def output(self, x, output_type, return_dict):
+    def output(self, x, output_type, return_dict, latents=None):
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
+        if output_type == "latent":
+            raise ValueError(f"{type(self.pipe).__name__} works on pixels: output_type is 'pil', 'np' or 'pt'.")
         images = (x / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             result = images
@@ -338,7 +361,11 @@ class _SDXLConditioning:
                 "fp16-fixed VAE with `vae.config.force_upcast = False`, before making a SparseEditor."
             )
 
-    def embeds(self, prompt, negative_prompt, guidance_scale, batch):
+    def embeds(self, prompt, negative_prompt, guidance_scale, batch, prompt_embeds=None, negative_prompt_embeds=None):
+        if prompt_embeds is not None or negative_prompt_embeds is not None:
+            raise NotImplementedError(
+                "SparseEditor on SDXL takes prompts, not prompt_embeds (the pooled embeddings would be needed too)."
+            )
         if prompt is None:
             raise ValueError("Stable Diffusion XL needs a prompt: capture(prompt=..., image=...).")
         prompts = len(prompt) if isinstance(prompt, list) else 1
@@ -375,9 +402,11 @@ class _SDXLConditioning:
             return vae.decode(z * std / vae.config.scaling_factor + mean, return_dict=False)[0]
         return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
 
-    def output(self, x, output_type, return_dict):
+    def output(self, x, output_type, return_dict, latents=None):
         from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
+        if output_type == "latent":
+            return StableDiffusionXLPipelineOutput(images=latents) if return_dict else (latents,)
         if getattr(self.pipe, "watermark", None) is not None:
             x = self.pipe.watermark.apply_watermark(x)
         images = self.pipe.image_processor.postprocess(x, output_type=output_type)

@@ -208,8 +208,8 @@ class SPADEGenerator(nn.Module):
     def cityscapes(cls, use_instance: bool = True, **overrides) -> SPADEGenerator:
         """GauGAN's Cityscapes configuration: 35 classes (+ the instance-edge channel), 256×512, ngf 64, `"more"`
         upsampling layers (a 4×8 start), spectral-norm convolutions folded on load."""
-        return cls(label_nc=35, size=(256, 512), ngf=64, num_upsampling_layers="more", use_instance=use_instance,
-                   **overrides)  # fmt: skip
+        config = {"label_nc": 35, "size": (256, 512), "ngf": 64, "num_upsampling_layers": "more"}
+        return cls(use_instance=use_instance, **{**config, **overrides})
 
     @classmethod
     def from_checkpoint(
