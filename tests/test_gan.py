@@ -378,7 +378,7 @@ def test_editor_errors():
     edited[:, 0, 0] = (labels[:, 0, 0] + 1) % 5
     with pytest.raises(ValueError, match="outside `region`"):
         editor.edit(edited, region=torch.zeros(32, 64, dtype=torch.bool))
-    with pytest.raises(RuntimeError, match="already sparsified"):
+    with pytest.raises(RuntimeError, match="already has a GANEditor"):
         GANEditor(model)
     with pytest.raises(TypeError, match="float images"):
         Pix2PixGenerator("unet_128", ngf=2)(torch.zeros(1, 128, 128, dtype=torch.long))

@@ -324,16 +324,6 @@ class Loop:
         scheduler, which may have been swapped, reconfigured or reset (a plain `pipe(...)` call resets its
         timesteps): the capture's timesteps are derived again. With `weights` (once per edit), the content checksum
         of every component too, which sees in-place writes through `param.data` that version counters miss."""
-        if weights and cap.checksums is not None:
-            now = weights_checksum(self.components())
-            changed = [n for n in cap.checksums if now.get(n) != cap.checksums[n]]
-            if changed:
-                raise StaleCacheError(
-                    f"the weights of the pipeline's {', '.join(changed)} changed since the capture (written in place, "
-                    "e.g. through `param.data`, LoRA adapters fused or unfused, or loaded anew), so the cache holds "
-                    "another model's activations; "
-                    "capture again, or make the editor with on_stale='recapture'."
-                )
         if cap.text_fingerprint is not None and self.text_fingerprint() != cap.text_fingerprint:
             raise StaleCacheError(
                 "the pipeline's text encoder changed since the capture (its weights, or LoRA adapters loaded, fused, "
@@ -348,6 +338,16 @@ class Loop:
         timesteps = self.timesteps(cap.call["num_inference_steps"], cap.call["strength"])
         if [int(t) for t in timesteps] != [int(t) for t in cap.timesteps]:
             raise StaleCacheError("the scheduler's timesteps differ from the capture's; capture again.")
+        if weights and cap.checksums is not None:
+            now = weights_checksum(self.components())
+            changed = [n for n in cap.checksums if now.get(n) != cap.checksums[n]]
+            if changed:
+                raise StaleCacheError(
+                    f"the weights of the pipeline's {', '.join(changed)} changed since the capture (written in place, "
+                    "e.g. through `param.data`, LoRA adapters fused or unfused, or loaded anew), so the cache holds "
+                    "another model's activations; "
+                    "capture again, or make the editor with on_stale='recapture'."
+                )
 
     def residual_inputs(self) -> tuple:
         """The UNet's inputs that come from the ControlNet, with their regions (`spatial.capturing`)."""
