@@ -39,6 +39,99 @@ def demo(
     typer.echo(f"wrote {out / 'report.html'} and {out / 'report.json'}")
 
 
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, help="Port."),
+    model: list[Path] = typer.Option(
+        [], "--model", help="A local diffusers pipeline directory to offer (repeatable)."
+    ),
+    workers: int = typer.Option(2, help="Sessions computing at the same time."),
+    memory_budget: str = typer.Option(None, help="Bytes the live sessions' caches may hold, e.g. 4GiB (LRU parking)."),
+    max_pixels: int = typer.Option(1024 * 1024, help="Largest image accepted (pixels)."),
+    max_sessions: int = typer.Option(64, help="Most sessions held at once."),
+) -> None:
+    """The web editor at / and the JSON API, on the shipped scene models (and --model directories)."""
+    from .serve import run
+
+    typer.echo(f"sparsedit web editor: http://{host}:{port}/  (Ctrl-C stops it)")
+    run(host, port, model, workers=workers, memory_budget=memory_budget, max_pixels=max_pixels,
+        max_sessions=max_sessions)  # fmt: skip
+
+
+@app.command()
+def report(
+    out: Path = typer.Option(Path("demo-out"), help="Folder for report.html and report.json."),
+    size: int = typer.Option(256, help="Image size (pixels, square)."),
+    repeats: int = typer.Option(3, help="Timed runs of each of dense and sparse (alternating); the median is shown."),
+    scene_size: int = typer.Option(128, help="Resolution of the trained scene models' edits."),
+) -> None:
+    """The static HTML report of fixed edits, dense against sparse (what `demo` wrote before the web editor)."""
+    demo(out=out, size=size, repeats=repeats, scene_size=scene_size)
+
+
+@app.command()
+def edit(
+    model: str = typer.Option(..., help="scene-ddpm, scene-spade, or a local diffusers pipeline directory."),
+    image: Path = typer.Option(..., help="The input image (for scene-spade: a label map PNG of class ids)."),
+    out: Path = typer.Option(..., help="Where to write the edited result (PNG)."),
+    edited: Path = typer.Option(None, help="The edited input (same size): the change is the edit region."),
+    mask: Path = typer.Option(None, help="Inpainting: the mask PNG (white = regenerate)."),
+    prompt: str = typer.Option(None, help="A prompt (the capture's), or the new prompt for a prompt edit."),
+    new_prompt: str = typer.Option(None, help="Text models: edit to this prompt."),
+    strength: float = typer.Option(None, help="SDEdit strength (the model's default if left out)."),
+    steps: int = typer.Option(None, help="Denoising steps (the model's default if left out)."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Capture the input once, apply one edit sparsely, write the result, and report what it cost."""
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .serve.models import ModelRegistry, SessionEditor, tensor_to_png
+
+    registry = ModelRegistry([model] if Path(model).is_dir() else [])
+    spec = registry.get(Path(model).name if Path(model).is_dir() else model)
+    key = "labels" if spec.kind == "gan" else "image"
+
+    def read(path: Path) -> np.ndarray:
+        img = Image.open(path)
+        if key == "image":
+            return np.asarray(img.convert("RGB"))
+        a = np.asarray(img)
+        return a if a.ndim == 2 else a[..., 0]  # class ids: a grey PNG (or the red channel)
+
+    state = {key: read(image)}
+    if prompt is not None:
+        state["prompt"] = prompt
+    options = {
+        **spec.defaults,
+        **{k: v for k, v in {"strength": strength, "steps": steps, "seed": seed}.items() if v is not None},
+    }
+    with tqdm(total=2, desc="sparsedit edit", unit="run") as bar:
+        bar.set_postfix_str("capture (dense)")
+        session = SessionEditor(spec, options)
+        session.capture(state)
+        capture_seconds = session.editor.last_stats["seconds"]
+        bar.update()
+        change = dict(state)
+        if edited is not None:
+            change[key] = read(edited)
+        if mask is not None:
+            change["mask"] = np.asarray(Image.open(mask).convert("L"))
+        if new_prompt is not None:
+            change["prompt"] = new_prompt
+        bar.set_postfix_str("edit (sparse)")
+        result = session.edit(change)
+        bar.update()
+    stats = session.editor.last_stats
+    out.write_bytes(tensor_to_png(result))
+    session.close()
+    macs = stats["macs_dense"] / max(1, stats["macs_sparse"])
+    typer.echo(f"wrote {out}: capture {capture_seconds:.2f} s (dense), edit {stats['seconds']:.2f} s, "
+               f"{macs:.1f}x fewer MACs, {100 * stats.get('region_fraction', 0):.1f}% recomputed")  # fmt: skip
+
+
 def main() -> None:
     app()
 

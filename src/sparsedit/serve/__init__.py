@@ -1,0 +1,29 @@
+"""`sparsedit serve`: the web editor and a JSON API over editing sessions (FastAPI + uvicorn).
+
+```python
+from sparsedit.serve import create_app
+app = create_app()  # the shipped scene models; ModelRegistry(dirs) adds local diffusers pipelines
+```
+
+Imported only by the server and its CLI: `import sparsedit` needs none of FastAPI.
+"""
+
+from __future__ import annotations
+
+from .app import create_app
+from .models import ModelRegistry
+
+
+__all__ = ["ModelRegistry", "create_app", "run"]
+
+
+def run(host: str = "127.0.0.1", port: int = 8000, model_dirs=(), workers: int = 2, memory_budget=None,
+        max_pixels: int = 1024 * 1024, max_sessions: int = 64, log_level: str = "info") -> None:  # fmt: skip
+    """Serve the app with uvicorn until interrupted."""
+    import uvicorn
+
+    from ..config import parse_bytes
+
+    app = create_app(ModelRegistry(model_dirs), workers=workers, memory_budget=parse_bytes(memory_budget),
+                     max_pixels=max_pixels, max_sessions=max_sessions)  # fmt: skip
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,249 @@
+"""The HTTP app of `sparsedit serve`: the web editor at `/` and a JSON API (images are base64-encoded PNG strings).
+
+    GET  /health                     {"status": "ok"}
+    GET  /models                     {"models": [{"name", "kind", "takes", ...}]}
+    GET  /scenes/{seed}              a procedural scene to start from: {"image", "labels", "labels_rgb"}
+    POST /sessions                   {"model", "image" | "labels", "prompt"?, "strength"?, "steps"?, "seed"?} → 201
+    POST /sessions/{id}/edits        {"image"? | "mask"? | "labels"? | "prompt"?, "commit"?} → {"image", "stats", "edit"}
+    POST /sessions/{id}/undo         back to the previous committed state
+    GET  /sessions/{id}              {"session", "model", "edits", "cache_bytes"}
+    DELETE /sessions/{id}            204
+
+Errors are `{"error": "..."}` with 400/422 (bad input), 404 (unknown session or model), 413 (over `max_pixels`),
+503 (over capacity, with `Retry-After`). A failed request leaves its session as it was (the editors' calls are
+transactions, and the session's state changes only after them).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .models import ModelRegistry, array_to_png, png_to_array, region_to_png, tensor_to_png
+from .sessions import OverCapacity, SessionManager, UnknownSession
+
+
+__all__ = ["create_app"]
+
+STATIC = Path(__file__).parent / "static"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def _b64(s: str) -> str:
+    return base64.b64encode(s).decode("ascii")
+
+
+def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_budget: int | None = None,
+               max_pixels: int = 1024 * 1024, max_sessions: int = 64, replica: str | None = None):  # fmt: skip
+    """The FastAPI app. `models`: the registry (default: the shipped scene models)."""
+    from fastapi import Body, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, Response
+
+    registry = models or ModelRegistry()
+    manager = SessionManager(registry, workers=workers, memory_budget=memory_budget, max_sessions=max_sessions)
+    if replica:
+        manager.replica = replica
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        manager.close()
+
+    app = FastAPI(title="sparsedit", version="0.1.0", lifespan=lifespan)
+    app.state.manager = manager
+
+    @app.exception_handler(ApiError)
+    def _api_error(request: Request, e: ApiError):
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(request: Request, e: RequestValidationError):
+        parts = [
+            f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}" for err in e.errors()
+        ]
+        return JSONResponse({"error": "invalid request: " + "; ".join(parts)}, status_code=422)
+
+    # -- decoding ---------------------------------------------------------------------------------------------------
+    def decode_png(value, what: str, size: tuple[int, int] | None = None) -> np.ndarray:
+        if not isinstance(value, str):
+            raise ApiError(422, f"{what} must be a base64-encoded PNG string.")
+        if value.startswith("data:"):
+            value = value.split(",", 1)[-1]
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{what} is not valid base64; send a base64-encoded PNG.") from None
+        try:
+            a = png_to_array(data, what)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        if a.shape[0] * a.shape[1] > max_pixels:
+            raise ApiError(413, f"{what} has {a.shape[0] * a.shape[1]} pixels, over this server's limit of "
+                                f"{max_pixels} (--max-pixels); send a smaller image.")  # fmt: skip
+        if size is not None and tuple(a.shape[:2]) != tuple(size):
+            raise ApiError(422, f"{what} is {a.shape[1]}x{a.shape[0]} pixels but this session's image is "
+                                f"{size[1]}x{size[0]}; an edit keeps the size (start a new session for another).")  # fmt: skip
+        return a
+
+    def rgb(a: np.ndarray) -> np.ndarray:
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=-1)
+        return np.ascontiguousarray(a[..., :3]).astype(np.uint8)
+
+    def ids(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a if a.ndim == 2 else a[..., 0]).astype(np.uint8)
+
+    def state_from(body: dict, model, size=None) -> dict:
+        state = {}
+        if body.get("image") is not None:
+            if "image" not in model.takes:
+                raise ApiError(422, f"{model.name} takes {', '.join(model.takes)}, not an image.")
+            state["image"] = rgb(decode_png(body["image"], "image", size))
+        if body.get("labels") is not None:
+            if "labels" not in model.takes:
+                raise ApiError(422, f"{model.name} takes {', '.join(model.takes)}, not labels.")
+            state["labels"] = ids(decode_png(body["labels"], "labels", size))
+        if body.get("mask") is not None:
+            if "mask" not in model.takes:
+                raise ApiError(422, f"{model.name} takes {', '.join(model.takes)}, not a mask.")
+            state["mask"] = ids(decode_png(body["mask"], "mask", size))
+        if body.get("prompt") is not None:
+            if "prompt" not in model.takes:
+                raise ApiError(422, f"{model.name} takes no prompt.")
+            if not isinstance(body["prompt"], str):
+                raise ApiError(422, "prompt must be a string.")
+            state["prompt"] = body["prompt"]
+        return state
+
+    def session_size(session) -> tuple[int, int] | None:
+        first = session.states[0]
+        for k in ("image", "labels"):
+            if k in first:
+                return tuple(first[k].shape[:2])
+        return None
+
+    def stats_of(stats, region, session, seconds=None) -> dict:
+        out = {
+            "seconds": float(stats.get("seconds", 0.0) if seconds is None else seconds),
+            "macs_dense": int(stats.get("macs_dense", 0)),
+            "macs_sparse": int(stats.get("macs_sparse", 0)),
+            "region_fraction": float(stats.get("region_fraction", 0.0) or 0.0),
+            "replica": manager.replica,
+            "capture_seconds": session.capture_seconds,  # a dense run of the same model: the reference
+            "cache_bytes": int(stats.get("cache_bytes", 0) or 0),
+            "ran_dense": stats.get("ran_dense") or stats.get("dense_run"),
+        }
+        png = region_to_png(region)
+        if png is not None:
+            out["region"] = _b64(png)
+        return out
+
+    def run_editor(fn):
+        try:
+            return fn()
+        except UnknownSession as e:
+            raise ApiError(404, e.args[0]) from None
+        except KeyError as e:
+            raise ApiError(404, e.args[0] if e.args else str(e)) from None
+        except OverCapacity as e:
+            raise ApiError(503, str(e), {"Retry-After": "10"}) from None
+        except (ValueError, TypeError) as e:
+            raise ApiError(422, str(e)) from None
+
+    # -- routes -----------------------------------------------------------------------------------------------------
+    @app.get("/")
+    def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "replica": manager.replica}
+
+    @app.get("/models")
+    def list_models():
+        return {"models": registry.describe()}
+
+    @app.get("/scenes/{seed}")
+    def scene(seed: int, size: int = 64):
+        from ..data import scenes
+
+        if not 8 <= size <= 512:
+            raise ApiError(422, "size must be between 8 and 512 pixels.")
+        s = scenes.sample(1, size, seed=seed)
+        image = ((s["image"][0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        labels = s["labels"][0].to(torch.uint8).numpy()
+        return {"image": _b64(array_to_png(image)), "labels": _b64(array_to_png(labels)),
+                "labels_rgb": _b64(array_to_png(scenes.to_rgb(s["labels"][0]).numpy()))}  # fmt: skip
+
+    @app.post("/sessions", status_code=201)
+    def create_session(body: dict = Body(...)):
+        name = body.get("model")
+        if not isinstance(name, str):
+            raise ApiError(422, "model is required: one of GET /models.")
+        try:
+            model = registry.get(name)
+        except KeyError as e:
+            raise ApiError(404, e.args[0]) from None
+        state = state_from(body, model)
+        need = [k for k in model.takes if k in ("image", "labels") and k not in state]
+        if need:
+            raise ApiError(422, f"{model.name} starts from {' or '.join(need)}: send it as a base64 PNG.")
+        options = {k: body.get(k) for k in ("strength", "steps", "seed")}
+        for k, v in options.items():
+            if v is not None and not isinstance(v, (int, float)):
+                raise ApiError(422, f"{k} must be a number.")
+        session, image = run_editor(lambda: manager.create(name, state, options))
+        ed = session.editor.editor
+        return {"session": session.id, "image": _b64(tensor_to_png(image)),
+                "stats": stats_of(ed.last_stats, None, session, session.capture_seconds)}  # fmt: skip
+
+    @app.post("/sessions/{session_id}/edits")
+    def edit(session_id: str, body: dict = Body(...)):
+        session = run_editor(lambda: manager.get(session_id))
+        model = registry.get(session.model)
+        state = state_from(body, model, session_size(session))
+        if not state:
+            raise ApiError(422, f"an edit sends at least one of {', '.join(model.takes)}.")
+        commit = body.get("commit", True)
+        if not isinstance(commit, bool):
+            raise ApiError(422, "commit must be true or false.")
+        image, stats, region = run_editor(lambda: manager.edit(session_id, state, commit))
+        return {"image": _b64(tensor_to_png(image)), "stats": stats_of(stats, region, session), "edit": session.edits}
+
+    @app.post("/sessions/{session_id}/undo")
+    def undo(session_id: str):
+        session = run_editor(lambda: manager.get(session_id))
+        image, stats, region = run_editor(lambda: manager.undo(session_id))
+        state = session.states[-1]
+        restored = state.get("image", state.get("labels"))  # the input as it now is, for the editor's canvas
+        return {
+            "image": _b64(tensor_to_png(image)),
+            "stats": stats_of(stats, region, session),
+            "edit": session.edits,
+            "input": None if restored is None else _b64(array_to_png(restored)),
+        }
+
+    @app.get("/sessions/{session_id}")
+    def get_session(session_id: str):
+        session = run_editor(lambda: manager.get(session_id))
+        cache = session.editor.cache_bytes if session.editor is not None else 0
+        return {"session": session.id, "model": session.model, "edits": session.edits, "cache_bytes": cache,
+                "parked": session.parked is not None or session.editor is None, "replica": manager.replica}  # fmt: skip
+
+    @app.delete("/sessions/{session_id}", status_code=204)
+    def delete_session(session_id: str):
+        run_editor(lambda: manager.delete(session_id))
+        return Response(status_code=204)
+
+    return app

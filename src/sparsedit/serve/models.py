@@ -1,0 +1,285 @@
+"""The models a server offers, and one session's editor on one of them.
+
+Every session gets its own copy of the model's modules that shares the weights (`shared_copy`): an editor attaches
+its caches and hooks to the modules it edits, so two sessions must not share module objects, but they can share
+every parameter tensor. A copy costs milliseconds and no weight memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+__all__ = ["Model", "ModelRegistry", "SessionEditor", "shared_copy"]
+
+
+def shared_copy(obj, modules):
+    """A deep copy of `obj` (a pipeline or a module) in which every parameter and buffer of `modules` is the same
+    tensor as in `obj`; everything else (module objects, the scheduler and its state) is new."""
+    memo = {}
+    for m in modules:
+        for t in [*m.parameters(), *m.buffers()]:
+            memo[id(t)] = t
+    return copy.deepcopy(obj, memo)
+
+
+def _modules_of(obj) -> list[torch.nn.Module]:
+    if isinstance(obj, torch.nn.Module):
+        return [obj]
+    return [v for v in getattr(obj, "components", {}).values() if isinstance(v, torch.nn.Module)]
+
+
+# Pipeline class → (kind, the inputs an edit takes).
+_PIPELINE_KINDS = {
+    "DDPMPipeline": ("ddpm", ("image",)),
+    "DDIMPipeline": ("ddpm", ("image",)),
+    "StableDiffusionImg2ImgPipeline": ("sd-img2img", ("image", "prompt")),
+    "StableDiffusionInpaintPipeline": ("sd-inpaint", ("image", "mask", "prompt")),
+    "StableDiffusionPipeline": ("sd-txt2img", ("prompt",)),
+    "StableDiffusionXLImg2ImgPipeline": ("sdxl-img2img", ("image",)),
+    "StableDiffusionXLInpaintPipeline": ("sdxl-inpaint", ("image", "mask")),
+    "StableDiffusionXLPipeline": ("sdxl-txt2img", ("prompt",)),
+}
+
+
+@dataclass
+class Model:
+    """One model a server offers: its name, kind (`"ddpm"`, `"gan"`, `"sd-img2img"`, ...), what an edit takes, its
+    defaults, and how to load it (once, lazily)."""
+
+    name: str
+    kind: str
+    takes: tuple[str, ...]
+    loader: object
+    defaults: dict = field(default_factory=dict)
+    size: int | None = None  # the native image size, when fixed
+    _base: object = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def base(self):
+        with self._lock:
+            if self._base is None:
+                self._base = self.loader()
+            return self._base
+
+    def instance(self):
+        """A copy of the model for one session, sharing the weights."""
+        base = self.base()
+        return shared_copy(base, _modules_of(base))
+
+    def describe(self) -> dict:
+        out = {"name": self.name, "kind": self.kind, "takes": list(self.takes), "defaults": self.defaults}
+        if self.size:
+            out["size"] = self.size
+        if self.kind == "gan":
+            from ..data import scenes
+
+            out["classes"] = [{"id": i, "name": n, "colour": scenes.PALETTE[i].tolist()}
+                              for i, n in enumerate(scenes.CLASSES)]  # fmt: skip
+        return out
+
+
+class ModelRegistry:
+    """The shipped scene models, always, and local diffusers pipeline directories (`--model DIR`)."""
+
+    def __init__(self, dirs=()):
+        from .. import pretrained
+
+        self.models: dict[str, Model] = {
+            "scene-ddpm": Model(
+                "scene-ddpm",
+                "ddpm",
+                ("image",),
+                lambda: pretrained.load("scene-ddpm"),
+                {"strength": 0.5, "steps": 50},
+                64,
+            ),  # fmt: skip
+            "scene-spade": Model("scene-spade", "gan", ("labels",), lambda: pretrained.load("scene-spade"), {}, 64),
+        }
+        for d in dirs:
+            self.add_dir(Path(d))
+
+    def add_dir(self, path: Path) -> Model:
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"--model {path}: not a diffusers pipeline directory (no model_index.json in it).")
+        import json
+
+        cls = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+        if cls not in _PIPELINE_KINDS:
+            raise ValueError(
+                f"--model {path}: a {cls or 'unknown pipeline'}; the server takes {sorted(_PIPELINE_KINDS)}."
+            )
+        kind, takes = _PIPELINE_KINDS[cls]
+
+        def load():
+            import diffusers
+
+            pipe = getattr(diffusers, cls).from_pretrained(str(path), local_files_only=True)
+            pipe.set_progress_bar_config(disable=True)
+            return pipe
+
+        name = path.name
+        defaults = {"strength": 0.7 if "img2img" in kind or kind == "ddpm" else 1.0, "steps": 20}
+        self.models[name] = Model(name, kind, takes, load, defaults)
+        return self.models[name]
+
+    def get(self, name: str) -> Model:
+        if name not in self.models:
+            raise KeyError(f"unknown model {name!r}; GET /models lists the {len(self.models)} this server has.")
+        return self.models[name]
+
+    def describe(self) -> list[dict]:
+        return [m.describe() for m in self.models.values()]
+
+
+# -- images in and out ---------------------------------------------------------------------------------------------
+def png_to_array(data: bytes, what: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"{what} is not a readable PNG image ({e}); send a base64-encoded PNG.") from None
+    return np.asarray(img)
+
+
+def array_to_png(a: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tensor_to_png(x: torch.Tensor, lo: float = 0.0) -> bytes:
+    """`[1, 3, H, W]` in [lo, 1] → PNG bytes."""
+    x = (x[0].float() - lo) / (1 - lo)
+    a = (x.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return array_to_png(a)
+
+
+def region_to_png(region: torch.Tensor | None) -> bytes | None:
+    if region is None:
+        return None
+    return array_to_png((region[0].cpu().numpy().astype(np.uint8) * 255))
+
+
+# -- one session's editor --------------------------------------------------------------------------------------------
+class SessionEditor:
+    """An editor on a session's own copy of a model, with the inputs of its current state in plain form so the
+    session can be parked, resumed and replayed: `capture(state)`, `edit(state)`, where a state is
+    `{"image": uint8 [H, W, 3], "labels": uint8 [H, W], "mask": uint8 [H, W], "prompt": str}`."""
+
+    def __init__(self, model: Model, options: dict):
+        self.model = model
+        self.options = options  # strength, steps, seed
+        self.target = model.instance()
+        self.editor = self._make()
+
+    def _make(self):
+        from ..editor import SparseEditor
+        from ..gan import GANEditor
+        from ..spatial import SparseConfig
+
+        # A server's results are reproducible: the measured sparse-or-dense choice depends on the machine's load, so
+        # it is off and every edit runs sparse (GAN edits are exact either way).
+        if self.model.kind == "gan":
+            import dataclasses
+
+            default = getattr(self.target, "default_sparse_config", None)
+            config = default() if default is not None else SparseConfig(exact=True)
+            return GANEditor(self.target, dataclasses.replace(config, measured_fallback=False))
+        dilation = 2 if self.model.kind == "ddpm" else 5
+        return SparseEditor(self.target, SparseConfig(input_dilation=dilation, measured_fallback=False))
+
+    # -- inputs -----------------------------------------------------------------------------------------------------
+    def _image(self, a: np.ndarray) -> torch.Tensor | object:
+        if self.model.kind == "ddpm":
+            return torch.from_numpy(a[..., :3].copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+        from PIL import Image
+
+        return Image.fromarray(a[..., :3])
+
+    def _labels(self, a: np.ndarray) -> torch.Tensor:
+        from ..data import scenes
+
+        labels = torch.from_numpy(a.astype(np.int64))[None]
+        if int(labels.max()) >= scenes.NUM_CLASSES:
+            raise ValueError(
+                f"labels holds class id {int(labels.max())}; this model has {scenes.NUM_CLASSES} classes (0-"
+                f"{scenes.NUM_CLASSES - 1})."
+            )
+        return labels
+
+    def _generator(self):
+        return torch.Generator().manual_seed(int(self.options.get("seed", 0)))
+
+    def capture(self, state: dict) -> torch.Tensor:
+        """Returns the result `[1, 3, H, W]` in [0, 1]."""
+        kind = self.model.kind
+        if kind == "gan":
+            return (self.editor.capture(self._labels(state["labels"])) + 1) / 2
+        kw = {"num_inference_steps": int(self.options["steps"]), "generator": self._generator(), "output_type": "pt"}
+        if "strength" in self.options and "txt2img" not in kind:
+            kw["strength"] = float(self.options["strength"])
+        if "prompt" in self.model.takes:
+            kw["prompt"] = state.get("prompt") or ""
+        if "image" in self.model.takes:
+            kw["image"] = self._image(state["image"])
+        if "mask" in self.model.takes and state.get("mask") is not None:
+            kw["mask_image"] = self._mask(state["mask"])
+        return self.editor.capture(**kw).images
+
+    def _mask(self, a: np.ndarray):
+        from PIL import Image
+
+        return Image.fromarray(a if a.ndim == 2 else a[..., 0])
+
+    def edit(self, state: dict, commit: bool = True) -> torch.Tensor:
+        kind = self.model.kind
+        if kind == "gan":
+            return (self.editor.edit(self._labels(state["labels"]), commit=commit) + 1) / 2
+        kw = {"commit": commit, "output_type": "pt"}
+        if "image" in self.model.takes and state.get("image") is not None:
+            kw["image"] = self._image(state["image"])
+        if "mask" in self.model.takes and state.get("mask") is not None:
+            kw["mask_image"] = self._mask(state["mask"])
+        if "prompt" in self.model.takes and state.get("prompt") is not None:
+            kw["prompt"] = state["prompt"]
+        return self.editor.edit(**kw).images
+
+    # -- parking ------------------------------------------------------------------------------------------------------
+    def park(self, path: Path) -> bool:
+        """Write the editor's session to `path` and release the model copy; `False` when it cannot be saved."""
+        try:
+            self.editor.save(path)
+        except NotImplementedError:
+            return False
+        self.close()
+        return True
+
+    @classmethod
+    def resume(cls, model: Model, options: dict, path: Path) -> SessionEditor:
+        from ..editor import SparseEditor
+        from ..gan import GANEditor
+
+        self = cls.__new__(cls)
+        self.model, self.options = model, options
+        self.target = model.instance()
+        self.editor = (GANEditor if model.kind == "gan" else SparseEditor).load(self.target, path)
+        return self
+
+    def close(self) -> None:
+        self.editor.remove()
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.editor.last_stats.get("cache_bytes", 0) or 0)

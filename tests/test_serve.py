@@ -1,0 +1,252 @@
+"""`sparsedit serve` (issue 20): the JSON API in process and over a real uvicorn on 127.0.0.1, its errors, sessions
+that survive failed requests and parking, and a bounded load test."""
+
+import base64
+import io
+import resource
+import socket
+import statistics
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from sparsedit.serve import ModelRegistry, create_app  # noqa: E402
+
+
+FAST = {"steps": 10, "strength": 0.5, "seed": 0}  # 5 denoising steps: quick, and still an SDEdit
+
+
+def b64png(a: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def unpng(s: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(s))))
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return ModelRegistry()  # loads each shipped model once for the module
+
+
+@pytest.fixture
+def client(registry):
+    with TestClient(create_app(registry, max_pixels=128 * 128, max_sessions=20)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def scene(registry):
+    with TestClient(create_app(registry)) as c:
+        s = c.get("/scenes/1").json()
+    return unpng(s["image"]).copy(), unpng(s["labels"]).copy()
+
+
+def stroke(a, y, x, colour=(30, 60, 200), side=8):
+    b = a.copy()
+    b[y : y + side, x : x + side] = colour
+    return b
+
+
+def test_health_models_and_a_ddpm_session(client, scene):
+    assert client.get("/health").json()["status"] == "ok"
+    models = {m["name"]: m for m in client.get("/models").json()["models"]}
+    assert {"scene-ddpm", "scene-spade"} <= set(models) and models["scene-spade"]["kind"] == "gan"
+    assert client.get("/").headers["content-type"].startswith("text/html")
+    image, _ = scene
+    r = client.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST})
+    assert r.status_code == 201, r.text
+    sid, first = r.json()["session"], unpng(r.json()["image"])
+    assert first.shape == (64, 64, 3)
+    r = client.post(f"/sessions/{sid}/edits", json={"image": b64png(stroke(image, 40, 8))})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    stats = body["stats"]
+    assert body["edit"] == 1 and 0 < stats["region_fraction"] < 0.1 and stats["replica"]
+    assert 0 < stats["macs_sparse"] < stats["macs_dense"] and stats["seconds"] > 0
+    region = unpng(stats["region"]) > 0
+    edited = unpng(body["image"])
+    far = ~np.pad(region, 4)[4:-4, 4:-4]  # outside the recomputed region: the capture's pixels
+    assert np.array_equal(edited[far & ~region], first[far & ~region])
+    info = client.get(f"/sessions/{sid}").json()
+    assert info["edits"] == 1 and info["cache_bytes"] > 0 and info["model"] == "scene-ddpm"
+    r = client.post(f"/sessions/{sid}/undo")
+    assert r.status_code == 200 and r.json()["edit"] == 0
+    assert np.array_equal(unpng(r.json()["input"]), image)
+    assert client.post(f"/sessions/{sid}/undo").status_code == 422  # nothing left to undo
+    assert client.delete(f"/sessions/{sid}").status_code == 204
+    assert client.get(f"/sessions/{sid}").status_code == 404
+
+
+def test_a_gan_session_edits_labels(client, scene):
+    _, labels = scene
+    r = client.post("/sessions", json={"model": "scene-spade", "labels": b64png(labels)})
+    assert r.status_code == 201, r.text
+    sid = r.json()["session"]
+    painted = labels.copy()
+    painted[10:20, 30:44] = 7  # trees
+    r = client.post(f"/sessions/{sid}/edits", json={"labels": b64png(painted)})
+    assert r.status_code == 200, r.text
+    assert 0 < r.json()["stats"]["region_fraction"] < 0.1
+    bad = labels.copy()
+    bad[0, 0] = 200
+    r = client.post(f"/sessions/{sid}/edits", json={"labels": b64png(bad)})
+    assert r.status_code == 422 and "class id 200" in r.json()["error"]
+
+
+def test_errors_are_json_and_leave_the_session_intact(client, scene):
+    image, _ = scene
+    r = client.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST})
+    sid = r.json()["session"]
+    cases = [
+        ({"image": "not base64!"}, 400, "base64"),
+        ({"image": base64.b64encode(b"\x89PNG garbage").decode()}, 400, "PNG"),
+        ({"image": b64png(image[:32, :32])}, 422, "32x32"),
+        ({"image": b64png(np.zeros((256, 256, 3), np.uint8))}, 413, "max-pixels"),
+        ({"labels": b64png(image[..., 0])}, 422, "not labels"),
+        ({}, 422, "at least one"),
+        ({"image": b64png(image), "commit": "yes"}, 422, "commit"),
+    ]
+    for body, status, words in cases:
+        r = client.post(f"/sessions/{sid}/edits", json=body)
+        assert r.status_code == status, (body.keys(), r.text)
+        assert words in r.json()["error"]
+    assert client.post("/sessions/nope/edits", json={"image": b64png(image)}).status_code == 404
+    r = client.post("/sessions", json={"model": "no-such-model", "image": b64png(image)})
+    assert r.status_code == 404 and "GET /models" in r.json()["error"]
+    r = client.post("/sessions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "error" in r.json()
+    # After all that, the session edits as a fresh one does.
+    got = client.post(f"/sessions/{sid}/edits", json={"image": b64png(stroke(image, 40, 8))}).json()
+    assert got["edit"] == 1
+    fresh = client.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST}).json()["session"]
+    want = client.post(f"/sessions/{fresh}/edits", json={"image": b64png(stroke(image, 40, 8))}).json()
+    assert got["image"] == want["image"]
+
+
+def test_over_capacity_is_503_with_retry_after(registry, scene):
+    image, _ = scene
+    with TestClient(create_app(registry, max_sessions=1)) as c:
+        assert c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST}).status_code == 201
+        r = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST})
+        assert r.status_code == 503 and r.headers["retry-after"] and "maximum" in r.json()["error"]
+
+
+def test_parked_sessions_resume_with_their_edits(registry, scene):
+    image, labels = scene
+    with TestClient(create_app(registry, memory_budget=1)) as c:  # every idle session is parked at once
+        a = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST}).json()["session"]
+        g = c.post("/sessions", json={"model": "scene-spade", "labels": b64png(labels)}).json()["session"]
+        first = c.post(f"/sessions/{a}/edits", json={"image": b64png(stroke(image, 40, 8))}).json()
+        assert c.get(f"/sessions/{g}").json()["parked"]
+        c.post(f"/sessions/{g}/edits", json={"labels": b64png(stroke(labels, 4, 4, 7))})
+        assert c.get(f"/sessions/{a}").json()["parked"]
+        second = c.post(f"/sessions/{a}/edits", json={"image": b64png(stroke(stroke(image, 40, 8), 8, 40))}).json()
+        assert second["edit"] == 2
+    with TestClient(create_app(registry)) as c:  # the same edits, never parked
+        a = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST}).json()["session"]
+        want1 = c.post(f"/sessions/{a}/edits", json={"image": b64png(stroke(image, 40, 8))}).json()
+        want2 = c.post(f"/sessions/{a}/edits", json={"image": b64png(stroke(stroke(image, 40, 8), 8, 40))}).json()
+    assert first["image"] == want1["image"] and second["image"] == want2["image"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(registry):
+    """A real uvicorn on 127.0.0.1, in a thread."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(registry, workers=2), host="127.0.0.1", port=port,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_a_real_server_on_loopback(live_server, scene):
+    image, _ = scene
+    with httpx.Client(base_url=live_server, timeout=60) as c:
+        assert c.get("/health").json()["status"] == "ok"
+        sid = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST}).json()["session"]
+        r = c.post(f"/sessions/{sid}/edits", json={"image": b64png(stroke(image, 40, 8))})
+        assert r.status_code == 200 and r.json()["edit"] == 1
+
+
+def test_load_8_sessions_10_edits_none_lost(live_server, scene):
+    """Loopback only, bounded: 8 concurrent sessions (both shipped models) x 10 committed edits. Every result must
+    equal a one-session replay of the same requests; p50/p95 latency and peak memory are printed."""
+    image, labels = scene
+    rng = np.random.default_rng(0)
+    plans = []
+    for k in range(8):
+        gan = k % 2 == 1
+        current, steps = (labels if gan else image).copy(), []
+        for _ in range(10):
+            y, x = (int(v) for v in rng.integers(0, 56, 2))
+            current = stroke(
+                current, y, x, int(rng.integers(0, 9)) if gan else tuple(int(v) for v in rng.integers(0, 255, 3))
+            )
+            steps.append(current.copy())
+        plans.append(
+            ("scene-spade" if gan else "scene-ddpm", "labels" if gan else "image", labels if gan else image, steps)
+        )
+
+    def play(base, plan, out, latencies):
+        model, key, first, steps = plan
+        with httpx.Client(base_url=base, timeout=120) as c:
+            body = {"model": model, key: b64png(first), **(FAST if key == "image" else {})}
+            sid = c.post("/sessions", json=body).json()["session"]
+            for s in steps:
+                t0 = time.perf_counter()
+                r = c.post(f"/sessions/{sid}/edits", json={key: b64png(s)})
+                latencies.append(time.perf_counter() - t0)
+                assert r.status_code == 200, r.text
+                out.append(r.json()["image"])
+            c.delete(f"/sessions/{sid}")
+
+    results, latencies, errors = [[] for _ in plans], [], []
+
+    def worker(i):
+        try:
+            play(live_server, plans[i], results[i], latencies)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(plans))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    wall = time.perf_counter() - started
+    assert not errors, errors
+    q = statistics.quantiles(latencies, n=20)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\nload: {len(latencies)} edits in {wall:.1f} s, p50 {statistics.median(latencies):.3f} s, "
+          f"p95 {q[18]:.3f} s, peak RSS {peak:.2f} GiB")  # fmt: skip
+    for i, plan in enumerate(plans):  # one session alone, the same requests
+        want = []
+        play(live_server, plan, want, [])
+        assert results[i] == want, f"session {i}: a concurrent result differs from its one-session replay"
