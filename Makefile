@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sparsedit-setup
 
-.PHONY: setup test demo lint format bench clean
+.PHONY: setup test demo report lint format bench clean
 
 setup: $(STAMP)
 
@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# The web editor on the shipped scene models: prints the URL, serves until Ctrl-C.
 demo: setup
-	$(VENV)/bin/sparsedit demo --out demo-out
+	$(VENV)/bin/sparsedit serve --host 127.0.0.1 --port $(or $(PORT),8000)
+
+# The static HTML report of fixed edits (what `make demo` wrote before the web editor).
+report: setup
+	$(VENV)/bin/sparsedit report --out demo-out
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).parent))
 from unet_edit import loadavg, sd15, sd_vae  # noqa: E402
 

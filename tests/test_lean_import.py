@@ -5,7 +5,7 @@ import sys
 def test_import_needs_no_diffusers_or_gpu():
     code = (
         "import sys, sparsedit; "
-        "heavy = [m for m in ('diffusers', 'transformers', 'triton') if m in sys.modules]; "
+        "heavy = [m for m in ('diffusers', 'transformers', 'triton', 'fastapi', 'uvicorn', 'ray') if m in sys.modules]; "
         "assert not heavy, heavy; print('ok')"
     )
     out = subprocess.run(

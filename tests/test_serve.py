@@ -41,7 +41,7 @@ def registry():
 
 @pytest.fixture
 def client(registry):
-    with TestClient(create_app(registry, max_pixels=128 * 128, max_sessions=20)) as c:
+    with TestClient(create_app(registry, max_pixels=128 * 128, max_sessions=20, reproducible=True)) as c:
         yield c
 
 
@@ -144,7 +144,9 @@ def test_over_capacity_is_503_with_retry_after(registry, scene):
 
 def test_parked_sessions_resume_with_their_edits(registry, scene):
     image, labels = scene
-    with TestClient(create_app(registry, memory_budget=1)) as c:  # every idle session is parked at once
+    with TestClient(
+        create_app(registry, memory_budget=1, reproducible=True)
+    ) as c:  # every idle session is parked at once
         a = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST}).json()["session"]
         g = c.post("/sessions", json={"model": "scene-spade", "labels": b64png(labels)}).json()["session"]
         first = c.post(f"/sessions/{a}/edits", json={"image": b64png(stroke(image, 40, 8))}).json()
@@ -153,7 +155,7 @@ def test_parked_sessions_resume_with_their_edits(registry, scene):
         assert c.get(f"/sessions/{a}").json()["parked"]
         second = c.post(f"/sessions/{a}/edits", json={"image": b64png(stroke(stroke(image, 40, 8), 8, 40))}).json()
         assert second["edit"] == 2
-    with TestClient(create_app(registry)) as c:  # the same edits, never parked
+    with TestClient(create_app(registry, reproducible=True)) as c:  # the same edits, never parked
         a = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST}).json()["session"]
         want1 = c.post(f"/sessions/{a}/edits", json={"image": b64png(stroke(image, 40, 8))}).json()
         want2 = c.post(f"/sessions/{a}/edits", json={"image": b64png(stroke(stroke(image, 40, 8), 8, 40))}).json()
@@ -172,7 +174,7 @@ def live_server(registry):
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(registry, workers=2), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(registry, workers=2, reproducible=True), host="127.0.0.1", port=port,
                                            log_level="warning"))  # fmt: skip
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -50,13 +50,16 @@ def serve(
     memory_budget: str = typer.Option(None, help="Bytes the live sessions' caches may hold, e.g. 4GiB (LRU parking)."),
     max_pixels: int = typer.Option(1024 * 1024, help="Largest image accepted (pixels)."),
     max_sessions: int = typer.Option(64, help="Most sessions held at once."),
+    reproducible: bool = typer.Option(
+        False, help="Every edit sparse: the same bits under any load (else: never slower)."
+    ),
 ) -> None:
     """The web editor at / and the JSON API, on the shipped scene models (and --model directories)."""
     from .serve import run
 
     typer.echo(f"sparsedit web editor: http://{host}:{port}/  (Ctrl-C stops it)")
     run(host, port, model, workers=workers, memory_budget=memory_budget, max_pixels=max_pixels,
-        max_sessions=max_sessions)  # fmt: skip
+        max_sessions=max_sessions, reproducible=reproducible)  # fmt: skip
 
 
 @app.command()

@@ -18,12 +18,13 @@ __all__ = ["ModelRegistry", "create_app", "run"]
 
 
 def run(host: str = "127.0.0.1", port: int = 8000, model_dirs=(), workers: int = 2, memory_budget=None,
-        max_pixels: int = 1024 * 1024, max_sessions: int = 64, log_level: str = "info") -> None:  # fmt: skip
+        max_pixels: int = 1024 * 1024, max_sessions: int = 64, log_level: str = "info",
+        reproducible: bool = False) -> None:  # fmt: skip
     """Serve the app with uvicorn until interrupted."""
     import uvicorn
 
     from ..config import parse_bytes
 
     app = create_app(ModelRegistry(model_dirs), workers=workers, memory_budget=parse_bytes(memory_budget),
-                     max_pixels=max_pixels, max_sessions=max_sessions)  # fmt: skip
+                     max_pixels=max_pixels, max_sessions=max_sessions, reproducible=reproducible)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -43,14 +43,17 @@ def _b64(s: str) -> str:
 
 
 def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_budget: int | None = None,
-               max_pixels: int = 1024 * 1024, max_sessions: int = 64, replica: str | None = None):  # fmt: skip
-    """The FastAPI app. `models`: the registry (default: the shipped scene models)."""
+               max_pixels: int = 1024 * 1024, max_sessions: int = 64, replica: str | None = None,
+               reproducible: bool = False):  # fmt: skip
+    """The FastAPI app. `models`: the registry (default: the shipped scene models). `reproducible`: every edit runs
+    sparse, so its result is the same bits under any load (otherwise edits measured slower sparse run dense)."""
     from fastapi import Body, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
 
     registry = models or ModelRegistry()
-    manager = SessionManager(registry, workers=workers, memory_budget=memory_budget, max_sessions=max_sessions)
+    manager = SessionManager(registry, workers=workers, memory_budget=memory_budget, max_sessions=max_sessions,
+                             reproducible=reproducible)  # fmt: skip
     if replica:
         manager.replica = replica
     import contextlib

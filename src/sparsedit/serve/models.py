@@ -178,27 +178,30 @@ class SessionEditor:
     session can be parked, resumed and replayed: `capture(state)`, `edit(state)`, where a state is
     `{"image": uint8 [H, W, 3], "labels": uint8 [H, W], "mask": uint8 [H, W], "prompt": str}`."""
 
-    def __init__(self, model: Model, options: dict):
+    def __init__(self, model: Model, options: dict, reproducible: bool = False):
         self.model = model
         self.options = options  # strength, steps, seed
+        self.reproducible = reproducible
         self.target = model.instance()
         self.editor = self._make()
 
     def _make(self):
+        # `reproducible`: the measured sparse-or-dense choice depends on the machine's load, so it is off and every
+        # edit runs sparse, giving the same bits under any load (GAN edits are exact either way). Otherwise an edit
+        # runs dense where sparse was measured slower (small images), never slower than dense.
+        import dataclasses
+
         from ..editor import SparseEditor
         from ..gan import GANEditor
         from ..spatial import SparseConfig
 
-        # A server's results are reproducible: the measured sparse-or-dense choice depends on the machine's load, so
-        # it is off and every edit runs sparse (GAN edits are exact either way).
+        fallback = not self.reproducible
         if self.model.kind == "gan":
-            import dataclasses
-
             default = getattr(self.target, "default_sparse_config", None)
             config = default() if default is not None else SparseConfig(exact=True)
-            return GANEditor(self.target, dataclasses.replace(config, measured_fallback=False))
+            return GANEditor(self.target, dataclasses.replace(config, measured_fallback=fallback))
         dilation = 2 if self.model.kind == "ddpm" else 5
-        return SparseEditor(self.target, SparseConfig(input_dilation=dilation, measured_fallback=False))
+        return SparseEditor(self.target, SparseConfig(input_dilation=dilation, measured_fallback=fallback))
 
     # -- inputs -----------------------------------------------------------------------------------------------------
     def _image(self, a: np.ndarray) -> torch.Tensor | object:
@@ -267,12 +270,12 @@ class SessionEditor:
         return True
 
     @classmethod
-    def resume(cls, model: Model, options: dict, path: Path) -> SessionEditor:
+    def resume(cls, model: Model, options: dict, path: Path, reproducible: bool = False) -> SessionEditor:
         from ..editor import SparseEditor
         from ..gan import GANEditor
 
         self = cls.__new__(cls)
-        self.model, self.options = model, options
+        self.model, self.options, self.reproducible = model, options, reproducible
         self.target = model.instance()
         self.editor = (GANEditor if model.kind == "gan" else SparseEditor).load(self.target, path)
         return self

@@ -56,8 +56,9 @@ class SessionManager:
     above it, idle sessions are parked, least recently used first. `max_sessions` bounds how many exist."""
 
     def __init__(self, registry: ModelRegistry, workers: int = 2, memory_budget: int | None = None,
-                 max_sessions: int = 64, state_dir: str | Path | None = None):  # fmt: skip
+                 max_sessions: int = 64, state_dir: str | Path | None = None, reproducible: bool = False):  # fmt: skip
         self.registry = registry
+        self.reproducible = reproducible
         self.sessions: dict[str, Session] = {}
         self.workers = threading.BoundedSemaphore(max(1, workers))
         self.memory_budget = memory_budget
@@ -82,8 +83,8 @@ class SessionManager:
             self.sessions[session.id] = session
         try:
             with session.lock, self.workers:
-                started = time.perf_counter()
-                session.editor = SessionEditor(model, options)
+                session.editor = SessionEditor(model, options, self.reproducible)
+                started = time.perf_counter()  # the dense capture alone (the model's first load excluded)
                 image = session.editor.capture(state)
                 session.capture_seconds = time.perf_counter() - started
         except BaseException:
@@ -190,11 +191,11 @@ class SessionManager:
             return session.editor
         model = self.registry.get(session.model)
         if session.parked is not None:
-            session.editor = SessionEditor.resume(model, session.options, session.parked)
+            session.editor = SessionEditor.resume(model, session.options, session.parked, self.reproducible)
             shutil.rmtree(session.parked, ignore_errors=True)
             session.parked = None
         else:
-            editor = SessionEditor(model, session.options)
+            editor = SessionEditor(model, session.options, self.reproducible)
             editor.capture(session.states[-1])
             session.editor = editor
         return session.editor

@@ -1,0 +1,92 @@
+"""The web editor in a real browser (issue 20): headless Chromium (the system's `chromium` and `chromium-driver`,
+which `.ci/run` installs) loads the page, starts a session, paints a stroke, and the result changes only near it."""
+
+import base64
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .test_serve import live_server, registry  # noqa: F401  (fixtures)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+if not (CHROMIUM and DRIVER):
+    if os.environ.get("SPARSEDIT_REQUIRE_BROWSER"):
+        raise RuntimeError("the browser test needs the Debian packages chromium and chromium-driver (see .ci/run).")
+    pytest.skip(
+        "no system Chromium and chromedriver (apt-get install chromium chromium-driver)", allow_module_level=True
+    )
+webdriver = pytest.importorskip("selenium.webdriver")
+
+
+def result_pixels(driver) -> np.ndarray:
+    src = driver.find_element("css selector", "[data-testid=result]").get_attribute("src")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))).astype(int)
+
+
+def wait_for(driver, condition, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = driver.execute_script(condition)
+        if value:
+            return value
+        time.sleep(0.1)
+    error = driver.find_element("css selector", "[data-testid=error]").text
+    raise AssertionError(f"timed out waiting for {condition!r} (page error: {error!r})")
+
+
+@pytest.fixture
+def browser():
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,900",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_paint_a_stroke_and_only_its_neighbourhood_changes(live_server, browser, tmp_path):  # noqa: F811
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    browser.get(live_server + "/")
+    wait_for(browser, "return document.body.dataset.ready === '1'")
+    browser.find_element("css selector", "[data-testid=start]").click()
+    wait_for(browser, "return document.querySelector('[data-testid=stats]').dataset.edits === '0'")
+    before = result_pixels(browser)
+    canvas = browser.find_element("css selector", "[data-testid=canvas]")
+    scale = canvas.size["width"] / 64  # the 64 px canvas is shown larger
+    # A short horizontal stroke at image pixels (y=48, x=12..28), in canvas offsets from its centre.
+    start = (int((12 - 32) * scale), int((48 - 32) * scale))
+    ActionChains(browser).move_to_element_with_offset(canvas, *start).click_and_hold().move_by_offset(
+        int(16 * scale), 0
+    ).release().perform()
+    wait_for(browser, "return document.querySelector('[data-testid=stats]').dataset.edits === '1'")
+    after = result_pixels(browser)
+    changed = np.abs(after - before).max(axis=-1) > 0
+    assert changed.any(), "the stroke did not change the result"
+    ys, xs = np.nonzero(changed)
+    # Everything that changed lies near the stroke (its reach: the SDEdit region, dilated).
+    assert ys.min() >= 48 - 16 and ys.max() <= 48 + 16 and xs.min() >= 12 - 16 and xs.max() <= 28 + 16, (ys, xs)
+    assert changed.mean() < 0.25
+    shot = Path(os.environ.get("SPARSEDIT_SCREENSHOT_DIR", tmp_path)) / "web-editor.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 1000
+    text = browser.find_element("css selector", "[data-testid=stats]").text
+    assert "MACs saved" in text and "replica" in text
