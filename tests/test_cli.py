@@ -32,3 +32,46 @@ def test_demo_writes_report(tmp_path):
         assert row["dense_seconds"] > 0 and row["sparse_seconds"] > 0
     exact = next(r for r in report["runs"] if "exact" in r["name"])
     assert exact["max_abs_error"] < 1e-4
+
+
+def test_edit_command_writes_the_result(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sparsedit.data import scenes
+
+    labels = scenes.sample(1, 64, seed=1)["labels"][0].numpy().astype(np.uint8)
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    labels[10:20, 30:44] = scenes.TREES
+    Image.fromarray(labels).save(tmp_path / "edited.png")
+    out = tmp_path / "out.png"
+    args = ["edit", "--model", "scene-spade", "--image", str(tmp_path / "labels.png"), "--edited",
+            str(tmp_path / "edited.png"), "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "fewer MACs" in result.output and Image.open(out).size == (64, 64)
+
+
+def test_serve_command_prints_its_url_and_serves(tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sparsedit", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in line
+        deadline, body = time.time() + 60, None
+        while time.time() < deadline and body is None:
+            try:
+                body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read())
+            except OSError:
+                time.sleep(0.2)
+        assert body and body["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
