@@ -42,29 +42,109 @@ def _b64(s: str) -> str:
     return base64.b64encode(s).decode("ascii")
 
 
+class LocalBackend:
+    """The sessions of this process (`SessionManager`), as plain data: what the routes and a Ray replica call."""
+
+    def __init__(self, manager: SessionManager):
+        self.manager = manager
+
+    @property
+    def replica(self) -> str:
+        return self.manager.replica
+
+    def _stats(self, stats, region, session, seconds=None) -> dict:
+        out = {
+            "seconds": float(stats.get("seconds", 0.0) if seconds is None else seconds),
+            "macs_dense": int(stats.get("macs_dense", 0)),
+            "macs_sparse": int(stats.get("macs_sparse", 0)),
+            "region_fraction": float(stats.get("region_fraction", 0.0) or 0.0),
+            "replica": self.manager.replica,
+            "capture_seconds": session.capture_seconds,  # a dense run of the same model: the reference
+            "cache_bytes": int(stats.get("cache_bytes", 0) or 0),
+            "ran_dense": stats.get("ran_dense") or stats.get("dense_run"),
+        }
+        png = region_to_png(region)
+        if png is not None:
+            out["region"] = _b64(png)
+        return out
+
+    @staticmethod
+    def _guard(fn):
+        try:
+            return fn()
+        except UnknownSession as e:
+            raise ApiError(404, e.args[0]) from None
+        except KeyError as e:
+            raise ApiError(404, e.args[0] if e.args else str(e)) from None
+        except OverCapacity as e:
+            raise ApiError(503, str(e), {"Retry-After": "10"}) from None
+        except (ValueError, TypeError) as e:
+            raise ApiError(422, str(e)) from None
+
+    def create(self, model: str, state: dict, options: dict, session_id: str | None = None) -> dict:
+        session, image = self._guard(lambda: self.manager.create(model, state, options, session_id))
+        stats = self._stats(session.editor.editor.last_stats, None, session, session.capture_seconds)
+        return {"session": session.id, "image": _b64(tensor_to_png(image)), "stats": stats}
+
+    def info(self, session_id: str) -> dict:
+        session = self._guard(lambda: self.manager.get(session_id))
+        first = session.states[0]
+        size = next((list(first[k].shape[:2]) for k in ("image", "labels") if k in first), None)
+        cache = session.editor.cache_bytes if session.editor is not None else 0
+        return {"session": session.id, "model": session.model, "edits": session.edits, "cache_bytes": cache,
+                "parked": session.parked is not None or session.editor is None, "replica": self.manager.replica,
+                "size": size}  # fmt: skip
+
+    def edit(self, session_id: str, state: dict, commit: bool) -> dict:
+        session = self._guard(lambda: self.manager.get(session_id))
+        image, stats, region = self._guard(lambda: self.manager.edit(session_id, state, commit))
+        return {
+            "image": _b64(tensor_to_png(image)),
+            "stats": self._stats(stats, region, session),
+            "edit": session.edits,
+        }
+
+    def undo(self, session_id: str) -> dict:
+        session = self._guard(lambda: self.manager.get(session_id))
+        image, stats, region = self._guard(lambda: self.manager.undo(session_id))
+        state = session.states[-1]
+        restored = state.get("image", state.get("labels"))  # the input as it now is, for the editor's canvas
+        return {"image": _b64(tensor_to_png(image)), "stats": self._stats(stats, region, session),
+                "edit": session.edits, "input": None if restored is None else _b64(array_to_png(restored))}  # fmt: skip
+
+    def delete(self, session_id: str) -> None:
+        self._guard(lambda: self.manager.delete(session_id))
+
+    def close(self) -> None:
+        self.manager.close()
+
+
 def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_budget: int | None = None,
                max_pixels: int = 1024 * 1024, max_sessions: int = 64, replica: str | None = None,
-               reproducible: bool = False):  # fmt: skip
+               reproducible: bool = False, backend=None):  # fmt: skip
     """The FastAPI app. `models`: the registry (default: the shipped scene models). `reproducible`: every edit runs
-    sparse, so its result is the same bits under any load (otherwise edits measured slower sparse run dense)."""
+    sparse, so its result is the same bits under any load (otherwise edits measured slower sparse run dense).
+    `backend`: where sessions live (default: this process, `LocalBackend`; `ray_app` puts them on Ray replicas)."""
     from fastapi import Body, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
 
     registry = models or ModelRegistry()
-    manager = SessionManager(registry, workers=workers, memory_budget=memory_budget, max_sessions=max_sessions,
-                             reproducible=reproducible)  # fmt: skip
-    if replica:
-        manager.replica = replica
+    if backend is None:
+        manager = SessionManager(registry, workers=workers, memory_budget=memory_budget, max_sessions=max_sessions,
+                                 reproducible=reproducible)  # fmt: skip
+        if replica:
+            manager.replica = replica
+        backend = LocalBackend(manager)
     import contextlib
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        manager.close()
+        backend.close()
 
     app = FastAPI(title="sparsedit", version="0.1.0", lifespan=lifespan)
-    app.state.manager = manager
+    app.state.backend = backend
 
     @app.exception_handler(ApiError)
     def _api_error(request: Request, e: ApiError):
@@ -129,41 +209,6 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
             state["prompt"] = body["prompt"]
         return state
 
-    def session_size(session) -> tuple[int, int] | None:
-        first = session.states[0]
-        for k in ("image", "labels"):
-            if k in first:
-                return tuple(first[k].shape[:2])
-        return None
-
-    def stats_of(stats, region, session, seconds=None) -> dict:
-        out = {
-            "seconds": float(stats.get("seconds", 0.0) if seconds is None else seconds),
-            "macs_dense": int(stats.get("macs_dense", 0)),
-            "macs_sparse": int(stats.get("macs_sparse", 0)),
-            "region_fraction": float(stats.get("region_fraction", 0.0) or 0.0),
-            "replica": manager.replica,
-            "capture_seconds": session.capture_seconds,  # a dense run of the same model: the reference
-            "cache_bytes": int(stats.get("cache_bytes", 0) or 0),
-            "ran_dense": stats.get("ran_dense") or stats.get("dense_run"),
-        }
-        png = region_to_png(region)
-        if png is not None:
-            out["region"] = _b64(png)
-        return out
-
-    def run_editor(fn):
-        try:
-            return fn()
-        except UnknownSession as e:
-            raise ApiError(404, e.args[0]) from None
-        except KeyError as e:
-            raise ApiError(404, e.args[0] if e.args else str(e)) from None
-        except OverCapacity as e:
-            raise ApiError(503, str(e), {"Retry-After": "10"}) from None
-        except (ValueError, TypeError) as e:
-            raise ApiError(422, str(e)) from None
-
     # -- routes -----------------------------------------------------------------------------------------------------
     @app.get("/")
     def index():
@@ -171,7 +216,7 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "replica": manager.replica}
+        return {"status": "ok", "replica": backend.replica}
 
     @app.get("/models")
     def list_models():
@@ -206,47 +251,33 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
         for k, v in options.items():
             if v is not None and not isinstance(v, (int, float)):
                 raise ApiError(422, f"{k} must be a number.")
-        session, image = run_editor(lambda: manager.create(name, state, options))
-        ed = session.editor.editor
-        return {"session": session.id, "image": _b64(tensor_to_png(image)),
-                "stats": stats_of(ed.last_stats, None, session, session.capture_seconds)}  # fmt: skip
+        return backend.create(name, state, options)
 
     @app.post("/sessions/{session_id}/edits")
     def edit(session_id: str, body: dict = Body(...)):
-        session = run_editor(lambda: manager.get(session_id))
-        model = registry.get(session.model)
-        state = state_from(body, model, session_size(session))
+        info = backend.info(session_id)
+        model = registry.get(info["model"])
+        state = state_from(body, model, info["size"])
         if not state:
             raise ApiError(422, f"an edit sends at least one of {', '.join(model.takes)}.")
         commit = body.get("commit", True)
         if not isinstance(commit, bool):
             raise ApiError(422, "commit must be true or false.")
-        image, stats, region = run_editor(lambda: manager.edit(session_id, state, commit))
-        return {"image": _b64(tensor_to_png(image)), "stats": stats_of(stats, region, session), "edit": session.edits}
+        return backend.edit(session_id, state, commit)
 
     @app.post("/sessions/{session_id}/undo")
     def undo(session_id: str):
-        session = run_editor(lambda: manager.get(session_id))
-        image, stats, region = run_editor(lambda: manager.undo(session_id))
-        state = session.states[-1]
-        restored = state.get("image", state.get("labels"))  # the input as it now is, for the editor's canvas
-        return {
-            "image": _b64(tensor_to_png(image)),
-            "stats": stats_of(stats, region, session),
-            "edit": session.edits,
-            "input": None if restored is None else _b64(array_to_png(restored)),
-        }
+        return backend.undo(session_id)
 
     @app.get("/sessions/{session_id}")
     def get_session(session_id: str):
-        session = run_editor(lambda: manager.get(session_id))
-        cache = session.editor.cache_bytes if session.editor is not None else 0
-        return {"session": session.id, "model": session.model, "edits": session.edits, "cache_bytes": cache,
-                "parked": session.parked is not None or session.editor is None, "replica": manager.replica}  # fmt: skip
+        info = backend.info(session_id)
+        info.pop("size", None)
+        return info
 
     @app.delete("/sessions/{session_id}", status_code=204)
     def delete_session(session_id: str):
-        run_editor(lambda: manager.delete(session_id))
+        backend.delete(session_id)
         return Response(status_code=204)
 
     return app

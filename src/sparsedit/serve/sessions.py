@@ -69,7 +69,10 @@ class SessionManager:
         self.replica = f"{os.uname().nodename}:{os.getpid()}"
 
     # -- lifecycle ------------------------------------------------------------------------------------------------------
-    def create(self, model_name: str, state: dict, options: dict) -> tuple[Session, object]:
+    def create(self, model_name: str, state: dict, options: dict, session_id: str | None = None,
+               states: list | None = None) -> tuple[Session, object]:  # fmt: skip
+        """A new session (`session_id`: a given id; `states`: a committed history to resume, its last state
+        captured)."""
         model = self.registry.get(model_name)
         options = {**model.defaults, **{k: v for k, v in options.items() if v is not None}}
         with self._lock:
@@ -78,14 +81,14 @@ class SessionManager:
                     f"this server holds its maximum of {self.max_sessions} sessions; delete one (DELETE "
                     "/sessions/{id}) or try again later."
                 )
-            session = Session(uuid.uuid4().hex[:16], model_name, options, [state])
+            session = Session(session_id or uuid.uuid4().hex[:16], model_name, options, list(states or [state]))
             session.busy += 1
             self.sessions[session.id] = session
         try:
             with session.lock, self.workers:
                 session.editor = SessionEditor(model, options, self.reproducible)
                 started = time.perf_counter()  # the dense capture alone (the model's first load excluded)
-                image = session.editor.capture(state)
+                image = session.editor.capture(session.states[-1])
                 session.capture_seconds = time.perf_counter() - started
         except BaseException:
             with self._lock:
