@@ -53,8 +53,22 @@ def serve(
     reproducible: bool = typer.Option(
         False, help="Every edit sparse: the same bits under any load (else: never slower)."
     ),
+    ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: sessions spread over --replicas processes."),
+    replicas: int = typer.Option(2, help="With --ray: how many replicas hold sessions."),
 ) -> None:
     """The web editor at / and the JSON API, on the shipped scene models (and --model directories)."""
+    if ray:
+        from .serve import ray_app
+
+        typer.echo(
+            f"sparsedit web editor on Ray Serve ({replicas} replicas): http://{host}:{port}/  (Ctrl-C stops it)"
+        )
+        try:
+            ray_app.run(host, port, model, replicas=replicas, max_pixels=max_pixels,
+                        memory_budget=parse_memory(memory_budget))  # fmt: skip
+        except ImportError as e:
+            raise typer.BadParameter(str(e)) from None
+        return
     from .serve import run
 
     typer.echo(f"sparsedit web editor: http://{host}:{port}/  (Ctrl-C stops it)")
@@ -133,6 +147,12 @@ def edit(
     macs = stats["macs_dense"] / max(1, stats["macs_sparse"])
     typer.echo(f"wrote {out}: capture {capture_seconds:.2f} s (dense), edit {stats['seconds']:.2f} s, "
                f"{macs:.1f}x fewer MACs, {100 * stats.get('region_fraction', 0):.1f}% recomputed")  # fmt: skip
+
+
+def parse_memory(value):
+    from .config import parse_bytes
+
+    return parse_bytes(value, "--memory-budget")
 
 
 def main() -> None:

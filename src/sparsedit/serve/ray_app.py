@@ -23,13 +23,33 @@ from .sessions import SessionManager
 __all__ = ["RayBackend", "build", "run"]
 
 
+def _ray():
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise ImportError('sparsedit serve --ray needs Ray Serve: pip install "sparsedit[serve]"') from None
+    return ray, serve
+
+
 class RayBackend:
     """The routes' backend in the ingress: each call goes to the replica holding the session (multiplexed id)."""
 
     replica = "ray-ingress"
 
-    def __init__(self):
-        self.handle = None  # set by the ingress deployment
+    def __init__(self, app_name: str = "sparsedit"):
+        self.app_name = app_name
+        self._handle = None
+
+    @property
+    def handle(self):
+        """The `Editors` deployment's handle, looked up in the running application on first use (the ingress is a
+        copy of this object in another process)."""
+        if self._handle is None:
+            from ray import serve
+
+            self._handle = serve.get_deployment_handle("Editors", app_name=self.app_name)
+        return self._handle
 
     def _call(self, session_id: str, method: str, *args):
         out = self.handle.options(multiplexed_model_id=session_id, method_name=method).remote(*args).result()
@@ -58,10 +78,9 @@ class RayBackend:
 
 
 def build(model_dirs=(), replicas: int = 2, reproducible: bool = True, max_pixels: int = 1024 * 1024,
-          memory_budget=None, cpus_per_replica: float = 1.0):  # fmt: skip
+          memory_budget=None, cpus_per_replica: float = 1.0, app_name: str = "sparsedit"):  # fmt: skip
     """The Ray Serve application (bind it with `serve.run`)."""
-    import ray
-    from ray import serve
+    ray, serve = _ray()
 
     @ray.remote(num_cpus=0)
     class SessionStore:
@@ -146,24 +165,23 @@ def build(model_dirs=(), replicas: int = 2, reproducible: bool = True, max_pixel
             await self.store.delete.remote(session_id)
             return out
 
-    backend = RayBackend()
-    app = create_app(ModelRegistry(model_dirs), max_pixels=max_pixels, backend=backend)
+    app = create_app(ModelRegistry(model_dirs), max_pixels=max_pixels, backend=RayBackend(app_name))
 
     @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
     @serve.ingress(app)
     class Ingress:
         def __init__(self, editors):
-            backend.handle = editors
+            self.editors = editors  # bound so Serve deploys it; the routes find it by name
 
     return Ingress.bind(Editors.bind(list(map(str, model_dirs)), SessionStore.remote()))
 
 
 def run(host: str = "127.0.0.1", port: int = 8000, model_dirs=(), replicas: int = 2, blocking: bool = True, **kwargs):
     """Start Ray (locally unless `RAY_ADDRESS` says otherwise) and serve the app on `host:port`."""
-    import ray
-    from ray import serve
+    ray, serve = _ray()
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build(model_dirs, replicas, **kwargs), name="sparsedit", route_prefix="/", blocking=blocking)
+    serve.run(build(model_dirs, replicas, app_name="sparsedit", **kwargs), name="sparsedit", route_prefix="/",
+              blocking=blocking)  # fmt: skip
