@@ -252,3 +252,18 @@ def test_load_8_sessions_10_edits_none_lost(live_server, scene):
         want = []
         play(live_server, plan, want, [])
         assert results[i] == want, f"session {i}: a concurrent result differs from its one-session replay"
+
+
+def test_a_client_that_disconnects_mid_edit_leaves_the_session_intact(live_server, scene):
+    image, _ = scene
+    with httpx.Client(base_url=live_server, timeout=60) as c:
+        sid = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST}).json()["session"]
+    with httpx.Client(base_url=live_server, timeout=0.05) as hasty:  # gives up long before the edit is done
+        with pytest.raises(httpx.TimeoutException):
+            hasty.post(f"/sessions/{sid}/edits", json={"image": b64png(stroke(image, 40, 8))})
+    with httpx.Client(base_url=live_server, timeout=60) as c:
+        # The abandoned edit either finished (the server does not cancel a started edit) or never began; the next
+        # one waits for it and then commits on top of whatever was committed.
+        r = c.post(f"/sessions/{sid}/edits", json={"image": b64png(stroke(stroke(image, 40, 8), 8, 40))})
+        assert r.status_code == 200 and r.json()["edit"] in (1, 2)
+        assert c.get(f"/sessions/{sid}").json()["edits"] == r.json()["edit"]
