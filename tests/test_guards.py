@@ -324,3 +324,23 @@ def test_remove_is_idempotent_and_a_removed_editor_says_so(pipe):
         ed.capture(image=scene(), generator=gen(), **KW)
     with pytest.raises(RuntimeError, match="was removed"):
         ed.edit(image=scene())
+
+
+def test_a_gan_checkpoint_of_another_configuration_says_which(tmp_path):
+    from sparsedit.models import SPADEGenerator
+
+    small = SPADEGenerator(
+        label_nc=5, size=(32, 64), ngf=4, hidden=8, use_instance=False, num_upsampling_layers="normal"
+    )
+    torch.save(small.state_dict(), tmp_path / "latest_net_G.pth")
+    with pytest.raises(ValueError, match=r"label maps have 5 channels.*config="):
+        SPADEGenerator.from_checkpoint(tmp_path / "latest_net_G.pth")
+    config = {
+        "label_nc": 5,
+        "size": (32, 64),
+        "ngf": 4,
+        "hidden": 8,
+        "use_instance": False,
+        "num_upsampling_layers": "normal",
+    }
+    assert SPADEGenerator.from_checkpoint(tmp_path / "latest_net_G.pth", config=config).size == (32, 64)

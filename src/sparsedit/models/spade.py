@@ -229,7 +229,18 @@ class SPADEGenerator(nn.Module):
         else:
             state = torch.load(path, map_location=map_location, weights_only=True)
         model = cls.cityscapes() if config == "cityscapes" else cls(**config)
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:2]
+            label_nc = _label_channels(state)
+            hint = f" The checkpoint's label maps have {label_nc} channels." if label_nc else ""
+            raise ValueError(
+                f"{path} does not fit the {'Cityscapes' if config == 'cityscapes' else 'given'} configuration "
+                f"({'; '.join(shapes) or str(e).splitlines()[0]}).{hint} Pass the generator's configuration: "
+                "`SPADEGenerator.from_checkpoint(path, config={'label_nc': ..., 'size': (H, W), 'ngf': ..., "
+                "'num_upsampling_layers': ..., 'use_instance': ...})` with the options it was trained with."
+            ) from None
         return model.eval()
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -407,3 +418,11 @@ class SPADEResnetBlockHandler(SparseHandler):
         st.key(actvn)
         out = p["add"].buffer(st.key(p["add"].name))
         return p["conv_1"].sparse(p["norm_1"].sparse(dx, seg), _LEAKY, residual=x_s, into=out)
+
+
+def _label_channels(state: dict) -> int | None:
+    """The label-map channels a SPADE checkpoint's first SPADE layer takes (label classes + instance edge)."""
+    for k, v in state.items():
+        if k.endswith("mlp_shared.0.weight") or k.endswith("mlp_shared.0.weight_orig"):
+            return int(v.shape[1])
+    return None
