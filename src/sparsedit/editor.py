@@ -21,14 +21,12 @@ import warnings
 
 import torch
 
-from . import session, textedit
-from . import temporal as temporal_reuse
+from . import arguments, session, textedit
 from .cache import CacheBytes, StaleCacheError
-from .config import OnStale, SparseConfig, TemporalConfig, TextEditConfig
-from .guard import check_finite, make_lock, serialized
+from .config import SparseConfig, TemporalConfig, TextEditConfig
+from .guard import make_lock, serialized
 from .loop import Capture, Loop
-from .regions import as_region, change_mask, difference_mask
-from .spatial import is_sparsified, transaction
+from .spatial import transaction
 from .stats import EditStats
 
 
@@ -83,38 +81,7 @@ class SparseEditor:
         blocking: bool = True,
         refresh_every: int | None = REFRESH_EVERY,
     ):
-        from .adapters.pipelines import adapter_for, supported_pipelines
-
-        unet, scheduler, adapter = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None), adapter_for(pipe)
-        if adapter is None or unet is None or scheduler is None:
-            raise NotImplementedError(
-                f"SparseEditor supports {', '.join(supported_pipelines())} (and their subclasses) so far, not "
-                f"{type(pipe).__name__}; for other models use the model-level API (`sparsedit.sparsify_`, "
-                "`capturing`, `editing`)."
-            )
-        if temporal is not None and not isinstance(temporal, TemporalConfig):
-            raise TypeError(f"temporal must be a TemporalConfig, got {type(temporal).__name__}.")
-        if temporal is not None and temporal.parallel:
-            raise ValueError(
-                "SparseEditor keeps a cache per denoising step, and parallel decoding batches several steps in one "
-                "call: use TemporalConfig(parallel=False) (the encoder is still reused at non-key steps)."
-            )
-        if is_sparsified(unet):
-            raise RuntimeError(
-                "this pipeline already has a SparseEditor (or `sparsedit.sparsify_`) attached: call `editor.remove()` "
-                "on that editor first (or `sparsedit.unsparsify_(pipe.unet)` for the model-level API)."
-            )
-        if temporal_reuse.is_applied(unet):
-            raise RuntimeError(
-                "this UNet already carries temporal reuse (`sparsedit.temporal.enable`); call `temporal.disable(pipe)` "
-                "and pass the config as `SparseEditor(pipe, temporal=...)` instead."
-            )
-        on_stale = OnStale.parse(on_stale, "on_stale")
-        adapter.check()
-        if adapter.controlnet is not None and temporal is not None:
-            raise NotImplementedError(
-                "temporal reuse with a ControlNet is not supported yet: make the editor without it."
-            )
+        adapter, on_stale = arguments.check_editor(pipe, temporal, on_stale)
         self.pipe = pipe
         self.adapter = adapter  # what this pipeline family does around the loop (adapters/pipelines.py)
         self.kind = adapter.kind
@@ -172,12 +139,6 @@ class SparseEditor:
             raise TypeError("generator must be one torch.Generator (it is replayed to reuse the capture's noise).")
         return generator
 
-    def _preprocess(self, image, height=None, width=None):
-        return self.adapter.preprocess(image, height, width)
-
-    def _preprocess_mask(self, mask_image, like: torch.Tensor) -> torch.Tensor:
-        return self.adapter.preprocess_mask(mask_image, like)
-
     def _output(self, x, output_type, return_dict):
         return self.adapter.output(x, output_type, return_dict, latents=self.loop.last_latents)
 
@@ -224,51 +185,10 @@ class SparseEditor:
                 pipelines `control_image` (required), `controlnet_conditioning_scale`, `guess_mode`,
                 `control_guidance_start` and `control_guidance_end`.
         """
-        unsupported = sorted(set(callback_on_step_end_tensor_inputs) - {"latents"})
-        if unsupported:
-            raise ValueError(f"callback_on_step_end_tensor_inputs: only 'latents' is passed, not {unsupported}.")
-        options, images = self._pipeline_kwargs(pipeline_kwargs, "capture")
-        if self.adapter.fixed_size:
-            f = self.pipe.vae_scale_factor
-            height, width = height or self.unet.config.sample_size * f, width or self.unet.config.sample_size * f
-        if not self.adapter.takes_image:
-            if image is not None or mask_image is not None:
-                raise ValueError(
-                    "StableDiffusionPipeline generates from the prompt alone; it takes no image. For stroke edits, "
-                    "make the editor on `StableDiffusionImg2ImgPipeline(**pipe.components)`."
-                )
-            if height % self.pipe.vae_scale_factor or width % self.pipe.vae_scale_factor:
-                raise ValueError(f"height and width must be multiples of {self.pipe.vae_scale_factor}.")
-            n = len(prompt) if isinstance(prompt, list) else 1 if prompt_embeds is None else prompt_embeds.shape[0]
-            x0, mask = (n, height, width), None
-        else:
-            if image is None:
-                raise ValueError(f"{type(self.pipe).__name__} edits an image: capture(image=..., ...).")
-            x0 = self._preprocess(image, height, width)
-            check_finite("image", x0)
-            mask = self._preprocess_mask(mask_image, x0) if self.adapter.takes_mask or mask_image is not None else None
-            check_finite("mask_image", mask)
-        if guidance_scale is None:
-            guidance_scale = self.adapter.guidance_scale  # the pipeline's own default (7.5 for SD, 5.0 for SDXL)
-        call = {
-            "prompt": prompt,
-            "strength": self.adapter.default_strength if strength is None else strength,
-            "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale,
-            "negative_prompt": negative_prompt,
-            "height": height,
-            "width": width,
-            **self.adapter.parse_options({**self.adapter.options, **options}),
-        }
-        if eta:
-            call["eta"] = float(eta)
-        if prompt_embeds is not None or negative_prompt_embeds is not None:
-            call["prompt_embeds"], call["negative_prompt_embeds"] = prompt_embeds, negative_prompt_embeds
-        inputs = {
-            name: self.adapter.preprocess_input(name, images.get(name), x0) for name in self.adapter.extra_images
-        }
-        for name, t in inputs.items():
-            check_finite(name, t)
+        x0, mask, call, inputs = arguments.capture_call(
+            self, image, prompt, strength, num_inference_steps, guidance_scale, negative_prompt, mask_image, height,
+            width, eta, prompt_embeds, negative_prompt_embeds, callback_on_step_end_tensor_inputs, pipeline_kwargs,
+        )  # fmt: skip
         self.loop.callback = (callback_on_step_end, tuple(callback_on_step_end_tensor_inputs))
         if callback_on_step_end is None:
             self.loop.callback = None
@@ -293,19 +213,6 @@ class SparseEditor:
         self._since_refresh = 0
         self.history.append({"edit": cap.version, "kind": "refresh", "seconds": self.last_stats["seconds"]})
         return self._output(self._capture.decoded, "pt", True)
-
-    def _pipeline_kwargs(self, kwargs: dict, verb: str) -> tuple[dict, dict]:
-        """Split the pipeline family's own arguments into options and extra images; refuse anything else."""
-        a = self.adapter
-        unknown = sorted(set(kwargs) - set(a.option_names) - set(a.extra_images))
-        if unknown:
-            takes = ", ".join((*a.extra_images, *a.option_names)) or "no other arguments"
-            raise TypeError(
-                f"{verb}() got unexpected keyword argument(s) {', '.join(unknown)}; on {type(self.pipe).__name__} "
-                f"it takes the common ones and {takes}."
-            )
-        return ({k: v for k, v in kwargs.items() if k in a.option_names},
-                {k: v for k, v in kwargs.items() if k in a.extra_images})  # fmt: skip
 
     def _run_capture(self, x0, mask, call, generator, inputs) -> torch.Tensor:
         loop = self.loop
@@ -405,86 +312,12 @@ class SparseEditor:
                 is part of the edit: the region covers every pixel where it changed. An option
                 (`controlnet_conditioning_scale`, ...) is checked like `strength`.
         """
-        options, images = self._pipeline_kwargs(pipeline_kwargs, "edit")
-        cap = self._capture
-        if cap is None:
-            raise RuntimeError(
-                "Nothing captured yet: call `editor.capture(image=..., ...)` before `editor.edit(...)`."
-            )
-        tcfg = self.text_config if text_config is None else text_config
-        if not isinstance(tcfg, TextEditConfig):
-            raise TypeError(f"text_config must be a TextEditConfig, got {type(tcfg).__name__}.")
-        text = prompt is not None or negative_prompt is not None
-        if text and not self.adapter.text_editable:
-            from .adapters.pipelines import supported_pipelines
-
-            raise ValueError(
-                f"prompt edits need one of {', '.join(supported_pipelines(text_editable=True))}, not "
-                f"{type(self.pipe).__name__}"
-                + (" (an unconditional model takes no prompt)." if not self.latent else ".")
-            )
-        if text and tcfg.region == "mask" and region is None:
-            raise ValueError(
-                "TextEditConfig(region='mask') regenerates the region you pass: edit(prompt=..., region=...)."
-            )
-        if options:  # normalised as the capture's were
-            parsed = self.adapter.parse_options({**{k: cap.call[k] for k in self.adapter.option_names}, **options})
-            options = {k: parsed[k] for k in options}
+        cap, tcfg, text, options, images = arguments.edit_call(self, prompt, negative_prompt, text_config, region,
+                                                               pipeline_kwargs)  # fmt: skip
         cap, recaptured = self._check_call(cap, generator, num_inference_steps, guidance_scale, strength, options)
-        if not self.adapter.takes_image:
-            if image is not None or mask_image is not None:
-                raise ValueError(
-                    "a text-to-image capture has no input image to edit; change the prompt, or make the editor on "
-                    "`StableDiffusionImg2ImgPipeline(**pipe.components)` for stroke edits."
-                )
-            x0, mask, inputs, ignored = cap.image, None, {}, 0
-            b, h, w = x0
-            changed = torch.zeros(b, h, w, dtype=torch.bool, device=self.unet.device)
-        else:
-            x0 = cap.image if image is None else self._preprocess(image, cap.call["height"], cap.call["width"])
-            if tuple(x0.shape) != tuple(cap.image.shape):
-                raise ValueError(
-                    f"the edited image has shape {tuple(x0.shape)} but the capture had {tuple(cap.image.shape)}; "
-                    "edits must keep the size. Capture again for a new image size."
-                )
-            check_finite("the edited image", x0)
-            mask = cap.mask if mask_image is None else self._preprocess_mask(mask_image, x0)
-            check_finite("mask_image", mask)
-            b, _, h, w = x0.shape
-            # Re-encoding noise below change_threshold (8-bit units; images here are in [-1, 1]) is no change: the
-            # current image's pixel stays there (regions.change_mask).
-            noise = self.config.change_threshold
-            differs = difference_mask(x0, cap.image, eps=0.0)
-            changed = change_mask(x0, cap.image, noise, unit=127.5)
-            x0 = torch.where(changed[:, None], x0, cap.image)
-            if mask is not None:
-                changed |= (mask != cap.mask).any(dim=1)
-            inputs = dict(cap.inputs or {})
-            for name, value in images.items():  # extra images (a control image) are in [0, 1]
-                new = self.adapter.preprocess_input(name, value, x0)
-                check_finite(name, new)
-                moved = change_mask(new, cap.inputs[name], noise, unit=255.0)
-                differs |= difference_mask(new, cap.inputs[name], eps=0.0)
-                inputs[name] = torch.where(moved[:, None], new, cap.inputs[name])
-                changed |= moved
-            ignored = int((differs & ~changed).sum())
-        if region is None:
-            region = changed
-        else:
-            region = as_region(region, b, h, w, self.unet.device)
-            missed = changed & ~region
-            if bool(missed.any()) and self.config.check_region:
-                raise ValueError(
-                    f"the image (or mask) differs from the current one at {int(missed.sum())} pixels outside "
-                    "`region`; enlarge the region, pass region=None to detect it, or make the editor with "
-                    "SparseConfig(check_region=False) to keep the current pixels outside the region."
-                )
-            if bool(missed.any()):  # check_region=False: outside the region the current input stays
-                keep = region[:, None]
-                x0 = torch.where(keep, x0, cap.image) if isinstance(x0, torch.Tensor) else x0
-                mask = None if mask is None else torch.where(keep, mask, cap.mask)
-                inputs = {k: torch.where(keep, v, cap.inputs[k]) for k, v in inputs.items()}
-                ignored += int(missed.sum())
+        x0, mask, inputs, region, changed, ignored = arguments.edit_inputs(
+            self, cap, image, mask_image, images, region
+        )
         change = None
         if text:
             change = {

@@ -1,0 +1,211 @@
+"""What `SparseEditor`'s calls take: the checks of its arguments and the inputs of an edit, kept apart from the
+editor's front so that editor.py holds the verbs and the session.
+
+Each function takes the editor and reads only its public state (`adapter`, `pipe`, `config`, `unet`, `current`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import temporal as temporal_reuse
+from .config import OnStale, TemporalConfig, TextEditConfig
+from .guard import check_finite
+from .regions import as_region, change_mask, difference_mask
+from .spatial import is_sparsified
+
+
+__all__ = ["capture_call", "check_editor", "edit_call", "edit_inputs", "pipeline_kwargs"]
+
+
+def check_editor(pipe, temporal, on_stale):
+    """The pipeline's adapter and the parsed `on_stale`, or the error that says why this pipeline cannot be edited."""
+    from .adapters.pipelines import adapter_for, supported_pipelines
+
+    unet, scheduler, adapter = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None), adapter_for(pipe)
+    if adapter is None or unet is None or scheduler is None:
+        raise NotImplementedError(
+            f"SparseEditor supports {', '.join(supported_pipelines())} (and their subclasses) so far, not "
+            f"{type(pipe).__name__}; for other models use the model-level API (`sparsedit.sparsify_`, "
+            "`capturing`, `editing`)."
+        )
+    if temporal is not None and not isinstance(temporal, TemporalConfig):
+        raise TypeError(f"temporal must be a TemporalConfig, got {type(temporal).__name__}.")
+    if temporal is not None and temporal.parallel:
+        raise ValueError(
+            "SparseEditor keeps a cache per denoising step, and parallel decoding batches several steps in one "
+            "call: use TemporalConfig(parallel=False) (the encoder is still reused at non-key steps)."
+        )
+    if is_sparsified(unet):
+        raise RuntimeError(
+            "this pipeline already has a SparseEditor (or `sparsedit.sparsify_`) attached: call `editor.remove()` "
+            "on that editor first (or `sparsedit.unsparsify_(pipe.unet)` for the model-level API)."
+        )
+    if temporal_reuse.is_applied(unet):
+        raise RuntimeError(
+            "this UNet already carries temporal reuse (`sparsedit.temporal.enable`); call `temporal.disable(pipe)` "
+            "and pass the config as `SparseEditor(pipe, temporal=...)` instead."
+        )
+    on_stale = OnStale.parse(on_stale, "on_stale")
+    adapter.check()
+    if adapter.controlnet is not None and temporal is not None:
+        raise NotImplementedError("temporal reuse with a ControlNet is not supported yet: make the editor without it.")
+    return adapter, on_stale
+
+
+def _preprocess(ed, image, height=None, width=None):
+    return ed.adapter.preprocess(image, height, width)
+
+
+def pipeline_kwargs(ed, kwargs: dict, verb: str) -> tuple[dict, dict]:
+    """Split the pipeline family's own arguments into options and extra images; refuse anything else."""
+    a = ed.adapter
+    unknown = sorted(set(kwargs) - set(a.option_names) - set(a.extra_images))
+    if unknown:
+        takes = ", ".join((*a.extra_images, *a.option_names)) or "no other arguments"
+        raise TypeError(
+            f"{verb}() got unexpected keyword argument(s) {', '.join(unknown)}; on {type(ed.pipe).__name__} "
+            f"it takes the common ones and {takes}."
+        )
+    return ({k: v for k, v in kwargs.items() if k in a.option_names},
+            {k: v for k, v in kwargs.items() if k in a.extra_images})  # fmt: skip
+
+
+def capture_call(ed, image, prompt, strength, num_inference_steps, guidance_scale, negative_prompt, mask_image, height,
+                 width, eta, prompt_embeds, negative_prompt_embeds, callback_on_step_end_tensor_inputs,
+                 pipeline_kw):  # fmt: skip
+    """`capture`'s arguments → the input (`x0`: the image, or `(batch, height, width)` for text-to-image), the mask,
+    the call (what a recapture repeats) and the adapter's extra inputs."""
+    unsupported = sorted(set(callback_on_step_end_tensor_inputs) - {"latents"})
+    if unsupported:
+        raise ValueError(f"callback_on_step_end_tensor_inputs: only 'latents' is passed, not {unsupported}.")
+    options, images = pipeline_kwargs(ed, pipeline_kw, "capture")
+    if ed.adapter.fixed_size:
+        f = ed.pipe.vae_scale_factor
+        height, width = height or ed.unet.config.sample_size * f, width or ed.unet.config.sample_size * f
+    if not ed.adapter.takes_image:
+        if image is not None or mask_image is not None:
+            raise ValueError(
+                "StableDiffusionPipeline generates from the prompt alone; it takes no image. For stroke edits, "
+                "make the editor on `StableDiffusionImg2ImgPipeline(**pipe.components)`."
+            )
+        if height % ed.pipe.vae_scale_factor or width % ed.pipe.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {ed.pipe.vae_scale_factor}.")
+        n = len(prompt) if isinstance(prompt, list) else 1 if prompt_embeds is None else prompt_embeds.shape[0]
+        x0, mask = (n, height, width), None
+    else:
+        if image is None:
+            raise ValueError(f"{type(ed.pipe).__name__} edits an image: capture(image=..., ...).")
+        x0 = _preprocess(ed, image, height, width)
+        check_finite("image", x0)
+        mask = ed.adapter.preprocess_mask(mask_image, x0) if ed.adapter.takes_mask or mask_image is not None else None
+        check_finite("mask_image", mask)
+    if guidance_scale is None:
+        guidance_scale = ed.adapter.guidance_scale  # the pipeline's own default (7.5 for SD, 5.0 for SDXL)
+    call = {
+        "prompt": prompt,
+        "strength": ed.adapter.default_strength if strength is None else strength,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "negative_prompt": negative_prompt,
+        "height": height,
+        "width": width,
+        **ed.adapter.parse_options({**ed.adapter.options, **options}),
+    }
+    if eta:
+        call["eta"] = float(eta)
+    if prompt_embeds is not None or negative_prompt_embeds is not None:
+        call["prompt_embeds"], call["negative_prompt_embeds"] = prompt_embeds, negative_prompt_embeds
+    inputs = {name: ed.adapter.preprocess_input(name, images.get(name), x0) for name in ed.adapter.extra_images}
+    for name, t in inputs.items():
+        check_finite(name, t)
+    return x0, mask, call, inputs
+
+
+def edit_call(ed, prompt, negative_prompt, text_config, region, pipeline_kw):
+    """`edit`'s checks before anything runs: the current capture, the text config, whether this is a prompt edit,
+    and the pipeline options (normalised as the capture's) and extra images."""
+    options, images = pipeline_kwargs(ed, pipeline_kw, "edit")
+    cap = ed.current
+    if cap is None:
+        raise RuntimeError("Nothing captured yet: call `editor.capture(image=..., ...)` before `editor.edit(...)`.")
+    tcfg = ed.text_config if text_config is None else text_config
+    if not isinstance(tcfg, TextEditConfig):
+        raise TypeError(f"text_config must be a TextEditConfig, got {type(tcfg).__name__}.")
+    text = prompt is not None or negative_prompt is not None
+    if text and not ed.adapter.text_editable:
+        from .adapters.pipelines import supported_pipelines
+
+        raise ValueError(
+            f"prompt edits need one of {', '.join(supported_pipelines(text_editable=True))}, not "
+            f"{type(ed.pipe).__name__}" + (" (an unconditional model takes no prompt)." if not ed.latent else ".")
+        )
+    if text and tcfg.region == "mask" and region is None:
+        raise ValueError(
+            "TextEditConfig(region='mask') regenerates the region you pass: edit(prompt=..., region=...)."
+        )
+    if options:  # normalised as the capture's were
+        parsed = ed.adapter.parse_options({**{k: cap.call[k] for k in ed.adapter.option_names}, **options})
+        options = {k: parsed[k] for k in options}
+    return cap, tcfg, text, options, images
+
+
+def edit_inputs(ed, cap, image, mask_image, images, region):
+    """An edit's inputs against the current state: the image (re-encoding noise below `change_threshold` taken from
+    the current one), the mask, the extra images, the region (checked, or honoured with `check_region=False`), what
+    changed and how many differing pixels were ignored."""
+    if not ed.adapter.takes_image:
+        if image is not None or mask_image is not None:
+            raise ValueError(
+                "a text-to-image capture has no input image to edit; change the prompt, or make the editor on "
+                "`StableDiffusionImg2ImgPipeline(**pipe.components)` for stroke edits."
+            )
+        x0, mask, inputs, ignored = cap.image, None, {}, 0
+        b, h, w = x0
+        changed = torch.zeros(b, h, w, dtype=torch.bool, device=ed.unet.device)
+    else:
+        x0 = cap.image if image is None else _preprocess(ed, image, cap.call["height"], cap.call["width"])
+        if tuple(x0.shape) != tuple(cap.image.shape):
+            raise ValueError(
+                f"the edited image has shape {tuple(x0.shape)} but the capture had {tuple(cap.image.shape)}; "
+                "edits must keep the size. Capture again for a new image size."
+            )
+        check_finite("the edited image", x0)
+        mask = cap.mask if mask_image is None else ed.adapter.preprocess_mask(mask_image, x0)
+        check_finite("mask_image", mask)
+        b, _, h, w = x0.shape
+        # Re-encoding noise below change_threshold (8-bit units; images here are in [-1, 1]) is no change: the
+        # current image's pixel stays there (regions.change_mask).
+        noise = ed.config.change_threshold
+        differs = difference_mask(x0, cap.image, eps=0.0)
+        changed = change_mask(x0, cap.image, noise, unit=127.5)
+        x0 = torch.where(changed[:, None], x0, cap.image)
+        if mask is not None:
+            changed |= (mask != cap.mask).any(dim=1)
+        inputs = dict(cap.inputs or {})
+        for name, value in images.items():  # extra images (a control image) are in [0, 1]
+            new = ed.adapter.preprocess_input(name, value, x0)
+            check_finite(name, new)
+            moved = change_mask(new, cap.inputs[name], noise, unit=255.0)
+            differs |= difference_mask(new, cap.inputs[name], eps=0.0)
+            inputs[name] = torch.where(moved[:, None], new, cap.inputs[name])
+            changed |= moved
+        ignored = int((differs & ~changed).sum())
+    if region is None:
+        region = changed
+    else:
+        region = as_region(region, b, h, w, ed.unet.device)
+        missed = changed & ~region
+        if bool(missed.any()) and ed.config.check_region:
+            raise ValueError(
+                f"the image (or mask) differs from the current one at {int(missed.sum())} pixels outside "
+                "`region`; enlarge the region, pass region=None to detect it, or make the editor with "
+                "SparseConfig(check_region=False) to keep the current pixels outside the region."
+            )
+        if bool(missed.any()):  # check_region=False: outside the region the current input stays
+            keep = region[:, None]
+            x0 = torch.where(keep, x0, cap.image) if isinstance(x0, torch.Tensor) else x0
+            mask = None if mask is None else torch.where(keep, mask, cap.mask)
+            inputs = {k: torch.where(keep, v, cap.inputs[k]) for k, v in inputs.items()}
+            ignored += int(missed.sum())
+    return x0, mask, inputs, region, changed, ignored
