@@ -267,3 +267,22 @@ def test_a_client_that_disconnects_mid_edit_leaves_the_session_intact(live_serve
         r = c.post(f"/sessions/{sid}/edits", json={"image": b64png(stroke(stroke(image, 40, 8), 8, 40))})
         assert r.status_code == 200 and r.json()["edit"] in (1, 2)
         assert c.get(f"/sessions/{sid}").json()["edits"] == r.json()["edit"]
+
+
+def test_a_local_diffusers_pipeline_directory_is_served(tmp_path):
+    from sparsedit.testing import tiny_sd
+
+    tiny_sd(tmp_path / "tok", "img2img").save_pretrained(str(tmp_path / "tiny-sd"))
+    registry = ModelRegistry([tmp_path / "tiny-sd"])
+    with TestClient(create_app(registry, reproducible=True)) as c:
+        models = {m["name"]: m for m in c.get("/models").json()["models"]}
+        assert models["tiny-sd"]["kind"] == "sd-img2img" and "prompt" in models["tiny-sd"]["takes"]
+        image = np.asarray(Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)))
+        r = c.post("/sessions", json={"model": "tiny-sd", "image": b64png(image), "prompt": "a red house", "steps": 4})
+        assert r.status_code == 201, r.text
+        sid = r.json()["session"]
+        r = c.post(f"/sessions/{sid}/edits", json={"image": b64png(stroke(image, 40, 8))})
+        assert r.status_code == 200 and r.json()["edit"] == 1, r.text
+        assert 0 < r.json()["stats"]["region_fraction"] < 0.2
+    with pytest.raises(ValueError, match="model_index.json"):
+        ModelRegistry([tmp_path / "tok"])
