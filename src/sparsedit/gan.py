@@ -71,6 +71,11 @@ class GANEditor:
     def exact(self) -> bool:
         return self.config.exact
 
+    @property
+    def current(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The current (committed) generator input and image, or `None` before `capture`."""
+        return None if self._input is None else (self._input, self._image)
+
     def encode(self, labels: torch.Tensor, instance: torch.Tensor | None = None) -> torch.Tensor:
         """The generator's input for a label map: integer ids are one-hot encoded (with instance edges for SPADE),
         float inputs are checked and passed through."""
@@ -199,7 +204,8 @@ class GANEditor:
         `StaleCacheError`). With `mmap`, the cache is memory-mapped copy-on-write from the file."""
         from . import session
 
-        return session.load_gan(cls, generator, path, mmap=mmap)
+        editor, (editor._input, editor._image) = session.load_gan(cls, generator, path, mmap=mmap)
+        return editor
 
     @serialized
     def remove(self) -> None:

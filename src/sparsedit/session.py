@@ -552,7 +552,8 @@ def load_capture(editor, path, mmap: bool = True):
 
 
 def save_gan(editor, path) -> None:
-    if editor._input is None:
+    current = editor.current
+    if current is None:
         raise RuntimeError("nothing to save: call `editor.capture(labels)` first.")
     w = _Writer()
     w.write(Path(path), {
@@ -560,13 +561,14 @@ def save_gan(editor, path) -> None:
         "editor": type(editor).__name__,
         "config": editor.config.to_dict(),
         "fingerprint": {"generator": content_fingerprint(editor.generator), "class": type(editor.generator).__name__},
-        "input": w.plain("input", editor._input),
-        "image": w.plain("image", editor._image),
+        "input": w.plain("input", current[0]),
+        "image": w.plain("image", current[1]),
         "models": {"generator": _save_model(w, "generator", editor.generator)},
     })  # fmt: skip
 
 
 def load_gan(cls, generator, path, mmap: bool = True):
+    """A `cls` editor on `generator` with the saved cache restored; returns it and the saved `(input, image)`."""
     path = Path(path)
     manifest = _read_manifest(path, cls)
     now = {"generator": content_fingerprint(generator), "class": type(generator).__name__}
@@ -576,9 +578,8 @@ def load_gan(cls, generator, path, mmap: bool = True):
         tensors = read_tensors(path / "tensors.safetensors", use_mmap=mmap)
         device = next((p.device for p in generator.parameters()), torch.device("cpu"))
         _load_model(tensors, manifest["models"]["generator"], generator, editor.config)
-        editor._input = tensors[manifest["input"]].to(device)
-        editor._image = tensors[manifest["image"]].to(device)
+        current = (tensors[manifest["input"]].to(device), tensors[manifest["image"]].to(device))
     except BaseException:
         editor.remove()
         raise
-    return editor
+    return editor, current
