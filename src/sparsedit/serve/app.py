@@ -187,20 +187,17 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
     def ids(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a if a.ndim == 2 else a[..., 0]).astype(np.uint8)
 
+    # An edit's PNG inputs: how each is read, and what an error calls it.
+    pictures = {"image": (rgb, "an image"), "labels": (ids, "labels"), "mask": (ids, "a mask")}
+
     def state_from(body: dict, model, size=None) -> dict:
         state = {}
-        if body.get("image") is not None:
-            if "image" not in model.takes:
-                raise ApiError(422, f"{model.name} takes {', '.join(model.takes)}, not an image.")
-            state["image"] = rgb(decode_png(body["image"], "image", size))
-        if body.get("labels") is not None:
-            if "labels" not in model.takes:
-                raise ApiError(422, f"{model.name} takes {', '.join(model.takes)}, not labels.")
-            state["labels"] = ids(decode_png(body["labels"], "labels", size))
-        if body.get("mask") is not None:
-            if "mask" not in model.takes:
-                raise ApiError(422, f"{model.name} takes {', '.join(model.takes)}, not a mask.")
-            state["mask"] = ids(decode_png(body["mask"], "mask", size))
+        for key, (read, called) in pictures.items():
+            if body.get(key) is None:
+                continue
+            if key not in model.takes:
+                raise ApiError(422, f"{model.name} takes {', '.join(model.takes)}, not {called}.")
+            state[key] = read(decode_png(body[key], key, size))
         if body.get("prompt") is not None:
             if "prompt" not in model.takes:
                 raise ApiError(422, f"{model.name} takes no prompt.")
