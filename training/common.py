@@ -87,12 +87,12 @@ class Run:
         _atomic_save({**{k: o.state_dict() for k, o in objects.items()}, "step": step, "seconds": seconds,
                       "args": vars(args)}, self.ckpt)  # fmt: skip
 
-    def train(self, name: str, args, objects: dict, export: torch.nn.Module, train_step):
+    def train(self, name: str, args, objects: dict, export: torch.nn.Module | None, train_step):
         """The loop both trainers share. Resume from the checkpoint, then call `train_step(step)` (one optimizer step;
         returns its losses as floats by the log's field names) until `--steps` in total or `--minutes` of this
         invocation. Every `--log-every` steps the mean losses go to loss.csv. Every `--save-every` steps and at the end
         the checkpoint is saved and `export` written as `<name>.safetensors` in the run directory. `--install` then
-        copies that file into the package."""
+        copies that file into the package. `export=None`: checkpoints only (a model exported by other means)."""
         from sparsedit import pretrained
 
         step, elapsed = self.restore(objects)
@@ -100,6 +100,8 @@ class Run:
 
         def save():
             self.checkpoint(objects, step, elapsed, args)
+            if export is None:
+                return
             device = next(export.parameters()).device
             pretrained.save(name, export.cpu(), weights, step=step, minutes=f"{elapsed / 60:.1f}")
             export.to(device)
@@ -121,8 +123,10 @@ class Run:
             if step % args.save_every == 0:
                 save()
         save()
-        print(f"stopped at step {step} ({elapsed / 60:.1f} min trained); weights in {weights}")
-        if args.install:
+        print(
+            f"stopped at step {step} ({elapsed / 60:.1f} min trained)" + (f"; weights in {weights}" if export else "")
+        )
+        if args.install and export is not None:
             install(name, self.dir)
 
     def record(self, step: int, seconds: float, **values):

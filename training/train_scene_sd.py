@@ -12,7 +12,6 @@ Both parts resume from `training/runs/scene-sd-<part>/checkpoint.pt` when run ag
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -79,30 +78,6 @@ def build_denoiser(tok):
     return torch.nn.ModuleDict({"unet": UNet2DConditionModel(**UNET), "text": text})
 
 
-def loop(run: Run, args, objects: dict, train_step, on_save):
-    """Resume, step until `--steps` or `--minutes`, log every `--log-every`, save every `--save-every`."""
-    step, elapsed = run.restore(objects)
-    started = last = time.perf_counter()
-    logs = []
-    while step < args.steps and time.perf_counter() - started < args.minutes * 60:
-        logs.append(train_step(step))
-        step += 1
-        now = time.perf_counter()
-        elapsed, last = elapsed + now - last, now
-        if step % args.log_every == 0:
-            mean = {k: sum(log[k] for log in logs) / len(logs) for k in run.fields[2:]}
-            run.record(step, elapsed, **mean)
-            print(f"step {step}  " + "  ".join(f"{k} {v:.4g}" for k, v in mean.items()) + f"  {elapsed / 60:.1f} min",
-                  flush=True)  # fmt: skip
-            logs = []
-        if step % args.save_every == 0:
-            run.checkpoint(objects, step, elapsed, args)
-            on_save()
-    run.checkpoint(objects, step, elapsed, args)
-    on_save()
-    print(f"stopped at step {step} ({elapsed / 60:.1f} min trained)")
-
-
 def train_vae(args):
     pool = scene_pool(args.pool, 64)
     dev = torch.device(args.device)
@@ -123,7 +98,7 @@ def train_vae(args):
         opt.step()
         return {"loss": loss.item(), "l1": l1.item(), "kl": kl.item()}
 
-    loop(run, args, {"vae": vae, "opt": opt}, step_fn, lambda: None)
+    run.train("scene-sd-vae", args, {"vae": vae, "opt": opt}, export=None, train_step=step_fn)
 
 
 def train_denoiser(args):
@@ -169,7 +144,7 @@ def train_denoiser(args):
         x, _ = batch_from(pool, 0, 64, base_seed=5)
         scale = 1.0 / vae.encode(x.to(dev)).latent_dist.sample().std().cpu()
     (Path(args.run) / "scaling_factor.txt").write_text(f"{float(scale):.6f}\n")
-    loop(run, args, {"model": model, "opt": opt}, step_fn, lambda: None)
+    run.train("scene-sd-denoiser", args, {"model": model, "opt": opt}, export=None, train_step=step_fn)
 
 
 def export(args):

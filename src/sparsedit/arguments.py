@@ -53,10 +53,6 @@ def check_editor(pipe, temporal, on_stale):
     return adapter, on_stale
 
 
-def _preprocess(ed, image, height=None, width=None):
-    return ed.adapter.preprocess(image, height, width)
-
-
 def pipeline_kwargs(ed, kwargs: dict, verb: str) -> tuple[dict, dict]:
     """Split the pipeline family's own arguments into options and extra images; refuse anything else."""
     a = ed.adapter
@@ -96,7 +92,7 @@ def capture_call(ed, image, prompt, strength, num_inference_steps, guidance_scal
     else:
         if image is None:
             raise ValueError(f"{type(ed.pipe).__name__} edits an image: capture(image=..., ...).")
-        x0 = _preprocess(ed, image, height, width)
+        x0 = ed.adapter.preprocess(image, height, width)
         check_finite("image", x0)
         mask = ed.adapter.preprocess_mask(mask_image, x0) if ed.adapter.takes_mask or mask_image is not None else None
         check_finite("mask_image", mask)
@@ -164,7 +160,7 @@ def edit_inputs(ed, cap, image, mask_image, images, region):
         b, h, w = x0
         changed = torch.zeros(b, h, w, dtype=torch.bool, device=ed.unet.device)
     else:
-        x0 = cap.image if image is None else _preprocess(ed, image, cap.call["height"], cap.call["width"])
+        x0 = cap.image if image is None else ed.adapter.preprocess(image, cap.call["height"], cap.call["width"])
         if tuple(x0.shape) != tuple(cap.image.shape):
             raise ValueError(
                 f"the edited image has shape {tuple(x0.shape)} but the capture had {tuple(cap.image.shape)}; "
