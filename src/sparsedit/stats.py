@@ -38,6 +38,11 @@ class EditStats(MutableMapping):
         dense_layers, time (GAN): the generator's layers run densely, and the run's time by part.
         region_method, detect_steps, macs_detect: a prompt edit's region search.
         recaptured_seconds: a stale capture was captured again first (`on_stale="recapture"`).
+        check_seconds: the staleness check of an edit (the weights checksum included).
+        ran_dense: why the edit ran as plain dense forwards (every UNet step, or how many); `None`: sparse.
+        ignored_pixels: input pixels that differed by no more than `change_threshold`, or outside an explicit region
+            with `check_region=False`, and kept their current values.
+        refresh_seconds: the dense refresh that followed this edit (`refresh_every`).
         exact (GAN): whether the edit is exact by construction.
     """
 
@@ -61,6 +66,10 @@ class EditStats(MutableMapping):
     detect_steps: int = UNSET
     macs_detect: int = UNSET
     recaptured_seconds: float = UNSET
+    check_seconds: float = UNSET
+    ran_dense: str | None = UNSET
+    ignored_pixels: int = UNSET
+    refresh_seconds: float = UNSET
     exact: bool = UNSET
     extra: dict = dataclasses.field(default_factory=dict)
 
