@@ -174,18 +174,19 @@ def edit_inputs(ed, cap, image, mask_image, images, region):
         # current image's pixel stays there (regions.change_mask).
         noise = ed.config.change_threshold
         differs = difference_mask(x0, cap.image, eps=0.0)
-        changed = change_mask(x0, cap.image, noise, unit=127.5)
+        changed = change_mask(x0, cap.image, noise, unit=127.5, differs=differs)
         x0 = torch.where(changed[:, None], x0, cap.image)
         if mask is not None:
-            changed |= (mask != cap.mask).any(dim=1)
+            changed = changed | (mask != cap.mask).any(dim=1)  # not in place: `changed` may be `differs`
         inputs = dict(cap.inputs or {})
         for name, value in images.items():  # extra images (a control image) are in [0, 1]
             new = ed.adapter.preprocess_input(name, value, x0)
             check_finite(name, new)
-            moved = change_mask(new, cap.inputs[name], noise, unit=255.0)
-            differs |= difference_mask(new, cap.inputs[name], eps=0.0)
+            moved_at_all = difference_mask(new, cap.inputs[name], eps=0.0)
+            moved = change_mask(new, cap.inputs[name], noise, unit=255.0, differs=moved_at_all)
+            differs = differs | moved_at_all
             inputs[name] = torch.where(moved[:, None], new, cap.inputs[name])
-            changed |= moved
+            changed = changed | moved
         ignored = int((differs & ~changed).sum())
     if region is None:
         region = changed

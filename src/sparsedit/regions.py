@@ -120,8 +120,8 @@ def difference_mask(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torc
 _LUMA = (0.299, 0.587, 0.114)
 
 
-def change_mask(new: torch.Tensor, old: torch.Tensor, threshold: float, unit: float = 255.0,
-                block: int = 8) -> torch.Tensor:  # fmt: skip
+def change_mask(new: torch.Tensor, old: torch.Tensor, threshold: float, unit: float = 255.0, block: int = 8,
+                differs: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Where an image changed beyond re-encoding noise: `[B, H, W]` bool, for `[B, C, H, W]` images.
 
     A JPEG re-save or a float16 round trip moves single pixels by up to 30-80 (8-bit units) at edges, mostly in
@@ -129,9 +129,11 @@ def change_mask(new: torch.Tensor, old: torch.Tensor, threshold: float, unit: fl
     the mean signed difference over a `block`x`block` window exceeds `threshold` in any channel, or where the
     luminance of a single pixel moved by more than `4 * threshold` (thin strokes); the change is every pixel within
     `block // 2` pixels of such an area that moved by more than `threshold`. `unit`: one 8-bit step in the images' scale
-    (255 for [0, 1], 127.5 for [-1, 1]). `threshold=0`: every pixel that differs.
+    (255 for [0, 1], 127.5 for [-1, 1]). `threshold=0`: every pixel that differs. `differs`: the caller's
+    `difference_mask(new, old, eps=0)`, when it has it already.
     """
-    differs = difference_mask(new, old, eps=0.0)
+    if differs is None:
+        differs = difference_mask(new, old, eps=0.0)
     if threshold <= 0 or not bool(differs.any()):
         return differs
     d = (new.float() - old.float()) * unit

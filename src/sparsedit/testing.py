@@ -75,6 +75,15 @@ def tiny_ddim():
     return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
 
 
+def _assemble(name: str, dtype: torch.dtype, **components):
+    """The diffusers pipeline class `name` from `components`, its progress bar off, in `dtype`."""
+    import diffusers
+
+    pipe = getattr(diffusers, name)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
+
+
 _SD_PIPELINES = {
     "img2img": "StableDiffusionImg2ImgPipeline",
     "inpaint": "StableDiffusionInpaintPipeline",
@@ -103,7 +112,6 @@ def tiny_sd(
         pipeline: `"img2img"`, `"inpaint"` or `"txt2img"`.
         unet_in_channels: 4, or 9 for an inpainting UNet (the default for `"inpaint"`).
     """
-    import diffusers
     from diffusers import UNet2DConditionModel
 
     tokenizer, text_encoder = clip_text_encoder(directory, text_width, layers=2, heads=4, intermediate=37, length=16)
@@ -123,7 +131,9 @@ def tiny_sd(
     ).eval()
     if pipeline not in _SD_PIPELINES:
         raise ValueError(f"pipeline must be one of {sorted(_SD_PIPELINES)}, got {pipeline!r}.")
-    pipe = getattr(diffusers, _SD_PIPELINES[pipeline])(
+    return _assemble(
+        _SD_PIPELINES[pipeline],
+        dtype,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -133,8 +143,6 @@ def tiny_sd(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dtype=dtype)
 
 
 # -- label maps for the conditional GANs (Cityscapes ids) ----------------------------------------------------------
@@ -198,7 +206,6 @@ def tiny_sdxl(directory: str | Path, pipeline: str = "img2img", dtype: torch.dty
     cross-attention UNet whose context is both encoders' hidden states concatenated, a 4-level VAE, random weights and
     a DDIM scheduler. `pipeline`: `"img2img"`, `"txt2img"`, `"inpaint"` (a 4-channel UNet, latent blending) or
     `"inpaint9"` (a 9-channel inpainting UNet)."""
-    import diffusers
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -233,7 +240,9 @@ def tiny_sdxl(directory: str | Path, pipeline: str = "img2img", dtype: torch.dty
     if pipeline not in names:
         raise ValueError(f"pipeline must be one of {sorted(names)}, got {pipeline!r}.")
     kwargs = {"requires_aesthetics_score": False} if pipeline != "txt2img" else {}
-    pipe = getattr(diffusers, names[pipeline])(
+    return _assemble(
+        names[pipeline],
+        dtype,
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -244,8 +253,6 @@ def tiny_sdxl(directory: str | Path, pipeline: str = "img2img", dtype: torch.dty
         add_watermarker=False,
         **kwargs,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dtype=dtype)
 
 
 _CONTROLNET_PIPELINES = {
@@ -260,7 +267,6 @@ def tiny_controlnet(directory: str | Path, pipeline: str = "img2img", dtype: tor
     its UNet (`ControlNetModel.from_unet`) with a conditioning embedding that downsamples the control image by the
     VAE's factor. The zero-initialised output convolutions get random weights, or the ControlNet would add nothing.
     `pipeline`: `"img2img"`, `"inpaint"` (4-channel UNet) or `"inpaint9"` (9-channel inpainting UNet)."""
-    import diffusers
     from diffusers import ControlNetModel
 
     if pipeline not in _CONTROLNET_PIPELINES:
@@ -282,8 +288,6 @@ def tiny_controlnet(directory: str | Path, pipeline: str = "img2img", dtype: tor
         for conv in zero_convs:
             conv.weight.copy_(2.0 * torch.randn(conv.weight.shape, generator=g))
             conv.bias.copy_(0.1 * torch.randn(conv.bias.shape, generator=g))
-    pipe = getattr(diffusers, name)(
-        **{k: v for k, v in components.items() if k != "image_encoder"}, controlnet=controlnet.eval()
+    return _assemble(
+        name, dtype, **{k: v for k, v in components.items() if k != "image_encoder"}, controlnet=controlnet.eval()
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dtype=dtype)
