@@ -22,7 +22,7 @@ def test_weights_ship_with_the_package_and_fit_the_budget():
         f = pretrained.weights_file(name)
         assert f.exists(), f"{name}: {f} is missing"
         total += f.stat().st_size
-    assert total <= 25 * 2**20
+    assert total <= 40 * 2**20  # scene-ddpm 8.3 MiB, scene-spade 11.1 MiB, scene-sd 13.2 MiB (float16)
 
 
 def test_load_offline(monkeypatch):

@@ -286,3 +286,31 @@ def test_a_local_diffusers_pipeline_directory_is_served(tmp_path):
         assert 0 < r.json()["stats"]["region_fraction"] < 0.2
     with pytest.raises(ValueError, match="model_index.json"):
         ModelRegistry([tmp_path / "tok"])
+
+
+def test_the_shipped_text_model_takes_prompts(client):
+    """scene-sd (txt2img) and its img2img twin are served; a scene comes with its caption, and a prompt edit
+    regenerates only a region of the image."""
+    models = {m["name"]: m for m in client.get("/models").json()["models"]}
+    assert models["scene-sd"]["kind"] == "sd-txt2img" and models["scene-sd"]["takes"] == ["prompt"]
+    assert models["scene-sd-img2img"]["takes"] == ["image", "prompt"]
+    import torch
+
+    from sparsedit.data import captions
+
+    s = client.get("/scenes/1000004").json()
+    assert s["caption"] == captions.caption(torch.from_numpy(unpng(s["labels"]).astype(np.int64)))
+    assert "a cloudy sky" in s["caption"]
+    r = client.post("/sessions", json={"model": "scene-sd-img2img", "image": s["image"], "prompt": s["caption"],
+                                       "steps": 10, "guidance": 3.0})  # fmt: skip
+    assert r.status_code == 201, r.text
+    sid = r.json()["session"]
+    r = client.post(f"/sessions/{sid}/edits", json={"prompt": s["caption"].replace("a cloudy sky", "a clear sky")})
+    assert r.status_code == 200 and r.json()["edit"] == 1, r.text
+    assert 0 < r.json()["stats"]["region_fraction"] < 1
+    r = client.post("/sessions", json={"model": "scene-sd", "prompt": "the sea below mountains, a clear sky",
+                                       "steps": 10, "guidance": "high"})  # fmt: skip
+    assert r.status_code == 422 and "guidance" in r.json()["error"]
+    r = client.post("/sessions", json={"model": "scene-sd", "prompt": "the sea below mountains, a clear sky",
+                                       "steps": 10})  # fmt: skip
+    assert r.status_code == 201, r.text

@@ -1,4 +1,4 @@
-"""Train "scene-sd" (issue 21, in progress): a small latent text-to-image model of the procedural scenes, captioned
+"""Train "scene-sd" (issue 21): a small latent text-to-image model of the procedural scenes, captioned
 from their layouts (`sparsedit.data.captions`), assembled as a diffusers `StableDiffusionPipeline`.
 
     python training/train_scene_sd.py --part vae --minutes 15        # the AutoencoderKL (64 px -> 16x16x4 latents)
@@ -6,8 +6,9 @@ from their layouts (`sparsedit.data.captions`), assembled as a diffusers `Stable
     python training/train_scene_sd.py --part export                  # the pipeline directory from the two runs
 
 Both parts resume from `training/runs/scene-sd-<part>/checkpoint.pt` when run again, and log to `loss.csv` there.
-`--part export` writes `training/runs/scene-sd/pipeline`, a diffusers directory that `StableDiffusionPipeline
-.from_pretrained` (and `sparsedit serve --model`) loads offline. Not trained or shipped yet: see docs/training.md.
+`--part export` writes `training/runs/scene-sd/scene-sd.safetensors` (what `sparsedit.pretrained.load("scene-sd")`
+reads; `--install` copies it into the package) and `training/runs/scene-sd/pipeline`, a diffusers directory that
+`StableDiffusionPipeline.from_pretrained` (and `sparsedit serve --model`) loads offline. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -16,66 +17,31 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import RUNS, Run, batch_from, run_parser, scene_pool
+from common import RUNS, Run, batch_from, install, run_parser, scene_pool
 
+from sparsedit import pretrained
 from sparsedit.data import captions
 
 
-VAE = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 64, "layers_per_block": 1,
-    "block_out_channels": (32, 64, 64), "norm_num_groups": 16,
-    "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
-}  # fmt: skip
-UNET = {
-    "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-    "block_out_channels": (64, 128, 128), "norm_num_groups": 16, "cross_attention_dim": 64, "attention_head_dim": 8,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-}  # fmt: skip
-TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "max_position_embeddings": 32}  # fmt: skip
-SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-WORDS = sorted({w for c in ("a the lake sea meadow desert below snowy mountains trees rocks on left right across land "
-                            "cloudy clear sky").split() for w in [c]})  # fmt: skip
+NAME = "scene-sd"
+ARCH = pretrained.ARCHITECTURES[NAME]
+TEXT = ARCH["text"]
+SCHEDULER = ARCH["scheduler"]
 
 
 def tokenizer(directory: Path):
-    """The offline CLIP tokenizer with one token per caption word (byte-level merges that spell each word)."""
-    import json
-
-    from transformers import CLIPTokenizer
-
-    directory.mkdir(parents=True, exist_ok=True)
-    chars = [chr(c) for c in range(33, 127)]
-    vocab = {ch: i for i, ch in enumerate(chars)}
-    vocab.update({ch + "</w>": len(chars) + i for i, ch in enumerate(chars)})
-    merges = []
-    for word in WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            parts = [parts[0] + parts[1], *parts[2:]]
-            vocab.setdefault(parts[0], len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    return CLIPTokenizer.from_pretrained(str(directory), model_max_length=TEXT["max_position_embeddings"])
+    """The offline CLIP tokenizer with one token per caption word, written to (and read from) `directory`."""
+    return pretrained.tokenizer(pretrained.write_tokenizer(directory))
 
 
 def build_vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(**VAE)
+    return pretrained.build(NAME)["vae"]
 
 
 def build_denoiser(tok):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id, **TEXT))  # fmt: skip
-    return torch.nn.ModuleDict({"unet": UNet2DConditionModel(**UNET), "text": text})
+    model = pretrained.build(NAME)
+    assert len(tok) == model["text"].config.vocab_size
+    return torch.nn.ModuleDict({"unet": model["unet"], "text": model["text"]})
 
 
 def train_vae(args):
@@ -148,21 +114,23 @@ def train_denoiser(args):
 
 
 def export(args):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
+    """The package's `scene-sd.safetensors` (float16, the latents' scaling factor in its header) and a diffusers
+    pipeline directory, from the two runs."""
     vae = build_vae()
-    Run(RUNS / "scene-sd-vae", ["loss", "l1", "kl"]).restore({"vae": vae})
+    vae_step = Run(RUNS / "scene-sd-vae", ["loss", "l1", "kl"]).restore({"vae": vae})[1]
     run_dir = RUNS / "scene-sd-denoiser"
     tok = tokenizer(run_dir / "tokenizer")
     model = build_denoiser(tok)
-    Run(run_dir, ["loss"]).restore({"model": model})
-    vae.register_to_config(scaling_factor=float((run_dir / "scaling_factor.txt").read_text()))
-    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=model["text"].eval(), tokenizer=tok,
-                                   unet=model["unet"].eval(), scheduler=DDIMScheduler(**SCHEDULER, clip_sample=False),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
-    out = RUNS / "scene-sd" / "pipeline"
-    pipe.save_pretrained(str(out))
-    print(f"wrote {out}")
+    step = Run(run_dir, ["loss"]).restore({"model": model})[1]
+    scale = float((run_dir / "scaling_factor.txt").read_text())
+    full = torch.nn.ModuleDict({"vae": vae, "unet": model["unet"], "text": model["text"]})
+    out = RUNS / NAME
+    weights = pretrained.save(NAME, full, out / f"{NAME}.safetensors", scaling_factor=scale, vae_step=vae_step,
+                              denoiser_step=step)  # fmt: skip
+    pretrained.load(NAME, path=weights).save_pretrained(str(out / "pipeline"))
+    print(f"wrote {weights} and {out / 'pipeline'}")
+    if args.install:
+        install(NAME, out)
 
 
 def main(argv=None):

@@ -324,7 +324,8 @@ class TextEditConfig(_ConfigMixin):
             Dense steps for `"latent_diff"`/`"cross_attention"`; defaults to 20% of the steps (FISEdit: 10 of 50), at
             least 1.
         opening (`int`, defaults to `2`):
-            Edge, in latent pixels, of the square opening applied to the detected region (`0`: none).
+            Edge, in latent pixels, of the square opening applied to the detected region (`0`: none). Where the opening
+            would remove the whole region of an image, the region is kept unopened.
         dilation (`int`, defaults to `1`):
             Latent pixels added around the region; outside it, every step's latents are the capture's. (The UNet's
             `SparseConfig.input_dilation` is added on top for the computation.)

@@ -25,7 +25,7 @@ import torch
 from .scenes import CLOUDS, MOUNTAINS, ROCKS, SAND, SNOW, TREES, WATER, render
 
 
-__all__ = ["caption", "prompt_edits"]
+__all__ = ["attributes", "caption", "prompt_edits"]
 
 _MIN = 0.004  # a class covering less of the image than this is not mentioned
 
@@ -43,11 +43,13 @@ def _where(mask: torch.Tensor) -> str:
     return "across the land"
 
 
-def caption(labels: torch.Tensor) -> str:
-    """The caption of a rendered label map `[H, W]` (class ids of `scenes.CLASSES`)."""
+def attributes(labels: torch.Tensor) -> dict[str, str]:
+    """What a caption says about a label map `[H, W]`, one value per attribute: `ground` ("a lake", "the sea",
+    "a meadow", "a desert"), `mountains` ("snowy mountains", "mountains", ""), `trees` and `rocks` ("on the left",
+    "on the right", "across the land", "": none) and `sky` ("a clear sky", "a cloudy sky"). `caption` writes them
+    out; comparing two maps' attributes says whether a picture shows what its caption says."""
     lab = labels if labels.dim() == 2 else labels[0]
-    frac = torch.bincount(lab.flatten(), minlength=9).float() / lab.numel()
-    parts = []
+    frac = torch.bincount(lab.flatten().long(), minlength=9).float() / lab.numel()
     if frac[WATER] > _MIN:
         water = lab == WATER
         touches = bool(water[:, 0].any() and water[:, -1].any())
@@ -56,16 +58,24 @@ def caption(labels: torch.Tensor) -> str:
         ground = "a desert"
     else:
         ground = "a meadow"
+    mountains = ""
     if frac[MOUNTAINS] + frac[SNOW] > _MIN:
         mountains = "snowy mountains" if frac[SNOW] > _MIN else "mountains"
-        parts.append(f"{ground} below {mountains}")
-    else:
-        parts.append(ground)
-    if frac[TREES] > _MIN:
-        parts.append(f"trees {_where(lab == TREES)}")
-    if frac[ROCKS] > _MIN:
-        parts.append(f"rocks {_where(lab == ROCKS)}")
-    parts.append("a cloudy sky" if frac[CLOUDS] > 0.02 else "a clear sky")
+    return {
+        "ground": ground,
+        "mountains": mountains,
+        "trees": _where(lab == TREES) if frac[TREES] > _MIN else "",
+        "rocks": _where(lab == ROCKS) if frac[ROCKS] > _MIN else "",
+        "sky": "a cloudy sky" if frac[CLOUDS] > 0.02 else "a clear sky",
+    }
+
+
+def caption(labels: torch.Tensor) -> str:
+    """The caption of a rendered label map `[H, W]` (class ids of `scenes.CLASSES`)."""
+    a = attributes(labels)
+    parts = [f"{a['ground']} below {a['mountains']}" if a["mountains"] else a["ground"]]
+    parts += [f"{what} {a[what]}" for what in ("trees", "rocks") if a[what]]
+    parts.append(a["sky"])
     return ", ".join(parts)
 
 

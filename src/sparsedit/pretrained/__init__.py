@@ -2,9 +2,12 @@
 
     >>> pipe = sparsedit.pretrained.load("scene-ddpm")    # a diffusers DDPMPipeline, 64×64 pixel-space scenes
     >>> gen = sparsedit.pretrained.load("scene-spade")    # a SPADEGenerator: scene label maps → 64×64 images
+    >>> sd = sparsedit.pretrained.load("scene-sd")         # a StableDiffusionPipeline: captions → 64×64 scenes
+    >>> i2i = sparsedit.pretrained.load("scene-sd", pipeline="img2img")  # its StableDiffusionImg2ImgPipeline
 
 The architectures live here (`ARCHITECTURES`), so the training scripts and the loader build the same modules. The
-weights are float16 safetensors files next to this module, upcast to the requested dtype on load.
+weights are float16 safetensors files next to this module, upcast to the requested dtype on load. scene-sd's
+tokenizer (one token per caption word, `sparsedit.data.captions`) lives in `scene-sd-tokenizer/` beside them.
 """
 
 from __future__ import annotations
@@ -43,7 +46,53 @@ ARCHITECTURES: dict[str, dict] = {
             "hidden": 32,
         },
     },
+    # A small latent text-to-image model of the captioned scenes (issue 21): 64 px images, 16×16×4 latents.
+    "scene-sd": {
+        "vae": {
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 4,
+            "sample_size": 64,
+            "layers_per_block": 1,
+            "block_out_channels": (32, 64, 64),
+            "norm_num_groups": 16,
+            "down_block_types": ("DownEncoderBlock2D",) * 3,
+            "up_block_types": ("UpDecoderBlock2D",) * 3,
+        },
+        "unet": {
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": (64, 128, 128),
+            "norm_num_groups": 16,
+            "cross_attention_dim": 64,
+            "attention_head_dim": 8,
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        },
+        "text": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 32,
+        },
+        "scheduler": {
+            "num_train_timesteps": 1000,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+        },
+        # Every word a caption uses (`sparsedit.data.captions`); the tokenizer spells each as one token.
+        "words": (
+            "a across below clear cloudy desert lake land left meadow mountains on right rocks sea sky snowy the trees"
+        ).split(),
+    },
 }
+
+_TRAINERS = {"scene-ddpm": "train_ddpm.py", "scene-spade": "train_spade.py", "scene-sd": "train_scene_sd.py"}
+SD_PIPELINES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline"}
 
 
 def available() -> list[str]:
@@ -58,14 +107,17 @@ def weights_file(name: str) -> Path:
 
 
 def build(name: str, dtype: torch.dtype = torch.float32, size: int | tuple[int, int] | None = None):
-    """The untrained module of `name`: a `UNet2DModel` ("scene-ddpm") or a `SPADEGenerator` ("scene-spade").
-    `size` sets the UNet's default sample size or the generator's label-map size (both networks are convolutional;
-    they were trained at 64×64)."""
+    """The untrained module of `name`: a `UNet2DModel` ("scene-ddpm"), a `SPADEGenerator` ("scene-spade"), or
+    ("scene-sd") a `ModuleDict` of its `vae` (`AutoencoderKL`), `unet` (`UNet2DConditionModel`) and `text`
+    (`CLIPTextModel`). `size` sets the UNet's default sample size or the generator's label-map size (the networks are
+    convolutional; they were trained at 64×64)."""
     _check_name(name)
     arch = ARCHITECTURES[name]
     if isinstance(size, int):
         size = (size, size)
-    if name == "scene-ddpm":
+    if name == "scene-sd":
+        model = _build_sd(arch, size)
+    elif name == "scene-ddpm":
         from diffusers import UNet2DModel
 
         if size is not None and size[0] != size[1]:
@@ -78,11 +130,72 @@ def build(name: str, dtype: torch.dtype = torch.float32, size: int | tuple[int, 
     return model if dtype == torch.float32 else model.to(dtype)
 
 
-def scheduler(name: str = "scene-ddpm"):
-    """The `DDPMScheduler` the diffusion model was trained with."""
-    from diffusers import DDPMScheduler
+def _build_sd(arch: dict, size):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    return DDPMScheduler(**ARCHITECTURES[name]["scheduler"])
+    if size is not None and size[0] != size[1]:
+        raise ValueError(f"scene-sd builds square images; got size {size} (the pipeline takes height= and width=).")
+    vae = AutoencoderKL(**{**arch["vae"], **({"sample_size": size[0]} if size else {})})
+    unet = UNet2DConditionModel(**{**arch["unet"], **({"sample_size": size[0] // 4} if size else {})})
+    tok = tokenizer()
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **arch["text"],
+        )
+    )
+    return torch.nn.ModuleDict({"vae": vae, "unet": unet, "text": text})
+
+
+def write_tokenizer(directory: str | Path, words=None) -> Path:
+    """Write scene-sd's CLIP tokenizer files (`vocab.json`, `merges.txt`) to `directory`: the printable ASCII bytes,
+    and merges that spell each of `words` (default: the captions' words) as one token."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    words = ARCHITECTURES["scene-sd"]["words"] if words is None else words
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {ch: i for i, ch in enumerate(chars)}
+    vocab.update({ch + "</w>": len(chars) + i for i, ch in enumerate(chars)})
+    merges = []
+    for word in sorted(set(words)):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1], *parts[2:]]
+            vocab.setdefault(parts[0], len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return directory
+
+
+def tokenizer(directory: str | Path | None = None):
+    """scene-sd's `CLIPTokenizer`, from the files shipped beside the weights (or those in `directory`)."""
+    from transformers import CLIPTokenizer
+
+    directory = WEIGHTS_DIR / "scene-sd-tokenizer" if directory is None else Path(directory)
+    length = ARCHITECTURES["scene-sd"]["text"]["max_position_embeddings"]
+    return CLIPTokenizer.from_pretrained(str(directory), model_max_length=length)
+
+
+def scheduler(name: str = "scene-ddpm", kind: str = "ddpm"):
+    """The scheduler the diffusion model was trained with (`kind="ddpm"`: `DDPMScheduler`), or (`kind="ddim"`) the
+    `DDIMScheduler` its pipeline samples with (scene-sd: Stable Diffusion's settings)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    _check_name(name)
+    config = ARCHITECTURES[name]["scheduler"]
+    if kind == "ddpm":
+        return DDPMScheduler(**config)
+    if kind == "ddim":
+        extra = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1} if name == "scene-sd" else {}
+        return DDIMScheduler(**{**config, **extra})
+    raise ValueError(f"scheduler kind {kind!r}: use 'ddpm' or 'ddim'.")
 
 
 def load(
@@ -91,18 +204,20 @@ def load(
     device: str | torch.device = "cpu",
     path: str | Path | None = None,
     size: int | tuple[int, int] | None = None,
+    pipeline: str = "txt2img",
 ):
     """Load a shipped model, offline. `"scene-ddpm"` → a diffusers `DDPMPipeline`; `"scene-spade"` → a
-    `SPADEGenerator` in eval mode. `path` loads another weights file of the same architecture (for example a
-    training run's export); `size` builds the network for another resolution than the 64×64 it was trained at (see
-    `build`)."""
+    `SPADEGenerator` in eval mode; `"scene-sd"` → a `StableDiffusionPipeline` (DDIM sampling, no safety checker), or
+    with `pipeline="img2img"` a `StableDiffusionImg2ImgPipeline` on the same components. `path` loads another
+    weights file of the same architecture (for example a training run's export); `size` builds the network for
+    another resolution than the 64×64 it was trained at (see `build`)."""
     from safetensors.torch import load_file
 
     file = Path(path) if path is not None else weights_file(name)
     if not file.exists():
         raise FileNotFoundError(
             f"no weights for {name!r} at {file}. Reinstall sparsedit, or train them: "
-            f"`python training/train_{name.split('-')[1]}.py` (see training/README.md)."
+            f"`python training/{_TRAINERS[name]}` (see docs/training.md)."
         )
     state = load_file(str(file))
     meta = _metadata(file)
@@ -114,11 +229,34 @@ def load(
     model = build(name, size=size)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model = (model if dtype == torch.float32 else model.to(dtype)).to(device).eval()
+    if name == "scene-sd":
+        return sd_pipeline(model, float(meta.get("scaling_factor", 1.0)), pipeline)
     if name == "scene-ddpm":
         from diffusers import DDPMPipeline
 
         return DDPMPipeline(unet=model, scheduler=scheduler(name))
     return model
+
+
+def sd_pipeline(model: torch.nn.ModuleDict, scaling_factor: float, pipeline: str = "txt2img", tok=None):
+    """scene-sd's modules (`build("scene-sd")`) as a diffusers pipeline (`pipeline`: "txt2img" or "img2img")."""
+    import diffusers
+
+    if pipeline not in SD_PIPELINES:
+        raise ValueError(f"pipeline={pipeline!r}: scene-sd offers {sorted(SD_PIPELINES)}.")
+    model["vae"].register_to_config(scaling_factor=scaling_factor)
+    pipe = getattr(diffusers, SD_PIPELINES[pipeline])(
+        vae=model["vae"],
+        text_encoder=model["text"],
+        tokenizer=tokenizer() if tok is None else tok,
+        unet=model["unet"],
+        scheduler=scheduler("scene-sd", "ddim"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def save(name: str, model: torch.nn.Module, path: str | Path, **metadata) -> Path:

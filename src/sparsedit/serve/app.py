@@ -2,8 +2,9 @@
 
     GET  /health                     {"status": "ok"}
     GET  /models                     {"models": [{"name", "kind", "takes", ...}]}
-    GET  /scenes/{seed}              a procedural scene to start from: {"image", "labels", "labels_rgb"}
-    POST /sessions                   {"model", "image" | "labels", "prompt"?, "strength"?, "steps"?, "seed"?} → 201
+    GET  /scenes/{seed}              a procedural scene to start from: {"image", "labels", "labels_rgb", "caption"}
+    POST /sessions                   {"model", "image" | "labels", "prompt"?, "strength"?, "steps"?, "seed"?,
+                                      "guidance"?} → 201
     POST /sessions/{id}/edits        {"image"? | "mask"? | "labels"? | "prompt"?, "commit"?} → {"image", "stats", "edit"}
     POST /sessions/{id}/undo         back to the previous committed state
     GET  /sessions/{id}              {"session", "model", "edits", "cache_bytes"}
@@ -221,7 +222,7 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
 
     @app.get("/scenes/{seed}")
     def scene(seed: int, size: int = 64):
-        from ..data import scenes
+        from ..data import captions, scenes
 
         if not 8 <= size <= 512:
             raise ApiError(422, "size must be between 8 and 512 pixels.")
@@ -229,7 +230,8 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
         image = ((s["image"][0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         labels = s["labels"][0].to(torch.uint8).numpy()
         return {"image": _b64(array_to_png(image)), "labels": _b64(array_to_png(labels)),
-                "labels_rgb": _b64(array_to_png(scenes.to_rgb(s["labels"][0]).numpy()))}  # fmt: skip
+                "labels_rgb": _b64(array_to_png(scenes.to_rgb(s["labels"][0]).numpy())),
+                "caption": captions.caption(s["labels"][0])}  # fmt: skip
 
     @app.post("/sessions", status_code=201)
     def create_session(body: dict = Body(...)):
@@ -244,7 +246,7 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
         need = [k for k in model.takes if k in ("image", "labels") and k not in state]
         if need:
             raise ApiError(422, f"{model.name} starts from {' or '.join(need)}: send it as a base64 PNG.")
-        options = {k: body.get(k) for k in ("strength", "steps", "seed")}
+        options = {k: body.get(k) for k in ("strength", "steps", "seed", "guidance")}
         for k, v in options.items():
             if v is not None and not isinstance(v, (int, float)):
                 raise ApiError(422, f"{k} must be a number.")

@@ -36,6 +36,8 @@ def _modules_of(obj) -> list[torch.nn.Module]:
     return [v for v in getattr(obj, "components", {}).values() if isinstance(v, torch.nn.Module)]
 
 
+SCENE_SD_GUIDANCE = 3.0  # the classifier-free guidance scene-sd follows its captions best at (docs/training.md)
+
 # Pipeline class → (kind, the inputs an edit takes).
 _PIPELINE_KINDS = {
     "DDPMPipeline": ("ddpm", ("image",)),
@@ -103,6 +105,14 @@ class ModelRegistry:
             ),  # fmt: skip
             "scene-spade": Model("scene-spade", "gan", ("labels",), lambda: pretrained.load("scene-spade"), {}, 64),
         }
+        if pretrained.weights_file("scene-sd").exists():
+            self.models["scene-sd"] = Model("scene-sd", "sd-txt2img", ("prompt",), lambda: pretrained.load("scene-sd"),
+                                            {"strength": 1.0, "steps": 20, "guidance": SCENE_SD_GUIDANCE}, 64)  # fmt: skip
+            self.models["scene-sd-img2img"] = Model(
+                "scene-sd-img2img", "sd-img2img", ("image", "prompt"),
+                lambda: pretrained.load("scene-sd", pipeline="img2img"),
+                {"strength": 0.7, "steps": 20, "guidance": SCENE_SD_GUIDANCE}, 64,
+            )  # fmt: skip
         for d in dirs:
             self.add_dir(Path(d))
 
@@ -180,7 +190,7 @@ class SessionEditor:
 
     def __init__(self, model: Model, options: dict, reproducible: bool = False):
         self.model = model
-        self.options = options  # strength, steps, seed
+        self.options = options  # strength, steps, seed, guidance
         self.reproducible = reproducible
         self.target = model.instance()
         self.editor = self._make()
@@ -233,6 +243,8 @@ class SessionEditor:
         kw = {"num_inference_steps": int(self.options["steps"]), "generator": self._generator(), "output_type": "pt"}
         if "strength" in self.options and "txt2img" not in kind:
             kw["strength"] = float(self.options["strength"])
+        if self.options.get("guidance") is not None and self.model.kind != "ddpm":
+            kw["guidance_scale"] = float(self.options["guidance"])
         if "prompt" in self.model.takes:
             kw["prompt"] = state.get("prompt") or ""
         if "image" in self.model.takes:
