@@ -175,7 +175,7 @@ class Loop:
         with scope(vae.encoder, name):
             z = vae.config.scaling_factor * retrieve_latents(vae.encode(x.to(vae.dtype)), generator=generator)
         if sparse_state(vae.encoder).mode is not None:
-            self.encoder_stats.append(last_stats(vae.encoder))
+            self.encoder_stats.append(last_stats(vae.encoder, detail=False))
         return z
 
     def check_vae(self) -> None:
@@ -320,7 +320,7 @@ class Loop:
 
     def check(self, cap, weights: bool = False) -> None:
         """Refuse a capture that the pipeline no longer matches outside the UNet (whose own fingerprint the engine
-        checks on every run): the text encoders (weights, LoRA adapters loaded, fused or re-weighted), and the
+        checks at the first sparse step of every edit): the text encoders (weights, LoRA adapters loaded, fused or re-weighted), and the
         scheduler, which may have been swapped, reconfigured or reset (a plain `pipe(...)` call resets its
         timesteps): the capture's timesteps are derived again. With `weights` (once per edit), the content checksum
         of every component too, which sees in-place writes through `param.data` that version counters miss."""
@@ -499,7 +499,7 @@ class Loop:
                 scope(controlnet, i),
             ):
                 out = call_control()
-                stats, regions = last_stats(controlnet), output_regions(controlnet)
+                stats, regions = last_stats(controlnet, detail=False), output_regions(controlnet)
             count(stats)
             totals["dense_steps"] += stats["dense_run"] is not None
             return out, regions
@@ -509,12 +509,22 @@ class Loop:
                 prefetch(unet, i + 1)  # the next step's entries, copied while this step computes
                 if controlnet is not None:
                     prefetch(controlnet, i + 1)
+            # `check` compared every component's weights with the capture's before this edit; the UNet's own fingerprint
+            # is checked at its first sparse step (about 1 ms a step otherwise).
             with (
-                editing(unet, region=unet_region, commit=commit, changeable=changeable, input_regions=regions),
+                editing(
+                    unet,
+                    region=unet_region,
+                    commit=commit,
+                    changeable=changeable,
+                    input_regions=regions,
+                    check_weights=not checked["unet"],
+                ),  # fmt: skip
                 scope(unet, i),
             ):
+                checked["unet"] = True
                 out = call_unet()
-                stats = last_stats(unet)
+                stats = last_stats(unet, detail=False)
             # With temporal reuse a step runs only some layers; the dense reference is a whole step.
             totals["macs_dense"] += cap.step_macs if self.temporal is not None else stats["macs_dense"]
             totals["macs_sparse"] += stats["macs_sparse"]
@@ -537,6 +547,7 @@ class Loop:
         if prefetching is None:
             prefetching = unet.device.type == "cuda"
         unet_time = defaultdict(float)
+        checked = {"unet": False}  # whether a step of this edit has compared the UNet's fingerprint yet
         reasons = {}  # why UNet steps ran as plain dense forwards
         self.extra_macs = 0
         changeable = ("encoder_hidden_states",) if self.latent else ()
@@ -585,7 +596,7 @@ class Loop:
             if bool(keep.any()):
                 with editing(decoder, region=keep, commit=commit):
                     decoded = self.adapter.decode(z)
-                    stats = last_stats(decoder)
+                    stats = last_stats(decoder, detail=False)
                 totals["macs_dense"] += stats["macs_dense"]
                 totals["macs_sparse"] += stats["macs_sparse"]
             else:

@@ -58,6 +58,7 @@ class _Attachment:
         self.handlers = handlers
         self.hooks = hooks
         self.pending_region: torch.Tensor | None = None
+        self.check_weights = True  # whether an edit's forward compares the weights' fingerprint with the capture's
         self.changeable: frozenset[str] = frozenset()  # non-image inputs an edit may change (e.g. the prompt)
         self.aux: dict[tuple, dict[str, object]] = {}  # non-image inputs of each captured scope
         # Spatial non-image inputs whose changes the caller tracks (a ControlNet's residuals): neither stored nor
@@ -371,10 +372,11 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
             st.rollback()  # the previous uncommitted edit leaves the cache as captured
             st.cache.flush(commit=False)
             st.cache.retain = st.commit  # an uncommitted run's working copies die with their last reader
-            try:
-                st.cache.check(_fingerprint(model, x, st.config))
-            except StaleCacheError as e:
-                raise StaleCacheError(f"{e} (weights: did you change or reload them?)") from None
+            if att.check_weights:
+                try:
+                    st.cache.check(_fingerprint(model, x, st.config))
+                except StaleCacheError as e:
+                    raise StaleCacheError(f"{e} (weights: did you change or reload them?)") from None
             st.begin_run()
             key = _INPUT_KEY + st.scope
             if key not in st.cache:
@@ -642,6 +644,7 @@ def editing(
     commit: bool = False,
     changeable: tuple = (),
     input_regions: dict | None = None,
+    check_weights: bool = True,
 ):
     """Run `model` sparsely against the capture: only `region` (and what it reaches) is recomputed.
 
@@ -659,6 +662,9 @@ def editing(
             `[B, H, W]` bool region at that input's resolution (a list of them for a list of maps), e.g.
             `output_regions(controlnet)` after a sparse ControlNet run. Sparse layers downstream compute there. The
             caller vouches for these regions: they are not checked against stored values (none are kept).
+        check_weights: compare the model's weights, input shape and config with the capture's before each forward
+            (`StaleCacheError` when they differ). `False` skips that check (about 1 ms for a 300-module UNet): for a
+            caller that has checked them already, as `SparseEditor` does once per edit and then for its first step.
     """
     att = _attachment(model)
     st = att.state
@@ -670,6 +676,7 @@ def editing(
     if region is not None:
         check_region_type(region, st.cache.fingerprint["device"])
     att.pending_region = region
+    att.check_weights = bool(check_weights)
     att.changeable = frozenset(changeable)
     unknown = set(input_regions or {}) - att.spatial_inputs
     if unknown:
@@ -688,6 +695,7 @@ def editing(
         if not commit:
             st.rollback()
         att.pending_region = None
+        att.check_weights = True
         att.changeable = frozenset()
         att.input_regions = {}
         st.commit = False
@@ -737,7 +745,7 @@ def time_breakdown(records, seconds: float) -> dict[str, float]:
     return out
 
 
-def last_stats(model: nn.Module) -> dict:
+def last_stats(model: nn.Module, *, detail: bool = True) -> dict:
     """What the last run inside `capturing`, `editing` or `profiling` computed.
 
     Returns:
@@ -745,7 +753,9 @@ def last_stats(model: nn.Module) -> dict:
         (per output resolution `"HxW"`: mean fraction of positions computed by its layers), `input_active_fraction`,
         `seconds`, `cache_bytes`, `dense_layers` (layers that ran densely, with the reason), `dense_run` (why the
         whole run was one plain dense forward: the region's size or a measurement; `None` otherwise), `time` (the run's seconds
-        by part, see `time_breakdown`) and `layers` (per call, each with its `seconds` and `time` by part).
+        by part, see `time_breakdown`) and `layers` (per call, each with its `seconds` and `time` by part). With
+        `detail=False`, `cache_bytes` and `layers` are left out (they cost a pass over every cache entry and
+        record: a diffusion loop asks once per step).
     """
     att = _attachment(model)
     st = att.state
@@ -759,9 +769,9 @@ def last_stats(model: nn.Module) -> dict:
         "active_fraction": {k: sum(v) / len(v) for k, v in by_res.items()},
         "input_active_fraction": float(region.float().mean()) if region is not None else 1.0,
         "seconds": att.seconds,
-        "cache_bytes": st.cache.nbytes,
+        **({"cache_bytes": st.cache.nbytes} if detail else {}),
         "dense_layers": {r.name: r.dense_reason for r in st.records if r.dense_reason},
         "dense_run": att.last_dense_run,
         "time": time_breakdown(st.records, att.seconds),
-        "layers": [vars(r).copy() for r in st.records],
+        **({"layers": [vars(r).copy() for r in st.records]} if detail else {}),
     }
