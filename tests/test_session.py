@@ -287,3 +287,26 @@ def test_prefetching_editor_is_bit_identical(pipe):
     ahead = SparseEditor(pipe, SparseConfig(input_dilation=1, prefetch=True))
     capture(ahead, x)
     assert torch.equal(ahead.edit(image=stroke(x), output_type="pt").images, want)
+
+
+def test_a_temporal_session_saves_and_resumes_bit_identically(pipe, tmp_path):
+    """Temporal reuse keeps no state between runs, so a session with it saves its config beside the caches; the
+    resumed editor reuses features the same way and its next edit is the original editor's, bit for bit."""
+    from sparsedit import TemporalConfig, temporal
+
+    x = photo()
+    cfg = TemporalConfig(key_steps=[0, 1, 3])
+    editor = SparseEditor(pipe, SparseConfig(input_dilation=1), temporal=cfg)
+    capture(editor, x)
+    editor.edit(image=stroke(x))
+    editor.save(tmp_path / "session")
+    want = editor.edit(image=stroke(stroke(x), 40, 30), output_type="pt").images
+    stats = editor.last_stats
+    editor.remove()
+    loaded = SparseEditor.load(pipe, tmp_path / "session")
+    assert loaded.temporal == cfg
+    got = loaded.edit(image=stroke(stroke(x), 40, 30), output_type="pt").images
+    assert torch.equal(got, want)
+    assert loaded.last_stats["macs_sparse"] == stats["macs_sparse"] < stats["macs_dense"]
+    assert temporal.stats(pipe.unet)["reuse_calls"] > 0  # the resumed editor reuses features
+    loaded.remove()

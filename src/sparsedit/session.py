@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .cache import CacheBudgetError, CacheBytes, StaleCacheError, adapter_state, gib
-from .config import SparseConfig, TextEditConfig
+from .config import SparseConfig, TemporalConfig, TextEditConfig
 from .guard import weights_checksum
 from .nn.state import LayerRecord
 from .spatial import capturing, export_capture, restore_capture, sparse_state
@@ -331,8 +331,6 @@ def save_editor(editor, path) -> None:
     cap = editor.current
     if cap is None:
         raise RuntimeError("nothing to save: call `editor.capture(...)` first.")
-    if editor.temporal is not None:
-        raise NotImplementedError("saving a session with temporal reuse is not supported yet; capture it again.")
     try:
         json.dumps(cap.call)
     except TypeError:
@@ -378,6 +376,9 @@ def save_editor(editor, path) -> None:
         "kind": editor.kind,
         "config": editor.config.to_dict(),
         "text_config": editor.text_config.to_dict(),
+        # Temporal reuse keeps no state between runs (a run's reused features come from its own key steps), so its
+        # config is all a session needs to edit as the original editor would.
+        "temporal": None if editor.temporal is None else editor.temporal.to_dict(),
         "on_stale": editor.on_stale,
         "fingerprint": pipeline_fingerprint(editor),
         "capture": capture,
@@ -492,8 +493,10 @@ def load_editor(cls, pipe, path):
             f"the session was saved from a {manifest['fingerprint']['pipeline']}, not a {type(pipe).__name__}; load it "
             "on the same kind of pipeline."
         )
+    temporal = manifest.get("temporal")
     editor = cls(pipe, SparseConfig.from_dict(manifest["config"]), on_stale=manifest["on_stale"],
-                 text_config=TextEditConfig.from_dict(manifest["text_config"]))  # fmt: skip
+                 text_config=TextEditConfig.from_dict(manifest["text_config"]),
+                 temporal=None if temporal is None else TemporalConfig.from_dict(temporal))  # fmt: skip
     try:
         _compare(manifest["fingerprint"], pipeline_fingerprint(editor))
     except BaseException:
