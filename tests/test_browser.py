@@ -90,3 +90,27 @@ def test_paint_a_stroke_and_only_its_neighbourhood_changes(live_server, browser,
     assert shot.stat().st_size > 1000
     text = browser.find_element("css selector", "[data-testid=stats]").text
     assert "MACs saved" in text and "replica" in text
+
+
+def test_a_prompt_edit_on_the_shipped_text_model(live_server, browser):  # noqa: F811
+    """scene-sd in the editor: loading a scene fills the prompt with its caption; changing a word and applying it
+    regenerates part of the image."""
+    browser.get(live_server + "/")
+    wait_for(browser, "return document.body.dataset.ready === '1'")
+    browser.execute_script(  # the model's change handler loads the scene of the seed set first
+        "document.querySelector('[data-testid=seed]').value = '1000004';"
+        "const m = document.querySelector('[data-testid=model]'); m.value = 'scene-sd-img2img';"
+        "m.dispatchEvent(new Event('change'));"
+    )
+    caption = wait_for(browser, "const v = document.querySelector('[data-testid=prompt]').value;"
+                                "return v.includes('cloudy') && v")  # fmt: skip
+    browser.find_element("css selector", "[data-testid=start]").click()
+    wait_for(browser, "return document.querySelector('[data-testid=stats]').dataset.edits === '0'")
+    before = result_pixels(browser)
+    prompt = browser.find_element("css selector", "[data-testid=prompt]")
+    prompt.clear()
+    prompt.send_keys(caption.replace("a cloudy sky", "a clear sky"))
+    browser.find_element("css selector", "[data-testid=send-prompt]").click()
+    wait_for(browser, "return document.querySelector('[data-testid=stats]').dataset.edits === '1'")
+    changed = np.abs(result_pixels(browser) - before).max(axis=-1) > 0
+    assert 0 < changed.mean() < 0.9, changed.mean()
