@@ -52,6 +52,24 @@ def test_edit_command_writes_the_result(tmp_path):
     assert "fewer MACs" in result.output and Image.open(out).size == (64, 64)
 
 
+def test_edit_command_takes_a_prompt_edit_on_scene_sd(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sparsedit.data import captions, scenes
+
+    s = scenes.sample(1, 64, seed=1_000_004)
+    Image.fromarray(((s["image"][0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(tmp_path / "in.png")
+    prompt = captions.caption(s["labels"][0])
+    out = tmp_path / "out.png"
+    args = ["edit", "--model", "scene-sd-img2img", "--image", str(tmp_path / "in.png"), "--prompt", prompt,
+            "--new-prompt", prompt.replace("a cloudy sky", "a clear sky"), "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "recomputed" in result.output and Image.open(out).size == (64, 64)
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "in.png")))
+
+
 def test_serve_command_prints_its_url_and_serves(tmp_path):
     import socket
     import time
