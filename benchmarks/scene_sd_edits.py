@@ -35,6 +35,7 @@ from unet_edit import loadavg
 
 from sparsedit import SparseConfig, SparseEditor, TextEditConfig, pretrained
 from sparsedit.data import captions, scenes
+from sparsedit.metrics import psnr
 
 
 HELD_OUT_SEED = 1_000_000
@@ -51,11 +52,6 @@ METHODS = {
 
 def pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy())
-
-
-def psnr(a, b) -> float:
-    mse = float((a - b).square().mean())
-    return math.inf if mse == 0 else 10 * math.log10(4 / mse)  # images in [-1, 1]
 
 
 def region_scores(found: torch.Tensor, truth: torch.Tensor) -> dict:
@@ -80,7 +76,9 @@ def edit_scores(out, orig, target, dense, truth, region) -> dict:
     scores = {"toward": 1 - after / before, "focus": float(d[truth].mean() / rest.clamp_min(1e-6))}
     if region is not None:
         inside = region.expand_as(out)
-        scores["psnr_in_region_vs_dense_db"] = psnr(out[inside], dense[inside])
+        scores["psnr_in_region_vs_dense_db"] = float(
+            psnr(out[inside].view(1, 1, 1, -1), dense[inside].view(1, 1, 1, -1))
+        )
         scores["max_change_outside"] = float(d[~region].max()) if (~region).any() else 0.0
     return scores
 

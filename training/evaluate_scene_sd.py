@@ -29,6 +29,7 @@ from PIL import Image
 
 from sparsedit import pretrained
 from sparsedit.data import captions, scenes
+from sparsedit.metrics import psnr
 
 
 ATTRIBUTES = ("ground", "mountains", "trees", "rocks", "sky")
@@ -115,7 +116,7 @@ def main(argv=None):
         "steps": args.steps,
         "segmenter_pixel_accuracy_renders": float((seg_render == held["labels"]).float().mean()),
         "segmenter_pixel_accuracy_reconstructions": float((seg.labels(recon) == held["labels"]).float().mean()),
-        "vae_psnr_db": float((10 * torch.log10(4 / (recon.clamp(-1, 1) - held["image"]).square().mean((1, 2, 3)))).mean()),
+        "vae_psnr_db": float(psnr(recon.clamp(-1, 1), held["image"]).mean()),
         "rows": {},
     }  # fmt: skip
     rows = out["rows"]

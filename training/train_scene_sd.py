@@ -29,19 +29,15 @@ TEXT = ARCH["text"]
 SCHEDULER = ARCH["scheduler"]
 
 
-def tokenizer(directory: Path):
-    """The offline CLIP tokenizer with one token per caption word, written to (and read from) `directory`."""
-    return pretrained.tokenizer(pretrained.write_tokenizer(directory))
-
-
 def build_vae():
     return pretrained.build(NAME)["vae"]
 
 
-def build_denoiser(tok):
+def build_denoiser():
+    """The UNet and the text encoder (the checkpoint's `model`); the tokenizer is `pretrained.tokenizer()`."""
     model = pretrained.build(NAME)
-    assert len(tok) == model["text"].config.vocab_size
-    return torch.nn.ModuleDict({"unet": model["unet"], "text": model["text"]})
+    del model["vae"]
+    return model
 
 
 def train_vae(args):
@@ -77,8 +73,8 @@ def train_denoiser(args):
     if not vae_run.restore({"vae": vae})[0]:
         raise SystemExit("train the VAE first: python training/train_scene_sd.py --part vae")
     vae = vae.to(dev).eval().requires_grad_(False)
-    tok = tokenizer(Path(args.run) / "tokenizer")
-    model = build_denoiser(tok).to(dev).train()
+    tok = pretrained.tokenizer()
+    model = build_denoiser().to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     sched = DDPMScheduler(**SCHEDULER)
     alphas = sched.alphas_cumprod.to(dev)
@@ -119,8 +115,7 @@ def export(args):
     vae = build_vae()
     vae_step = Run(RUNS / "scene-sd-vae", ["loss", "l1", "kl"]).restore({"vae": vae})[1]
     run_dir = RUNS / "scene-sd-denoiser"
-    tok = tokenizer(run_dir / "tokenizer")
-    model = build_denoiser(tok)
+    model = build_denoiser()
     step = Run(run_dir, ["loss"]).restore({"model": model})[1]
     scale = float((run_dir / "scaling_factor.txt").read_text())
     full = torch.nn.ModuleDict({"vae": vae, "unet": model["unet"], "text": model["text"]})

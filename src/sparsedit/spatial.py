@@ -78,7 +78,6 @@ class _Attachment:
         self.sparse_floor: float | None = None
         self.pure_dense = False  # whether `dense_seconds` comes from a plain dense forward (no caching)
         self.capture_records: list = []  # the last capture's per-layer records (a plain dense run reports them)
-        self.dense_records: tuple = (None, [])  # (capture_records, their copies as a plain dense run reports them)
         self.tracking: RegionTracking | None = None  # entered for each sparse forward only
         self.txn_depth = 0  # nesting of `transaction` contexts
         self.owner: int | None = None  # the thread inside a capturing/editing context
@@ -509,10 +508,7 @@ def _make_post_hook(att: _Attachment):
             att.sparse_floor = run if att.sparse_floor is None else min(att.sparse_floor, run)
         if att.dense_run:
             if st.mode is None:  # the plain forward recorded nothing: the capture's layers, all dense
-                if att.dense_records[0] is not att.capture_records:  # built once per capture, not per run
-                    att.dense_records = (att.capture_records,
-                                         [dataclasses.replace(r, time={}, seconds=0.0) for r in att.capture_records])  # fmt: skip
-                st.records = list(att.dense_records[1])
+                st.records = [dataclasses.replace(r, time={}, seconds=0.0) for r in att.capture_records]
             st.mode = Mode.SPARSE
             for r in st.records:
                 r.dense_reason = att.dense_run

@@ -238,7 +238,7 @@ def load(
     return model
 
 
-def sd_pipeline(model: torch.nn.ModuleDict, scaling_factor: float, pipeline: str = "txt2img", tok=None):
+def sd_pipeline(model: torch.nn.ModuleDict, scaling_factor: float, pipeline: str = "txt2img"):
     """scene-sd's modules (`build("scene-sd")`) as a diffusers pipeline (`pipeline`: "txt2img" or "img2img")."""
     import diffusers
 
@@ -248,7 +248,7 @@ def sd_pipeline(model: torch.nn.ModuleDict, scaling_factor: float, pipeline: str
     pipe = getattr(diffusers, SD_PIPELINES[pipeline])(
         vae=model["vae"],
         text_encoder=model["text"],
-        tokenizer=tokenizer() if tok is None else tok,
+        tokenizer=tokenizer(),
         unet=model["unet"],
         scheduler=scheduler("scene-sd", "ddim"),
         safety_checker=None,

@@ -105,14 +105,10 @@ class ModelRegistry:
             ),  # fmt: skip
             "scene-spade": Model("scene-spade", "gan", ("labels",), lambda: pretrained.load("scene-spade"), {}, 64),
         }
-        if pretrained.weights_file("scene-sd").exists():
-            self.models["scene-sd"] = Model("scene-sd", "sd-txt2img", ("prompt",), lambda: pretrained.load("scene-sd"),
-                                            {"strength": 1.0, "steps": 20, "guidance": SCENE_SD_GUIDANCE}, 64)  # fmt: skip
-            self.models["scene-sd-img2img"] = Model(
-                "scene-sd-img2img", "sd-img2img", ("image", "prompt"),
-                lambda: pretrained.load("scene-sd", pipeline="img2img"),
-                {"strength": 0.7, "steps": 20, "guidance": SCENE_SD_GUIDANCE}, 64,
-            )  # fmt: skip
+        for name, pipeline, kind, takes, strength in (("scene-sd", "txt2img", "sd-txt2img", ("prompt",), 1.0),
+                                                      ("scene-sd-img2img", "img2img", "sd-img2img", ("image", "prompt"), 0.7)):  # fmt: skip
+            self.models[name] = Model(name, kind, takes, lambda p=pipeline: pretrained.load("scene-sd", pipeline=p),
+                                      {"strength": strength, "steps": 20, "guidance": SCENE_SD_GUIDANCE}, 64)  # fmt: skip
         for d in dirs:
             self.add_dir(Path(d))
 
