@@ -38,3 +38,12 @@ def test_edit_stats_is_a_dataclass_that_reads_like_a_dict():
     assert dict(s) == {"macs_dense": 10, "macs_sparse": 2, "seconds": 1.5, "peak_bytes": 7, "dense_run": None,
                        "custom": 1}  # fmt: skip
     assert json.loads(json.dumps(dict(s)))["custom"] == 1
+
+
+def test_default_tiles_are_pixels_on_deep_wide_maps_only():
+    cfg = SparseConfig()
+    # SD 1.5's 32x32 (640 ch), 16x16 and 8x8 (1280 ch) stages gather single pixels; its 64x64 stage and thin maps tile
+    assert [cfg.tile_for(h, c) for h, c in [(32, 640), (16, 1280), (8, 1280), (64, 320), (32, 128), (128, 512)]] == [
+        1, 1, 1, 8, 8, 8,
+    ]  # fmt: skip
+    assert SparseConfig(tile_size={32: 4, 0: 2}).tile_for(32, 640) == 4 and SparseConfig(tile_size=4).tile_for(8) == 4

@@ -138,10 +138,10 @@ class SparseConfig(_ConfigMixin):
             Output tile edge in pixels. A dict maps a feature-map height to a tile size (the key `0` is the fallback),
             so small maps can use small tiles. A tile of 1 computes a convolution as one GEMM over the active pixels'
             receptive fields (im2col of only those pixels: no halo waste). The default (`None`) picks by map height:
-            1 for maps up to 16 px high with at least 256 channels (the deep stages of a UNet, where an 8 px tile
-            covers the whole map and the weights are large enough for one GEMM to pay), 8 elsewhere. Measured
-            (BENCHMARKS.md): SD 1.5 at 1.4% 2.9x with 8 everywhere, 4.4x with pixels at 16 and 8 px, at the same
-            PSNR. Small, thin maps keep 8 px tiles: their larger recomputed area is what keeps approximate
+            1 for maps up to 32 px high with at least 256 channels (the deep stages of a UNet, where 8 px tiles
+            cover most of the map and the weights are large enough for one GEMM to pay), 8 elsewhere. Measured
+            (BENCHMARKS.md): SD 1.5 at 1.4% 2.9x with 8 everywhere, 4.2x with pixels at 16 and 8 px, 5.3x with
+            pixels at 32 px too, at the same PSNR. Small, thin maps keep 8 px tiles: their larger recomputed area is what keeps approximate
             (frozen-statistics) edits close to dense.
         dilation (`int`, defaults to `1`):
             Approximate mode only: pixels of dilation added to the region at every resolution of the pyramid.
@@ -292,7 +292,7 @@ class SparseConfig(_ConfigMixin):
     def tile_for(self, height: int, channels: int | None = None) -> int:
         """The output tile edge to use on a feature map of the given height (and channel count, for the default)."""
         if self.tile_size is None:
-            return 1 if height <= 16 and (channels or 0) >= 256 else 8
+            return 1 if height <= 32 and (channels or 0) >= 256 else 8
         if isinstance(self.tile_size, int):
             return self.tile_size
         if height in self.tile_size:
