@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..dispatch import Backend, register_backend
 
@@ -82,6 +83,58 @@ def _tile_grid(origins: torch.Tensor, th: int, tw: int):
     return rows, cols
 
 
+_INDEX_MEMO: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _memo(origins: torch.Tensor, key: tuple, build):
+    """A value derived from `origins` alone (and `key`), kept while `origins` lives and is unmodified: a plan holds
+    its tile origins for a whole edit, so every step and layer reuses the indices."""
+    entry = _INDEX_MEMO.get(origins)
+    if entry is None or entry[0] != origins._version:
+        entry = (origins._version, {})
+        _INDEX_MEMO[origins] = entry
+    if key not in entry[1]:
+        entry[1][key] = build()
+    return entry[1][key]
+
+
+def _tile_index(origins, b, h, w, th, tw, padding_mode):
+    """Flat pixel index `[N, th, tw]` of every tile pixel, and the mask of those inside the image (`None` when every
+    tile pixel reads an image pixel: all inside, or a padding mode that maps the outside to image pixels)."""
+
+    def build():
+        rows, cols = _tile_grid(origins, th, tw)
+        if padding_mode == "zeros":
+            inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+            if bool(inside.all()):
+                inside = None
+        else:  # every tile pixel reads an image pixel (reflected, replicated or wrapped)
+            inside = None
+        rows, cols = map_index(rows, h, padding_mode), map_index(cols, w, padding_mode)
+        lin = (origins[:, 0][:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]
+        return lin, inside
+
+    return _memo(origins, ("tiles", b, h, w, th, tw, padding_mode), build)
+
+
+def _unique_index(origins, b, h, w, th, tw, padding_mode):
+    """The distinct pixels the tiles read (sorted flat indices), each tile pixel's position among them (zero padding
+    points one past the end), and where each sample's pixels start; `None` when the tiles overlap too little for
+    the second indexing pass to pay (halo'd tiles of 8 px read each pixel about once)."""
+
+    def build():
+        lin, inside = _tile_index(origins, b, h, w, th, tw, padding_mode)
+        uniq, inverse = torch.unique(lin.reshape(-1), sorted=True, return_inverse=True)
+        if 2 * uniq.numel() > lin.numel():
+            return None
+        if inside is not None:
+            inverse = inverse.masked_fill(~inside.reshape(-1), uniq.numel())
+        bounds = torch.searchsorted(uniq, torch.arange(b + 1, device=uniq.device) * (h * w)).tolist()
+        return uniq, inverse, bounds
+
+    return _memo(origins, ("unique", b, h, w, th, tw, padding_mode), build)
+
+
 def _pixel_rows(x: torch.Tensor) -> torch.Tensor:
     """`[B*H*W, C]` rows of a `[B, C, H, W]` tensor (a view when it is channels-last)."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
@@ -97,16 +150,15 @@ class ReferenceBackend(Backend):
     def gather(self, x, origins, th, tw, scale, shift, activation, slope, poison, params, weight, padding_mode):
         b, c, h, w = x.shape
         n = origins.shape[0]
-        rows, cols = _tile_grid(origins, th, tw)
-        if padding_mode == "zeros":
-            inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-        else:  # every tile pixel reads an image pixel (reflected, replicated or wrapped)
-            inside = None
-        rows, cols = map_index(rows, h, padding_mode), map_index(cols, w, padding_mode)
+        prologue = scale is not None or shift is not None or activation != "identity"
+        if prologue and not poison and th * tw > 1 and n:
+            uniq = _unique_index(origins, b, h, w, th, tw, padding_mode)
+            if uniq is not None:
+                return self._gather_unique(x, uniq, n, th, tw, scale, shift, activation, slope, params, weight)
+        lin, inside = _tile_index(origins, b, h, w, th, tw, padding_mode)
         bidx = origins[:, 0]
         # Pixels as rows of C channels: free for channels-last tensors (the cache keeps them so), one copy otherwise.
         flat = _pixel_rows(x)
-        lin = (bidx[:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]
         vals = flat.index_select(0, lin.reshape(-1)).view(n, th, tw, c)
         if scale is not None:
             vals = vals * scale[bidx][:, None, None, :].to(vals.dtype)
@@ -123,9 +175,31 @@ class ReferenceBackend(Backend):
                 out[inside] = vals[inside]
                 out[~inside] = 0
             vals = out
-        elif inside is not None and not bool(inside.all()):  # tiles reaching past the border: zero their padding
+        elif inside is not None:  # tiles reaching past the border: zero their padding
             vals = vals.masked_fill(~inside[..., None], 0)
         return vals.permute(0, 3, 1, 2)  # [N, C, th, tw], channels-last in memory
+
+    def _gather_unique(self, x, uniq, n, th, tw, scale, shift, activation, slope, params, weight):
+        """`gather` with a prologue on tiles that overlap (pixel tiles read 3x3 windows around neighbouring pixels):
+        the prologue runs once per distinct pixel read, then the tiles index the result. The same arithmetic per
+        value as the direct path, so the same bits; the index is built once per `origins` tensor (a plan holds it)."""
+        b, c = x.shape[:2]
+        uniq, inverse, bounds = uniq
+        rows = _pixel_rows(x).index_select(0, uniq)
+        parts = []
+        for s in range(b):  # the distinct pixels are sorted by batch: one slice per sample
+            part = rows[bounds[s] : bounds[s + 1]]
+            if part.shape[0] == 0:
+                continue
+            if scale is not None:
+                part = part * scale[s].to(part.dtype)
+            if shift is not None:
+                part = part + shift[s].to(part.dtype)
+            parts.append(part)
+        vals = torch.cat(parts) if len(parts) > 1 else parts[0]
+        vals = apply_activation(vals.T[None, :, :, None], activation, slope, params, weight)[0, :, :, 0].T
+        vals = torch.cat([vals, vals.new_zeros(1, c)])  # the zero padding's row (index len(uniq))
+        return vals.index_select(0, inverse).view(n, th, tw, c).permute(0, 3, 1, 2)
 
     def scatter(self, out, tiles, origins, residual):
         b, c, h, w = out.shape
