@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import threading
 import time
 from collections import defaultdict
@@ -215,23 +214,11 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
         attach.attach(h)
     for h in reversed(handlers):  # descendants first: a container's plan may read its children's
         h.prepare()
-    _warm_up_ops()
     att = _Attachment(state, handlers, [])
     att.strategy = attach
     att.hooks.append(model.register_forward_pre_hook(_make_pre_hook(model, att), with_kwargs=True))
     att.hooks.append(model.register_forward_hook(_make_post_hook(att), with_kwargs=True, always_call=True))
     model.__dict__["_sparsedit"] = att
-
-
-@functools.cache
-def _warm_up_ops() -> None:
-    """Call the engine's custom ops once per process: the first call of any `torch.library` op imports torch's
-    compiler stack (about 2 s), which must not land in, and be measured as part of, a user's first sparse edit."""
-    from . import ops
-
-    x = torch.zeros(1, 1, 2, 2)
-    origins = torch.zeros(1, 3, dtype=torch.int64)
-    ops.scatter(x, ops.gather(x, origins, (1, 1)), origins)
 
 
 def unsparsify_(model: nn.Module) -> None:

@@ -74,7 +74,7 @@ def test_gather_of_overlapping_tiles_applies_the_prologue_once_per_pixel_with_th
     act = data.draw(st.sampled_from(ops.ACTIVATIONS))
     weight = torch.rand(c).to(dtype) if act == "prelu" else None
     mode = data.draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
-    kw = dict(negative_slope=0.2, weight=weight, padding_mode=mode)
+    kw = {"negative_slope": 0.2, "weight": weight, "padding_mode": mode}
     want = ops.gather(x, origins, (k, k), scale, shift, act, poison=True, **kw)
     assert not full or _unique_index(origins, b, h, w, k, k, mode) is not None
     for _ in range(2):  # the second call reads the indices built by the first

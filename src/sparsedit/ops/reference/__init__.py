@@ -204,8 +204,16 @@ class ReferenceBackend(Backend):
     def scatter(self, out, tiles, origins, residual):
         b, c, h, w = out.shape
         n, _, th, tw = tiles.shape
-        rows, cols = _tile_grid(origins, th, tw)
-        lin = ((origins[:, 0][:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]).reshape(-1)
+
+        def build():
+            rows, cols = _tile_grid(origins, th, tw)
+            return (
+                rows,
+                cols,
+                ((origins[:, 0][:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]).reshape(-1),
+            )
+
+        rows, cols, lin = _memo(origins, ("scatter", b, h, w, th, tw), build)
         vals = tiles.permute(0, 2, 3, 1).reshape(-1, c)
         if residual is not None:
             vals = vals + _pixel_rows(residual).index_select(0, lin)
