@@ -21,6 +21,7 @@ from ..nn.base import IDENTITY, Prologue, SparseHandler, handler_of, register_de
 from ..nn.blocks import _no_store
 from ..nn.layers import group_stats
 from ..nn.state import LayerRecord, Mode
+from ..nn.tracking import untracked
 from ..regions import Geometry
 
 
@@ -289,6 +290,10 @@ class ResnetBlock2DHandler(SparseHandler):
         return out
 
     def sparse(self, x, temb=None):
+        with untracked():  # per-channel glue only; every map's region is set by the conv handlers
+            return self._sparse(x, temb)
+
+    def _sparse(self, x, temb=None):
         m, st = self.module, self.state
         out = self.buffer(st.key(self.name))
         act = handler_of(m.nonlinearity)
@@ -433,28 +438,31 @@ class Transformer2DHandler(SparseHandler):
         active = _active_tokens(st, self, x)
         n = int(active.numel())
         dense = self._macs(b, hw, hw, kwargs)
-        out_tokens = None
-        if n:
-            ctx = kwargs.get("encoder_hidden_states")
-            residual = _pixel_tokens(x)[:, active]
-            hs = _pointwise_proj(m.proj_in, _group_norm_tokens(residual, m.norm, gn_entry["mean"], gn_entry["rstd"]))
-            for i, blk in enumerate(m.transformer_blocks):
-                nh = blk.norm1(hs)
-                _refresh_kv(st, blk.attn1, entry[f"k{i}"], entry[f"v{i}"], active, nh)
-                hs = _attend(blk.attn1, nh, entry[f"k{i}"], entry[f"v{i}"]) + hs
-                if blk.attn2 is not None:
-                    nh = blk.norm2(hs)
-                    kv = ctx if ctx is not None else nh
-                    attn2 = blk.attn2
-                    plain = lambda a=attn2, q=nh, c=kv: _attend(a, q, a.to_k(c), a.to_v(c))  # noqa: E731
-                    controlled = getattr(attn2.processor, "sparse_attend", None)
-                    hs = (controlled(attn2, nh, kv, active, plain) if controlled else plain()) + hs
-                hs = blk.ff(blk.norm3(hs)) + hs
-            out_tokens = _pointwise_proj(m.proj_out, hs) + residual
-        st.lap("compute")
-        _write_tokens(st, buf, active, out_tokens)
-        st.lap("scatter")
+        with untracked():  # token arithmetic: the buffer's region is set by _write_tokens
+            out_tokens = self._sparse_tokens(x, entry, gn_entry, active, kwargs) if n else None
+            st.lap("compute")
+            _write_tokens(st, buf, active, out_tokens)
+            st.lap("scatter")
         st.record(LayerRecord(self.name, self.kind, (h, w), dense, self._macs(b, n, hw, kwargs) if n else 0, n / hw))
         if kwargs.get("return_dict", True):
             return Transformer2DModelOutput(sample=buf)
         return (buf,)
+
+    def _sparse_tokens(self, x, entry, gn_entry, active, kwargs):
+        st, m = self.state, self.module
+        ctx = kwargs.get("encoder_hidden_states")
+        residual = _pixel_tokens(x)[:, active]
+        hs = _pointwise_proj(m.proj_in, _group_norm_tokens(residual, m.norm, gn_entry["mean"], gn_entry["rstd"]))
+        for i, blk in enumerate(m.transformer_blocks):
+            nh = blk.norm1(hs)
+            _refresh_kv(st, blk.attn1, entry[f"k{i}"], entry[f"v{i}"], active, nh)
+            hs = _attend(blk.attn1, nh, entry[f"k{i}"], entry[f"v{i}"]) + hs
+            if blk.attn2 is not None:
+                nh = blk.norm2(hs)
+                kv = ctx if ctx is not None else nh
+                attn2 = blk.attn2
+                plain = lambda a=attn2, q=nh, c=kv: _attend(a, q, a.to_k(c), a.to_v(c))  # noqa: E731
+                controlled = getattr(attn2.processor, "sparse_attend", None)
+                hs = (controlled(attn2, nh, kv, active, plain) if controlled else plain()) + hs
+            hs = blk.ff(blk.norm3(hs)) + hs
+        return _pointwise_proj(m.proj_out, hs) + residual

@@ -20,6 +20,7 @@ import torch.nn as nn
 from .. import ops
 from ..regions import BlockIndex, Geometry
 from .state import LayerRecord, Mode, SparseState
+from .tracking import untracked
 from .virtual import LazyConcat
 
 
@@ -285,8 +286,12 @@ class SparseHandler:
         """Compute `region_out` of this layer's output into `buf`: sparse tiles, or dense when tiles do not pay.
 
         `compute(x, bi, prologue)` returns the output tiles of `bi`; `compute_dense(x, prologue)` the full output.
-        Returns the layer's output (`buf`, or a fresh map from `write_dense`).
+        Returns the layer's output (`buf`, or a fresh map from `write_dense`), which the caller tags with its region.
         """
+        with untracked():
+            return self._run_tiles(x, region_out, geometry, compute, compute_dense, buf, residual, prologue)
+
+    def _run_tiles(self, x, region_out, geometry, compute, compute_dense, buf, residual, prologue) -> torch.Tensor:
         st = self.state
         st.start_laps()
         out_hw = tuple(buf.shape[-2:])
