@@ -56,14 +56,20 @@ def main():
     ap.add_argument("--warmup", type=int, default=1, help="untimed dense/sparse pairs before the timed ones")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--cache-dtype", default=None)
+    ap.add_argument(
+        "--cache-dtype",
+        default="auto",
+        help="SparseConfig.cache_dtype: auto (the default: bf16 maps), none (the model's), a dtype",
+    )
     ap.add_argument("--input-dilation", type=int, default=2, help="latent pixels (the UNet's input)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/sdedit_e2e.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     pipe = sd15_pipeline(dtype)
-    config = SparseConfig(input_dilation=args.input_dilation, cache_dtype=args.cache_dtype)
+    config = SparseConfig(
+        input_dilation=args.input_dilation, cache_dtype=None if args.cache_dtype == "none" else args.cache_dtype
+    )
     editor = SparseEditor(pipe, config)
     photo, source = load_photo(args.size)
     image = (photo / 2 + 0.5).clamp(0, 1)  # the pipeline's tensor convention: [0, 1]

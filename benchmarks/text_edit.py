@@ -59,7 +59,11 @@ def main():
     ap.add_argument("--methods", nargs="*", default=["latent_diff", "cross_attention", "noise_diff"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--cache-dtype", default=None)
+    ap.add_argument(
+        "--cache-dtype",
+        default="auto",
+        help="SparseConfig.cache_dtype: auto (the default: bf16 maps), none (the model's), a dtype",
+    )
     ap.add_argument("--input-dilation", type=int, default=2, help="latent pixels (the UNet's input)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/text_edit.json"))
     args = ap.parse_args()
@@ -69,7 +73,9 @@ def main():
 
     pipe = StableDiffusionPipeline(**sd15_pipeline(dtype).components)
     pipe.set_progress_bar_config(disable=True)
-    config = SparseConfig(input_dilation=args.input_dilation, cache_dtype=args.cache_dtype)
+    config = SparseConfig(
+        input_dilation=args.input_dilation, cache_dtype=None if args.cache_dtype == "none" else args.cache_dtype
+    )
     editor = SparseEditor(pipe, config, text_config=TextEditConfig())
     kw = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "height": args.size, "width": args.size}
     t0 = time.perf_counter()

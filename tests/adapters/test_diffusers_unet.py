@@ -206,3 +206,25 @@ def test_fused_resnet_blocks_match_the_unfused_path():
         if fused:
             assert any(r["kind"] == "conv" and ".resnets." in r["name"] for r in sparsedit.last_stats(unet)["layers"])
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tile", [4, 1])
+def test_fused_shortcuts_are_not_cached_and_read_only_what_they_computed(tile):
+    """The fused block's 1x1 shortcut is computed into scratch (NaN-filled here) and not cached: the result matches
+    the unfused path, where the shortcut is a cached layer of its own, and no NaN leaks from unwritten pixels."""
+    x, x_edit, region, t = inputs(64, 64)
+    results = []
+    for fused in (True, False):
+        unet = tiny_unet(attention=True)
+        sparsedit.sparsify_(unet, SparseConfig(tile_size=tile, input_dilation=5, poison_scratch=True))
+        for m in unet.modules():
+            if type(m).__name__ == "ResnetBlock2D":
+                m._sparsedit_handler.fused = fused
+        with sparsedit.capturing(unet):
+            unet(x, t)
+        keys = {k[0] for k in sparsedit.spatial.sparse_state(unet).cache.keys()}
+        assert any("conv_shortcut" in k for k in keys) != fused
+        with sparsedit.editing(unet, region=region):
+            results.append(unet(x_edit, t).sample)
+    assert not torch.isnan(results[0]).any()
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)

@@ -284,7 +284,11 @@ class ResnetBlock2DHandler(SparseHandler):
             else:
                 h = m.norm2(h)
             h = m.conv2(m.dropout(m.nonlinearity(h)))
-        shortcut = m.conv_shortcut(x) if m.conv_shortcut is not None else x
+        if m.conv_shortcut is not None:
+            with _no_store(st):  # sparse runs read the shortcut only where they recompute it (conv2's tiles)
+                shortcut = m.conv_shortcut(x)
+        else:
+            shortcut = x
         out = (shortcut + h) / m.output_scale_factor
         st.cache.put(key, out=out)
         return out
@@ -313,7 +317,12 @@ class ResnetBlock2DHandler(SparseHandler):
         p2 = act.fold(h, st.key(act.name), Prologue(scale, shift))
         if m.dropout.training and m.dropout.p > 0:
             raise RuntimeError(f"{self.name}: Dropout in training mode is random; call model.eval() before editing.")
-        skip = handler_of(m.conv_shortcut).sparse(x) if m.conv_shortcut is not None else x
+        skip = x
+        if m.conv_shortcut is not None:
+            # The 1x1 shortcut's output tiles are exactly conv2's (the same region at the same resolution and tile
+            # size), and conv2's scatter reads the residual only there, so it is computed into scratch and not cached;
+            # a dense fallback blends the scratch's unwritten pixels away (or computed them all).
+            skip = handler_of(m.conv_shortcut).sparse(x, into=st.scratch(out))
         return handler_of(m.conv2).sparse(h, p2, residual=skip, into=out)
 
 

@@ -113,6 +113,7 @@ class SparseState:
     _tainted: dict[int, weakref.ref] = field(default_factory=dict)
     plan: Plan = field(default_factory=lambda: Plan(None))
     lazy: list[weakref.ref] = field(default_factory=list)  # LazyConcat tensors made in this run
+    _scratch: dict[int, weakref.ref] = field(default_factory=dict)  # scratch maps made in this run
     laps: dict[str, float] | None = None
     _lap_t: float = 0.0
 
@@ -134,6 +135,7 @@ class SparseState:
         self.lazy.clear()
         self._regions.clear()
         self._tainted.clear()
+        self._scratch.clear()
 
     def key(self, name: str) -> tuple:
         """Cache key of the next call of layer `name` in this run (a layer called twice gets two entries)."""
@@ -149,7 +151,16 @@ class SparseState:
     def needs_undo(self, target: torch.Tensor) -> bool:
         """Whether an in-place write into `target` (a cached buffer) must be undo-logged: not when it is a working
         copy in an uncommitted run, which is dropped at the end of the run anyway."""
+        if id(target) in self._scratch and self._scratch[id(target)]() is target:
+            return False
         return self.commit or not self.cache.is_copy(target)
+
+    def scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """A map shaped like `like` that a layer writes its tiles into instead of a cached buffer (its readers read
+        only what it wrote): never undo-logged, dropped after the run. NaN-filled under `poison_scratch`."""
+        t = torch.full_like(like, float("nan")) if self.config.poison_scratch else torch.empty_like(like)
+        self._scratch[id(t)] = weakref.ref(t)
+        return t
 
     def rollback(self) -> None:
         while self.undo:
