@@ -141,8 +141,8 @@ class SparseConfig(_ConfigMixin):
             1 for maps up to 32 px high with at least 256 channels (the deep stages of a UNet, where 8 px tiles
             cover most of the map and the weights are large enough for one GEMM to pay), 8 elsewhere. Measured
             (BENCHMARKS.md): SD 1.5 at 1.4% 2.9x with 8 everywhere, 4.2x with pixels at 16 and 8 px, 5.3x with
-            pixels at 32 px too, at the same PSNR. Small, thin maps keep 8 px tiles: their larger recomputed area is what keeps approximate
-            (frozen-statistics) edits close to dense.
+            pixels at 32 px too, at the same PSNR. Small, thin maps keep 8 px tiles: their larger recomputed area
+            is what keeps approximate (frozen-statistics) edits close to dense.
         dilation (`int`, defaults to `1`):
             Approximate mode only: pixels of dilation added to the region at every resolution of the pyramid.
         input_dilation (`int`, defaults to `0`):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import SparseConfig
 from ..regions import BlockIndex, Geometry, block_index, dilate, propagate, pyramid_level, repeat_region
@@ -113,7 +114,7 @@ class SparseState:
     _tainted: dict[int, weakref.ref] = field(default_factory=dict)
     plan: Plan = field(default_factory=lambda: Plan(None))
     lazy: list[weakref.ref] = field(default_factory=list)  # LazyConcat tensors made in this run
-    _scratch: dict[int, weakref.ref] = field(default_factory=dict)  # scratch maps made in this run
+    _scratch: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)  # scratch maps made in this run
     laps: dict[str, float] | None = None
     _lap_t: float = 0.0
 
@@ -151,7 +152,7 @@ class SparseState:
     def needs_undo(self, target: torch.Tensor) -> bool:
         """Whether an in-place write into `target` (a cached buffer) must be undo-logged: not when it is a working
         copy in an uncommitted run, which is dropped at the end of the run anyway."""
-        if id(target) in self._scratch and self._scratch[id(target)]() is target:
+        if target in self._scratch:
             return False
         return self.commit or not self.cache.is_copy(target)
 
@@ -159,7 +160,7 @@ class SparseState:
         """A map shaped like `like` that a layer writes its tiles into instead of a cached buffer (its readers read
         only what it wrote): never undo-logged, dropped after the run. NaN-filled under `poison_scratch`."""
         t = torch.full_like(like, float("nan")) if self.config.poison_scratch else torch.empty_like(like)
-        self._scratch[id(t)] = weakref.ref(t)
+        self._scratch[t] = True
         return t
 
     def rollback(self) -> None:

@@ -182,7 +182,8 @@ class ReferenceBackend(Backend):
     def _gather_unique(self, x, uniq, n, th, tw, scale, shift, activation, slope, params, weight):
         """`gather` with a prologue on tiles that overlap (pixel tiles read 3x3 windows around neighbouring pixels):
         the prologue runs once per distinct pixel read, then the tiles index the result. The same arithmetic per
-        value as the direct path, so the same bits; the index is built once per `origins` tensor (a plan holds it)."""
+        value as the direct path (an activation's vectorised and scalar loops may differ in the last bit); the index
+        is built once per `origins` tensor (a plan holds it)."""
         b, c = x.shape[:2]
         uniq, inverse, bounds = uniq
         rows = _pixel_rows(x).index_select(0, uniq)
@@ -205,15 +206,7 @@ class ReferenceBackend(Backend):
         b, c, h, w = out.shape
         n, _, th, tw = tiles.shape
 
-        def build():
-            rows, cols = _tile_grid(origins, th, tw)
-            return (
-                rows,
-                cols,
-                ((origins[:, 0][:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]).reshape(-1),
-            )
-
-        rows, cols, lin = _memo(origins, ("scatter", b, h, w, th, tw), build)
+        lin = _tile_index(origins, b, h, w, th, tw, "zeros")[0].reshape(-1)  # tiles lie inside: nothing clamps
         vals = tiles.permute(0, 2, 3, 1).reshape(-1, c)
         if residual is not None:
             vals = vals + _pixel_rows(residual).index_select(0, lin)
@@ -222,6 +215,7 @@ class ReferenceBackend(Backend):
         if rows_view.is_contiguous():
             rows_view.view(-1, c).index_copy_(0, lin, vals)
         else:
+            rows, cols = _tile_grid(origins, th, tw)
             bi = origins[:, 0][:, None, None]
             out[bi, :, rows[:, :, None], cols[:, None, :]] = vals.view(n, th, tw, c)
 
