@@ -25,7 +25,8 @@ from torch.utils._pytree import tree_map
 
 from .cache import ActivationCache, StaleCacheError, module_fingerprint
 from .config import SparseConfig
-from .nn.base import SparseHandler, UnsupportedLayerError, handler_for, is_dense_safe
+from .nn.base import SparseHandler, UnsupportedLayerError, handler_for, handler_of, is_dense_safe
+from .nn.layers import PointwiseHandler, WindowedHandler
 from .nn.state import Mode, SparseState
 from .nn.tracking import RegionTracking
 from .regions import as_region, check_region_type, difference_mask, dilate
@@ -214,11 +215,34 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
         attach.attach(h)
     for h in reversed(handlers):  # descendants first: a container's plan may read its children's
         h.prepare()
+    _defer_heads(model)
     att = _Attachment(state, handlers, [])
     att.strategy = attach
     att.hooks.append(model.register_forward_pre_hook(_make_pre_hook(model, att), with_kwargs=True))
     att.hooks.append(model.register_forward_hook(_make_post_hook(att), with_kwargs=True, always_call=True))
     model.__dict__["_sparsedit"] = att
+
+
+# Output heads called one after another from a parent's `forward` (diffusers' UNets, VAE encoder and decoder).
+_HEADS = (("conv_norm_out", "conv_act", "conv_out"),)
+
+
+def _defer_heads(model: nn.Module) -> None:
+    """Mark the pointwise layers of output heads as deferred: their outputs are not cached, and the windowed layer
+    after them gathers from their input with them folded in (virtual.py). Correct whatever the parent's `forward`
+    does with them (any other reader fills the lazy output densely); it only saves the two cached maps."""
+    for module in model.modules():
+        for names in _HEADS:
+            layers = [getattr(module, n, None) for n in names]
+            if not all(isinstance(m, nn.Module) for m in layers):
+                continue
+            *pointwise, consumer = map(handler_of, layers)
+            if not (isinstance(consumer, WindowedHandler) and all(isinstance(h, PointwiseHandler) for h in pointwise)):
+                continue
+            for h in reversed(pointwise):  # from the consumer back, while each one folds into the next
+                if not h.pointwise:
+                    break
+                h.defer = True
 
 
 def unsparsify_(model: nn.Module) -> None:

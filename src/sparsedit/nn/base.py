@@ -21,7 +21,7 @@ from .. import ops
 from ..regions import BlockIndex, Geometry
 from .state import LayerRecord, Mode, SparseState
 from .tracking import untracked
-from .virtual import LazyConcat
+from .virtual import LazyConcat, LazyPointwise
 
 
 __all__ = [
@@ -120,6 +120,27 @@ class Prologue:
         if self.activation != "identity":
             return None
         return Prologue(self.scale, self.shift, activation, slope, tuple(params), weight)
+
+    def then(self, other: Prologue) -> Prologue | None:
+        """This prologue followed by `other`, as one (`None` when an affine would follow a nonlinearity)."""
+        if other is IDENTITY:
+            return self
+        p = self
+        if other.scale is not None or other.shift is not None:
+            p = p.then_affine(other.scale, other.shift)
+            if p is None:
+                return None
+        return p.then_activation(other.activation, other.slope, other.params, other.weight)
+
+    @staticmethod
+    def unwrap(x: torch.Tensor, prologue: Prologue) -> tuple[torch.Tensor, Prologue]:
+        """A deferred pointwise input (`LazyPointwise`) as its source and the prologue that makes it, folded in
+        front of `prologue`; other inputs as they are."""
+        if isinstance(x, LazyPointwise) and not x.filled:
+            folded = x.prologue.then(prologue)
+            if folded is not None:
+                return x.source, folded
+        return x, prologue
 
     def apply_dense(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,7 +13,8 @@ from ..regions import Geometry, block_index, propagate
 from .base import IDENTITY, Prologue, SparseHandler, UnsupportedLayerError, register_handler
 from .resample import SEPARABLE_MODES, propagate_resample, resample_tiles, taps_for
 from .state import LayerRecord
-from .tracking import padded_region
+from .tracking import padded_region, untracked
+from .virtual import LazyPointwise, _plain
 
 
 __all__ = [
@@ -64,6 +67,7 @@ class WindowedHandler(SparseHandler):
         st = self.state
         key = st.key(self.name)
         buf = into if into is not None else self.buffer(key)
+        x, prologue = Prologue.unwrap(x, prologue)  # a deferred norm/activation: read its input's tiles
         region = self.output_region(st.region_of(x), self.geometry, tuple(buf.shape[-2:]))
         if residual is not None:
             region = st.union(region, st.region_of(residual))
@@ -209,6 +213,17 @@ class PointwiseHandler(SparseHandler):
     pointwise = True
     consumes_prologue = True
     affine = False  # a per-channel affine (True) or an activation (False), for static fusion planning
+    # Deferred (a model's output head, see `spatial._defer_heads`): the capture stores no output, and a sparse run
+    # returns a `LazyPointwise` that the next windowed layer folds into its gather.
+    defer = False
+
+    def capture(self, key, out, *args, **kwargs):
+        if not self.defer:
+            super().capture(key, out, *args, **kwargs)
+
+    def reads_input(self) -> bool:
+        """Whether `prologue(x, key)` reads `x`'s values (not just its shape)."""
+        return False
 
     def prologue(self, x: torch.Tensor, key) -> Prologue:
         raise NotImplementedError
@@ -227,6 +242,8 @@ class PointwiseHandler(SparseHandler):
     def sparse(self, x, prologue: Prologue = IDENTITY, into=None):
         st = self.state
         key = st.key(self.name)
+        if self.defer and into is None:
+            return self._deferred(x, key, prologue)
         buf = into if into is not None else self.buffer(key)
         p = self.fold(x, key, prologue)
         region = st.region_of(x)
@@ -241,6 +258,27 @@ class PointwiseHandler(SparseHandler):
             None,
             p,
         )
+        st.set_region(out, region)
+        return out
+
+    def _deferred(self, x, key, prologue: Prologue) -> torch.Tensor:
+        """This layer's output as a `LazyPointwise` of its (unwrapped) input: nothing is computed here."""
+        st = self.state
+        region = st.region_of(x)
+        source, pro = x, prologue
+        if isinstance(x, LazyPointwise) and not x.filled and not self.reads_input():
+            source, pro = x.source, x.prologue.then(prologue)
+        mine = self.prologue(source, key)
+        folded = None if pro is None else pro.then(mine)
+        macs = self.macs_dense(x)
+        if folded is None:  # does not fold into one scale/shift + activation: compute it whole (nothing was cached)
+            with untracked():
+                out = mine.apply_dense(prologue.apply_dense(_plain(x)))
+            st.record(LayerRecord(self.name, self.kind, tuple(x.shape[-2:]), macs, macs, 1.0, "deferred, unfoldable"))
+        else:
+            out = LazyPointwise.of(source, folded)
+            st.lazy.append(weakref.ref(out))
+            st.record(LayerRecord(self.name, self.kind, tuple(x.shape[-2:]), macs, 0, 0.0))
         st.set_region(out, region)
         return out
 
@@ -358,6 +396,9 @@ class GroupNormHandler(PointwiseHandler):
 
     def _grid(self, h: int) -> int:
         return self.state.config.tile_for(h)
+
+    def reads_input(self) -> bool:
+        return self.state.config.norm_stats != "frozen"
 
     def capture(self, key, out, x, *args, **kwargs):
         super().capture(key, out)

@@ -7,6 +7,13 @@ a `LazyConcat`: a tensor of the right shape and layout whose memory is allocated
 parts. Gathers read tiles straight from the parts (`Prologue.gather`); any other use of the tensor (a torch function
 the engine has not taught to read parts, a dense fallback, user code) first fills it with the real concatenation, so
 every reader sees correct values. Nothing outlives the run unfilled: `SparseState.end_run` fills what is left.
+
+A model's output head (diffusers' `conv_norm_out` → `conv_act` → `conv_out`, in the UNets and both VAE halves) is
+called from the parent's `forward`, not from an `nn.Sequential`, so no static chain fuses it. Its norm and activation
+are marked *deferred* (`spatial._defer_heads`): the capture does not store their outputs, and during a sparse run they
+return a `LazyPointwise` (their input and the folded scale/shift + activation) that the next windowed layer gathers
+from directly, applying the prologue to the input's tiles. Any other reader fills it with the prologue applied to the
+whole (complete) input, which is what the layers compute densely, so correctness never depends on the dataflow.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import torch
 
 
-__all__ = ["LazyConcat"]
+__all__ = ["LazyConcat", "LazyPointwise"]
 
 # Torch functions that read a tensor's metadata, never its values: they leave a lazy tensor lazy.
 _METADATA = {
@@ -37,11 +44,38 @@ _METADATA = {
 }
 
 
-class LazyConcat(torch.Tensor):
+class _Lazy(torch.Tensor):
+    """A feature map allocated but not yet written: any torch function other than a metadata read fills it first."""
+
+    filled: bool
+
+    def materialize(self) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _METADATA:
+            for a in (*args, *kwargs.values()):
+                for t in a if isinstance(a, (list, tuple)) else (a,):
+                    if isinstance(t, _Lazy):
+                        t.materialize()
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a plain tensor, filled first if it is lazy."""
+    if isinstance(t, _Lazy):
+        t.materialize()
+        return t.as_subclass(torch.Tensor)
+    return t
+
+
+class LazyConcat(_Lazy):
     """`torch.cat(parts, dim=1)`, not yet computed. Create with `LazyConcat.of(parts)`."""
 
     parts: tuple[torch.Tensor, ...]
-    filled: bool
 
     @staticmethod
     def of(parts) -> LazyConcat:
@@ -52,28 +86,42 @@ class LazyConcat(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             storage = torch.empty(shape, dtype=first.dtype, device=first.device, memory_format=fmt)
         t = torch.Tensor._make_subclass(LazyConcat, storage)
-        t.parts = tuple(p.as_subclass(torch.Tensor) if isinstance(p, LazyConcat) and p.filled else p for p in parts)
+        t.parts = tuple(p.as_subclass(torch.Tensor) if isinstance(p, _Lazy) and p.filled else p for p in parts)
         t.filled = False
         return t
 
     def materialize(self) -> None:
         if self.filled:
             return
-        for p in self.parts:
-            if isinstance(p, LazyConcat):
-                p.materialize()
+        parts = [_plain(p) for p in self.parts]
         with torch._C.DisableTorchFunctionSubclass():
-            torch.cat([p.as_subclass(torch.Tensor) for p in self.parts], dim=1, out=self.as_subclass(torch.Tensor))
+            torch.cat(parts, dim=1, out=self.as_subclass(torch.Tensor))
         self.filled = True
         self.parts = ()
 
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func not in _METADATA:
-            for a in (*args, *kwargs.values()):
-                for t in a if isinstance(a, (list, tuple)) else (a,):
-                    if isinstance(t, LazyConcat):
-                        t.materialize()
+
+class LazyPointwise(_Lazy):
+    """`prologue.apply_dense(source)` (a per-channel affine, then an activation), not yet computed. Create with
+    `LazyPointwise.of(source, prologue)`; a windowed layer reads `source` and `prologue` instead of the values."""
+
+    source: torch.Tensor
+    prologue: object  # nn.base.Prologue (not imported here: base imports this module)
+
+    @staticmethod
+    def of(source: torch.Tensor, prologue) -> LazyPointwise:
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            storage = torch.empty_like(source.as_subclass(torch.Tensor))
+        t = torch.Tensor._make_subclass(LazyPointwise, storage)
+        t.source = source.as_subclass(torch.Tensor) if isinstance(source, _Lazy) and source.filled else source
+        t.prologue = prologue
+        t.filled = False
+        return t
+
+    def materialize(self) -> None:
+        if self.filled:
+            return
+        source = _plain(self.source)
+        with torch._C.DisableTorchFunctionSubclass():
+            self.as_subclass(torch.Tensor).copy_(self.prologue.apply_dense(source))
+        self.filled = True
+        self.source = None
