@@ -192,3 +192,27 @@ def test_cache_budget_counts_the_controlnet(pipe):
         probe.remove()
     estimate = refused.value.needs["as configured"]
     assert controlnet > 0.1 * need and 0.9 * need <= estimate <= 1.2 * need  # the ControlNet's share is counted
+
+
+def test_controlnet_weights_are_checked_once_per_edit_and_a_change_is_refused(pipe, monkeypatch):
+    import sparsedit.spatial as spatial
+
+    x, c = rand(0), rand(1)
+    editor = SparseEditor(pipe, CONFIG)
+    weight = pipe.controlnet.conv_in.weight.detach().clone()
+    try:
+        editor.capture(image=x, control_image=c, generator=gen(), **KW)
+        calls = []
+        real = spatial._fingerprint
+        monkeypatch.setattr(spatial, "_fingerprint", lambda model, *a: calls.append(model) or real(model, *a))
+        editor.edit(control_image=painted(c), output_type="pt", commit=False)
+        # One fingerprint per model per edit (the UNet and the ControlNet at their first sparse step), not per step.
+        assert sum(m is pipe.controlnet for m in calls) == 1 and sum(m is pipe.unet for m in calls) == 1
+        with torch.no_grad():
+            pipe.controlnet.conv_in.weight.add_(1e-3)
+        with pytest.raises(StaleCacheError):
+            editor.edit(control_image=painted(c, value=0.1), output_type="pt")
+    finally:
+        with torch.no_grad():
+            pipe.controlnet.conv_in.weight.copy_(weight)
+        editor.remove()

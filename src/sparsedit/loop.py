@@ -494,10 +494,18 @@ class Loop:
             totals["macs_sparse"] += stats["macs_sparse"]
 
         def run_control(i, call_control, n):
+            # Like the UNet's: the ControlNet's weights are compared with the capture's at its first step only.
             with (
-                editing(controlnet, region=keep.repeat(n, 1, 1), commit=commit, changeable=changeable),
+                editing(
+                    controlnet,
+                    region=keep.repeat(n, 1, 1),
+                    commit=commit,
+                    changeable=changeable,
+                    check_weights=not checked["controlnet"],
+                ),  # fmt: skip
                 scope(controlnet, i),
             ):
+                checked["controlnet"] = True
                 out = call_control()
                 stats, regions = last_stats(controlnet, detail=False), output_regions(controlnet)
             count(stats)
@@ -547,7 +555,7 @@ class Loop:
         if prefetching is None:
             prefetching = unet.device.type == "cuda"
         unet_time = defaultdict(float)
-        checked = {"unet": False}  # whether a step of this edit has compared the UNet's fingerprint yet
+        checked = {"unet": False, "controlnet": False}  # whether a step of this edit compared the fingerprint yet
         reasons = {}  # why UNet steps ran as plain dense forwards
         self.extra_macs = 0
         changeable = ("encoder_hidden_states",) if self.latent else ()
