@@ -171,6 +171,12 @@ class Prologue:
 IDENTITY = Prologue()
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor | None:
+    """A channels-last `[B, C, H, W]` map as pixel rows `[1, B*H*W, C]` (a view), or `None` for other layouts."""
+    v = t.permute(0, 2, 3, 1)
+    return v.reshape(1, -1, t.shape[1]) if v.is_contiguous() else None
+
+
 class SparseHandler:
     """Runs one module in the mode its `SparseState` says. Subclasses implement `sparse` (and may extend capture)."""
 
@@ -264,6 +270,9 @@ class SparseHandler:
         st = self.state
         origins = bi.origins
         undo = st.needs_undo(buf)
+        if st.config.exact and bi.num_blocks and _rows(buf) is not None:
+            self._write_inside(buf, bi, new, region, residual, undo)
+            return
         old = ops.gather(buf, origins, bi.tile) if undo or st.config.exact else None
         if undo:
             st.remember(lambda: ops.scatter(buf, old, origins))
@@ -274,6 +283,36 @@ class SparseHandler:
             ops.scatter(buf, torch.where(inside, new.to(buf.dtype), old), origins)
         else:
             ops.scatter(buf, new, origins, residual)
+
+    def _write_inside(self, buf, bi, new, region, residual, undo) -> None:
+        """Exact mode: write only the tile pixels inside `region` (a row scatter of the pixels that changed), so the
+        positions outside stay bit-identical without reading the old tiles back and blending them."""
+        st = self.state
+        rows = _rows(buf)
+        c = buf.shape[1]
+
+        def build():
+            b, _, h, w = buf.shape
+            th, tw = bi.tile
+            grid_r = bi.origins[:, 1:2] + torch.arange(th, device=buf.device)
+            grid_c = bi.origins[:, 2:3] + torch.arange(tw, device=buf.device)
+            lin = (bi.origins[:, 0][:, None, None] * h + grid_r[:, :, None]) * w + grid_c[:, None, :]
+            sel = bi.mask_tiles(region).reshape(-1).nonzero().squeeze(1)
+            return lin.reshape(-1).index_select(0, sel), sel
+
+        lin, sel = st.memo(("inside rows", id(bi), id(region), tuple(buf.shape)), (bi, region), build)
+        vals = new.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, sel)
+        if residual is not None:
+            res = _rows(residual)
+            if res is None:
+                res_tiles = ops.gather(residual, bi.origins, bi.tile)
+                vals = vals + res_tiles.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, sel)
+            else:
+                vals = vals + ops.gather_tokens(res, lin)
+        if undo:
+            old = ops.gather_tokens(rows, lin)
+            st.remember(lambda: ops.scatter_tokens(rows, old, lin))
+        ops.scatter_tokens(rows, vals.to(buf.dtype), lin)
 
     def write_dense(self, buf, new, region, residual=None) -> torch.Tensor:
         """Dense fallback: the full map was computed; keep the cached values outside `region`. Returns the layer's

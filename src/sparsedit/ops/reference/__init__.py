@@ -220,7 +220,7 @@ class ReferenceBackend(Backend):
             out[bi, :, rows[:, :, None], cols[:, None, :]] = vals.view(n, th, tw, c)
 
     def gather_tokens(self, x, index, poison):
-        vals = x.reshape(-1, x.shape[-1])[index]
+        vals = x.reshape(-1, x.shape[-1]).index_select(0, index)
         if not poison:
             return vals
         out = torch.full_like(vals, float("nan"))
@@ -229,5 +229,5 @@ class ReferenceBackend(Backend):
 
     def scatter_tokens(self, out, tokens, index, residual):
         flat = out.view(-1, out.shape[-1])
-        vals = tokens if residual is None else tokens + residual.reshape(-1, residual.shape[-1])[index]
-        flat[index] = vals.to(out.dtype)
+        vals = tokens if residual is None else tokens + residual.reshape(-1, residual.shape[-1]).index_select(0, index)
+        flat.index_copy_(0, index, vals.to(out.dtype))
