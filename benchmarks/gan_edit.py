@@ -34,8 +34,13 @@ def main():
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.012, 0.05, 0.2])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tile", type=int, default=None, help="output tile edge (default: 4 exact, 8 approximate; 0: the engine's default, "
-                    "SparseConfig(tile_size=None), which GANEditor uses)")
+    ap.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="output tile edge (default: 4 exact, 8 approximate; 0: the engine's default, "
+        "SparseConfig(tile_size=None), which GANEditor uses)",
+    )
     ap.add_argument("--modes", nargs="+", choices=["exact", "approximate"], default=["exact", "approximate"])
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/gan_edit.json"))
@@ -48,7 +53,9 @@ def main():
     configs = {
         "exact": SparseConfig(exact=True, tile_size=4 if args.tile is None else (args.tile or None)),
         # SIGE's GauGAN setting: fixed per-resolution masks (the label change dilated by 1, resampled, dilated by 1)
-        "approximate": SparseConfig(exact=False, input_dilation=1, dilation=1, tile_size=8 if args.tile is None else (args.tile or None)),
+        "approximate": SparseConfig(
+            exact=False, input_dilation=1, dilation=1, tile_size=8 if args.tile is None else (args.tile or None)
+        ),
     }
     configs = {k: v for k, v in configs.items() if k in args.modes}
     print(f"GauGAN Cityscapes 256x512, batch 1, {args.dtype}, threads {torch.get_num_threads()}, torch "
