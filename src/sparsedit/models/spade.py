@@ -14,7 +14,6 @@ local, so `SparseConfig(exact=True)` reproduces the dense output to float tolera
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -26,9 +25,7 @@ from .. import ops
 from ..config import SparseConfig
 from ..nn.base import Prologue, SparseHandler, handler_of, register_handler
 from ..nn.blocks import Add, _no_store
-from ..nn.layers import ConvHandler
 from ..nn.state import LayerRecord, Mode
-from ..nn.tracking import untracked
 from ..regions import Geometry
 from .labels import encode_labels
 
@@ -326,20 +323,6 @@ class SPADEHandler(SparseHandler):
         self.relu = handler_of(m.mlp_shared[1])
         parts = (self.norm, self.shared, self.gamma, self.beta, self.relu)
         self.fused = all(h is not None for h in parts) and self.norm.pointwise
-        g, b = m.mlp_gamma, m.mlp_beta
-        # gamma and beta read the same hidden tiles through the same window: one gather and one conv with both
-        # weights stacked (2C outputs) instead of two of each.
-        self.paired = (
-            self.fused
-            and isinstance(self.gamma, ConvHandler)
-            and isinstance(self.beta, ConvHandler)
-            and self.gamma.geometry == self.beta.geometry
-            and self.gamma.padding_mode == self.beta.padding_mode == "zeros"
-            and g.weight.shape == b.weight.shape
-            and g.groups == b.groups == 1
-            and g.dilation == b.dilation == (1, 1)
-            and (g.bias is None) == (b.bias is None)
-        )
 
     def macs_per_position(self, out):
         return 2 * out.shape[1]
@@ -375,11 +358,8 @@ class SPADEHandler(SparseHandler):
             segmap = F.interpolate(segmap, size=x.shape[-2:], mode="nearest")  # region tracking follows it
         hidden = self.shared.sparse(segmap)
         st.key(self.relu.name)  # the ReLU (folded into the gathers below) takes its call index, as in the capture
-        if self.paired:
-            gamma, beta = self._gamma_beta(hidden)
-        else:
-            gamma = self.gamma.sparse(hidden, _RELU)
-            beta = self.beta.sparse(hidden, _RELU)
+        gamma = self.gamma.sparse(hidden, _RELU)
+        beta = self.beta.sparse(hidden, _RELU)
         norm = self.norm.prologue(x, st.key(self.norm.name))
         region = st.union(st.region_of(x), st.region_of(gamma), st.region_of(beta))
         poison = st.config.poison_scratch
@@ -395,73 +375,6 @@ class SPADEHandler(SparseHandler):
         out = self.run_tiles(x, region, _POINT, compute, compute_dense, buf, None, norm)
         st.set_region(out, region)
         return out
-
-    def _pair_weight(self):
-        g, b = self.module.mlp_gamma, self.module.mlp_beta
-        stamp = (g.weight, g.weight._version, b.weight, b.weight._version, g.weight.dtype)
-        if b.bias is not None:
-            stamp += (g.bias._version, b.bias._version)
-        cached = getattr(self, "_pair", None)
-        if cached is None or cached[0] != stamp:
-            w = torch.cat([g.weight.detach(), b.weight.detach()])
-            bias = None if g.bias is None else torch.cat([g.bias.detach(), b.bias.detach()])
-            pixels = (
-                w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
-            )  # rows of (ky, kx, c), see apply_pixels
-            cached = (stamp, w, bias, pixels)
-            self._pair = cached
-        return cached[1:]
-
-    def _gamma_beta(self, hidden):
-        """`mlp_gamma(relu(hidden))` and `mlp_beta(relu(hidden))` as one sparse layer: both outputs have the same
-        region and tiles, so one gather feeds one conv with the weights stacked, and each half is written into its
-        own cached buffer."""
-        st = self.state
-        g, b = self.gamma, self.beta
-        gbuf = g.buffer(st.key(g.name))
-        bbuf = b.buffer(st.key(b.name))
-        c = gbuf.shape[1]
-        region = g.output_region(st.region_of(hidden), g.geometry, tuple(gbuf.shape[-2:]))
-        poison = st.config.poison_scratch
-        kernel, stride = self.module.mlp_gamma.kernel_size, self.module.mlp_gamma.stride
-        padding = g.geometry.padding
-        stash = {}
-
-        def compute(x_, bi, p):
-            tiles = p.gather(x_, bi.input_origins(), bi.input_tile, poison)
-            st.lap("gather")
-            w, bias, pixels = self._pair_weight()
-            if tiles.shape[-2:] == kernel:  # pixel tiles: one GEMM over the receptive fields
-                n = tiles.shape[0]
-                cols = tiles.permute(0, 2, 3, 1).reshape(n, -1)
-                both = F.linear(cols, pixels.to(cols.dtype), None if bias is None else bias.to(cols.dtype))
-                both = both.reshape(n, -1, 1, 1)
-            else:
-                both = F.conv2d(tiles, w, bias, stride)
-            stash["tiles"] = (bi, both[:, c:])
-            return both[:, :c]
-
-        def compute_dense(x_, p):
-            w, bias, _ = self._pair_weight()
-            both = F.conv2d(p.apply_dense(x_), w, bias, stride, padding)
-            stash["dense"] = both[:, c:]
-            return both[:, :c]
-
-        gamma = g.run_tiles(hidden, region, g.geometry, compute, compute_dense, gbuf, None, _RELU)
-        record = st.records[-1]
-        with untracked():
-            if "tiles" in stash:
-                bi, tiles = stash["tiles"]
-                b.write(bbuf, bi, tiles, region)
-                beta = bbuf
-            elif "dense" in stash:
-                beta = b.write_dense(bbuf, stash["dense"], region)
-            else:
-                beta = bbuf
-        st.records.append(dataclasses.replace(record, name=b.name, seconds=0.0, time={}))
-        st.set_region(gamma, region)
-        st.set_region(beta, region)
-        return gamma, beta
 
 
 @register_handler(SPADEResnetBlock)
