@@ -90,22 +90,14 @@ def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
 def module_fingerprint(model: torch.nn.Module) -> tuple:
     """Identity of a module's weights and LoRA adapters in one pass over its submodules: `weights_fingerprint` of
     each one's own parameters and buffers, and `adapter_state` of the PEFT tuner layers among them. Runs before every
-    sparse run, so it reads no tensor data, and walks the module dicts directly (`modules()` builds a name per
-    submodule: a third of the cost)."""
+    sparse run, so it reads no tensor data."""
     out = []
-    seen = set()
-    stack = [model]
-    while stack:
-        m = stack.pop()
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
+    for m in model.modules():
         tensors = [*m._parameters.values(), *m._buffers.values()]
         if tensors:
-            out.append(tuple((t.data_ptr(), t._version, t.shape, t.dtype) for t in tensors if t is not None))
+            out.append(weights_fingerprint(t for t in tensors if t is not None))
         if isinstance(getattr(m, "scaling", None), dict) and hasattr(m, "merged_adapters"):
             out.append(_tuner_state("", m))
-        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
     return tuple(out)
 
 

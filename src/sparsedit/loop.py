@@ -502,7 +502,7 @@ class Loop:
                     commit=commit,
                     changeable=changeable,
                     check_weights=not checked["controlnet"],
-                ),  # fmt: skip
+                ),
                 scope(controlnet, i),
             ):
                 checked["controlnet"] = True

@@ -266,12 +266,25 @@ class BlockIndex:
         Computed once per index (plans reuse indices across runs); do not modify it in place."""
         return self._input_origins
 
+    @functools.cached_property
+    def _grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch `[N, 1, 1]`, row `[N, th, 1]` and column `[N, 1, tw]` indices of every tile pixel."""
+        th, tw = self.tile
+        rows = self.origins[:, 1:2] + torch.arange(th, device=self.origins.device)
+        cols = self.origins[:, 2:3] + torch.arange(tw, device=self.origins.device)
+        return self.origins[:, 0][:, None, None], rows[:, :, None], cols[:, None, :]
+
     def mask_tiles(self, region: torch.Tensor) -> torch.Tensor:
         """The output-resolution `region` (`[B, H, W]` bool) at each tile: `[N, 1, th, tw]`, reading only the tiles."""
-        th, tw = self.tile
-        rows = self.origins[:, 1:2] + torch.arange(th, device=region.device)
-        cols = self.origins[:, 2:3] + torch.arange(tw, device=region.device)
-        return region[self.origins[:, 0][:, None, None], rows[:, :, None], cols[:, None, :]][:, None]
+        return region[self._grid][:, None]
+
+    def inside_pixels(self, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tile pixels inside `region`: their flat index in the `[B, H, W]` map, and their position among the
+        tiles' `N * th * tw` pixels (in `[N, th, tw]` order)."""
+        _, h, w = region.shape
+        b, rows, cols = self._grid
+        at = self.mask_tiles(region).reshape(-1).nonzero().squeeze(1)
+        return ((b * h + rows) * w + cols).reshape(-1).index_select(0, at), at
 
     @functools.cached_property
     def covered_fraction(self) -> float:

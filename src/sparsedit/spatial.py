@@ -223,8 +223,8 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
     model.__dict__["_sparsedit"] = att
 
 
-# Output heads called one after another from a parent's `forward` (diffusers' UNets, VAE encoder and decoder).
-_HEADS = (("conv_norm_out", "conv_act", "conv_out"),)
+# An output head called one layer after another from a parent's `forward` (diffusers' UNets, VAE encoder and decoder).
+_HEAD = ("conv_norm_out", "conv_act", "conv_out")
 
 
 def _defer_heads(model: nn.Module) -> None:
@@ -232,17 +232,16 @@ def _defer_heads(model: nn.Module) -> None:
     after them gathers from their input with them folded in (virtual.py). Correct whatever the parent's `forward`
     does with them (any other reader fills the lazy output densely); it only saves the two cached maps."""
     for module in model.modules():
-        for names in _HEADS:
-            layers = [getattr(module, n, None) for n in names]
-            if not all(isinstance(m, nn.Module) for m in layers):
-                continue
-            *pointwise, consumer = map(handler_of, layers)
-            if not (isinstance(consumer, WindowedHandler) and all(isinstance(h, PointwiseHandler) for h in pointwise)):
-                continue
-            for h in reversed(pointwise):  # from the consumer back, while each one folds into the next
-                if not h.pointwise:
-                    break
-                h.defer = True
+        layers = [getattr(module, n, None) for n in _HEAD]
+        if not all(isinstance(m, nn.Module) for m in layers):
+            continue
+        *pointwise, consumer = map(handler_of, layers)
+        if not (isinstance(consumer, WindowedHandler) and all(isinstance(h, PointwiseHandler) for h in pointwise)):
+            continue
+        for h in reversed(pointwise):  # from the consumer back, while each one folds into the next
+            if not h.pointwise:
+                break
+            h.defer = True
 
 
 def unsparsify_(model: nn.Module) -> None:

@@ -270,8 +270,9 @@ class SparseHandler:
         st = self.state
         origins = bi.origins
         undo = st.needs_undo(buf)
-        if st.config.exact and bi.num_blocks and _rows(buf) is not None:
-            self._write_inside(buf, bi, new, region, residual, undo)
+        rows = _rows(buf) if st.config.exact else None
+        if rows is not None:
+            self._write_inside(rows, bi, new, region, residual, undo)
             return
         old = ops.gather(buf, origins, bi.tile) if undo or st.config.exact else None
         if undo:
@@ -284,35 +285,24 @@ class SparseHandler:
         else:
             ops.scatter(buf, new, origins, residual)
 
-    def _write_inside(self, buf, bi, new, region, residual, undo) -> None:
-        """Exact mode: write only the tile pixels inside `region` (a row scatter of the pixels that changed), so the
-        positions outside stay bit-identical without reading the old tiles back and blending them."""
+    def _write_inside(self, rows, bi, new, region, residual, undo) -> None:
+        """Exact mode: write only the tile pixels inside `region` into the buffer's pixel rows `rows`, so the positions
+        outside stay bit-identical without reading the old tiles back and blending them."""
         st = self.state
-        rows = _rows(buf)
-        c = buf.shape[1]
-
-        def build():
-            b, _, h, w = buf.shape
-            th, tw = bi.tile
-            grid_r = bi.origins[:, 1:2] + torch.arange(th, device=buf.device)
-            grid_c = bi.origins[:, 2:3] + torch.arange(tw, device=buf.device)
-            lin = (bi.origins[:, 0][:, None, None] * h + grid_r[:, :, None]) * w + grid_c[:, None, :]
-            sel = bi.mask_tiles(region).reshape(-1).nonzero().squeeze(1)
-            return lin.reshape(-1).index_select(0, sel), sel
-
-        lin, sel = st.memo(("inside rows", id(bi), id(region), tuple(buf.shape)), (bi, region), build)
-        vals = new.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, sel)
+        lin, at = st.memo(("inside pixels", id(bi), id(region)), (bi, region), lambda: bi.inside_pixels(region))
+        c = rows.shape[-1]
+        vals = new.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, at)
         if residual is not None:
             res = _rows(residual)
             if res is None:
-                res_tiles = ops.gather(residual, bi.origins, bi.tile)
-                vals = vals + res_tiles.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, sel)
+                res = ops.gather(residual, bi.origins, bi.tile).permute(0, 2, 3, 1).reshape(-1, c).index_select(0, at)
             else:
-                vals = vals + ops.gather_tokens(res, lin)
+                res = ops.gather_tokens(res, lin)
+            vals = vals + res
         if undo:
             old = ops.gather_tokens(rows, lin)
             st.remember(lambda: ops.scatter_tokens(rows, old, lin))
-        ops.scatter_tokens(rows, vals.to(buf.dtype), lin)
+        ops.scatter_tokens(rows, vals.to(rows.dtype), lin)
 
     def write_dense(self, buf, new, region, residual=None) -> torch.Tensor:
         """Dense fallback: the full map was computed; keep the cached values outside `region`. Returns the layer's

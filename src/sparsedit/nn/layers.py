@@ -221,20 +221,11 @@ class PointwiseHandler(SparseHandler):
         if not self.defer:
             super().capture(key, out, *args, **kwargs)
 
-    def reads_input(self) -> bool:
-        """Whether `prologue(x, key)` reads `x`'s values (not just its shape)."""
-        return False
-
     def prologue(self, x: torch.Tensor, key) -> Prologue:
         raise NotImplementedError
 
     def fold(self, x, key, prologue: Prologue) -> Prologue:
-        p = self.prologue(x, key)
-        folded = (
-            prologue.then_affine(p.scale, p.shift)
-            if self.affine
-            else prologue.then_activation(p.activation, p.slope, p.params, p.weight)
-        )
+        folded = prologue.then(self.prologue(x, key))
         if folded is None:  # planning guarantees this never happens
             raise RuntimeError(f"{self.name}: cannot fold into the preceding prologue")
         return folded
@@ -262,21 +253,19 @@ class PointwiseHandler(SparseHandler):
         return out
 
     def _deferred(self, x, key, prologue: Prologue) -> torch.Tensor:
-        """This layer's output as a `LazyPointwise` of its (unwrapped) input: nothing is computed here."""
+        """This layer's output as a `LazyPointwise` of its input (unwrapped if that is lazy too): nothing is computed
+        here. A prologue that reads the input's values (recomputed GroupNorm statistics) fills a lazy input first."""
         st = self.state
         region = st.region_of(x)
-        source, pro = x, prologue
-        if isinstance(x, LazyPointwise) and not x.filled and not self.reads_input():
-            source, pro = x.source, x.prologue.then(prologue)
-        mine = self.prologue(source, key)
-        folded = None if pro is None else pro.then(mine)
+        p = self.prologue(x, key)  # once: recomputed statistics update (and undo-log) their cell sums
+        mine = prologue.then(p)
         macs = self.macs_dense(x)
-        if folded is None:  # does not fold into one scale/shift + activation: compute it whole (nothing was cached)
+        if mine is None:  # does not fold into one scale/shift + activation: compute it whole (nothing was cached)
             with untracked():
-                out = mine.apply_dense(prologue.apply_dense(_plain(x)))
+                out = p.apply_dense(prologue.apply_dense(_plain(x)))
             st.record(LayerRecord(self.name, self.kind, tuple(x.shape[-2:]), macs, macs, 1.0, "deferred, unfoldable"))
         else:
-            out = LazyPointwise.of(source, folded)
+            out = LazyPointwise.of(*Prologue.unwrap(x, mine))
             st.lazy.append(weakref.ref(out))
             st.record(LayerRecord(self.name, self.kind, tuple(x.shape[-2:]), macs, 0, 0.0))
         st.set_region(out, region)
@@ -396,9 +385,6 @@ class GroupNormHandler(PointwiseHandler):
 
     def _grid(self, h: int) -> int:
         return self.state.config.tile_for(h)
-
-    def reads_input(self) -> bool:
-        return self.state.config.norm_stats != "frozen"
 
     def capture(self, key, out, x, *args, **kwargs):
         super().capture(key, out)
