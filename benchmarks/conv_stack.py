@@ -75,6 +75,7 @@ def main():
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.20])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--tiles", type=int, nargs="+", default=[8])
+    ap.add_argument("--dilation", type=int, default=1, help="SparseConfig.dilation: pixels added at every resolution")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
@@ -99,7 +100,7 @@ def main():
                 torch, f"{args.memory_format}_format" if args.memory_format == "contiguous" else "channels_last"
             )
             model = build(args.channels, args.blocks, dtype, fmt)
-            sparsedit.sparsify_(model, SparseConfig(tile_size=tile))
+            sparsedit.sparsify_(model, SparseConfig(tile_size=tile, dilation=args.dilation))
             g = torch.Generator().manual_seed(1)
             x = torch.randn(args.batch, args.channels, args.size, args.size, generator=g).to(dtype)
             x = x.contiguous(memory_format=fmt)
@@ -143,7 +144,7 @@ def main():
         "repeats": args.repeats,
         "torch": torch.__version__,
         "loadavg_end": loadavg(),
-        "config": "SparseConfig(tile_size=tile) (approximate mode, frozen GroupNorm statistics)",
+        "config": f"SparseConfig(tile_size=tile, dilation={args.dilation}) (approximate mode, frozen GroupNorm statistics)",
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -31,6 +31,31 @@ def test_difference_mask_any_channel_and_batch():
         difference_mask(a, b[:1])
 
 
+@given(
+    st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.bool]),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+def test_bit_level_difference_mask_matches_elementwise_inequality(dtype, channels_last, seed):
+    # eps=0 compares raw words (XOR); the reference is plain elementwise `!=` on the same values, which differs
+    # only at NaN (never generated here) and at -0.0 against 0.0, which the bit path calls a change.
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(2, 5, 6, 7, generator=g) * 3).to(dtype)
+    b = a.clone()
+    flat = b.view(-1)
+    picks = torch.randint(0, flat.numel(), (int(torch.randint(0, 6, (1,), generator=g)),), generator=g)
+    for i in picks.tolist():
+        flat[i] = (~flat[i]) if dtype == torch.bool else (-flat[i] if i % 2 else flat[i] + 1)
+    if channels_last:
+        a, b = a.contiguous(memory_format=torch.channels_last), b.contiguous(memory_format=torch.channels_last)
+    expected = (a != b).any(dim=1)
+    if dtype.is_floating_point:
+        expected |= ((a == 0) & (b == 0) & (torch.signbit(a) != torch.signbit(b))).any(dim=1)
+    assert torch.equal(difference_mask(a, b, eps=0), expected)
+    if dtype.is_floating_point:
+        assert difference_mask(torch.tensor([0.0]).view(1, 1, 1), torch.tensor([-0.0]).view(1, 1, 1), eps=0).all()
+
+
 def test_dilate_square():
     r = torch.zeros(1, 7, 7, dtype=torch.bool)
     r[0, 0, 6] = True
