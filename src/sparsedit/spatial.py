@@ -215,6 +215,8 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
         attach.attach(h)
     for h in reversed(handlers):  # descendants first: a container's plan may read its children's
         h.prepare()
+    if hasattr(attach, "prepare"):  # adapters that know their library's blocks (which output feeds what)
+        attach.prepare(model)
     _defer_heads(model)
     att = _Attachment(state, handlers, [])
     att.strategy = attach

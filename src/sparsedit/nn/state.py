@@ -115,6 +115,8 @@ class SparseState:
     plan: Plan = field(default_factory=lambda: Plan(None))
     lazy: list[weakref.ref] = field(default_factory=list)  # LazyConcat tensors made in this run
     _scratch: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)  # scratch maps made in this run
+    # Capture: outputs whose store waits for their reader, which may take them over (`defer_store`).
+    _pending: dict[int, tuple[tuple, torch.Tensor]] = field(default_factory=dict)
     laps: dict[str, float] | None = None
     _lap_t: float = 0.0
 
@@ -125,9 +127,11 @@ class SparseState:
         self._calls.clear()
         self._regions.clear()
         self._tainted.clear()
+        self._pending.clear()
         self.plan.runs += 1
 
     def end_run(self) -> None:
+        self.flush_pending()
         # A lazy tensor still alive (kept by user code or another technique) must not escape the run unfilled.
         for ref in self.lazy:
             t = ref()
@@ -162,6 +166,41 @@ class SparseState:
         t = torch.full_like(like, float("nan")) if self.config.poison_scratch else torch.empty_like(like)
         self._scratch[t] = True
         return t
+
+    def scratch_map(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """`scratch` for a map no tensor is shaped like yet: `[B, C, H, W]`, channels-last like the cache's maps."""
+        t = torch.empty(tuple(shape), dtype=dtype, device=device).to(memory_format=torch.channels_last)
+        if self.config.poison_scratch:
+            t.fill_(float("nan"))
+        self._scratch[t] = True
+        return t
+
+    def is_scratch(self, t) -> bool:
+        return t in self._scratch
+
+    # -- capture: a store its reader may take over ------------------------------------------------------------------
+    def defer_store(self, key: tuple, out: torch.Tensor) -> None:
+        """Capture: store `out` under `key` unless its reader claims it first (`claim_store`): a reader that reads
+        only what the sparse run recomputes (a transformer reads its input at the active pixels only) makes the cached
+        copy dead weight. Stored at the latest when the run ends (`flush_pending`)."""
+        self._pending[id(out)] = (key, out)
+
+    def claim_store(self, x) -> tuple | None:
+        """The key of `x`'s deferred store, which is then never made (the caller reads `x` only where sparse runs
+        recompute it); `None` when `x` has no deferred store. Every other deferred store is made now: they belong to
+        outputs this reader did not receive, so someone else may read them."""
+        hit = self._pending.pop(id(x), None)
+        self.flush_pending()
+        if hit is None or hit[1] is not x:
+            if hit is not None:
+                self.cache.put(hit[0], out=hit[1])
+            return None
+        return hit[0]
+
+    def flush_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for key, out in pending.values():
+            self.cache.put(key, out=out)
 
     def rollback(self) -> None:
         while self.undo:
