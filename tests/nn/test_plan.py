@@ -72,6 +72,33 @@ def test_lazy_concat_and_pixel_tiles_are_exact(data):
         torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_pixel_gemm_reads_the_weight_in_place_in_either_layout(data):
+    """A one-pixel tile's convolution is one GEMM with the layer's own weight storage (no permuted copy), for NCHW
+    and channels-last weights and either tile layout, and equals `F.conv2d` on each tile."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+
+    from sparsedit.nn.base import handler_of
+
+    c_in, c_out = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6))
+    k, n = data.draw(st.sampled_from([1, 3, 5])), data.draw(st.integers(0, 7))
+    torch.manual_seed(data.draw(st.integers(0, 2**31)))
+    conv = nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=data.draw(st.booleans()))
+    layout = data.draw(st.sampled_from([torch.contiguous_format, torch.channels_last]))
+    model = nn.Sequential(conv).to(memory_format=layout)
+    sparsedit.sparsify_(model, SparseConfig(exact=True, tile_size=1))
+    tiles = torch.randn(n, c_in, k, k).contiguous(
+        memory_format=data.draw(st.sampled_from([torch.contiguous_format, torch.channels_last]))
+    )
+    with mock.patch("sparsedit.nn.layers.F.linear", wraps=F.linear) as linear:
+        out = handler_of(conv).apply_pixels(tiles)
+    assert linear.call_args.args[1].untyped_storage().data_ptr() == conv.weight.untyped_storage().data_ptr()
+    torch.testing.assert_close(out, F.conv2d(tiles, conv.weight, conv.bias), rtol=1e-4, atol=1e-4)
+
+
 def test_lazy_concat_fills_itself_for_any_other_reader():
     a, b = torch.randn(1, 2, 3, 3), torch.randn(1, 3, 3, 3)
     lazy = LazyConcat.of([a, b])

@@ -84,38 +84,6 @@ def test_gather_of_overlapping_tiles_applies_the_prologue_once_per_pixel_with_th
 
 
 @given(data=st.data())
-@settings(deadline=None)
-def test_gather_columns_are_the_tiles_in_weight_order(data):
-    """`gather_columns` (im2col rows in a contiguous conv weight's `(c, y, x)` order) equals `gather`'s tiles
-    flattened in that order, on the distinct-pixel path (pixel tiles with a prologue) and on the others, and a
-    convolution of one-pixel tiles with them equals `F.conv2d` on each tile."""
-    b, c = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 6))
-    h, w = data.draw(st.integers(3, 9)), data.draw(st.integers(3, 9))
-    k = data.draw(st.sampled_from([1, 3, 5]))
-    picked = torch.tensor(data.draw(st.lists(st.booleans(), min_size=b * h * w, max_size=b * h * w))).view(b, h, w)
-    torch.manual_seed(data.draw(st.integers(0, 2**31)))
-    bi, yi, xi = picked.nonzero().unbind(1)
-    origins = torch.stack([bi, yi - k // 2, xi - k // 2], 1)
-    x = torch.randn(b, c, h, w).contiguous(memory_format=data.draw(st.sampled_from([torch.contiguous_format,
-                                                                                    torch.channels_last])))  # fmt: skip
-    prologue = data.draw(st.booleans())
-    scale, shift = (torch.randn(b, c), torch.randn(b, c)) if prologue else (None, None)
-    act = data.draw(st.sampled_from(ops.ACTIVATIONS)) if prologue else "identity"
-    weight = torch.rand(c) if act == "prelu" else None
-    mode = data.draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
-    poison = data.draw(st.booleans())
-    kw = {"negative_slope": 0.2, "weight": weight, "padding_mode": mode, "poison": poison}
-    tiles = ops.gather(x, origins, (k, k), scale, shift, act, **kw)
-    for _ in range(2):  # the second call reads the memoised indices
-        cols = ops.gather_columns(x, origins, (k, k), scale, shift, act, **kw)
-        assert cols.shape == (origins.shape[0], c * k * k)
-        torch.testing.assert_close(cols, tiles.reshape(origins.shape[0], c * k * k), rtol=0, atol=0)
-    conv = torch.randn(4, c, k, k)
-    torch.testing.assert_close(F.linear(cols, conv.view(4, -1)), F.conv2d(tiles, conv).view(-1, 4),
-                               rtol=1e-4, atol=1e-4)  # fmt: skip
-
-
-@given(data=st.data())
 def test_scatter_writes_tiles_with_residual(data):
     b, c, h, w = 2, 3, data.draw(st.integers(4, 12)), data.draw(st.integers(4, 12))
     t = data.draw(st.integers(1, 4))

@@ -85,13 +85,8 @@ def pair_token_consumers(model: torch.nn.Module) -> None:
             continue
         for resnet, attn in zip(block.resnets, block.attentions):
             r, a = handler_of(resnet), handler_of(attn)
-            if (
-                isinstance(r, ResnetBlock2DHandler)
-                and r.fused
-                and isinstance(a, Transformer2DHandler)
-                and a.fusable
-                and not r.state.config.exact
-            ):
+            # (a fused ResNet is approximate mode: in exact mode the transformer runs its plain forward)
+            if isinstance(r, ResnetBlock2DHandler) and r.fused and isinstance(a, Transformer2DHandler) and a.fusable:
                 r.feeds_tokens = a.reads_resnet = True
 
 

@@ -162,20 +162,6 @@ class Prologue:
             params=self.params, weight=self.weight, padding_mode=padding_mode,
         )  # fmt: skip
 
-    def gather_columns(self, x, origins, tile, poison=False, padding_mode="zeros"):
-        """`gather`'s tiles as im2col rows `[N, C * th * tw]` in `(c, y, x)` order (`ops.gather_columns`)."""
-        if isinstance(x, LazyConcat) and not x.filled:  # channels are the outer index of a row: parts follow
-            cols, c0 = [], 0
-            for part in x.parts:
-                c1 = c0 + part.shape[1]
-                cols.append(self.channels(c0, c1).gather_columns(part, origins, tile, poison, padding_mode))
-                c0 = c1
-            return torch.cat(cols, dim=1)
-        return ops.gather_columns(
-            x, origins, tile, self.scale, self.shift, self.activation, self.slope, poison,
-            params=self.params, weight=self.weight, padding_mode=padding_mode,
-        )  # fmt: skip
-
     def channels(self, start: int, stop: int) -> Prologue:
         """This prologue restricted to channels `[start, stop)`."""
         pick = lambda t: None if t is None else t[:, start:stop]  # noqa: E731

@@ -163,13 +163,15 @@ class SparseState:
     def scratch(self, like: torch.Tensor) -> torch.Tensor:
         """A map shaped like `like` that a layer writes its tiles into instead of a cached buffer (its readers read
         only what it wrote): never undo-logged, dropped after the run. NaN-filled under `poison_scratch`."""
-        t = torch.full_like(like, float("nan")) if self.config.poison_scratch else torch.empty_like(like)
-        self._scratch[t] = True
-        return t
+        return self._scratch_of(torch.empty_like(like))
 
     def scratch_map(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
         """`scratch` for a map no tensor is shaped like yet: `[B, C, H, W]`, channels-last like the cache's maps."""
-        t = torch.empty(tuple(shape), dtype=dtype, device=device).to(memory_format=torch.channels_last)
+        return self._scratch_of(
+            torch.empty(tuple(shape), dtype=dtype, device=device, memory_format=torch.channels_last)
+        )
+
+    def _scratch_of(self, t: torch.Tensor) -> torch.Tensor:
         if self.config.poison_scratch:
             t.fill_(float("nan"))
         self._scratch[t] = True
@@ -185,17 +187,12 @@ class SparseState:
         copy dead weight. Stored at the latest when the run ends (`flush_pending`)."""
         self._pending[id(out)] = (key, out)
 
-    def claim_store(self, x) -> tuple | None:
-        """The key of `x`'s deferred store, which is then never made (the caller reads `x` only where sparse runs
-        recompute it); `None` when `x` has no deferred store. Every other deferred store is made now: they belong to
-        outputs this reader did not receive, so someone else may read them."""
-        hit = self._pending.pop(id(x), None)
+    def claim_store(self, x) -> None:
+        """Take over `x`'s deferred store, which is then never made (the caller reads `x` only where sparse runs
+        recompute it). Every other deferred store is made now: they belong to outputs this reader did not receive,
+        so someone else may read them. (A pending store holds its tensor, so its id cannot be reused meanwhile.)"""
+        self._pending.pop(id(x), None)
         self.flush_pending()
-        if hit is None or hit[1] is not x:
-            if hit is not None:
-                self.cache.put(hit[0], out=hit[1])
-            return None
-        return hit[0]
 
     def flush_pending(self) -> None:
         pending, self._pending = self._pending, {}

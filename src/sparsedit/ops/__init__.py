@@ -113,31 +113,6 @@ def gather(
     )  # fmt: skip
 
 
-def gather_columns(
-    x: torch.Tensor,
-    origins: torch.Tensor,
-    tile: tuple[int, int],
-    scale: torch.Tensor | None = None,
-    shift: torch.Tensor | None = None,
-    activation: str = "identity",
-    negative_slope: float = 0.01,
-    poison: bool = False,
-    *,
-    params: tuple[float, ...] = (),
-    weight: torch.Tensor | None = None,
-    padding_mode: str = "zeros",
-) -> torch.Tensor:
-    """`gather`'s tiles as im2col rows: `[N, C * th * tw]` in `(c, y, x)` order, the order of a contiguous
-    `Conv2d` weight's `[C_out, C * kh * kw]` view, so a convolution over one-pixel tiles is
-    `F.linear(rows, weight.view(C_out, -1))` with no permuted copy of the weight (a channels-last weight matches
-    `gather`'s `(y, x, c)` memory order instead). Costs one copy of the tiles, which `gather` hands out
-    channels-last."""
-    th, tw = tile
-    tiles = gather(x, origins, tile, scale, shift, activation, negative_slope, poison, params=params, weight=weight,
-                   padding_mode=padding_mode)  # fmt: skip
-    return tiles.contiguous().view(origins.shape[0], x.shape[1] * th * tw)
-
-
 def scatter(
     out: torch.Tensor, tiles: torch.Tensor, origins: torch.Tensor, residual: torch.Tensor | None = None
 ) -> None:

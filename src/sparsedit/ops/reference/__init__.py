@@ -184,13 +184,6 @@ class ReferenceBackend(Backend):
         the prologue runs once per distinct pixel read, then the tiles index the result. The same arithmetic per
         value as the direct path (an activation's vectorised and scalar loops may differ in the last bit); the index
         is built once per `origins` tensor (a plan holds it)."""
-        c = x.shape[1]
-        vals = self._unique_rows(x, uniq, scale, shift, activation, slope, params, weight)
-        return vals.index_select(0, uniq[1]).view(n, th, tw, c).permute(0, 3, 1, 2)
-
-    def _unique_rows(self, x, uniq, scale, shift, activation, slope, params, weight):
-        """The prologue applied once to each distinct pixel the tiles read: `[P + 1, C]`, the last row the zero
-        padding's."""
         b, c = x.shape[:2]
         uniq, inverse, bounds = uniq
         rows = _pixel_rows(x).index_select(0, uniq)
@@ -206,7 +199,8 @@ class ReferenceBackend(Backend):
             parts.append(part)
         vals = torch.cat(parts) if len(parts) > 1 else parts[0]
         vals = apply_activation(vals.T[None, :, :, None], activation, slope, params, weight)[0, :, :, 0].T
-        return torch.cat([vals, vals.new_zeros(1, c)])  # the zero padding's row (index len(uniq))
+        vals = torch.cat([vals, vals.new_zeros(1, c)])  # the zero padding's row (index len(uniq))
+        return vals.index_select(0, inverse).view(n, th, tw, c).permute(0, 3, 1, 2)
 
     def scatter(self, out, tiles, origins, residual):
         b, c, h, w = out.shape
