@@ -96,6 +96,32 @@ def test_block_index_covers_region_exactly_with_tiles(data):
         assert bi.num_blocks == 0
 
 
+@given(data=st.data())
+def test_block_index_covered_and_reads_match_a_per_tile_loop(data):
+    """`covered()` is every pixel a tile computes; `reads(in_hw)` every input pixel a tile's window reads (padding
+    excluded), for strided, padded and dilated geometries."""
+    b, h, w = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 16)), data.draw(st.integers(1, 16))
+    r = data.draw(regions(b, h, w))
+    k, s, p, d = (data.draw(st.integers(lo, hi)) for lo, hi in ((1, 3), (1, 2), (0, 2), (1, 2)))
+    geometry = Geometry.of(k, s, p, d)
+    bi = block_index(r, geometry, data.draw(st.integers(1, 5)))
+    in_hw = (
+        (h - 1) * s + d * (k - 1) + 1 - 2 * p + data.draw(st.integers(0, s - 1)),
+        (w - 1) * s + d * (k - 1) + 1 - 2 * p,
+    )
+    if min(in_hw) < 1:
+        return
+    covered = torch.zeros_like(r)
+    reads = torch.zeros(b, *in_hw, dtype=torch.bool)
+    th, tw = bi.tile
+    ih, iw = bi.input_tile
+    for (bb, y, x), (_, iy, ix) in zip(bi.origins.tolist(), bi.input_origins().tolist()):
+        covered[bb, y : y + th, x : x + tw] = True
+        reads[bb, max(iy, 0) : max(iy + ih, 0), max(ix, 0) : max(ix + iw, 0)] = True
+    assert torch.equal(bi.covered(), covered)
+    assert torch.equal(bi.reads(in_hw), reads)
+
+
 def test_block_index_input_origins_include_halo():
     r = torch.zeros(1, 8, 8, dtype=torch.bool)
     r[0, 0, 0] = True

@@ -297,6 +297,26 @@ class BlockIndex:
         at = self.mask_tiles(region).reshape(-1).nonzero().squeeze(1)
         return ((b * h + rows) * w + cols).reshape(-1).index_select(0, at), at
 
+    def covered(self) -> torch.Tensor:
+        """The output pixels the tiles compute, as a `[B, H, W]` bool map."""
+        mask = torch.zeros(self.out_shape, dtype=torch.bool, device=self.origins.device)
+        b, rows, cols = self._grid
+        mask[b, rows, cols] = True
+        return mask
+
+    def reads(self, in_hw: tuple[int, int]) -> torch.Tensor:
+        """The input pixels the tiles' input windows read (padding excluded), as a `[B, H_in, W_in]` bool map."""
+        ih, iw = in_hw
+        th, tw = self.input_tile
+        o = self.input_origins()
+        pad = th + tw + max(self.geometry.padding)  # windows start at -padding and end within padding of the border
+        ar = lambda n: torch.arange(n, device=o.device)  # noqa: E731
+        rows = (o[:, 1:2] + pad + ar(th))[:, :, None]
+        cols = (o[:, 2:3] + pad + ar(tw))[:, None, :]
+        mask = torch.zeros((self.out_shape[0], ih + 2 * pad, iw + 2 * pad), dtype=torch.bool, device=o.device)
+        mask[o[:, 0][:, None, None], rows, cols] = True
+        return mask[:, pad : pad + ih, pad : pad + iw].contiguous()
+
     @functools.cached_property
     def covered_fraction(self) -> float:
         """Fraction of output positions the tiles compute (counting overlaps once per tile: an upper bound)."""

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 import sparsedit
 from sparsedit import SparseConfig, StaleCacheError
@@ -187,14 +189,17 @@ def test_unet_with_attention_runs_sparse_end_to_end():
     assert (out - want).abs().max() < 0.2 * (want - captured).abs().max()
 
 
-def test_fused_resnet_blocks_match_the_unfused_path():
-    """The fused ResnetBlock2D (norm+SiLU in the gathers, time embedding in the norm shift, shortcut in the scatter)
-    computes the same approximation as running each child layer sparse on its own."""
+def test_fused_resnet_blocks_are_at_least_as_close_to_dense_as_the_unfused_path():
+    """The fused ResnetBlock2D (norm+SiLU in the gathers, time embedding in the norm shift, shortcut in the scatter,
+    conv1 computed where conv2 reads it instead of cached) reads no stale conv1 halo, so it is at least as close to
+    the dense model as running each child layer sparse on its own (measured: RMS error 0.00579 against 0.00589)."""
     x, x_edit, region, t = inputs(64, 64)
-    results = []
+    with torch.no_grad():
+        want = tiny_unet(attention=True)(x_edit, t).sample
+    errors = []
     for fused in (True, False):
         unet = tiny_unet(attention=True)
-        sparsedit.sparsify_(unet, SparseConfig(tile_size=4, input_dilation=5))
+        sparsedit.sparsify_(unet, SparseConfig(tile_size=4, input_dilation=5, poison_scratch=True))
         resnets = [m._sparsedit_handler for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]
         assert resnets and all(h.fused for h in resnets)
         for h in resnets:
@@ -202,29 +207,85 @@ def test_fused_resnet_blocks_match_the_unfused_path():
         with sparsedit.capturing(unet):
             unet(x, t)
         with sparsedit.editing(unet, region=region):
-            results.append(unet(x_edit, t).sample)
+            out = unet(x_edit, t).sample
+        assert torch.isfinite(out).all()
+        errors.append((out - want).pow(2).mean().sqrt().item())
         if fused:
             assert any(r["kind"] == "conv" and ".resnets." in r["name"] for r in sparsedit.last_stats(unet)["layers"])
-    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+    assert errors[0] <= errors[1] * 1.0001
 
 
-@pytest.mark.parametrize("tile", [4, 1])
-def test_fused_shortcuts_are_not_cached_and_read_only_what_they_computed(tile):
-    """The fused block's 1x1 shortcut is computed into scratch (NaN-filled here) and not cached: the result matches
-    the unfused path, where the shortcut is a cached layer of its own, and no NaN leaks from unwritten pixels."""
-    x, x_edit, region, t = inputs(64, 64)
-    results = []
-    for fused in (True, False):
-        unet = tiny_unet(attention=True)
-        sparsedit.sparsify_(unet, SparseConfig(tile_size=tile, input_dilation=5, poison_scratch=True))
-        for m in unet.modules():
-            if type(m).__name__ == "ResnetBlock2D":
-                m._sparsedit_handler.fused = fused
-        with sparsedit.capturing(unet):
-            unet(x, t)
-        keys = {k[0] for k in sparsedit.spatial.sparse_state(unet).cache.keys()}
-        assert any("conv_shortcut" in k for k in keys) != fused
-        with sparsedit.editing(unet, region=region):
-            results.append(unet(x_edit, t).sample)
-    assert not torch.isnan(results[0]).any()
-    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+def _frozen_group_norm(x, gn, ref):
+    """GroupNorm of `x` with the statistics of `ref` (what the fused block's frozen statistics compute)."""
+    b, c = x.shape[:2]
+    var, mean = torch.var_mean(ref.reshape(b, gn.num_groups, -1), dim=-1, unbiased=False)
+    mean = mean.repeat_interleave(c // gn.num_groups, 1)[:, :, None, None]
+    rstd = torch.rsqrt(var + gn.eps).repeat_interleave(c // gn.num_groups, 1)[:, :, None, None]
+    return (x - mean) * rstd * gn.weight[:, None, None] + gn.bias[:, None, None]
+
+
+def _frozen_resnet(m, x, ref, temb):
+    """diffusers' ResnetBlock2D forward with both norms' statistics taken from the capture's input `ref`."""
+    act = torch.nn.functional.silu
+    h_ref = m.conv1(act(m.norm1(ref)))
+    h = m.conv1(act(_frozen_group_norm(x, m.norm1, ref)))
+    t = m.time_emb_proj(act(temb))[:, :, None, None]
+    if m.time_embedding_norm == "default":
+        h, h_ref = h + t, h_ref + t
+        h = _frozen_group_norm(h, m.norm2, h_ref)
+    else:
+        scale, shift = t.chunk(2, dim=1)
+        h = _frozen_group_norm(h, m.norm2, h_ref) * (1 + scale) + shift
+    h = m.conv2(act(h))
+    return (x if m.conv_shortcut is None else m.conv_shortcut(x)) + h
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=hst.data())
+def test_fused_resnet_computes_conv1_fresh_wherever_conv2_reads_it(data):
+    """conv1's output is not cached: the fused block computes it on its tiles and, on demand, at the pixels around
+    them that conv2's windows read. So every pixel the edit recomputes equals the block with frozen statistics run
+    densely on the edited input (no stale halo anywhere), and every other pixel is the capture's, bit for bit.
+    Scratch is NaN-poisoned, so a read of an uncomputed pixel shows. Random masks, shapes, tile sizes (1: pixel
+    tiles), shortcut and time-embedding variants."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    cin = data.draw(hst.sampled_from([8, 16]), label="in")
+    cout = data.draw(hst.sampled_from([8, 16]), label="out")
+    norm = data.draw(hst.sampled_from(["default", "scale_shift"]), label="temb norm")
+    h = data.draw(hst.integers(6, 20), label="h")
+    w = data.draw(hst.integers(6, 20), label="w")
+    tile = data.draw(hst.sampled_from([1, 2, 4, 8]), label="tile")
+    dilation = data.draw(hst.integers(0, 2), label="input dilation")
+    torch.manual_seed(data.draw(hst.integers(0, 2**16), label="seed"))
+    block = ResnetBlock2D(
+        in_channels=cin, out_channels=cout, temb_channels=12, groups=4, time_embedding_norm=norm
+    ).eval()
+    x = torch.randn(2, cin, h, w)
+    temb = torch.randn(2, 12)
+    y0, x0 = data.draw(hst.integers(0, h - 1)), data.draw(hst.integers(0, w - 1))
+    y1, x1 = data.draw(hst.integers(y0 + 1, h)), data.draw(hst.integers(x0 + 1, w))
+    region = torch.zeros(2, h, w, dtype=torch.bool)
+    region[:, y0:y1, x0:x1] = True
+    x_edit = torch.where(region[:, None], torch.randn_like(x), x)
+    with torch.no_grad():
+        want = _frozen_resnet(block, x_edit, x, temb)
+    cfg = SparseConfig(
+        tile_size=tile,
+        input_dilation=dilation,
+        poison_scratch=True,
+        dense_threshold=1.0,
+        max_region_fraction=1.0,
+        measured_fallback=False,
+    )
+    sparsedit.sparsify_(block, cfg)
+    assert block._sparsedit_handler.fused
+    with sparsedit.capturing(block):
+        captured = block(x, temb)
+    with sparsedit.editing(block, region=region):
+        out = block(x_edit, temb)
+    assert torch.isfinite(out).all()
+    fresh = torch.isclose(out, want, rtol=1e-4, atol=1e-4)
+    assert (fresh | (out == captured)).all()
+    assert fresh.permute(1, 0, 2, 3)[:, region].all()
+    assert not any(k[0].endswith("conv1") for k, _ in sparsedit.spatial.sparse_state(block).cache.export())

@@ -311,6 +311,8 @@ class SparseHandler:
         st = self.state
         if residual is not None:
             new = new + residual
+        if st.is_scratch(buf) and new.shape == buf.shape:
+            return new  # nothing cached to keep: the whole fresh map is the output (valid everywhere)
         if st.all(region) and not st.commit and new.dtype == buf.dtype and new.shape == buf.shape:
             return new
         if st.needs_undo(buf):

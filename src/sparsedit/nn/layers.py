@@ -57,12 +57,25 @@ class WindowedHandler(SparseHandler):
 
     def compute(self, x, bi, prologue: Prologue):
         poison = self.state.config.poison_scratch
+        self.state.complete(x, bi)  # a map computed on demand: its pixels under these windows first
         tiles = prologue.gather(x, bi.input_origins(), bi.input_tile, poison, self.padding_mode)
         self.state.lap("gather")
         return self.apply(tiles)
 
     def compute_dense(self, x, prologue: Prologue):
+        self.state.complete(x)
         return self.apply_dense(x if prologue is IDENTITY else prologue.apply_dense(x))
+
+    def fill(self, x, prologue: Prologue, out: torch.Tensor, missing: torch.Tensor | None) -> None:
+        """Write this layer's output at the `missing` output pixels (`None`: all) into `out`, one receptive field per
+        pixel (pixel tiles: a GEMM for a convolution). The `fill` of `SparseState.partial`."""
+        st = self.state
+        x, prologue = Prologue.unwrap(x, prologue)
+        if missing is None:
+            out.copy_(self.compute_dense(x, prologue))
+            return
+        bi = st.block_index(missing, self.geometry, 1)
+        ops.scatter(out, self.compute(x, bi, prologue).to(out.dtype), bi.origins)
 
     def sparse(self, x, prologue: Prologue = IDENTITY, residual: torch.Tensor | None = None, into=None):
         st = self.state

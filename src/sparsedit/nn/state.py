@@ -115,6 +115,8 @@ class SparseState:
     plan: Plan = field(default_factory=lambda: Plan(None))
     lazy: list[weakref.ref] = field(default_factory=list)  # LazyConcat tensors made in this run
     _scratch: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)  # scratch maps made in this run
+    # Maps valid only in part, and how to compute the rest on demand (`partial` / `complete`).
+    _partial: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
     # Capture: outputs whose store waits for their reader, which may take them over (`defer_store`).
     _pending: dict[int, tuple[tuple, torch.Tensor]] = field(default_factory=dict)
     laps: dict[str, float] | None = None
@@ -141,6 +143,7 @@ class SparseState:
         self._regions.clear()
         self._tainted.clear()
         self._scratch.clear()
+        self._partial.clear()
 
     def key(self, name: str) -> tuple:
         """Cache key of the next call of layer `name` in this run (a layer called twice gets two entries)."""
@@ -179,6 +182,34 @@ class SparseState:
 
     def is_scratch(self, t) -> bool:
         return t in self._scratch
+
+    # -- maps computed on demand: a producer's output is computed where its windowed consumer reads it ---------------
+    def partial(
+        self, t: torch.Tensor, valid: torch.Tensor, fill: Callable[[torch.Tensor, torch.Tensor | None], None]
+    ) -> None:
+        """Declare that the scratch map `t` holds its true values only at `valid` (`[B, H, W]`, a plan region), and
+        that `fill(t, missing)` writes them at the `missing` pixels (`None`: everywhere; `t` is passed, not held). A windowed consumer calls
+        `complete` before it reads, so its producer need not cache its output for the halo: the few pixels around
+        the producer's tiles that the consumer reads are computed instead (a ResNet's conv1, issue 17)."""
+        self._partial[t] = (valid, fill)
+
+    def complete(self, t: torch.Tensor, bi: BlockIndex | None = None) -> None:
+        """Make `t` valid wherever the tiles of `bi` read it (their input windows; `None`: everywhere). A no-op for
+        maps that are not `partial`. The missing pixels are a plan region, so later runs of the edit find them."""
+        hit = self._partial.get(t)
+        if hit is None:
+            return
+        valid, fill = hit
+        if bi is None:
+            fill(t, None)
+            del self._partial[t]
+            return
+        hw = tuple(t.shape[-2:])
+        reads = self.memo(("reads", id(bi), hw), (bi,), lambda: bi.reads(hw))
+        missing = self.memo(("missing", id(reads), id(valid)), (reads, valid), lambda: reads & ~valid)
+        if self.any(missing):
+            fill(t, missing)
+            self._partial[t] = (self.union(valid, missing), fill)
 
     # -- capture: a store its reader may take over ------------------------------------------------------------------
     def defer_store(self, key: tuple, out: torch.Tensor) -> None:
