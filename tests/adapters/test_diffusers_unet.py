@@ -241,14 +241,17 @@ def _frozen_resnet(m, x, ref, temb):
 
 
 @settings(max_examples=25, deadline=None)
-@given(data=hst.data())
-def test_fused_resnet_computes_conv1_fresh_wherever_conv2_reads_it(data):
+@given(data=hst.data(), small_maps=hst.booleans())
+def test_fused_resnet_computes_conv1_fresh_wherever_conv2_reads_it(data, small_maps):
     """conv1's output is not cached: the fused block computes it on its tiles and, on demand, at the pixels around
     them that conv2's windows read. So every pixel the edit recomputes equals the block with frozen statistics run
     densely on the edited input (no stale halo anywhere), and every other pixel is the capture's, bit for bit.
     Scratch is NaN-poisoned, so a read of an uncomputed pixel shows. Random masks, shapes, tile sizes (1: pixel
-    tiles), shortcut and time-embedding variants."""
+    tiles), shortcut and time-embedding variants. (`small_maps`: maps this small keep conv1 cached by default, and
+    its halo is the capture's, so only the sizes are lowered to reach the recompute path.)"""
     from diffusers.models.resnet import ResnetBlock2D
+
+    from sparsedit.adapters.diffusers import ResnetBlock2DHandler
 
     cin = data.draw(hst.sampled_from([8, 16]), label="in")
     cout = data.draw(hst.sampled_from([8, 16]), label="out")
@@ -279,13 +282,19 @@ def test_fused_resnet_computes_conv1_fresh_wherever_conv2_reads_it(data):
         measured_fallback=False,
     )
     sparsedit.sparsify_(block, cfg)
-    assert block._sparsedit_handler.fused
+    handler = block._sparsedit_handler
+    assert handler.fused
+    if not small_maps:
+        handler.recompute_conv1_from = 1  # instance attribute: this block only
     with sparsedit.capturing(block):
         captured = block(x, temb)
     with sparsedit.editing(block, region=region):
         out = block(x_edit, temb)
     assert torch.isfinite(out).all()
+    stored = any(k[0].endswith("conv1") for k, _ in sparsedit.spatial.sparse_state(block).cache.export())
+    assert stored == (small_maps and h * w < ResnetBlock2DHandler.recompute_conv1_from)
+    if stored:
+        return  # the stale-halo approximation, covered by the UNet tests
     fresh = torch.isclose(out, want, rtol=1e-4, atol=1e-4)
     assert (fresh | (out == captured)).all()
     assert fresh.permute(1, 0, 2, 3)[:, region].all()
-    assert not any(k[0].endswith("conv1") for k, _ in sparsedit.spatial.sparse_state(block).cache.export())

@@ -76,6 +76,10 @@ class WindowedHandler(SparseHandler):
             return
         bi = st.block_index(missing, self.geometry, 1)
         ops.scatter(out, self.compute(x, bi, prologue).to(out.dtype), bi.origins)
+        # Its MACs count (its time is the consumer's, whose call this runs in); no dense MACs: the layer has its own.
+        macs = self.macs_per_position(out) * bi.num_blocks
+        frac = bi.num_blocks / max(1, math.prod(missing.shape))
+        st.records.append(LayerRecord(f"{self.name} (halo)", self.kind, tuple(out.shape[-2:]), 0, macs, frac))
 
     def sparse(self, x, prologue: Prologue = IDENTITY, residual: torch.Tensor | None = None, into=None):
         st = self.state
