@@ -374,7 +374,7 @@ class ResnetBlock2DHandler(SparseHandler):
         if h is scratch:  # tiles only (a dense fallback returns the whole fresh map)
             region = st.region_of(h)
             if st.any(region):
-                bi = st.block_index(region, conv1.geometry, conv1.tile_for(hh, m.conv1.out_channels))
+                bi = conv1.tiles(region, conv1.geometry, scratch)
                 valid = st.memo(("covered", id(bi)), (bi,), bi.covered)
             else:
                 valid = region

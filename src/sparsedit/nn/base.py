@@ -254,6 +254,10 @@ class SparseHandler:
     def tile_for(self, height: int, channels: int | None = None) -> int:
         return self.state.config.tile_for(height, channels)
 
+    def tiles(self, region: torch.Tensor, geometry: Geometry, buf: torch.Tensor) -> BlockIndex:
+        """The tiles `run_tiles` computes `region` of the output `buf` with (the plan's index, built once)."""
+        return self.state.block_index(region, geometry, self.tile_for(buf.shape[-2], buf.shape[1]))
+
     def write(
         self,
         buf: torch.Tensor,
@@ -352,7 +356,7 @@ class SparseHandler:
         if not st.any(region_out):
             st.record(LayerRecord(self.name, self.kind, out_hw, dense_macs, 0, 0.0))
             return buf
-        bi = st.block_index(region_out, geometry, self.tile_for(out_hw[0], buf.shape[1]))
+        bi = self.tiles(region_out, geometry, buf)
         frac = bi.covered_fraction
         st.lap("plan")
         if frac > st.config.dense_threshold:

@@ -188,9 +188,10 @@ class SparseState:
         self, t: torch.Tensor, valid: torch.Tensor, fill: Callable[[torch.Tensor, torch.Tensor | None], None]
     ) -> None:
         """Declare that the scratch map `t` holds its true values only at `valid` (`[B, H, W]`, a plan region), and
-        that `fill(t, missing)` writes them at the `missing` pixels (`None`: everywhere; `t` is passed, not held). A windowed consumer calls
-        `complete` before it reads, so its producer need not cache its output for the halo: the few pixels around
-        the producer's tiles that the consumer reads are computed instead (a ResNet's conv1, issue 17)."""
+        that `fill(t, missing)` writes them at the `missing` pixels (`None`: everywhere; `t` is passed, not held).
+        A windowed consumer calls `complete` before it reads, so its producer need not cache its output for the
+        halo: the few pixels around the producer's tiles that the consumer reads are computed instead (a ResNet's
+        conv1, issue 17)."""
         self._partial[t] = (valid, fill)
 
     def complete(self, t: torch.Tensor, bi: BlockIndex | None = None) -> None:
