@@ -15,10 +15,17 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture(autouse=True)
 def _no_timing_decisions(request, monkeypatch):
-    """Unit tests check what the engine computes, which must not depend on how fast this machine ran it: the
-    measured sparse-or-dense choice (`SparseConfig.measured_fallback`) is off unless a test asks for it with
-    `@pytest.mark.timing`; tests of that choice set the measurements themselves."""
-    if request.node.get_closest_marker("timing") is None:
-        import sparsedit.spatial
+    """Unit tests check what the engine computes, which must not depend on how fast this machine ran it: each test
+    starts with an empty calibration table, and unless it asks for real measurements with `@pytest.mark.timing`,
+    a capture's calibration is not measured but one that always runs sparse (`max_region_fraction` still decides).
+    Tests of the calibrated choice measure, or set the calibration themselves."""
+    import sparsedit.calibration
+    import sparsedit.spatial
 
-        monkeypatch.setattr(sparsedit.spatial, "_measured_slower", lambda att, plan: None)
+    monkeypatch.setattr(sparsedit.calibration, "_TABLE", {})
+    if request.node.get_closest_marker("timing") is None:
+
+        def always_sparse(model, att, args, kwargs, scope_key, key, about):
+            return sparsedit.calibration.Calibration.fit(key, about, 1.0, [(0.0, 0.0), (1.0, 0.0)])
+
+        monkeypatch.setattr(sparsedit.spatial, "_measure", always_sparse)

@@ -1,6 +1,6 @@
 """sparsedit: image editing with diffusion models and conditional GANs that recomputes only what changed."""
 
-from . import data, metrics, models, pretrained, temporal, textedit
+from . import calibration, data, metrics, models, pretrained, temporal, textedit
 from .cache import ActivationCache, CacheBudgetError, CacheBytes, StaleCacheError
 from .config import (
     AttentionMode,
@@ -18,6 +18,8 @@ from .guard import EditorBusyError
 from .nn import Mode, UnsupportedLayerError
 from .regions import difference_mask
 from .spatial import (
+    calibrate,
+    calibration_of,
     capturing,
     editing,
     is_sparsified,
@@ -54,6 +56,9 @@ __all__ = [
     "StaleCacheError",
     "TemporalConfig",
     "UnsupportedLayerError",
+    "calibrate",
+    "calibration",
+    "calibration_of",
     "capturing",
     "difference_mask",
     "editing",

@@ -51,7 +51,10 @@ def serve(
     max_pixels: int = typer.Option(1024 * 1024, help="Largest image accepted (pixels)."),
     max_sessions: int = typer.Option(64, help="Most sessions held at once."),
     reproducible: bool = typer.Option(
-        False, help="Every edit sparse: the same bits under any load (else: never slower)."
+        False, help="Every edit sparse: the same bits on any machine (else: calibrated, never slower)."
+    ),
+    calibration: Path = typer.Option(
+        None, help="Pin the sparse-or-dense calibration from this file (sparsedit.calibration.save)."
     ),
     ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: sessions spread over --replicas processes."),
     replicas: int = typer.Option(2, help="With --ray: how many replicas hold sessions."),
@@ -73,7 +76,7 @@ def serve(
 
     typer.echo(f"sparsedit web editor: http://{host}:{port}/  (Ctrl-C stops it)")
     run(host, port, model, workers=workers, memory_budget=memory_budget, max_pixels=max_pixels,
-        max_sessions=max_sessions, reproducible=reproducible)  # fmt: skip
+        max_sessions=max_sessions, reproducible=reproducible, calibration=calibration)  # fmt: skip
 
 
 @app.command()

@@ -171,12 +171,13 @@ class SparseConfig(_ConfigMixin):
             per-layer overheads would make the sparse run slower than dense. Measured on DDPM-256 with the reference
             backend and fused ResNet blocks: 36% (after dilation) still ran 1.22x faster, 51% ran 0.98x.
         measured_fallback (`bool`, defaults to `True`):
-            Never slower than dense, from measured time: when a sparse run with a region took longer than the fastest
-            dense forward of the model seen so far (its captures, and dense runs), later runs with that region (the
-            other denoising steps of an edit, repeated edits) run densely; when every sparse run of the model so far
-            was slower than dense (a tiny model, a small image), new regions run densely too. `last_stats` names the
-            measurement in `dense_run`. The capture's time includes storing the cache, so the dense reference is
-            refined by the first dense run.
+            Never slower than dense, deterministically: when a capture ends, the model gets a calibration
+            (`sparsedit.calibration`): one plain dense forward and sparse forwards at two probe regions, timed once
+            per process, model, input shape, dtype, thread count and config, then reused by every edit, every fresh
+            editor of that model and every saved session. An edit whose region reaches more of the input than the
+            calibration's break-even runs as one plain dense forward; `last_stats` names the calibration in
+            `dense_run`. The timing of the run in progress never decides, so the same call on the same state gives
+            the same bits and a preview equals its commit. `False`: only `max_region_fraction` decides.
         check_region (`bool`, defaults to `True`):
             When editing with an explicit region, verify that the input equals the captured input outside it. A
             region that misses a change would otherwise silently return stale pixels.

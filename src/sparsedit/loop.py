@@ -25,6 +25,7 @@ from .config import SparseConfig, TemporalConfig
 from .guard import weights_checksum
 from .regions import dilate
 from .spatial import (
+    calibrate,
     capturing,
     editing,
     last_stats,
@@ -359,7 +360,7 @@ class Loop:
         """The ControlNet's capture: its control image is read through the precomputed embedding, not stored."""
         if self.controlnet is None:
             return contextlib.nullcontext()
-        return capturing(self.controlnet, spatial_inputs=("controlnet_cond",))
+        return capturing(self.controlnet, spatial_inputs=("controlnet_cond",), calibrate=False)
 
     def capture(self, x0, mask, call, generator, state, timesteps, embeds, inputs, text_config) -> tuple:
         """Run the pipeline densely, filling every model's cache. Returns the `Capture` and its statistics."""
@@ -394,10 +395,16 @@ class Loop:
         recording = self.prompt.record_attention(range(n), range(text_config.inject_steps(n)), prep["z"], copies,
                                                  text_config)  # fmt: skip
         try:
-            with capturing(unet, spatial_inputs=self.residual_inputs()), self.capturing_control():
+            # Calibrated once the attention recording is gone: the calibration replays the last step.
+            with capturing(unet, spatial_inputs=self.residual_inputs(), calibrate=False), self.capturing_control():
                 z, trajectory = self.run(prep, timesteps, generator, predict, lambda i, z: z)
         finally:
             attention = recording()
+        calibrated = time.perf_counter()
+        for model in (unet, controlnet):
+            if model is not None:
+                calibrate(model)
+        calibrate_seconds = time.perf_counter() - calibrated
         step_macs += control_macs
         vae_macs = macs + prep.get("extra_macs", 0)  # once (the ControlNet's conditioning embedding)
         macs += (step_macs + prep.get("extra_macs", 0)) * len(timesteps)
@@ -439,6 +446,7 @@ class Loop:
                 "macs_sparse": vae_macs + computed,  # less than macs_dense when temporal reuse skips work
                 "active_fraction": {},
                 "seconds": time.perf_counter() - started,
+                "calibrate_seconds": calibrate_seconds,
             }
         )
         self.last_latents = cap.trajectory[-1]

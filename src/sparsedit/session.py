@@ -103,10 +103,10 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
     n = len(timesteps)
     tallies = {}
     with torch.no_grad():
-        if editor.latent and editor.kind != "txt2img":
+        if editor.adapter.encodes_image:
             enc = editor.pipe.vae.encoder
             encodes = 2 if editor.kind == "inpaint" else 1
-            with capturing(enc), sparse_state(enc).cache.dry_run() as tally:
+            with capturing(enc, calibrate=False), sparse_state(enc).cache.dry_run() as tally:
                 enc(x0.to(editor.pipe.vae.dtype))
             tallies["vae_encoder"] = {k: v * encodes for k, v in tally.items()}
         f = editor.pipe.vae_scale_factor if editor.latent else 1
@@ -116,7 +116,7 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
             b, _, h, w = x0.shape
         zl = torch.zeros(b, unet.config.in_channels, h // f, w // f, dtype=unet.dtype, device=unet.device)
         z = torch.cat([zl] * copies)
-        with capturing(unet), sparse_state(unet).cache.dry_run() as tally:
+        with capturing(unet, calibrate=False), sparse_state(unet).cache.dry_run() as tally:
             if embeds is None:
                 unet(z, timesteps[0])
             else:
@@ -129,7 +129,7 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
             prep = {"control_embed": cn.controlnet_cond_embedding(control), "control_region": None}
             zc = torch.zeros(b * n_c, cn.config.in_channels, h // f, w // f, dtype=cn.dtype, device=unet.device)
             ctx = embeds if n_c == copies else embeds.chunk(2)[1]
-            with editor.adapter.embedding(prep), capturing(cn, spatial_inputs=("controlnet_cond",)):
+            with editor.adapter.embedding(prep), capturing(cn, spatial_inputs=("controlnet_cond",), calibrate=False):
                 with sparse_state(cn).cache.dry_run() as tally:
                     cn(zc, timesteps[0], encoder_hidden_states=ctx, controlnet_cond=control, return_dict=False)
             tallies["controlnet"] = {k: v * n for k, v in tally.items()}
@@ -137,7 +137,7 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
             dec = editor.pipe.vae.decoder
             lat = torch.zeros(b, editor.pipe.vae.config.latent_channels, h // f, w // f, dtype=editor.pipe.vae.dtype,
                               device=unet.device)  # fmt: skip
-            with capturing(dec), sparse_state(dec).cache.dry_run() as tally:
+            with capturing(dec, calibrate=False), sparse_state(dec).cache.dry_run() as tally:
                 dec(lat)
             tallies["vae_decoder"] = dict(tally)
     latent_bytes = b * 4 * (h // f) * (w // f) * (n + 4) * unet.dtype.itemsize
@@ -323,7 +323,7 @@ def _save_model(w: _Writer, part: str, model) -> dict:
         "records": [vars(r) for r in saved["records"]],
         "capture_records": [vars(r) for r in saved["capture_records"]],
         "output_format": "channels_last" if saved["output_format"] == torch.channels_last else "contiguous",
-        "timing": saved["timing"],
+        "calibration": saved["calibration"],
     }
 
 
@@ -456,7 +456,7 @@ def _load_model(tensors, saved: dict, model, config: SparseConfig) -> None:
     }
     layout = torch.channels_last if saved["output_format"] == "channels_last" else torch.contiguous_format
     restore_capture(model, entries, aux, [_record(r) for r in saved["records"]],
-                    [_record(r) for r in saved["capture_records"] or []], layout, saved["timing"], storage,
+                    [_record(r) for r in saved["capture_records"] or []], layout, saved["calibration"], storage,
                     saved.get("spatial_inputs", ()))  # fmt: skip
 
 

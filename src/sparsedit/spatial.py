@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
+from . import calibration as calibrations
 from .cache import ActivationCache, StaleCacheError, module_fingerprint
+from .calibration import PROBE_FRACTIONS, Calibration
 from .config import SparseConfig
 from .nn.base import SparseHandler, UnsupportedLayerError, handler_for, handler_of, is_dense_safe
 from .nn.layers import PointwiseHandler, WindowedHandler
@@ -34,6 +36,8 @@ from .regions import as_region, check_region_type, difference_mask, dilate
 
 __all__ = [
     "SparseConfig",
+    "calibrate",
+    "calibration_of",
     "capturing",
     "prefetch",
     "editing",
@@ -72,11 +76,11 @@ class _Attachment:
         self.output_format = torch.contiguous_format
         self.started = 0.0
         self.seconds = 0.0
-        # "Never slower than dense", from measured time: the fastest dense forward seen (captures and dense runs) and
-        # the fastest sparse run of this model at any region.
-        self.dense_seconds: float | None = None
-        self.sparse_floor: float | None = None
-        self.pure_dense = False  # whether `dense_seconds` comes from a plain dense forward (no caching)
+        # "Never slower than dense", deterministically: the calibration (measured once, calibration.py) the
+        # sparse-or-dense choice reads, and the last captured call, which `calibrate` replays to measure one.
+        self.calibration: Calibration | None = None
+        self.last_call: tuple | None = None  # (args, kwargs, scope) of the last capture forward
+        self.probing = False  # a calibration probe: run sparse whatever the region's size
         self.capture_records: list = []  # the last capture's per-layer records (a plain dense run reports them)
         self.tracking: RegionTracking | None = None  # entered for each sparse forward only
         self.txn_depth = 0  # nesting of `transaction` contexts
@@ -106,8 +110,9 @@ def sparse_state(model: nn.Module) -> SparseState | None:
 
 def export_capture(model: nn.Module) -> dict:
     """What a saved session needs of a captured model besides the weights: its cache (`ActivationCache.export`),
-    the captured non-image inputs per scope, the capture's layer records, the output layout and the timing the
-    measured fallback has gathered. The last uncommitted edit is rolled back first."""
+    the captured non-image inputs per scope, the capture's layer records, the output layout and the calibration
+    its sparse-or-dense choices read (so a loaded session chooses as this one does). The last uncommitted edit is
+    rolled back first."""
     att = _attachment(model)
     st = att.state
     st.rollback()
@@ -119,11 +124,11 @@ def export_capture(model: nn.Module) -> dict:
         "records": list(st.records),
         "capture_records": list(att.capture_records),
         "output_format": att.output_format,
-        "timing": {"dense_seconds": att.dense_seconds, "pure_dense": att.pure_dense, "sparse_floor": att.sparse_floor},
+        "calibration": None if att.calibration is None else att.calibration.to_dict(),
     }
 
 
-def restore_capture(model: nn.Module, entries, aux, records, capture_records, output_format, timing,
+def restore_capture(model: nn.Module, entries, aux, records, capture_records, output_format, calibration,
                     storage_dtype, spatial_inputs=()) -> None:  # fmt: skip
     """The inverse of `export_capture` on a sparsified model of the same weights: the cache holds `entries` (from
     `ActivationCache.export`) and is fingerprinted for this model, so edits run against it."""
@@ -143,8 +148,11 @@ def restore_capture(model: nn.Module, entries, aux, records, capture_records, ou
     st.records = list(records)
     att.capture_records = list(capture_records)
     att.output_format = output_format
-    for k, v in timing.items():
-        setattr(att, k, v)
+    # The session's own calibration, so the loaded editor chooses as the saved one did; this process adopts it for
+    # later captures of the same model unless it has measured its own.
+    att.calibration = None if calibration is None else Calibration.from_dict(calibration)
+    if att.calibration is not None:
+        calibrations.install(att.calibration)
     if x is not None:
         st.cache.fingerprint = _fingerprint(model, x, st.config)
 
@@ -348,28 +356,24 @@ def _reach_fraction(region: torch.Tensor, config: SparseConfig) -> float:
     return float(reach.float().mean())
 
 
-def _measured_slower(att: _Attachment, plan) -> str | None:
-    """Why this edit should run densely because sparse runs were measured slower than dense on this machine: the
-    edit's own earlier runs (a diffusion edit runs the model once per step with one region), or, for a new region,
-    every sparse run of this model so far (tiny models, small images). `None`: run sparse."""
-    if not att.state.config.measured_fallback or att.dense_seconds is None:
+def _calibrated_dense(att: _Attachment, fraction: float) -> str | None:
+    """Why an edit that reaches `fraction` of the input should run densely, from the model's calibration (measured
+    once, never from the run in progress), or `None`: run sparse. Without a calibration (none measured: temporal
+    reuse on the model, `calibrate=False`), only `max_region_fraction` decides."""
+    if att.probing or not att.state.config.measured_fallback or att.calibration is None:
         return None
-    if (
-        not att.pure_dense
-        and not att.state.commit
-        and plan.sparse_seconds
-        and min(plan.sparse_seconds) > 0.25 * att.dense_seconds
-    ):
-        # The reference so far is a capture, which also stores the cache (and a first capture runs cold: measured
-        # at 2-5x a plain forward): time the plain forward once unless sparse is clearly faster even so.
-        return f"measuring the plain dense forward once (sparse took {min(plan.sparse_seconds):.4f} s)"
-    if plan.sparse_seconds and min(plan.sparse_seconds) > att.dense_seconds:
-        return f"measured: sparse {min(plan.sparse_seconds):.4f} s > dense {att.dense_seconds:.4f} s for this region"
-    if not plan.sparse_seconds and att.sparse_floor is not None and att.sparse_floor > att.dense_seconds:
-        return (
-            f"measured: this model's fastest sparse run ({att.sparse_floor:.4f} s) > dense {att.dense_seconds:.4f} s"
-        )
-    return None
+    return att.calibration.decide(fraction)
+
+
+def _too_large(att: _Attachment, fraction: float, x: torch.Tensor) -> str | None:
+    cfg = att.state.config
+    if att.probing or fraction <= cfg.max_region_fraction:
+        return None
+    dilation = "" if cfg.exact else f" after input_dilation={cfg.input_dilation}"
+    return (
+        f"the region reaches {100 * fraction:.1f}% of the model's {x.shape[-2]}x{x.shape[-1]} input{dilation} "
+        f"> max_region_fraction={cfg.max_region_fraction}"
+    )
 
 
 def _make_pre_hook(model: nn.Module, att: _Attachment):
@@ -415,11 +419,11 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
             st.use_region(region)
             region = st.input_region
             fraction = st.memo(("input reach",), (), lambda: _reach_fraction(region, st.config))
-            slower = _measured_slower(att, st.plan)
-            if fraction > st.config.max_region_fraction or slower:
-                # Too large to pay, or measured not to pay: one plain dense forward (a committing edit refreshes the
-                # cache with it).
-                att.dense_run = slower or f"region covers {100 * fraction:.1f}% > max_region_fraction"
+            dense = _too_large(att, fraction, x) or _calibrated_dense(att, fraction)
+            if dense:
+                # Too large to pay, or calibrated not to pay: one plain dense forward (a committing edit refreshes
+                # the cache with it).
+                att.dense_run = dense
                 # Uncommitted: the plain forward (no handler does anything), so it costs what dense costs.
                 st.mode = Mode.CAPTURE if st.commit else None
                 if st.commit:
@@ -435,6 +439,7 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
             if st.mode is Mode.CAPTURE:
                 st.cache.fingerprint = _fingerprint(model, x, st.config)
                 st.cache.put_exact(_INPUT_KEY + st.scope, x=x)
+                att.last_call = (args, kwargs, st.scope)
                 aux = _aux_inputs(args, kwargs, x, att.spatial_inputs)
                 att.aux[st.scope] = {k: _clone_input(v) for k, v in aux.items()}
         return None
@@ -507,17 +512,8 @@ def _make_post_hook(att: _Attachment):
         att.output_regions = _region_tree(st, output) if st.mode is Mode.SPARSE and not att.dense_run else None
         st.end_run()
         att.last_dense_run = att.dense_run
-        if st.mode is Mode.CAPTURE or att.dense_run:  # a dense forward: the reference time
-            att.dense_seconds = att.seconds if att.dense_seconds is None else min(att.dense_seconds, att.seconds)
-            if st.mode is Mode.CAPTURE:
-                att.capture_records = list(st.records)
-            else:
-                att.pure_dense = att.pure_dense or st.mode is None
-        elif st.mode is Mode.SPARSE:
-            # Building the edit's plan is paid once per region; what is compared with dense is the run itself.
-            run = att.seconds - time_breakdown(st.records, att.seconds)["plan"]
-            st.plan.sparse_seconds.append(run)
-            att.sparse_floor = run if att.sparse_floor is None else min(att.sparse_floor, run)
+        if st.mode is Mode.CAPTURE:
+            att.capture_records = list(st.records)
         if att.dense_run:
             if st.mode is None:  # the plain forward recorded nothing: the capture's layers, all dense
                 st.records = [dataclasses.replace(r, time={}, seconds=0.0) for r in att.capture_records]
@@ -624,25 +620,127 @@ def transaction(*models: nn.Module):
 
 
 @contextlib.contextmanager
-def capturing(model: nn.Module, spatial_inputs: tuple = ()):
+def capturing(model: nn.Module, spatial_inputs: tuple = (), calibrate: bool = True):
     """Run `model` densely and store what sparse runs need. Replaces any earlier capture.
 
     Args:
         spatial_inputs: keyword inputs that are feature maps whose changes the caller tracks, e.g. a ControlNet's
             `down_block_additional_residuals` for the UNet: they are not stored or compared with later runs, and
             each edit gives their changed regions (`editing(input_regions=...)`; without, changed everywhere).
+        calibrate: when the context exits, give the model the calibration its sparse-or-dense choices read
+            (`sparsedit.calibrate`): measured on the last captured call the first time this process sees the model
+            at this input shape, dtype and config, looked up afterwards. `False`: the caller calls `calibrate` itself
+            (when other hooks on the model must be gone first).
     """
     att = _attachment(model)
     att.state.rollback()
     att.state.cache.clear()
     att.aux = {}  # a new dict: a transaction keeps the old one
     att.spatial_inputs = frozenset(spatial_inputs)
+    att.last_call = None
     try:
         with _mode(att, Mode.CAPTURE):
             yield
     except BaseException:
         att.state.cache.clear()  # a half-filled cache must never be edited against
+        att.last_call = None
         raise
+    if calibrate:
+        _calibrate(model)
+
+
+def calibration_of(model: nn.Module) -> Calibration | None:
+    """The calibration a sparsified model's sparse-or-dense choices read (`None`: only `max_region_fraction`)."""
+    return _attachment(model).calibration
+
+
+def calibrate(model: nn.Module, force: bool = False) -> Calibration | None:
+    """Give a captured model the calibration of "never slower than dense" (calibration.py): the one this process
+    has for the same model, input shapes and config (measured earlier, or pinned with `sparsedit.calibration.load`);
+    else the one the model has (a restored session's); else measure it now on the last captured call (one
+    plain dense forward and sparse forwards at `PROBE_FRACTIONS`, the cache left as captured) and keep it for
+    every later capture in this process. `force`: measure again and replace the process's calibration.
+
+    Returns `None`, measuring nothing, with `SparseConfig(measured_fallback=False)` or on a model with temporal reuse
+    (its hooks keep per-step state a replayed call would disturb): then only `max_region_fraction` decides.
+    """
+    return _calibrate(model, force)
+
+
+def _calibrate(model: nn.Module, force: bool = False) -> Calibration | None:
+    att = _attachment(model)
+    call, att.last_call = att.last_call, None
+    if call is None:
+        if att.state.cache.fingerprint is None:
+            raise RuntimeError("Nothing has been captured for this model: capture it before calibrating.")
+        return att.calibration  # nothing to replay: a restored session keeps its own
+    from .temporal import is_applied as temporal_applied
+
+    if not att.state.config.measured_fallback or temporal_applied(model):
+        att.calibration = None
+        return None
+    args, kwargs, scope_key = call
+    x = _first_image(args, kwargs)
+    key, about = calibrations.model_key(model, x, args, kwargs, att.state.config.to_json())
+    found = None if force else calibrations.lookup(key)  # this process's, or a pinned one
+    if found is None and not force and att.calibration is not None and att.calibration.key == key:
+        found = calibrations.install(att.calibration)  # a restored session's own
+    if found is None:
+        found = calibrations.install(_measure(model, att, args, kwargs, scope_key, key, about), replace=force)
+    att.calibration = found
+    return found
+
+
+def _probe_region(x: torch.Tensor, fraction: float, config: SparseConfig) -> torch.Tensor:
+    """A centred square whose reach (after `input_dilation`) covers about `fraction` of the input."""
+    h, w = x.shape[-2:]
+    grow = 0 if config.exact else 2 * config.input_dilation
+    side_h = max(1, min(h, round((fraction * h * w) ** 0.5 * h / max(h, w))) - grow)
+    side_w = max(1, min(w, round((fraction * h * w) ** 0.5 * w / max(h, w))) - grow)
+    region = torch.zeros(x.shape[0], h, w, dtype=torch.bool, device=x.device)
+    top, left = (h - side_h) // 2, (w - side_w) // 2
+    region[:, top : top + side_h, left : left + side_w] = True
+    return region
+
+
+def _measure(model: nn.Module, att: _Attachment, args, kwargs, scope_key, key: str, about: str) -> Calibration:
+    """Time one plain dense forward and uncommitted sparse forwards at the probe regions on the captured call; the
+    cache, the records and the statistics are left as the capture left them."""
+    st = att.state
+    x = _first_image(args, kwargs)
+    saved = (st.records, att.output_regions, att.last_dense_run, att.seconds, st.scope)
+    unchanged = {}  # spatial inputs (a ControlNet's residuals) count as unchanged: the UNet's own cost is probed
+    for name in att.spatial_inputs:
+        value = kwargs.get(name)
+        maps = [value] if isinstance(value, torch.Tensor) else list(value or [])
+        regions = [torch.zeros(t.shape[0], *t.shape[-2:], dtype=torch.bool, device=t.device) for t in maps]
+        unchanged[name] = regions[0] if isinstance(value, torch.Tensor) else regions
+    st.scope = scope_key
+    att.probing = True
+    try:
+        started = time.perf_counter()
+        model(*args, **kwargs)  # mode None: the plain forward
+        dense = time.perf_counter() - started
+        repeats = 2 if dense < 0.5 else 1  # a fast model is measured twice, the best kept
+        for _ in range(repeats - 1):
+            started = time.perf_counter()
+            model(*args, **kwargs)
+            dense = min(dense, time.perf_counter() - started)
+        probes = []
+        for fraction in PROBE_FRACTIONS:
+            region = _probe_region(x, fraction, st.config)
+            best = None
+            with editing(model, region=region, check_weights=False, input_regions=unchanged or None):
+                for _ in range(repeats):
+                    model(*args, **kwargs)
+                    # The plan is built once per edit, for all its steps: the run itself is what compares with dense.
+                    run = att.seconds - time_breakdown(st.records, att.seconds)["plan"]
+                    best = run if best is None else min(best, run)
+            probes.append((_reach_fraction(region, st.config), best))
+    finally:
+        att.probing = False
+        st.records, att.output_regions, att.last_dense_run, att.seconds, st.scope = saved
+    return Calibration.fit(key, about, dense, probes)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,8 @@ class EditStats(MutableMapping):
         macs_dense, macs_sparse: the dense run's multiply-accumulates and what this call computed.
         active_fraction: per output resolution `"HxW"`, the mean fraction of positions computed.
         region_fraction: the edited (or regenerated) fraction of the image.
-        seconds: wall time of the call; detect_seconds: of a prompt edit's region search.
+        seconds: wall time of the call; detect_seconds: of a prompt edit's region search; calibrate_seconds: of a
+            capture's calibration of the sparse-or-dense choice (zero once this process has one for the model).
         cache_bytes: a `CacheBytes` (an int with `.parts`); peak_bytes, peak_kind: peak memory of the call.
         budget: how `cache_budget` was met (the estimate and the storage chosen).
         background: what the pixels outside the region are, by design.
@@ -57,6 +58,7 @@ class EditStats(MutableMapping):
     budget: dict = UNSET
     background: str = UNSET
     detect_seconds: float = UNSET
+    calibrate_seconds: float = UNSET
     unet_time: dict = UNSET
     dense_steps: int = UNSET
     dense_run: str | None = UNSET

@@ -59,7 +59,6 @@ class Plan:
         self.region = region
         self.memo: dict[tuple, tuple[tuple, object]] = {}
         self.runs = 0
-        self.sparse_seconds: list[float] = []  # measured sparse runs with this region (the dense fallback reads it)
         self.hits = 0
         self.misses = 0
 

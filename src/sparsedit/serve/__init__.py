@@ -19,11 +19,16 @@ __all__ = ["ModelRegistry", "create_app", "run"]
 
 def run(host: str = "127.0.0.1", port: int = 8000, model_dirs=(), workers: int = 2, memory_budget=None,
         max_pixels: int = 1024 * 1024, max_sessions: int = 64, log_level: str = "info",
-        reproducible: bool = False) -> None:  # fmt: skip
-    """Serve the app with uvicorn until interrupted."""
+        reproducible: bool = False, calibration=None) -> None:  # fmt: skip
+    """Serve the app with uvicorn until interrupted. `calibration`: a file written by `sparsedit.calibration.save`,
+    pinned so that this server chooses sparse or dense as the machine that wrote it did."""
     import uvicorn
 
+    from .. import calibration as calibrations
     from ..config import parse_bytes
+
+    if calibration is not None:
+        calibrations.load(calibration)
 
     app = create_app(ModelRegistry(model_dirs), workers=workers, memory_budget=parse_bytes(memory_budget),
                      max_pixels=max_pixels, max_sessions=max_sessions, reproducible=reproducible)  # fmt: skip

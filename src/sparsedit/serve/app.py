@@ -124,7 +124,7 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
                max_pixels: int = 1024 * 1024, max_sessions: int = 64, replica: str | None = None,
                reproducible: bool = False, backend=None):  # fmt: skip
     """The FastAPI app. `models`: the registry (default: the shipped scene models). `reproducible`: every edit runs
-    sparse, so its result is the same bits under any load (otherwise edits measured slower sparse run dense).
+    sparse, the same bits on any machine (otherwise the calibrated choice runs dense where sparse would be slower).
     `backend`: where sessions live (default: this process, `LocalBackend`; `ray_app` puts them on Ray replicas)."""
     from fastapi import Body, FastAPI, Request
     from fastapi.exceptions import RequestValidationError

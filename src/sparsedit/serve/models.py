@@ -192,9 +192,9 @@ class SessionEditor:
         self.editor = self._make()
 
     def _make(self):
-        # `reproducible`: the measured sparse-or-dense choice depends on the machine's load, so it is off and every
-        # edit runs sparse, giving the same bits under any load (GAN edits are exact either way). Otherwise an edit
-        # runs dense where sparse was measured slower (small images), never slower than dense.
+        # `reproducible`: the calibrated sparse-or-dense choice is off and every edit runs sparse, giving the same
+        # bits on any machine (GAN edits are exact either way). Otherwise an edit runs dense where this process's
+        # calibration (measured once per model and size) says sparse would be slower: the same bits under any load.
         import dataclasses
 
         from ..editor import SparseEditor
