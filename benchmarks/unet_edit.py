@@ -189,11 +189,17 @@ def main():
         cache_dtype=args.cache_dtype,
     )  # fmt: skip
     sparsedit.sparsify_(unet, config)
-    with sparsedit.capturing(unet):
+    with sparsedit.capturing(unet, calibrate=False):
         captured = forward(unet, x, t, extra)
     cache_bytes = sparsedit.last_stats(unet)["cache_bytes"]
+    t0 = time.perf_counter()
+    cal = sparsedit.calibrate(unet)  # once per process: what a capture pays for "never slower than dense"
+    calibrate_s = time.perf_counter() - t0
     print(f"{args.model}, {args.dtype}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"{platform.machine()}, load {loadavg()}, cache {cache_bytes / 2**20:.0f} MiB")  # fmt: skip
+    probes = ", ".join(f"{100 * f:.1f}%: {s:.2f} s" for f, s in cal.probes)
+    print(f"calibration {calibrate_s:.1f} s (dense {cal.dense_seconds:.2f} s, sparse {probes}); sparse up to "
+          f"{100 * cal.break_even:.1f}% of the input")  # fmt: skip
     print(
         f"{'region':>7} {'dense s':>8} {'sparse s':>8} {'speed-up':>8} {'MACs ratio':>10} {'max err':>8} {'PSNR':>6}"
     )
@@ -237,7 +243,8 @@ def main():
             f"{row['speedup']:>7.2f}x {row['macs_ratio']:>9.1f}x {row['max_abs_error']:>8.3f} {row['psnr_db']:>6.1f}"
         )
     meta = {"model": args.model, "dtype": args.dtype, "cache_dtype": args.cache_dtype, "threads": torch.get_num_threads(), "repeats": args.repeats,
-            "config": config.to_dict(), "loadavg_end": loadavg(), "cache_bytes": cache_bytes}  # fmt: skip
+            "config": config.to_dict(), "loadavg_end": loadavg(), "cache_bytes": cache_bytes,
+            "calibration": cal.to_dict(), "calibrate_s": calibrate_s}  # fmt: skip
     args.json = args.json or Path(f"benchmarks/results/unet_edit_{args.model}.json")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -93,3 +93,44 @@ def test_serve_command_prints_its_url_and_serves(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_edit_command_user_errors_are_one_line_before_any_computing(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sparsedit.data import scenes
+
+    labels = scenes.sample(1, 64, seed=1)["labels"][0].numpy().astype(np.uint8)
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    (tmp_path / "not-an-image.png").write_text("hello")
+    base = ["edit", "--model", "scene-spade", "--image", str(tmp_path / "labels.png")]
+    cases = [
+        (["--out", str(tmp_path / "missing-dir" / "out.png")], "--out"),
+        (["--out", str(tmp_path)], "--out"),
+        (["--out", str(tmp_path / "o.png"), "--edited", str(tmp_path / "nope.png")], "--edited"),
+        (["--out", str(tmp_path / "o.png"), "--edited", str(tmp_path / "not-an-image.png")], "not an image"),
+    ]
+    for extra, match in cases:
+        result = CliRunner().invoke(app, base + extra)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and match in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    result = CliRunner().invoke(app, ["edit", "--model", "no-such-model", "--image", str(tmp_path / "labels.png"),
+                                      "--out", str(tmp_path / "o.png")])  # fmt: skip
+    assert result.exit_code == 2 and "--model no-such-model" in result.output and "Traceback" not in result.output
+
+
+def test_edit_command_with_nothing_changed_divides_by_nothing(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sparsedit.data import scenes
+
+    labels = scenes.sample(1, 64, seed=1)["labels"][0].numpy().astype(np.uint8)
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    out = tmp_path / "out.png"
+    args = ["edit", "--model", "scene-spade", "--image", str(tmp_path / "labels.png"), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "nothing changed" in result.output and "fewer MACs" not in result.output

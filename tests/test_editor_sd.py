@@ -146,11 +146,18 @@ def test_changed_weights_raise_and_a_bf16_cache_halves_memory(pipe):
     want = full.edit(image=stroke(x), output_type="pt", commit=False).images
     full_bytes = full.cache_bytes
     full_unet = _attachment(pipe.unet).state.cache.nbytes
+    weight = pipe.unet.conv_in.weight
+    saved = weight.detach().clone()
     with torch.no_grad():
-        pipe.unet.conv_in.weight.mul_(1.0)  # an in-place update, as an optimiser or load_state_dict makes
+        weight.mul_(1.0)  # an in-place update that keeps every bit (a new version counter): the cache still holds
+    assert torch.equal(full.edit(image=stroke(x), output_type="pt", commit=False).images, want)
+    with torch.no_grad():
+        weight.mul_(1.01)  # an in-place update, as an optimiser or load_state_dict makes
     with pytest.raises(StaleCacheError, match="weights"):
         full.edit(image=stroke(x))
     full.remove()
+    with torch.no_grad():
+        weight.copy_(saved)
     half = SparseEditor(pipe, SparseConfig(input_dilation=1, tile_size=4, cache_dtype="bfloat16"))
     half.capture(image=x, prompt="a red house", generator=torch.Generator().manual_seed(5), **KW)
     got = half.edit(image=stroke(x), output_type="pt", commit=False).images

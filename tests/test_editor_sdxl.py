@@ -137,3 +137,18 @@ def test_sdxl_text_to_image_capture_and_prompt_edits(tmp_path):
         assert found.shape == (1, 128, 128)
     finally:
         editor.remove()
+
+
+def test_sdxl_text_to_image_capture_fits_a_cache_budget(tmp_path):
+    """`cache_budget` on an SDXL text-to-image capture measures it as text-to-image (no image to encode), as for SD:
+    once the kind was compared with the string "txt2img" and SDXL's "sdxl_txt2img" took the image branch."""
+    pipe = tiny_sdxl(tmp_path / "tok", "txt2img")
+    kw = {"num_inference_steps": 4, "output_type": "pt", "height": 128, "width": 128}
+    want = pipe(prompt="a red house", generator=torch.Generator().manual_seed(3), **kw).images
+    editor = SparseEditor(pipe, SparseConfig(input_dilation=1, tile_size=4, cache_budget="1GiB"))
+    try:
+        out = editor.capture(prompt="a red house", generator=torch.Generator().manual_seed(3), **kw).images
+        assert torch.equal(out, want)
+        assert editor.last_stats["budget"]["choice"] == "as configured"
+    finally:
+        editor.remove()

@@ -107,11 +107,12 @@ WRITES = {
     "data.copy_": lambda p: p.data.copy_(p.data * 1.01),
     "data[:] =": lambda p: p.data.__setitem__(slice(None), p.data + 1e-2),
     "no_grad add_": lambda p: p.add_(1e-2),
+    "permuted": lambda p: p.data.copy_(p.data.flip(0)),  # the same values, reordered: an order-free sum misses it
 }
 COMPONENTS = {
     "unet": lambda pipe: pipe.unet.conv_in.weight,
     "vae": lambda pipe: pipe.vae.decoder.conv_out.weight,
-    "text_encoder": lambda pipe: pipe.text_encoder.final_layer_norm.weight,
+    "text_encoder": lambda pipe: pipe.text_encoder.embeddings.token_embedding.weight,
 }
 
 
@@ -131,6 +132,54 @@ def test_an_in_place_weight_write_is_a_stale_capture(pipe, component, write):
         ed.remove()
         with torch.no_grad():
             param.copy_(saved)
+
+
+def test_the_stale_weights_error_names_the_tensor_and_restored_weights_work_again(pipe):
+    """A permuted output-channel order is stale and the message names the component and the tensor (never raw data
+    pointers); putting the captured bits back (here through `load_state_dict`, which gives the UNet's tensors new
+    version counters) makes the editor usable again, with the edit it gave before."""
+    param = pipe.unet.conv_in.weight
+    state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    ed = SparseEditor(pipe, CONFIG)
+    try:
+        ed.capture(image=scene(), generator=gen(), **KW)
+        want = ed.edit(image=stroke(scene()), commit=False, output_type="pt").images
+        with torch.no_grad():
+            param.data.copy_(param.data.flip(0))
+        with pytest.raises(StaleCacheError, match=r"unet \(conv_in\.weight\)") as e:
+            ed.edit(image=stroke(scene()), output_type="pt")
+        assert "0x" not in str(e.value) and "data_ptr" not in str(e.value)
+        pipe.unet.load_state_dict(state)
+        assert torch.equal(ed.edit(image=stroke(scene()), commit=False, output_type="pt").images, want)
+    finally:
+        ed.remove()
+
+
+def test_model_level_staleness_by_content_names_the_tensor_and_accepts_restored_bits():
+    import torch.nn as nn
+
+    import sparsedit
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
+    sparsedit.sparsify_(model, SparseConfig(exact=True))
+    x = torch.randn(1, 3, 16, 16)
+    with sparsedit.capturing(model):
+        model(x)
+    region = torch.zeros(1, 16, 16, dtype=torch.bool)
+    region[0, 2:5, 2:5] = True
+    x2 = torch.where(region[:, None], x + 1, x)
+    with sparsedit.editing(model, region=region):
+        want = model(x2)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[2].weight.copy_(model[2].weight.flip(0))  # bumps the version counter: the identity differs
+    with pytest.raises(StaleCacheError, match=r"Sequential \(2\.weight\)") as e:
+        with sparsedit.editing(model, region=region):
+            model(x2)
+    assert "(140" not in str(e.value)
+    model.load_state_dict(saved)
+    with sparsedit.editing(model, region=region):
+        assert torch.equal(model(x2), want)
 
 
 def test_on_stale_recapture_sees_in_place_writes(pipe):
@@ -344,3 +393,98 @@ def test_a_gan_checkpoint_of_another_configuration_says_which(tmp_path):
         "num_upsampling_layers": "normal",
     }
     assert SPADEGenerator.from_checkpoint(tmp_path / "latest_net_G.pth", config=config).size == (32, 64)
+
+
+# -- no silent no-ops, and a clear error for every simple mistake (issue 34) ------------------------------------------
+def test_an_edit_entirely_below_the_change_threshold_warns_and_says_so(editor):
+    subtle = scene()
+    subtle[:, :, 16:48, 16:48] += 10 / 255  # +10 in 8-bit units over a 32x32 patch
+    with pytest.warns(RuntimeWarning, match=r"change_threshold=12.*lower SparseConfig\(change_threshold"):
+        out = editor.edit(image=subtle.clamp(0, 1), commit=False, output_type="pt").images
+    assert editor.last_stats["macs_sparse"] == 0 and editor.last_stats["ignored_pixels"] > 0
+    assert "changed nothing" in editor.last_stats["unchanged"]
+    assert out.shape[-2:] == (64, 64)
+
+
+def test_a_lower_threshold_edits_what_the_default_ignores(pipe):
+    subtle = scene()
+    subtle[:, :, 16:48, 16:48] += 10 / 255
+    ed = SparseEditor(pipe, SparseConfig(input_dilation=1, change_threshold=2.0))
+    try:
+        ed.capture(image=scene(), generator=gen(), **KW)
+        ed.edit(image=subtle.clamp(0, 1), commit=False, output_type="pt")
+        assert ed.last_stats["macs_sparse"] > 0 and "unchanged" not in ed.last_stats
+    finally:
+        ed.remove()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"num_inference_steps": 0}, ValueError, "num_inference_steps must be a whole number of steps, at least 1"),
+        ({"num_inference_steps": 2.5}, ValueError, "num_inference_steps must be a whole number"),
+        ({"prompt": 123}, TypeError, "prompt must be a string or a non-empty list of strings"),
+        ({"negative_prompt": ["ok", 3]}, TypeError, "negative_prompt must be a string"),
+        ({"strength": 0.0}, ValueError, r"strength must be in \(0, 1\]"),
+        ({"strength": "0.5"}, TypeError, "strength must be a number"),
+        ({"guidance_scale": float("nan")}, TypeError, "guidance_scale must be a number"),
+        ({"guidance_scale": 1e308}, ValueError, r"guidance_scale must be in \[0, 10000\]"),
+    ],
+)
+def test_bad_capture_arguments_name_the_argument(pipe, kwargs, error, match):
+    ed = SparseEditor(pipe, CONFIG)
+    try:
+        with pytest.raises(error, match=match):
+            ed.capture(image=scene(), generator=gen(), **{**KW, **kwargs})
+    finally:
+        ed.remove()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"commit": "yes"}, TypeError, "commit must be True"),
+        ({"commit": None}, TypeError, "commit must be True"),
+        ({"num_inference_steps": 2.5}, ValueError, "num_inference_steps must be a whole number"),
+        ({"prompt": 123}, TypeError, "prompt must be a string"),
+        ({"image": torch.rand(1, 4, 64, 64)}, ValueError, "4 channels but the capture had 3"),
+    ],
+)
+def test_bad_edit_arguments_name_the_argument(editor, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        editor.edit(**{"image": stroke(scene()), "output_type": "pt", **kwargs})
+
+
+def test_a_removed_editor_says_so_for_its_cache_bytes(pipe):
+    ed = SparseEditor(pipe, CONFIG)
+    ed.capture(image=scene(), generator=gen(), **KW)
+    ed.remove()
+    with pytest.raises(RuntimeError, match="was removed"):
+        ed.cache_bytes
+
+
+def test_a_gan_edit_takes_a_bool_commit():
+    from sparsedit import GANEditor
+
+    from .test_gan import blob_labels, tiny_spade
+
+    ed = GANEditor(tiny_spade())
+    labels = blob_labels(1, 32, 64, 5, seed=4)
+    ed.capture(labels)
+    with pytest.raises(TypeError, match="commit must be True"):
+        ed.edit(labels, commit="no")
+    ed.remove()
+
+
+def test_a_dense_run_for_size_says_which_region_it_measured(pipe):
+    """The run-level reason names the model's own input and dilation, so it cannot read as a contradiction of the
+    image's `region_fraction` beside it."""
+    ed = SparseEditor(pipe, SparseConfig(input_dilation=5))
+    try:
+        ed.capture(image=scene(), generator=gen(), **KW)
+        ed.edit(image=stroke(scene()), commit=False, output_type="pt")
+        stats = ed.last_stats
+        assert stats["region_fraction"] < 0.1
+        assert "of the model's 8x8 input after input_dilation=5 > max_region_fraction=0.4" in stats["ran_dense"]
+    finally:
+        ed.remove()

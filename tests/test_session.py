@@ -310,3 +310,150 @@ def test_a_temporal_session_saves_and_resumes_bit_identically(pipe, tmp_path):
     assert loaded.last_stats["macs_sparse"] == stats["macs_sparse"] < stats["macs_dense"]
     assert temporal.stats(pipe.unet)["reuse_calls"] > 0  # the resumed editor reuses features
     loaded.remove()
+
+
+# -- all-or-nothing sessions (issue 34) --------------------------------------------------------------------------------
+def _saved(pipe, tmp_path, edits=1):
+    x = photo()
+    editor = SparseEditor(pipe, SparseConfig(input_dilation=1))
+    capture(editor, x)
+    for i in range(edits):
+        editor.edit(image=stroke(x, 10 + 20 * i))
+    editor.save(tmp_path / "s")
+    return editor, x
+
+
+def _tensors_file(path):
+    (f,) = path.glob("tensors-*.safetensors")
+    return f
+
+
+def test_a_save_killed_before_its_commit_leaves_the_previous_session(pipe, tmp_path, monkeypatch):
+    """A save killed between writing the tensors and committing the manifest (fault injection at each step) leaves
+    the previous session on disk, loading and editing exactly as before; nothing half-written is ever used."""
+    import sparsedit.session as session
+
+    editor, x = _saved(pipe, tmp_path)
+
+    def preview(ed):
+        return ed.edit(image=stroke(stroke(x), 40, 30), commit=False, output_type="pt").images
+
+    want = preview(editor)
+    real_replace = os.replace
+    for step in ("tensors", "manifest"):
+        editor.edit(image=stroke(stroke(x), 40, 40))  # a committed edit the killed save would have kept
+
+        def killed(src, dst, step=step):
+            if (step == "tensors") == str(dst).endswith(".safetensors"):
+                raise KeyboardInterrupt(f"killed while committing the {step}")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(session.os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            editor.save(tmp_path / "s")
+        monkeypatch.setattr(session.os, "replace", real_replace)
+        editor.remove()
+        editor = SparseEditor.load(pipe, tmp_path / "s")
+        assert len(editor.history) == 1  # the previous save's
+        assert torch.equal(preview(editor), want)
+    editor.edit(image=stroke(stroke(x), 40, 40))
+    editor.save(tmp_path / "s")  # a save that completes replaces it and removes the old files
+    assert len(list((tmp_path / "s").iterdir())) == 2
+    editor.remove()
+    assert len(SparseEditor.load(pipe, tmp_path / "s").history) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero_bytes", "edit_guidance", "edit_prompt", "swap_files", "header"])
+def test_a_damaged_or_edited_session_is_refused(pipe, tmp_path, damage):
+    import json
+
+    from sparsedit.session import CorruptSessionError
+
+    editor, x = _saved(pipe, tmp_path)
+    path = tmp_path / "s"
+    f = _tensors_file(path)
+    if damage == "truncate":
+        os.truncate(f, f.stat().st_size - 100)
+    elif damage == "zero_bytes":  # zeroed bytes in the middle of the data (the decoded image, embeddings, ...)
+        with open(f, "r+b") as fh:
+            fh.seek(f.stat().st_size // 2)
+            fh.write(bytes(64))
+    elif damage in ("edit_guidance", "edit_prompt"):
+        manifest = json.loads((path / "session.json").read_text())
+        if damage == "edit_guidance":
+            manifest["capture"]["call"]["guidance_scale"] = 9.0
+        else:
+            manifest["capture"]["call"]["prompt"] = "a blue house"
+        (path / "session.json").write_text(json.dumps(manifest))
+    elif damage == "swap_files":  # another session's tensors under this one's name
+        editor.edit(image=stroke(stroke(x), 40, 30))
+        editor.save(tmp_path / "other")
+        os.replace(_tensors_file(tmp_path / "other"), f)
+    elif damage == "header":
+        with open(f, "r+b") as fh:
+            fh.seek(9)
+            fh.write(b"#")
+    editor.remove()
+    with pytest.raises(CorruptSessionError, match=r"corrupt|modified|truncated"):
+        SparseEditor.load(pipe, path)
+    # The refused load left the pipeline untouched and free for a new editor.
+    SparseEditor(pipe).remove()
+
+
+def test_the_safetensors_header_is_checked_against_the_file(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from sparsedit.session import CorruptSessionError, read_tensors
+
+    f = tmp_path / "t.safetensors"
+    save_file({"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.int64)}, str(f))
+    assert torch.equal(read_tensors(f)["a"], torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(read_tensors(f, use_mmap=False)["b"], torch.ones(4, dtype=torch.int64))
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    for name, change, why in [
+        ("shape", {"a": {**header["a"], "shape": [3, 3]}}, "not of its size"),
+        ("offsets", {"b": {**header["b"], "data_offsets": [16, 48]}}, "overlap"),
+        ("dtype", {"a": {**header["a"], "dtype": "F99"}}, "malformed"),
+        ("beyond", {"b": {**header["b"], "data_offsets": [24, 9999]}}, "outside"),
+    ]:
+        text = json.dumps({**header, **change}).encode()
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+        with pytest.raises(CorruptSessionError, match=why):
+            read_tensors(bad)
+    (tmp_path / "short").write_bytes(raw[:5])
+    with pytest.raises(CorruptSessionError, match="shorter than a header"):
+        read_tensors(tmp_path / "short")
+
+
+def test_a_session_keeps_its_calibration(pipe, tmp_path):
+    import sparsedit
+
+    editor, x = _saved(pipe, tmp_path)
+    cal = sparsedit.calibration_of(pipe.unet)
+    assert cal is not None
+    editor.remove()
+    sparsedit.calibration.clear()
+    loaded = SparseEditor.load(pipe, tmp_path / "s")
+    assert sparsedit.calibration_of(pipe.unet) == cal
+    loaded.remove()
+
+
+def test_a_damaged_gan_session_is_refused(tmp_path):
+    from sparsedit.session import CorruptSessionError
+
+    model = tiny_spade()
+    editor = GANEditor(model)
+    editor.capture(blob_labels(1, 32, 64, 5, seed=4))
+    editor.save(tmp_path / "gan")
+    editor.remove()
+    f = _tensors_file(tmp_path / "gan")
+    with open(f, "r+b") as fh:
+        fh.seek(f.stat().st_size - 10)
+        fh.write(b"\x7f" * 4)
+    with pytest.raises(CorruptSessionError, match="SHA-256"):
+        GANEditor.load(model, tmp_path / "gan")

@@ -17,6 +17,7 @@ from .gan import GANEditor
 from .guard import EditorBusyError
 from .nn import Mode, UnsupportedLayerError
 from .regions import difference_mask
+from .session import CorruptSessionError
 from .spatial import (
     calibrate,
     calibration_of,
@@ -46,6 +47,7 @@ __all__ = [
     "RegionMethod",
     "CacheBudgetError",
     "CacheBytes",
+    "CorruptSessionError",
     "EditStats",
     "EditorBusyError",
     "GANEditor",

@@ -15,7 +15,16 @@ from .regions import as_region, change_mask, difference_mask
 from .spatial import is_sparsified
 
 
-__all__ = ["capture_call", "check_editor", "edit_call", "edit_inputs", "pipeline_kwargs"]
+__all__ = [
+    "capture_call",
+    "check_editor",
+    "check_number",
+    "check_prompt",
+    "check_steps",
+    "edit_call",
+    "edit_inputs",
+    "pipeline_kwargs",
+]
 
 
 def check_editor(pipe, temporal, on_stale):
@@ -75,6 +84,13 @@ def capture_call(ed, image, prompt, strength, num_inference_steps, guidance_scal
     unsupported = sorted(set(callback_on_step_end_tensor_inputs) - {"latents"})
     if unsupported:
         raise ValueError(f"callback_on_step_end_tensor_inputs: only 'latents' is passed, not {unsupported}.")
+    check_prompt("prompt", prompt)
+    check_prompt("negative_prompt", negative_prompt)
+    check_steps(num_inference_steps)
+    if strength is not None:
+        check_number("strength", strength, low=0.0, high=1.0, low_open=True)
+    if guidance_scale is not None:
+        check_number("guidance_scale", guidance_scale, low=0.0, high=1e4)
     options, images = pipeline_kwargs(ed, pipeline_kw, "capture")
     if ed.adapter.fixed_size:
         f = ed.pipe.vae_scale_factor
@@ -118,9 +134,32 @@ def capture_call(ed, image, prompt, strength, num_inference_steps, guidance_scal
     return x0, mask, call, inputs
 
 
+def check_prompt(name: str, value) -> None:
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+        return
+    raise TypeError(f"{name} must be a string or a non-empty list of strings (one per image), got {value!r:.60}.")
+
+
+def check_steps(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"num_inference_steps must be a whole number of steps, at least 1; got {value!r}.")
+
+
+def check_number(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+    """A real number inside `[low, high]` (`(low, high]` with `low_open`), or an error naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise TypeError(f"{name} must be a number, got {value!r}.")
+    if not (low < value if low_open else low <= value) or not value <= high:
+        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}.")
+
+
 def edit_call(ed, prompt, negative_prompt, text_config, region, pipeline_kw):
     """`edit`'s checks before anything runs: the current capture, the text config, whether this is a prompt edit,
     and the pipeline options (normalised as the capture's) and extra images."""
+    check_prompt("prompt", prompt)
+    check_prompt("negative_prompt", negative_prompt)
     options, images = pipeline_kwargs(ed, pipeline_kw, "edit")
     cap = ed.current
     if cap is None:
@@ -161,6 +200,11 @@ def edit_inputs(ed, cap, image, mask_image, images, region):
         changed = torch.zeros(b, h, w, dtype=torch.bool, device=ed.unet.device)
     else:
         x0 = cap.image if image is None else ed.adapter.preprocess(image, cap.call["height"], cap.call["width"])
+        if x0.shape[1] != cap.image.shape[1]:
+            raise ValueError(
+                f"the edited image has {x0.shape[1]} channels but the capture had {cap.image.shape[1]}; give the "
+                "edited image in the same color mode (e.g. `image.convert('RGB')`)."
+            )
         if tuple(x0.shape) != tuple(cap.image.shape):
             raise ValueError(
                 f"the edited image has shape {tuple(x0.shape)} but the capture had {tuple(cap.image.shape)}; "

@@ -104,18 +104,54 @@ def edit(
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Capture the input once, apply one edit sparsely, write the result, and report what it cost."""
+    try:
+        _edit(model, image, out, edited, mask, prompt, new_prompt, strength, steps, seed)
+    except UserError as e:
+        typer.echo(f"sparsedit edit: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+class UserError(Exception):
+    """A mistake in the command's arguments or files: one line on stderr, no traceback."""
+
+
+def _user_errors():
+    """The exceptions that mean the user's input is wrong (a missing or unreadable file, a bad value, a stale or
+    corrupt session), as opposed to a bug, which keeps its traceback."""
+    from PIL import UnidentifiedImageError
+
+    from .cache import StaleCacheError
+    from .session import CorruptSessionError
+
+    return (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotImplementedError, KeyError,
+            UnidentifiedImageError, StaleCacheError, CorruptSessionError)  # fmt: skip
+
+
+def _edit(model, image, out, edited, mask, prompt, new_prompt, strength, steps, seed) -> None:
     import numpy as np
     from PIL import Image
     from tqdm import tqdm
 
     from .serve.models import ModelRegistry, SessionEditor, tensor_to_png
 
-    registry = ModelRegistry([model] if Path(model).is_dir() else [])
-    spec = registry.get(Path(model).name if Path(model).is_dir() else model)
+    if out.is_dir() or not out.parent.is_dir():
+        raise UserError(f"--out {out}: give a file path in an existing folder (the edited result is written there).")
+    for name, path in (("--image", image), ("--edited", edited), ("--mask", mask)):
+        if path is not None and not path.is_file():
+            raise UserError(f"{name} {path}: no such file.")
+    try:
+        registry = ModelRegistry([model] if Path(model).is_dir() else [])
+        spec = registry.get(Path(model).name if Path(model).is_dir() else model)
+    except _user_errors() as e:
+        raise UserError(f"--model {model}: {_message(e)}") from None
     key = "labels" if spec.kind == "gan" else "image"
 
     def read(path: Path) -> np.ndarray:
-        img = Image.open(path)
+        try:
+            img = Image.open(path)
+            img.load()
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not an image this command can read ({e}).") from None
         if key == "image":
             return np.asarray(img.convert("RGB"))
         a = np.asarray(img)
@@ -128,28 +164,45 @@ def edit(
         **spec.defaults,
         **{k: v for k, v in {"strength": strength, "steps": steps, "seed": seed}.items() if v is not None},
     }
-    with tqdm(total=2, desc="sparsedit edit", unit="run") as bar:
-        bar.set_postfix_str("capture (dense)")
-        session = SessionEditor(spec, options)
-        session.capture(state)
-        capture_seconds = session.editor.last_stats["seconds"]
-        bar.update()
-        change = dict(state)
-        if edited is not None:
-            change[key] = read(edited)
-        if mask is not None:
-            change["mask"] = np.asarray(Image.open(mask).convert("L"))
-        if new_prompt is not None:
-            change["prompt"] = new_prompt
-        bar.set_postfix_str("edit (sparse)")
-        result = session.edit(change)
-        bar.update()
-    stats = session.editor.last_stats
+    change = dict(state)
+    if edited is not None:
+        change[key] = read(edited)
+    if mask is not None:
+        change["mask"] = np.asarray(Image.open(mask).convert("L"))
+    if new_prompt is not None:
+        change["prompt"] = new_prompt
+    session = None
+    try:
+        with tqdm(total=2, desc="sparsedit edit", unit="run") as bar:
+            bar.set_postfix_str("capture (dense)")
+            session = SessionEditor(spec, options)
+            session.capture(state)
+            capture_seconds = session.editor.last_stats["seconds"]
+            bar.update()
+            bar.set_postfix_str("edit (sparse)")
+            result = session.edit(change)
+            bar.update()
+        stats = session.editor.last_stats
+    except _user_errors() as e:
+        raise UserError(_message(e)) from None
+    finally:
+        if session is not None:
+            session.close()
     out.write_bytes(tensor_to_png(result))
-    session.close()
-    macs = stats["macs_dense"] / max(1, stats["macs_sparse"])
     typer.echo(f"wrote {out}: capture {capture_seconds:.2f} s (dense), edit {stats['seconds']:.2f} s, "
-               f"{macs:.1f}x fewer MACs, {100 * stats.get('region_fraction', 0):.1f}% recomputed")  # fmt: skip
+               f"{summary(stats)}")  # fmt: skip
+
+
+def _message(e: Exception) -> str:
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def summary(stats) -> str:
+    """What an edit cost against dense, in words that never divide by zero."""
+    if not stats["macs_sparse"]:
+        return "nothing changed: the current result came back without computing"
+    macs = stats["macs_dense"] / stats["macs_sparse"]
+    return f"{macs:.1f}x fewer MACs, {100 * stats.get('region_fraction', 0):.1f}% recomputed"
 
 
 def parse_memory(value):

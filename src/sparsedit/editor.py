@@ -24,7 +24,7 @@ import torch
 from . import arguments, session, textedit
 from .cache import CacheBytes, StaleCacheError
 from .config import SparseConfig, TemporalConfig, TextEditConfig
-from .guard import make_lock, serialized
+from .guard import check_commit, make_lock, serialized
 from .loop import Capture, Loop
 from .spatial import transaction
 from .stats import EditStats
@@ -244,6 +244,8 @@ class SparseEditor:
         """Bytes held for edits (an int), by part: `"unet"` (the per-step activations), `"vae_encoder"`,
         `"vae_decoder"`, `"text"` (prompt embeddings and stored cross-attention probabilities) and `"latents"` (the
         trajectory, the encoded images and the decoded result). `.offloaded` says how many of them are on disk."""
+        if self._removed:
+            raise RuntimeError("this SparseEditor was removed (`editor.remove()`): it holds no caches any more.")
         return session.cache_parts(self)
 
     @serialized
@@ -312,12 +314,28 @@ class SparseEditor:
                 is part of the edit: the region covers every pixel where it changed. An option
                 (`controlnet_conditioning_scale`, ...) is checked like `strength`.
         """
+        commit = check_commit(commit)
+        if num_inference_steps is not None:
+            arguments.check_steps(num_inference_steps)
+        if strength is not None:
+            arguments.check_number("strength", strength, low=0.0, high=1.0, low_open=True)
+        if guidance_scale is not None:
+            arguments.check_number("guidance_scale", guidance_scale, low=0.0, high=1e4)
         cap, tcfg, text, options, images = arguments.edit_call(self, prompt, negative_prompt, text_config, region,
                                                                pipeline_kwargs)  # fmt: skip
         cap, recaptured = self._check_call(cap, generator, num_inference_steps, guidance_scale, strength, options)
         x0, mask, inputs, region, changed, ignored = arguments.edit_inputs(
             self, cap, image, mask_image, images, region
         )
+        unchanged = None
+        if ignored and not text and not bool(region.any()):
+            unchanged = (
+                f"the input differs from the current one at {ignored} pixels, all by no more than "
+                f"change_threshold={self.config.change_threshold:g} (8-bit units, the re-encoding noise a JPEG "
+                "re-save makes), so this edit changed nothing and returned the current image. To edit that finely, "
+                "make the editor with a lower SparseConfig(change_threshold=...) (0: every bit counts)."
+            )
+            warnings.warn(unchanged, RuntimeWarning, stacklevel=3)
         change = None
         if text:
             change = {
@@ -333,6 +351,8 @@ class SparseEditor:
             if recaptured is not None:
                 self.last_stats["recaptured_seconds"] = recaptured
             self.last_stats["ignored_pixels"] = ignored  # changed by no more than change_threshold, or outside region
+            if unchanged is not None:
+                self.last_stats["unchanged"] = unchanged
             return out
         except StaleCacheError:
             if self.on_stale != "recapture":

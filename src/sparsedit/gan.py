@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .config import SparseConfig
-from .guard import check_finite, make_lock, serialized
+from .guard import check_commit, check_finite, make_lock, serialized
 from .regions import as_region
 from .spatial import capturing, editing, is_sparsified, last_stats, sparse_state, sparsify_, transaction, unsparsify_
 from .stats import EditStats
@@ -141,6 +141,7 @@ class GANEditor:
         Returns:
             The image `[B, 3, H, W]`.
         """
+        commit = check_commit(commit)
         if self._input is None:
             raise RuntimeError("Nothing captured yet: call `editor.capture(labels)` first.")
         x = self.encode(labels, instance)

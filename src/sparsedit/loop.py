@@ -22,7 +22,7 @@ from . import temporal as temporal_reuse
 from . import textedit
 from .cache import StaleCacheError, module_fingerprint
 from .config import SparseConfig, TemporalConfig
-from .guard import weights_checksum
+from .guard import changed_tensors, weights_checksum
 from .regions import dilate
 from .spatial import (
     calibrate,
@@ -340,14 +340,13 @@ class Loop:
         if [int(t) for t in timesteps] != [int(t) for t in cap.timesteps]:
             raise StaleCacheError("the scheduler's timesteps differ from the capture's; capture again.")
         if weights and cap.checksums is not None:
-            now = weights_checksum(self.components())
-            changed = [n for n in cap.checksums if now.get(n) != cap.checksums[n]]
+            changed = changed_tensors(cap.checksums, weights_checksum(self.components()))
             if changed:
                 raise StaleCacheError(
-                    f"the weights of the pipeline's {', '.join(changed)} changed since the capture (written in place, "
-                    "e.g. through `param.data`, LoRA adapters fused or unfused, or loaded anew), so the cache holds "
-                    "another model's activations; "
-                    "capture again, or make the editor with on_stale='recapture'."
+                    f"the weights of the pipeline's {changed} changed since the capture (written in place, e.g. "
+                    "through `param.data`, permuted, LoRA adapters fused or unfused, or loaded anew), so the cache "
+                    "holds another model's activations; restore those weights, capture again, or make the editor "
+                    "with on_stale='recapture'."
                 )
 
     def residual_inputs(self) -> tuple:

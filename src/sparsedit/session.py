@@ -1,11 +1,15 @@
 """Sessions that fit and outlive the process: what a `SparseEditor` holds (by part), a capture fitted to
-`SparseConfig(cache_budget=...)`, peak memory, and `save`/`load` of a whole editing session (issue 17).
+`SparseConfig(cache_budget=...)`, peak memory, and `save`/`load` of a whole editing session (issues 17, 34).
 
-A saved session is a directory: `tensors.safetensors` (every cached tensor, the capture's trajectory, images,
-embeddings and generator state) and `session.json` (the keys, the capture's arguments, the editor's config and a
-content fingerprint of every model component and the scheduler). Loading checks the fingerprint against the pipeline
-it is given (`StaleCacheError` names what differs) and memory-maps the tensors copy-on-write: the file is never
-written, and pages are read as edits touch them.
+A saved session is a directory: `tensors-<digest>.safetensors` (every cached tensor, the capture's trajectory, images,
+embeddings and generator state) and `session.json` (the keys, the capture's arguments, the editor's config, a content
+fingerprint of every model component and the scheduler, the tensors file's SHA-256 and size, and a SHA-256 of the
+manifest itself). A save is all-or-nothing: the tensors go to a new file named by its digest, then the manifest is
+written to a temporary file and renamed over `session.json` (the commit point), then files of earlier saves are
+removed; a save killed at any point leaves the previous session loadable. Loading verifies both digests and the
+safetensors header before using anything (`CorruptSessionError` says what does not match), checks the fingerprint
+against the pipeline it is given (`StaleCacheError` names what differs) and memory-maps the tensors copy-on-write:
+the file is never written, and pages are read as edits touch them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import dataclasses
 import hashlib
 import json
 import mmap
+import os
 import resource
+import secrets
 from pathlib import Path
 
 import torch
@@ -27,9 +33,9 @@ from .nn.state import LayerRecord
 from .spatial import capturing, export_capture, restore_capture, sparse_state
 
 
-__all__ = ["content_fingerprint", "load_editor", "peak_memory", "save_editor"]
+__all__ = ["CorruptSessionError", "content_fingerprint", "load_editor", "peak_memory", "save_editor"]
 
-FORMAT = 1
+FORMAT = 2  # 2: digests of the manifest and the tensors file, the calibration (issue 34)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
                                                        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
                                                        torch.bool)}  # fmt: skip
@@ -105,12 +111,12 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
     with torch.no_grad():
         if editor.adapter.encodes_image:
             enc = editor.pipe.vae.encoder
-            encodes = 2 if editor.kind == "inpaint" else 1
+            encodes = 2 if editor.adapter.takes_mask else 1  # the image and the masked image
             with capturing(enc, calibrate=False), sparse_state(enc).cache.dry_run() as tally:
                 enc(x0.to(editor.pipe.vae.dtype))
             tallies["vae_encoder"] = {k: v * encodes for k, v in tally.items()}
         f = editor.pipe.vae_scale_factor if editor.latent else 1
-        if editor.kind == "txt2img":
+        if not editor.adapter.takes_image:  # text-to-image (SDXL's too): x0 is (batch, height, width)
             b, h, w = x0
         else:
             b, _, h, w = x0.shape
@@ -280,12 +286,72 @@ class _Writer:
         return name
 
     def write(self, path: Path, manifest: dict) -> None:
-        """The session directory: `tensors.safetensors` and `session.json`."""
+        """The session directory, committed atomically: the tensors file under a name of its own, then the manifest
+        (which names it and carries its digest) renamed over `session.json`, then the files of earlier saves go."""
         from safetensors.torch import save_file
 
         path.mkdir(parents=True, exist_ok=True)
-        save_file(self.tensors, str(path / "tensors.safetensors"))
-        (path / "session.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
+        tmp = path / f".tensors-{secrets.token_hex(6)}.tmp"
+        try:
+            save_file(self.tensors, str(tmp))
+            _fsync(tmp)
+            digest, size = file_digest(tmp), tmp.stat().st_size
+            name = f"tensors-{digest[:16]}.safetensors"
+            os.replace(tmp, path / name)
+            manifest = {**manifest, "files": {"tensors": {"name": name, "sha256": digest, "bytes": size}}}
+            text = json.dumps(manifest, indent=1, default=_json_default)
+            manifest = json.loads(text)  # as it will be read back (tuples as lists), for the digest
+            manifest["digest"] = manifest_digest(manifest)
+            _commit_text(path / "session.json", json.dumps(manifest, indent=1))
+        finally:
+            tmp.unlink(missing_ok=True)
+        for old in [*path.glob("tensors*.safetensors"), *path.glob(".tensors-*.tmp")]:
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+
+class CorruptSessionError(ValueError):
+    """A saved session whose files do not match their digests or their own description: truncated, overwritten,
+    edited by hand, or half-written by an older version. Nothing of it is used."""
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in 8 MiB blocks (about 1.5 GB/s here: measured in BENCHMARKS.md)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's canonical JSON without its own `digest`: every value that determines the cache (the
+    capture's arguments, the config, the fingerprints, the keys) is covered."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit_text(path: Path, text: str) -> None:
+    """Write `path` all or nothing: a temporary file, flushed to disk, renamed over it, the directory flushed."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
+        _fsync(path.parent)
 
 
 def _value(w: _Writer, name: str, v):
@@ -395,28 +461,63 @@ def _json_default(o):
 
 # -- load -----------------------------------------------------------------------------------------------------------
 def read_tensors(path: Path, use_mmap: bool = True) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file. With `use_mmap`: views of a copy-on-write memory map of the file (writes
-    stay in this process; the file is never changed)."""
-    if not use_mmap:
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+    """The tensors of a safetensors file, its header checked against the file (`CorruptSessionError`). With
+    `use_mmap`: views of a copy-on-write memory map of the file (writes stay in this process; the file is never
+    changed)."""
     with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    n = int.from_bytes(mm[:8], "little")
-    header = json.loads(mm[8 : 8 + n])
-    header.pop("__metadata__", None)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.fstat(f.fileno()).st_size else b""
+    header, start = _header(path, mm)
+    if not use_mmap:
+        mm = bytearray(mm)  # one private copy in memory
     base = torch.frombuffer(mm, dtype=torch.uint8) if len(mm) else torch.empty(0, dtype=torch.uint8)
     out = {}
-    for name, info in header.items():
-        dtype = _ST_DTYPES[info["dtype"]]
-        start, end = info["data_offsets"]
-        raw = base[8 + n + start : 8 + n + end]
-        size = dtype.itemsize
-        if (8 + n + start) % size:
+    for name, (dtype, shape, begin, end) in header.items():
+        raw = base[start + begin : start + end]
+        if (start + begin) % dtype.itemsize:
             raw = raw.clone()  # misaligned for this dtype: a copy
-        out[name] = raw.view(dtype).reshape(info["shape"])
+        out[name] = raw.view(dtype).reshape(shape)
     return out
+
+
+def _header(path: Path, mm) -> tuple[dict, int]:
+    """The safetensors header of `mm`, checked: its length, every dtype, shape and offset inside the file, sizes
+    matching shapes, no overlaps. Returns `{name: (dtype, shape, begin, end)}` and where the data starts."""
+
+    def corrupt(why: str):
+        return CorruptSessionError(f"{path} is not a valid safetensors file: {why}.")
+
+    if len(mm) < 8:
+        raise corrupt(f"{len(mm)} bytes, shorter than a header")
+    n = int.from_bytes(mm[:8], "little")
+    if n > len(mm) - 8:
+        raise corrupt(f"its header claims {n} bytes, the file has {len(mm) - 8} after the length")
+    try:
+        raw = json.loads(bytes(mm[8 : 8 + n]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise corrupt(f"its header is not JSON ({e})") from None
+    raw.pop("__metadata__", None)
+    data = len(mm) - 8 - n
+    out, spans = {}, []
+    for name, info in raw.items():
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"tensor {name!r} has a malformed entry {str(info)[:80]}") from None
+        count = 1
+        for d in shape:
+            count *= d
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data or end - begin != count * dtype.itemsize:
+            raise corrupt(f"tensor {name!r} ({info['dtype']} {shape}) has offsets {begin}..{end} outside its "
+                          f"{data} data bytes or not of its size")  # fmt: skip
+        out[name] = (dtype, shape, begin, end)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise corrupt(f"tensors {a!r} and {b!r} overlap")
+    return out, 8 + n
 
 
 def _tensor(tensors, ref: dict) -> torch.Tensor:
@@ -468,19 +569,59 @@ def _record(d: dict) -> LayerRecord:
 
 
 def _read_manifest(path: Path, cls) -> dict:
-    """`session.json` of a session saved by a `cls` editor, checked for its format."""
+    """`session.json` of a session saved by a `cls` editor, checked for its format and its digest."""
     manifest_path = path / "session.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(
             f"no saved session at {path} (expected {manifest_path}); write one with editor.save()."
         )
-    manifest = json.loads(manifest_path.read_text())
+
+    def corrupt(why: str):
+        return CorruptSessionError(
+            f"session {path} is corrupt or was modified: {why}. Nothing of it was used; load an intact copy, or "
+            "capture again."
+        )
+
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise corrupt(f"session.json is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise corrupt("session.json is not a JSON object")
+    if manifest.get("format") == 1 and manifest.get("editor") == cls.__name__:
+        raise CorruptSessionError(
+            f"{path} was saved by an earlier sparsedit (session format 1), whose files carry no digests, so its "
+            "integrity cannot be checked; capture again and save it with this version."
+        )
     if manifest.get("format") != FORMAT or manifest.get("editor") != cls.__name__:
         raise ValueError(
             f"{path} is not a {cls.__name__} session of format {FORMAT} (it is a {manifest.get('editor')!r} session of "
             f"format {manifest.get('format')!r}); load it with the editor and sparsedit version that saved it."
         )
+    if manifest.get("digest") != manifest_digest(manifest):
+        raise corrupt("session.json does not match its digest (edited by hand, or damaged)")
     return manifest
+
+
+def _tensors_path(path: Path, manifest: dict) -> Path:
+    """The session's tensors file, verified against the size and SHA-256 the manifest recorded."""
+    info = manifest["files"]["tensors"]
+    name = info["name"]
+    f = path / name
+    if Path(name).name != name or not f.is_file():
+        raise CorruptSessionError(f"session {path} is incomplete: its tensors file {name} is missing.")
+    size = f.stat().st_size
+    if size != info["bytes"]:
+        raise CorruptSessionError(
+            f"session {path} is corrupt: {name} has {size} bytes, {info['bytes']} were saved (truncated or "
+            "overwritten). Nothing of it was used; load an intact copy, or capture again."
+        )
+    if file_digest(f) != info["sha256"]:
+        raise CorruptSessionError(
+            f"session {path} is corrupt: {name} does not match its SHA-256 (its bytes changed after saving). "
+            "Nothing of it was used; load an intact copy, or capture again."
+        )
+    return f
 
 
 def load_editor(cls, pipe, path):
@@ -511,7 +652,7 @@ def load_capture(editor, path, mmap: bool = True):
 
     path = Path(path)
     manifest = _read_manifest(path, type(editor))
-    tensors = read_tensors(path / "tensors.safetensors", use_mmap=mmap)
+    tensors = read_tensors(_tensors_path(path, manifest), use_mmap=mmap)
     device = editor.unet.device
     for part, model in editor.loop.models().items():
         _load_model(tensors, manifest["models"][part], model, editor.config)
@@ -578,7 +719,7 @@ def load_gan(cls, generator, path, mmap: bool = True):
     _compare(manifest["fingerprint"], now)
     editor = cls(generator, SparseConfig.from_dict(manifest["config"]))
     try:
-        tensors = read_tensors(path / "tensors.safetensors", use_mmap=mmap)
+        tensors = read_tensors(_tensors_path(path, manifest), use_mmap=mmap)
         device = next((p.device for p in generator.parameters()), torch.device("cpu"))
         _load_model(tensors, manifest["models"]["generator"], generator, editor.config)
         current = (tensors[manifest["input"]].to(device), tensors[manifest["image"]].to(device))

@@ -24,9 +24,10 @@ import torch.nn as nn
 from torch.utils._pytree import tree_map
 
 from . import calibration as calibrations
-from .cache import ActivationCache, StaleCacheError, module_fingerprint
+from .cache import ActivationCache, StaleCacheError, adapter_state, module_fingerprint
 from .calibration import PROBE_FRACTIONS, Calibration
 from .config import SparseConfig
+from .guard import changed_tensors, weights_checksum
 from .nn.base import SparseHandler, UnsupportedLayerError, handler_for, handler_of, is_dense_safe
 from .nn.layers import PointwiseHandler, WindowedHandler
 from .nn.state import Mode, SparseState
@@ -81,6 +82,10 @@ class _Attachment:
         self.calibration: Calibration | None = None
         self.last_call: tuple | None = None  # (args, kwargs, scope) of the last capture forward
         self.probing = False  # a calibration probe: run sparse whatever the region's size
+        # The capture's weights by content (`guard.weights_checksum`) and LoRA state, compared when their identity
+        # in the fingerprint changed (`_check_weights`).
+        self.weights: dict[str, int] | None = None
+        self.adapters: tuple = ()
         self.capture_records: list = []  # the last capture's per-layer records (a plain dense run reports them)
         self.tracking: RegionTracking | None = None  # entered for each sparse forward only
         self.txn_depth = 0  # nesting of `transaction` contexts
@@ -155,6 +160,7 @@ def restore_capture(model: nn.Module, entries, aux, records, capture_records, ou
         calibrations.install(att.calibration)
     if x is not None:
         st.cache.fingerprint = _fingerprint(model, x, st.config)
+        att.weights, att.adapters = _content(model), adapter_state(model)  # the loader checked them
 
 
 def output_regions(model: nn.Module):
@@ -339,12 +345,22 @@ def _check_aux(captured: dict[str, object], now: dict[str, object], changeable=f
             )
 
 
+_WEIGHTS = "weights and LoRA adapters"
+
+
+class _Identity(tuple):
+    """`module_fingerprint` (storage addresses and version counters), shown in errors by what it is."""
+
+    def __repr__(self) -> str:
+        return f"<the identity of {len(self)} modules' weights>"
+
+
 def _fingerprint(model: nn.Module, x: torch.Tensor, config: SparseConfig) -> dict:
     return {
         "input shape": tuple(x.shape),
         "input dtype": x.dtype,
         "device": x.device,
-        "weights and LoRA adapters": module_fingerprint(model),
+        _WEIGHTS: _Identity(module_fingerprint(model)),
         "config": config.to_json(),
         "training": model.training,
     }
@@ -388,10 +404,7 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
             st.cache.flush(commit=False)
             st.cache.retain = st.commit  # an uncommitted run's working copies die with their last reader
             if att.check_weights:
-                try:
-                    st.cache.check(_fingerprint(model, x, st.config))
-                except StaleCacheError as e:
-                    raise StaleCacheError(f"{e} (weights: did you change or reload them?)") from None
+                _check_weights(model, att, x)
             st.begin_run()
             key = _INPUT_KEY + st.scope
             if key not in st.cache:
@@ -438,6 +451,8 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
             st.begin_run()
             if st.mode is Mode.CAPTURE:
                 st.cache.fingerprint = _fingerprint(model, x, st.config)
+                if att.weights is None:  # once per capture: what a changed identity is compared with
+                    att.weights, att.adapters = _content(model), adapter_state(model)
                 st.cache.put_exact(_INPUT_KEY + st.scope, x=x)
                 att.last_call = (args, kwargs, st.scope)
                 aux = _aux_inputs(args, kwargs, x, att.spatial_inputs)
@@ -445,6 +460,31 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
         return None
 
     return pre_hook
+
+
+def _content(model: nn.Module) -> dict[str, int]:
+    return weights_checksum({type(model).__name__: model})[type(model).__name__]
+
+
+def _check_weights(model: nn.Module, att: _Attachment, x: torch.Tensor) -> None:
+    """Refuse a sparse run whose model, input shape or config differ from the capture's. The weights are compared by
+    identity (storage address and version counter: no reads); when that differs, by content, so weights restored to
+    the captured bits (e.g. `load_state_dict` of the same values) are accepted again and the new identity adopted."""
+    st = att.state
+    now = _fingerprint(model, x, st.config)
+    captured = st.cache.fingerprint
+    if captured is not None and captured.get(_WEIGHTS) != now[_WEIGHTS] and att.weights is not None:
+        name = type(model).__name__
+        changed = changed_tensors({name: att.weights}, {name: _content(model)})
+        if changed is None and adapter_state(model) != att.adapters:
+            changed = f"{name} (its LoRA adapters: loaded, removed, fused, unfused or re-weighted)"
+        if changed is not None:
+            raise StaleCacheError(
+                f"the weights of {changed} changed since the capture, so the cache holds another model's "
+                "activations; restore them, or capture again with `sparsedit.capturing(model)`."
+            )
+        captured[_WEIGHTS] = now[_WEIGHTS]  # the captured bits are back: edits may use the cache again
+    st.cache.check(now)
 
 
 def _tag_inputs(st: SparseState, att: _Attachment, kwargs) -> None:
@@ -591,7 +631,7 @@ def transaction(*models: nn.Module):
     for att in started:
         att.state.cache.begin()
         att.state.txn_undo = []
-        att.txn_aux = {"__all__": (dict(att.aux), att.spatial_inputs)}
+        att.txn_aux = {"__all__": (dict(att.aux), att.spatial_inputs, att.weights, att.adapters)}
     ok = False
     try:
         yield
@@ -612,7 +652,7 @@ def transaction(*models: nn.Module):
             st.cache.rollback()
             for restore in reversed(undo):  # the committed runs' in-place writes
                 restore()
-            aux, att.spatial_inputs = saved.pop("__all__")
+            aux, att.spatial_inputs, att.weights, att.adapters = saved.pop("__all__")
             att.aux.clear()
             att.aux.update(aux)
             for scope_key, values in saved.items():
@@ -638,6 +678,7 @@ def capturing(model: nn.Module, spatial_inputs: tuple = (), calibrate: bool = Tr
     att.aux = {}  # a new dict: a transaction keeps the old one
     att.spatial_inputs = frozenset(spatial_inputs)
     att.last_call = None
+    att.weights = None
     try:
         with _mode(att, Mode.CAPTURE):
             yield

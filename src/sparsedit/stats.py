@@ -44,6 +44,7 @@ class EditStats(MutableMapping):
         ignored_pixels: input pixels that differed by no more than `change_threshold`, or outside an explicit region
             with `check_region=False`, and kept their current values.
         refresh_seconds: the dense refresh that followed this edit (`refresh_every`).
+        unchanged: why an edit whose input did differ changed nothing (every difference under `change_threshold`).
         exact (GAN): whether the edit is exact by construction.
     """
 
@@ -72,6 +73,7 @@ class EditStats(MutableMapping):
     ran_dense: str | None = UNSET
     ignored_pixels: int = UNSET
     refresh_seconds: float = UNSET
+    unchanged: str = UNSET
     exact: bool = UNSET
     extra: dict = dataclasses.field(default_factory=dict)
 
