@@ -486,5 +486,6 @@ def test_a_dense_run_for_size_says_which_region_it_measured(pipe):
         stats = ed.last_stats
         assert stats["region_fraction"] < 0.1
         assert "of the model's 8x8 input after input_dilation=5 > max_region_fraction=0.4" in stats["ran_dense"]
+        assert stats["calibration"]["break_even"] == 1.0  # the tests' fixed calibration (conftest.py)
     finally:
         ed.remove()

@@ -26,6 +26,7 @@ from .guard import changed_tensors, weights_checksum
 from .regions import dilate
 from .spatial import (
     calibrate,
+    calibration_of,
     capturing,
     editing,
     last_stats,
@@ -72,6 +73,14 @@ class Capture:
     text_fingerprint: tuple | None = None  # the text encoders the embeddings came from (`_text_fingerprint`)
     inputs: dict | None = None  # the adapter's `extra_images` (the ControlNet's control image), at image resolution
     checksums: dict | None = None  # `guard.weights_checksum` of every model component, taken after the capture
+
+
+def _calibration_summary(model) -> dict | None:
+    """What the sparse-or-dense choice of `model` read (`last_stats["calibration"]`): its break-even and what it was
+    measured for; `None`: not calibrated (only `max_region_fraction` decides)."""
+    cal = calibration_of(model)
+    return None if cal is None else {"break_even": cal.break_even, "dense_seconds": cal.dense_seconds,
+                                     "about": cal.about}  # fmt: skip
 
 
 class Loop:
@@ -643,6 +652,7 @@ class Loop:
                 "dense_steps": totals[
                     "dense_steps"
                 ],  # UNet steps the run-level cost model ran as plain dense forwards
+                "calibration": _calibration_summary(unet),
                 "background": (
                     "latents outside the dilated region are the capture's at every step; the VAE encoder and decoder run "
                     "sparse and the pixels outside the region are composited from the current image's decode"

@@ -41,6 +41,8 @@ class EditStats(MutableMapping):
         recaptured_seconds: a stale capture was captured again first (`on_stale="recapture"`).
         check_seconds: the staleness check of an edit (the weights checksum included).
         ran_dense: why the edit ran as plain dense forwards (every UNet step, or how many); `None`: sparse.
+        calibration: what that choice read: the UNet's calibrated break-even (the largest fraction of its input an
+            edit may reach and run sparse), its dense time and what it was measured for; `None`: not calibrated.
         ignored_pixels: input pixels that differed by no more than `change_threshold`, or outside an explicit region
             with `check_region=False`, and kept their current values.
         refresh_seconds: the dense refresh that followed this edit (`refresh_every`).
@@ -71,6 +73,7 @@ class EditStats(MutableMapping):
     recaptured_seconds: float = UNSET
     check_seconds: float = UNSET
     ran_dense: str | None = UNSET
+    calibration: dict | None = UNSET
     ignored_pixels: int = UNSET
     refresh_seconds: float = UNSET
     unchanged: str = UNSET
