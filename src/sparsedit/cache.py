@@ -14,9 +14,11 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable
 
 import torch
+
+from .fingerprints import adapter_state, module_fingerprint, weights_fingerprint
 
 
 __all__ = [
@@ -76,51 +78,6 @@ class CacheBytes(int):
 def is_feature_map(t: torch.Tensor) -> bool:
     """Entries a lower storage precision applies to: float maps and token tensors (not sums kept in float64)."""
     return t.is_floating_point() and t.dim() >= 3 and t.dtype != torch.float64
-
-
-def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
-    """Identity of a set of weights: storage address and in-place version counter of each tensor.
-
-    `load_state_dict`, optimizer steps and any in-place update bump `_version`; replacing a parameter changes the
-    address. Costs one Python loop over the parameters, no reads of their data.
-    """
-    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in tensors)
-
-
-def module_fingerprint(model: torch.nn.Module) -> tuple:
-    """Identity of a module's weights and LoRA adapters in one pass over its submodules: `weights_fingerprint` of
-    each one's own parameters and buffers, and `adapter_state` of the PEFT tuner layers among them. Runs before every
-    sparse run, so it reads no tensor data."""
-    out = []
-    for m in model.modules():
-        tensors = [*m._parameters.values(), *m._buffers.values()]
-        if tensors:
-            out.append(weights_fingerprint(t for t in tensors if t is not None))
-        if isinstance(getattr(m, "scaling", None), dict) and hasattr(m, "merged_adapters"):
-            out.append(_tuner_state("", m))
-    return tuple(out)
-
-
-def _tuner_state(name: str, m: torch.nn.Module) -> tuple:
-    return (
-        name,
-        tuple(getattr(m, "active_adapters", ()) or ()),
-        tuple(m.merged_adapters),
-        bool(getattr(m, "disable_adapters", False)),
-        tuple(sorted((k, float(v)) for k, v in m.scaling.items())),
-    )
-
-
-def adapter_state(model: torch.nn.Module) -> tuple:
-    """The state of the LoRA (PEFT) adapters inside `model` that changes its output without changing a parameter
-    tensor: which adapters are active, merged (fused into the base weights) or disabled, and their scaling
-    (`set_adapters` weights). Duck-typed on PEFT's tuner layers, so PEFT need not be importable. Loading or
-    deleting adapters adds or removes parameters, which `weights_fingerprint` sees."""
-    return tuple(
-        _tuner_state(name, m)
-        for name, m in model.named_modules()
-        if isinstance(getattr(m, "scaling", None), dict) and hasattr(m, "merged_adapters")
-    )
 
 
 class ActivationCache:

@@ -10,7 +10,6 @@ pipeline families; the prompt-edit technique (textedit.PromptEdits) drives `Loop
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ import torch.nn.functional as F
 
 from . import temporal as temporal_reuse
 from . import textedit
-from .cache import StaleCacheError, module_fingerprint
+from .cache import StaleCacheError
 from .config import SparseConfig, TemporalConfig
-from .guard import changed_tensors, weights_checksum
+from .fingerprints import COMPONENTS, changed_tensors, scheduler_fingerprint, text_fingerprint, weights_checksum
 from .regions import dilate
 from .spatial import (
     calibrate,
@@ -309,23 +308,9 @@ class Loop:
             prompt, negative_prompt, guidance_scale, batch, prompt_embeds, negative_prompt_embeds
         )
 
-    def scheduler_fingerprint(self) -> tuple:
-        sched = self.pipe.scheduler
-        return type(sched).__name__, json.dumps(dict(sched.config), sort_keys=True, default=str)
-
-    def text_fingerprint(self) -> tuple:
-        """Identity of the text encoders' weights and LoRA adapters: the capture's prompt embeddings are reused."""
-        out = []
-        for name in ("text_encoder", "text_encoder_2"):
-            module = getattr(self.pipe, name, None)
-            if isinstance(module, torch.nn.Module):
-                out.append((name, module_fingerprint(module)))
-        return tuple(out)
-
     def components(self) -> dict:
         """Every model the output depends on: the UNet, the VAE, the text encoders and the ControlNet."""
-        names = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet")
-        found = {n: getattr(self.pipe, n, None) for n in names}
+        found = {n: getattr(self.pipe, n, None) for n in COMPONENTS}
         return {n: m for n, m in found.items() if isinstance(m, torch.nn.Module)}
 
     def check(self, cap, weights: bool = False) -> None:
@@ -334,13 +319,13 @@ class Loop:
         scheduler, which may have been swapped, reconfigured or reset (a plain `pipe(...)` call resets its
         timesteps): the capture's timesteps are derived again. With `weights` (once per edit), the content checksum
         of every component too, which sees in-place writes through `param.data` that version counters miss."""
-        if cap.text_fingerprint is not None and self.text_fingerprint() != cap.text_fingerprint:
+        if cap.text_fingerprint is not None and text_fingerprint(self.pipe) != cap.text_fingerprint:
             raise StaleCacheError(
                 "the pipeline's text encoder changed since the capture (its weights, or LoRA adapters loaded, fused, "
                 "unfused or re-weighted with set_adapters), so the captured prompt embeddings are stale; capture "
                 "again, or make the editor with on_stale='recapture'."
             )
-        if self.scheduler_fingerprint() != cap.scheduler:
+        if scheduler_fingerprint(self.pipe.scheduler) != cap.scheduler:
             raise StaleCacheError(
                 "the pipeline's scheduler (or its config) changed since the capture, so the cached trajectory no "
                 "longer matches; capture again with `editor.capture(...)`."
@@ -360,7 +345,7 @@ class Loop:
 
     def residual_inputs(self) -> tuple:
         """The UNet's inputs that come from the ControlNet, with their regions (`spatial.capturing`)."""
-        from .adapters.controlnet import RESIDUALS
+        from .adapters.pipelines.controlnet import RESIDUALS
 
         return RESIDUALS if self.controlnet is not None else ()
 
@@ -439,12 +424,12 @@ class Loop:
             embeds=embeds,
             latents={k: prep[k] for k in self.adapter.kept if k in prep},
             decoded=decoded,
-            scheduler=self.scheduler_fingerprint(),
+            scheduler=scheduler_fingerprint(self.pipe.scheduler),
             attention=attention,
             step_macs=step_macs,
             macs=macs,
             conditions=dict(self.adapter.conditions),
-            text_fingerprint=self.text_fingerprint(),
+            text_fingerprint=text_fingerprint(self.pipe),
             inputs={k: v.clone() for k, v in inputs.items()},
             checksums=weights_checksum(self.components()),
         )

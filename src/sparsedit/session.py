@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import mmap
 import os
@@ -26,9 +25,16 @@ from pathlib import Path
 
 import torch
 
-from .cache import CacheBudgetError, CacheBytes, StaleCacheError, adapter_state, gib
+from .cache import CacheBudgetError, CacheBytes, StaleCacheError, gib
 from .config import SparseConfig, TemporalConfig, TextEditConfig
-from .guard import weights_checksum
+from .fingerprints import (
+    content_fingerprint,
+    file_digest,
+    manifest_digest,
+    pipeline_fingerprint,
+    text_fingerprint,
+    weights_checksum,
+)
 from .nn.state import LayerRecord
 from .spatial import capturing, export_capture, restore_capture, sparse_state
 
@@ -209,52 +215,6 @@ def fit_budget(editor, x0, call, embeds, timesteps, copies: int) -> dict:
     )
 
 
-# -- content fingerprints -----------------------------------------------------------------------------------------------
-def tensor_digest(t: torch.Tensor) -> str:
-    """A digest of a tensor's values: float64 sum and sum of squares, and the bytes of up to 4096 evenly spaced
-    elements. Reads every element once (about a second per few GB), so any in-place change shows."""
-    t = t.detach()
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-    if t.numel():
-        flat = t.reshape(-1)
-        if t.is_floating_point() or t.is_complex():
-            f = flat.float() if t.dtype in (torch.float16, torch.bfloat16) else flat
-            h.update(f"{float(f.sum(dtype=torch.float64))!r}{float(f.square().sum(dtype=torch.float64))!r}".encode())
-        else:
-            h.update(f"{int(flat.long().sum())}".encode())
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step].contiguous().cpu()
-        h.update(
-            sample.view(torch.uint8).numpy().tobytes() if sample.dtype != torch.bool else sample.numpy().tobytes()
-        )
-    return h.hexdigest()
-
-
-def content_fingerprint(module: torch.nn.Module | None) -> str | None:
-    """One digest of every parameter and buffer of `module` (their names and values)."""
-    if module is None:
-        return None
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        h.update(name.encode())
-        h.update(tensor_digest(t).encode())
-    return h.hexdigest()
-
-
-def pipeline_fingerprint(editor) -> dict:
-    pipe = editor.pipe
-    out = {"pipeline": type(pipe).__name__, "scheduler": list(editor.loop.scheduler_fingerprint())}
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            out[name] = content_fingerprint(module)
-            adapters = adapter_state(module)
-            if adapters:
-                out[f"{name} LoRA adapters"] = [list(map(str, a)) for a in adapters]
-    return out
-
-
 def _compare(saved: dict, now: dict) -> None:
     diffs = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if diffs:
@@ -313,22 +273,6 @@ class _Writer:
 class CorruptSessionError(ValueError):
     """A saved session whose files do not match their digests or their own description: truncated, overwritten,
     edited by hand, or half-written by an older version. Nothing of it is used."""
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file, read in 8 MiB blocks (about 1.5 GB/s here: measured in BENCHMARKS.md)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            h.update(block)
-    return h.hexdigest()
-
-
-def manifest_digest(manifest: dict) -> str:
-    """SHA-256 of the manifest's canonical JSON without its own `digest`: every value that determines the cache (the
-    capture's arguments, the config, the fingerprints, the keys) is covered."""
-    body = {k: v for k, v in manifest.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -446,7 +390,7 @@ def save_editor(editor, path) -> None:
         # config is all a session needs to edit as the original editor would.
         "temporal": None if editor.temporal is None else editor.temporal.to_dict(),
         "on_stale": editor.on_stale,
-        "fingerprint": pipeline_fingerprint(editor),
+        "fingerprint": pipeline_fingerprint(editor.pipe),
         "capture": capture,
         "history": editor.history,
         "models": {part: _save_model(w, part, m) for part, m in editor.loop.models().items()},
@@ -639,7 +583,7 @@ def load_editor(cls, pipe, path):
                  text_config=TextEditConfig.from_dict(manifest["text_config"]),
                  temporal=None if temporal is None else TemporalConfig.from_dict(temporal))  # fmt: skip
     try:
-        _compare(manifest["fingerprint"], pipeline_fingerprint(editor))
+        _compare(manifest["fingerprint"], pipeline_fingerprint(editor.pipe))
     except BaseException:
         editor.remove()
         raise
@@ -689,7 +633,7 @@ def load_capture(editor, path, mmap: bool = True):
         step_macs=c["step_macs"],
         macs=c["macs"],
         conditions={k: get(n) for k, n in c.get("conditions", {}).items()},
-        text_fingerprint=editor.loop.text_fingerprint(),  # checked against the saved content by load_editor
+        text_fingerprint=text_fingerprint(editor.pipe),  # checked against the saved content by load_editor
         checksums=weights_checksum(editor.loop.components()),  # the content was checked by load_editor
     )
     return capture, list(manifest.get("history", []))

@@ -24,11 +24,12 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
+from . import attachments
 from . import calibration as calibrations
-from .cache import ActivationCache, StaleCacheError, adapter_state, module_fingerprint
+from .cache import ActivationCache, StaleCacheError
 from .calibration import PROBE_FRACTIONS, Calibration
 from .config import SparseConfig
-from .guard import changed_tensors, weights_checksum
+from .fingerprints import WEIGHTS, adapter_state, changed_tensors, run_fingerprint, weights_checksum
 from .nn.base import SparseHandler, UnsupportedLayerError, handler_for, handler_of, is_dense_safe
 from .nn.layers import PointwiseHandler, WindowedHandler
 from .nn.state import Mode, SparseState
@@ -100,7 +101,7 @@ class _Attachment:
 
 
 def _attachment(model: nn.Module) -> _Attachment:
-    att = model.__dict__.get("_sparsedit")
+    att = attachments.get(model, attachments.SPATIAL)
     if att is None:
         raise RuntimeError(
             f"{type(model).__name__} is not sparsified; call `sparsedit.sparsify_(model, SparseConfig())` first."
@@ -110,7 +111,7 @@ def _attachment(model: nn.Module) -> _Attachment:
 
 def sparse_state(model: nn.Module) -> SparseState | None:
     """The engine's `SparseState` of a sparsified model (its mode, regions, cache), or `None`."""
-    att = model.__dict__.get("_sparsedit")
+    att = attachments.get(model, attachments.SPATIAL)
     return None if att is None else att.state
 
 
@@ -160,7 +161,7 @@ def restore_capture(model: nn.Module, entries, aux, records, capture_records, ou
     if att.calibration is not None:
         calibrations.install(att.calibration)
     if x is not None:
-        st.cache.fingerprint = _fingerprint(model, x, st.config)
+        st.cache.fingerprint = run_fingerprint(model, x, st.config.to_json())
         att.weights, att.adapters = _content(model), adapter_state(model)  # the loader checked them
 
 
@@ -172,7 +173,7 @@ def output_regions(model: nn.Module):
 
 
 def is_sparsified(model: nn.Module) -> bool:
-    return "_sparsedit" in model.__dict__
+    return attachments.has(model, attachments.SPATIAL)
 
 
 def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
@@ -193,9 +194,7 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
         raise RuntimeError(
             "This model is already sparsified; call `sparsedit.unsparsify_(model)` before sparsifying it again."
         )
-    from .temporal import is_applied as temporal_applied
-
-    if temporal_applied(model):
+    if attachments.has(model, attachments.TEMPORAL):
         raise RuntimeError(
             "This model carries temporal reuse; its hooks must sit outside the sparse ones. Call "
             "`sparsedit.temporal.remove_encoder_propagation(model)`, sparsify, then apply temporal reuse again."
@@ -237,7 +236,7 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
     att.strategy = attach
     att.hooks.append(model.register_forward_pre_hook(_make_pre_hook(model, att), with_kwargs=True))
     att.hooks.append(model.register_forward_hook(_make_post_hook(att), with_kwargs=True, always_call=True))
-    model.__dict__["_sparsedit"] = att
+    attachments.attach(model, attachments.SPATIAL, att)
 
 
 # An output head called one layer after another from a parent's `forward` (diffusers' UNets, VAE encoder and decoder).
@@ -270,7 +269,7 @@ def unsparsify_(model: nn.Module) -> None:
     for hook in att.hooks:
         hook.remove()
     att.state.cache.clear()
-    del model.__dict__["_sparsedit"]
+    attachments.detach(model, attachments.SPATIAL)
 
 
 class _InstanceForward:
@@ -344,27 +343,6 @@ def _check_aux(captured: dict[str, object], now: dict[str, object], changeable=f
                 "only holds activations for the captured inputs. Capture again, or select the matching step with "
                 "`sparsedit.scope(model, ...)`."
             )
-
-
-_WEIGHTS = "weights and LoRA adapters"
-
-
-class _Identity(tuple):
-    """`module_fingerprint` (storage addresses and version counters), shown in errors by what it is."""
-
-    def __repr__(self) -> str:
-        return f"<the identity of {len(self)} modules' weights>"
-
-
-def _fingerprint(model: nn.Module, x: torch.Tensor, config: SparseConfig) -> dict:
-    return {
-        "input shape": tuple(x.shape),
-        "input dtype": x.dtype,
-        "device": x.device,
-        _WEIGHTS: _Identity(module_fingerprint(model)),
-        "config": config.to_json(),
-        "training": model.training,
-    }
 
 
 def _reach_fraction(region: torch.Tensor, config: SparseConfig) -> float:
@@ -441,7 +419,7 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
                 # Uncommitted: the plain forward (no handler does anything), so it costs what dense costs.
                 st.mode = Mode.CAPTURE if st.commit else None
                 if st.commit:
-                    st.cache.fingerprint = _fingerprint(model, x, st.config)
+                    st.cache.fingerprint = run_fingerprint(model, x, st.config.to_json())
                 return None
             st.set_region(x, region)
             _tag_inputs(st, att, kwargs)
@@ -451,7 +429,7 @@ def _make_pre_hook(model: nn.Module, att: _Attachment):
         else:
             st.begin_run()
             if st.mode is Mode.CAPTURE:
-                st.cache.fingerprint = _fingerprint(model, x, st.config)
+                st.cache.fingerprint = run_fingerprint(model, x, st.config.to_json())
                 if att.weights is None:  # once per capture: what a changed identity is compared with
                     att.weights, att.adapters = _content(model), adapter_state(model)
                 st.cache.put_exact(_INPUT_KEY + st.scope, x=x)
@@ -472,9 +450,9 @@ def _check_weights(model: nn.Module, att: _Attachment, x: torch.Tensor) -> None:
     identity (storage address and version counter: no reads); when that differs, by content, so weights restored to
     the captured bits (e.g. `load_state_dict` of the same values) are accepted again and the new identity adopted."""
     st = att.state
-    now = _fingerprint(model, x, st.config)
+    now = run_fingerprint(model, x, st.config.to_json())
     captured = st.cache.fingerprint
-    if captured is not None and captured.get(_WEIGHTS) != now[_WEIGHTS] and att.weights is not None:
+    if captured is not None and captured.get(WEIGHTS) != now[WEIGHTS] and att.weights is not None:
         name = type(model).__name__
         changed = changed_tensors({name: att.weights}, {name: _content(model)})
         if changed is None and adapter_state(model) != att.adapters:
@@ -484,7 +462,7 @@ def _check_weights(model: nn.Module, att: _Attachment, x: torch.Tensor) -> None:
                 f"the weights of {changed} changed since the capture, so the cache holds another model's "
                 "activations; restore them, or capture again with `sparsedit.capturing(model)`."
             )
-        captured[_WEIGHTS] = now[_WEIGHTS]  # the captured bits are back: edits may use the cache again
+        captured[WEIGHTS] = now[WEIGHTS]  # the captured bits are back: edits may use the cache again
     st.cache.check(now)
 
 
@@ -716,9 +694,7 @@ def _calibrate(model: nn.Module, force: bool = False) -> Calibration | None:
         if att.state.cache.fingerprint is None:
             raise RuntimeError("Nothing has been captured for this model: capture it before calibrating.")
         return att.calibration  # nothing to replay: a restored session keeps its own
-    from .temporal import is_applied as temporal_applied
-
-    if not att.state.config.measured_fallback or temporal_applied(model):
+    if not att.state.config.measured_fallback or attachments.has(model, attachments.TEMPORAL):
         att.calibration = None
         return None
     args, kwargs, scope_key = call

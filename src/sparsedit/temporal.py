@@ -31,7 +31,9 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from . import attachments
 from .config import TemporalConfig
+from .nn.state import Mode
 
 
 __all__ = [
@@ -46,7 +48,6 @@ __all__ = [
 ]
 
 HOOK_NAME = "sparsedit_temporal"
-_ATTR = "_sparsedit_temporal"
 
 
 # -- what a non-key step does with each unit ------------------------------------------------------------------------
@@ -210,7 +211,7 @@ class _State:
 
 
 def _state(model: nn.Module) -> _State:
-    st = model.__dict__.get(_ATTR)
+    st = attachments.get(model, attachments.TEMPORAL)
     if st is None:
         raise RuntimeError(
             f"temporal reuse is not applied to this {type(model).__name__}; call "
@@ -220,7 +221,7 @@ def _state(model: nn.Module) -> _State:
 
 
 def is_applied(model: nn.Module) -> bool:
-    return _ATTR in model.__dict__
+    return attachments.has(model, attachments.TEMPORAL)
 
 
 def loop_state(model: nn.Module) -> _State:
@@ -245,12 +246,8 @@ def _spatial_state(owner):
     """The sparse engine's state when the model (`owner`, a weakref) is sparsified and inside an edit (region tags
     travel with reused features), else None."""
     model = owner()
-    if model is None:
-        return None
-    from .nn.state import Mode
-    from .spatial import sparse_state
-
-    st = sparse_state(model)
+    att = None if model is None else attachments.get(model, attachments.SPATIAL)
+    st = None if att is None else att.state
     return st if st is not None and st.mode is Mode.SPARSE else None
 
 
@@ -483,14 +480,14 @@ def apply_encoder_propagation(
             HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
             hooked.append(module)
     HookRegistry.check_if_exists_or_initialize(model).register_hook(root_hook(state, _forward_names(model)), HOOK_NAME)
-    model.__dict__[_ATTR] = state
+    attachments.attach(model, attachments.TEMPORAL, state)
 
 
 def remove_encoder_propagation(model: nn.Module) -> None:
     """Detach every hook `apply_encoder_propagation` added; the model computes bit-identically to before."""
     for module in [*_state(model).hooked, model]:
         module._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
-    del model.__dict__[_ATTR]
+    attachments.detach(model, attachments.TEMPORAL)
 
 
 def stats(model: nn.Module) -> dict:

@@ -18,10 +18,11 @@ import inspect
 
 import torch
 
-from ..nn.state import Mode
-from ..regions import difference_mask
-from ..spatial import sparse_state
-from .pipelines import Img2ImgAdapter, InpaintAdapter, register_pipeline
+from ...nn.state import Mode
+from ...regions import difference_mask
+from ...spatial import sparse_state
+from .base import register_pipeline
+from .sd import Img2ImgAdapter, InpaintAdapter
 
 
 __all__ = ["ControlNetImg2ImgAdapter", "ControlNetInpaintAdapter"]

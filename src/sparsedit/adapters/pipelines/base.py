@@ -1,0 +1,192 @@
+"""The pipeline adapters' registry and base class: one adapter per diffusers pipeline family, registered by pipeline
+class the way handlers are registered by module type (`register_pipeline`), found by `adapter_for(pipe)`.
+
+Imported lazily by the editor: only pipelines pull diffusers in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+__all__ = ["PipelineAdapter", "adapter_for", "register_pipeline", "supported_pipelines"]
+
+_REGISTRY: dict[str, type[PipelineAdapter]] = {}
+
+
+def register_pipeline(*names: str):
+    """Register an adapter class for the diffusers pipeline classes `names` (and their subclasses)."""
+
+    def deco(cls):
+        for name in names:
+            _REGISTRY[name] = cls
+        cls.pipelines = names
+        return cls
+
+    return deco
+
+
+def adapter_for(pipe) -> PipelineAdapter | None:
+    """The adapter of `pipe`'s class, or of its nearest registered base class; `None` when there is none."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in _REGISTRY:
+            return _REGISTRY[cls.__name__](pipe)
+    return None
+
+
+def supported_pipelines(text_editable: bool | None = None) -> list[str]:
+    """The pipeline classes `SparseEditor` supports (and their subclasses); `text_editable=True`: those that take
+    prompt edits."""
+    return [name for name, cls in _REGISTRY.items() if text_editable is None or cls.text_editable == text_editable]
+
+
+def randn(shape, generator, device, dtype):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+class PipelineAdapter:
+    """What one pipeline family does around the denoising loop. Attributes say what it takes:
+
+    - `kind`: a short name (`"pixel"`, `"txt2img"`, `"img2img"`, `"inpaint"`), saved with sessions;
+    - `latent`: it denoises VAE latents (a VAE encoder/decoder and a text encoder come with it);
+    - `takes_image`: `capture(image=...)` is required; `text_editable`: prompt edits apply;
+    - `default_strength`: SDEdit's 0.7, 1.0 for generation from noise (txt2img, inpainting), or the pipeline's own;
+    - `guidance_scale`: the pipeline's default classifier-free guidance;
+    - `fixed_size`: height and width default to the UNet's sample size (not the image's);
+    - `encodes_image`: the VAE encoder runs on the image; `takes_mask`: a `mask_image` is part of its input.
+    """
+
+    kind = ""
+    pipelines: tuple[str, ...] = ()
+    latent = True
+    takes_image = True
+    text_editable = False
+    fixed_size = False
+    encodes_image = True
+    takes_mask = False
+    guidance_scale = 7.5
+    default_strength = 0.7
+    # Pipeline-specific call arguments (`capture(**kwargs)`, `edit(**kwargs)`): options fixed by the capture (a
+    # different value is another generation), with the pipeline's defaults, and image-resolution inputs besides the
+    # image and mask whose change is an edit region (the ControlNet's `control_image`).
+    option_names: tuple[str, ...] = ()
+    extra_images: tuple[str, ...] = ()
+    kept = ("image", "masked")  # `prepare`'s tensors kept with the capture (an edit composites or compares them)
+    controlnet = None
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        # UNet conditioning besides the text context that `embeds` derives from the prompt (SDXL's pooled
+        # embedding); the editor keeps the capture's copy with the capture.
+        self.conditions: dict = {}
+        self.options: dict = {}
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    def check(self) -> None:
+        """Raise if this pipeline's configuration is not supported."""
+
+    def batch(self, x0) -> int:
+        return x0.shape[0]
+
+    # -- inputs ---------------------------------------------------------------------------------------------------
+    def preprocess(self, image, height=None, width=None) -> torch.Tensor:
+        """Exactly what the pipeline accepts (PIL, numpy, or tensors in [0, 1]) → `[B, C, H, W]` in [-1, 1]."""
+        x = self.pipe.image_processor.preprocess(image, height=height, width=width)
+        return x.to(self.unet.device, self.unet.dtype)
+
+    def preprocess_mask(self, mask_image, like: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"mask_image is for StableDiffusionInpaintPipeline, not {type(self.pipe).__name__}.")
+
+    def parse_options(self, options: dict) -> dict:
+        """Check and normalise the pipeline-specific options (all of `option_names`, defaults filled in)."""
+        return options
+
+    def preprocess_input(self, name: str, value, like: torch.Tensor) -> torch.Tensor:
+        """An `extra_images` input → a tensor at the image's resolution."""
+        raise NotImplementedError
+
+    def embeds(self, prompt, negative_prompt, guidance_scale: float, batch: int, prompt_embeds=None,
+               negative_prompt_embeds=None):  # fmt: skip
+        """The UNet's text conditioning, classifier-free guidance batched as the pipeline batches it (uncond first);
+        `prompt_embeds`/`negative_prompt_embeds` as the pipeline takes them, instead of the prompts."""
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Stable Diffusion needs a prompt: capture(prompt=..., image=...) (or prompt_embeds=...).")
+        prompts = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
+        if batch % prompts:
+            raise ValueError(f"{prompts} prompts for {batch} images: give one prompt, or one per image.")
+        cond, uncond = self.pipe.encode_prompt(prompt, self.unet.device, batch // prompts, guidance_scale > 1.0,
+                                               negative_prompt, prompt_embeds=prompt_embeds,
+                                               negative_prompt_embeds=negative_prompt_embeds)  # fmt: skip
+        return torch.cat([uncond, cond]) if guidance_scale > 1.0 else cond
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def prepare(self, x0, mask, generator, timesteps, strength, encode, kept) -> dict:
+        """The loop's starting point: `{"z": latents, "noise": ..., and any encoded inputs}`, drawing from
+        `generator` in the pipeline's order. `encode(x, name)` runs the (sparse) VAE encoder; `kept(name, t)` puts
+        the capture's encoded tensor back outside an edit's region."""
+        raise NotImplementedError
+
+    def prepare_inputs(self, prep: dict, inputs: dict, call: dict, copies: int, captured: dict | None) -> None:
+        """Add what the `extra_images` inputs give the loop to `prep` (`captured`: the capture's kept tensors, in an
+        edit)."""
+
+    def unet_kwargs(self, z, copies: int) -> dict:
+        """Keyword arguments of the UNet call besides the latents, timestep and text context (SDXL's
+        `added_cond_kwargs`), for latents `z` and `copies` guidance branches."""
+        return {}
+
+    def unet_condition(self, prep, copies: int) -> torch.Tensor | None:
+        """Channels concatenated to the UNet's input (the inpainting UNet's mask and masked image), or `None`."""
+        return None
+
+    def step_kwargs(self, generator, eta: float = 0.0) -> dict:
+        return self.pipe.prepare_extra_step_kwargs(generator, eta)
+
+    def after_step(self, z, prep, timesteps, i) -> torch.Tensor:
+        """Anything the pipeline does to the latents after the scheduler's step (inpainting's latent blending)."""
+        return z
+
+    # -- outputs --------------------------------------------------------------------------------------------------
+    def decode(self, z) -> torch.Tensor:
+        vae = self.pipe.vae
+        return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
+
+    def output(self, x, output_type: str, return_dict: bool, latents=None):
+        """The pipeline's own return value for decoded images `x` (the final `latents` for `output_type="latent"`),
+        after the pipeline's safety checker when it has one."""
+        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+        nsfw = None
+        if output_type == "latent":
+            images = latents
+        else:
+            if getattr(self.pipe, "safety_checker", None) is not None:
+                x, nsfw = self.pipe.run_safety_checker(x, x.device, x.dtype)
+            denormalize = [True] * x.shape[0] if nsfw is None else [not n for n in nsfw]
+            images = self.pipe.image_processor.postprocess(x, output_type=output_type, do_denormalize=denormalize)
+        return (
+            StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw) if return_dict else (images, nsfw)
+        )
+
+
+def to_tensor(image, device, dtype) -> torch.Tensor:
+    """PIL image(s), numpy `[H, W, C]`/`[B, H, W, C]` in [0, 1] or uint8, or a `[B, C, H, W]` tensor in [-1, 1]."""
+    if isinstance(image, torch.Tensor):
+        x = image if image.dim() == 4 else image[None]
+        return x.to(device=device, dtype=dtype)
+    images = image if isinstance(image, (list, tuple)) else [image]
+    arrays = []
+    for im in images:
+        a = np.asarray(im)
+        a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=-1)
+        arrays.append(a[..., :3])
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1
+    return x.to(device=device, dtype=dtype)
