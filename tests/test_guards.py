@@ -156,17 +156,11 @@ def test_the_stale_weights_error_names_the_tensor_and_restored_weights_work_agai
 
 
 def test_model_level_staleness_by_content_names_the_tensor_and_accepts_restored_bits():
-    import torch.nn as nn
-
     import sparsedit
 
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
-    sparsedit.sparsify_(model, SparseConfig(exact=True))
-    x = torch.randn(1, 3, 16, 16)
-    with sparsedit.capturing(model):
-        model(x)
-    region = torch.zeros(1, 16, 16, dtype=torch.bool)
-    region[0, 2:5, 2:5] = True
+    from .nn.test_plan import captured_stack
+
+    model, x, _, region = captured_stack(16, (slice(2, 5), slice(2, 5)))
     x2 = torch.where(region[:, None], x + 1, x)
     with sparsedit.editing(model, region=region):
         want = model(x2)

@@ -331,7 +331,7 @@ def _tensors_file(path):
 def test_a_save_killed_before_its_commit_leaves_the_previous_session(pipe, tmp_path, monkeypatch):
     """A save killed between writing the tensors and committing the manifest (fault injection at each step) leaves
     the previous session on disk, loading and editing exactly as before; nothing half-written is ever used."""
-    import sparsedit.session as session
+    import sparsedit.editors.sessions as session
 
     editor, x = _saved(pipe, tmp_path)
 
@@ -367,7 +367,7 @@ def test_a_save_killed_before_its_commit_leaves_the_previous_session(pipe, tmp_p
 def test_a_damaged_or_edited_session_is_refused(pipe, tmp_path, damage):
     import json
 
-    from sparsedit.session import CorruptSessionError
+    from sparsedit.editors.sessions import CorruptSessionError
 
     editor, x = _saved(pipe, tmp_path)
     path = tmp_path / "s"
@@ -405,7 +405,7 @@ def test_the_safetensors_header_is_checked_against_the_file(tmp_path):
 
     from safetensors.torch import save_file
 
-    from sparsedit.session import CorruptSessionError, read_tensors
+    from sparsedit.editors.sessions import CorruptSessionError, read_tensors
 
     f = tmp_path / "t.safetensors"
     save_file({"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.int64)}, str(f))
@@ -444,7 +444,7 @@ def test_a_session_keeps_its_calibration(pipe, tmp_path):
 
 
 def test_a_damaged_gan_session_is_refused(tmp_path):
-    from sparsedit.session import CorruptSessionError
+    from sparsedit.editors.sessions import CorruptSessionError
 
     model = tiny_spade()
     editor = GANEditor(model)

@@ -191,7 +191,7 @@ def test_attention_records_are_recomputed_exactly_after_a_commit(txt2img):
     recorded = cap.attention
     assert len({step for _, step in recorded["probs"]}) == 3
     cap.version += 1  # as after a committed edit: the records no longer count
-    again = editor._prompt.attention(cap, editor.text_config, range(STEPS), range(3))
+    again = editor.loop.prompt.attention(cap, editor.text_config, range(STEPS), range(3))
     assert again is not recorded
     for i in range(STEPS):
         assert torch.equal(again["maps"][i], recorded["maps"][i])

@@ -12,12 +12,10 @@ from .config import (
     TemporalConfig,
     TextEditConfig,
 )
-from .editor import SparseEditor
-from .gan import GANEditor
+from .editors import CorruptSessionError, GANEditor, SparseEditor
 from .guard import EditorBusyError
 from .nn import Mode, UnsupportedLayerError
 from .regions import difference_mask
-from .session import CorruptSessionError
 from .spatial import (
     calibrate,
     calibration_of,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 
-__all__ = ["SPATIAL", "TEMPORAL", "attach", "detach", "get", "has"]
+__all__ = ["SPATIAL", "TEMPORAL", "attach", "detach", "engine_state", "get", "has"]
 
 SPATIAL = "_sparsedit"  # spatial.py: an `_Attachment` (its `.state` is the engine's `SparseState`)
 TEMPORAL = "_sparsedit_temporal"  # temporal.py: the encoder-propagation state
@@ -28,3 +28,9 @@ def attach(model: nn.Module, technique: str, state) -> None:
 
 def detach(model: nn.Module, technique: str) -> None:
     del model.__dict__[technique]
+
+
+def engine_state(model: nn.Module):
+    """The sparse engine's `SparseState` of a sparsified model (its mode, regions, cache), or `None`."""
+    att = get(model, SPATIAL)
+    return None if att is None else att.state

@@ -121,7 +121,7 @@ def _user_errors():
     from PIL import UnidentifiedImageError
 
     from .cache import StaleCacheError
-    from .session import CorruptSessionError
+    from .editors import CorruptSessionError
 
     return (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotImplementedError, KeyError,
             UnidentifiedImageError, StaleCacheError, CorruptSessionError)  # fmt: skip
@@ -134,11 +134,7 @@ def _edit(model, image, out, edited, mask, prompt, new_prompt, strength, steps, 
 
     from .serve.models import ModelRegistry, SessionEditor, tensor_to_png
 
-    if out.is_dir() or not out.parent.is_dir():
-        raise UserError(f"--out {out}: give a file path in an existing folder (the edited result is written there).")
-    for name, path in (("--image", image), ("--edited", edited), ("--mask", mask)):
-        if path is not None and not path.is_file():
-            raise UserError(f"{name} {path}: no such file.")
+    _check_paths(out, image=image, edited=edited, mask=mask)
     try:
         registry = ModelRegistry([model] if Path(model).is_dir() else [])
         spec = registry.get(Path(model).name if Path(model).is_dir() else model)
@@ -191,6 +187,15 @@ def _edit(model, image, out, edited, mask, prompt, new_prompt, strength, steps, 
     out.write_bytes(tensor_to_png(result))
     typer.echo(f"wrote {out}: capture {capture_seconds:.2f} s (dense), edit {stats['seconds']:.2f} s, "
                f"{summary(stats)}")  # fmt: skip
+
+
+def _check_paths(out: Path, **inputs: Path | None) -> None:
+    """Before any computing: the result's folder exists, and so does every input file given."""
+    if out.is_dir() or not out.parent.is_dir():
+        raise UserError(f"--out {out}: give a file path in an existing folder (the edited result is written there).")
+    for name, path in inputs.items():
+        if path is not None and not path.is_file():
+            raise UserError(f"--{name} {path}: no such file.")
 
 
 def _message(e: Exception) -> str:

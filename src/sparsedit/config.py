@@ -227,8 +227,8 @@ class SparseConfig(_ConfigMixin):
     input_dilation: int = 0
     pyramid_threshold: float = 0.3
     dense_below: int = 0
-    attention: AttentionMode | str = "sparse"
-    norm_stats: NormStats | str = "frozen"
+    attention: AttentionMode | str = AttentionMode.SPARSE
+    norm_stats: NormStats | str = NormStats.FROZEN
     dense_threshold: float = 0.6
     max_region_fraction: float = 0.4
     measured_fallback: bool = True
@@ -351,7 +351,7 @@ class TextEditConfig(_ConfigMixin):
         version (`int`): config schema version, for JSON round-trips.
     """
 
-    region: RegionMethod | str = "latent_diff"
+    region: RegionMethod | str = RegionMethod.LATENT_DIFF
     detect_steps: int | None = None
     opening: int = 2
     dilation: int = 1
@@ -362,7 +362,7 @@ class TextEditConfig(_ConfigMixin):
     noise_strength: float = 0.5
     seed: int = 0
     inject_attention: float = 0.0
-    injection: Injection | str = "refine"
+    injection: Injection | str = Injection.REFINE
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):

@@ -134,7 +134,7 @@ def _row(name, dense, sparse, dense_seconds, stats, original) -> dict:
 def _sparse_vs_dense(name, pipe, config, photo, edited, **capture_kwargs) -> dict:
     """Capture `photo`, edit it into `edited` sparsely (the second, warm edit is timed), and compare with the dense
     SDEdit of `edited` from the same noise (the pipeline's own call where it has one). Images come back in [0, 1]."""
-    from .editor import SparseEditor
+    from .editors import SparseEditor
 
     kw = {"output_type": "pt", **capture_kwargs}
     seed = 7
@@ -160,7 +160,7 @@ def run_sd_prompt_edit(workdir: Path, size: int = 512, steps: int = 10) -> dict:
     """A Stable Diffusion-architecture txt2img pipeline (random weights): a prompt edit on a given region (the
     detectors need trained weights to find a meaningful one), sparse vs regenerating densely."""
 
-    from .editor import SparseEditor
+    from .editors import SparseEditor
     from .testing import tiny_sd
 
     pipe = tiny_sd(
@@ -197,7 +197,7 @@ def run_sd_img2img(photo, edited, workdir: Path, steps: int = 10, strength: floa
 
 def _gan_pair(model, labels, instance, new, new_instance, repeats: int):
     """Capture `labels`, then time the edit to `new`: `GANEditor` against the plain generator, alternating."""
-    from .gan import GANEditor
+    from .editors import GANEditor
 
     editor = GANEditor(model)
     original = editor.capture(labels, instance)

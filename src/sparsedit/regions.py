@@ -24,6 +24,8 @@ __all__ = [
     "change_mask",
     "difference_mask",
     "dilate",
+    "to_latents",
+    "to_pixels",
     "downsample_region",
     "mask_pyramid",
     "pyramid_level",
@@ -157,6 +159,17 @@ def change_mask(new: torch.Tensor, old: torch.Tensor, threshold: float, unit: fl
     else:
         area |= d.abs().amax(dim=1) > 4 * threshold
     return dilate(area, k // 2) & (d.abs().amax(dim=1) > threshold)
+
+
+def to_latents(region: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A `[B, H, W]` region at image resolution on a coarser grid (latents, patches): a cell is in the region when any
+    of its pixels is (max pooling), so the coarse region covers the fine one."""
+    return F.adaptive_max_pool2d(region[:, None].float(), tuple(size))[:, 0] > 0
+
+
+def to_pixels(region: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A `[B, h, w]` region on a coarse grid at image resolution: every pixel of a cell in the region (nearest)."""
+    return F.interpolate(region[:, None].float(), size=tuple(size), mode="nearest")[:, 0] > 0
 
 
 def dilate(region: torch.Tensor, radius: int | tuple[int, int]) -> torch.Tensor:

@@ -111,8 +111,7 @@ def _attachment(model: nn.Module) -> _Attachment:
 
 def sparse_state(model: nn.Module) -> SparseState | None:
     """The engine's `SparseState` of a sparsified model (its mode, regions, cache), or `None`."""
-    att = attachments.get(model, attachments.SPATIAL)
-    return None if att is None else att.state
+    return attachments.engine_state(model)
 
 
 def export_capture(model: nn.Module) -> dict:

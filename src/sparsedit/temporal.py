@@ -246,8 +246,7 @@ def _spatial_state(owner):
     """The sparse engine's state when the model (`owner`, a weakref) is sparsified and inside an edit (region tags
     travel with reused features), else None."""
     model = owner()
-    att = None if model is None else attachments.get(model, attachments.SPATIAL)
-    st = None if att is None else att.state
+    st = None if model is None else attachments.engine_state(model)
     return st if st is not None and st.mode is Mode.SPARSE else None
 
 

@@ -22,8 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .config import TextEditConfig
-from .regions import dilate
+from .config import Injection, RegionMethod, TextEditConfig
+from .regions import dilate, to_latents, to_pixels
 from .spatial import editing
 from .stats import EditStats
 
@@ -307,18 +307,24 @@ def map_resolution(unet, latent_size, downscale: int) -> tuple[int, int]:
 class PromptEdits:
     """The prompt-edit technique (FISEdit's region detection, Prompt-to-Prompt's attention injection) on a
     `SparseEditor`: recording the capture's cross-attention, aligning the old and new prompts' tokens, and finding
-    the region a prompt change affects. The editor's `loop.Loop` owns the runs and the caches; this owns the technique
-    and drives the loop's public steps (`editor.loop.prepare`, `predictor`, `run`) on the editor's current capture
-    (`editor.current`) for its dense detection steps."""
+    the region a prompt change affects. The `Loop` owns the runs and the caches; this owns the technique, drives the
+    loop's public steps (`prepare`, `predictor`, `run`) on the capture it is given for its dense detection steps, and
+    returns what it found and cost (`take_macs`); the run that asked decides what to keep."""
 
-    def __init__(self, editor):
-        self.editor = editor
+    def __init__(self, loop):
+        self.loop = loop
+        self.macs = 0  # dense work beyond the steps (recomputed attention, guided predictions) since `take_macs`
+
+    def take_macs(self) -> int:
+        """The MACs of dense work this technique did since the last call (a dense regeneration does not do it)."""
+        macs, self.macs = self.macs, 0
+        return macs
 
     def record_attention(self, map_steps, prob_steps, z, copies, text_config, version=0):
         """Make the cross-attention layers record maps (at `map_steps`) and probabilities (at `prob_steps`) during
         the UNet calls that follow; returns the function that stops recording and returns what was recorded."""
-        ed = self.editor
-        ctl = ed.loop.attention
+        ed = self.loop
+        ctl = ed.attention
         if ctl is None or not ed.adapter.text_editable:
             return lambda: None
         size = map_resolution(ed.unet, tuple(z.shape[-2:]), text_config.attention_downscale)
@@ -340,7 +346,7 @@ class PromptEdits:
         """The current image's cross-attention maps and probabilities at the given steps: the capture's records, or
         (after a committed edit changed the trajectory or the prompt) recomputed by dense UNet calls on the current
         trajectory, which give exactly what a capture of it would have recorded."""
-        ed = self.editor
+        ed = self.loop
         size = map_resolution(ed.unet, tuple(cap.trajectory[0].shape[-2:]), text_config.attention_downscale)
         att = cap.attention
         if att is None or att["version"] != cap.version or att["size"] != size:
@@ -350,26 +356,26 @@ class PromptEdits:
         need_probs = [i for i in prob_steps if i not in have_probs]
         if need_maps or need_probs:
             gs = cap.call["guidance_scale"]
-            predict, copies = ed.loop.predictor(cap.embeds, gs, {}, lambda i, call_unet: call_unet())
+            predict, copies = ed.predictor(cap.embeds, gs, {}, lambda i, call_unet: call_unet())
             recording = self.record_attention(need_maps, need_probs, cap.trajectory[0], copies, text_config,
                                                cap.version)  # fmt: skip
-            inject, ed.loop.attention.inject = ed.loop.attention.inject, None  # the current image's own attention
+            inject, ed.attention.inject = ed.attention.inject, None  # the current image's own attention
             try:
                 for i in sorted(set(need_maps) | set(need_probs)):
                     predict(i, cap.timesteps[i], cap.trajectory[i])
-                    ed.loop.extra_macs += cap.step_macs
+                    self.macs += cap.step_macs
             finally:
                 fresh = recording()
-                ed.loop.attention.inject = inject
+                ed.attention.inject = inject
             att["maps"].update(fresh["maps"])
             att["probs"].update(fresh["probs"])
-            ed.loop.check(cap)  # scale_model_input may have moved a scheduler's step index
+            ed.check(cap)  # scale_model_input may have moved a scheduler's step index
         cap.attention = att
         return att
 
     def prompt_tokens(self, prompt, negative, b):
         """Per image: the prompt's and the negative prompt's padded token ids."""
-        ed = self.editor
+        ed = self.loop
 
         def per_image(p):
             plist = [p if p is not None else ""] if not isinstance(p, list) else p
@@ -380,7 +386,7 @@ class PromptEdits:
     def alignment(self, cap, prompt, negative, b, copies):
         """Token alignment of the current and the new prompts: `mapping` `[b, L]` (cond rows) and the changed word
         tokens of every UNet batch row, in the source and in the target (`[copies * b, L]` bool each)."""
-        ed = self.editor
+        ed = self.loop
         tok = ed.pipe.tokenizer
         special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
         src_p, src_n = self.prompt_tokens(cap.call["prompt"], cap.call["negative_prompt"], b)
@@ -393,14 +399,14 @@ class PromptEdits:
         changed_t = torch.tensor([c for _, _, c in aligned], device=device)
         return mapping, changed_s, changed_t
 
-    def guided(self, z, t, embeds_list, guidance_scale):
+    def guided(self, z, t, embeds_list, guidance_scale, step_macs: int):
         """Guided noise predictions of `z` at `t` under each of `embeds_list`, in one UNet call (no scheduler
         scaling: `z` is a variance-preserving noised latent)."""
-        ed = self.editor
+        ed = self.loop
         copies = embeds_list[0].shape[0] // z.shape[0]
         n = len(embeds_list)
-        ed.loop.attention.step = None  # no step's recording or injection applies
-        ed.loop.extra_macs += ed.current.step_macs * n
+        ed.attention.step = None  # no step's recording or injection applies
+        self.macs += step_macs * n
         eps = ed.unet(torch.cat([z] * (copies * n)), t, encoder_hidden_states=torch.cat(embeds_list),
                         return_dict=False)[0]  # fmt: skip
         out = []
@@ -414,7 +420,7 @@ class PromptEdits:
     def noise_diff(self, cap, embeds, text_config) -> torch.Tensor:
         """DiffEdit's score: mean over noise draws of `|eps(new prompt) - eps(current prompt)|`, channels averaged,
         on the current result noised to `noise_strength`."""
-        ed = self.editor
+        ed = self.loop
         sched = ed.pipe.scheduler
         if getattr(sched, "alphas_cumprod", None) is None:
             raise NotImplementedError(
@@ -429,20 +435,20 @@ class PromptEdits:
         for _ in range(text_config.noise_samples):
             noise = torch.randn(z0.shape, generator=g, device=z0.device, dtype=torch.float32)
             zt = (ab.sqrt() * z0.float() + (1 - ab).sqrt() * noise).to(z0.dtype)
-            src, tgt = self.guided(zt, t, [cap.embeds, embeds], cap.call["guidance_scale"])
+            src, tgt = self.guided(zt, t, [cap.embeds, embeds], cap.call["guidance_scale"], cap.step_macs)
             score = score + (tgt.float() - src.float()).abs().mean(dim=1)
         return score / text_config.noise_samples
 
     def injection(self, cap, change, b, copies):
         """Prompt-to-Prompt's attention injection for this edit (`AttentionControl.inject`), or `None`."""
-        ed = self.editor
+        ed = self.loop
         tcfg = change["config"]
         if tcfg.inject_attention <= 0:
             return None
         n_inject = tcfg.inject_steps(len(cap.timesteps))
         probs = self.attention(cap, tcfg, [], range(n_inject))["probs"]
         mapping, _, _ = self.alignment(cap, change["prompt"], change["negative_prompt"], b, copies)
-        if tcfg.injection == "replace":
+        if tcfg.injection is Injection.REPLACE:
             src, tgt = (self.prompt_tokens(p, None, b)[0] for p in (cap.call["prompt"], change["prompt"]))
             eos = ed.pipe.tokenizer.eos_token_id
             if any(s.index(eos) != t.index(eos) for s, t in zip(src, tgt, strict=True)):
@@ -451,30 +457,30 @@ class PromptEdits:
                     "Use TextEditConfig(injection='refine')."
                 )
             mapping = torch.arange(mapping.shape[1], device=mapping.device).expand_as(mapping)
-        check_installed(ed.unet, ed.loop.attention)
-        ed.loop.attention.cond = slice(b, None) if copies == 2 else slice(None)
+        check_installed(ed.unet, ed.attention)
+        ed.attention.cond = slice(b, None) if copies == 2 else slice(None)
         return set(range(n_inject)), mapping, probs
 
     def detect(self, cap, change, embeds, prep, generator, copies, predict_dense):
         """The latent region a prompt change affects (`[b, h, w]` bool), the step the sparse run starts at and the
         dense latents there (latent_diff, cross_attention: the first steps run densely)."""
-        ed = self.editor
+        ed = self.loop
         tcfg = change["config"]
         z_shape = cap.trajectory[0].shape[-2:]
         if change["region"] is not None:
-            return F.adaptive_max_pool2d(change["region"][:, None].float(), z_shape)[:, 0] > 0, 0, None
-        if tcfg.region == "noise_diff":
+            return to_latents(change["region"], z_shape), 0, None
+        if tcfg.region is RegionMethod.NOISE_DIFF:
             return noise_diff_region(self.noise_diff(cap, embeds, tcfg), tcfg), 0, None
         k = tcfg.steps_for(len(cap.timesteps))
         attention = recording = None
-        if tcfg.region == "cross_attention":
+        if tcfg.region is RegionMethod.CROSS_ATTENTION:
             attention = self.attention(cap, tcfg, range(k), [])
             recording = self.record_attention(range(k), [], prep["z"], copies, tcfg)
         try:
-            z, dense = ed.loop.run(prep, cap.timesteps, generator, predict_dense, lambda i, z: z, stop=k)
+            z, dense = ed.run(prep, cap.timesteps, generator, predict_dense, lambda i, z: z, stop=k)
         finally:
             target = recording() if recording is not None else None
-        if tcfg.region == "latent_diff":
+        if tcfg.region is RegionMethod.LATENT_DIFF:
             region = latent_diff_region(dense[1:], cap.trajectory[1 : k + 1], tcfg)
         else:
             b = cap.trajectory[0].shape[0]
@@ -486,16 +492,15 @@ class PromptEdits:
             region = rows.reshape(copies, b, *z_shape).any(dim=0)
         return region, k, z
 
-    def find_region(self, prompt, negative_prompt, text_config):
-        """`SparseEditor.find_region`: the region a prompt change would regenerate, found without editing."""
-        ed = self.editor
-        cap = ed.current
+    def find_region(self, cap, prompt, negative_prompt, tcfg) -> tuple[torch.Tensor, EditStats]:
+        """`SparseEditor.find_region`: the region a prompt change would regenerate, found without editing, and what
+        finding it cost."""
+        ed = self.loop
         if cap is None:
             raise RuntimeError("Nothing captured yet: call `editor.capture(...)` first.")
         if not ed.adapter.text_editable:
             raise ValueError(f"prompt edits need a Stable Diffusion text pipeline, not {type(ed.pipe).__name__}.")
-        tcfg = ed.text_config if text_config is None else text_config
-        if tcfg.region == "mask":
+        if tcfg.region is RegionMethod.MASK:
             raise ValueError("TextEditConfig(region='mask') finds nothing: the region is the one you pass.")
         change = {
             "prompt": cap.call["prompt"] if prompt is None else prompt,
@@ -503,40 +508,39 @@ class PromptEdits:
             "config": tcfg,
             "region": None,
         }
-        ed.loop.check(cap)
+        ed.check(cap)
         started = time.perf_counter()
         b = ed.adapter.batch(cap.image)
         h, w = cap.decoded.shape[-2:]
         gs = cap.call["guidance_scale"]
-        copies = 2 if gs > 1.0 else 1
-        embeds = ed.loop.embeds(change["prompt"], change["negative_prompt"], gs, b)
+        copies = cap.copies
+        embeds = ed.embeds(change["prompt"], change["negative_prompt"], gs, b)
         found = torch.zeros(b, *cap.trajectory[0].shape[-2:], dtype=torch.bool, device=ed.unet.device)
-        ed.loop.extra_macs = 0
+        self.take_macs()
         if not torch.equal(embeds, cap.embeds):
-            generator = torch.Generator(device=cap.generator_device)
-            generator.set_state(cap.generator_state)
+            generator = cap.generator()
             try:
-                ed.loop.attention.inject = self.injection(cap, change, b, copies)
+                ed.attention.inject = self.injection(cap, change, b, copies)
                 x0 = cap.image
                 empty = torch.zeros(b, h, w, dtype=torch.bool, device=ed.unet.device)
-                with ed.loop.encoder_mode(editing, region=empty, commit=False):
-                    prep = ed.loop.prepare(x0, None, generator, cap.timesteps, cap.call, cap.inputs or {}, copies,
+                with ed.encoder_mode(editing, region=empty, commit=False):
+                    prep = ed.prepare(x0, None, generator, cap.timesteps, cap.call, cap.inputs or {}, copies,
                                        keep=found, cap=cap)  # fmt: skip
-                predict, _ = ed.loop.predictor(embeds, gs, prep, lambda i, call_unet: call_unet())
+                predict, _ = ed.predictor(embeds, gs, prep, lambda i, call_unet: call_unet())
                 found, k, _ = self.detect(cap, change, embeds, prep, generator, copies, predict)
                 found = dilate(found, tcfg.dilation)
-                ed.loop.extra_macs += k * cap.step_macs
+                self.macs += k * cap.step_macs
             finally:
-                ed.loop.attention.idle()
-                ed.loop.check(cap)
-        region = F.interpolate(found[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0
-        ed.last_stats = EditStats.of(
+                ed.attention.idle()
+                ed.check(cap)
+        region = to_pixels(found, (h, w))
+        stats = EditStats.of(
             {
                 "detect_seconds": time.perf_counter() - started,
                 "region_fraction": float(region.float().mean()),
                 "region_method": tcfg.region,
-                "macs_detect": ed.loop.extra_macs,
+                "macs_detect": self.take_macs(),
                 "macs_dense": cap.macs,
             }
         )
-        return region
+        return region, stats

@@ -35,7 +35,7 @@ def _edit(x, region, seed=1):
     return torch.where(region[:, None], x + torch.randn(x.shape, generator=g), x)
 
 
-def _captured_stack(size: int, box: tuple[slice, slice], **config):
+def captured_stack(size: int, box: tuple[slice, slice], **config):
     """conv → ReLU → conv, sparsified (exact) and captured on a random input; a square region at `box`."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
     sparsedit.sparsify_(model, SparseConfig(exact=True, **config))
@@ -109,7 +109,7 @@ def test_lazy_concat_fills_itself_for_any_other_reader():
 
 
 def test_plan_is_reused_across_runs_and_rebuilt_for_a_new_region():
-    model, x, _, region = _captured_stack(16, (slice(4, 6), slice(4, 6)))
+    model, x, _, region = captured_stack(16, (slice(4, 6), slice(4, 6)))
     state = model._sparsedit.state
     with sparsedit.editing(model, region=region):
         model(_edit(x, region))
@@ -125,7 +125,7 @@ def test_plan_is_reused_across_runs_and_rebuilt_for_a_new_region():
 
 
 def test_last_stats_breaks_the_time_down_by_part_and_layer():
-    model, x, _, region = _captured_stack(32, (slice(3, 9), slice(20, 25)), dense_threshold=1.0)
+    model, x, _, region = captured_stack(32, (slice(3, 9), slice(20, 25)), dense_threshold=1.0)
     with sparsedit.editing(model, region=region):
         model(_edit(x, region))
     stats = sparsedit.last_stats(model)
@@ -137,7 +137,7 @@ def test_last_stats_breaks_the_time_down_by_part_and_layer():
 
 
 def test_a_region_calibrated_slower_than_dense_runs_dense_and_says_so():
-    model, x, captured, region = _captured_stack(24, (slice(2, 5), slice(2, 5)))
+    model, x, captured, region = captured_stack(24, (slice(2, 5), slice(2, 5)))
     x_edit = _edit(x, region)
     cal = sparsedit.calibration_of(model)
     assert cal is not None and cal.break_even == 1.0  # the tests' fixed calibration: always sparse
@@ -220,13 +220,7 @@ def test_fresh_models_under_a_busy_process_reuse_the_calibration_and_agree(tmp_p
         results, cals = [], []
         for _ in range(3):
             torch.manual_seed(0)
-            model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
-            sparsedit.sparsify_(model, SparseConfig(exact=True))
-            x = torch.randn(1, 3, 40, 40)
-            with sparsedit.capturing(model):
-                model(x)
-            region = torch.zeros(1, 40, 40, dtype=torch.bool)
-            region[0, 5:9, 30:36] = True
+            model, x, _, region = captured_stack(40, (slice(5, 9), slice(30, 36)))
             with sparsedit.editing(model, region=region):
                 results.append(model(_edit(x, region)))
             cals.append(sparsedit.calibration_of(model))

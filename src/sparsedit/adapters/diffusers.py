@@ -17,6 +17,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from .. import ops
+from ..config import AttentionMode, NormStats
 from ..nn.base import IDENTITY, Prologue, SparseHandler, handler_of, register_dense_safe, register_handler
 from ..nn.blocks import _no_store
 from ..nn.layers import group_stats
@@ -217,7 +218,7 @@ class SpatialAttentionHandler(SparseHandler):
         b, c, h, w = x.shape
         macs = self.macs_dense(buf)
         region_in = st.region_of(x)
-        if (st.config.exact or st.config.attention == "dense") and st.any(region_in):
+        if (st.config.exact or st.config.attention is AttentionMode.DENSE) and st.any(region_in):
             full = st.full(region_in.shape, region_in.device)
             out = self.write_dense(buf, self.original(x), full)
             st.lap("dense")
@@ -276,7 +277,7 @@ class ResnetBlock2DHandler(SparseHandler):
         cfg = self.state.config
         self.fused = (
             not cfg.exact
-            and cfg.norm_stats == "frozen"
+            and cfg.norm_stats is NormStats.FROZEN
             and m.upsample is None
             and m.downsample is None
             and m.output_scale_factor == 1.0

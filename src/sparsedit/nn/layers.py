@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..config import NormStats
 from ..regions import Geometry, block_index, propagate
 from .base import IDENTITY, Prologue, SparseHandler, UnsupportedLayerError, register_handler
 from .resample import SEPARABLE_MODES, propagate_resample, resample_tiles, taps_for
@@ -406,7 +407,7 @@ class GroupNormHandler(PointwiseHandler):
         b, c, h, w = x.shape
         mean, rstd = group_stats(x, self.groups, m.eps)
         tensors = {"mean": mean, "rstd": rstd}
-        if self.state.config.norm_stats == "recompute":
+        if self.state.config.norm_stats is NormStats.RECOMPUTE:
             t = self._grid(h)
             ny, nx = -(-h // t), -(-w // t)
             xp = F.pad(x.detach().double(), (0, nx * t - w, 0, ny * t - h))
@@ -428,7 +429,7 @@ class GroupNormHandler(PointwiseHandler):
 
     def prologue(self, x, key):
         entry = self.state.cache.get(key)
-        if self.state.config.norm_stats == "frozen":
+        if self.state.config.norm_stats is NormStats.FROZEN:
             return Prologue(*self._affine(entry["mean"], entry["rstd"], x.shape[0]))
         return Prologue(*self._affine(*self._recompute(x, entry), x.shape[0]))
 

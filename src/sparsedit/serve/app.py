@@ -153,59 +153,7 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
 
     @app.exception_handler(RequestValidationError)
     def _invalid(request: Request, e: RequestValidationError):
-        parts = [
-            f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}" for err in e.errors()
-        ]
-        return JSONResponse({"error": "invalid request: " + "; ".join(parts)}, status_code=422)
-
-    # -- decoding ---------------------------------------------------------------------------------------------------
-    def decode_png(value, what: str, size: tuple[int, int] | None = None) -> np.ndarray:
-        if not isinstance(value, str):
-            raise ApiError(422, f"{what} must be a base64-encoded PNG string.")
-        if value.startswith("data:"):
-            value = value.split(",", 1)[-1]
-        try:
-            data = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, f"{what} is not valid base64; send a base64-encoded PNG.") from None
-        try:
-            a = png_to_array(data, what)
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
-        if a.shape[0] * a.shape[1] > max_pixels:
-            raise ApiError(413, f"{what} has {a.shape[0] * a.shape[1]} pixels, over this server's limit of "
-                                f"{max_pixels} (--max-pixels); send a smaller image.")  # fmt: skip
-        if size is not None and tuple(a.shape[:2]) != tuple(size):
-            raise ApiError(422, f"{what} is {a.shape[1]}x{a.shape[0]} pixels but this session's image is "
-                                f"{size[1]}x{size[0]}; an edit keeps the size (start a new session for another).")  # fmt: skip
-        return a
-
-    def rgb(a: np.ndarray) -> np.ndarray:
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=-1)
-        return np.ascontiguousarray(a[..., :3]).astype(np.uint8)
-
-    def ids(a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(a if a.ndim == 2 else a[..., 0]).astype(np.uint8)
-
-    # An edit's PNG inputs: how each is read, and what an error calls it.
-    pictures = {"image": (rgb, "an image"), "labels": (ids, "labels"), "mask": (ids, "a mask")}
-
-    def state_from(body: dict, model, size=None) -> dict:
-        state = {}
-        for key, (read, called) in pictures.items():
-            if body.get(key) is None:
-                continue
-            if key not in model.takes:
-                raise ApiError(422, f"{model.name} takes {', '.join(model.takes)}, not {called}.")
-            state[key] = read(decode_png(body[key], key, size))
-        if body.get("prompt") is not None:
-            if "prompt" not in model.takes:
-                raise ApiError(422, f"{model.name} takes no prompt.")
-            if not isinstance(body["prompt"], str):
-                raise ApiError(422, "prompt must be a string.")
-            state["prompt"] = body["prompt"]
-        return state
+        return JSONResponse({"error": validation_message(e.errors())}, status_code=422)
 
     # -- routes -----------------------------------------------------------------------------------------------------
     @app.get("/")
@@ -222,16 +170,7 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
 
     @app.get("/scenes/{seed}")
     def scene(seed: int, size: int = 64):
-        from ..data import captions, scenes
-
-        if not 8 <= size <= 512:
-            raise ApiError(422, "size must be between 8 and 512 pixels.")
-        s = scenes.sample(1, size, seed=seed)
-        image = ((s["image"][0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-        labels = s["labels"][0].to(torch.uint8).numpy()
-        return {"image": _b64(array_to_png(image)), "labels": _b64(array_to_png(labels)),
-                "labels_rgb": _b64(array_to_png(scenes.to_rgb(s["labels"][0]).numpy())),
-                "caption": captions.caption(s["labels"][0])}  # fmt: skip
+        return scene_pngs(seed, size)
 
     @app.post("/sessions", status_code=201)
     def create_session(body: dict = Body(...)):
@@ -242,21 +181,17 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
             model = registry.get(name)
         except KeyError as e:
             raise ApiError(404, e.args[0]) from None
-        state = state_from(body, model)
+        state = state_from(body, model, max_pixels)
         need = [k for k in model.takes if k in ("image", "labels") and k not in state]
         if need:
             raise ApiError(422, f"{model.name} starts from {' or '.join(need)}: send it as a base64 PNG.")
-        options = {k: body.get(k) for k in ("strength", "steps", "seed", "guidance")}
-        for k, v in options.items():
-            if v is not None and not isinstance(v, (int, float)):
-                raise ApiError(422, f"{k} must be a number.")
-        return backend.create(name, state, options)
+        return backend.create(name, state, capture_options(body))
 
     @app.post("/sessions/{session_id}/edits")
     def edit(session_id: str, body: dict = Body(...)):
         info = backend.info(session_id)
         model = registry.get(info["model"])
-        state = state_from(body, model, info["size"])
+        state = state_from(body, model, max_pixels, info["size"])
         if not state:
             raise ApiError(422, f"an edit sends at least one of {', '.join(model.takes)}.")
         commit = body.get("commit", True)
@@ -280,3 +215,89 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
         return Response(status_code=204)
 
     return app
+
+
+# -- requests in: plain helpers of the routes ---------------------------------------------------------------------------
+def validation_message(errors) -> str:
+    """FastAPI's validation errors as one line naming each field."""
+    parts = [f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}" for err in errors]
+    return "invalid request: " + "; ".join(parts)
+
+
+def decode_png(value, what: str, max_pixels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A base64 PNG field of a request body as an array, checked against `--max-pixels` and the session's size."""
+    if not isinstance(value, str):
+        raise ApiError(422, f"{what} must be a base64-encoded PNG string.")
+    if value.startswith("data:"):
+        value = value.split(",", 1)[-1]
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{what} is not valid base64; send a base64-encoded PNG.") from None
+    try:
+        a = png_to_array(data, what)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    if a.shape[0] * a.shape[1] > max_pixels:
+        raise ApiError(413, f"{what} has {a.shape[0] * a.shape[1]} pixels, over this server's limit of "
+                            f"{max_pixels} (--max-pixels); send a smaller image.")  # fmt: skip
+    if size is not None and tuple(a.shape[:2]) != tuple(size):
+        raise ApiError(422, f"{what} is {a.shape[1]}x{a.shape[0]} pixels but this session's image is "
+                            f"{size[1]}x{size[0]}; an edit keeps the size (start a new session for another).")  # fmt: skip
+    return a
+
+
+def _rgb(a: np.ndarray) -> np.ndarray:
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=-1)
+    return np.ascontiguousarray(a[..., :3]).astype(np.uint8)
+
+
+def _ids(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a if a.ndim == 2 else a[..., 0]).astype(np.uint8)
+
+
+# An edit's PNG inputs: how each is read, and what an error calls it.
+_PICTURES = {"image": (_rgb, "an image"), "labels": (_ids, "labels"), "mask": (_ids, "a mask")}
+
+
+def state_from(body: dict, model, max_pixels: int, size=None) -> dict:
+    """The session state a request body sends (its pictures decoded, its prompt), checked against what `model`
+    takes."""
+    state = {}
+    for key, (read, called) in _PICTURES.items():
+        if body.get(key) is None:
+            continue
+        if key not in model.takes:
+            raise ApiError(422, f"{model.name} takes {', '.join(model.takes)}, not {called}.")
+        state[key] = read(decode_png(body[key], key, max_pixels, size))
+    if body.get("prompt") is not None:
+        if "prompt" not in model.takes:
+            raise ApiError(422, f"{model.name} takes no prompt.")
+        if not isinstance(body["prompt"], str):
+            raise ApiError(422, "prompt must be a string.")
+        state["prompt"] = body["prompt"]
+    return state
+
+
+def capture_options(body: dict) -> dict:
+    """A new session's generation options (`None`: the model's default), each a number."""
+    options = {k: body.get(k) for k in ("strength", "steps", "seed", "guidance")}
+    for k, v in options.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ApiError(422, f"{k} must be a number.")
+    return options
+
+
+def scene_pngs(seed: int, size: int) -> dict:
+    """A procedural scene (`GET /scenes/{seed}`): its image, label map (ids and colours) and caption as PNGs."""
+    from ..data import captions, scenes
+
+    if not 8 <= size <= 512:
+        raise ApiError(422, "size must be between 8 and 512 pixels.")
+    s = scenes.sample(1, size, seed=seed)
+    image = ((s["image"][0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    labels = s["labels"][0].to(torch.uint8).numpy()
+    return {"image": _b64(array_to_png(image)), "labels": _b64(array_to_png(labels)),
+            "labels_rgb": _b64(array_to_png(scenes.to_rgb(s["labels"][0]).numpy())),
+            "caption": captions.caption(s["labels"][0])}  # fmt: skip

@@ -197,8 +197,7 @@ class SessionEditor:
         # calibration (measured once per model and size) says sparse would be slower: the same bits under any load.
         import dataclasses
 
-        from ..editor import SparseEditor
-        from ..gan import GANEditor
+        from ..editors import GANEditor, SparseEditor
         from ..spatial import SparseConfig
 
         fallback = not self.reproducible
@@ -279,8 +278,7 @@ class SessionEditor:
 
     @classmethod
     def resume(cls, model: Model, options: dict, path: Path, reproducible: bool = False) -> SessionEditor:
-        from ..editor import SparseEditor
-        from ..gan import GANEditor
+        from ..editors import GANEditor, SparseEditor
 
         self = cls.__new__(cls)
         self.model, self.options, self.reproducible = model, options, reproducible

@@ -18,9 +18,9 @@ import inspect
 
 import torch
 
+from ... import attachments
 from ...nn.state import Mode
 from ...regions import difference_mask
-from ...spatial import sparse_state
 from .base import register_pipeline
 from .sd import Img2ImgAdapter, InpaintAdapter
 
@@ -128,7 +128,7 @@ class _ControlNet:
         embed, region = prep["control_embed"], prep["control_region"]
 
         def forward(_cond):
-            st = sparse_state(self.controlnet)
+            st = attachments.engine_state(self.controlnet)
             if region is not None and st is not None and st.mode is Mode.SPARSE:
                 st.set_region(embed, region)
             return embed

@@ -21,13 +21,24 @@ import warnings
 
 import torch
 
-from . import arguments, session, textedit
-from .cache import CacheBytes, StaleCacheError
-from .config import SparseConfig, TemporalConfig, TextEditConfig
-from .guard import check_commit, make_lock, serialized
-from .loop import Capture, Loop
-from .spatial import transaction
-from .stats import EditStats
+from ..cache import CacheBytes, StaleCacheError
+from ..config import OnStale, SparseConfig, TemporalConfig, TextEditConfig
+from ..guard import check_commit, make_lock, serialized
+from ..spatial import transaction
+from ..stats import EditStats
+from . import sessions
+from .budget import cache_parts, fit_budget, peak_memory
+from .capture import Capture, guidance_copies
+from .inputs import (
+    capture_call,
+    check_call_values,
+    check_editor,
+    edit_call,
+    edit_inputs,
+    prompt_change,
+    unchanged_note,
+)
+from .loop import Loop
 
 
 __all__ = ["SparseEditor"]
@@ -75,13 +86,13 @@ class SparseEditor:
         self,
         pipe,
         config: SparseConfig | None = None,
-        on_stale: str = "raise",
+        on_stale: OnStale | str = OnStale.RAISE,
         text_config: TextEditConfig | None = None,
         temporal: TemporalConfig | None = None,
         blocking: bool = True,
         refresh_every: int | None = REFRESH_EVERY,
     ):
-        adapter, on_stale = arguments.check_editor(pipe, temporal, on_stale)
+        adapter, on_stale = check_editor(pipe, temporal, on_stale)
         self.pipe = pipe
         self.adapter = adapter  # what this pipeline family does around the loop (adapters/pipelines.py)
         self.kind = adapter.kind
@@ -105,8 +116,6 @@ class SparseEditor:
         self.history: list[dict] = []  # one entry per committed edit since the capture (`history`)
         self.last_stats: EditStats = EditStats()
         self.last_region: torch.Tensor | None = None  # the last edit's regenerated region, bool [B, H, W]
-        self._prompt = textedit.PromptEdits(self)
-        self.loop.prompt = self._prompt
 
     @property
     def unet(self):
@@ -185,7 +194,7 @@ class SparseEditor:
                 pipelines `control_image` (required), `controlnet_conditioning_scale`, `guess_mode`,
                 `control_guidance_start` and `control_guidance_end`.
         """
-        x0, mask, call, inputs = arguments.capture_call(
+        x0, mask, call, inputs = capture_call(
             self, image, prompt, strength, num_inference_steps, guidance_scale, negative_prompt, mask_image, height,
             width, eta, prompt_embeds, negative_prompt_embeds, callback_on_step_end_tensor_inputs, pipeline_kwargs,
         )  # fmt: skip
@@ -225,10 +234,9 @@ class SparseEditor:
         # (by reference) until the new one completes.
         with transaction(*loop.models().values()):
             if self.config.budget_bytes is not None:  # measured by dry runs, before anything is stored
-                copies = 2 if embeds is not None and call["guidance_scale"] > 1.0 else 1
-                budget = session.fit_budget(self, x0, call, embeds, timesteps, copies)
+                budget = fit_budget(self, x0, call, embeds, timesteps, guidance_copies(embeds, call["guidance_scale"]))
                 loop.sync_attention_storage()
-            with session.peak_memory(self.unet.device) as peak:
+            with peak_memory(self.unet.device) as peak:
                 capture, stats = loop.capture(x0, mask, call, generator, state, timesteps, embeds, inputs,
                                               self.text_config)  # fmt: skip
         self._capture, self.last_stats = capture, stats
@@ -246,14 +254,14 @@ class SparseEditor:
         trajectory, the encoded images and the decoded result). `.offloaded` says how many of them are on disk."""
         if self._removed:
             raise RuntimeError("this SparseEditor was removed (`editor.remove()`): it holds no caches any more.")
-        return session.cache_parts(self)
+        return cache_parts(self)
 
     @serialized
     def save(self, path) -> None:
         """Write this session (the capture, every cache, the edit state and the pipeline's fingerprint) to the
         directory `path` (safetensors files and a JSON manifest). `SparseEditor.load(pipe, path)` resumes it: the
         next edit is bit-identical to the one this editor would make."""
-        session.save_editor(self, path)
+        sessions.save_editor(self, path)
 
     @classmethod
     def load(cls, pipe, path, *, mmap: bool = True) -> SparseEditor:
@@ -261,9 +269,9 @@ class SparseEditor:
         scheduler and config; otherwise `StaleCacheError` names what differs). With `mmap`, the caches are
         memory-mapped copy-on-write from the files (the OS pages them in as edits touch them); `mmap=False` reads
         them into memory."""
-        editor = session.load_editor(cls, pipe, path)
+        editor = sessions.load_editor(cls, pipe, path)
         try:
-            editor._capture, editor.history = session.load_capture(editor, path, mmap=mmap)
+            editor._capture, editor.history = sessions.load_capture(editor, path, mmap=mmap)
             editor.loop.check(editor._capture)
         except BaseException:
             editor.remove()
@@ -315,58 +323,40 @@ class SparseEditor:
                 (`controlnet_conditioning_scale`, ...) is checked like `strength`.
         """
         commit = check_commit(commit)
-        if num_inference_steps is not None:
-            arguments.check_steps(num_inference_steps)
-        if strength is not None:
-            arguments.check_number("strength", strength, low=0.0, high=1.0, low_open=True)
-        if guidance_scale is not None:
-            arguments.check_number("guidance_scale", guidance_scale, low=0.0, high=1e4)
-        cap, tcfg, text, options, images = arguments.edit_call(self, prompt, negative_prompt, text_config, region,
-                                                               pipeline_kwargs)  # fmt: skip
+        check_call_values(num_inference_steps, strength, guidance_scale)
+        cap, tcfg, text, options, images = edit_call(self, prompt, negative_prompt, text_config, region,
+                                                     pipeline_kwargs)  # fmt: skip
         cap, recaptured = self._check_call(cap, generator, num_inference_steps, guidance_scale, strength, options)
-        x0, mask, inputs, region, changed, ignored = arguments.edit_inputs(
-            self, cap, image, mask_image, images, region
-        )
-        unchanged = None
-        if ignored and not text and not bool(region.any()):
-            unchanged = (
-                f"the input differs from the current one at {ignored} pixels, all by no more than "
-                f"change_threshold={self.config.change_threshold:g} (8-bit units, the re-encoding noise a JPEG "
-                "re-save makes), so this edit changed nothing and returned the current image. To edit that finely, "
-                "make the editor with a lower SparseConfig(change_threshold=...) (0: every bit counts)."
-            )
+        x0, mask, inputs, region, changed, ignored = edit_inputs(self, cap, image, mask_image, images, region)
+        unchanged = None if text else unchanged_note(ignored, region, self.config.change_threshold)
+        if unchanged is not None:
             warnings.warn(unchanged, RuntimeWarning, stacklevel=3)
         change = None
         if text:
-            change = {
-                "prompt": cap.call["prompt"] if prompt is None else prompt,
-                "negative_prompt": cap.call["negative_prompt"] if negative_prompt is None else negative_prompt,
-                "config": tcfg,
-                "region": region if region is not changed else None,
-            }
-            if change["region"] is not None:
-                region = changed  # the image part; the given region is the prompt's
+            change, region = prompt_change(cap, prompt, negative_prompt, tcfg, region, changed)
+        out, again = self._run_or_recapture(cap, x0, mask, inputs, region, commit, output_type, return_dict, change)
+        if again is not None or recaptured is not None:
+            self.last_stats["recaptured_seconds"] = again if again is not None else recaptured
+        self.last_stats["ignored_pixels"] = ignored  # changed by no more than change_threshold, or outside region
+        if unchanged is not None:
+            self.last_stats["unchanged"] = unchanged
+        return out
+
+    def _run_or_recapture(self, cap, *args):
+        """`_run_edit`; under `on_stale="recapture"`, a capture found stale is captured again first. Returns the
+        output and the seconds the recapture took (`None`: none)."""
         try:
-            out = self._run_edit(cap, x0, mask, inputs, region, commit, output_type, return_dict, change)
-            if recaptured is not None:
-                self.last_stats["recaptured_seconds"] = recaptured
-            self.last_stats["ignored_pixels"] = ignored  # changed by no more than change_threshold, or outside region
-            if unchanged is not None:
-                self.last_stats["unchanged"] = unchanged
-            return out
+            return self._run_edit(cap, *args), None
         except StaleCacheError:
-            if self.on_stale != "recapture":
+            if self.on_stale is not OnStale.RECAPTURE:
                 raise
         # The capture no longer matches the pipeline: capture the current image again, then edit.
         self._recapture(cap)
-        recapture_seconds = self.last_stats["seconds"]
-        out = self._run_edit(self._capture, x0, mask, inputs, region, commit, output_type, return_dict, change)
-        self.last_stats["recaptured_seconds"] = recapture_seconds
-        return out
+        seconds = self.last_stats["seconds"]
+        return self._run_edit(self._capture, *args), seconds
 
     def _recapture(self, cap) -> None:
-        generator = torch.Generator(device=cap.generator_device)
-        generator.set_state(cap.generator_state)
+        generator = cap.generator()
         version = cap.version
         self._run_capture(cap.image, cap.mask, cap.call, generator, cap.inputs or {})
         self._capture.version = version  # the same state, captured afresh
@@ -388,7 +378,7 @@ class SparseEditor:
                 differ.append("generator (its seed or state differs from the capture's)")
         if not differ:
             return cap, None
-        if self.on_stale != "recapture":
+        if self.on_stale is not OnStale.RECAPTURE:
             raise StaleCacheError(
                 f"this edit asks for {', '.join(differ)}: the cache holds another generation. Capture again with "
                 "these values, or make the editor with on_stale='recapture'."
@@ -410,10 +400,12 @@ class SparseEditor:
         """The region `edit(prompt=..., negative_prompt=...)` would regenerate, without editing: bool `[B, H, W]` at
         image resolution (after `TextEditConfig.dilation`). Nothing is committed; `last_stats["detect_seconds"]`
         says what finding it cost. Useful to show the region before accepting an edit."""
-        return self._prompt.find_region(prompt, negative_prompt, text_config)
+        tcfg = self.text_config if text_config is None else text_config
+        region, self.last_stats = self.loop.prompt.find_region(self._capture, prompt, negative_prompt, tcfg)
+        return region
 
     def _run_edit(self, cap, x0, mask, inputs, region, commit, output_type, return_dict, change=None):
-        with session.peak_memory(self.unet.device) as peak:
+        with peak_memory(self.unet.device) as peak:
             decoded, self.last_stats, self.last_region = self.loop.edit(cap, x0, mask, inputs, region, commit, change)
         self.last_stats["cache_bytes"] = self.cache_bytes
         self.last_stats.update(peak)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from . import temporal as temporal_reuse
-from .config import OnStale, TemporalConfig, TextEditConfig
-from .guard import check_finite
-from .regions import as_region, change_mask, difference_mask
-from .spatial import is_sparsified
+from .. import temporal as temporal_reuse
+from ..config import OnStale, RegionMethod, TemporalConfig, TextEditConfig
+from ..guard import check_finite
+from ..regions import as_region, change_mask, difference_mask
+from ..spatial import is_sparsified
 
 
 __all__ = [
     "capture_call",
+    "check_call_values",
     "check_editor",
     "check_number",
     "check_prompt",
@@ -24,12 +25,14 @@ __all__ = [
     "edit_call",
     "edit_inputs",
     "pipeline_kwargs",
+    "prompt_change",
+    "unchanged_note",
 ]
 
 
 def check_editor(pipe, temporal, on_stale):
     """The pipeline's adapter and the parsed `on_stale`, or the error that says why this pipeline cannot be edited."""
-    from .adapters.pipelines import adapter_for, supported_pipelines
+    from ..adapters.pipelines import adapter_for, supported_pipelines
 
     unet, scheduler, adapter = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None), adapter_for(pipe)
     if adapter is None or unet is None or scheduler is None:
@@ -87,10 +90,7 @@ def capture_call(ed, image, prompt, strength, num_inference_steps, guidance_scal
     check_prompt("prompt", prompt)
     check_prompt("negative_prompt", negative_prompt)
     check_steps(num_inference_steps)
-    if strength is not None:
-        check_number("strength", strength, low=0.0, high=1.0, low_open=True)
-    if guidance_scale is not None:
-        check_number("guidance_scale", guidance_scale, low=0.0, high=1e4)
+    check_call_values(num_inference_steps, strength, guidance_scale)
     options, images = pipeline_kwargs(ed, pipeline_kw, "capture")
     if ed.adapter.fixed_size:
         f = ed.pipe.vae_scale_factor
@@ -155,6 +155,40 @@ def check_number(name: str, value, low: float, high: float, low_open: bool = Fal
         raise ValueError(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}.")
 
 
+def check_call_values(num_inference_steps, strength, guidance_scale) -> None:
+    """The generation's numbers, where given (`None`: the capture's, or the pipeline's default)."""
+    if num_inference_steps is not None:
+        check_steps(num_inference_steps)
+    if strength is not None:
+        check_number("strength", strength, low=0.0, high=1.0, low_open=True)
+    if guidance_scale is not None:
+        check_number("guidance_scale", guidance_scale, low=0.0, high=1e4)
+
+
+def unchanged_note(ignored: int, region: torch.Tensor, threshold: float) -> str | None:
+    """Why an image edit whose input did differ changes nothing (every difference under `change_threshold`), or
+    `None`."""
+    if not ignored or bool(region.any()):
+        return None
+    return (
+        f"the input differs from the current one at {ignored} pixels, all by no more than "
+        f"change_threshold={threshold:g} (8-bit units, the re-encoding noise a JPEG re-save makes), so this edit "
+        "changed nothing and returned the current image. To edit that finely, make the editor with a lower "
+        "SparseConfig(change_threshold=...) (0: every bit counts)."
+    )
+
+
+def prompt_change(cap, prompt, negative_prompt, text_config, region, changed) -> tuple[dict, torch.Tensor]:
+    """A prompt edit's change (the new prompts, its config, the region given for it) and the image part's region."""
+    change = {
+        "prompt": cap.call["prompt"] if prompt is None else prompt,
+        "negative_prompt": cap.call["negative_prompt"] if negative_prompt is None else negative_prompt,
+        "config": text_config,
+        "region": region if region is not changed else None,
+    }
+    return change, (changed if change["region"] is not None else region)  # a given region is the prompt's
+
+
 def edit_call(ed, prompt, negative_prompt, text_config, region, pipeline_kw):
     """`edit`'s checks before anything runs: the current capture, the text config, whether this is a prompt edit,
     and the pipeline options (normalised as the capture's) and extra images."""
@@ -169,13 +203,13 @@ def edit_call(ed, prompt, negative_prompt, text_config, region, pipeline_kw):
         raise TypeError(f"text_config must be a TextEditConfig, got {type(tcfg).__name__}.")
     text = prompt is not None or negative_prompt is not None
     if text and not ed.adapter.text_editable:
-        from .adapters.pipelines import supported_pipelines
+        from ..adapters.pipelines import supported_pipelines
 
         raise ValueError(
             f"prompt edits need one of {', '.join(supported_pipelines(text_editable=True))}, not "
             f"{type(ed.pipe).__name__}" + (" (an unconditional model takes no prompt)." if not ed.latent else ".")
         )
-    if text and tcfg.region == "mask" and region is None:
+    if text and tcfg.region is RegionMethod.MASK and region is None:
         raise ValueError(
             "TextEditConfig(region='mask') regenerates the region you pass: edit(prompt=..., region=...)."
         )
@@ -195,58 +229,63 @@ def edit_inputs(ed, cap, image, mask_image, images, region):
                 "a text-to-image capture has no input image to edit; change the prompt, or make the editor on "
                 "`StableDiffusionImg2ImgPipeline(**pipe.components)` for stroke edits."
             )
-        x0, mask, inputs, ignored = cap.image, None, {}, 0
-        b, h, w = x0
+        b, h, w = cap.image
         changed = torch.zeros(b, h, w, dtype=torch.bool, device=ed.unet.device)
+        x0, mask, inputs, ignored = cap.image, None, {}, 0
     else:
-        x0 = cap.image if image is None else ed.adapter.preprocess(image, cap.call["height"], cap.call["width"])
-        if x0.shape[1] != cap.image.shape[1]:
-            raise ValueError(
-                f"the edited image has {x0.shape[1]} channels but the capture had {cap.image.shape[1]}; give the "
-                "edited image in the same color mode (e.g. `image.convert('RGB')`)."
-            )
-        if tuple(x0.shape) != tuple(cap.image.shape):
-            raise ValueError(
-                f"the edited image has shape {tuple(x0.shape)} but the capture had {tuple(cap.image.shape)}; "
-                "edits must keep the size. Capture again for a new image size."
-            )
-        check_finite("the edited image", x0)
-        mask = cap.mask if mask_image is None else ed.adapter.preprocess_mask(mask_image, x0)
-        check_finite("mask_image", mask)
+        x0, mask, inputs, changed, ignored = _image_inputs(ed, cap, image, mask_image, images)
         b, _, h, w = x0.shape
-        # Re-encoding noise below change_threshold (8-bit units; images here are in [-1, 1]) is no change: the
-        # current image's pixel stays there (regions.change_mask).
-        noise = ed.config.change_threshold
-        differs = difference_mask(x0, cap.image, eps=0.0)
-        changed = change_mask(x0, cap.image, noise, unit=127.5, differs=differs)
-        x0 = torch.where(changed[:, None], x0, cap.image)
-        if mask is not None:
-            changed = changed | (mask != cap.mask).any(dim=1)  # not in place: `changed` may be `differs`
-        inputs = dict(cap.inputs or {})
-        for name, value in images.items():  # extra images (a control image) are in [0, 1]
-            new = ed.adapter.preprocess_input(name, value, x0)
-            check_finite(name, new)
-            moved_at_all = difference_mask(new, cap.inputs[name], eps=0.0)
-            moved = change_mask(new, cap.inputs[name], noise, unit=255.0, differs=moved_at_all)
-            differs = differs | moved_at_all
-            inputs[name] = torch.where(moved[:, None], new, cap.inputs[name])
-            changed = changed | moved
-        ignored = int((differs & ~changed).sum())
     if region is None:
-        region = changed
-    else:
-        region = as_region(region, b, h, w, ed.unet.device)
-        missed = changed & ~region
-        if bool(missed.any()) and ed.config.check_region:
-            raise ValueError(
-                f"the image (or mask) differs from the current one at {int(missed.sum())} pixels outside "
-                "`region`; enlarge the region, pass region=None to detect it, or make the editor with "
-                "SparseConfig(check_region=False) to keep the current pixels outside the region."
-            )
-        if bool(missed.any()):  # check_region=False: outside the region the current input stays
-            keep = region[:, None]
-            x0 = torch.where(keep, x0, cap.image) if isinstance(x0, torch.Tensor) else x0
-            mask = None if mask is None else torch.where(keep, mask, cap.mask)
-            inputs = {k: torch.where(keep, v, cap.inputs[k]) for k, v in inputs.items()}
-            ignored += int(missed.sum())
+        return x0, mask, inputs, changed, changed, ignored
+    region = as_region(region, b, h, w, ed.unet.device)
+    missed = changed & ~region
+    if bool(missed.any()) and ed.config.check_region:
+        raise ValueError(
+            f"the image (or mask) differs from the current one at {int(missed.sum())} pixels outside "
+            "`region`; enlarge the region, pass region=None to detect it, or make the editor with "
+            "SparseConfig(check_region=False) to keep the current pixels outside the region."
+        )
+    if bool(missed.any()):  # check_region=False: outside the region the current input stays
+        keep = region[:, None]
+        x0 = torch.where(keep, x0, cap.image) if isinstance(x0, torch.Tensor) else x0
+        mask = None if mask is None else torch.where(keep, mask, cap.mask)
+        inputs = {k: torch.where(keep, v, cap.inputs[k]) for k, v in inputs.items()}
+        ignored += int(missed.sum())
     return x0, mask, inputs, region, changed, ignored
+
+
+def _image_inputs(ed, cap, image, mask_image, images):
+    """The edited image, mask and extra images against the capture's, with what changed and how many differing
+    pixels were ignored as re-encoding noise."""
+    x0 = cap.image if image is None else ed.adapter.preprocess(image, cap.call["height"], cap.call["width"])
+    if x0.shape[1] != cap.image.shape[1]:
+        raise ValueError(
+            f"the edited image has {x0.shape[1]} channels but the capture had {cap.image.shape[1]}; give the "
+            "edited image in the same color mode (e.g. `image.convert('RGB')`)."
+        )
+    if tuple(x0.shape) != tuple(cap.image.shape):
+        raise ValueError(
+            f"the edited image has shape {tuple(x0.shape)} but the capture had {tuple(cap.image.shape)}; "
+            "edits must keep the size. Capture again for a new image size."
+        )
+    check_finite("the edited image", x0)
+    mask = cap.mask if mask_image is None else ed.adapter.preprocess_mask(mask_image, x0)
+    check_finite("mask_image", mask)
+    # Re-encoding noise below change_threshold (8-bit units; images here are in [-1, 1]) is no change: the current
+    # image's pixel stays there (regions.change_mask).
+    noise = ed.config.change_threshold
+    differs = difference_mask(x0, cap.image, eps=0.0)
+    changed = change_mask(x0, cap.image, noise, unit=127.5, differs=differs)
+    x0 = torch.where(changed[:, None], x0, cap.image)
+    if mask is not None:
+        changed = changed | (mask != cap.mask).any(dim=1)  # not in place: `changed` may be `differs`
+    inputs = dict(cap.inputs or {})
+    for name, value in images.items():  # extra images (a control image) are in [0, 1]
+        new = ed.adapter.preprocess_input(name, value, x0)
+        check_finite(name, new)
+        moved_at_all = difference_mask(new, cap.inputs[name], eps=0.0)
+        moved = change_mask(new, cap.inputs[name], noise, unit=255.0, differs=moved_at_all)
+        differs = differs | moved_at_all
+        inputs[name] = torch.where(moved[:, None], new, cap.inputs[name])
+        changed = changed | moved
+    return x0, mask, inputs, changed, int((differs & ~changed).sum())

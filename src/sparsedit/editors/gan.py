@@ -19,11 +19,11 @@ import time
 import torch
 import torch.nn as nn
 
-from .config import SparseConfig
-from .guard import check_commit, check_finite, make_lock, serialized
-from .regions import as_region
-from .spatial import capturing, editing, is_sparsified, last_stats, sparse_state, sparsify_, transaction, unsparsify_
-from .stats import EditStats
+from ..config import SparseConfig
+from ..guard import check_commit, check_finite, make_lock, serialized
+from ..regions import as_region
+from ..spatial import capturing, editing, is_sparsified, last_stats, sparse_state, sparsify_, transaction, unsparsify_
+from ..stats import EditStats
 
 
 __all__ = ["GANEditor"]
@@ -151,15 +151,7 @@ class GANEditor:
                 f"the edited input has shape {tuple(x.shape)} but the capture's was {tuple(self._input.shape)}; "
                 "an edit keeps the batch size and image size (capture again for a new size)."
             )
-        changed = (x != self._input).any(dim=1)
-        if region is not None:
-            region = as_region(region, x.shape[0], x.shape[-2], x.shape[-1], x.device)
-            if bool((changed & ~region).any()):
-                raise ValueError(
-                    "the label map changed outside `region`; enlarge the region or leave it out to use the changed "
-                    "pixels."
-                )
-            changed = region
+        changed = self._changed(x, region)
         started = time.perf_counter()
         if not bool(changed.any()):
             image = self._image.clone()
@@ -190,22 +182,34 @@ class GANEditor:
         )
         return image
 
+    def _changed(self, x: torch.Tensor, region) -> torch.Tensor:
+        """Where the generator's input changed, or the given `region` (checked to cover every change)."""
+        changed = (x != self._input).any(dim=1)
+        if region is None:
+            return changed
+        region = as_region(region, x.shape[0], x.shape[-2], x.shape[-1], x.device)
+        if bool((changed & ~region).any()):
+            raise ValueError(
+                "the label map changed outside `region`; enlarge the region or leave it out to use the changed pixels."
+            )
+        return region
+
     @serialized
     def save(self, path) -> None:
         """Write this session (the generator's cache, the current label map and image, the config and a content
         fingerprint of the generator's weights) to the directory `path`; `GANEditor.load(generator, path)`
         resumes it, and the next edit is bit-identical to the one this editor would make."""
-        from . import session
+        from . import sessions
 
-        session.save_gan(self, path)
+        sessions.save_gan(self, path)
 
     @classmethod
     def load(cls, generator: nn.Module, path, *, mmap: bool = True) -> GANEditor:
         """Resume a session written by `editor.save(path)` on `generator` (same class and weights; otherwise
         `StaleCacheError`). With `mmap`, the cache is memory-mapped copy-on-write from the file."""
-        from . import session
+        from . import sessions
 
-        editor, (editor._input, editor._image) = session.load_gan(cls, generator, path, mmap=mmap)
+        editor, (editor._input, editor._image) = sessions.load_gan(cls, generator, path, mmap=mmap)
         return editor
 
     @serialized
