@@ -20,7 +20,7 @@ def _no_timing_decisions(request, monkeypatch):
     a capture's calibration is not measured but one that always runs sparse (`max_region_fraction` still decides).
     Tests of the calibrated choice measure, or set the calibration themselves."""
     import sparsedit.calibration
-    import sparsedit.spatial
+    import sparsedit.spatial.contexts
 
     monkeypatch.setattr(sparsedit.calibration, "_TABLE", {})
     if request.node.get_closest_marker("timing") is None:
@@ -28,4 +28,4 @@ def _no_timing_decisions(request, monkeypatch):
         def always_sparse(model, att, args, kwargs, scope_key, key, about):
             return sparsedit.calibration.Calibration.fit(key, about, 1.0, [(0.0, 0.0), (1.0, 0.0)])
 
-        monkeypatch.setattr(sparsedit.spatial, "_measure", always_sparse)
+        monkeypatch.setattr(sparsedit.spatial.contexts, "_measure", always_sparse)

@@ -195,7 +195,7 @@ def test_cache_budget_counts_the_controlnet(pipe):
 
 
 def test_controlnet_weights_are_checked_once_per_edit_and_a_change_is_refused(pipe, monkeypatch):
-    import sparsedit.spatial as spatial
+    import sparsedit.spatial.hooks as spatial
 
     x, c = rand(0), rand(1)
     editor = SparseEditor(pipe, CONFIG)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsedit import SparseConfig, SparseEditor, StaleCacheError
-from sparsedit.spatial import _attachment
+from sparsedit.spatial import attachment_of
 
 from .sd_fixtures import tiny_sd, tiny_sd_img2img
 
@@ -145,7 +145,7 @@ def test_changed_weights_raise_and_a_bf16_cache_halves_memory(pipe):
     full.capture(image=x, prompt="a red house", generator=torch.Generator().manual_seed(5), **KW)
     want = full.edit(image=stroke(x), output_type="pt", commit=False).images
     full_bytes = full.cache_bytes
-    full_unet = _attachment(pipe.unet).state.cache.nbytes
+    full_unet = attachment_of(pipe.unet).state.cache.nbytes
     weight = pipe.unet.conv_in.weight
     saved = weight.detach().clone()
     with torch.no_grad():
@@ -163,7 +163,7 @@ def test_changed_weights_raise_and_a_bf16_cache_halves_memory(pipe):
     got = half.edit(image=stroke(x), output_type="pt", commit=False).images
     # The UNet's per-step cache halves; the VAE's caches keep the model dtype (converting them whole per edit would
     # raise the peak memory).
-    assert _attachment(pipe.unet).state.cache.nbytes < 0.6 * full_unet
+    assert attachment_of(pipe.unet).state.cache.nbytes < 0.6 * full_unet
     assert half.cache_bytes < full_bytes
     assert (got - want).abs().max() < 0.02  # measured 0.003 (mean 3e-5), at 0.50x the cache bytes
 

@@ -314,3 +314,15 @@ def test_the_shipped_text_model_takes_prompts(client):
     r = client.post("/sessions", json={"model": "scene-sd", "prompt": "the sea below mountains, a clear sky",
                                        "steps": 10})  # fmt: skip
     assert r.status_code == 201, r.text
+
+
+def test_a_pipeline_directory_is_served_as_its_registered_adapter_says():
+    """The server asks the pipeline adapters' registry what a pipeline class takes, instead of keeping a table."""
+    from sparsedit.serve.models import pipeline_kind
+
+    assert pipeline_kind("DDIMPipeline") == ("ddpm", ("image",))
+    assert pipeline_kind("StableDiffusionInpaintPipeline") == ("sd-inpaint", ("image", "mask", "prompt"))
+    assert pipeline_kind("StableDiffusionXLPipeline") == ("sdxl-txt2img", ("prompt",))
+    for refused in ("StableDiffusionControlNetImg2ImgPipeline", "FluxPipeline", ""):
+        with pytest.raises(ValueError, match="the server takes .*StableDiffusionImg2ImgPipeline"):
+            pipeline_kind(refused)

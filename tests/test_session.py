@@ -9,7 +9,7 @@ import torch
 from sparsedit import CacheBudgetError, GANEditor, SparseConfig, SparseEditor, StaleCacheError
 from sparsedit.cache import ActivationCache, CacheBytes
 from sparsedit.config import parse_bytes
-from sparsedit.spatial import _attachment
+from sparsedit.spatial import attachment_of
 
 from .sd_fixtures import tiny_sd_img2img
 from .test_gan import blob_labels, tiny_spade
@@ -57,10 +57,10 @@ def test_cache_bytes_by_part_and_what_is_kept(pipe):
     total = editor.last_stats["cache_bytes"]
     assert isinstance(total, CacheBytes) and int(total) == sum(total.parts.values()) > 0
     assert set(total.keys()) == {"unet", "vae_encoder", "vae_decoder", "text", "latents"}
-    assert total["unet"] == _attachment(pipe.unet).state.cache.nbytes
+    assert total["unet"] == attachment_of(pipe.unet).state.cache.nbytes
     assert editor.last_stats["peak_bytes"] > 0
     # The UNet's per-step feature maps are bfloat16 by default ("auto"); its inputs stay in their own dtype.
-    entries = _attachment(pipe.unet).state.cache._entries
+    entries = attachment_of(pipe.unet).state.cache._entries
     dtypes = {t.dtype for key, e in entries.items() if key[0] != "__input__" for t in e.values() if t.dim() >= 3}
     assert dtypes == {torch.bfloat16}
     assert all(e["x"].dtype == torch.float32 for key, e in entries.items() if key[0] == "__input__")
@@ -69,7 +69,7 @@ def test_cache_bytes_by_part_and_what_is_kept(pipe):
     names = {key[0] for key in entries}
     assert not any(n.endswith(("attentions.0.proj_in", "attentions.0.proj_out")) for n in names)
     assert all("out" not in e for key, e in entries.items() if key[0].endswith("attentions.0.norm"))
-    dec = _attachment(pipe.vae.decoder).state.cache._entries
+    dec = attachment_of(pipe.vae.decoder).state.cache._entries
     resnet_norms = [e for key, e in dec.items() if ".resnets." in key[0] and key[0].endswith(("norm1", "norm2"))]
     assert resnet_norms and all(set(e) == {"mean", "rstd"} for e in resnet_norms)  # statistics only
     assert not any(".resnets." in key[0] and key[0].endswith("nonlinearity") for key in dec)
@@ -93,7 +93,7 @@ def test_budget_too_small_raises_before_capturing(pipe):
     editor = SparseEditor(pipe, SparseConfig(cache_budget="64KiB"))
     with pytest.raises(CacheBudgetError, match=r"cache_budget=.*as configured: .*(GiB|MiB)"):
         capture(editor, photo())
-    assert editor.current is None and _attachment(pipe.unet).state.cache.nbytes == 0
+    assert editor.current is None and attachment_of(pipe.unet).state.cache.nbytes == 0
 
 
 def test_budget_fits_by_precision_then_int8_then_disk(pipe):
@@ -122,7 +122,7 @@ def test_budget_fits_by_precision_then_int8_then_disk(pipe):
         got = editor.edit(image=stroke(x), output_type="pt").images  # committed (disk: written back to the files)
         assert (got - want).abs().max() < 0.05
         assert torch.equal(editor.edit(image=stroke(x), output_type="pt").images, got)  # now the committed result
-        path = _attachment(pipe.unet).state.cache._dir
+        path = attachment_of(pipe.unet).state.cache._dir
         if "disk" in name:
             assert editor.cache_bytes.offloaded > 0 and path is not None
         editor.remove()
@@ -137,7 +137,7 @@ def test_model_level_budget_raises_during_capture():
     sparsedit.sparsify_(model, SparseConfig(cache_budget=4096))
     with pytest.raises(CacheBudgetError, match="cache_budget"), torch.no_grad(), sparsedit.capturing(model):
         model(torch.randn(1, 3, 32, 32))
-    assert _attachment(model).state.cache.nbytes == 0  # a half-filled cache is dropped
+    assert attachment_of(model).state.cache.nbytes == 0  # a half-filled cache is dropped
 
 
 def test_disk_cache_round_trip(tmp_path):

@@ -211,7 +211,7 @@ def test_recomputed_groupnorm_statistics_are_exact():
     with sparsedit.capturing(model):
         model(x)
     handler = gn._sparsedit_handler
-    captured_mean = sparsedit.spatial._attachment(model).state.cache.get(("1", 0))["mean"].clone()
+    captured_mean = sparsedit.spatial.attachment_of(model).state.cache.get(("1", 0))["mean"].clone()
     seen = {}
     original = handler._recompute
 

@@ -199,7 +199,7 @@ def test_the_same_edit_gives_the_same_bits_whatever_the_clock_says(monkeypatch):
     region[0, 10:20, 12:30] = True
     x_edit = _edit(x, region)
     outs = []
-    monkeypatch.setattr(sparsedit.spatial.time, "perf_counter", _Clock())
+    monkeypatch.setattr(sparsedit.spatial.hooks.time, "perf_counter", _Clock())
     for commit in (False, False, True):
         with sparsedit.editing(model, region=region, commit=commit):
             outs.append(model(x_edit))

@@ -38,17 +38,20 @@ def _modules_of(obj) -> list[torch.nn.Module]:
 
 SCENE_SD_GUIDANCE = 3.0  # the classifier-free guidance scene-sd follows its captions best at (docs/training.md)
 
-# Pipeline class → (kind, the inputs an edit takes).
-_PIPELINE_KINDS = {
-    "DDPMPipeline": ("ddpm", ("image",)),
-    "DDIMPipeline": ("ddpm", ("image",)),
-    "StableDiffusionImg2ImgPipeline": ("sd-img2img", ("image", "prompt")),
-    "StableDiffusionInpaintPipeline": ("sd-inpaint", ("image", "mask", "prompt")),
-    "StableDiffusionPipeline": ("sd-txt2img", ("prompt",)),
-    "StableDiffusionXLImg2ImgPipeline": ("sdxl-img2img", ("image",)),
-    "StableDiffusionXLInpaintPipeline": ("sdxl-inpaint", ("image", "mask")),
-    "StableDiffusionXLPipeline": ("sdxl-txt2img", ("prompt",)),
-}
+
+def pipeline_kind(pipeline_class: str) -> tuple[str, tuple[str, ...]]:
+    """What the server offers for a diffusers pipeline class, from its registered adapter: its kind (`"ddpm"`,
+    `"sd-img2img"`, `"sdxl-inpaint"`, ...) and what a session takes (an image, a mask, a prompt). Raises `ValueError`
+    for a class no adapter is registered for, or one that needs inputs the web editor does not send."""
+    from ..adapters.pipelines import adapter_class, supported_pipelines
+
+    cls = adapter_class(pipeline_class)
+    if cls is None or cls.extra_images:
+        served = sorted(n for n in supported_pipelines() if not adapter_class(n).extra_images)
+        raise ValueError(f"a {pipeline_class or 'unknown pipeline'}; the server takes {served}.")
+    kind = "ddpm" if not cls.latent else cls.kind.replace("_", "-") if "_" in cls.kind else f"sd-{cls.kind}"
+    takes = ("image",) * cls.takes_image + ("mask",) * cls.takes_mask + ("prompt",) * cls.latent
+    return kind, takes
 
 
 @dataclass
@@ -118,11 +121,10 @@ class ModelRegistry:
         import json
 
         cls = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
-        if cls not in _PIPELINE_KINDS:
-            raise ValueError(
-                f"--model {path}: a {cls or 'unknown pipeline'}; the server takes {sorted(_PIPELINE_KINDS)}."
-            )
-        kind, takes = _PIPELINE_KINDS[cls]
+        try:
+            kind, takes = pipeline_kind(cls)
+        except ValueError as e:
+            raise ValueError(f"--model {path}: {e}") from None
 
         def load():
             import diffusers
@@ -262,8 +264,9 @@ class SessionEditor:
             kw["image"] = self._image(state["image"])
         if "mask" in self.model.takes and state.get("mask") is not None:
             kw["mask_image"] = self._mask(state["mask"])
-        if "prompt" in self.model.takes and state.get("prompt") is not None:
-            kw["prompt"] = state["prompt"]
+        prompt = state.get("prompt")
+        if "prompt" in self.model.takes and prompt is not None and prompt != self.editor.current.call["prompt"]:
+            kw["prompt"] = prompt  # a prompt edit (the capture's prompt again is no change)
         return self.editor.edit(**kw).images
 
     # -- parking ------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ the techniques and asks `adapter_for(pipe)` for everything that differs between 
 here whose classes register themselves with `register_pipeline` (and its tests)."""
 
 from . import controlnet, pixel, sd, sdxl  # noqa: F401  (the families, each registering its pipeline classes)
-from .base import PipelineAdapter, adapter_for, register_pipeline, supported_pipelines
+from .base import PipelineAdapter, adapter_class, adapter_for, register_pipeline, supported_pipelines
 
 
-__all__ = ["PipelineAdapter", "adapter_for", "register_pipeline", "supported_pipelines"]
+__all__ = ["PipelineAdapter", "adapter_class", "adapter_for", "register_pipeline", "supported_pipelines"]

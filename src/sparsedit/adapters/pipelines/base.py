@@ -35,6 +35,12 @@ def adapter_for(pipe) -> PipelineAdapter | None:
     return None
 
 
+def adapter_class(pipeline_class: str) -> type[PipelineAdapter] | None:
+    """The adapter class registered for a pipeline class name (as a saved pipeline's `model_index.json` names it),
+    without loading the pipeline; `None` when there is none."""
+    return _REGISTRY.get(pipeline_class)
+
+
 def supported_pipelines(text_editable: bool | None = None) -> list[str]:
     """The pipeline classes `SparseEditor` supports (and their subclasses); `text_editable=True`: those that take
     prompt edits."""

@@ -1,0 +1,213 @@
+"""The forward hooks of a sparsified model: what a capture stores, the checks before a sparse run, the run-level
+sparse-or-dense choice (`max_region_fraction` and the calibration), and what a sparse run hands back."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_map
+
+from ..cache import StaleCacheError
+from ..config import SparseConfig
+from ..fingerprints import WEIGHTS, adapter_state, changed_tensors, run_fingerprint, weights_checksum
+from ..nn.state import Mode, SparseState
+from ..nn.tracking import RegionTracking
+from ..regions import as_region, difference_mask, dilate
+from .attachment import INPUT_KEY, Attachment
+from .inputs import aux_inputs, check_aux, clone_input, first_image, remember_changed_aux, tag_inputs
+
+
+def reach_fraction(region: torch.Tensor, config: SparseConfig) -> float:
+    """Fraction of the input the edit reaches before any layer (after `input_dilation` in approximate mode)."""
+    reach = dilate(region, config.input_dilation) if not config.exact else region
+    return float(reach.float().mean())
+
+
+def _calibrated_dense(att: Attachment, fraction: float) -> str | None:
+    """Why an edit that reaches `fraction` of the input should run densely, from the model's calibration (measured
+    once, never from the run in progress), or `None`: run sparse. Without a calibration (none measured: temporal
+    reuse on the model, `calibrate=False`), only `max_region_fraction` decides."""
+    if att.probing or not att.state.config.measured_fallback or att.calibration is None:
+        return None
+    return att.calibration.decide(fraction)
+
+
+def _too_large(att: Attachment, fraction: float, x: torch.Tensor) -> str | None:
+    cfg = att.state.config
+    if att.probing or fraction <= cfg.max_region_fraction:
+        return None
+    dilation = "" if cfg.exact else f" after input_dilation={cfg.input_dilation}"
+    return (
+        f"the region reaches {100 * fraction:.1f}% of the model's {x.shape[-2]}x{x.shape[-1]} input{dilation} "
+        f"> max_region_fraction={cfg.max_region_fraction}"
+    )
+
+
+def make_pre_hook(model: nn.Module, att: Attachment):
+    def pre_hook(module, args, kwargs):
+        st = att.state
+        if st.mode is None:
+            return None
+        att.started = time.perf_counter()
+        x = first_image(args, kwargs)
+        if st.mode is Mode.SPARSE:
+            st.rollback()  # the previous uncommitted edit leaves the cache as captured
+            st.cache.flush(commit=False)
+            st.cache.retain = st.commit  # an uncommitted run's working copies die with their last reader
+            if att.check_weights:
+                _check_weights(model, att, x)
+            st.begin_run()
+            key = INPUT_KEY + st.scope
+            if key not in st.cache:
+                raise StaleCacheError(
+                    f"nothing was captured in scope {st.scope!r}; capture this step (or branch) first, inside "
+                    "`sparsedit.scope(model, ...)` with the same key."
+                )
+            entry = st.cache.get(key)
+            check_aux(att.aux.get(st.scope, {}), aux_inputs(args, kwargs, x, att.spatial_inputs), att.changeable)
+            reference = entry["x"]
+            changed = difference_mask(x, reference, eps=0.0)
+            region = att.pending_region
+            if region is None:
+                region = changed
+            else:
+                region = as_region(region, x.shape[0], x.shape[-2], x.shape[-1], x.device)
+                if st.config.check_region:
+                    missed = changed & ~region
+                    if bool(missed.any()):
+                        raise ValueError(
+                            f"the input differs from the captured input at {int(missed.sum())} pixels outside "
+                            "`region`, which would silently keep stale values there. Enlarge the region, or pass "
+                            "region=None to detect the changed pixels automatically."
+                        )
+            st.use_region(region)
+            region = st.input_region
+            fraction = st.memo(("input reach",), (), lambda: reach_fraction(region, st.config))
+            dense = _too_large(att, fraction, x) or _calibrated_dense(att, fraction)
+            if dense:
+                # Too large to pay, or calibrated not to pay: one plain dense forward (a committing edit refreshes
+                # the cache with it).
+                att.dense_run = dense
+                # Uncommitted: the plain forward (no handler does anything), so it costs what dense costs.
+                st.mode = Mode.CAPTURE if st.commit else None
+                if st.commit:
+                    st.cache.fingerprint = run_fingerprint(model, x, st.config.to_json())
+                return None
+            st.set_region(x, region)
+            tag_inputs(st, att, kwargs)
+            # Region tracking watches the tensor arithmetic between layers during this forward only.
+            att.tracking = RegionTracking(st)
+            att.tracking.__enter__()
+        else:
+            st.begin_run()
+            if st.mode is Mode.CAPTURE:
+                st.cache.fingerprint = run_fingerprint(model, x, st.config.to_json())
+                if att.weights is None:  # once per capture: what a changed identity is compared with
+                    att.weights, att.adapters = weights_content(model), adapter_state(model)
+                st.cache.put_exact(INPUT_KEY + st.scope, x=x)
+                att.last_call = (args, kwargs, st.scope)
+                aux = aux_inputs(args, kwargs, x, att.spatial_inputs)
+                att.aux[st.scope] = {k: clone_input(v) for k, v in aux.items()}
+        return None
+
+    return pre_hook
+
+
+def weights_content(model: nn.Module) -> dict[str, int]:
+    return weights_checksum({type(model).__name__: model})[type(model).__name__]
+
+
+def _check_weights(model: nn.Module, att: Attachment, x: torch.Tensor) -> None:
+    """Refuse a sparse run whose model, input shape or config differ from the capture's. The weights are compared by
+    identity (storage address and version counter: no reads); when that differs, by content, so weights restored to
+    the captured bits (e.g. `load_state_dict` of the same values) are accepted again and the new identity adopted."""
+    st = att.state
+    now = run_fingerprint(model, x, st.config.to_json())
+    captured = st.cache.fingerprint
+    if captured is not None and captured.get(WEIGHTS) != now[WEIGHTS] and att.weights is not None:
+        name = type(model).__name__
+        changed = changed_tensors({name: att.weights}, {name: weights_content(model)})
+        if changed is None and adapter_state(model) != att.adapters:
+            changed = f"{name} (its LoRA adapters: loaded, removed, fused, unfused or re-weighted)"
+        if changed is not None:
+            raise StaleCacheError(
+                f"the weights of {changed} changed since the capture, so the cache holds another model's "
+                "activations; restore them, or capture again with `sparsedit.capturing(model)`."
+            )
+        captured[WEIGHTS] = now[WEIGHTS]  # the captured bits are back: edits may use the cache again
+    st.cache.check(now)
+
+
+def _region_tree(st: SparseState, output):
+    """The changed region of each 4D tensor of a sparse run's output (the same structure; `None` elsewhere)."""
+    if isinstance(output, torch.Tensor):
+        return st.region_of(output) if output.dim() == 4 else None
+    if isinstance(output, (list, tuple)):
+        return type(output)(_region_tree(st, o) for o in output) if not hasattr(output, "_fields") else None
+    if isinstance(output, dict):
+        return {k: _region_tree(st, v) for k, v in output.items()}
+    return None
+
+
+def _memory_format(output) -> torch.memory_format:
+    """The layout of a model's (first) feature-map output: some models return channels-last maps."""
+    for t in output if isinstance(output, (tuple, list)) else [getattr(output, "sample", output)]:
+        if isinstance(t, torch.Tensor) and t.dim() == 4:
+            if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+                return torch.channels_last
+            break
+    return torch.contiguous_format
+
+
+def make_post_hook(att: Attachment):
+    def post_hook(module, args, kwargs, output):
+        st = att.state
+        att.stop_tracking()
+        if st.mode is None and not att.dense_run:
+            return None
+        att.seconds = time.perf_counter() - att.started
+        att.output_regions = _region_tree(st, output) if st.mode is Mode.SPARSE and not att.dense_run else None
+        st.end_run()
+        att.last_dense_run = att.dense_run
+        if st.mode is Mode.CAPTURE:
+            att.capture_records = list(st.records)
+        if att.dense_run:
+            if st.mode is None:  # the plain forward recorded nothing: the capture's layers, all dense
+                st.records = [dataclasses.replace(r, time={}, seconds=0.0) for r in att.capture_records]
+            st.mode = Mode.SPARSE
+            for r in st.records:
+                r.dense_reason = att.dense_run
+            att.dense_run = None
+            if st.commit:
+                st.cache.put_exact(INPUT_KEY + st.scope, x=first_image(args, kwargs))
+                remember_changed_aux(att, args, kwargs)
+            return None
+        if st.mode is Mode.CAPTURE:
+            att.output_format = _memory_format(output)
+        if st.mode is Mode.SPARSE:
+            # The result may be a cached buffer; hand the user their own copy, in the layout the dense model returns
+            # (downstream layout-sensitive kernels then round exactly as after a dense run).
+            fmt = att.output_format
+            output = tree_map(
+                lambda t: (
+                    t.clone(memory_format=fmt if t.dim() == 4 else torch.contiguous_format)
+                    if isinstance(t, torch.Tensor)
+                    else t
+                ),
+                output,
+            )
+            if st.commit:
+                st.forget_undo()
+                st.cache.flush(commit=True)
+                st.cache.put_exact(INPUT_KEY + st.scope, x=first_image(args, kwargs))
+                remember_changed_aux(att, args, kwargs)
+            elif st.cache.converts:
+                st.cache.flush(commit=False)  # the stored cache was never touched: nothing to roll back
+                st.forget_undo()
+            return output
+        return None
+
+    return post_hook
