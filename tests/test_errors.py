@@ -153,3 +153,25 @@ def test_failed_capture_leaves_no_cache():
     with pytest.raises(RuntimeError, match="Nothing has been captured"):
         with sparsedit.editing(m):
             pass
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_diffusion_transformer_without_a_handler_is_refused_by_name(family):
+    """Before: `sparsify_` accepted an SD3 transformer, ran its blocks densely and reported fewer MACs than it
+    computed (the records skip what no handler ran)."""
+    diffusers = pytest.importorskip("diffusers")
+    if family == "sd3":
+        model = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
+                                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                                caption_projection_dim=16, pooled_projection_dim=8, out_channels=4)  # fmt: skip
+        name = "SD3Transformer2DModel"
+    else:
+        model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                                 pooled_projection_dim=8, axes_dims_rope=(4, 2, 2))  # fmt: skip
+        name = "FluxTransformer2DModel"
+    with pytest.raises(UnsupportedLayerError, match=f"<root>: {name} .* no token-sparse handler registered"):
+        sparsedit.sparsify_(model)
+    with pytest.raises(UnsupportedLayerError, match=name):
+        sparsedit.sparsify_(model, SparseConfig(strict=False))
+    assert not sparsedit.is_sparsified(model)

@@ -16,18 +16,16 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from .. import ops
 from ..config import AttentionMode, NormStats
 from ..nn.base import IDENTITY, Prologue, SparseHandler, handler_of, register_dense_safe, register_handler
 from ..nn.blocks import _no_store
 from ..nn.layers import group_stats
 from ..nn.state import LayerRecord, Mode
+from ..nn.tokens import ActiveTokens, attend, group_norm_tokens, pixel_tokens
 from ..nn.tracking import untracked
-from ..regions import Geometry
 
 
 HOOK_NAME = "sparsedit_spatial"
-_POINT = Geometry()
 
 register_dense_safe(Timesteps)
 
@@ -94,76 +92,6 @@ def pair_token_consumers(model: torch.nn.Module) -> None:
 # -- spatial self-attention (UNet2DModel attention blocks, the VAE mid block) -------------------------------------------
 
 
-# -- tokens: pixels of a channels-last feature map as rows ----------------------------------------------------------
-
-
-def _pixel_tokens(x: torch.Tensor) -> torch.Tensor:
-    """`[B, H*W, C]` rows of a `[B, C, H, W]` map (a view for the channels-last cache)."""
-    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
-
-
-def _group_norm_tokens(tokens, gn, mean, rstd):
-    """GroupNorm of pixels given as tokens `[B, n, C]`, with given per-(sample, group) statistics."""
-    b, n, c = tokens.shape
-    g = gn.num_groups
-    t = tokens.reshape(b, n, g, c // g).float()
-    t = (t - mean[:, None, :, None]) * rstd[:, None, :, None]
-    t = t.reshape(b, n, c)
-    if gn.affine:
-        t = t * gn.weight + gn.bias
-    return t.to(tokens.dtype)
-
-
-def _attend(attn, q_in, k, v):
-    """`attn`'s heads, scaled dot-product attention and output projection, for queries `q_in` and given keys/values."""
-    heads = attn.heads
-    b, n, _ = q_in.shape
-    q = attn.to_q(q_in)
-    d = q.shape[-1] // heads
-    q = q.view(b, n, heads, d).transpose(1, 2)
-    k = k.view(b, -1, heads, d).transpose(1, 2)
-    v = v.view(b, -1, heads, d).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, heads * d).to(q.dtype)
-    return attn.to_out[1](attn.to_out[0](o))
-
-
-def _refresh_kv(state, attn, k_all, v_all, active, h):
-    """Recompute the cached self-attention keys/values of the active tokens in place (undo-logged)."""
-    if state.needs_undo(k_all) or state.needs_undo(v_all):
-        old_k, old_v = k_all[:, active].clone(), v_all[:, active].clone()
-        state.remember(lambda: (k_all.index_copy_(1, active, old_k), v_all.index_copy_(1, active, old_v)))
-    k_all.index_copy_(1, active, attn.to_k(h))
-    v_all.index_copy_(1, active, attn.to_v(h))
-
-
-def _active_tokens(state, handler, x):
-    """The output region of a token layer (approximate mode: the region at this resolution) and its flat indices,
-    shared by the batch (its union), so queries form one dense batch."""
-    h, w = x.shape[-2:]
-    region = handler.output_region(state.region_of(x), _POINT, (h, w))
-    return state.memo(("tokens", id(region)), (region,), lambda: region.any(dim=0).reshape(-1).nonzero()[:, 0])
-
-
-def _write_tokens(state, buf, active, tokens) -> None:
-    """Write `[B, n, C]` tokens at `active` pixels of the cached map `buf` in place (undo-logged), and tag `buf` with
-    the active pixels as its changed region."""
-    b, c, h, w = buf.shape
-    if active.numel():
-        flat = _pixel_tokens(buf)
-        index = (torch.arange(b, device=buf.device)[:, None] * (h * w) + active).reshape(-1)
-        if state.needs_undo(buf):
-            old = ops.gather_tokens(flat, index)
-            state.remember(lambda: ops.scatter_tokens(flat, old, index))
-        ops.scatter_tokens(flat, tokens.reshape(-1, c).to(buf.dtype), index)
-
-    def build():
-        mask = torch.zeros(h * w, dtype=torch.bool, device=buf.device)
-        mask[active] = True
-        return mask.reshape(1, h, w).expand(b, h, w)
-
-    state.set_region(buf, state.memo(("token region", id(active), b, h, w), (active,), build))
-
-
 @register_handler(Attention)
 class SpatialAttentionHandler(SparseHandler):
     """Self-attention over a feature map's pixels (SIGE's attention extension).
@@ -200,11 +128,11 @@ class SpatialAttentionHandler(SparseHandler):
             return super().capture(key, out)
         a = self.module
         extra = {}
-        h = _pixel_tokens(x)
+        h = pixel_tokens(x)
         if a.group_norm is not None:
             mean, rstd = group_stats(x, a.group_norm.num_groups, a.group_norm.eps)
             extra = {"mean": mean, "rstd": rstd}
-            h = _group_norm_tokens(h, a.group_norm, mean, rstd)
+            h = group_norm_tokens(h, a.group_norm, mean, rstd)
         self.state.cache.put(key, out=out, k=a.to_k(h), v=a.to_v(h), **extra)
 
     def sparse(self, x, *args, **kwargs):
@@ -226,24 +154,24 @@ class SpatialAttentionHandler(SparseHandler):
             st.record(LayerRecord(self.name, self.kind, (h, w), macs, macs, 1.0, note))
             st.set_region(out, full)
             return out
-        active = _active_tokens(st, self, x)
-        n = int(active.numel())
+        active = ActiveTokens.of(st, self, x)
+        n = active.count
         a = self.module
         tokens = None
         if n:
-            tokens = _pixel_tokens(x)[:, active]
+            tokens = active.gather(x)
             hn = (
-                _group_norm_tokens(tokens, a.group_norm, entry["mean"], entry["rstd"])
+                group_norm_tokens(tokens, a.group_norm, entry["mean"], entry["rstd"])
                 if a.group_norm is not None
                 else tokens
             )
-            _refresh_kv(st, a, entry["k"], entry["v"], active, hn)
-            o = _attend(a, hn, entry["k"], entry["v"])
+            active.refresh_kv(st, a, entry["k"], entry["v"], hn)
+            o = attend(a, hn, entry["k"], entry["v"])
             if a.residual_connection:
                 o = o + tokens
             tokens = o / a.rescale_output_factor
         st.lap("compute")
-        _write_tokens(st, buf, active, tokens)
+        active.scatter(st, buf, tokens)
         st.lap("scatter")
         hw = h * w
         inner = a.to_q.out_features
@@ -543,13 +471,13 @@ class Transformer2DHandler(SparseHandler):
         b, c, h, w = x.shape
         hw = h * w
         gn_entry = st.cache.get(st.key(handler_of(m.norm).name))
-        active = _active_tokens(st, self, x)
-        n = int(active.numel())
+        active = ActiveTokens.of(st, self, x)
+        n = active.count
         dense = self._macs(b, hw, hw, kwargs)
-        with untracked():  # token arithmetic: the buffer's region is set by _write_tokens
+        with untracked():  # token arithmetic: the buffer's region is set by the scatter
             out_tokens = self._sparse_tokens(x, entry, gn_entry, active, kwargs) if n else None
             st.lap("compute")
-            _write_tokens(st, buf, active, out_tokens)
+            active.scatter(st, buf, out_tokens)
             st.lap("scatter")
         st.record(LayerRecord(self.name, self.kind, (h, w), dense, self._macs(b, n, hw, kwargs) if n else 0, n / hw))
         if kwargs.get("return_dict", True):
@@ -559,18 +487,18 @@ class Transformer2DHandler(SparseHandler):
     def _sparse_tokens(self, x, entry, gn_entry, active, kwargs):
         st, m = self.state, self.module
         ctx = kwargs.get("encoder_hidden_states")
-        residual = _pixel_tokens(x)[:, active]
-        hs = _pointwise_proj(m.proj_in, _group_norm_tokens(residual, m.norm, gn_entry["mean"], gn_entry["rstd"]))
+        residual = active.gather(x)
+        hs = _pointwise_proj(m.proj_in, group_norm_tokens(residual, m.norm, gn_entry["mean"], gn_entry["rstd"]))
         for i, blk in enumerate(m.transformer_blocks):
             nh = blk.norm1(hs)
-            _refresh_kv(st, blk.attn1, entry[f"k{i}"], entry[f"v{i}"], active, nh)
-            hs = _attend(blk.attn1, nh, entry[f"k{i}"], entry[f"v{i}"]) + hs
+            active.refresh_kv(st, blk.attn1, entry[f"k{i}"], entry[f"v{i}"], nh)
+            hs = attend(blk.attn1, nh, entry[f"k{i}"], entry[f"v{i}"]) + hs
             if blk.attn2 is not None:
                 nh = blk.norm2(hs)
                 kv = ctx if ctx is not None else nh
                 attn2 = blk.attn2
-                plain = lambda a=attn2, q=nh, c=kv: _attend(a, q, a.to_k(c), a.to_v(c))  # noqa: E731
+                plain = lambda a=attn2, q=nh, c=kv: attend(a, q, a.to_k(c), a.to_v(c))  # noqa: E731
                 controlled = getattr(attn2.processor, "sparse_attend", None)
-                hs = (controlled(attn2, nh, kv, active, plain) if controlled else plain()) + hs
+                hs = (controlled(attn2, nh, kv, active.index, plain) if controlled else plain()) + hs
             hs = blk.ff(blk.norm3(hs)) + hs
         return _pointwise_proj(m.proj_out, hs) + residual

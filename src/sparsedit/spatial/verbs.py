@@ -46,6 +46,7 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
     state = SparseState(config, cache)
     handlers, problems = [], []
     attach = _attach_strategy(model)
+    _refuse_unregistered_transformers(model)
     for name, module in model.named_modules():
         cls = handler_for(module)
         if cls is None:
@@ -76,6 +77,23 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
     att.hooks.append(model.register_forward_pre_hook(make_pre_hook(model, att), with_kwargs=True))
     att.hooks.append(model.register_forward_hook(make_post_hook(att), with_kwargs=True, always_call=True))
     attachments.attach(model, attachments.SPATIAL, att)
+
+
+# diffusers' transformer models (SD3, FLUX, PixArt, Sana, ...): their blocks mix tokens through attention in code no
+# handler sees, so run densely they would compute everything while the records counted only the linear layers.
+_TRANSFORMERS = "diffusers.models.transformers."
+
+
+def _refuse_unregistered_transformers(model: nn.Module) -> None:
+    """One clear error for a diffusion transformer no handler is registered for (the UNets' `Transformer2DModel` is)."""
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith(_TRANSFORMERS) and handler_for(module) is None:
+            raise UnsupportedLayerError(
+                f"{name or '<root>'}: {type(module).__name__} ({type(module).__module__}) is a diffusion transformer "
+                "with no token-sparse handler registered (`sparsedit.nn.base.register_handler`); the spatial engine "
+                "supports UNets, VAEs, ControlNets, GAN generators and conv models so far. Edit it with "
+                "`sparsedit.temporal` reuse, or densely."
+            )
 
 
 # An output head called one layer after another from a parent's `forward` (diffusers' UNets, VAE encoder and decoder).
