@@ -126,9 +126,9 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
     """The FastAPI app. `models`: the registry (default: the shipped scene models). `reproducible`: every edit runs
     sparse, the same bits on any machine (otherwise the calibrated choice runs dense where sparse would be slower).
     `backend`: where sessions live (default: this process, `LocalBackend`; `ray_app` puts them on Ray replicas)."""
-    from fastapi import Body, FastAPI, Request
+    from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.responses import JSONResponse
 
     registry = models or ModelRegistry()
     if backend is None:
@@ -155,7 +155,15 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
     def _invalid(request: Request, e: RequestValidationError):
         return JSONResponse({"error": validation_message(e.errors())}, status_code=422)
 
-    # -- routes -----------------------------------------------------------------------------------------------------
+    _info_routes(app, backend, registry)
+    _session_routes(app, backend, registry, max_pixels)
+    return app
+
+
+def _info_routes(app, backend, registry) -> None:
+    """The page, health, the models offered and the procedural scenes."""
+    from fastapi.responses import FileResponse
+
     @app.get("/")
     def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
@@ -171,6 +179,12 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
     @app.get("/scenes/{seed}")
     def scene(seed: int, size: int = 64):
         return scene_pngs(seed, size)
+
+
+def _session_routes(app, backend, registry, max_pixels: int) -> None:
+    """Sessions: create (a dense capture), edit (sparse), undo, read and delete."""
+    from fastapi import Body
+    from fastapi.responses import Response
 
     @app.post("/sessions", status_code=201)
     def create_session(body: dict = Body(...)):
@@ -213,8 +227,6 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
     def delete_session(session_id: str):
         backend.delete(session_id)
         return Response(status_code=204)
-
-    return app
 
 
 # -- requests in: plain helpers of the routes ---------------------------------------------------------------------------
