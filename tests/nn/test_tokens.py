@@ -1,6 +1,7 @@
 """The token active set (`nn/tokens.py`), against plain per-position loops: gather, scatter into a cached map with its
 undo log and region tag, and the refresh of cached keys and values."""
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from sparsedit import SparseConfig
 from sparsedit.cache import ActivationCache
 from sparsedit.nn.state import SparseState
-from sparsedit.nn.tokens import ActiveTokens, pixel_tokens
+from sparsedit.nn.tokens import ActiveTokens, joint_kv, pixel_tokens, sparse_joint_attention
 from tests.strategies import regions
 
 
@@ -64,3 +65,35 @@ def test_pixel_tokens_is_a_view_of_a_channels_last_map():
     buf = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     tokens = pixel_tokens(buf)
     assert tokens.shape == (2, 20, 3) and tokens.data_ptr() == buf.data_ptr()
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_sparse_joint_attention_equals_the_processor_for_one_layer(data):
+    """SD3's joint attention with the active image rows changed: their outputs and the context's equal what diffusers'
+    `JointAttnProcessor2_0` gives on the whole edited sequence (keys of the other rows are the capture's, which one
+    layer recomputes identically); rolling back restores the captured keys and values."""
+    diffusers_attention = pytest.importorskip("diffusers.models.attention")
+    qk_norm = data.draw(st.sampled_from([None, "rms_norm"]))
+    pre_only = data.draw(st.booleans())
+    torch.manual_seed(data.draw(st.integers(0, 99)))
+    block = diffusers_attention.JointTransformerBlock(dim=16, num_attention_heads=2, attention_head_dim=8,
+                                                      context_pre_only=pre_only, qk_norm=qk_norm).eval()  # fmt: skip
+    attn = block.attn
+    b, h, w, m = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 5)), 4, data.draw(st.integers(1, 6))
+    region = data.draw(regions(b, h, w))
+    index = region.any(dim=0).reshape(-1).nonzero()[:, 0]
+    active = ActiveTokens(index, (h, w))
+    hidden, context = torch.randn(b, h * w, 16), torch.randn(b, m, 16)
+    edited = hidden.clone()
+    edited[:, index] += torch.randn(b, len(index), 16)
+    state = _state()
+    with torch.no_grad():
+        k_all, v_all = joint_kv(attn, hidden)  # the capture's
+        k0, v0 = k_all.clone(), v_all.clone()
+        want_rows, want_context = attn(hidden_states=edited, encoder_hidden_states=context)
+        rows, ctx_out = sparse_joint_attention(state, attn, active, edited[:, index], context, k_all, v_all)
+    torch.testing.assert_close(rows, want_rows[:, index], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ctx_out, want_context, rtol=1e-5, atol=1e-5)
+    state.rollback()
+    assert torch.equal(k_all, k0) and torch.equal(v_all, v0)

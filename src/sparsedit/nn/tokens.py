@@ -19,7 +19,7 @@ from .. import ops
 from ..regions import Geometry
 
 
-__all__ = ["ActiveTokens", "attend", "group_norm_tokens", "pixel_tokens"]
+__all__ = ["ActiveTokens", "attend", "group_norm_tokens", "joint_kv", "pixel_tokens", "sparse_joint_attention"]
 
 _POINT = Geometry()  # a per-token layer: each output row reads its own input row
 
@@ -113,9 +113,62 @@ class ActiveTokens:
     def refresh_kv(self, state, attn, k_all: torch.Tensor, v_all: torch.Tensor, h: torch.Tensor) -> None:
         """Recompute the cached self-attention keys and values of the active rows from their normalised inputs `h`,
         in place (undo-logged)."""
+        self.write_rows(state, k_all, attn.to_k(h))
+        self.write_rows(state, v_all, attn.to_v(h))
+
+    def write_rows(self, state, buf: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write `rows` `[B, n, ...]` at the active positions of a cached token tensor `buf` `[B, H*W, ...]` in place
+        (undo-logged): the keys or values of a layer, for instance."""
         active = self.index
-        if state.needs_undo(k_all) or state.needs_undo(v_all):
-            old_k, old_v = k_all[:, active].clone(), v_all[:, active].clone()
-            state.remember(lambda: (k_all.index_copy_(1, active, old_k), v_all.index_copy_(1, active, old_v)))
-        k_all.index_copy_(1, active, attn.to_k(h))
-        v_all.index_copy_(1, active, attn.to_v(h))
+        if state.needs_undo(buf):
+            old = buf[:, active].clone()
+            state.remember(lambda: buf.index_copy_(1, active, old))
+        buf.index_copy_(1, active, rows.to(buf.dtype))
+
+
+def _heads(attn, t: torch.Tensor, norm=None) -> torch.Tensor:
+    """`[B, n, heads * d]` projections as `[B, heads, n, d]`, with a per-head norm (SD3's RMS qk-norm) if given."""
+    b, n, inner = t.shape
+    t = t.view(b, n, attn.heads, inner // attn.heads).transpose(1, 2)
+    return t if norm is None else norm(t)
+
+
+def joint_kv(attn, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image tokens' keys and values of a joint (MMDiT) attention, as its processor computes them (the key after
+    `norm_k`), laid out `[B, n, heads * d]` for `ActiveTokens.write_rows`: what a capture keeps per layer and step."""
+    b, n, _ = hidden.shape
+    k = attn.to_k(hidden)
+    return _heads(attn, k, attn.norm_k).transpose(1, 2).reshape(b, n, k.shape[-1]), attn.to_v(hidden)
+
+
+def sparse_joint_attention(state, attn, active: ActiveTokens, rows: torch.Tensor, context: torch.Tensor | None,
+                           k_all: torch.Tensor, v_all: torch.Tensor):  # fmt: skip
+    """Joint (MMDiT, SD3's `JointAttnProcessor2_0`) attention for the active image rows of one layer: the rows' keys
+    and values are written into the cached ones of every image token (undo-logged), the context tokens' queries, keys
+    and values are computed whole (they are few), and the active rows' and the context's queries attend over the
+    context and every image token. Returns the rows' output and the context's, as the processor returns them for those
+    queries: exact for one layer (the cached keys of inactive rows are what the layer would compute), approximate
+    across layers (inactive rows keep the capture's hidden states).
+
+    Args:
+        rows: the active image rows' normalised hidden states `[B, n, C]`; `context`: the context's `[B, m, C']`.
+        k_all, v_all: the capture's image keys and values of this layer and step, `[B, H*W, heads * d]` (`joint_kv`).
+    """
+    b = rows.shape[0]
+    k_rows, v_rows = joint_kv(attn, rows)
+    active.write_rows(state, k_all, k_rows)
+    active.write_rows(state, v_all, v_rows)
+    q = _heads(attn, attn.to_q(rows), attn.norm_q)
+    k, v = _heads(attn, k_all), _heads(attn, v_all)
+    m = 0
+    if context is not None:
+        q = torch.cat([q, _heads(attn, attn.add_q_proj(context), attn.norm_added_q)], dim=2)
+        k = torch.cat([k, _heads(attn, attn.add_k_proj(context), attn.norm_added_k)], dim=2)
+        v = torch.cat([v, _heads(attn, attn.add_v_proj(context))], dim=2)
+        m = context.shape[1]
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, q.shape[2], v_all.shape[-1]).to(q.dtype)
+    n = o.shape[1] - m
+    out_rows, out_context = o[:, :n], (o[:, n:] if context is not None else None)
+    if out_context is not None and not attn.context_pre_only:
+        out_context = attn.to_add_out(out_context)
+    return attn.to_out[1](attn.to_out[0](out_rows)), out_context
