@@ -326,3 +326,63 @@ def test_a_pipeline_directory_is_served_as_its_registered_adapter_says():
     for refused in ("StableDiffusionControlNetImg2ImgPipeline", "FluxPipeline", ""):
         with pytest.raises(ValueError, match="the server takes .*StableDiffusionImg2ImgPipeline"):
             pipeline_kind(refused)
+
+
+def _png_bytes(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_pngs_of_every_mode_decode_to_their_colours_and_ids():
+    """Issue 37's inputs read wrong: a palette PNG was read as its indices, a 16-bit PNG kept its low byte, a
+    grey+alpha PNG reached the model with two channels."""
+    import numpy as np
+    from PIL import Image
+
+    from sparsedit.serve.models import ImageTooLarge, png_to_array
+
+    rgb = np.zeros((4, 6, 3), dtype=np.uint8)
+    rgb[:, :3] = (200, 30, 10)
+    rgb[:, 3:] = (0, 90, 250)
+    palette = Image.fromarray(rgb).quantize(colors=2)  # a palette ("P") image of the same colours
+    assert np.array_equal(png_to_array(_png_bytes(palette), "image"), rgb)
+    assert set(np.unique(png_to_array(_png_bytes(palette), "labels", "ids"))) <= {0, 1}  # the indices are the ids
+    grey16 = Image.fromarray(np.arange(24, dtype=np.uint16).reshape(4, 6) * 2800)  # mode "I;16"
+    got = png_to_array(_png_bytes(grey16), "image")
+    assert got.shape == (4, 6, 3) and got[0, 1, 0] == round(2800 * 255 / 65535) and got[-1, -1, 0] == 251
+    la = Image.fromarray(np.stack([np.full((4, 6), 100, np.uint8), np.full((4, 6), 0, np.uint8)], -1))  # "LA"
+    assert np.array_equal(png_to_array(_png_bytes(la), "image"), np.full((4, 6, 3), 255))  # transparent: white
+    rgba = Image.fromarray(np.concatenate([rgb, np.full((4, 6, 1), 255, np.uint8)], -1))  # "RGBA"
+    assert np.array_equal(png_to_array(_png_bytes(rgba), "image"), rgb)
+    big = Image.new("L", (3000, 3000))  # 9 MP of zeros: a few KiB of PNG
+    with pytest.raises(ImageTooLarge, match="3000x3000 = 9000000 pixels, over this server's limit of 1048576"):
+        png_to_array(_png_bytes(big), "image", max_pixels=1024 * 1024)
+
+
+def test_bad_capture_values_and_sizes_are_4xx_not_500(tmp_path):
+    import base64
+
+    import numpy as np
+
+    from sparsedit.serve import ModelRegistry, create_app
+
+    def b64(a):
+        from PIL import Image
+
+        return base64.b64encode(_png_bytes(Image.fromarray(a))).decode()
+
+    img = np.zeros((64, 64, 3), np.uint8)
+    with TestClient(create_app(ModelRegistry(), reproducible=True)) as c:
+        for body, status, match in [
+            ({"image": b64(img[:1, :1])}, 422, "multiples of 8"),
+            ({"image": b64(np.zeros((60, 100, 3), np.uint8))}, 422, "100x60 pixels"),
+            ({"image": b64(img), "steps": 0}, 422, "steps must be a whole number of at least 1"),
+            ({"image": b64(img), "steps": 2.5}, 422, "steps must be a whole number"),
+            ({"image": b64(img), "seed": -1}, 422, "seed must be a whole number"),
+            ({"image": b64(np.zeros((2048, 1024, 3), np.uint8))}, 413, "over this server's limit"),
+        ]:
+            r = c.post("/sessions", json={"model": "scene-ddpm", **body})
+            assert r.status_code == status and match in r.json()["error"], (body.keys(), r.status_code, r.text)

@@ -132,7 +132,7 @@ def _edit(model, image, out, edited, mask, prompt, new_prompt, strength, steps, 
     from PIL import Image
     from tqdm import tqdm
 
-    from .serve.models import ModelRegistry, SessionEditor, tensor_to_png
+    from .serve.models import ModelRegistry, SessionEditor, png_to_array, tensor_to_png
 
     _check_paths(out, image=image, edited=edited, mask=mask)
     try:
@@ -143,15 +143,10 @@ def _edit(model, image, out, edited, mask, prompt, new_prompt, strength, steps, 
     key = "labels" if spec.kind == "gan" else "image"
 
     def read(path: Path) -> np.ndarray:
-        try:
-            img = Image.open(path)
-            img.load()
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: not an image this command can read ({e}).") from None
-        if key == "image":
-            return np.asarray(img.convert("RGB"))
-        a = np.asarray(img)
-        return a if a.ndim == 2 else a[..., 0]  # class ids: a grey PNG (or the red channel)
+        try:  # the server's decoder: any mode to RGB colours, or a label map of class ids
+            return png_to_array(path.read_bytes(), str(path), "rgb" if key == "image" else "ids")
+        except ValueError:
+            raise UserError(f"{path}: not an image this command can read.") from None
 
     state = {key: read(image)}
     if prompt is not None:

@@ -21,6 +21,7 @@ __all__ = [
     "check_editor",
     "check_number",
     "check_prompt",
+    "check_size",
     "check_steps",
     "edit_call",
     "edit_inputs",
@@ -101,14 +102,14 @@ def capture_call(ed, image, prompt, strength, num_inference_steps, guidance_scal
                 "StableDiffusionPipeline generates from the prompt alone; it takes no image. For stroke edits, "
                 "make the editor on `StableDiffusionImg2ImgPipeline(**pipe.components)`."
             )
-        if height % ed.pipe.vae_scale_factor or width % ed.pipe.vae_scale_factor:
-            raise ValueError(f"height and width must be multiples of {ed.pipe.vae_scale_factor}.")
+        check_size(ed, height, width)
         n = len(prompt) if isinstance(prompt, list) else 1 if prompt_embeds is None else prompt_embeds.shape[0]
         x0, mask = (n, height, width), None
     else:
         if image is None:
             raise ValueError(f"{type(ed.pipe).__name__} edits an image: capture(image=..., ...).")
         x0 = ed.adapter.preprocess(image, height, width)
+        check_size(ed, *x0.shape[-2:])
         check_finite("image", x0)
         mask = ed.adapter.preprocess_mask(mask_image, x0) if ed.adapter.takes_mask or mask_image is not None else None
         check_finite("mask_image", mask)
@@ -132,6 +133,20 @@ def capture_call(ed, image, prompt, strength, num_inference_steps, guidance_scal
     for name, t in inputs.items():
         check_finite(name, t)
     return x0, mask, call, inputs
+
+
+def check_size(ed, height: int, width: int) -> None:
+    """The image size the UNet can take: multiples of the VAE's factor times the UNet's downsamplings (a skip
+    connection of another size fails deep inside the UNet otherwise)."""
+    factor = ed.pipe.vae_scale_factor if ed.latent else 1
+    down = 2 ** (len(ed.unet.config.block_out_channels) - 1)
+    multiple = factor * down
+    if height % multiple or width % multiple:
+        why = f"the VAE's {factor}x times " if factor > 1 else ""
+        raise ValueError(
+            f"the image is {width}x{height} pixels; this pipeline takes widths and heights that are multiples of "
+            f"{multiple} ({why}the UNet's {down}x downsampling). Resize or pad it, or pass height= and width=."
+        )
 
 
 def check_prompt(name: str, value) -> None:

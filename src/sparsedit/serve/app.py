@@ -21,10 +21,9 @@ import base64
 import binascii
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .models import ModelRegistry, array_to_png, png_to_array, region_to_png, tensor_to_png
+from .models import ImageTooLarge, ModelRegistry, array_to_png, png_to_array, region_to_png, tensor_to_png
 from .sessions import OverCapacity, SessionManager, UnknownSession
 
 
@@ -236,7 +235,7 @@ def validation_message(errors) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def decode_png(value, what: str, max_pixels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+def decode_png(value, what: str, max_pixels: int, size: tuple[int, int] | None = None, read: str = "rgb"):
     """A base64 PNG field of a request body as an array, checked against `--max-pixels` and the session's size."""
     if not isinstance(value, str):
         raise ApiError(422, f"{what} must be a base64-encoded PNG string.")
@@ -247,30 +246,19 @@ def decode_png(value, what: str, max_pixels: int, size: tuple[int, int] | None =
     except (binascii.Error, ValueError):
         raise ApiError(400, f"{what} is not valid base64; send a base64-encoded PNG.") from None
     try:
-        a = png_to_array(data, what)
+        a = png_to_array(data, what, read, max_pixels)
+    except ImageTooLarge as e:
+        raise ApiError(413, str(e)) from None
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-    if a.shape[0] * a.shape[1] > max_pixels:
-        raise ApiError(413, f"{what} has {a.shape[0] * a.shape[1]} pixels, over this server's limit of "
-                            f"{max_pixels} (--max-pixels); send a smaller image.")  # fmt: skip
     if size is not None and tuple(a.shape[:2]) != tuple(size):
         raise ApiError(422, f"{what} is {a.shape[1]}x{a.shape[0]} pixels but this session's image is "
                             f"{size[1]}x{size[0]}; an edit keeps the size (start a new session for another).")  # fmt: skip
     return a
 
 
-def _rgb(a: np.ndarray) -> np.ndarray:
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=-1)
-    return np.ascontiguousarray(a[..., :3]).astype(np.uint8)
-
-
-def _ids(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a if a.ndim == 2 else a[..., 0]).astype(np.uint8)
-
-
 # An edit's PNG inputs: how each is read, and what an error calls it.
-_PICTURES = {"image": (_rgb, "an image"), "labels": (_ids, "labels"), "mask": (_ids, "a mask")}
+_PICTURES = {"image": ("rgb", "an image"), "labels": ("ids", "labels"), "mask": ("ids", "a mask")}
 
 
 def state_from(body: dict, model, max_pixels: int, size=None) -> dict:
@@ -282,7 +270,7 @@ def state_from(body: dict, model, max_pixels: int, size=None) -> dict:
             continue
         if key not in model.takes:
             raise ApiError(422, f"{model.name} takes {', '.join(model.takes)}, not {called}.")
-        state[key] = read(decode_png(body[key], key, max_pixels, size))
+        state[key] = decode_png(body[key], key, max_pixels, size, read)
     if body.get("prompt") is not None:
         if "prompt" not in model.takes:
             raise ApiError(422, f"{model.name} takes no prompt.")
@@ -298,6 +286,9 @@ def capture_options(body: dict) -> dict:
     for k, v in options.items():
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise ApiError(422, f"{k} must be a number.")
+    for k in ("steps", "seed"):
+        if options[k] is not None and (options[k] != int(options[k]) or options[k] < (k == "steps")):
+            raise ApiError(422, f"{k} must be a whole number{' of at least 1' if k == 'steps' else ', 0 or more'}.")
     return options
 
 

@@ -148,15 +148,55 @@ class ModelRegistry:
 
 
 # -- images in and out ---------------------------------------------------------------------------------------------
-def png_to_array(data: bytes, what: str) -> np.ndarray:
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than the server takes (checked before decoding)."""
+
+
+def png_to_array(data: bytes, what: str, read: str = "rgb", max_pixels: int | None = None) -> np.ndarray:
+    """A PNG (or JPEG, WebP) as an array: `read="rgb"` gives `uint8 [H, W, 3]` colours whatever the mode (palette
+    colours looked up, grey repeated, alpha composited over white, 16-bit scaled to 8); `read="ids"` gives a
+    `uint8 [H, W]` label map (a palette image's indices, a grey image's values, an RGB image's red channel). The size
+    is checked against `max_pixels` from the header, before any pixel is decoded (`ImageTooLarge`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # reads the header only
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageTooLarge(f"{what} is {w}x{h} = {w * h} pixels, over this server's limit of {max_pixels} "
+                                "(--max-pixels); send a smaller image.")  # fmt: skip
         img.load()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except ImageTooLarge:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{what} is not a readable PNG image ({e}); send a base64-encoded PNG.") from None
-    return np.asarray(img)
+    return _as_ids(img, what) if read == "ids" else _as_rgb(img)
+
+
+def _as_rgb(img) -> np.ndarray:
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: the high byte, rounded
+        a = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode != "I" or a.max() > 255 else 255.0
+        grey = np.clip(np.round(a * 255.0 / top), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(img.convert("RGB"))
+
+
+def _as_ids(img, what: str) -> np.ndarray:
+    if img.mode in ("P", "L", "1"):
+        return np.asarray(img if img.mode != "1" else img.convert("L")).astype(np.uint8)
+    a = np.asarray(img)
+    if a.ndim == 3:
+        a = a[..., 0]
+    if a.max(initial=0) > 255:
+        raise ValueError(f"{what} holds values up to {int(a.max())}; a label map holds class ids 0-255.")
+    return np.ascontiguousarray(a).astype(np.uint8)
 
 
 def array_to_png(a: np.ndarray) -> bytes:
