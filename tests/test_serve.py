@@ -386,3 +386,45 @@ def test_bad_capture_values_and_sizes_are_4xx_not_500(tmp_path):
         ]:
             r = c.post("/sessions", json={"model": "scene-ddpm", **body})
             assert r.status_code == status and match in r.json()["error"], (body.keys(), r.status_code, r.text)
+
+
+def test_request_bodies_over_the_limit_are_refused_before_they_are_read():
+    from sparsedit.serve import ModelRegistry, create_app
+    from sparsedit.serve.app import default_max_body
+
+    assert default_max_body(1024 * 1024) > 4 * 1024 * 1024  # a base64 PNG of 1 MP stored uncompressed fits
+    with TestClient(create_app(ModelRegistry(), max_body=1000)) as c:
+        r = c.post("/sessions", content=b"{" + b" " * 5000 + b"}", headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "limit of 1000 bytes" in r.json()["error"]
+
+        def chunks():  # no Content-Length: counted as it streams in
+            for _ in range(10):
+                yield b" " * 500
+
+        r = c.post("/sessions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "limit of 1000 bytes" in r.json()["error"]
+        assert c.post("/sessions", json={"model": "nope"}).status_code == 404  # a small body goes through
+
+
+def test_a_loopback_server_answers_only_loopback_host_names():
+    """Against DNS rebinding: a page of another site resolving its name to 127.0.0.1 sends its own Host."""
+    from sparsedit.serve import LOOPBACK_NAMES, ModelRegistry, create_app, is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1") and not is_loopback("example.org")
+    app = create_app(ModelRegistry(), allowed_hosts=LOOPBACK_NAMES)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/health").status_code == 200
+    with TestClient(app, base_url="http://localhost") as c:
+        assert c.get("/health").status_code == 200
+    with TestClient(app, base_url="http://rebound.example") as c:
+        assert c.get("/health").status_code == 400
+
+
+def test_serving_beyond_loopback_needs_insecure():
+    from typer.testing import CliRunner
+
+    from sparsedit.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--port", "1"])
+    assert result.exit_code == 2 and "no authentication" in result.output and "--insecure" in result.output

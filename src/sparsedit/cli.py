@@ -56,10 +56,22 @@ def serve(
     calibration: Path = typer.Option(
         None, help="Pin the sparse-or-dense calibration from this file (sparsedit.calibration.save)."
     ),
+    insecure: bool = typer.Option(
+        False,
+        help="Serve on a --host other than loopback, where anyone who reaches it can use it (no authentication).",
+    ),
     ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: sessions spread over --replicas processes."),
     replicas: int = typer.Option(2, help="With --ray: how many replicas hold sessions."),
 ) -> None:
     """The web editor at / and the JSON API, on the shipped scene models (and --model directories)."""
+    from .serve import is_loopback
+
+    if not is_loopback(host):
+        if not insecure:
+            typer.echo(f"sparsedit serve: --host {host} is reachable from other machines and the server has no "
+                       "authentication; serve on 127.0.0.1, or pass --insecure to do it anyway.", err=True)  # fmt: skip
+            raise typer.Exit(2)
+        typer.echo(f"warning: serving on {host} without authentication: anyone who reaches it can use it.", err=True)
     if ray:
         from .serve import ray_app
 

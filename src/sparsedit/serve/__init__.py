@@ -14,7 +14,7 @@ from .app import create_app
 from .models import ModelRegistry
 
 
-__all__ = ["ModelRegistry", "create_app", "run"]
+__all__ = ["LOOPBACK_NAMES", "ModelRegistry", "create_app", "is_loopback", "run"]
 
 
 def run(host: str = "127.0.0.1", port: int = 8000, model_dirs=(), workers: int = 2, memory_budget=None,
@@ -31,5 +31,21 @@ def run(host: str = "127.0.0.1", port: int = 8000, model_dirs=(), workers: int =
         calibrations.load(calibration)
 
     app = create_app(ModelRegistry(model_dirs), workers=workers, memory_budget=parse_bytes(memory_budget),
-                     max_pixels=max_pixels, max_sessions=max_sessions, reproducible=reproducible)  # fmt: skip
+                     max_pixels=max_pixels, max_sessions=max_sessions, reproducible=reproducible,
+                     allowed_hosts=LOOPBACK_NAMES if is_loopback(host) else None)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "[::1]", "::1"]  # the Host headers a loopback server answers
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is an address of this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

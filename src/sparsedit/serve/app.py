@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from pathlib import Path
 
 import torch
@@ -121,10 +122,14 @@ class LocalBackend:
 
 def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_budget: int | None = None,
                max_pixels: int = 1024 * 1024, max_sessions: int = 64, replica: str | None = None,
-               reproducible: bool = False, backend=None):  # fmt: skip
+               reproducible: bool = False, backend=None, max_body: int | None = None,
+               allowed_hosts: list[str] | None = None):  # fmt: skip
     """The FastAPI app. `models`: the registry (default: the shipped scene models). `reproducible`: every edit runs
     sparse, the same bits on any machine (otherwise the calibrated choice runs dense where sparse would be slower).
-    `backend`: where sessions live (default: this process, `LocalBackend`; `ray_app` puts them on Ray replicas)."""
+    `backend`: where sessions live (default: this process, `LocalBackend`; `ray_app` puts them on Ray replicas).
+    `max_body`: the largest request body in bytes, refused (413) before it is read (default: what a base64 PNG of
+    `max_pixels` RGB pixels can take, uncompressed). `allowed_hosts`: the `Host` header values served (e.g. the
+    loopback names when bound to loopback, against DNS rebinding); `None`: any."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -156,7 +161,57 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
 
     _info_routes(app, backend, registry)
     _session_routes(app, backend, registry, max_pixels)
+    if allowed_hosts is not None:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(BodyLimit, limit=max_body if max_body is not None else default_max_body(max_pixels))
     return app
+
+
+def default_max_body(max_pixels: int) -> int:
+    """A request body that can carry a base64 PNG of `max_pixels` RGB pixels stored uncompressed, and its fields."""
+    return 4 * (3 * max_pixels + max_pixels // 16) // 3 + (1 << 20)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a JSON 413 before the app reads it (from its
+    `Content-Length`, or while a chunked body streams in, buffered up to the limit)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit():
+            if int(length) > self.limit:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)
+        # No length (a chunked body): read it here up to the limit, then hand the app what was read.
+        messages, seen = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                return await self._refuse(send)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        replay = iter(messages)
+
+        async def buffered():
+            return next(replay, None) or await receive()
+
+        await self.app(scope, buffered, send)
+
+    async def _refuse(self, send):
+        body = json.dumps({"error": f"the request body is over this server's limit of {self.limit} bytes (it follows "
+                                    "--max-pixels); send a smaller image."}).encode()  # fmt: skip
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
 
 
 def _info_routes(app, backend, registry) -> None:
