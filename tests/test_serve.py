@@ -428,3 +428,20 @@ def test_serving_beyond_loopback_needs_insecure():
 
     result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--port", "1"])
     assert result.exit_code == 2 and "no authentication" in result.output and "--insecure" in result.output
+
+
+def test_concurrent_creates_under_a_memory_budget_all_get_their_ids(registry, scene):
+    """Issue 37's race: six creates under a budget gave five 500s, because a create read its session's editor after a
+    parallel request had parked it, and the sessions held their slots for good. Bounded: 6 requests, 4 threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    image, _ = scene
+    with TestClient(create_app(registry, memory_budget=1, workers=2, max_sessions=6, reproducible=True)) as c:
+        body = {"model": "scene-ddpm", "image": b64png(image), **FAST}
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda _: c.post("/sessions", json=body), range(6)))
+        assert [r.status_code for r in responses] == [201] * 6, [r.text[:100] for r in responses]
+        ids = {r.json()["session"] for r in responses}
+        assert len(ids) == 6 and all(r.json()["stats"]["macs_dense"] > 0 for r in responses)
+        for sid in ids:
+            assert c.delete(f"/sessions/{sid}").status_code == 204

@@ -84,7 +84,7 @@ class LocalBackend:
 
     def create(self, model: str, state: dict, options: dict, session_id: str | None = None) -> dict:
         session, image = self._guard(lambda: self.manager.create(model, state, options, session_id))
-        stats = self._stats(session.editor.editor.last_stats, None, session, session.capture_seconds)
+        stats = self._stats(session.capture_stats, None, session, session.capture_seconds)
         return {"session": session.id, "image": _b64(tensor_to_png(image)), "stats": stats}
 
     def info(self, session_id: str) -> dict:

@@ -45,6 +45,9 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     busy: int = 0
     capture_seconds: float = 0.0
+    # The capture's statistics, taken while the session was held: by the time its response is written, a parallel
+    # request may have parked the session (its editor gone).
+    capture_stats: dict = field(default_factory=dict)
 
     @property
     def edits(self) -> int:
@@ -90,6 +93,7 @@ class SessionManager:
                 started = time.perf_counter()  # the dense capture alone (the model's first load excluded)
                 image = session.editor.capture(session.states[-1])
                 session.capture_seconds = time.perf_counter() - started
+                session.capture_stats = dict(session.editor.editor.last_stats)
         except BaseException:
             with self._lock:
                 self.sessions.pop(session.id, None)
