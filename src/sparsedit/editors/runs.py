@@ -157,6 +157,7 @@ class EditRun:
         self.checked = {"unet": False, "controlnet": False}  # whether a step compared the fingerprint yet
         self.per_step_macs = 0
         self.start, self.detect_seconds = 0, 0.0
+        self._pixels = None  # `pixels()`, once `keep` is final
         z_shape = cap.trajectory[0].shape[-2:]
         self.keep = dilate(to_latents(region, z_shape), loop.config.input_dilation)
         self.unet_region = self.keep.repeat(self.copies, 1, 1)
@@ -296,9 +297,11 @@ class EditRun:
         return torch.where(self.pixels()[:, None], decoded, cap.decoded)
 
     def pixels(self) -> torch.Tensor:
-        """`keep` at the image's resolution."""
-        h, w = self.cap.decoded.shape[-2:]
-        return to_pixels(self.keep, (h, w))
+        """`keep` at the image's resolution, once `keep` is final (after detection): built once, read by the decode's
+        composite, the statistics and the caller."""
+        if self._pixels is None:
+            self._pixels = to_pixels(self.keep, self.cap.decoded.shape[-2:])
+        return self._pixels
 
     def stats(self, started: float, check_seconds: float) -> EditStats:
         loop, cap, totals, steps = self.loop, self.cap, self.totals, len(self.cap.timesteps) - self.start
