@@ -41,6 +41,11 @@ class AttentionMode(Option):
     DENSE = "dense"
 
 
+class DiTContext(Option):
+    CACHE = "cache"
+    RECOMPUTE = "recompute"
+
+
 class RegionMethod(Option):
     LATENT_DIFF = "latent_diff"
     CROSS_ATTENTION = "cross_attention"
@@ -215,6 +220,12 @@ class SparseConfig(_ConfigMixin):
             the current step computes (`sparsedit.prefetch`). `None` (default): on for a model on a GPU whose cache
             is kept elsewhere or in another dtype, off on CPU (there the copy competes with the computation for the
             same cores and memory bandwidth; measured in BENCHMARKS.md).
+        dit_context (`str`, defaults to `"cache"`):
+            Diffusion transformers with a joint text stream (SD3's MMDiT): under an image edit, `"cache"` keeps the
+            context tokens' keys and values from the capture (the text stream does not see the edit, as inactive
+            image tokens do not), so an edit of p of the image costs about p of a step; `"recompute"` runs the context
+            tokens through every block again at every edit (they attend to the edited image), paying their share of
+            the step each time (SD3 at 1024 px: 333 prompt tokens beside 4096 image tokens). See docs/engine.md.
         poison_scratch (`bool`, defaults to `False`):
             Debugging: fill scratch buffers with NaN before use, so any read of memory nothing wrote shows in the
             result.
@@ -239,6 +250,7 @@ class SparseConfig(_ConfigMixin):
     cache_device: str | None = None
     cache_budget: int | str | None = None
     prefetch: bool | None = None
+    dit_context: DiTContext | str = DiTContext.CACHE
     poison_scratch: bool = False
     version: int = field(default=CONFIG_VERSION)
 
@@ -260,6 +272,7 @@ class SparseConfig(_ConfigMixin):
             raise ValueError(f"SparseConfig.dense_below must be >= 0, got {self.dense_below}.")
         self.attention = AttentionMode.parse(self.attention, "SparseConfig.attention")
         self.norm_stats = NormStats.parse(self.norm_stats, "SparseConfig.norm_stats")
+        self.dit_context = DiTContext.parse(self.dit_context, "SparseConfig.dit_context")
         if not 0.0 <= self.max_region_fraction <= 1.0:
             raise ValueError(f"SparseConfig.max_region_fraction must be in [0, 1], got {self.max_region_fraction}.")
         if not 0.0 <= self.change_threshold < 255.0:

@@ -70,12 +70,14 @@ def test_pixel_tokens_is_a_view_of_a_channels_last_map():
 @settings(max_examples=20, deadline=None)
 @given(data=st.data())
 def test_sparse_joint_attention_equals_the_processor_for_one_layer(data):
-    """SD3's joint attention with the active image rows changed: their outputs and the context's equal what diffusers'
-    `JointAttnProcessor2_0` gives on the whole edited sequence (keys of the other rows are the capture's, which one
-    layer recomputes identically); rolling back restores the captured keys and values."""
+    """SD3's joint attention with the active image rows changed: their outputs (and the context's, when recomputed)
+    equal what diffusers' `JointAttnProcessor2_0` gives on the whole edited sequence (keys of the other rows are the
+    capture's, which one layer recomputes identically); with the context cached, its keys are the capture's; rolling
+    back restores the captured keys and values."""
     diffusers_attention = pytest.importorskip("diffusers.models.attention")
     qk_norm = data.draw(st.sampled_from([None, "rms_norm"]))
     pre_only = data.draw(st.booleans())
+    recompute = data.draw(st.booleans())
     torch.manual_seed(data.draw(st.integers(0, 99)))
     block = diffusers_attention.JointTransformerBlock(dim=16, num_attention_heads=2, attention_head_dim=8,
                                                       context_pre_only=pre_only, qk_norm=qk_norm).eval()  # fmt: skip
@@ -84,16 +86,22 @@ def test_sparse_joint_attention_equals_the_processor_for_one_layer(data):
     region = data.draw(regions(b, h, w))
     index = region.any(dim=0).reshape(-1).nonzero()[:, 0]
     active = ActiveTokens(index, (h, w))
+    context_at = ActiveTokens(torch.arange(h * w, h * w + m), (1, h * w + m))
     hidden, context = torch.randn(b, h * w, 16), torch.randn(b, m, 16)
     edited = hidden.clone()
     edited[:, index] += torch.randn(b, len(index), 16)
     state = _state()
     with torch.no_grad():
-        k_all, v_all = joint_kv(attn, hidden)  # the capture's
+        k_all, v_all = joint_kv(attn, hidden, context)  # the capture's
         k0, v0 = k_all.clone(), v_all.clone()
         want_rows, want_context = attn(hidden_states=edited, encoder_hidden_states=context)
-        rows, ctx_out = sparse_joint_attention(state, attn, active, edited[:, index], context, k_all, v_all)
+        rows, ctx_out = sparse_joint_attention(
+            state, attn, active, edited[:, index], k_all, v_all, context if recompute else None, context_at
+        )
     torch.testing.assert_close(rows, want_rows[:, index], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ctx_out, want_context, rtol=1e-5, atol=1e-5)
+    if recompute:
+        torch.testing.assert_close(ctx_out, want_context, rtol=1e-5, atol=1e-5)
+    else:
+        assert ctx_out is None
     state.rollback()
     assert torch.equal(k_all, k0) and torch.equal(v_all, v0)

@@ -502,3 +502,6 @@ class Transformer2DHandler(SparseHandler):
                 hs = (controlled(attn2, nh, kv, active.index, plain) if controlled else plain()) + hs
             hs = blk.ff(blk.norm3(hs)) + hs
         return _pointwise_proj(m.proj_out, hs) + residual
+
+
+from . import dit  # noqa: E402, F401  (registers the diffusion transformers' handlers)

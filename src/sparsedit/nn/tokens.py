@@ -133,41 +133,57 @@ def _heads(attn, t: torch.Tensor, norm=None) -> torch.Tensor:
     return t if norm is None else norm(t)
 
 
-def joint_kv(attn, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image tokens' keys and values of a joint (MMDiT) attention, as its processor computes them (the key after
-    `norm_k`), laid out `[B, n, heads * d]` for `ActiveTokens.write_rows`: what a capture keeps per layer and step."""
-    b, n, _ = hidden.shape
-    k = attn.to_k(hidden)
-    return _heads(attn, k, attn.norm_k).transpose(1, 2).reshape(b, n, k.shape[-1]), attn.to_v(hidden)
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """`[B, heads, n, d]` as `[B, n, heads * d]`."""
+    b, heads, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, heads * d)
 
 
-def sparse_joint_attention(state, attn, active: ActiveTokens, rows: torch.Tensor, context: torch.Tensor | None,
-                           k_all: torch.Tensor, v_all: torch.Tensor):  # fmt: skip
-    """Joint (MMDiT, SD3's `JointAttnProcessor2_0`) attention for the active image rows of one layer: the rows' keys
-    and values are written into the cached ones of every image token (undo-logged), the context tokens' queries, keys
-    and values are computed whole (they are few), and the active rows' and the context's queries attend over the
-    context and every image token. Returns the rows' output and the context's, as the processor returns them for those
-    queries: exact for one layer (the cached keys of inactive rows are what the layer would compute), approximate
-    across layers (inactive rows keep the capture's hidden states).
+def joint_kv(attn, hidden: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of a joint (MMDiT) attention over the image tokens `hidden` and then the `context` tokens
+    (the order of diffusers' `JointAttnProcessor2_0`), keys after their qk-norm, laid out `[B, N + m, heads * d]`:
+    what a capture keeps per layer and step, and what `sparse_joint_attention` reads."""
+    k, v = _flat(_heads(attn, attn.to_k(hidden), attn.norm_k)), attn.to_v(hidden)
+    if context is None:
+        return k, v
+    kc = _flat(_heads(attn, attn.add_k_proj(context), attn.norm_added_k))
+    return torch.cat([k, kc], dim=1), torch.cat([v, attn.add_v_proj(context)], dim=1)
+
+
+def sparse_joint_attention(state, attn, active: ActiveTokens, rows: torch.Tensor, k_all: torch.Tensor,
+                           v_all: torch.Tensor, context: torch.Tensor | None = None,
+                           context_at: ActiveTokens | None = None):  # fmt: skip
+    """Joint (MMDiT, SD3's `JointAttnProcessor2_0`) attention for the active image rows of one layer over every key.
+
+    The rows' keys and values are written into the layer's cached ones (undo-logged) and their queries attend over all
+    of them. With `context` (the context's normalised tokens, recomputed), the context's keys and values are written
+    at `context_at` too, and its queries attend as well; without, the cached context keys and values stand (the
+    context stream is the capture's). Exact for one layer (the cached keys of inactive rows are what the layer would
+    compute); approximate across layers (inactive rows keep the capture's hidden states).
 
     Args:
-        rows: the active image rows' normalised hidden states `[B, n, C]`; `context`: the context's `[B, m, C']`.
-        k_all, v_all: the capture's image keys and values of this layer and step, `[B, H*W, heads * d]` (`joint_kv`).
+        rows: the active image rows' normalised hidden states `[B, n, C]`.
+        k_all, v_all: the capture's keys and values of this layer and step, `[B, N (+ m), heads * d]` (`joint_kv`).
+        context: `[B, m, C']`, or `None`; `context_at`: the context's positions in `k_all` (after the image's).
+
+    Returns:
+        The rows' attention output `[B, n, C]`, and the context's (`None` without `context`, or for a
+        `context_pre_only` layer its raw attention output, as the processor returns it).
     """
     b = rows.shape[0]
+    q = _heads(attn, attn.to_q(rows), attn.norm_q)
     k_rows, v_rows = joint_kv(attn, rows)
     active.write_rows(state, k_all, k_rows)
     active.write_rows(state, v_all, v_rows)
-    q = _heads(attn, attn.to_q(rows), attn.norm_q)
-    k, v = _heads(attn, k_all), _heads(attn, v_all)
-    m = 0
     if context is not None:
+        kc = _flat(_heads(attn, attn.add_k_proj(context), attn.norm_added_k))
+        vc = attn.add_v_proj(context)
+        context_at.write_rows(state, k_all, kc)
+        context_at.write_rows(state, v_all, vc)
         q = torch.cat([q, _heads(attn, attn.add_q_proj(context), attn.norm_added_q)], dim=2)
-        k = torch.cat([k, _heads(attn, attn.add_k_proj(context), attn.norm_added_k)], dim=2)
-        v = torch.cat([v, _heads(attn, attn.add_v_proj(context))], dim=2)
-        m = context.shape[1]
+    k, v = _heads(attn, k_all), _heads(attn, v_all)
     o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, q.shape[2], v_all.shape[-1]).to(q.dtype)
-    n = o.shape[1] - m
+    n = rows.shape[1]
     out_rows, out_context = o[:, :n], (o[:, n:] if context is not None else None)
     if out_context is not None and not attn.context_pre_only:
         out_context = attn.to_add_out(out_context)

@@ -47,7 +47,10 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
     handlers, problems = [], []
     attach = _attach_strategy(model)
     _refuse_unregistered_transformers(model)
+    owned: list[str] = []  # handlers that run their whole subtree themselves (diffusion transformers)
     for name, module in model.named_modules():
+        if any(name.startswith(o) for o in owned):
+            continue
         cls = handler_for(module)
         if cls is None:
             if not any(True for _ in module.children()) and not is_dense_safe(module):
@@ -60,6 +63,8 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
             problems.append(f"  {e}")
             continue
         handlers.append(handler)
+        if getattr(cls, "owns_subtree", False):
+            owned.append(f"{name}." if name else "")
     if problems and config.strict:
         raise UnsupportedLayerError(
             "These layers cannot run sparse:\n" + "\n".join(problems) + "\n"
@@ -86,8 +91,13 @@ _TRANSFORMERS = "diffusers.models.transformers."
 
 def _refuse_unregistered_transformers(model: nn.Module) -> None:
     """One clear error for a diffusion transformer no handler is registered for (the UNets' `Transformer2DModel` is)."""
+    owned: list[str] = []
     for name, module in model.named_modules():
-        if type(module).__module__.startswith(_TRANSFORMERS) and handler_for(module) is None:
+        if any(name.startswith(o) for o in owned):
+            continue
+        if getattr(handler_for(module), "owns_subtree", False):
+            owned.append(f"{name}." if name else "")
+        elif type(module).__module__.startswith(_TRANSFORMERS) and handler_for(module) is None:
             raise UnsupportedLayerError(
                 f"{name or '<root>'}: {type(module).__name__} ({type(module).__module__}) is a diffusion transformer "
                 "with no token-sparse handler registered (`sparsedit.nn.base.register_handler`); the spatial engine "
