@@ -38,7 +38,7 @@ def stand_ins(tmp_path, monkeypatch):
 
     import sparsedit
     from sparsedit.models import SPADEGenerator
-    from sparsedit.testing import randomize_batchnorm, street_scene, tiny_controlnet, tiny_sd
+    from sparsedit.testing import randomize_batchnorm, street_scene, tiny_controlnet, tiny_sd, tiny_sd3
 
     tok = tmp_path / "tok"
 
@@ -54,6 +54,9 @@ def stand_ins(tmp_path, monkeypatch):
         monkeypatch.setattr(
             getattr(diffusers, name), "from_pretrained", pretrained(lambda *a, k=kind: tiny_sd(tok, k))
         )
+    monkeypatch.setattr(
+        diffusers.StableDiffusion3Img2ImgPipeline, "from_pretrained", pretrained(lambda *a, **k: tiny_sd3(tok))
+    )
     monkeypatch.setattr(diffusers.ControlNetModel, "from_pretrained", pretrained(lambda *a: cn.controlnet))
     monkeypatch.setattr(
         diffusers.StableDiffusionControlNetImg2ImgPipeline,

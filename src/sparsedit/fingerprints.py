@@ -38,9 +38,11 @@ __all__ = [
 
 COMPONENTS = (
     "unet",
+    "transformer",
     "vae",
     "text_encoder",
     "text_encoder_2",
+    "text_encoder_3",
     "controlnet",
 )  # a pipeline's models, as diffusers names them
 

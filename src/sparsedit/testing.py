@@ -50,9 +50,10 @@ def clip_text_encoder(directory: str | Path, width: int, layers: int, heads: int
     return tokenizer, CLIPTextModel(config).eval()
 
 
-def sd_style_vae(channels: tuple[int, ...], layers_per_block: int = 1, norm_num_groups: int = 8, **kwargs):
+def sd_style_vae(channels: tuple[int, ...], layers_per_block: int = 1, norm_num_groups: int = 8,
+                 latent_channels: int = 4, **kwargs):  # fmt: skip
     """An `AutoencoderKL` of the Stable Diffusion layout (one down/up block per entry of `channels`, 4 latent
-    channels), random weights from the current RNG state."""
+    channels by default, 16 for SD3's), random weights from the current RNG state."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -61,7 +62,7 @@ def sd_style_vae(channels: tuple[int, ...], layers_per_block: int = 1, norm_num_
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
         block_out_channels=tuple(channels),
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=norm_num_groups,
         layers_per_block=layers_per_block,
         **kwargs,
@@ -290,4 +291,50 @@ def tiny_controlnet(directory: str | Path, pipeline: str = "img2img", dtype: tor
             conv.bias.copy_(0.1 * torch.randn(conv.bias.shape, generator=g))
     return _assemble(
         name, dtype, **{k: v for k, v in components.items() if k != "image_encoder"}, controlnet=controlnet.eval()
+    )
+
+
+def tiny_sd3(directory: str | Path, pipeline: str = "img2img", dtype: torch.dtype = torch.float32, **transformer):
+    """A Stable Diffusion 3 pipeline in miniature: two CLIP text encoders with projections (their hidden states,
+    concatenated and zero-padded, are the joint context; their pooled outputs the `pooled_projections`), no T5 (the
+    pipeline then uses zeros for its tokens, as SD3 without `text_encoder_3`), an `SD3Transformer2DModel` with patch
+    2 (`transformer` overrides its config, e.g. `qk_norm="rms_norm", dual_attention_layers=(0,)` for SD3.5), a
+    4-level VAE with SD3's shift and scale, random weights and the flow-matching Euler scheduler.
+    `pipeline`: `"img2img"`, `"inpaint"` (a 16-channel transformer: latent blending) or `"inpaint33"` (a 33-channel
+    inpainting transformer). Latents have 16 channels, as SD3's (its inpainting pipeline blends only those)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    names = {"img2img": "StableDiffusion3Img2ImgPipeline", "inpaint": "StableDiffusion3InpaintPipeline",
+             "inpaint33": "StableDiffusion3InpaintPipeline"}  # fmt: skip
+    if pipeline not in names:
+        raise ValueError(f"pipeline must be one of {sorted(names)}, got {pipeline!r}.")
+    write_clip_tokenizer(directory)
+    tokenizer = CLIPTokenizer.from_pretrained(str(directory), model_max_length=16)
+    encoders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=37, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=16, projection_dim=16,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        encoders.append(CLIPTextModelWithProjection(config).eval())
+    torch.manual_seed(2)
+    vae = sd_style_vae((8, 16, 16, 16), latent_channels=16, shift_factor=0.0609, scaling_factor=1.5035).eval()
+    torch.manual_seed(3)
+    config = {"sample_size": 16, "patch_size": 2, "in_channels": 33 if pipeline == "inpaint33" else 16,
+              "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32,
+              "caption_projection_dim": 16, "pooled_projection_dim": 32, "out_channels": 16, **transformer}  # fmt: skip
+    return _assemble(
+        names[pipeline],
+        dtype,
+        transformer=SD3Transformer2DModel(**config).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=encoders[0],
+        tokenizer=tokenizer,
+        text_encoder_2=encoders[1],
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
     )

@@ -100,8 +100,12 @@ def _dry_captures(editor, x0, call, embeds, timesteps, copies: int) -> tuple[dic
             tallies["vae_encoder"] = {k: v * encodes for k, v in tally.items()}
         zl = torch.zeros(b, unet.config.in_channels, h // f, w // f, dtype=unet.dtype, device=unet.device)
         z = torch.cat([zl] * copies)
-        kwargs = {} if embeds is None else {"encoder_hidden_states": embeds, **editor.adapter.unet_kwargs(zl, copies)}
-        tallies["unet"] = {k: v * n for k, v in _tally(unet, lambda: unet(z, timesteps[0], **kwargs)).items()}
+        if embeds is None:
+            run = lambda: unet(z, timesteps[0])  # noqa: E731
+        else:
+            extra = editor.adapter.unet_kwargs(zl, copies)
+            run = lambda: editor.adapter.denoise(unet, z, timesteps[0], embeds, extra)  # noqa: E731
+        tallies["unet"] = {k: v * n for k, v in _tally(unet, run).items()}
         cn = editor.controlnet
         if cn is not None:  # the ControlNet's per-step cache, its conditioning embedding read as in the loop
             n_c = editor.adapter.control_copies(copies, call)

@@ -98,7 +98,7 @@ class SparseEditor:
         self.kind = adapter.kind
         self.latent = adapter.latent
         self.on_stale = on_stale
-        self.config = DIFFUSION_DEFAULTS if config is None else config
+        self.config = (adapter.default_config or DIFFUSION_DEFAULTS) if config is None else config
         self.text_config = TextEditConfig() if text_config is None else text_config
         if not isinstance(self.text_config, TextEditConfig):
             raise TypeError(f"text_config must be a TextEditConfig, got {type(self.text_config).__name__}.")
@@ -119,7 +119,7 @@ class SparseEditor:
 
     @property
     def unet(self):
-        return self.pipe.unet
+        return self.adapter.unet
 
     @serialized
     def remove(self) -> None:

@@ -35,8 +35,10 @@ def check_editor(pipe, temporal, on_stale):
     """The pipeline's adapter and the parsed `on_stale`, or the error that says why this pipeline cannot be edited."""
     from ..adapters.pipelines import adapter_for, supported_pipelines
 
-    unet, scheduler, adapter = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None), adapter_for(pipe)
-    if adapter is None or unet is None or scheduler is None:
+    adapter, scheduler = adapter_for(pipe), getattr(pipe, "scheduler", None)
+    if adapter is None or getattr(pipe, "transformer" if not adapter.cross_attention else "unet", None) is None:
+        adapter = None
+    if adapter is None or scheduler is None:
         raise NotImplementedError(
             f"SparseEditor supports {', '.join(supported_pipelines())} (and their subclasses) so far, not "
             f"{type(pipe).__name__}; for other models use the model-level API (`sparsedit.sparsify_`, "
@@ -48,6 +50,12 @@ def check_editor(pipe, temporal, on_stale):
         raise ValueError(
             "SparseEditor keeps a cache per denoising step, and parallel decoding batches several steps in one "
             "call: use TemporalConfig(parallel=False) (the encoder is still reused at non-key steps)."
+        )
+    unet = adapter.unet
+    if temporal is not None and not adapter.cross_attention:
+        raise NotImplementedError(
+            f"temporal reuse (Faster Diffusion's encoder propagation) is for UNets; {type(pipe).__name__} denoises "
+            "with a transformer: make the editor without `temporal=`."
         )
     if is_sparsified(unet):
         raise RuntimeError(
@@ -139,13 +147,13 @@ def check_size(ed, height: int, width: int) -> None:
     """The image size the UNet can take: multiples of the VAE's factor times the UNet's downsamplings (a skip
     connection of another size fails deep inside the UNet otherwise)."""
     factor = ed.pipe.vae_scale_factor if ed.latent else 1
-    down = 2 ** (len(ed.unet.config.block_out_channels) - 1)
+    down = ed.adapter.size_multiple()
     multiple = factor * down
     if height % multiple or width % multiple:
         why = f"the VAE's {factor}x times " if factor > 1 else ""
         raise ValueError(
             f"the image is {width}x{height} pixels; this pipeline takes widths and heights that are multiples of "
-            f"{multiple} ({why}the UNet's {down}x downsampling). Resize or pad it, or pass height= and width=."
+            f"{multiple} ({why}{ed.adapter.size_note(down)}). Resize or pad it, or pass height= and width=."
         )
 
 

@@ -57,7 +57,7 @@ class Loop:
         self.encoder_stats: list[dict] = []
         self.callback = None  # the capture's (callback_on_step_end, tensor input names) while it runs
         self.last_latents = None  # the last run's final latents (output_type="latent")
-        unet = pipe.unet
+        unet = adapter.unet
         # The UNet's per-step cache: "auto" stores feature maps in bfloat16 in approximate mode (measured within
         # 0.1 dB of a float32 cache); a budget is divided between the models at capture (session.fit_budget).
         dtype = config.cache_dtype
@@ -65,7 +65,7 @@ class Loop:
             dtype = "bfloat16" if not config.exact and unet.dtype == torch.float32 else None
         models = {**config.to_dict(), "cache_dtype": dtype, "cache_budget": None}
         unet_config = SparseConfig.from_dict(models)
-        if self.latent:  # prompt edits: the cross-attention layers record the capture's maps and inject them
+        if self.latent and adapter.cross_attention:  # prompt edits: cross-attention maps recorded and injected
             self.attention = textedit.AttentionControl()
             self._processors = textedit.install(unet, self.attention)
         sparsify_(unet, unet_config)
@@ -84,7 +84,7 @@ class Loop:
 
     @property
     def unet(self):
-        return self.pipe.unet
+        return self.adapter.unet
 
     def remove(self) -> None:
         """Detach everything from the pipeline's models (`SparseEditor.remove`)."""
@@ -96,7 +96,8 @@ class Loop:
         if self.latent:
             unsparsify_(self.pipe.vae.decoder)
             unsparsify_(self.pipe.vae.encoder)
-            textedit.uninstall(self.unet, self._processors)
+            if self.attention is not None:
+                textedit.uninstall(self.unet, self._processors)
 
     def sync_attention_storage(self) -> None:
         """Stored cross-attention probabilities (prompt edits) take the UNet cache's storage dtype, bfloat16 at the
@@ -117,12 +118,7 @@ class Loop:
     def timesteps(self, num_inference_steps: int, strength: float) -> list:
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}.")
-        sched = self.pipe.scheduler
-        sched.set_timesteps(num_inference_steps, device=self.unet.device)
-        start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-        timesteps = list(sched.timesteps[start * sched.order :])
-        if hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(start * sched.order)
+        timesteps = self.adapter.timesteps(self.pipe.scheduler, num_inference_steps, strength, self.unet.device)
         if not timesteps:
             raise ValueError(f"strength={strength} with {num_inference_steps} steps leaves no step to run.")
         return timesteps
@@ -134,7 +130,7 @@ class Loop:
 
         vae = self.pipe.vae
         with scope(vae.encoder, name):
-            z = vae.config.scaling_factor * retrieve_latents(vae.encode(x.to(vae.dtype)), generator=generator)
+            z = self.adapter.latents_of(retrieve_latents(vae.encode(x.to(vae.dtype)), generator=generator))
         if sparse_state(vae.encoder).mode is not None:
             self.encoder_stats.append(last_stats(vae.encoder, detail=False))
         return z
@@ -221,7 +217,7 @@ class Loop:
         `run_unet(i, fn)` runs the UNet call `fn` of step `i` under the capture or edit; with a ControlNet,
         `run_control(i, fn, copies)` runs its call and returns `(output, output regions)`, and the UNet's call is
         `run_unet(i, fn, regions)` with the regions of the ControlNet's residuals."""
-        unet, sched = self.unet, self.pipe.scheduler
+        unet = self.unet
         if run_control is None:
             run_control = lambda i, fn, n: (fn(), None)  # noqa: E731
         cfg = embeds is not None and guidance_scale > 1.0
@@ -233,7 +229,7 @@ class Loop:
                 self.attention.step = i
             if embeds is None:
                 return run_unet(i, lambda: unet(z, t).sample)
-            zin = sched.scale_model_input(torch.cat([z] * copies), t)
+            zin = self.adapter.scale_input(torch.cat([z] * copies), t)
             extra = self.adapter.unet_kwargs(z, copies)
             regions = None
             if self.controlnet is not None:  # its residuals, from the 4-channel latents
@@ -245,7 +241,7 @@ class Loop:
                 zin = torch.cat([zin, cond], dim=1)
 
             def call_unet():
-                return unet(zin, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
+                return self.adapter.denoise(unet, zin, t, embeds, extra)
 
             eps = run_unet(i, call_unet) if regions is None else run_unet(i, call_unet, regions)
             if cfg:

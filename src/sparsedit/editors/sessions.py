@@ -437,7 +437,10 @@ def load_capture(editor, path, mmap: bool = True):
     c = manifest["capture"]
 
     def get(name):
-        return None if name is None else tensors[name].to(device)
+        # A copy in freshly allocated (64-byte aligned) memory: a view of the memory map is aligned only to its dtype,
+        # and CPU GEMMs round differently for differently aligned inputs (an SD3 session's pooled projections gave
+        # an edit 2e-7 apart from the live editor's).
+        return None if name is None else tensors[name].to(device).clone()
 
     attention = None
     if c["attention"] is not None:

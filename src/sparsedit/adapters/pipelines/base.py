@@ -92,7 +92,37 @@ class PipelineAdapter:
 
     @property
     def unet(self):
+        """The denoiser: the pipeline's UNet, or its transformer (`pipe.transformer`) for DiT families."""
         return self.pipe.unet
+
+    cross_attention = True  # the denoiser has UNet cross-attention layers (prompt edits record their maps)
+    default_config = None  # the SparseConfig a SparseEditor uses without one (None: SIGE's, input_dilation=5)
+
+    def size_multiple(self) -> int:
+        """Latent height and width must be multiples of this (the UNet's downsampling)."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def size_note(self, multiple: int) -> str:
+        return f"the UNet's {multiple}x downsampling"
+
+    def timesteps(self, sched, num_inference_steps: int, strength: float, device) -> list:
+        """The pipeline's timesteps for `strength` (its `get_timesteps`), with the scheduler's begin index set."""
+        sched.set_timesteps(num_inference_steps, device=device)
+        start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start * sched.order)
+        return list(sched.timesteps[start * sched.order :])
+
+    def latents_of(self, sample: torch.Tensor) -> torch.Tensor:
+        """A VAE latent sample as the pipeline scales it for the denoiser."""
+        return self.pipe.vae.config.scaling_factor * sample
+
+    def scale_input(self, zin: torch.Tensor, t) -> torch.Tensor:
+        return self.pipe.scheduler.scale_model_input(zin, t)
+
+    def denoise(self, model, zin: torch.Tensor, t, embeds: torch.Tensor, extra: dict) -> torch.Tensor:
+        """One call of the denoiser as the pipeline makes it: the noise (or velocity) prediction for `zin`."""
+        return model(zin, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
 
     def check(self) -> None:
         """Raise if this pipeline's configuration is not supported."""
@@ -152,6 +182,8 @@ class PipelineAdapter:
         return None
 
     def step_kwargs(self, generator, eta: float = 0.0) -> dict:
+        if not hasattr(self.pipe, "prepare_extra_step_kwargs"):
+            return {}
         return self.pipe.prepare_extra_step_kwargs(generator, eta)
 
     def after_step(self, z, prep, timesteps, i) -> torch.Tensor:

@@ -1,0 +1,169 @@
+"""Stable Diffusion 3 / 3.5 (MMDiT transformer, flow matching): img2img (SDEdit with `scale_noise`) and inpainting,
+the transformer token-sparse through `adapters/dit.py`."""
+
+from __future__ import annotations
+
+import torch
+
+from ...config import SparseConfig
+from .base import PipelineAdapter, randn, register_pipeline
+from .sd import InpaintAdapter
+
+
+class _SD3:
+    """SD3's conditioning and latents, shared by its pipeline families: three text encoders' hidden states are the
+    joint context, the pooled CLIP embeddings go to the transformer as `pooled_projections` (kept with the capture
+    and checked like its other inputs); latents are `(sample - shift_factor) * scaling_factor`; flow-matching
+    timesteps (`retrieve_timesteps`, then the pipeline's `get_timesteps`) and no input scaling."""
+
+    text_editable = False  # prompt edits need the context stream recomputed (SparseConfig.dit_context): not yet
+    cross_attention = False
+    guidance_scale = 7.0
+    default_strength = 0.6
+    # One latent pixel of dilation, then one token (SparseConfig.dilation): a patch-2 transformer's tokens are already
+    # 2x2 latent pixels, and attention reaches the whole image anyway.
+    default_config = SparseConfig(input_dilation=1)
+
+    @property
+    def unet(self):
+        return self.pipe.transformer
+
+    def check(self):
+        if getattr(self.pipe, "transformer", None) is None:
+            raise ValueError(f"{type(self.pipe).__name__} has no transformer to edit with.")
+
+    def size_multiple(self) -> int:
+        return self.unet.config.patch_size
+
+    def size_note(self, multiple: int) -> str:
+        return f"the transformer's {multiple}x{multiple} patches"
+
+    def timesteps(self, sched, num_inference_steps, strength, device):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img import retrieve_timesteps
+
+        kwargs = {}
+        if sched.config.get("use_dynamic_shifting", None):
+            raise NotImplementedError(
+                "this scheduler shifts its timesteps by the image size (use_dynamic_shifting); SparseEditor on SD3 "
+                "takes a FlowMatchEulerDiscreteScheduler without it (SD3 and SD3.5's own)."
+            )
+        retrieve_timesteps(sched, num_inference_steps, device, **kwargs)
+        init = min(num_inference_steps * strength, num_inference_steps)  # the pipeline's get_timesteps
+        start = int(max(num_inference_steps - init, 0))
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start * sched.order)
+        return list(sched.timesteps[start * sched.order :])
+
+    def latents_of(self, sample):
+        cfg = self.pipe.vae.config
+        return (sample - cfg.shift_factor) * cfg.scaling_factor
+
+    def scale_input(self, zin, t):
+        return zin
+
+    def embeds(self, prompt, negative_prompt, guidance_scale, batch, prompt_embeds=None, negative_prompt_embeds=None):
+        if prompt_embeds is not None or negative_prompt_embeds is not None:
+            raise NotImplementedError(
+                "SparseEditor on SD3 takes prompts, not prompt_embeds (the pooled embeddings would be needed too)."
+            )
+        if prompt is None:
+            raise ValueError("Stable Diffusion 3 needs a prompt: capture(prompt=..., image=...).")
+        prompts = len(prompt) if isinstance(prompt, list) else 1
+        if batch % prompts:
+            raise ValueError(f"{prompts} prompts for {batch} images: give one prompt, or one per image.")
+        cfg = guidance_scale > 1.0
+        cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, prompt_3=None, negative_prompt=negative_prompt,
+            do_classifier_free_guidance=cfg, device=self.unet.device, num_images_per_prompt=batch // prompts,
+        )  # fmt: skip
+        self.conditions = {"pooled_projections": torch.cat([uncond_pooled, pooled]) if cfg else pooled}
+        return torch.cat([uncond, cond]) if cfg else cond
+
+    def denoise(self, model, zin, t, embeds, extra):
+        timestep = torch.as_tensor(t, device=zin.device).expand(zin.shape[0])
+        return model(hidden_states=zin, timestep=timestep, encoder_hidden_states=embeds, return_dict=False,
+                     pooled_projections=self.conditions["pooled_projections"], **extra)[0]  # fmt: skip
+
+    def decode(self, z):
+        vae = self.pipe.vae
+        return vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+
+    def output(self, x, output_type, return_dict, latents=None):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
+
+        images = latents if output_type == "latent" else self.pipe.image_processor.postprocess(x, output_type)
+        return StableDiffusion3PipelineOutput(images=images) if return_dict else (images,)
+
+
+@register_pipeline("StableDiffusion3Img2ImgPipeline")
+class SD3Img2ImgAdapter(_SD3, PipelineAdapter):
+    """`StableDiffusion3Img2ImgPipeline`: SDEdit in latent space with flow matching (`scale_noise`); stroke edits.
+    The transformer runs token-sparse: the edited tokens' rows in every block, the other tokens' keys and values
+    from the capture (`adapters/dit.py`)."""
+
+    kind = "sd3_img2img"
+
+    def prepare(self, x0, mask, generator, timesteps, strength, encode, kept):
+        image = kept("image", encode(x0, "image"))
+        noise = randn(image.shape, generator, image.device, image.dtype)
+        t0 = timesteps[0][None].repeat(image.shape[0])
+        return {"z": self.pipe.scheduler.scale_noise(image, t0, noise), "noise": noise, "image": image}
+
+
+@register_pipeline("StableDiffusion3InpaintPipeline")
+class SD3InpaintAdapter(_SD3, InpaintAdapter):
+    """`StableDiffusion3InpaintPipeline`: the region comes from the change of `mask_image`; 16-channel transformers
+    with latent blending (`scale_noise` of the image latents outside the mask after every step) and 33-channel
+    inpainting transformers (mask and masked-image latents as extra input channels)."""
+
+    kind = "sd3_inpaint"
+    fixed_size = False
+    default_strength = 0.6  # the pipeline's own default
+
+    def check(self):
+        _SD3.check(self)
+        latent = self.pipe.vae.config.latent_channels
+        if self.unet.config.in_channels not in (latent, 2 * latent + 1):
+            raise ValueError(
+                f"an SD3 inpainting transformer takes {latent} or {2 * latent + 1} input channels, this one "
+                f"{self.unet.config.in_channels}."
+            )
+
+    def decode(self, z):
+        # As StableDiffusion3InpaintPipeline decodes (diffusers 0.42): scaled back without adding `shift_factor`,
+        # unlike its img2img and text-to-image pipelines. The capture is the pipeline's own result.
+        vae = self.pipe.vae
+        return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
+
+    def _blends(self) -> bool:
+        return self.unet.config.in_channels == self.pipe.vae.config.latent_channels
+
+    def prepare(self, x0, mask, generator, timesteps, strength, encode, kept):
+        # StableDiffusion3InpaintPipeline.prepare_latents, then prepare_mask_latents (both draw from the generator)
+        dtype = self.unet.dtype
+        f = self.pipe.vae_scale_factor
+        shape = (x0.shape[0], self.pipe.vae.config.latent_channels, x0.shape[-2] // f, x0.shape[-1] // f)
+        strength_max = strength == 1.0
+        out = {}
+        if self._blends() or not strength_max:
+            out["image"] = kept("image", encode(x0, "image").to(dtype))
+        noise = randn(shape, generator, x0.device, dtype)
+        t0 = timesteps[0][None].repeat(shape[0])
+        out["noise"] = noise
+        out["z"] = noise if strength_max else self.pipe.scheduler.scale_noise(out["image"], t0, noise)
+        out["mask"] = torch.nn.functional.interpolate(mask, size=shape[-2:]).to(dtype)
+        out["masked"] = kept("masked", encode(x0 * (mask < 0.5), "masked").to(dtype))
+        return out
+
+    def unet_condition(self, prep, copies):
+        if self._blends():
+            return None
+        return torch.cat([prep["mask"].repeat(copies, 1, 1, 1), prep["masked"].repeat(copies, 1, 1, 1)], dim=1)
+
+    def after_step(self, z, prep, timesteps, i):
+        if not self._blends():
+            return z
+        proper = prep["image"]
+        if i < len(timesteps) - 1:
+            proper = self.pipe.scheduler.scale_noise(proper, torch.tensor([timesteps[i + 1]]), prep["noise"])
+        return (1 - prep["mask"]) * proper + prep["mask"] * z
