@@ -60,11 +60,14 @@ class Loop:
         unet = adapter.unet
         # The UNet's per-step cache: "auto" stores feature maps in bfloat16 in approximate mode (measured within
         # 0.1 dB of a float32 cache); a budget is divided between the models at capture (session.fit_budget).
+        # A transformer's keys and values take the adapter's choice (int8 for SD3: a 1024 px capture in bfloat16 would
+        # not fit 8 GiB; see docs/engine.md).
         dtype = config.cache_dtype
         if dtype == "auto":
             dtype = "bfloat16" if not config.exact and unet.dtype == torch.float32 else None
         models = {**config.to_dict(), "cache_dtype": dtype, "cache_budget": None}
-        unet_config = SparseConfig.from_dict(models)
+        denoiser = config.cache_dtype if config.cache_dtype != "auto" else adapter.auto_cache_dtype or dtype
+        unet_config = SparseConfig.from_dict({**models, "cache_dtype": denoiser})
         if self.latent and adapter.cross_attention:  # prompt edits: cross-attention maps recorded and injected
             self.attention = textedit.AttentionControl()
             self._processors = textedit.install(unet, self.attention)

@@ -97,6 +97,7 @@ class PipelineAdapter:
 
     cross_attention = True  # the denoiser has UNet cross-attention layers (prompt edits record their maps)
     default_config = None  # the SparseConfig a SparseEditor uses without one (None: SIGE's, input_dilation=5)
+    auto_cache_dtype = None  # what `cache_dtype="auto"` stores the denoiser's cache in (None: bfloat16 for float32)
 
     def size_multiple(self) -> int:
         """Latent height and width must be multiples of this (the UNet's downsampling)."""

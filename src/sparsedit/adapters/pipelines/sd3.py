@@ -23,6 +23,10 @@ class _SD3:
     # One latent pixel of dilation, then one token (SparseConfig.dilation): a patch-2 transformer's tokens are already
     # 2x2 latent pixels, and attention reaches the whole image anyway.
     default_config = SparseConfig(input_dilation=1)
+    # Keys and values in int8 with per-channel scales (the output tokens stay exact): SD3-medium at 1024 px, 20 steps
+    # x 0.6 with guidance holds 7.3 GiB instead of 14.6 in bfloat16; measured at 512 px, one step: the sparse step
+    # 2.81 s instead of 2.56 (bfloat16), the same PSNR against dense (BENCHMARKS.md).
+    auto_cache_dtype = "int8"
 
     @property
     def unet(self):
