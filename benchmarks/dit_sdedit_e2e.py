@@ -91,7 +91,8 @@ def main():
     editor = SparseEditor(pipe, config)
     photo, source = load_photo(args.size)
     image = (photo / 2 + 0.5).clamp(0, 1)
-    kw = {"prompt": "a photo of an astronaut", "strength": args.strength, "num_inference_steps": args.steps}
+    kw = {"prompt": "a photo of an astronaut", "strength": args.strength, "num_inference_steps": args.steps,
+          "height": args.size, "width": args.size}  # fmt: skip
     t0 = time.perf_counter()
     editor.capture(image=image, generator=torch.Generator().manual_seed(0), output_type="pt", **kw)
     capture_s = time.perf_counter() - t0

@@ -95,7 +95,7 @@ def test_refusals(pipe):
         SparseEditor(pipe, temporal=TemporalConfig())
     editor = SparseEditor(pipe)
     with pytest.raises(ValueError, match="multiples of 16 .*2x2 patches"):
-        editor.capture(image=photo(120, 128), **KW)
+        editor.capture(image=photo(120, 128), height=120, width=128, **KW)
     editor.capture(image=photo(), generator=torch.Generator().manual_seed(3), **KW)
     with torch.no_grad():
         pipe.transformer.proj_out.weight.add_(1)

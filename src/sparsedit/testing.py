@@ -338,3 +338,51 @@ def tiny_sd3(directory: str | Path, pipeline: str = "img2img", dtype: torch.dtyp
         text_encoder_3=None,
         tokenizer_3=None,
     )
+
+
+def tiny_flux(directory: str | Path, pipeline: str = "img2img", dtype: torch.dtype = torch.float32, **transformer):
+    """A FLUX.1 pipeline in miniature: a CLIP text encoder (its pooled output conditions the transformer), a one-layer
+    T5 encoder (its hidden states are the context; an offline CLIP tokenizer stands in for T5's, up to 512 tokens), a
+    `FluxTransformer2DModel` with one double- and two single-stream blocks and guidance embeddings (FLUX-dev's), a
+    4-level VAE with 16 latent channels and FLUX's shift and scale, random weights and the flow-matching Euler scheduler
+    with FLUX's resolution-dependent shift. `pipeline`: `"img2img"`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    names = {"img2img": "FluxImg2ImgPipeline"}
+    if pipeline not in names:
+        raise ValueError(f"pipeline must be one of {sorted(names)}, got {pipeline!r}.")
+    write_clip_tokenizer(directory)
+    tokenizer = CLIPTokenizer.from_pretrained(str(directory), model_max_length=16)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(directory), model_max_length=512)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )).eval()  # fmt: skip
+    torch.manual_seed(1)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1,
+                                 num_heads=4)).eval()  # fmt: skip
+    torch.manual_seed(2)
+    vae = sd_style_vae((8, 16, 16, 16), latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611,
+                       use_quant_conv=False, use_post_quant_conv=False).eval()  # fmt: skip
+    torch.manual_seed(3)
+    config = {"patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 8,
+              "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
+              "axes_dims_rope": (4, 2, 2), "guidance_embeds": True, **transformer}  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+    pipe = _assemble(
+        names[pipeline],
+        dtype,
+        transformer=FluxTransformer2DModel(**config).eval(),
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer_2,
+    )
+    pipe.default_sample_size = 16  # 128 px images by default (FLUX's own: 1024)
+    return pipe

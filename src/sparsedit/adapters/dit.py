@@ -142,6 +142,7 @@ class DiTHandler(SparseHandler):
     kind = "dit block"
     owns_subtree = True
     plain_processors: tuple[type, ...] = ()
+    capture_processor = None  # the family's plain processor, op for op, keeping keys and values (`_CaptureJoint`)
 
     def check_supported(self):
         cfg = self.state.config
@@ -209,7 +210,7 @@ class DiTHandler(SparseHandler):
         st = self.state
         store: dict[str, torch.Tensor] = {}
         keep = st.mode is Mode.CAPTURE and not st.no_store
-        make = (lambda i, tag: _CaptureJoint(store, f"{i}{tag}")) if keep else None
+        make = (lambda i, tag: self.capture_processor(store, f"{i}{tag}")) if keep else None
         with self.processors(make) if keep else contextlib.nullcontext():
             result = self.original(**call)
         out = result[0] if isinstance(result, tuple) else result.sample
@@ -305,6 +306,7 @@ class SD3TransformerHandler(DiTHandler):
     per token. ControlNet residuals are added at the active rows; `skip_layers` skip the same blocks as captured."""
 
     plain_processors = (JointAttnProcessor2_0,)
+    capture_processor = _CaptureJoint
 
     @property
     def patch(self) -> int:

@@ -10,9 +10,10 @@ import torch
 __all__ = ["Capture", "guidance_copies"]
 
 
-def guidance_copies(embeds, guidance_scale: float) -> int:
-    """How many copies of the latents a guided UNet call batches: 2 with classifier-free guidance, else 1."""
-    return 2 if embeds is not None and guidance_scale > 1.0 else 1
+def guidance_copies(embeds, guidance_scale: float, batched: bool = True) -> int:
+    """How many copies of the latents a guided UNet call batches: 2 with classifier-free guidance, else 1 (and 1 for
+    a pipeline whose guidance is not batched: FLUX's distilled guidance is an input of the transformer)."""
+    return 2 if batched and embeds is not None and guidance_scale > 1.0 else 1
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Capture:
     text_fingerprint: tuple | None = None  # the text encoders the embeddings came from (`_text_fingerprint`)
     inputs: dict | None = None  # the adapter's `extra_images` (the ControlNet's control image), at image resolution
     checksums: dict | None = None  # `guard.weights_checksum` of every model component, taken after the capture
+    batched_guidance: bool = True  # the adapter's `batches_guidance` (FLUX: False)
 
     def generator(self) -> torch.Generator:
         """A generator in the capture's starting state: replaying it draws the capture's noise again."""
@@ -54,4 +56,4 @@ class Capture:
     @property
     def copies(self) -> int:
         """Batch copies of every UNet call: 2 with classifier-free guidance (unconditional, conditional), else 1."""
-        return guidance_copies(self.embeds, self.call["guidance_scale"])
+        return guidance_copies(self.embeds, self.call["guidance_scale"], self.batched_guidance)

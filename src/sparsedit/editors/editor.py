@@ -38,7 +38,7 @@ from .inputs import (
     prompt_change,
     unchanged_note,
 )
-from .loop import Loop
+from .loop import Loop, image_size
 
 
 __all__ = ["SparseEditor"]
@@ -226,7 +226,7 @@ class SparseEditor:
     def _run_capture(self, x0, mask, call, generator, inputs) -> torch.Tensor:
         loop = self.loop
         state = generator.get_state()
-        timesteps = loop.timesteps(call["num_inference_steps"], call["strength"])
+        timesteps = loop.timesteps(call["num_inference_steps"], call["strength"], image_size(x0))
         embeds = loop.embeds(call["prompt"], call["negative_prompt"], call["guidance_scale"], self.adapter.batch(x0),
                              call.get("prompt_embeds"), call.get("negative_prompt_embeds"))  # fmt: skip
         budget = None
@@ -234,7 +234,8 @@ class SparseEditor:
         # (by reference) until the new one completes.
         with transaction(*loop.models().values()):
             if self.config.budget_bytes is not None:  # measured by dry runs, before anything is stored
-                budget = fit_budget(self, x0, call, embeds, timesteps, guidance_copies(embeds, call["guidance_scale"]))
+                copies = guidance_copies(embeds, call["guidance_scale"], self.adapter.batches_guidance)
+                budget = fit_budget(self, x0, call, embeds, timesteps, copies)
                 loop.sync_attention_storage()
             with peak_memory(self.unet.device) as peak:
                 capture, stats = loop.capture(x0, mask, call, generator, state, timesteps, embeds, inputs,

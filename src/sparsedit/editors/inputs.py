@@ -102,8 +102,8 @@ def capture_call(ed, image, prompt, strength, num_inference_steps, guidance_scal
     check_call_values(num_inference_steps, strength, guidance_scale)
     options, images = pipeline_kwargs(ed, pipeline_kw, "capture")
     if ed.adapter.fixed_size:
-        f = ed.pipe.vae_scale_factor
-        height, width = height or ed.unet.config.sample_size * f, width or ed.unet.config.sample_size * f
+        size = ed.adapter.default_size()
+        height, width = height or size, width or size
     if not ed.adapter.takes_image:
         if image is not None or mask_image is not None:
             raise ValueError(

@@ -28,11 +28,16 @@ from ..spatial import (
     transaction,
     unsparsify_,
 )
-from .capture import Capture
+from .capture import Capture, guidance_copies
 from .runs import CaptureRun, EditRun
 
 
-__all__ = ["Capture", "Loop"]
+__all__ = ["Capture", "Loop", "image_size"]
+
+
+def image_size(x0) -> tuple[int, int]:
+    """Height and width in pixels of a loop's input: an image `[B, C, H, W]`, or text-to-image's `(B, H, W)`."""
+    return tuple(x0.shape[-2:]) if isinstance(x0, torch.Tensor) else tuple(x0[1:])
 
 
 class Loop:
@@ -118,10 +123,11 @@ class Loop:
             models.update(vae_encoder=self.pipe.vae.encoder, vae_decoder=self.pipe.vae.decoder)
         return models
 
-    def timesteps(self, num_inference_steps: int, strength: float) -> list:
+    def timesteps(self, num_inference_steps: int, strength: float, size: tuple[int, int] | None = None) -> list:
+        """The run's timesteps; `size`: the image's height and width in pixels (FLUX shifts its schedule by it)."""
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}.")
-        timesteps = self.adapter.timesteps(self.pipe.scheduler, num_inference_steps, strength, self.unet.device)
+        timesteps = self.adapter.timesteps(self.pipe.scheduler, num_inference_steps, strength, self.unet.device, size)
         if not timesteps:
             raise ValueError(f"strength={strength} with {num_inference_steps} steps leaves no step to run.")
         return timesteps
@@ -223,8 +229,8 @@ class Loop:
         unet = self.unet
         if run_control is None:
             run_control = lambda i, fn, n: (fn(), None)  # noqa: E731
-        cfg = embeds is not None and guidance_scale > 1.0
-        copies = 2 if cfg else 1
+        copies = guidance_copies(embeds, guidance_scale, self.adapter.batches_guidance)
+        cfg = copies == 2
         cond = self.adapter.unet_condition(prep, copies) if prep else None
 
         def predict(i, t, z):
@@ -281,7 +287,7 @@ class Loop:
                 "the pipeline's scheduler (or its config) changed since the capture, so the cached trajectory no "
                 "longer matches; capture again with `editor.capture(...)`."
             )
-        timesteps = self.timesteps(cap.call["num_inference_steps"], cap.call["strength"])
+        timesteps = self.timesteps(cap.call["num_inference_steps"], cap.call["strength"], image_size(cap.image))
         if [int(t) for t in timesteps] != [int(t) for t in cap.timesteps]:
             raise StaleCacheError("the scheduler's timesteps differ from the capture's; capture again.")
         if weights and cap.checksums is not None:

@@ -85,7 +85,7 @@ class CaptureRun:
     def run(self) -> tuple[Capture, EditStats]:
         loop, started = self.loop, time.perf_counter()
         loop.encoder_stats = []
-        copies = guidance_copies(self.embeds, self.call["guidance_scale"])
+        copies = guidance_copies(self.embeds, self.call["guidance_scale"], loop.adapter.batches_guidance)
         with loop.encoder_mode(capturing):
             prep = loop.prepare(self.x0, self.mask, self.generator, self.timesteps, self.call, self.inputs, copies)
         encoder_macs = sum(s["macs_dense"] for s in loop.encoder_stats)
@@ -122,6 +122,7 @@ class CaptureRun:
             text_fingerprint=text_fingerprint(loop.pipe),
             inputs={k: v.clone() for k, v in self.inputs.items()},
             checksums=weights_checksum(loop.components()),
+            batched_guidance=loop.adapter.batches_guidance,
         )
         stats = EditStats.of({
             "macs_dense": cap.macs,
@@ -205,7 +206,8 @@ class EditRun:
         # `Loop.check` compared every component's weights with the capture's before this edit; the UNet's own
         # fingerprint is checked at its first sparse step (about 1 ms a step otherwise).
         with (
-            editing(unet, region=self.unet_region, commit=self.commit, changeable=self.changeable,
+            editing(unet, region=loop.adapter.denoiser_region(self.unet_region), commit=self.commit,
+                    changeable=self.changeable,
                     input_regions=regions, check_weights=not self.checked["unet"]),
             scope(unet, i),
         ):  # fmt: skip

@@ -472,6 +472,7 @@ def load_capture(editor, path, mmap: bool = True):
         conditions={k: get(n) for k, n in c.get("conditions", {}).items()},
         text_fingerprint=text_fingerprint(editor.pipe),  # checked against the saved content by load_editor
         checksums=weights_checksum(editor.loop.components()),  # the content was checked by load_editor
+        batched_guidance=editor.adapter.batches_guidance,
     )
     return capture, list(manifest.get("history", []))
 

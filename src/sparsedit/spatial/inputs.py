@@ -11,10 +11,17 @@ from .attachment import Attachment
 
 
 def first_image(args, kwargs) -> torch.Tensor:
+    """The model's image input: its first `[B, C, H, W]` tensor; for a model without one, a token sequence
+    `[B, N, C]` passed first or as `hidden_states` (FLUX's packed latents) as a one-row map `[B, C, 1, N]` (a view)."""
     for v in list(args) + list(kwargs.values()):
         if isinstance(v, torch.Tensor) and v.dim() == 4:
             return v
-    raise ValueError("a sparsified model's input must include a [B, C, H, W] tensor.")
+    tokens = args[0] if args else kwargs.get("hidden_states")
+    if isinstance(tokens, torch.Tensor) and tokens.dim() == 3:
+        view = tokens.transpose(1, 2).unsqueeze(2)
+        view._sparsedit_tokens = tokens  # the input it shows (not an auxiliary input)
+        return view
+    raise ValueError("a sparsified model's input must include a [B, C, H, W] tensor (or [B, N, C] tokens first).")
 
 
 def aux_inputs(args, kwargs, image: torch.Tensor, skip=frozenset()) -> dict[str, object]:
@@ -22,7 +29,8 @@ def aux_inputs(args, kwargs, image: torch.Tensor, skip=frozenset()) -> dict[str,
     `skip`: keyword inputs whose changes the caller tracks (`capturing(spatial_inputs=...)`)."""
     named = {_aux_name(i): v for i, v in enumerate(args)}
     named.update({_aux_name(k): v for k, v in kwargs.items() if k not in skip})
-    return {k: v for k, v in named.items() if v is not image}
+    source = getattr(image, "_sparsedit_tokens", image)
+    return {k: v for k, v in named.items() if v is not image and v is not source}
 
 
 def _aux_name(key) -> str:

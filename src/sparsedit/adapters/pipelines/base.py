@@ -98,21 +98,30 @@ class PipelineAdapter:
     cross_attention = True  # the denoiser has UNet cross-attention layers (prompt edits record their maps)
     default_config = None  # the SparseConfig a SparseEditor uses without one (None: SIGE's, input_dilation=5)
     auto_cache_dtype = None  # what `cache_dtype="auto"` stores the denoiser's cache in (None: bfloat16 for float32)
+    batches_guidance = True  # classifier-free guidance batched as (uncond, cond); False: guidance is an input (FLUX)
 
     def size_multiple(self) -> int:
         """Latent height and width must be multiples of this (the UNet's downsampling)."""
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
+    def default_size(self) -> int:
+        """The pipeline's default height and width in pixels, for `fixed_size` families (the UNet's sample size)."""
+        return self.unet.config.sample_size * self.pipe.vae_scale_factor
+
     def size_note(self, multiple: int) -> str:
         return f"the UNet's {multiple}x downsampling"
 
-    def timesteps(self, sched, num_inference_steps: int, strength: float, device) -> list:
+    def timesteps(self, sched, num_inference_steps: int, strength: float, device, size=None) -> list:
         """The pipeline's timesteps for `strength` (its `get_timesteps`), with the scheduler's begin index set."""
         sched.set_timesteps(num_inference_steps, device=device)
         start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(start * sched.order)
         return list(sched.timesteps[start * sched.order :])
+
+    def denoiser_region(self, region: torch.Tensor) -> torch.Tensor:
+        """The edit region `[B, h, w]` at latent resolution as the denoiser's input takes it (FLUX: its tokens)."""
+        return region
 
     def latents_of(self, sample: torch.Tensor) -> torch.Tensor:
         """A VAE latent sample as the pipeline scales it for the denoiser."""

@@ -18,6 +18,7 @@ class _SD3:
 
     text_editable = False  # prompt edits need the context stream recomputed (SparseConfig.dit_context): not yet
     cross_attention = False
+    fixed_size = True  # the pipeline resizes the image to `default_sample_size * vae_scale_factor` unless told
     guidance_scale = 7.0
     default_strength = 0.6
     # One latent pixel of dilation, then one token (SparseConfig.dilation): a patch-2 transformer's tokens are already
@@ -42,7 +43,10 @@ class _SD3:
     def size_note(self, multiple: int) -> str:
         return f"the transformer's {multiple}x{multiple} patches"
 
-    def timesteps(self, sched, num_inference_steps, strength, device):
+    def default_size(self) -> int:
+        return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
+    def timesteps(self, sched, num_inference_steps, strength, device, size=None):
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img import retrieve_timesteps
 
         kwargs = {}
@@ -121,7 +125,6 @@ class SD3InpaintAdapter(_SD3, InpaintAdapter):
     inpainting transformers (mask and masked-image latents as extra input channels)."""
 
     kind = "sd3_inpaint"
-    fixed_size = False
     default_strength = 0.6  # the pipeline's own default
 
     def check(self):

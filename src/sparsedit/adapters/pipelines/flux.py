@@ -1,0 +1,136 @@
+"""FLUX.1: img2img (SDEdit with flow matching), the transformer token-sparse through `adapters/flux.py`.
+
+The loop keeps FLUX's latents unpacked (`[B, 16, h, w]`, as the other families): packing 2x2 patches into tokens is a
+permutation, and the flow-matching step and `scale_noise` act per element, so the trajectory is the pipeline's bit
+for bit. The adapter packs the latents for each transformer call and unpacks its prediction; the edit region goes to
+the transformer as its tokens (`denoiser_region`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...config import SparseConfig
+from .base import PipelineAdapter, randn, register_pipeline
+
+
+class _Flux:
+    """FLUX.1's conditioning and latents: the T5 hidden states are the context, CLIP's pooled embedding and the
+    distilled guidance (`guidance`, FLUX-dev) are inputs of the transformer (no batched classifier-free guidance; true
+    CFG with a negative prompt is not supported yet), with the text ids; latents `(sample - shift) * scale`; the
+    schedule shifted by the image's token count (`mu`)."""
+
+    text_editable = False
+    cross_attention = False
+    batches_guidance = False
+    fixed_size = True  # the pipeline resizes the image to `default_sample_size * vae_scale_factor` unless told
+    guidance_scale = 7.0  # FluxImg2ImgPipeline's default
+    default_strength = 0.6
+    default_config = SparseConfig(input_dilation=1)  # a latent pixel, then a token (2x2 latents) on the token grid
+    auto_cache_dtype = "int8"  # keys and values; see the SD3 adapter
+
+    @property
+    def unet(self):
+        return self.pipe.transformer
+
+    def check(self):
+        if getattr(self.pipe, "transformer", None) is None:
+            raise ValueError(f"{type(self.pipe).__name__} has no transformer to edit with.")
+
+    def size_multiple(self) -> int:
+        return 2
+
+    def size_note(self, multiple: int) -> str:
+        return "FLUX's 2x2 latent packing"
+
+    def default_size(self) -> int:
+        return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
+    def timesteps(self, sched, num_inference_steps, strength, device, size=None):
+        from diffusers.pipelines.flux.pipeline_flux_img2img import calculate_shift, retrieve_timesteps
+
+        h, w = size
+        f = self.pipe.vae_scale_factor
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        mu = calculate_shift(
+            (int(h) // f // 2) * (int(w) // f // 2),
+            sched.config.get("base_image_seq_len", 256),
+            sched.config.get("max_image_seq_len", 4096),
+            sched.config.get("base_shift", 0.5),
+            sched.config.get("max_shift", 1.15),
+        )
+        retrieve_timesteps(sched, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        init = min(num_inference_steps * strength, num_inference_steps)  # the pipeline's get_timesteps
+        start = int(max(num_inference_steps - init, 0))
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start * sched.order)
+        return list(sched.timesteps[start * sched.order :])
+
+    def latents_of(self, sample):
+        cfg = self.pipe.vae.config
+        return (sample - cfg.shift_factor) * cfg.scaling_factor
+
+    def scale_input(self, zin, t):
+        return zin
+
+    def embeds(self, prompt, negative_prompt, guidance_scale, batch, prompt_embeds=None, negative_prompt_embeds=None):
+        if prompt_embeds is not None or negative_prompt_embeds is not None:
+            raise NotImplementedError("SparseEditor on FLUX takes prompts, not prompt_embeds.")
+        if prompt is None:
+            raise ValueError("FLUX needs a prompt: capture(prompt=..., image=...).")
+        prompts = len(prompt) if isinstance(prompt, list) else 1
+        if batch % prompts:
+            raise ValueError(f"{prompts} prompts for {batch} images: give one prompt, or one per image.")
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=self.unet.device, num_images_per_prompt=batch // prompts
+        )
+        self.conditions = {"pooled_projections": pooled, "txt_ids": text_ids}
+        if self.unet.config.guidance_embeds:
+            guidance = torch.full([1], guidance_scale, device=self.unet.device, dtype=torch.float32)
+            self.conditions["guidance"] = guidance.expand(embeds.shape[0])
+        return embeds
+
+    def denoise(self, model, zin, t, embeds, extra):
+        pipe = self.pipe
+        b, c, h, w = zin.shape
+        packed = pipe._pack_latents(zin, b, c, h, w)
+        img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, zin.device, embeds.dtype)
+        timestep = torch.as_tensor(t, device=zin.device).expand(b).to(zin.dtype)
+        out = model(hidden_states=packed, timestep=timestep / 1000, guidance=self.conditions.get("guidance"),
+                    pooled_projections=self.conditions["pooled_projections"], encoder_hidden_states=embeds,
+                    txt_ids=self.conditions["txt_ids"], img_ids=img_ids, return_dict=False, **extra)[0]  # fmt: skip
+        f = pipe.vae_scale_factor
+        return pipe._unpack_latents(out, h * f, w * f, f)
+
+    def denoiser_region(self, region):
+        tokens = F.max_pool2d(region[:, None].float(), 2)[:, 0] > 0
+        return tokens.reshape(tokens.shape[0], 1, -1)
+
+    def decode(self, z):
+        vae = self.pipe.vae
+        return vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+
+    def output(self, x, output_type, return_dict, latents=None):
+        from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+
+        if output_type == "latent":
+            b, c, h, w = latents.shape
+            images = self.pipe._pack_latents(latents, b, c, h, w)  # the pipeline returns packed latents
+        else:
+            images = self.pipe.image_processor.postprocess(x, output_type)
+        return FluxPipelineOutput(images=images) if return_dict else (images,)
+
+
+@register_pipeline("FluxImg2ImgPipeline")
+class FluxImg2ImgAdapter(_Flux, PipelineAdapter):
+    """`FluxImg2ImgPipeline`: SDEdit with flow matching (`scale_noise`); stroke edits."""
+
+    kind = "flux_img2img"
+
+    def prepare(self, x0, mask, generator, timesteps, strength, encode, kept):
+        image = kept("image", encode(x0, "image"))
+        noise = randn(image.shape, generator, image.device, image.dtype)
+        t0 = timesteps[0][None].repeat(image.shape[0])
+        return {"z": self.pipe.scheduler.scale_noise(image, t0, noise), "noise": noise, "image": image}

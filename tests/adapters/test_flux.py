@@ -1,0 +1,175 @@
+"""Token-sparse FLUX.1 transformer (`adapters/flux.py`) on tiny random configs, against plain-PyTorch references: the
+capture is the plain model bit for bit; a sparse edit equals the dense model with the inactive rows (and the cached
+context) held at the capture's after every double- and single-stream block; tokens outside the active set are the
+capture's bit for bit; MACs are what ran."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+import sparsedit
+from sparsedit import SparseConfig
+from sparsedit.nn.base import UnsupportedLayerError
+from tests.strategies import regions
+
+
+diffusers = pytest.importorskip("diffusers")
+flux = pytest.importorskip("sparsedit.adapters.flux")
+H = W = 8  # the token grid
+
+
+def _flux(guidance=False, seed=0, layers=1, single=2):
+    torch.manual_seed(seed)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=layers, num_single_layers=single, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 2, 2),
+        guidance_embeds=guidance,
+    ).eval()  # fmt: skip
+
+
+def _inputs(b=2, m=5, guidance=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    img_ids = torch.stack([torch.zeros(H * W), rows.reshape(-1).float(), cols.reshape(-1).float()], dim=1)
+    kw = {
+        "encoder_hidden_states": torch.randn(b, m, 16, generator=g),
+        "pooled_projections": torch.randn(b, 8, generator=g),
+        "timestep": torch.full((b,), 0.5),
+        "img_ids": img_ids,
+        "txt_ids": torch.zeros(m, 3),
+    }
+    if guidance:
+        kw["guidance"] = torch.full((b,), 3.5)
+    return torch.randn(b, H * W, 4, generator=g), kw
+
+
+def _blocks(model):
+    return list(model.transformer_blocks) + list(model.single_transformer_blocks)
+
+
+def _reference(model, x, kw, x_edit, tokens, cache_context):
+    captured = {}
+
+    def keep(i):
+        def hook(mod, args, kwargs, out):
+            captured[i] = tuple(o.clone() for o in out)
+
+        return hook
+
+    def clamp(i):
+        def hook(mod, args, kwargs, out):
+            ctx, hidden = out
+            hidden = hidden.clone()
+            hidden[:, ~tokens] = captured[i][1][:, ~tokens]
+            return (captured[i][0] if cache_context else ctx), hidden
+
+        return hook
+
+    with torch.no_grad():
+        hooks = [blk.register_forward_hook(keep(i), with_kwargs=True) for i, blk in enumerate(_blocks(model))]
+        model(x, **kw)
+        for h in hooks:
+            h.remove()
+        hooks = [blk.register_forward_hook(clamp(i), with_kwargs=True) for i, blk in enumerate(_blocks(model))]
+        try:
+            return model(x_edit, **kw).sample
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_sparse_edit_equals_the_dense_model_with_inactive_rows_held(data):
+    guidance = data.draw(st.booleans())
+    context = data.draw(st.sampled_from(["cache", "recompute"]))
+    dilation = data.draw(st.integers(0, 1))
+    b = data.draw(st.integers(1, 2))
+    model = _flux(guidance=guidance, seed=data.draw(st.integers(0, 9)))
+    x, kw = _inputs(b=b, guidance=guidance)
+    region = data.draw(regions(b, H, W))
+    flat = region.reshape(b, -1)
+    x_edit = torch.where(flat[..., None], x + torch.randn_like(x), x)
+    tokens = flux.grid_dilate(flat.any(dim=0), kw["img_ids"], dilation)
+    with torch.no_grad():
+        plain = model(x, **kw).sample
+    want = _reference(model, x, kw, x_edit, tokens, context == "cache")
+    sparsedit.sparsify_(model, SparseConfig(dilation=dilation, dit_context=context, max_region_fraction=1.0))
+    with torch.no_grad():
+        with sparsedit.capturing(model):
+            captured = model(x, **kw).sample
+        with sparsedit.editing(model, region=flat[:, None]):
+            got = model(x_edit, **kw).sample
+    assert torch.equal(captured, plain)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[:, ~tokens], plain[:, ~tokens])
+
+
+def test_every_token_active_with_the_context_recomputed_equals_dense_and_remove_restores():
+    model = _flux(guidance=True)
+    x, kw = _inputs(guidance=True)
+    x_new = x + torch.randn_like(x)
+    with torch.no_grad():
+        plain, want = model(x, **kw).sample, model(x_new, **kw).sample
+        sparsedit.sparsify_(model, SparseConfig(dilation=0, dit_context="recompute", max_region_fraction=1.0))
+        with sparsedit.capturing(model):
+            model(x, **kw)
+        with sparsedit.editing(model):  # the region: the tokens that changed (all of them)
+            got = model(x_new, **kw).sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        sparsedit.unsparsify_(model)
+        assert torch.equal(model(x, **kw).sample, plain)
+
+
+def test_rows_are_written_before_they_are_read_and_edits_roll_back():
+    model = _flux()
+    x, kw = _inputs()
+    x_edit = x.clone()
+    x_edit[:, 20:23] += 1  # tokens 20-22: row 2, columns 4-6
+    sparsedit.sparsify_(model, SparseConfig(dilation=1))
+    with torch.no_grad():
+        with sparsedit.capturing(model):
+            captured = model(x, **kw).sample
+        with sparsedit.editing(model):
+            first = model(x_edit, **kw).sample
+        tokens = flux.grid_dilate(torch.arange(64).ge(20) & torch.arange(64).lt(23), kw["img_ids"], 1)
+        att = sparsedit.spatial.attachment_of(model)
+        (key,) = [k for k in att.state.cache.keys() if "root" in str(k)]
+        for name, t in att.state.cache.get(key).items():
+            image = t[:, -64:] if name != "out" else t  # the joint layout: context first, then the image
+            image[:, tokens] = float("nan")
+        with sparsedit.editing(model):
+            got = model(x_edit, **kw).sample
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, first, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[:, ~tokens], captured[:, ~tokens])
+
+
+def test_macs_count_every_layer_that_ran():
+    model = _flux(guidance=True)
+    x, kw = _inputs(guidance=True)
+    x_edit = x.clone()
+    x_edit[:, 0] -= 1
+    sparsedit.sparsify_(model, SparseConfig(dilation=0))
+
+    def attention(nq, mq, n=64, m=5):
+        return sum(2 * 2 * (nq + mq) * (n + m) * blk.attn.inner_dim for blk in _blocks(model))
+
+    with torch.no_grad():
+        with sparsedit.capturing(model), FlopCounterMode(display=False) as dense:
+            model(x, **kw)
+        assert sparsedit.last_stats(model)["macs_dense"] == dense.get_total_flops() // 2 + attention(64, 5)
+        with sparsedit.editing(model), FlopCounterMode(display=False) as sparse:
+            model(x_edit, **kw)
+    assert sparsedit.last_stats(model)["macs_sparse"] == sparse.get_total_flops() // 2 + attention(1, 0)
+
+
+def test_refusals_name_the_problem():
+    model = _flux()
+    x, kw = _inputs()
+    sparsedit.sparsify_(model)
+    with pytest.raises(UnsupportedLayerError, match="controlnet_block_samples"):
+        with sparsedit.capturing(model):
+            model(x, **kw, controlnet_block_samples=[torch.zeros(2, 64, 16)])

@@ -1,0 +1,68 @@
+"""SparseEditor on a tiny offline FLUX.1 img2img pipeline (issue 36): packed latents, the resolution-shifted
+flow-matching schedule, distilled guidance as an input, the transformer token-sparse (`adapters/flux.py`)."""
+
+import pytest
+import torch
+
+import sparsedit
+from sparsedit import SparseEditor
+from sparsedit.testing import tiny_flux
+
+
+pytest.importorskip("diffusers")
+KW = {"prompt": "a red house", "strength": 0.6, "num_inference_steps": 6, "guidance_scale": 3.5}
+
+
+@pytest.fixture
+def pipe(tmp_path):
+    return tiny_flux(tmp_path / "tok")
+
+
+def photo(h=128, w=128):
+    return torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+
+
+def stroke(x, y0=40, x0=40):
+    y = x.clone()
+    y[:, :, y0 : y0 + 16, x0 : x0 + 24] = 0.9
+    return y
+
+
+def run(pipe, x, output_type="pt"):
+    return pipe(image=x, generator=torch.Generator().manual_seed(3), output_type=output_type, **KW).images
+
+
+def test_capture_is_the_pipelines_own_result_edits_keep_the_background(pipe, tmp_path):
+    want, want_latents = run(pipe, photo()), run(pipe, photo(), "latent")
+    editor = SparseEditor(pipe)
+    got = editor.capture(image=photo(), generator=torch.Generator().manual_seed(3), output_type="pt", **KW).images
+    assert torch.equal(got, want) and editor.kind == "flux_img2img"
+    assert torch.equal(editor.edit(image=photo(), output_type="latent").images, want_latents)  # packed, as FLUX's
+    out = editor.edit(image=stroke(photo()), output_type="pt").images
+    stats, keep = editor.last_stats, editor.last_region[0]
+    assert stats["ran_dense"] is None and 0 < stats["macs_sparse"] < 0.8 * stats["macs_dense"]
+    assert keep.any() and not keep.all()
+    assert torch.equal(out[..., ~keep], got[..., ~keep])
+    dense = run(pipe, stroke(photo()))
+    inside = stroke(torch.zeros(1, 1, 128, 128)).bool()[0, 0]
+    assert (out - dense)[..., inside].abs().mean() < 0.7 * (dense - got)[..., inside].abs().mean()
+    committed = editor.edit(image=stroke(photo()), commit=True, output_type="pt").images
+    assert torch.equal(committed, out)
+    editor.save(tmp_path / "session")
+    editor.remove()
+    assert not sparsedit.is_sparsified(pipe.transformer)
+    assert torch.equal(run(pipe, photo()), want)
+    loaded = SparseEditor.load(pipe, tmp_path / "session")
+    again = loaded.edit(image=stroke(stroke(photo()), 90, 80), output_type="pt").images
+    assert torch.isfinite(again).all() and loaded.last_stats["ran_dense"] is None
+
+
+def test_sizes_follow_the_pipeline(pipe):
+    """FLUX's image processor rounds a size down to its 16 px multiple (the VAE's 8x, then 2x2 packing); the capture
+    does what the pipeline does."""
+    want = pipe(image=photo(120, 128), height=120, width=128, generator=torch.Generator().manual_seed(3),
+                output_type="pt", **KW).images  # fmt: skip
+    editor = SparseEditor(pipe)
+    got = editor.capture(image=photo(120, 128), height=120, width=128, generator=torch.Generator().manual_seed(3),
+                         output_type="pt", **KW).images  # fmt: skip
+    assert got.shape[-2:] == (112, 128) and torch.equal(got, want)
