@@ -198,3 +198,32 @@ def test_model_level_committed_edit_rolls_back_on_failure():
     with torch.no_grad():
         torch.testing.assert_close(got, model(b), rtol=0, atol=1e-6)  # against the dense model on b
     sparsedit.unsparsify_(model)
+
+
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "int8"])
+def test_committed_steps_of_a_converting_cache_keep_no_working_copies(cache_dtype):
+    """A converting cache's committed runs write their working copies back at their end and journal what that
+    changes; before, each run's undo log kept its whole working copy alive until the transaction ended (a 20-step SD3
+    edit held its cache again in float32 and was killed for memory). A failure after some committed steps still
+    restores every step, and int8 entries keep their scales where the commit stays within them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
+    sparsedit.sparsify_(model, SparseConfig(cache_dtype=cache_dtype, measured_fallback=False, tile_size=4))
+    x = torch.randn(1, 3, 24, 24)
+    a = x.clone()
+    a[..., 4:8, 4:8] += 0.1
+    att = sparsedit.spatial.attachment_of(model)
+    with sparsedit.capturing(model), torch.no_grad():
+        for step in range(3):
+            with sparsedit.scope(model, step):
+                model(x)
+    stored = {k: {n: t.clone() for n, t in e.items()} for k, e in att.state.cache._entries.items()}
+    with pytest.raises(Boom), torch.no_grad(), sparsedit.transaction(model):
+        for step in range(3):
+            with sparsedit.editing(model, commit=True), sparsedit.scope(model, step):
+                model(a)
+            assert att.state.txn_undo == []  # nothing holds the working copies
+        raise Boom("after every step committed")
+    for key, entry in att.state.cache._entries.items():
+        for name, t in entry.items():
+            assert torch.equal(t, stored[key][name]), (key, name)

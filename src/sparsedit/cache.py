@@ -287,9 +287,9 @@ class ActivationCache:
             for name, t in entry.items():
                 dtype, device = home[name]
                 fmt = torch.channels_last if t.dim() == 4 else torch.contiguous_format
-                if name in scales:  # int8: value = q * per-channel scale
-                    w = t.to(device=device, dtype=dtype, memory_format=fmt) * scales[name].to(device, dtype)
-                    working[name] = w.contiguous(memory_format=fmt)
+                if name in scales:  # int8: value = q * per-channel scale, multiplied in float32 and rounded once
+                    w = t.to(device=device, dtype=torch.float32, memory_format=fmt) * scales[name].to(device)
+                    working[name] = w.to(dtype).contiguous(memory_format=fmt)
                     continue
                 # From disk, always a copy in memory: runs write into it, and only a commit writes the file.
                 working[name] = t.to(device=device, dtype=dtype, memory_format=fmt, non_blocking=True,
@@ -329,7 +329,7 @@ class ActivationCache:
                 scales = self._scales.get(key, {})
                 for name, t in working.items():
                     if name in scales:
-                        q, scale = quantize(t)
+                        q, scale = requantize(t, scales[name])
                         if self._journal is not None:
                             self._journal_diff(key, name, q, scales[name])
                         scales[name] = scale.to(entry[name].device)
@@ -413,8 +413,13 @@ class ActivationCache:
             return
         j["seen"].add(("diff", id(stored)))
         flat = _flat(stored)
-        changed = (flat != _flat(new.to(stored.dtype) if new.dtype != stored.dtype else new)).nonzero().flatten()
+        differs = flat != _flat(new.to(stored.dtype) if new.dtype != stored.dtype else new)
         old_scale = None if scale is None else scale.clone()
+        index = torch.int32 if flat.numel() < 2**31 else torch.int64
+        if int(differs.sum()) * (index.itemsize + flat.element_size()) > flat.numel() * flat.element_size():
+            j["records"].append(("diff", key, name, stored, None, flat.clone(), old_scale))  # cheaper whole
+            return
+        changed = differs.nonzero().flatten().to(index)
         j["records"].append(("diff", key, name, stored, changed, flat[changed].clone(), old_scale))
 
     def rollback(self) -> None:
@@ -455,7 +460,10 @@ class ActivationCache:
                     self._scales.setdefault(key, {})[name] = scale
             else:
                 _, _, _, stored, where, values, scale = record
-                _flat(stored)[where] = values
+                if where is None:
+                    _flat(stored).copy_(values)
+                else:
+                    _flat(stored)[where] = values
                 if scale is not None:
                     self._scales[key][name] = scale
         self.fingerprint = journal["fingerprint"]
@@ -510,6 +518,18 @@ def _on_disk(t: torch.Tensor) -> bool:
 
 def _resident(t: torch.Tensor) -> int:
     return 0 if _on_disk(t) else t.numel() * t.element_size()
+
+
+def requantize(t: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 of a committed working copy `t`, keeping each channel's stored `scale` where it still covers the channel's
+    values (so the entries a sparse run did not write keep their stored bits: a commit changes only its region, and a
+    transaction journals only that) and a new scale where the new values exceed it."""
+    channel = 1 if t.dim() == 4 else t.dim() - 1
+    dims = [d for d in range(t.dim()) if d != channel]
+    amax = t.detach().abs().amax(dim=dims, keepdim=True).float()
+    scale = torch.where(amax > 127.0 * scale, amax / 127.0, scale).clamp_min(1e-12)
+    q = torch.round(t.float() / scale).clamp_(-127, 127).to(torch.int8)
+    return q, scale
 
 
 def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
