@@ -112,7 +112,7 @@ def main():
             t0 = time.perf_counter()
             dense = pipe(image=edited, generator=torch.Generator().manual_seed(0), output_type="pt", **kw).images
             t1 = time.perf_counter()
-            sparse = editor.edit(image=edited, output_type="pt").images
+            sparse = editor.edit(image=edited, commit=False, output_type="pt").images
             t2 = time.perf_counter()
             print(f"  pair {i}: dense {t1 - t0:.1f} s, sparse {t2 - t1:.1f} s, load {loadavg()}", flush=True)
             if i >= args.warmup:
