@@ -228,32 +228,39 @@ class DiTHandler(SparseHandler):
         return result
 
     def sparse(self, key, call):
+        x = call["hidden_states"]
+        active = self.active_tokens(x)
+        entry = self.compute_active(key, call, active)
+        with untracked():
+            out = self.unpatchify(entry["out"], x)
+        self.state.set_region(out, self.pixel_region(active, x))
+        if call.get("return_dict", True):
+            return Transformer2DModelOutput(sample=out)
+        return (out,)
+
+    def compute_active(self, key, call, active: ActiveTokens, **family) -> dict:
+        """Run the active rows through the model (`run_rows`, with the family's extra arguments) into the cached
+        output tokens of `key`, and record every block's MACs. Returns the cache entry."""
         st = self.state
         x = call["hidden_states"]
         entry = st.cache.get(key)
-        active = self.active_tokens(x)
         b, n_all, m = x.shape[0], self.tokens(x), self.context_length(call)
         recompute = str(st.config.dit_context) == "recompute"
         n = active.count
         dense = self.macs(b, n_all, n_all, m, m)
         sparse = self.macs(b, n, n_all, m if recompute else 0, m)
-        with untracked():
-            if n:
+        if n:
+            with untracked():
                 st.start_laps()
-                rows = self.run_rows(call, entry, active, recompute)
+                rows = self.run_rows(call, entry, active, recompute, **family)
                 active.write_rows(st, entry["out"], rows)
                 st.lap("compute")
-            out = self.unpatchify(entry["out"], x)
+        grid = self.grid(x)
         for i, (d, s) in enumerate(zip(dense["blocks"], sparse["blocks"])):
-            st.record(
-                LayerRecord(f"{self.name}.blocks.{i}", self.kind, self.grid(x), d, s if n else 0, active.fraction)
-            )
-        st.record(LayerRecord(f"{self.name}.ends", "dit ends", self.grid(x), dense["ends"], sparse["ends"] if n else 0,
+            st.record(LayerRecord(f"{self.name}.blocks.{i}", self.kind, grid, d, s if n else 0, active.fraction))
+        st.record(LayerRecord(f"{self.name}.ends", "dit ends", grid, dense["ends"], sparse["ends"] if n else 0,
                               active.fraction))  # fmt: skip
-        st.set_region(out, self.pixel_region(active, x))
-        if call.get("return_dict", True):
-            return Transformer2DModelOutput(sample=out)
-        return (out,)
+        return entry
 
     # -- the active set --------------------------------------------------------------------------------------------------
     def active_tokens(self, x: torch.Tensor) -> ActiveTokens:

@@ -18,9 +18,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxTransformer2DModel
 
 from ..nn.base import UnsupportedLayerError, register_handler
-from ..nn.state import LayerRecord
 from ..nn.tokens import ActiveTokens
-from ..nn.tracking import untracked
 from ..regions import dilate
 from .dit import DiTHandler, _numel, _refuse_mask
 
@@ -169,30 +167,13 @@ class FluxTransformerHandler(DiTHandler):
         return ActiveTokens(st.memo(("flux tokens", id(region)), (region,), build), (1, x.shape[1]))
 
     def sparse(self, key, call):
-        st = self.state
         x = call["hidden_states"]
         img_ids = call["img_ids"] if call["img_ids"].ndim == 2 else call["img_ids"][0]
-        entry = st.cache.get(key)
-        active = self.active_tokens(x, img_ids)
-        b, n_all, m = x.shape[0], x.shape[1], self.context_length(call)
-        recompute = str(st.config.dit_context) == "recompute"
-        n = active.count
-        dense = self.macs(b, n_all, n_all, m, m)
-        sparse = self.macs(b, n, n_all, m if recompute else 0, m)
-        with untracked():
-            if n:
-                st.start_laps()
-                rows = self.run_rows(call, entry, active, recompute, img_ids)
-                active.write_rows(st, entry["out"], rows)
-                st.lap("compute")
-        for i, (d, s) in enumerate(zip(dense["blocks"], sparse["blocks"])):
-            st.record(LayerRecord(f"{self.name}.blocks.{i}", self.kind, (1, n_all), d, s if n else 0, active.fraction))
-        st.record(LayerRecord(f"{self.name}.ends", "dit ends", (1, n_all), dense["ends"], sparse["ends"] if n else 0,
-                              active.fraction))  # fmt: skip
-        out = entry["out"]
+        entry = self.compute_active(key, call, self.active_tokens(x, img_ids), img_ids=img_ids)
+        out = entry["out"]  # the post hook hands the caller a copy
         return Transformer2DModelOutput(sample=out) if call.get("return_dict", True) else (out,)
 
-    def run_rows(self, call, entry, active: ActiveTokens, recompute: bool, img_ids) -> torch.Tensor:
+    def run_rows(self, call, entry, active: ActiveTokens, recompute: bool, img_ids=None) -> torch.Tensor:
         st, model = self.state, self.module
         x = call["hidden_states"]
         rows = model.x_embedder(x[:, active.index])

@@ -47,6 +47,16 @@ def supported_pipelines(text_editable: bool | None = None) -> list[str]:
     return [name for name, cls in _REGISTRY.items() if text_editable is None or cls.text_editable == text_editable]
 
 
+def strength_timesteps(sched, num_inference_steps: int, strength: float) -> list:
+    """The flow-matching pipelines' `get_timesteps` (SD3, FLUX): the last `strength` of the scheduler's timesteps,
+    the scheduler's begin index set to where they start."""
+    init = min(num_inference_steps * strength, num_inference_steps)
+    start = int(max(num_inference_steps - init, 0))
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start * sched.order)
+    return list(sched.timesteps[start * sched.order :])
+
+
 def randn(shape, generator, device, dtype):
     from diffusers.utils.torch_utils import randn_tensor
 

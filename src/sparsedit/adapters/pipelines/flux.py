@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config import SparseConfig
-from .base import PipelineAdapter, randn, register_pipeline
+from .base import PipelineAdapter, randn, register_pipeline, strength_timesteps
 
 
 class _Flux:
@@ -62,11 +62,7 @@ class _Flux:
             sched.config.get("max_shift", 1.15),
         )
         retrieve_timesteps(sched, num_inference_steps, device, sigmas=sigmas, mu=mu)
-        init = min(num_inference_steps * strength, num_inference_steps)  # the pipeline's get_timesteps
-        start = int(max(num_inference_steps - init, 0))
-        if hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(start * sched.order)
-        return list(sched.timesteps[start * sched.order :])
+        return strength_timesteps(sched, num_inference_steps, strength)
 
     def latents_of(self, sample):
         cfg = self.pipe.vae.config

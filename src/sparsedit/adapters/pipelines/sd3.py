@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ...config import SparseConfig
-from .base import PipelineAdapter, randn, register_pipeline
+from .base import PipelineAdapter, randn, register_pipeline, strength_timesteps
 from .sd import InpaintAdapter
 
 
@@ -56,11 +56,7 @@ class _SD3:
                 "takes a FlowMatchEulerDiscreteScheduler without it (SD3 and SD3.5's own)."
             )
         retrieve_timesteps(sched, num_inference_steps, device, **kwargs)
-        init = min(num_inference_steps * strength, num_inference_steps)  # the pipeline's get_timesteps
-        start = int(max(num_inference_steps - init, 0))
-        if hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(start * sched.order)
-        return list(sched.timesteps[start * sched.order :])
+        return strength_timesteps(sched, num_inference_steps, strength)
 
     def latents_of(self, sample):
         cfg = self.pipe.vae.config
