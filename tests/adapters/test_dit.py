@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparsedit
 from sparsedit import SparseConfig
 from sparsedit.nn.base import UnsupportedLayerError
+from tests.adapters.dit_reference import clamped_reference
 from tests.strategies import regions
 
 
@@ -40,40 +41,6 @@ def _inputs(b=2, size=16, m=5, dtype=torch.float32, seed=1):
     return x, kw
 
 
-def _reference(model, x, kw, x_edit, tokens: torch.Tensor, cache_context: bool):
-    """The approximation the engine promises, computed densely: every block runs on the whole sequence, then its
-    inactive rows (and with `cache_context`, its context output) are put back to the capture's."""
-    captured, hooks = {}, []
-
-    def keep(i):
-        def hook(mod, args, kwargs, out):
-            captured[i] = tuple(o.clone() if o is not None else None for o in out)
-
-        return hook
-
-    def clamp(i):
-        def hook(mod, args, kwargs, out):
-            ctx, hidden = out
-            hidden = hidden.clone()
-            hidden[:, ~tokens] = captured[i][1][:, ~tokens]
-            return (captured[i][0] if cache_context else ctx), hidden
-
-        return hook
-
-    with torch.no_grad():
-        blocks = list(model.transformer_blocks)
-        hooks = [blk.register_forward_hook(keep(i), with_kwargs=True) for i, blk in enumerate(blocks)]
-        model(x, **kw)
-        for h in hooks:
-            h.remove()
-        hooks = [blk.register_forward_hook(clamp(i), with_kwargs=True) for i, blk in enumerate(blocks)]
-        try:
-            return model(x_edit, **kw).sample
-        finally:
-            for h in hooks:
-                h.remove()
-
-
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_sparse_edit_equals_the_dense_model_with_inactive_rows_held(data):
@@ -93,7 +60,7 @@ def test_sparse_edit_equals_the_dense_model_with_inactive_rows_held(data):
     tokens = dit.token_region(union, 2, dilation)[0].reshape(-1)
     with torch.no_grad():
         plain = model(x, **kw).sample
-    want = _reference(model, x, kw, x_edit, tokens, context == "cache")
+    want = clamped_reference(model, model.transformer_blocks, x, kw, x_edit, tokens, context == "cache")
     sparsedit.sparsify_(model, SparseConfig(dilation=dilation, dit_context=context, max_region_fraction=1.0))
     with torch.no_grad():
         with sparsedit.capturing(model):

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparsedit
 from sparsedit import SparseConfig
 from sparsedit.nn.base import UnsupportedLayerError
+from tests.adapters.dit_reference import clamped_reference
 from tests.strategies import regions
 
 
@@ -49,37 +50,6 @@ def _blocks(model):
     return list(model.transformer_blocks) + list(model.single_transformer_blocks)
 
 
-def _reference(model, x, kw, x_edit, tokens, cache_context):
-    captured = {}
-
-    def keep(i):
-        def hook(mod, args, kwargs, out):
-            captured[i] = tuple(o.clone() for o in out)
-
-        return hook
-
-    def clamp(i):
-        def hook(mod, args, kwargs, out):
-            ctx, hidden = out
-            hidden = hidden.clone()
-            hidden[:, ~tokens] = captured[i][1][:, ~tokens]
-            return (captured[i][0] if cache_context else ctx), hidden
-
-        return hook
-
-    with torch.no_grad():
-        hooks = [blk.register_forward_hook(keep(i), with_kwargs=True) for i, blk in enumerate(_blocks(model))]
-        model(x, **kw)
-        for h in hooks:
-            h.remove()
-        hooks = [blk.register_forward_hook(clamp(i), with_kwargs=True) for i, blk in enumerate(_blocks(model))]
-        try:
-            return model(x_edit, **kw).sample
-        finally:
-            for h in hooks:
-                h.remove()
-
-
 @settings(max_examples=20, deadline=None)
 @given(data=st.data())
 def test_sparse_edit_equals_the_dense_model_with_inactive_rows_held(data):
@@ -95,7 +65,7 @@ def test_sparse_edit_equals_the_dense_model_with_inactive_rows_held(data):
     tokens = flux.grid_dilate(flat.any(dim=0), kw["img_ids"], dilation)
     with torch.no_grad():
         plain = model(x, **kw).sample
-    want = _reference(model, x, kw, x_edit, tokens, context == "cache")
+    want = clamped_reference(model, _blocks(model), x, kw, x_edit, tokens, context == "cache")
     sparsedit.sparsify_(model, SparseConfig(dilation=dilation, dit_context=context, max_region_fraction=1.0))
     with torch.no_grad():
         with sparsedit.capturing(model):

@@ -46,6 +46,35 @@ def _heads(attn, t: torch.Tensor) -> torch.Tensor:
     return t.unflatten(-1, (-1, attn.head_dim))
 
 
+def _qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+    """`FluxAttnProcessor`'s queries, keys (after qk-norm and the rotary embedding) and values `[B, S, heads, d]`,
+    the context's first (double-stream blocks), op for op."""
+    query = attn.norm_q(_heads(attn, attn.to_q(hidden_states)))
+    key = attn.norm_k(_heads(attn, attn.to_k(hidden_states)))
+    value = _heads(attn, attn.to_v(hidden_states))
+    if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+        eq = attn.norm_added_q(_heads(attn, attn.add_q_proj(encoder_hidden_states)))
+        ek = attn.norm_added_k(_heads(attn, attn.add_k_proj(encoder_hidden_states)))
+        ev = _heads(attn, attn.add_v_proj(encoder_hidden_states))
+        query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value
+
+
+def _outputs(attn, out, encoder_hidden_states):
+    """The attention output `[B, S, heads, d]` split into the image's and the context's, projected as the processor
+    does (a single-stream block's is returned whole)."""
+    out = out.flatten(2, 3)
+    if encoder_hidden_states is None:
+        return out
+    m = encoder_hidden_states.shape[1]
+    context, out = out.split_with_sizes([m, out.shape[1] - m], dim=1)
+    out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+    return out, attn.to_add_out(context.contiguous())
+
+
 class _CaptureFlux:
     """`FluxAttnProcessor`'s arithmetic, op for op, keeping the joint keys (after qk-norm and rotary embedding) and
     values `[B, S, heads * d]` in `store`."""
@@ -55,28 +84,11 @@ class _CaptureFlux:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         _refuse_mask(attention_mask)
-        query = _heads(attn, attn.to_q(hidden_states))
-        key = _heads(attn, attn.to_k(hidden_states))
-        value = _heads(attn, attn.to_v(hidden_states))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if attn.added_kv_proj_dim is not None:
-            eq = attn.norm_added_q(_heads(attn, attn.add_q_proj(encoder_hidden_states)))
-            ek = attn.norm_added_k(_heads(attn, attn.add_k_proj(encoder_hidden_states)))
-            ev = _heads(attn, attn.add_v_proj(encoder_hidden_states))
-            query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value = _qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         self.store[f"k{self.tag}"] = key.flatten(2, 3).detach()
         self.store[f"v{self.tag}"] = value.flatten(2, 3).detach()
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
-        out = out.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return out
-        m = encoder_hidden_states.shape[1]
-        context, out = out.split_with_sizes([m, out.shape[1] - m], dim=1)
-        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
-        return out, attn.to_add_out(context.contiguous())
+        return _outputs(attn, out.to(query.dtype), encoder_hidden_states)
 
 
 class _SparseFlux:
@@ -89,29 +101,12 @@ class _SparseFlux:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         _refuse_mask(attention_mask)
-        query = attn.norm_q(_heads(attn, attn.to_q(hidden_states)))
-        key = attn.norm_k(_heads(attn, attn.to_k(hidden_states)))
-        value = _heads(attn, attn.to_v(hidden_states))
-        m = 0
-        if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
-            m = encoder_hidden_states.shape[1]
-            eq = attn.norm_added_q(_heads(attn, attn.add_q_proj(encoder_hidden_states)))
-            ek = attn.norm_added_k(_heads(attn, attn.add_k_proj(encoder_hidden_states)))
-            ev = _heads(attn, attn.add_v_proj(encoder_hidden_states))
-            query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value = _qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         self.at.write_rows(self.state, self.k, key.flatten(2, 3))
         self.at.write_rows(self.state, self.v, value.flatten(2, 3))
         k, v = _heads(attn, self.k).transpose(1, 2), _heads(attn, self.v).transpose(1, 2)
         out = F.scaled_dot_product_attention(query.transpose(1, 2), k, v).transpose(1, 2)
-        out = out.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return out
-        context, out = out.split_with_sizes([m, out.shape[1] - m], dim=1)
-        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
-        return out, attn.to_add_out(context.contiguous())
+        return _outputs(attn, out.to(query.dtype), encoder_hidden_states)
 
 
 @register_handler(FluxTransformer2DModel)

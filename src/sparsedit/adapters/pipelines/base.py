@@ -57,6 +57,32 @@ def strength_timesteps(sched, num_inference_steps: int, strength: float) -> list
     return list(sched.timesteps[start * sched.order :])
 
 
+def images_per_prompt(family: str, prompt, batch: int, prompt_embeds=None, negative_prompt_embeds=None) -> int:
+    """For families whose conditioning comes from prompts only (pooled embeddings, several encoders): the check that
+    there is a prompt for every image, and how many images each prompt makes."""
+    if prompt_embeds is not None or negative_prompt_embeds is not None:
+        raise NotImplementedError(
+            f"SparseEditor on {family} takes prompts, not prompt_embeds (the pooled embeddings would be needed too)."
+        )
+    if prompt is None:
+        raise ValueError(f"{family} needs a prompt: capture(prompt=..., image=...).")
+    prompts = len(prompt) if isinstance(prompt, list) else 1
+    if batch % prompts:
+        raise ValueError(f"{prompts} prompts for {batch} images: give one prompt, or one per image.")
+    return batch // prompts
+
+
+class FlowMatchLatents:
+    """Flow-matching families (SD3, FLUX): latents `(sample - shift_factor) * scaling_factor`, no input scaling."""
+
+    def latents_of(self, sample):
+        cfg = self.pipe.vae.config
+        return (sample - cfg.shift_factor) * cfg.scaling_factor
+
+    def scale_input(self, zin, t):
+        return zin
+
+
 def randn(shape, generator, device, dtype):
     from diffusers.utils.torch_utils import randn_tensor
 

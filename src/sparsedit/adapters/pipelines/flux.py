@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from ...config import SparseConfig
-from .base import PipelineAdapter, randn, register_pipeline, strength_timesteps
+from .base import FlowMatchLatents, PipelineAdapter, images_per_prompt, randn, register_pipeline, strength_timesteps
 
 
-class _Flux:
+class _Flux(FlowMatchLatents):
     """FLUX.1's conditioning and latents: the T5 hidden states are the context, CLIP's pooled embedding and the
     distilled guidance (`guidance`, FLUX-dev) are inputs of the transformer (no batched classifier-free guidance; true
     CFG with a negative prompt is not supported yet), with the text ids; latents `(sample - shift) * scale`; the
@@ -64,23 +64,10 @@ class _Flux:
         retrieve_timesteps(sched, num_inference_steps, device, sigmas=sigmas, mu=mu)
         return strength_timesteps(sched, num_inference_steps, strength)
 
-    def latents_of(self, sample):
-        cfg = self.pipe.vae.config
-        return (sample - cfg.shift_factor) * cfg.scaling_factor
-
-    def scale_input(self, zin, t):
-        return zin
-
     def embeds(self, prompt, negative_prompt, guidance_scale, batch, prompt_embeds=None, negative_prompt_embeds=None):
-        if prompt_embeds is not None or negative_prompt_embeds is not None:
-            raise NotImplementedError("SparseEditor on FLUX takes prompts, not prompt_embeds.")
-        if prompt is None:
-            raise ValueError("FLUX needs a prompt: capture(prompt=..., image=...).")
-        prompts = len(prompt) if isinstance(prompt, list) else 1
-        if batch % prompts:
-            raise ValueError(f"{prompts} prompts for {batch} images: give one prompt, or one per image.")
+        per_prompt = images_per_prompt("FLUX", prompt, batch, prompt_embeds, negative_prompt_embeds)
         embeds, pooled, text_ids = self.pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, device=self.unet.device, num_images_per_prompt=batch // prompts
+            prompt=prompt, prompt_2=None, device=self.unet.device, num_images_per_prompt=per_prompt
         )
         self.conditions = {"pooled_projections": pooled, "txt_ids": text_ids}
         if self.unet.config.guidance_embeds:

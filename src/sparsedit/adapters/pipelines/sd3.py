@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 from ...config import SparseConfig
-from .base import PipelineAdapter, randn, register_pipeline, strength_timesteps
+from .base import FlowMatchLatents, PipelineAdapter, images_per_prompt, randn, register_pipeline, strength_timesteps
 from .sd import InpaintAdapter
 
 
-class _SD3:
+class _SD3(FlowMatchLatents):
     """SD3's conditioning and latents, shared by its pipeline families: three text encoders' hidden states are the
     joint context, the pooled CLIP embeddings go to the transformer as `pooled_projections` (kept with the capture
     and checked like its other inputs); latents are `(sample - shift_factor) * scaling_factor`; flow-matching
@@ -49,36 +49,20 @@ class _SD3:
     def timesteps(self, sched, num_inference_steps, strength, device, size=None):
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img import retrieve_timesteps
 
-        kwargs = {}
         if sched.config.get("use_dynamic_shifting", None):
             raise NotImplementedError(
                 "this scheduler shifts its timesteps by the image size (use_dynamic_shifting); SparseEditor on SD3 "
                 "takes a FlowMatchEulerDiscreteScheduler without it (SD3 and SD3.5's own)."
             )
-        retrieve_timesteps(sched, num_inference_steps, device, **kwargs)
+        retrieve_timesteps(sched, num_inference_steps, device)
         return strength_timesteps(sched, num_inference_steps, strength)
 
-    def latents_of(self, sample):
-        cfg = self.pipe.vae.config
-        return (sample - cfg.shift_factor) * cfg.scaling_factor
-
-    def scale_input(self, zin, t):
-        return zin
-
     def embeds(self, prompt, negative_prompt, guidance_scale, batch, prompt_embeds=None, negative_prompt_embeds=None):
-        if prompt_embeds is not None or negative_prompt_embeds is not None:
-            raise NotImplementedError(
-                "SparseEditor on SD3 takes prompts, not prompt_embeds (the pooled embeddings would be needed too)."
-            )
-        if prompt is None:
-            raise ValueError("Stable Diffusion 3 needs a prompt: capture(prompt=..., image=...).")
-        prompts = len(prompt) if isinstance(prompt, list) else 1
-        if batch % prompts:
-            raise ValueError(f"{prompts} prompts for {batch} images: give one prompt, or one per image.")
+        per_prompt = images_per_prompt("Stable Diffusion 3", prompt, batch, prompt_embeds, negative_prompt_embeds)
         cfg = guidance_scale > 1.0
         cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
             prompt=prompt, prompt_2=None, prompt_3=None, negative_prompt=negative_prompt,
-            do_classifier_free_guidance=cfg, device=self.unet.device, num_images_per_prompt=batch // prompts,
+            do_classifier_free_guidance=cfg, device=self.unet.device, num_images_per_prompt=per_prompt,
         )  # fmt: skip
         self.conditions = {"pooled_projections": torch.cat([uncond_pooled, pooled]) if cfg else pooled}
         return torch.cat([uncond, cond]) if cfg else cond

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import register_pipeline
+from .base import images_per_prompt, register_pipeline
 from .sd import Img2ImgAdapter, InpaintAdapter, Text2ImgAdapter
 
 
@@ -28,18 +28,10 @@ class _SDXLConditioning:
             )
 
     def embeds(self, prompt, negative_prompt, guidance_scale, batch, prompt_embeds=None, negative_prompt_embeds=None):
-        if prompt_embeds is not None or negative_prompt_embeds is not None:
-            raise NotImplementedError(
-                "SparseEditor on SDXL takes prompts, not prompt_embeds (the pooled embeddings would be needed too)."
-            )
-        if prompt is None:
-            raise ValueError("Stable Diffusion XL needs a prompt: capture(prompt=..., image=...).")
-        prompts = len(prompt) if isinstance(prompt, list) else 1
-        if batch % prompts:
-            raise ValueError(f"{prompts} prompts for {batch} images: give one prompt, or one per image.")
+        per_prompt = images_per_prompt("Stable Diffusion XL", prompt, batch, prompt_embeds, negative_prompt_embeds)
         cfg = guidance_scale > 1.0
         cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
-            prompt=prompt, device=self.unet.device, num_images_per_prompt=batch // prompts,
+            prompt=prompt, device=self.unet.device, num_images_per_prompt=per_prompt,
             do_classifier_free_guidance=cfg, negative_prompt=negative_prompt,
         )  # fmt: skip
         self.conditions = {"text_embeds": torch.cat([uncond_pooled, pooled]) if cfg else pooled}
