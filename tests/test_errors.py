@@ -155,10 +155,10 @@ def test_failed_capture_leaves_no_cache():
             pass
 
 
-@pytest.mark.parametrize("family", ["pixart", "flux2"])
+@pytest.mark.parametrize("family", ["pixart", "sana"])
 def test_a_diffusion_transformer_without_a_handler_is_refused_by_name(family):
     """Before: `sparsify_` accepted an SD3 transformer, ran its blocks densely and reported fewer MACs than it
-    computed (the records skip what no handler ran). SD3 and FLUX.1 have their handlers now (tests/adapters/); families
+    computed (the records skip what no handler ran). SD3, FLUX.1 and FLUX.2 have their handlers now (tests/adapters/); families
     without one are refused."""
     diffusers = pytest.importorskip("diffusers")
     if family == "pixart":
@@ -167,10 +167,11 @@ def test_a_diffusion_transformer_without_a_handler_is_refused_by_name(family):
                                                    cross_attention_dim=16, caption_channels=16)  # fmt: skip
         name = "PixArtTransformer2DModel"
     else:
-        model = diffusers.Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                                  axes_dims_rope=(2, 2, 2, 2))  # fmt: skip
-        name = "Flux2Transformer2DModel"
+        model = diffusers.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                 attention_head_dim=8, num_layers=1, num_cross_attention_heads=2,
+                                                 cross_attention_head_dim=8, cross_attention_dim=16,
+                                                 caption_channels=16, sample_size=8)  # fmt: skip
+        name = "SanaTransformer2DModel"
     with pytest.raises(UnsupportedLayerError, match=f"<root>: {name} .* no token-sparse handler registered"):
         sparsedit.sparsify_(model)
     with pytest.raises(UnsupportedLayerError, match=name):

@@ -5,22 +5,27 @@ import torch
 
 
 def clamped_reference(model, blocks, x, kw, x_edit, tokens: torch.Tensor, cache_context: bool) -> torch.Tensor:
-    """The model on `x_edit` where each of `blocks` (returning `(context, hidden)`) keeps the capture's (its run on
-    `x`) hidden rows outside `tokens` `[N]`, and its context output when `cache_context`."""
+    """The model on `x_edit` where each of `blocks` (returning `(context, hidden)`, or the joint sequence context
+    first as FLUX.2's single-stream blocks do) keeps the capture's (its run on `x`) hidden rows outside `tokens`
+    `[N]`, and its context output when `cache_context`."""
     captured = {}
+    n = tokens.shape[0]
 
     def keep(i):
         def hook(mod, args, kwargs, out):
+            out = (out[:, :-n], out[:, -n:]) if torch.is_tensor(out) else out
             captured[i] = tuple(o.clone() if o is not None else None for o in out)
 
         return hook
 
     def clamp(i):
         def hook(mod, args, kwargs, out):
-            ctx, hidden = out
+            joint = torch.is_tensor(out)
+            ctx, hidden = (out[:, :-n], out[:, -n:]) if joint else out
             hidden = hidden.clone()
             hidden[:, ~tokens] = captured[i][1][:, ~tokens]
-            return (captured[i][0] if cache_context else ctx), hidden
+            ctx = captured[i][0] if cache_context else ctx
+            return torch.cat([ctx, hidden], dim=1) if joint else (ctx, hidden)
 
         return hook
 

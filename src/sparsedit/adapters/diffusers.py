@@ -504,4 +504,4 @@ class Transformer2DHandler(SparseHandler):
         return _pointwise_proj(m.proj_out, hs) + residual
 
 
-from . import dit, flux  # noqa: E402, F401  (register the diffusion transformers' handlers)
+from . import dit, flux, flux2  # noqa: E402, F401  (register the diffusion transformers' handlers)
