@@ -2,8 +2,12 @@
 
 `--model sd3-medium`: the SD3-medium transformer shape (`SD3Transformer2DModel`: 24 joint blocks, 1536 wide, 24 heads
 of 64, patch 2, 16 latent channels, context 4096 wide), a prompt of 333 tokens (77 CLIP + 256 T5), classifier-free
-guidance batch 2. `--size` is the image size in pixels (latents are 1/8). `--layers` reduces the depth to fit a
-smaller machine (say so in the results).
+guidance batch 2. `--model flux2-klein-4b`: FLUX.2 [klein] 4B's transformer shape (`Flux2Transformer2DModel`:
+3072 wide, 24 heads of 128, 128 packed latent channels, context 7680 wide, 5 double- and 20 single-stream blocks),
+a 512-token prompt, no guidance batch (distilled), and a reference image of the same size in the sequence (Klein's
+image editing: the stroke is on the reference, so its tokens and the generated image's at the same place are the
+region). `--size` is the image size in pixels (latents are 1/8; FLUX.2 packs 2x2 of them into a token). `--layers`
+(and `--single-layers`) reduce the depth to fit a smaller machine (say so in the results).
 
 A diagonal brush stroke of `--fractions` of the latent gets fresh noise; dense and sparse forwards alternate in one
 process (the first pair warms up); medians; MACs counted by hand (attention included), efficiency = speed-up / MACs
@@ -11,6 +15,8 @@ ratio, and the error of the sparse step against the dense edited step.
 
     python benchmarks/dit_edit.py --model sd3-medium --size 512 --dtype float32 --fractions 0.02
     python benchmarks/dit_edit.py --model sd3-medium --size 1024 --dtype bfloat16 --fractions 0.02
+    python benchmarks/dit_edit.py --model flux2-klein-4b --size 1024 --dtype bfloat16 --batch 1 --layers 1 \
+        --single-layers 4 --fractions 0.02
 """
 
 from __future__ import annotations
@@ -40,24 +46,61 @@ def sd3_medium(layers: int):
     )  # fmt: skip
 
 
-# name: (builder, default layers, latent channels, prompt tokens, prompt width, pooled width)
-MODELS = {"sd3-medium": (sd3_medium, 24, 16, 333, 4096, 2048)}
+def flux2_klein_4b(layers: int, single: int):
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=layers, num_single_layers=single, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=7680, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+        guidance_embeds=False,
+    )  # fmt: skip
 
 
-def build_case(name: str, layers: int, size: int, batch: int, dtype: torch.dtype):
-    build, _, channels, tokens, width, pooled = MODELS[name]
+# name: (builder, default layers, default single-stream layers, latent channels, prompt tokens, prompt width, pooled)
+MODELS = {
+    "sd3-medium": (lambda layers, single: sd3_medium(layers), 24, 0, 16, 333, 4096, 2048),
+    "flux2-klein-4b": (flux2_klein_4b, 5, 20, 128, 512, 7680, 0),
+}
+
+
+def _ids(t: int, side: int) -> torch.Tensor:
+    """FLUX.2's four-axis positions `(t, h, w, l)` of a `side` x `side` token grid."""
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    n = side * side
+    return torch.stack([torch.full((n,), t), rows.reshape(-1), cols.reshape(-1), torch.zeros(n)], 1)
+
+
+def build_case(name: str, layers: int, single: int, size: int, batch: int, dtype: torch.dtype):
+    build, _, _, channels, tokens, width, pooled = MODELS[name]
     torch.manual_seed(0)
-    model = build(layers).eval()
+    model = build(layers, single).eval()
     model = model if dtype == torch.float32 else model.to(dtype)
     g = torch.Generator().manual_seed(1)
     latent = size // 8
-    x = torch.randn(batch, channels, latent, latent, generator=g).to(dtype)
-    kwargs = {
-        "encoder_hidden_states": torch.randn(batch, tokens, width, generator=g).to(dtype),
-        "pooled_projections": torch.randn(batch, pooled, generator=g).to(dtype),
-        "timestep": torch.full((batch,), 500.0),
-    }
+    kwargs = {"encoder_hidden_states": torch.randn(batch, tokens, width, generator=g).to(dtype)}
+    if name.startswith("flux2"):
+        side = latent // 2  # 2x2 latents per token
+        x = torch.randn(batch, 2 * side * side, channels, generator=g).to(dtype)  # the image's tokens, the reference's
+        kwargs["img_ids"] = torch.cat([_ids(0, side), _ids(10, side)])[None].expand(batch, -1, -1)
+        kwargs["txt_ids"] = torch.stack([torch.zeros(tokens)] * 3 + [torch.arange(tokens)], 1)[None].expand(
+            batch, -1, -1
+        )
+        kwargs["timestep"] = torch.full((batch,), 0.5)
+    else:
+        x = torch.randn(batch, channels, latent, latent, generator=g).to(dtype)
+        kwargs["pooled_projections"] = torch.randn(batch, pooled, generator=g).to(dtype)
+        kwargs["timestep"] = torch.full((batch,), 500.0)
     return model, x, kwargs, g
+
+
+def edit_region(name: str, x: torch.Tensor, frac: float, batch: int) -> torch.Tensor:
+    """The stroke as the model's input takes it: latent pixels `[B, h, w]`, or (FLUX.2) the tokens of the generated
+    image and of the reference image at the stroke, `[B, 1, 2N]`."""
+    if not name.startswith("flux2"):
+        return stroke_region(x.shape[-1], frac, batch)
+    side = math.isqrt(x.shape[1] // 2)
+    tokens = stroke_region(side, frac, batch).reshape(batch, 1, -1)
+    return torch.cat([tokens, tokens], dim=-1)
 
 
 def main():
@@ -65,6 +108,9 @@ def main():
     ap.add_argument("--model", choices=sorted(MODELS), default="sd3-medium")
     ap.add_argument("--size", type=int, default=512, help="image size in pixels (latents are 1/8)")
     ap.add_argument("--layers", type=int, default=None, help="blocks (default: the model's)")
+    ap.add_argument(
+        "--single-layers", type=int, default=None, help="single-stream blocks (FLUX.2; default: the model's)"
+    )
     ap.add_argument("--batch", type=int, default=2, help="2: classifier-free guidance")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.02])
     ap.add_argument("--dtype", default="float32")
@@ -78,7 +124,8 @@ def main():
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     layers = args.layers or MODELS[args.model][1]
-    model, x, kwargs, g = build_case(args.model, layers, args.size, args.batch, dtype)
+    single = MODELS[args.model][2] if args.single_layers is None else args.single_layers
+    model, x, kwargs, g = build_case(args.model, layers, single, args.size, args.batch, dtype)
     config = SparseConfig(
         dilation=args.dilation, dit_context=args.context, cache_dtype=args.cache_dtype, max_region_fraction=1.0
     )
@@ -88,16 +135,16 @@ def main():
         captured = model(x, **kwargs).sample
         capture_s = time.perf_counter() - t0
     cache_bytes = sparsedit.last_stats(model)["cache_bytes"]
-    print(f"{args.model} ({layers} blocks), {args.size} px, batch {args.batch}, {args.dtype}, context {args.context}, "
+    print(f"{args.model} ({layers} + {single} blocks), {args.size} px, batch {args.batch}, {args.dtype}, context {args.context}, "
           f"threads {torch.get_num_threads()}, torch {torch.__version__}, {platform.machine()}, load {loadavg()}, "
           f"capture {capture_s:.1f} s, cache {cache_bytes / 2**20:.0f} MiB")  # fmt: skip
     print(f"{'region':>7} {'tokens':>7} {'dense s':>8} {'sparse s':>8} {'speed-up':>8} {'MACs ratio':>10} "
           f"{'effic.':>6} {'max err':>8} {'PSNR':>6}")  # fmt: skip
     rows = []
-    latent = x.shape[-1]
     for frac in args.fractions:
-        region = stroke_region(latent, frac, args.batch)
-        x_edit = torch.where(region[:, None], torch.randn(x.shape, generator=g).to(dtype), x)
+        region = edit_region(args.model, x, frac, args.batch)
+        where = region.reshape(args.batch, -1)[..., None] if x.dim() == 3 else region[:, None]
+        x_edit = torch.where(where, torch.randn(x.shape, generator=g).to(dtype), x)
         dense_t, sparse_t = [], []
         with torch.no_grad():
             for i in range(args.repeats + 1):  # the first pair warms up
@@ -138,7 +185,7 @@ def main():
             f"{row['sparse_s']:>8.2f} {row['speedup']:>7.2f}x {row['macs_ratio']:>9.1f}x {row['efficiency']:>6.2f} "
             f"{row['max_abs_error']:>8.3f} {row['psnr_db']:>6.1f}"
         )
-    meta = {"model": args.model, "layers": layers, "size": args.size, "batch": args.batch, "dtype": args.dtype,
+    meta = {"model": args.model, "layers": layers, "single_layers": single, "size": args.size, "batch": args.batch, "dtype": args.dtype,
             "threads": torch.get_num_threads(), "repeats": args.repeats, "config": config.to_dict(),
             "cpu": platform.processor() or platform.machine(), "loadavg_end": loadavg(), "cache_bytes": cache_bytes,
             "capture_s": capture_s}  # fmt: skip

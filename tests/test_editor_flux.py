@@ -66,3 +66,14 @@ def test_sizes_follow_the_pipeline(pipe):
     got = editor.capture(image=photo(120, 128), height=120, width=128, generator=torch.Generator().manual_seed(3),
                          output_type="pt", **KW).images  # fmt: skip
     assert got.shape[-2:] == (112, 128) and torch.equal(got, want)
+
+
+def test_cache_budget_dry_run_feeds_the_unpacked_latents(pipe):
+    """Before: `cache_budget` on FLUX failed in its dry run (the transformer got the packed channel count as the
+    unpacked latents' and its embedding refused the shape)."""
+    editor = SparseEditor(pipe, sparsedit.SparseConfig(input_dilation=1, cache_budget="1GiB"))
+    got = editor.capture(image=photo(), generator=torch.Generator().manual_seed(3), output_type="pt", **KW).images
+    assert torch.equal(got, run(pipe, photo()))
+    out = editor.edit(image=stroke(photo()), output_type="pt").images
+    assert editor.last_stats["ran_dense"] is None and torch.equal(out[..., ~editor.last_region[0]],
+                                                                   got[..., ~editor.last_region[0]])  # fmt: skip

@@ -38,7 +38,14 @@ def stand_ins(tmp_path, monkeypatch):
 
     import sparsedit
     from sparsedit.models import SPADEGenerator
-    from sparsedit.testing import randomize_batchnorm, street_scene, tiny_controlnet, tiny_sd, tiny_sd3
+    from sparsedit.testing import (
+        randomize_batchnorm,
+        street_scene,
+        tiny_controlnet,
+        tiny_flux2_klein,
+        tiny_sd,
+        tiny_sd3,
+    )
 
     tok = tmp_path / "tok"
 
@@ -56,6 +63,9 @@ def stand_ins(tmp_path, monkeypatch):
         )
     monkeypatch.setattr(
         diffusers.StableDiffusion3Img2ImgPipeline, "from_pretrained", pretrained(lambda *a, **k: tiny_sd3(tok))
+    )
+    monkeypatch.setattr(
+        diffusers.Flux2KleinPipeline, "from_pretrained", pretrained(lambda *a, **k: tiny_flux2_klein(tok))
     )
     monkeypatch.setattr(diffusers.ControlNetModel, "from_pretrained", pretrained(lambda *a: cn.controlnet))
     monkeypatch.setattr(

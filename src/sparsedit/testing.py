@@ -386,3 +386,47 @@ def tiny_flux(directory: str | Path, pipeline: str = "img2img", dtype: torch.dty
     )
     pipe.default_sample_size = 16  # 128 px images by default (FLUX's own: 1024)
     return pipe
+
+
+def tiny_flux2_klein(directory: str | Path, distilled: bool = True, dtype: torch.dtype = torch.float32, **transformer):
+    """A `Flux2KleinPipeline` in miniature: a 27-layer Qwen3 text encoder 16 wide (the pipeline stacks its layers 9,
+    18 and 27), an offline CLIP tokenizer with a chat template standing in for Qwen's (prompts padded to 512 tokens as
+    the pipeline pads them), a `Flux2Transformer2DModel` with one double- and two single-stream blocks, a 4-level
+    `AutoencoderKLFlux2` with 4 latent channels (16 in 2x2 patches) and batch-norm statistics away from the identity,
+    random weights, and Klein's flow-matching scheduler. `distilled`: the 4-step release (no guidance); `False`: the
+    base model (classifier-free guidance)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import CLIPTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    write_clip_tokenizer(directory)
+    tokenizer = CLIPTokenizer.from_pretrained(str(directory), model_max_length=512)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    torch.manual_seed(0)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=27, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+    )).eval()  # fmt: skip
+    torch.manual_seed(2)
+    channels = (8, 16, 16, 16)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=channels, layers_per_block=1, latent_channels=4, norm_num_groups=8,
+    ).eval()  # fmt: skip
+    vae.bn.running_mean.copy_(0.1 * torch.randn(16))
+    vae.bn.running_var.copy_(0.5 + torch.rand(16))
+    torch.manual_seed(3)
+    config = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 8,
+              "num_attention_heads": 2, "joint_attention_dim": 48, "timestep_guidance_channels": 16,
+              "axes_dims_rope": (2, 2, 2, 2), "guidance_embeds": False, **transformer}  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+    return _assemble(
+        "Flux2KleinPipeline",
+        dtype,
+        transformer=Flux2Transformer2DModel(**config).eval(),
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        is_distilled=distilled,
+    )

@@ -98,7 +98,7 @@ def _dry_captures(editor, x0, call, embeds, timesteps, copies: int) -> tuple[dic
             encodes = 2 if editor.adapter.takes_mask else 1  # the image and the masked image
             tally = _tally(enc, lambda: enc(x0.to(editor.pipe.vae.dtype)))
             tallies["vae_encoder"] = {k: v * encodes for k, v in tally.items()}
-        zl = torch.zeros(b, unet.config.in_channels, h // f, w // f, dtype=unet.dtype, device=unet.device)
+        zl = torch.zeros(editor.adapter.input_shape(b, h, w), dtype=unet.dtype, device=unet.device)
         z = torch.cat([zl] * copies)
         if embeds is None:
             run = lambda: unet(z, timesteps[0])  # noqa: E731

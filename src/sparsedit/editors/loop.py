@@ -139,7 +139,8 @@ class Loop:
 
         vae = self.pipe.vae
         with scope(vae.encoder, name):
-            z = self.adapter.latents_of(retrieve_latents(vae.encode(x.to(vae.dtype)), generator=generator))
+            posterior = vae.encode(x.to(vae.dtype))
+            z = self.adapter.latents_of(retrieve_latents(posterior, generator, self.adapter.encode_mode))
         if sparse_state(vae.encoder).mode is not None:
             self.encoder_stats.append(last_stats(vae.encoder, detail=False))
         return z

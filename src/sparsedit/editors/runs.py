@@ -291,7 +291,7 @@ class EditRun:
         if not bool(self.keep.any()):
             return cap.decoded.clone()
         decoder = loop.pipe.vae.decoder
-        with editing(decoder, region=self.keep, commit=self.commit):
+        with editing(decoder, region=loop.adapter.decoder_region(self.keep), commit=self.commit):
             decoded = loop.adapter.decode(z)
             self.count(last_stats(decoder, detail=False))
         # The decoder is approximate near the region and its reach spans the image: outside the region, the pixels

@@ -155,6 +155,18 @@ class PipelineAdapter:
             sched.set_begin_index(start * sched.order)
         return list(sched.timesteps[start * sched.order :])
 
+    encode_mode = "sample"  # how the pipeline reads the VAE's posterior (`retrieve_latents`): "sample" or "argmax"
+
+    def input_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """The shape of the latents `denoise` takes for a `height` x `width` image, conditioning channels
+        (`unet_condition`) included: what the cache budget's dry run feeds the denoiser."""
+        f = self.pipe.vae_scale_factor
+        return (batch, self.unet.config.in_channels, height // f, width // f)
+
+    def decoder_region(self, keep: torch.Tensor) -> torch.Tensor:
+        """The loop's region `[B, h, w]` at the VAE decoder's input resolution (FLUX.2 loops over 2x2 patches)."""
+        return keep
+
     def denoiser_region(self, region: torch.Tensor) -> torch.Tensor:
         """The edit region `[B, h, w]` at latent resolution as the denoiser's input takes it (FLUX: its tokens)."""
         return region

@@ -45,6 +45,10 @@ class _Flux(FlowMatchLatents):
     def size_note(self, multiple: int) -> str:
         return "FLUX's 2x2 latent packing"
 
+    def input_shape(self, batch, height, width):
+        f = self.pipe.vae_scale_factor  # the loop's latents, unpacked: a quarter of the packed channels
+        return (batch, self.unet.config.in_channels // 4, height // f, width // f)
+
     def default_size(self) -> int:
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
 
