@@ -124,3 +124,36 @@ def test_inpainting_regenerates_where_the_mask_changed(kind, tmp_path):
     dense = run(pipe, x, mask_image=hole)
     inside = hole[0, 0].bool()
     assert (out - dense)[..., inside].abs().mean() < 0.7 * (dense - got)[..., inside].abs().mean()
+
+
+def test_prompt_edits_on_sd3_txt2img_recompute_the_context_and_keep_the_rest(tmp_path):
+    """`StableDiffusion3Pipeline`: the capture is the pipeline's own generation; a prompt edit regenerates its region
+    (given, or found by the latents' difference) with the new prompt's tokens run again in every block whatever
+    `dit_context` says, and keeps the latents outside it; cross-attention regions are refused by name."""
+    from sparsedit import TextEditConfig
+
+    pipe = tiny_sd3(tmp_path / "tok", "txt2img")
+    kw = {"num_inference_steps": 6, "output_type": "pt", "height": 128, "width": 128}
+    want = pipe(prompt="a red house", generator=torch.Generator().manual_seed(3), **kw).images
+    region = torch.zeros(1, 128, 128, dtype=torch.bool)
+    region[:, 48:72, 48:72] = True
+    results = []
+    for context in ("cache", "recompute"):
+        editor = SparseEditor(pipe, SparseConfig(input_dilation=1, dit_context=context))
+        assert editor.kind == "sd3_txt2img"
+        got = editor.capture(prompt="a red house", generator=torch.Generator().manual_seed(3), **kw).images
+        assert torch.equal(got, want)
+        out = editor.edit(prompt="a blue lake", region=region, commit=False, output_type="pt").images
+        keep = editor.last_region[0]
+        assert editor.last_stats["ran_dense"] is None and keep.any() and not keep.all()
+        assert torch.equal(out[..., ~keep], got[..., ~keep])
+        assert not torch.equal(out[..., keep], got[..., keep])  # the new prompt took effect
+        results.append(out)
+        if context == "recompute":
+            found = editor.edit(prompt="a blue lake", output_type="pt").images  # region: the latents' difference
+            assert editor.last_stats["region_method"] == "latent_diff" and editor.last_stats["detect_steps"] >= 1
+            assert torch.isfinite(found).all()
+            with pytest.raises(ValueError, match="no cross-attention maps"):
+                editor.edit(prompt="a blue lake", text_config=TextEditConfig(region="cross_attention"))
+        editor.remove()
+    assert torch.equal(results[0], results[1])  # a changed context is recomputed in both modes

@@ -69,3 +69,27 @@ def test_recapture_edits_with_the_new_adapters(tmp_path):
     pipe.unet.disable_adapters()
     plain = pipe(image=stroke(photo()), generator=torch.Generator().manual_seed(3), **KW).images
     assert (plain - want).abs().mean() > 2 * (got - want).abs().mean()  # the adapter changes the image
+
+
+def test_a_diffusion_transformer_with_lora_edits_and_goes_stale(tmp_path):
+    """SD3's transformer with a LoRA adapter: the capture is the adapted pipeline's own result (the blocks' own
+    `forward` and the capture's processor run the adapted projections), an edit keeps the background bit for bit,
+    and re-weighting or disabling the adapter afterwards makes the capture stale."""
+    from sparsedit.testing import tiny_sd3
+
+    pipe = tiny_sd3(tmp_path / "tok")
+    pipe.transformer.add_adapter(lora(), adapter_name="style")
+    kw = {**KW, "strength": 0.6}
+    x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    want = pipe(image=x, generator=torch.Generator().manual_seed(3), **kw).images
+    editor = SparseEditor(pipe)
+    got = editor.capture(image=x, generator=torch.Generator().manual_seed(3), **kw).images
+    assert torch.equal(got, want)
+    y = x.clone()
+    y[:, :, 40:56, 40:64] = 0.9
+    out = editor.edit(image=y, commit=False, output_type="pt").images
+    keep = editor.last_region[0]
+    assert editor.last_stats["ran_dense"] is None and torch.equal(out[..., ~keep], got[..., ~keep])
+    pipe.transformer.set_adapters(["style"], weights=[0.5])
+    with pytest.raises(StaleCacheError, match="LoRA|weights"):
+        editor.edit(image=y, commit=False, output_type="pt")

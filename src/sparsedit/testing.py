@@ -300,12 +300,13 @@ def tiny_sd3(directory: str | Path, pipeline: str = "img2img", dtype: torch.dtyp
     pipeline then uses zeros for its tokens, as SD3 without `text_encoder_3`), an `SD3Transformer2DModel` with patch
     2 (`transformer` overrides its config, e.g. `qk_norm="rms_norm", dual_attention_layers=(0,)` for SD3.5), a
     4-level VAE with SD3's shift and scale, random weights and the flow-matching Euler scheduler.
-    `pipeline`: `"img2img"`, `"inpaint"` (a 16-channel transformer: latent blending) or `"inpaint33"` (a 33-channel
-    inpainting transformer). Latents have 16 channels, as SD3's (its inpainting pipeline blends only those)."""
+    `pipeline`: `"img2img"`, `"txt2img"`, `"inpaint"` (a 16-channel transformer: latent blending) or `"inpaint33"` (a
+    33-channel inpainting transformer). Latents have 16 channels, as SD3's (its inpainting pipeline blends only those)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-    names = {"img2img": "StableDiffusion3Img2ImgPipeline", "inpaint": "StableDiffusion3InpaintPipeline",
+    names = {"img2img": "StableDiffusion3Img2ImgPipeline", "txt2img": "StableDiffusion3Pipeline",
+             "inpaint": "StableDiffusion3InpaintPipeline",
              "inpaint33": "StableDiffusion3InpaintPipeline"}  # fmt: skip
     if pipeline not in names:
         raise ValueError(f"pipeline must be one of {sorted(names)}, got {pipeline!r}.")
@@ -345,11 +346,13 @@ def tiny_flux(directory: str | Path, pipeline: str = "img2img", dtype: torch.dty
     T5 encoder (its hidden states are the context; an offline CLIP tokenizer stands in for T5's, up to 512 tokens), a
     `FluxTransformer2DModel` with one double- and two single-stream blocks and guidance embeddings (FLUX-dev's), a
     4-level VAE with 16 latent channels and FLUX's shift and scale, random weights and the flow-matching Euler scheduler
-    with FLUX's resolution-dependent shift. `pipeline`: `"img2img"`."""
+    with FLUX's resolution-dependent shift. `pipeline`: `"img2img"`, `"inpaint"` (`FluxInpaintPipeline`, latent
+    blending) or `"fill"` (`FluxFillPipeline`: the transformer takes 384 packed channels, latents, masked-image latents
+    and the 8x8 pixel mask of each latent pixel, and returns 64)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
-    names = {"img2img": "FluxImg2ImgPipeline"}
+    names = {"img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline", "fill": "FluxFillPipeline"}
     if pipeline not in names:
         raise ValueError(f"pipeline must be one of {sorted(names)}, got {pipeline!r}.")
     write_clip_tokenizer(directory)
@@ -371,6 +374,8 @@ def tiny_flux(directory: str | Path, pipeline: str = "img2img", dtype: torch.dty
     config = {"patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 8,
               "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
               "axes_dims_rope": (4, 2, 2), "guidance_embeds": True, **transformer}  # fmt: skip
+    if pipeline == "fill":
+        config = {**config, "in_channels": 4 * (16 + 16 + 64), "out_channels": 64}
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
     pipe = _assemble(

@@ -141,6 +141,8 @@ class DiTHandler(SparseHandler):
 
     kind = "dit block"
     owns_subtree = True
+    # The conditioning a prompt edit changes; a change makes the context stream run again (`compute_active`).
+    context_inputs = frozenset({"encoder_hidden_states", "pooled_projections", "txt_ids"})
     plain_processors: tuple[type, ...] = ()
     capture_processor = None  # the family's plain processor, op for op, keeping keys and values (`_CaptureJoint`)
 
@@ -245,7 +247,9 @@ class DiTHandler(SparseHandler):
         x = call["hidden_states"]
         entry = st.cache.get(key)
         b, n_all, m = x.shape[0], self.tokens(x), self.context_length(call)
-        recompute = str(st.config.dit_context) == "recompute"
+        # A changed context (a prompt edit) is recomputed whatever `dit_context` says: its cached keys and values are
+        # the old prompt's.
+        recompute = str(st.config.dit_context) == "recompute" or bool(st.changed_inputs & self.context_inputs)
         n = active.count
         dense = self.macs(b, n_all, n_all, m, m)
         sparse = self.macs(b, n, n_all, m if recompute else 0, m)

@@ -232,6 +232,13 @@ def edit_call(ed, prompt, negative_prompt, text_config, region, pipeline_kw):
             f"prompt edits need one of {', '.join(supported_pipelines(text_editable=True))}, not "
             f"{type(ed.pipe).__name__}" + (" (an unconditional model takes no prompt)." if not ed.latent else ".")
         )
+    if text and not ed.adapter.cross_attention and region is None:
+        if tcfg.region is RegionMethod.CROSS_ATTENTION or tcfg.inject_attention > 0:
+            raise ValueError(
+                f"{type(ed.pipe).__name__}'s transformer has no cross-attention maps to find a region with or to inject "
+                "(its prompt and image tokens attend jointly); use TextEditConfig(region='latent_diff') (the default) "
+                "or region='mask' with edit(region=...), and inject_attention=0."
+            )
     if text and tcfg.region is RegionMethod.MASK and region is None:
         raise ValueError(
             "TextEditConfig(region='mask') regenerates the region you pass: edit(prompt=..., region=...)."

@@ -171,8 +171,10 @@ class EditRun:
                 change["unchanged"] = True  # e.g. only the negative prompt changed, without guidance
             self.text = not change.get("unchanged")
         self.changeable = ("encoder_hidden_states",) if loop.latent else ()
-        if self.text and cap.conditions:  # SDXL: the pooled embedding changes with the prompt
-            self.changeable += ("added_cond_kwargs",)
+        if (
+            self.text and cap.conditions
+        ):  # SDXL's pooled embedding (SD3's `pooled_projections`) changes with the prompt
+            self.changeable += loop.adapter.condition_inputs
         self.prefetching = loop.config.prefetch
         if self.prefetching is None:
             self.prefetching = loop.unet.device.type == "cuda"

@@ -120,11 +120,14 @@ class SparseState:
     _pending: dict[int, tuple[tuple, torch.Tensor]] = field(default_factory=dict)
     laps: dict[str, float] | None = None
     _lap_t: float = 0.0
+    # The inputs `editing(changeable=...)` allows to differ that differ in this run (a prompt edit's context).
+    changed_inputs: frozenset = frozenset()
 
     # -- runs ---------------------------------------------------------------------------------------------------
     def begin_run(self) -> None:
         self.run_id += 1
         self.records = []
+        self.changed_inputs = frozenset()
         self._calls.clear()
         self._regions.clear()
         self._tainted.clear()

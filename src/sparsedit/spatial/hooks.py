@@ -67,7 +67,8 @@ def make_pre_hook(model: nn.Module, att: Attachment):
                     "`sparsedit.scope(model, ...)` with the same key."
                 )
             entry = st.cache.get(key)
-            check_aux(att.aux.get(st.scope, {}), aux_inputs(args, kwargs, x, att.spatial_inputs), att.changeable)
+            st.changed_inputs = check_aux(att.aux.get(st.scope, {}), aux_inputs(args, kwargs, x, att.spatial_inputs),
+                                          att.changeable)  # fmt: skip
             reference = entry["x"]
             changed = difference_mask(x, reference, eps=0.0)
             region = att.pending_region

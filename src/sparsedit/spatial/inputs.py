@@ -58,8 +58,11 @@ def clone_input(v):
     return v
 
 
-def check_aux(captured: dict[str, object], now: dict[str, object], changeable=frozenset()) -> None:
+def check_aux(captured: dict[str, object], now: dict[str, object], changeable=frozenset()) -> frozenset:
+    """Refuse an input that differs from the captured run's unless `changeable` names it; returns the changeable
+    inputs that did change (a prompt edit's context), which a handler may need to recompute."""
     allowed = {_aux_name(k) for k in changeable}
+    changed = frozenset(k for k in changeable if not _same_input(captured.get(_aux_name(k)), now.get(_aux_name(k))))
     for name in sorted((set(captured) | set(now)) - allowed):
         if not _same_input(captured.get(name), now.get(name)):
             raise StaleCacheError(
@@ -67,6 +70,7 @@ def check_aux(captured: dict[str, object], now: dict[str, object], changeable=fr
                 "only holds activations for the captured inputs. Capture again, or select the matching step with "
                 "`sparsedit.scope(model, ...)`."
             )
+    return changed
 
 
 def tag_inputs(st: SparseState, att: Attachment, kwargs) -> None:

@@ -155,7 +155,10 @@ class PipelineAdapter:
             sched.set_begin_index(start * sched.order)
         return list(sched.timesteps[start * sched.order :])
 
-    encode_mode = "sample"  # how the pipeline reads the VAE's posterior (`retrieve_latents`): "sample" or "argmax"
+    encode_mode = "sample"
+    condition_inputs = (
+        "added_cond_kwargs",
+    )  # the denoiser's arguments that `conditions` fill (a prompt edit changes)  # how the pipeline reads the VAE's posterior (`retrieve_latents`): "sample" or "argmax"
 
     def input_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         """The shape of the latents `denoise` takes for a `height` x `width` image, conditioning channels

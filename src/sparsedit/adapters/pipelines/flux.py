@@ -1,4 +1,5 @@
-"""FLUX.1: img2img (SDEdit with flow matching), the transformer token-sparse through `adapters/flux.py`.
+"""FLUX.1: img2img (SDEdit with flow matching), inpainting (latent blending) and Fill (the mask and masked image as
+input channels), the transformer token-sparse through `adapters/flux.py`.
 
 The loop keeps FLUX's latents unpacked (`[B, 16, h, w]`, as the other families): packing 2x2 patches into tokens is a
 permutation, and the flow-matching step and `scale_noise` act per element, so the trajectory is the pipeline's bit
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from ...config import SparseConfig
 from .base import FlowMatchLatents, PipelineAdapter, images_per_prompt, randn, register_pipeline, strength_timesteps
+from .sd import InpaintAdapter
 
 
 class _Flux(FlowMatchLatents):
@@ -121,3 +123,91 @@ class FluxImg2ImgAdapter(_Flux, PipelineAdapter):
         noise = randn(image.shape, generator, image.device, image.dtype)
         t0 = timesteps[0][None].repeat(image.shape[0])
         return {"z": self.pipe.scheduler.scale_noise(image, t0, noise), "noise": noise, "image": image}
+
+
+class _FluxMasked(_Flux, InpaintAdapter):
+    """FLUX.1's mask-taking pipelines: the region comes from the change of `mask_image` (and of the image), as for
+    Stable Diffusion's inpainting; the image is encoded and noised with `scale_noise` at the first timestep."""
+
+    def check(self):
+        _Flux.check(self)
+        want = self.transformer_channels()
+        if self.unet.config.in_channels != want:
+            raise ValueError(
+                f"{type(self.pipe).__name__} takes a transformer with {want} packed input channels, this one "
+                f"{self.unet.config.in_channels} (FLUX.1 Fill's 384-channel transformer goes with FluxFillPipeline, "
+                "FLUX.1 dev/schnell's 64-channel one with FluxInpaintPipeline)."
+            )
+
+    def latent_channels(self) -> int:
+        return self.pipe.vae.config.latent_channels
+
+    def start(self, x0, generator, timesteps, encode, kept) -> dict:
+        # The pipelines' prepare_latents: the image encoded (one draw), then the noise (the next draw).
+        image = kept("image", encode(x0, "image").to(self.unet.dtype))
+        noise = randn(image.shape, generator, image.device, image.dtype)
+        t0 = timesteps[0][None].repeat(image.shape[0])
+        return {"z": self.pipe.scheduler.scale_noise(image, t0, noise), "noise": noise, "image": image}
+
+
+@register_pipeline("FluxInpaintPipeline")
+class FluxInpaintAdapter(_FluxMasked):
+    """`FluxInpaintPipeline` (64-channel FLUX.1 transformers): latent blending, the image's latents noised to the next
+    timestep outside the mask after every step."""
+
+    kind = "flux_inpaint"
+    default_strength = 0.6  # the pipeline's defaults
+    guidance_scale = 7.0
+
+    def transformer_channels(self) -> int:
+        return 4 * self.latent_channels()
+
+    def prepare(self, x0, mask, generator, timesteps, strength, encode, kept):
+        out = self.start(x0, generator, timesteps, encode, kept)
+        out["mask"] = F.interpolate(mask, size=out["z"].shape[-2:]).to(out["z"].dtype)
+        # The pipeline encodes the masked image too, a last draw from the generator, whose latents a 64-channel
+        # transformer never reads: skipped.
+        return out
+
+    def unet_condition(self, prep, copies):
+        return None
+
+    def after_step(self, z, prep, timesteps, i):
+        proper = prep["image"]
+        if i < len(timesteps) - 1:
+            proper = self.pipe.scheduler.scale_noise(proper, torch.tensor([timesteps[i + 1]]), prep["noise"])
+        return (1 - prep["mask"]) * proper + prep["mask"] * z
+
+
+@register_pipeline("FluxFillPipeline")
+class FluxFillAdapter(_FluxMasked):
+    """`FluxFillPipeline` (FLUX.1 Fill): the masked image's latents and the mask at pixel resolution (each latent
+    pixel's 8x8 mask pixels as 64 channels) are concatenated to the latents' channels; packing the concatenation is
+    the pipeline's concatenation of the packed parts, so the loop hands them to `denoise` as extra channels."""
+
+    kind = "flux_fill"
+    default_strength = 1.0  # the pipeline's defaults
+    guidance_scale = 30.0
+
+    def transformer_channels(self) -> int:
+        f = self.pipe.vae_scale_factor
+        return 4 * (2 * self.latent_channels() + f * f)
+
+    def input_shape(self, batch, height, width):
+        f = self.pipe.vae_scale_factor
+        return (batch, 2 * self.latent_channels() + f * f, height // f, width // f)
+
+    def prepare(self, x0, mask, generator, timesteps, strength, encode, kept):
+        out = self.start(x0, generator, timesteps, encode, kept)
+        dtype = out["z"].dtype
+        out["masked"] = kept("masked", encode(x0 * (1 - mask), "masked").to(dtype))  # the pipeline's `1 - mask`
+        b, _, h, w = out["z"].shape
+        f = self.pipe.vae_scale_factor
+        out["mask"] = mask[:, 0].reshape(b, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(b, f * f, h, w).to(dtype)
+        return out
+
+    def unet_condition(self, prep, copies):
+        return torch.cat([prep["masked"], prep["mask"]], dim=1).repeat(copies, 1, 1, 1)
+
+    def after_step(self, z, prep, timesteps, i):
+        return z  # no latent blending: the transformer sees the mask

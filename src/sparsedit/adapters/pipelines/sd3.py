@@ -83,6 +83,31 @@ class _SD3(FlowMatchLatents):
         return StableDiffusion3PipelineOutput(images=images) if return_dict else (images,)
 
 
+@register_pipeline("StableDiffusion3Pipeline")
+class SD3Text2ImgAdapter(_SD3, PipelineAdapter):
+    """`StableDiffusion3Pipeline`: generation from the prompt; edits change the prompt (FISEdit). The region comes
+    from the latents' difference over the first dense steps (`TextEditConfig(region="latent_diff")`; the joint
+    transformer has no cross-attention maps), and the sparse steps run the prompt's tokens again in every block (their
+    keys and values are the old prompt's), whatever `dit_context` says."""
+
+    kind = "sd3_txt2img"
+    takes_image = False
+    text_editable = True
+    default_strength = 1.0
+    encodes_image = False
+    condition_inputs = ("pooled_projections",)
+
+    def batch(self, x0) -> int:
+        return x0[0]  # text-to-image's x0 is (batch, height, width)
+
+    def prepare(self, x0, mask, generator, timesteps, strength, encode, kept):
+        # StableDiffusion3Pipeline.prepare_latents: the noise is the start (flow matching's sigma is 1)
+        f = self.pipe.vae_scale_factor
+        b, h, w = x0
+        noise = randn((b, self.unet.config.in_channels, h // f, w // f), generator, self.unet.device, self.unet.dtype)
+        return {"z": noise, "noise": noise}
+
+
 @register_pipeline("StableDiffusion3Img2ImgPipeline")
 class SD3Img2ImgAdapter(_SD3, PipelineAdapter):
     """`StableDiffusion3Img2ImgPipeline`: SDEdit in latent space with flow matching (`scale_noise`); stroke edits.
