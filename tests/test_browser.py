@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -89,7 +90,7 @@ def test_paint_a_stroke_and_only_its_neighbourhood_changes(live_server, browser,
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 1000
     text = browser.find_element("css selector", "[data-testid=stats]").text
-    assert "MACs saved" in text and "replica" in text
+    assert "less work" in text and "the dense run's speed" in text and "replica" in text
 
 
 def test_a_prompt_edit_on_the_shipped_text_model(live_server, browser):  # noqa: F811
@@ -114,3 +115,62 @@ def test_a_prompt_edit_on_the_shipped_text_model(live_server, browser):  # noqa:
     wait_for(browser, "return document.querySelector('[data-testid=stats]').dataset.edits === '1'")
     changed = np.abs(result_pixels(browser) - before).max(axis=-1) > 0
     assert 0 < changed.mean() < 0.9, changed.mean()
+
+
+def test_the_page_cleans_up_and_ignores_what_it_superseded(live_server, browser):  # noqa: F811
+    """Issue 37's page rows: Start and a model switch delete the previous session; a non-JSON answer is shown as an
+    error; a non-square picture keeps its aspect ratio; the brush is off on a text-only model; a late Undo reply
+    after a model switch does not paint over the new model's canvas."""
+    browser.get(live_server + "/")
+    wait_for(browser, "return document.body.dataset.ready === '1'")
+    browser.find_element("css selector", "[data-testid=start]").click()
+    wait_for(browser, "return document.querySelector('[data-testid=stats]').dataset.edits === '0'")
+    first = browser.execute_script("return session;")
+    browser.find_element("css selector", "[data-testid=start]").click()
+    second = wait_for(browser, f"return session && session !== '{first}' && session")
+    with httpx.Client(base_url=live_server, timeout=30) as c:
+        deadline = time.time() + 30
+        while c.get(f"/sessions/{first}").status_code != 404 and time.time() < deadline:
+            time.sleep(0.1)
+        assert c.get(f"/sessions/{first}").status_code == 404 and c.get(f"/sessions/{second}").status_code == 200
+    # A reply that is not JSON (here: the page itself) is an error the page shows, not a parser's message.
+    browser.execute_script("api('GET', '/').catch(() => {});")
+    error = wait_for(browser, "return document.querySelector('[data-testid=error]').textContent")
+    assert "not JSON" in error and "Unexpected token" not in error
+    # A 96x48 picture is shown 384x192, not stretched into the square.
+    browser.execute_script(
+        "const c = document.createElement('canvas'); c.width = 96; c.height = 48;"
+        "c.getContext('2d').fillRect(0, 0, 96, 48); drawImage(c.toDataURL());"
+    )
+    wait_for(browser, "return document.querySelector('[data-testid=canvas]').style.height === '192px'")
+    # A text-only model: the brush is off.
+    browser.execute_script(
+        "const m = document.querySelector('[data-testid=model]'); m.value = 'scene-sd';"
+        "m.dispatchEvent(new Event('change'));"
+    )
+    wait_for(browser, "return document.querySelector('[data-testid=canvas]').classList.contains('nobrush')")
+    # A late Undo: commit an edit on scene-ddpm, undo, and switch to scene-spade before the reply comes.
+    browser.execute_script(
+        "const m = document.querySelector('[data-testid=model]'); m.value = 'scene-ddpm';"
+        "m.dispatchEvent(new Event('change'));"
+    )
+    wait_for(browser, "return !document.querySelector('[data-testid=canvas]').classList.contains('nobrush')")
+    wait_for(browser, "return !document.querySelector('[data-testid=busy]').classList.contains('on')")  # scene in
+    browser.execute_script("document.querySelector('[data-testid=stats]').dataset.edits = '';")
+    browser.find_element("css selector", "[data-testid=start]").click()
+    wait_for(browser, "return session && document.querySelector('[data-testid=stats]').dataset.edits === '0'")
+    browser.execute_script("ctx.fillStyle = '#ff0000'; ctx.fillRect(4, 4, 8, 8); sendEdit();")
+    wait_for(browser, "return document.querySelector('[data-testid=stats]').dataset.edits === '1'")
+    browser.execute_script(
+        "document.querySelector('[data-testid=undo]').click();"
+        "const m = document.querySelector('[data-testid=model]'); m.value = 'scene-spade';"
+        "m.dispatchEvent(new Event('change'));"
+    )
+    time.sleep(3)  # the undo's reply arrives after the switch
+    wait_for(browser, "return document.querySelector('[data-testid=busy]').classList.contains('on') === false")
+    colours = browser.execute_script(
+        "const d = ctx.getImageData(0, 0, canvas.width, canvas.height).data; const s = new Set();"
+        "for (let i = 0; i < d.length; i += 4) s.add(d[i] * 65536 + d[i + 1] * 256 + d[i + 2]); return [...s];"
+    )
+    assert len(colours) > 1 and colours != [0], "the label canvas was painted over"
+    assert browser.find_element("css selector", "[data-testid=error]").text == ""

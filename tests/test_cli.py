@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -78,11 +79,12 @@ def test_serve_command_prints_its_url_and_serves(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = {**os.environ, "SPARSEDIT_STATE_DIR": str(tmp_path / "state")}  # the default state dir, moved here
     proc = subprocess.Popen([sys.executable, "-m", "sparsedit", "serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
     try:
         line = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}/" in line
+        assert f"http://127.0.0.1:{port}/" in line and str(tmp_path / "state") in line
         deadline, body = time.time() + 60, None
         while time.time() < deadline and body is None:
             try:

@@ -114,3 +114,24 @@ def test_a_transformer_of_the_other_inpainting_kind_is_refused(tmp_path):
     inpaint = diffusers.FluxInpaintPipeline(**pipe.components)
     with pytest.raises(ValueError, match="64 packed input channels, this one 384"):
         SparseEditor(inpaint)
+
+
+def test_prompt_edits_on_flux_txt2img_recompute_the_context_and_keep_the_rest(tmp_path):
+    """`FluxPipeline`: the capture is the pipeline's own generation; a prompt edit regenerates its region with the new
+    prompt's tokens and pooled embedding, and keeps the latents outside it."""
+    pipe = tiny_flux(tmp_path / "tok", "txt2img")
+    kw = {"num_inference_steps": 6, "output_type": "pt", "height": 128, "width": 128, "guidance_scale": 3.5}
+    want = pipe(prompt="a red house", generator=torch.Generator().manual_seed(3), **kw).images
+    editor = SparseEditor(pipe)
+    assert editor.kind == "flux_txt2img"
+    got = editor.capture(prompt="a red house", generator=torch.Generator().manual_seed(3), **kw).images
+    assert torch.equal(got, want)
+    region = torch.zeros(1, 128, 128, dtype=torch.bool)
+    region[:, 48:72, 48:72] = True
+    out = editor.edit(prompt="a blue lake", region=region, commit=False, output_type="pt").images
+    keep = editor.last_region[0]
+    assert editor.last_stats["ran_dense"] is None and keep.any() and not keep.all()
+    assert torch.equal(out[..., ~keep], got[..., ~keep])
+    assert not torch.equal(out[..., keep], got[..., keep])  # the new prompt took effect
+    found = editor.edit(prompt="a blue lake", output_type="pt").images  # the region from the latents' difference
+    assert editor.last_stats["region_method"] == "latent_diff" and torch.isfinite(found).all()

@@ -157,3 +157,18 @@ def test_prompt_edits_on_sd3_txt2img_recompute_the_context_and_keep_the_rest(tmp
                 editor.edit(prompt="a blue lake", text_config=TextEditConfig(region="cross_attention"))
         editor.remove()
     assert torch.equal(results[0], results[1])  # a changed context is recomputed in both modes
+
+
+def test_prompt_edit_of_an_sdedit_capture(pipe):
+    """`StableDiffusion3Img2ImgPipeline` takes prompt edits too: the region regenerated under the new prompt (context
+    recomputed), the rest the capture's; then a stroke edit on top."""
+    editor = SparseEditor(pipe)
+    got = editor.capture(image=photo(), generator=torch.Generator().manual_seed(3), **KW).images
+    region = torch.zeros(1, 128, 128, dtype=torch.bool)
+    region[:, 48:72, 48:72] = True
+    out = editor.edit(prompt="a blue lake", region=region, output_type="pt").images
+    keep = editor.last_region[0]
+    assert editor.last_stats["ran_dense"] is None and torch.equal(out[..., ~keep], got[..., ~keep])
+    assert not torch.equal(out[..., keep], got[..., keep])
+    again = editor.edit(image=stroke(photo()), output_type="pt").images  # committed prompt, then a stroke
+    assert editor.last_stats["ran_dense"] is None and torch.isfinite(again).all()

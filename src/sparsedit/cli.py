@@ -47,7 +47,11 @@ def serve(
         [], "--model", help="A local diffusers pipeline directory to offer (repeatable)."
     ),
     workers: int = typer.Option(2, help="Sessions computing at the same time."),
-    memory_budget: str = typer.Option(None, help="Bytes the live sessions' caches may hold, e.g. 4GiB (LRU parking)."),
+    memory_budget: str = typer.Option(
+        None, help="Bytes the live sessions' caches may hold, e.g. 4GiB (LRU parking; default: half the memory)."
+    ),
+    max_steps: int = typer.Option(100, help="Most denoising steps a session may ask for."),
+    max_sessions_per_client: int = typer.Option(16, help="Most sessions one client address may hold."),
     max_pixels: int = typer.Option(1024 * 1024, help="Largest image accepted (pixels)."),
     max_sessions: int = typer.Option(64, help="Most sessions held at once."),
     reproducible: bool = typer.Option(
@@ -58,8 +62,18 @@ def serve(
     ),
     insecure: bool = typer.Option(
         False,
-        help="Serve on a --host other than loopback, where anyone who reaches it can use it (no authentication).",
+        help="Serve on a --host other than loopback without --token, where anyone who reaches it can use it.",
     ),
+    token: str = typer.Option(
+        None, envvar="SPARSEDIT_TOKEN", help="A bearer token every request must carry (needed beyond loopback)."
+    ),
+    state_dir: Path = typer.Option(
+        None,
+        help="Where sessions are journaled and recovered from after a restart (default: "
+        "$SPARSEDIT_STATE_DIR, else ~/.local/share/sparsedit/sessions).",
+    ),
+    ephemeral: bool = typer.Option(False, help="Keep sessions in memory only: nothing survives the process."),
+    session_expiry: float = typer.Option(24.0, help="Hours after which an unused session is deleted (0: never)."),
     ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: sessions spread over --replicas processes."),
     replicas: int = typer.Option(2, help="With --ray: how many replicas hold sessions."),
 ) -> None:
@@ -67,11 +81,17 @@ def serve(
     from .serve import is_loopback
 
     if not is_loopback(host):
-        if not insecure:
-            typer.echo(f"sparsedit serve: --host {host} is reachable from other machines and the server has no "
-                       "authentication; serve on 127.0.0.1, or pass --insecure to do it anyway.", err=True)  # fmt: skip
+        if not insecure and not token:
+            typer.echo(f"sparsedit serve: --host {host} is reachable from other machines; give a --token (or "
+                       "SPARSEDIT_TOKEN) that every request must carry, serve on 127.0.0.1, or pass --insecure to "
+                       "serve without authentication anyway.", err=True)  # fmt: skip
             raise typer.Exit(2)
-        typer.echo(f"warning: serving on {host} without authentication: anyone who reaches it can use it.", err=True)
+        if token:
+            typer.echo(f"warning: serving on {host}, reachable from other machines; requests need the token "
+                       "(open the page as /?token=...).", err=True)  # fmt: skip
+        else:
+            typer.echo(f"warning: serving on {host} without authentication: anyone who reaches it can use it.",
+                       err=True)  # fmt: skip
     if ray:
         from .serve import ray_app
 
@@ -85,10 +105,17 @@ def serve(
             raise typer.BadParameter(str(e)) from None
         return
     from .serve import run
+    from .serve.journal import default_state_dir
 
-    typer.echo(f"sparsedit web editor: http://{host}:{port}/  (Ctrl-C stops it)")
+    if ephemeral and state_dir is not None:
+        raise typer.BadParameter("--ephemeral keeps no state: drop --state-dir, or --ephemeral.")
+    state = None if ephemeral else (state_dir or default_state_dir())
+    typer.echo(f"sparsedit web editor: http://{host}:{port}/  (Ctrl-C stops it)"
+               + ("" if state is None else f"; sessions kept in {state}"))  # fmt: skip
     run(host, port, model, workers=workers, memory_budget=memory_budget, max_pixels=max_pixels,
-        max_sessions=max_sessions, reproducible=reproducible, calibration=calibration)  # fmt: skip
+        max_sessions=max_sessions, reproducible=reproducible, calibration=calibration, state_dir=state,
+        idle_expiry=session_expiry * 3600 if session_expiry > 0 else None, token=token, max_steps=max_steps,
+        max_per_client=max_sessions_per_client)  # fmt: skip
 
 
 @app.command()

@@ -346,13 +346,14 @@ def tiny_flux(directory: str | Path, pipeline: str = "img2img", dtype: torch.dty
     T5 encoder (its hidden states are the context; an offline CLIP tokenizer stands in for T5's, up to 512 tokens), a
     `FluxTransformer2DModel` with one double- and two single-stream blocks and guidance embeddings (FLUX-dev's), a
     4-level VAE with 16 latent channels and FLUX's shift and scale, random weights and the flow-matching Euler scheduler
-    with FLUX's resolution-dependent shift. `pipeline`: `"img2img"`, `"inpaint"` (`FluxInpaintPipeline`, latent
+    with FLUX's resolution-dependent shift. `pipeline`: `"img2img"`, `"txt2img"`, `"inpaint"` (`FluxInpaintPipeline`, latent
     blending) or `"fill"` (`FluxFillPipeline`: the transformer takes 384 packed channels, latents, masked-image latents
     and the 8x8 pixel mask of each latent pixel, and returns 64)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
-    names = {"img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline", "fill": "FluxFillPipeline"}
+    names = {"img2img": "FluxImg2ImgPipeline", "txt2img": "FluxPipeline", "inpaint": "FluxInpaintPipeline",
+             "fill": "FluxFillPipeline"}  # fmt: skip
     if pipeline not in names:
         raise ValueError(f"pipeline must be one of {sorted(names)}, got {pipeline!r}.")
     write_clip_tokenizer(directory)

@@ -11,7 +11,7 @@
     DELETE /sessions/{id}            204
 
 Errors are `{"error": "..."}` with 400/422 (bad input), 404 (unknown session or model), 413 (over `max_pixels`),
-503 (over capacity, with `Retry-After`). A failed request leaves its session as it was (the editors' calls are
+503 (over capacity, with `Retry-After`), 507 (a commit that could not be written to the state directory: not kept). A failed request leaves its session as it was (the editors' calls are
 transactions, and the session's state changes only after them).
 """
 
@@ -23,9 +23,11 @@ import json
 from pathlib import Path
 
 import torch
+from fastapi import Request  # resolved by name in a route's signature (this module is the server's only)
 
+from ..cache import CacheBudgetError
 from .models import ImageTooLarge, ModelRegistry, array_to_png, png_to_array, region_to_png, tensor_to_png
-from .sessions import OverCapacity, SessionManager, UnknownSession
+from .sessions import ClientLimit, JournalError, OverCapacity, SessionManager, UnknownSession
 
 
 __all__ = ["create_app"]
@@ -77,13 +79,22 @@ class LocalBackend:
             raise ApiError(404, e.args[0]) from None
         except KeyError as e:
             raise ApiError(404, e.args[0] if e.args else str(e)) from None
+        except ClientLimit as e:
+            raise ApiError(429, str(e)) from None
         except OverCapacity as e:
             raise ApiError(503, str(e), {"Retry-After": "10"}) from None
+        except CacheBudgetError as e:
+            raise ApiError(
+                413, f"this session's caches would not fit the server's limit (--memory-budget): {e}"
+            ) from None
+        except JournalError as e:
+            raise ApiError(507, str(e)) from None
         except (ValueError, TypeError) as e:
             raise ApiError(422, str(e)) from None
 
-    def create(self, model: str, state: dict, options: dict, session_id: str | None = None) -> dict:
-        session, image = self._guard(lambda: self.manager.create(model, state, options, session_id))
+    def create(self, model: str, state: dict, options: dict, session_id: str | None = None,
+               client: str | None = None) -> dict:  # fmt: skip
+        session, image = self._guard(lambda: self.manager.create(model, state, options, session_id, client=client))
         stats = self._stats(session.capture_stats, None, session, session.capture_seconds)
         return {"session": session.id, "image": _b64(tensor_to_png(image)), "stats": stats}
 
@@ -123,21 +134,30 @@ class LocalBackend:
 def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_budget: int | None = None,
                max_pixels: int = 1024 * 1024, max_sessions: int = 64, replica: str | None = None,
                reproducible: bool = False, backend=None, max_body: int | None = None,
-               allowed_hosts: list[str] | None = None):  # fmt: skip
+               allowed_hosts: list[str] | None = None, state_dir=None, idle_expiry: float | None = None,
+               token: str | None = None, max_steps: int = 100, max_per_client: int | None = None,
+               session_limit: int | None = None):  # fmt: skip
     """The FastAPI app. `models`: the registry (default: the shipped scene models). `reproducible`: every edit runs
     sparse, the same bits on any machine (otherwise the calibrated choice runs dense where sparse would be slower).
     `backend`: where sessions live (default: this process, `LocalBackend`; `ray_app` puts them on Ray replicas).
     `max_body`: the largest request body in bytes, refused (413) before it is read (default: what a base64 PNG of
     `max_pixels` RGB pixels can take, uncompressed). `allowed_hosts`: the `Host` header values served (e.g. the
-    loopback names when bound to loopback, against DNS rebinding); `None`: any."""
-    from fastapi import FastAPI, Request
+    loopback names when bound to loopback, against DNS rebinding); `None`: any. `state_dir`: where sessions are
+    journaled and recovered from after a restart (`None`: a temporary directory, nothing survives the process);
+    `idle_expiry`: seconds after which an unused session is deleted. `token`: a bearer token every route requires
+    (`Authorization: Bearer <token>`; the page, opened once as `/?token=<token>`, keeps it in a same-site cookie).
+    `max_steps`: the most denoising steps a session may ask for; `max_per_client`: the most sessions one client
+    address may hold (429 beyond it); `session_limit`: the most bytes one session's caches may need, predicted by
+    the library before its capture runs (413 beyond it)."""
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
     registry = models or ModelRegistry()
     if backend is None:
         manager = SessionManager(registry, workers=workers, memory_budget=memory_budget, max_sessions=max_sessions,
-                                 reproducible=reproducible)  # fmt: skip
+                                 reproducible=reproducible, state_dir=state_dir, idle_expiry=idle_expiry,
+                                 max_per_client=max_per_client, session_limit=session_limit)  # fmt: skip
         if replica:
             manager.replica = replica
         backend = LocalBackend(manager)
@@ -160,13 +180,69 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
         return JSONResponse({"error": validation_message(e.errors())}, status_code=422)
 
     _info_routes(app, backend, registry)
-    _session_routes(app, backend, registry, max_pixels)
+    _session_routes(app, backend, registry, max_pixels, max_steps)
     if allowed_hosts is not None:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     app.add_middleware(BodyLimit, limit=max_body if max_body is not None else default_max_body(max_pixels))
+    if token:
+        app.add_middleware(TokenAuth, token=token)
     return app
+
+
+class TokenAuth:
+    """ASGI middleware: every request carries the server's token, as `Authorization: Bearer <token>` or the
+    `sparsedit_token` cookie, else a JSON 401. `GET /?token=<token>` (the page, opened from the link the server
+    prints) sets that cookie, so the page's own requests carry it."""
+
+    COOKIE = "sparsedit_token"
+
+    def __init__(self, app, token: str):
+        self.app, self.token = app, token.encode()
+
+    def _given(self, scope) -> tuple[bytes | None, bool]:
+        import hmac
+        from http.cookies import SimpleCookie
+        from urllib.parse import parse_qs
+
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"")
+        candidates = [auth[7:].strip()] if auth[:7].lower() == b"bearer " else []
+        cookie = SimpleCookie(headers.get(b"cookie", b"").decode("latin-1"))
+        if self.COOKIE in cookie:
+            candidates.append(cookie[self.COOKIE].value.encode())
+        from_query = False
+        if scope.get("path") == "/" and scope.get("method") == "GET":
+            q = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
+            if q:
+                candidates.append(q[0].encode())
+                from_query = True
+        ok = any(hmac.compare_digest(c, self.token) for c in candidates)
+        return ok, from_query
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        ok, from_query = self._given(scope)
+        if not ok:
+            body = json.dumps({"error": "this server needs its token: send `Authorization: Bearer <token>` (or open "
+                                        "the page as /?token=<token>)."}).encode()  # fmt: skip
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                    (b"www-authenticate", b"Bearer")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": body})
+            return
+        if not from_query:
+            return await self.app(scope, receive, send)
+        cookie = f"{self.COOKIE}={self.token.decode()}; HttpOnly; SameSite=Strict; Path=/".encode()
+
+        async def with_cookie(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie)]}
+            await send(message)
+
+        await self.app(scope, receive, with_cookie)
 
 
 def default_max_body(max_pixels: int) -> int:
@@ -235,13 +311,13 @@ def _info_routes(app, backend, registry) -> None:
         return scene_pngs(seed, size)
 
 
-def _session_routes(app, backend, registry, max_pixels: int) -> None:
+def _session_routes(app, backend, registry, max_pixels: int, max_steps: int = 100) -> None:
     """Sessions: create (a dense capture), edit (sparse), undo, read and delete."""
     from fastapi import Body
     from fastapi.responses import Response
 
     @app.post("/sessions", status_code=201)
-    def create_session(body: dict = Body(...)):
+    def create_session(request: Request, body: dict = Body(...)):
         name = body.get("model")
         if not isinstance(name, str):
             raise ApiError(422, "model is required: one of GET /models.")
@@ -253,7 +329,8 @@ def _session_routes(app, backend, registry, max_pixels: int) -> None:
         need = [k for k in model.takes if k in ("image", "labels") and k not in state]
         if need:
             raise ApiError(422, f"{model.name} starts from {' or '.join(need)}: send it as a base64 PNG.")
-        return backend.create(name, state, capture_options(body))
+        client = request.client.host if request.client is not None else None
+        return backend.create(name, state, capture_options(body, max_steps), client=client)
 
     @app.post("/sessions/{session_id}/edits")
     def edit(session_id: str, body: dict = Body(...)):
@@ -335,8 +412,9 @@ def state_from(body: dict, model, max_pixels: int, size=None) -> dict:
     return state
 
 
-def capture_options(body: dict) -> dict:
-    """A new session's generation options (`None`: the model's default), each a number."""
+def capture_options(body: dict, max_steps: int = 100) -> dict:
+    """A new session's generation options (`None`: the model's default), each a number, `steps` at most
+    `max_steps`."""
     options = {k: body.get(k) for k in ("strength", "steps", "seed", "guidance")}
     for k, v in options.items():
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
@@ -344,6 +422,8 @@ def capture_options(body: dict) -> dict:
     for k in ("steps", "seed"):
         if options[k] is not None and (options[k] != int(options[k]) or options[k] < (k == "steps")):
             raise ApiError(422, f"{k} must be a whole number{' of at least 1' if k == 'steps' else ', 0 or more'}.")
+    if options["steps"] is not None and options["steps"] > max_steps:
+        raise ApiError(422, f"steps={int(options['steps'])} is over this server's limit of {max_steps} (--max-steps).")
     return options
 
 

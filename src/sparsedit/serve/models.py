@@ -226,10 +226,11 @@ class SessionEditor:
     session can be parked, resumed and replayed: `capture(state)`, `edit(state)`, where a state is
     `{"image": uint8 [H, W, 3], "labels": uint8 [H, W], "mask": uint8 [H, W], "prompt": str}`."""
 
-    def __init__(self, model: Model, options: dict, reproducible: bool = False):
+    def __init__(self, model: Model, options: dict, reproducible: bool = False, cache_budget: int | None = None):
         self.model = model
         self.options = options  # strength, steps, seed, guidance
         self.reproducible = reproducible
+        self.cache_budget = cache_budget  # the server's memory budget: a capture that cannot fit it is refused first
         self.target = model.instance()
         self.editor = self._make()
 
@@ -248,7 +249,8 @@ class SessionEditor:
             config = default() if default is not None else SparseConfig(exact=True)
             return GANEditor(self.target, dataclasses.replace(config, measured_fallback=fallback))
         dilation = 2 if self.model.kind == "ddpm" else 5
-        return SparseEditor(self.target, SparseConfig(input_dilation=dilation, measured_fallback=fallback))
+        return SparseEditor(self.target, SparseConfig(input_dilation=dilation, measured_fallback=fallback,
+                                                      cache_budget=self.cache_budget))  # fmt: skip
 
     # -- inputs -----------------------------------------------------------------------------------------------------
     def _image(self, a: np.ndarray) -> torch.Tensor | object:
@@ -320,11 +322,12 @@ class SessionEditor:
         return True
 
     @classmethod
-    def resume(cls, model: Model, options: dict, path: Path, reproducible: bool = False) -> SessionEditor:
+    def resume(cls, model: Model, options: dict, path: Path, reproducible: bool = False,
+               cache_budget: int | None = None) -> SessionEditor:  # fmt: skip
         from ..editors import GANEditor, SparseEditor
 
         self = cls.__new__(cls)
-        self.model, self.options, self.reproducible = model, options, reproducible
+        self.model, self.options, self.reproducible, self.cache_budget = model, options, reproducible, cache_budget
         self.target = model.instance()
         self.editor = (GANEditor if model.kind == "gan" else SparseEditor).load(self.target, path)
         return self

@@ -58,7 +58,8 @@ class RayBackend:
             raise ApiError(status, message, headers)
         return out["ok"]
 
-    def create(self, model, state, options, session_id=None):
+    def create(self, model, state, options, session_id=None, client=None):
+        # The per-client limit is not applied across replicas yet (each replica sees only its own sessions).
         return self._call(session_id or uuid.uuid4().hex[:16], "create", model, state, options)
 
     def info(self, session_id):

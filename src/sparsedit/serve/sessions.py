@@ -2,8 +2,10 @@
 worker count, a memory budget with least-recently-used parking, and every committed state kept.
 
 A session's history is the list of its committed input states (the capture's first). Nothing a person made is lost:
-a parked session resumes from its saved editor (`editor.save`), or, where a session cannot be saved, is captured again
-from its current state; `undo` edits back to the previous state.
+a parked session resumes from its saved editor (`editor.save`), or, where a session cannot be saved, is rebuilt by
+capturing its first state and replaying its committed edits; `undo` edits back to the previous state. With a state
+directory (`journal.Journal`), every session and committed state is on disk before the request that made it is
+answered, and a restarted server recovers them all (rebuilt by the same replay on first use).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .journal import Journal
 from .models import ModelRegistry, SessionEditor
 
 
-__all__ = ["OverCapacity", "Session", "SessionManager", "UnknownSession"]
+__all__ = ["ClientLimit", "JournalError", "OverCapacity", "Session", "SessionManager", "UnknownSession"]
 
 
 class UnknownSession(KeyError):
@@ -33,12 +36,22 @@ class OverCapacity(RuntimeError):
     """No room for another session: every slot is taken by a session in use."""
 
 
+class ClientLimit(OverCapacity):
+    """This client holds its maximum number of sessions."""
+
+
+class JournalError(RuntimeError):
+    """A committed change could not be written to the state directory (and was taken back)."""
+
+
 @dataclass
 class Session:
     id: str
     model: str
     options: dict
     states: list[dict]  # committed input states, the capture's first
+    # Committed operations in order, what rebuilds the editor: {"state", "undo"}, the capture's first (`journal`).
+    ops: list[dict] = field(default_factory=list)
     editor: SessionEditor | None = None
     parked: Path | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -48,6 +61,7 @@ class Session:
     # The capture's statistics, taken while the session was held: by the time its response is written, a parallel
     # request may have parked the session (its editor gone).
     capture_stats: dict = field(default_factory=dict)
+    client: str | None = None  # who made it (the address), for the per-client limit; None: recovered
 
     @property
     def edits(self) -> int:
@@ -56,49 +70,97 @@ class Session:
 
 class SessionManager:
     """Owns the sessions. `memory_budget` (bytes) bounds the caches of live sessions: when a request leaves them
-    above it, idle sessions are parked, least recently used first. `max_sessions` bounds how many exist."""
+    above it, idle sessions are parked, least recently used first. `max_sessions` bounds how many exist.
+    `session_limit` (bytes): a session whose caches the library predicts above it is refused before its capture
+    runs (`CacheBudgetError`). `state_dir`: the durable journal of the sessions (recovered at start, kept at
+    `close`); `None`: a temporary directory for parking only, removed at `close`. `idle_expiry` (seconds): sessions unused that long are deleted
+    when another is created (`None`: never)."""
 
     def __init__(self, registry: ModelRegistry, workers: int = 2, memory_budget: int | None = None,
-                 max_sessions: int = 64, state_dir: str | Path | None = None, reproducible: bool = False):  # fmt: skip
+                 max_sessions: int = 64, state_dir: str | Path | None = None, reproducible: bool = False,
+                 idle_expiry: float | None = None, max_per_client: int | None = None,
+                 session_limit: int | None = None):  # fmt: skip
         self.registry = registry
         self.reproducible = reproducible
         self.sessions: dict[str, Session] = {}
         self.workers = threading.BoundedSemaphore(max(1, workers))
         self.memory_budget = memory_budget
         self.max_sessions = max_sessions
+        self.idle_expiry = idle_expiry
+        self.max_per_client = max_per_client
+        self.session_limit = session_limit  # bytes one session's caches may need (the library refuses it first)
         self._lock = threading.Lock()
         self._own_dir = state_dir is None
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="sparsedit-sessions-"))
+        self.journal = None if self._own_dir else Journal(self.state_dir)
         self.replica = f"{os.uname().nodename}:{os.getpid()}"
+        self.recovered = self._recover()
+
+    def _recover(self) -> int:
+        """The journal's sessions, not yet live (each is rebuilt by replay on its first request)."""
+        if self.journal is None:
+            return 0
+        for js in self.journal.recover():
+            try:
+                self.registry.get(js.model)
+            except KeyError:
+                import logging
+
+                logging.getLogger("sparsedit.serve").warning(
+                    "sparsedit serve: session %s uses model %r, which this server does not offer; its files are "
+                    "kept in %s", js.id, js.model, self.state_dir / js.id)  # fmt: skip
+                continue
+            self.sessions[js.id] = Session(js.id, js.model, js.options, js.states, js.ops)
+        return len(self.sessions)
+
+    def _parking(self, session_id: str) -> Path:
+        return self.journal.parking(session_id) if self.journal is not None else self.state_dir / session_id
 
     # -- lifecycle ------------------------------------------------------------------------------------------------------
     def create(self, model_name: str, state: dict, options: dict, session_id: str | None = None,
-               states: list | None = None) -> tuple[Session, object]:  # fmt: skip
-        """A new session (`session_id`: a given id; `states`: a committed history to resume, its last state
-        captured)."""
+               states: list | None = None, client: str | None = None) -> tuple[Session, object]:  # fmt: skip
+        """A new session (`session_id`: a given id; `states`: a committed history to resume: its first state
+        captured, the others replayed as edits)."""
         model = self.registry.get(model_name)
         options = {**model.defaults, **{k: v for k, v in options.items() if v is not None}}
+        self._expire()
         with self._lock:
             if len(self.sessions) >= self.max_sessions:
                 raise OverCapacity(
                     f"this server holds its maximum of {self.max_sessions} sessions; delete one (DELETE "
                     "/sessions/{id}) or try again later."
                 )
-            session = Session(session_id or uuid.uuid4().hex[:16], model_name, options, list(states or [state]))
+            if client is not None and self.max_per_client is not None:
+                mine = sum(1 for s in self.sessions.values() if s.client == client)
+                if mine >= self.max_per_client:
+                    raise ClientLimit(
+                        f"you hold this server's maximum of {self.max_per_client} sessions per client "
+                        "(--max-sessions-per-client); delete one (DELETE /sessions/{id}) first."
+                    )
+            history = list(states or [state])
+            session = Session(session_id or uuid.uuid4().hex[:16], model_name, options, history,
+                              [{"state": s, "undo": False} for s in history])  # fmt: skip
             session.busy += 1
+            session.client = client
             self.sessions[session.id] = session
         try:
             with session.lock, self.workers:
-                session.editor = SessionEditor(model, options, self.reproducible)
+                session.editor = SessionEditor(model, options, self.reproducible, self.session_limit)
                 started = time.perf_counter()  # the dense capture alone (the model's first load excluded)
-                image = session.editor.capture(session.states[-1])
+                image = session.editor.capture(session.states[0])
+                for op in session.ops[1:]:  # a resumed history: its edits replayed
+                    image = session.editor.edit(op["state"], commit=True)
                 session.capture_seconds = time.perf_counter() - started
                 session.capture_stats = dict(session.editor.editor.last_stats)
+                if self.journal is not None:  # on disk before its id is announced
+                    self.journal.begin(session.id, model_name, options, session.ops)
         except BaseException:
             with self._lock:
                 self.sessions.pop(session.id, None)
             if session.editor is not None:
                 session.editor.close()
+            if self.journal is not None:
+                self.journal.remove(session.id)
             raise
         finally:
             session.busy -= 1
@@ -122,8 +184,33 @@ class SessionManager:
                 session.editor = None
             if session.parked is not None:
                 shutil.rmtree(session.parked, ignore_errors=True)
+            if self.journal is not None:
+                self.journal.remove(session_id)
+
+    def _expire(self) -> None:
+        """Delete the sessions unused for `idle_expiry` seconds (never one in use)."""
+        if self.idle_expiry is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            stale = [s.id for s in self.sessions.values() if not s.busy and now - s.last_used > self.idle_expiry]
+        for sid in stale:
+            try:
+                self.delete(sid)
+            except UnknownSession:
+                pass
 
     def close(self) -> None:
+        """Release every session's editor. A journaled session stays on disk (the next server recovers it);
+        without a state directory the sessions are deleted."""
+        if self.journal is not None:
+            for session in list(self.sessions.values()):
+                with session.lock:
+                    if session.editor is not None:
+                        session.editor.close()
+                        session.editor = None
+                    session.parked = None  # parked editors are not reused across processes
+            return
         for sid in list(self.sessions):
             self.delete(sid)
         if self._own_dir:
@@ -152,6 +239,7 @@ class SessionManager:
             image = editor.edit(merged, commit=commit)
             if commit and _differs(merged, session.states[-1]):
                 session.states.append(merged)
+                self._commit(session, {"state": merged, "undo": False}, revert=session.states.pop)
             return image, editor.editor.last_stats, editor.editor.last_region
 
         return self.run(session_id, do)
@@ -162,10 +250,29 @@ class SessionManager:
                 raise ValueError("nothing to undo: this session has no committed edit.")
             previous = session.states[-2]
             image = editor.edit(previous, commit=True)
-            session.states.pop()
+            popped = session.states.pop()
+            self._commit(session, {"state": previous, "undo": True}, revert=lambda: session.states.append(popped))
             return image, editor.editor.last_stats, editor.editor.last_region
 
         return self.run(session_id, do)
+
+    def _commit(self, session: Session, op: dict, revert) -> None:
+        """Record a committed operation (and, with a journal, write it) before it is answered. If it cannot be
+        written, it is taken back (`revert` restores the history) and the session's editor dropped, so its next
+        request rebuilds it from what is recorded."""
+        session.ops.append(op)
+        if self.journal is None:
+            return
+        try:
+            self.journal.commit(session.id, len(session.ops) - 1, op["state"], op["undo"])
+        except OSError as e:
+            session.ops.pop()
+            revert()
+            self.journal.forget(session.id, len(session.ops))
+            if session.editor is not None:
+                session.editor.close()
+                session.editor = None
+            raise JournalError(f"the edit could not be recorded in {self.state_dir} ({e}); it was not kept.") from e
 
     # -- memory: park least recently used ----------------------------------------------------------------------------------
     def live_bytes(self) -> int:
@@ -183,7 +290,7 @@ class SessionManager:
             with victim.lock:
                 if victim.editor is None or victim.busy:
                     continue
-                path = self.state_dir / victim.id
+                path = self._parking(victim.id)
                 shutil.rmtree(path, ignore_errors=True)
                 if victim.editor.park(path):
                     victim.parked = path
@@ -193,17 +300,26 @@ class SessionManager:
                 victim.editor = None
 
     def _live(self, session: Session) -> SessionEditor:
-        """The session's editor, resumed from where it was parked, or captured again from its current state."""
+        """The session's editor, resumed from where it was parked, or rebuilt: its capture made again and its
+        committed operations (edits, undos) replayed in order (the same bits as the session had, each being a
+        deterministic function of the state before it)."""
         if session.editor is not None:
             return session.editor
         model = self.registry.get(session.model)
         if session.parked is not None:
-            session.editor = SessionEditor.resume(model, session.options, session.parked, self.reproducible)
+            session.editor = SessionEditor.resume(model, session.options, session.parked, self.reproducible,
+                                                  self.session_limit)  # fmt: skip
             shutil.rmtree(session.parked, ignore_errors=True)
             session.parked = None
         else:
-            editor = SessionEditor(model, session.options, self.reproducible)
-            editor.capture(session.states[-1])
+            editor = SessionEditor(model, session.options, self.reproducible, self.session_limit)
+            try:
+                editor.capture(session.ops[0]["state"])
+                for op in session.ops[1:]:
+                    editor.edit(op["state"], commit=True)
+            except BaseException:
+                editor.close()
+                raise
             session.editor = editor
         return session.editor
 

@@ -163,7 +163,7 @@ class PipelineAdapter:
     def input_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         """The shape of the latents `denoise` takes for a `height` x `width` image, conditioning channels
         (`unet_condition`) included: what the cache budget's dry run feeds the denoiser."""
-        f = self.pipe.vae_scale_factor
+        f = self.pipe.vae_scale_factor if self.latent else 1  # pixel-space pipelines denoise the image itself
         return (batch, self.unet.config.in_channels, height // f, width // f)
 
     def decoder_region(self, keep: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,8 @@ class _Flux(FlowMatchLatents):
     CFG with a negative prompt is not supported yet), with the text ids; latents `(sample - shift) * scale`; the
     schedule shifted by the image's token count (`mu`)."""
 
-    text_editable = False
     cross_attention = False
+    condition_inputs = ("pooled_projections",)  # a prompt edit changes them with the context
     batches_guidance = False
     fixed_size = True  # the pipeline resizes the image to `default_sample_size * vae_scale_factor` unless told
     guidance_scale = 7.0  # FluxImg2ImgPipeline's default
@@ -112,11 +112,38 @@ class _Flux(FlowMatchLatents):
         return FluxPipelineOutput(images=images) if return_dict else (images,)
 
 
+@register_pipeline("FluxPipeline")
+class FluxText2ImgAdapter(_Flux, PipelineAdapter):
+    """`FluxPipeline`: generation from the prompt; edits change the prompt (FISEdit). The region comes from the
+    latents' difference over the first dense steps (`TextEditConfig(region="latent_diff")`: FLUX's joint attention has
+    no cross-attention maps) or the caller's `region=`, and the sparse steps run the new prompt's tokens again in every
+    block (with the new pooled embedding), whatever `dit_context` says."""
+
+    kind = "flux_txt2img"
+    takes_image = False
+    text_editable = True
+    default_strength = 1.0
+    encodes_image = False
+    guidance_scale = 3.5  # FluxPipeline's default (distilled guidance)
+
+    def batch(self, x0) -> int:
+        return x0[0]  # text-to-image's x0 is (batch, height, width)
+
+    def prepare(self, x0, mask, generator, timesteps, strength, encode, kept):
+        # FluxPipeline.prepare_latents draws the unpacked latents, then packs them (a permutation)
+        f = self.pipe.vae_scale_factor
+        b, h, w = x0
+        shape = (b, self.unet.config.in_channels // 4, 2 * (h // (2 * f)), 2 * (w // (2 * f)))
+        noise = randn(shape, generator, self.unet.device, self.unet.dtype)
+        return {"z": noise, "noise": noise}
+
+
 @register_pipeline("FluxImg2ImgPipeline")
 class FluxImg2ImgAdapter(_Flux, PipelineAdapter):
     """`FluxImg2ImgPipeline`: SDEdit with flow matching (`scale_noise`); stroke edits."""
 
     kind = "flux_img2img"
+    text_editable = True  # prompt edits as on FluxPipeline
 
     def prepare(self, x0, mask, generator, timesteps, strength, encode, kept):
         image = kept("image", encode(x0, "image"))

@@ -16,8 +16,8 @@ class _SD3(FlowMatchLatents):
     and checked like its other inputs); latents are `(sample - shift_factor) * scaling_factor`; flow-matching
     timesteps (`retrieve_timesteps`, then the pipeline's `get_timesteps`) and no input scaling."""
 
-    text_editable = False  # prompt edits need the context stream recomputed (SparseConfig.dit_context): not yet
     cross_attention = False
+    condition_inputs = ("pooled_projections",)  # a prompt edit changes them with the context
     fixed_size = True  # the pipeline resizes the image to `default_sample_size * vae_scale_factor` unless told
     guidance_scale = 7.0
     default_strength = 0.6
@@ -95,7 +95,6 @@ class SD3Text2ImgAdapter(_SD3, PipelineAdapter):
     text_editable = True
     default_strength = 1.0
     encodes_image = False
-    condition_inputs = ("pooled_projections",)
 
     def batch(self, x0) -> int:
         return x0[0]  # text-to-image's x0 is (batch, height, width)
@@ -115,6 +114,7 @@ class SD3Img2ImgAdapter(_SD3, PipelineAdapter):
     from the capture (`adapters/dit.py`)."""
 
     kind = "sd3_img2img"
+    text_editable = True  # prompt edits as on StableDiffusion3Pipeline
 
     def prepare(self, x0, mask, generator, timesteps, strength, encode, kept):
         image = kept("image", encode(x0, "image"))
