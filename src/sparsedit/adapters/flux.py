@@ -168,16 +168,13 @@ class FluxTransformerHandler(DiTHandler):
         out = entry["out"]  # the post hook hands the caller a copy
         return Transformer2DModelOutput(sample=out) if call.get("return_dict", True) else (out,)
 
-    def run_rows(self, call, entry, active: ActiveTokens, recompute: bool, img_ids=None) -> torch.Tensor:
-        st, model = self.state, self.module
-        x = call["hidden_states"]
-        rows = model.x_embedder(x[:, active.index])
-        timestep = call["timestep"].to(rows.dtype) * 1000
-        guidance = call.get("guidance")
-        if guidance is not None:
-            temb = model.time_text_embed(timestep, guidance.to(rows.dtype) * 1000, call["pooled_projections"])
-        else:
-            temb = model.time_text_embed(timestep, call["pooled_projections"])
+    sparse_processor = _SparseFlux  # what `sparse_processors` installs on every attention for a sparse run
+
+    def joint_rows(self, call, rows: torch.Tensor, active: ActiveTokens, recompute: bool, img_ids):
+        """For the active image `rows`: the context rows that run with them (the prompt's tokens embedded again, or
+        none when their keys and values are the capture's), the rotary embeddings of all the rows that run (context
+        first, then image) and their places in the joint sequence."""
+        model, x = self.module, call["hidden_states"]
         txt_ids = call["txt_ids"] if call["txt_ids"].ndim == 2 else call["txt_ids"][0]
         m = txt_ids.shape[0]
         cos, sin = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
@@ -187,13 +184,25 @@ class FluxTransformerHandler(DiTHandler):
             where = torch.cat([torch.arange(m, device=x.device), image_at])
         else:
             ctx, where = rows.new_empty(rows.shape[0], 0, rows.shape[-1]), image_at
-        rope = (cos[where], sin[where])
-        at = ActiveTokens(where, (1, m + x.shape[1]))
+        return ctx, (cos[where], sin[where]), ActiveTokens(where, (1, m + x.shape[1]))
 
-        def make(i, tag):
-            return _SparseFlux(st, at, entry[f"k{i}{tag}"], entry[f"v{i}{tag}"])
+    def sparse_processors(self, entry, at: ActiveTokens):
+        """Every attention's sparse processor over its cached joint keys and values, for one run."""
+        st = self.state
+        return self.processors(lambda i, tag: self.sparse_processor(st, at, entry[f"k{i}{tag}"], entry[f"v{i}{tag}"]))
 
-        with self.processors(make):
+    def run_rows(self, call, entry, active: ActiveTokens, recompute: bool, img_ids=None) -> torch.Tensor:
+        model = self.module
+        x = call["hidden_states"]
+        rows = model.x_embedder(x[:, active.index])
+        timestep = call["timestep"].to(rows.dtype) * 1000
+        guidance = call.get("guidance")
+        if guidance is not None:
+            temb = model.time_text_embed(timestep, guidance.to(rows.dtype) * 1000, call["pooled_projections"])
+        else:
+            temb = model.time_text_embed(timestep, call["pooled_projections"])
+        ctx, rope, at = self.joint_rows(call, rows, active, recompute, img_ids)
+        with self.sparse_processors(entry, at):
             for block in self.blocks():
                 ctx, rows = block(hidden_states=rows, encoder_hidden_states=ctx, temb=temb, image_rotary_emb=rope)
         return model.proj_out(model.norm_out(rows, temb))

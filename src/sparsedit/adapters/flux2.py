@@ -132,8 +132,10 @@ class Flux2TransformerHandler(FluxTransformerHandler):
                 )
         super().check_call(call)
 
+    sparse_processor = _SparseFlux2
+
     def run_rows(self, call, entry, active: ActiveTokens, recompute: bool, img_ids=None) -> torch.Tensor:
-        st, model = self.state, self.module
+        model = self.module
         x = call["hidden_states"]
         timestep = call["timestep"].to(x.dtype) * 1000
         guidance = call.get("guidance")
@@ -142,22 +144,8 @@ class Flux2TransformerHandler(FluxTransformerHandler):
         mod_txt = model.double_stream_modulation_txt(temb)
         mod_single = model.single_stream_modulation(temb)
         rows = model.x_embedder(x[:, active.index])
-        txt_ids = call["txt_ids"] if call["txt_ids"].ndim == 2 else call["txt_ids"][0]
-        m = txt_ids.shape[0]
-        cos, sin = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
-        image_at = active.index + m
-        if recompute:
-            ctx = model.context_embedder(call["encoder_hidden_states"])
-            where = torch.cat([torch.arange(m, device=x.device), image_at])
-        else:
-            ctx, where = rows.new_empty(rows.shape[0], 0, rows.shape[-1]), image_at
-        rope = (cos[where], sin[where])
-        at = ActiveTokens(where, (1, m + x.shape[1]))
-
-        def make(i, tag):
-            return _SparseFlux2(st, at, entry[f"k{i}{tag}"], entry[f"v{i}{tag}"])
-
-        with self.processors(make):
+        ctx, rope, at = self.joint_rows(call, rows, active, recompute, img_ids)
+        with self.sparse_processors(entry, at):
             for block in model.transformer_blocks:
                 ctx, rows = block(hidden_states=rows, encoder_hidden_states=ctx, temb_mod_img=mod_img,
                                   temb_mod_txt=mod_txt, image_rotary_emb=rope)  # fmt: skip
