@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from dit_edit import sd3_medium
-from unet_edit import loadavg, stroke_region
+from unet_edit import PIPELINE_HEADER, alternate, loadavg, pipeline_row, stroke_region
 
 from sparsedit import SparseConfig, SparseEditor
 from sparsedit.demo import load_photo
@@ -101,46 +99,19 @@ def main():
           f"{args.strength}, {args.dtype}, cache dtype {args.cache_dtype}, threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}, {platform.machine()}, load {loadavg()}")  # fmt: skip
     print(f"capture {capture_s:.1f} s, cache {cache / 2**30:.2f} GiB ({dict(cache.items())}), photo: {source}")
-    print(f"{'region':>7} {'dense s':>8} {'sparse s':>8} {'speed-up':>8} {'MACs ratio':>10} {'effic.':>6} "
-          f"{'max err':>8} {'PSNR':>6}")  # fmt: skip
+    print(PIPELINE_HEADER)
     rows = []
     for frac in args.fractions:
         region = stroke_region(args.size, frac, 1)
         edited = torch.where(region[:, None], torch.tensor([0.95, 0.1, 0.15])[:, None, None], image).to(dtype)
-        dense_t, sparse_t = [], []
-        for i in range(args.warmup + args.repeats):
-            t0 = time.perf_counter()
-            dense = pipe(image=edited, generator=torch.Generator().manual_seed(0), output_type="pt", **kw).images
-            t1 = time.perf_counter()
-            sparse = editor.edit(image=edited, commit=False, output_type="pt").images
-            t2 = time.perf_counter()
-            print(f"  pair {i}: dense {t1 - t0:.1f} s, sparse {t2 - t1:.1f} s, load {loadavg()}", flush=True)
-            if i >= args.warmup:
-                dense_t.append(t1 - t0)
-                sparse_t.append(t2 - t1)
+        dense_t, sparse_t, dense, sparse = alternate(
+            lambda: pipe(image=edited, generator=torch.Generator().manual_seed(0), output_type="pt", **kw).images,
+            lambda: editor.edit(image=edited, commit=False, output_type="pt").images,
+            args.repeats, args.warmup,
+        )  # fmt: skip
         stats = editor.last_stats
-        err = (sparse.float() - dense.float()).abs()
-        mse = float(err.square().mean())
-        row = {
-            "region_fraction": stats["region_fraction"],
-            "dense_s": statistics.median(dense_t),
-            "sparse_s": statistics.median(sparse_t),
-            "dense_runs": dense_t,
-            "sparse_runs": sparse_t,
-            "macs_dense": stats["macs_dense"],
-            "macs_sparse": stats["macs_sparse"],
-            "max_abs_error": float(err.max()),
-            "psnr_db": 10 * math.log10(1.0 / mse) if mse else float("inf"),  # images in [0, 1]
-            "unet_time": stats["unet_time"],
-            "ran_dense": stats["ran_dense"],
-        }
-        row["speedup"] = row["dense_s"] / row["sparse_s"]
-        row["macs_ratio"] = row["macs_dense"] / max(1, row["macs_sparse"])
-        row["efficiency"] = row["speedup"] / row["macs_ratio"]
-        rows.append(row)
-        print(f"{100 * row['region_fraction']:>6.1f}% {row['dense_s']:>8.1f} {row['sparse_s']:>8.1f} "
-              f"{row['speedup']:>7.2f}x {row['macs_ratio']:>9.1f}x {row['efficiency']:>6.2f} "
-              f"{row['max_abs_error']:>8.3f} {row['psnr_db']:>6.1f}")  # fmt: skip
+        rows.append(pipeline_row(stats, dense_t, sparse_t, dense, sparse, unet_time=stats["unet_time"],
+                                 ran_dense=stats["ran_dense"]))  # fmt: skip
     meta = {"dtype": args.dtype, "cache_dtype": args.cache_dtype, "threads": torch.get_num_threads(),
             "layers": args.layers, "repeats": args.repeats, "warmup": args.warmup, "size": args.size,
             "steps": args.steps, "strength": args.strength, "capture_s": capture_s, "cache_bytes": int(cache),

@@ -148,6 +148,52 @@ def stroke_region(size: int, fraction: float, batch: int) -> torch.Tensor:
     return (dist <= hi)[None].expand(batch, -1, -1).contiguous()
 
 
+def alternate(run_dense, run_sparse, repeats: int, warmup: int = 0):
+    """Dense and sparse runs alternating, `warmup` untimed pairs first; returns their times and last outputs."""
+    dense_t, sparse_t, dense, sparse = [], [], None, None
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        dense = run_dense()
+        t1 = time.perf_counter()
+        sparse = run_sparse()
+        t2 = time.perf_counter()
+        print(f"  pair {i}: dense {t1 - t0:.1f} s, sparse {t2 - t1:.1f} s, load {loadavg()}", flush=True)
+        if i >= warmup:
+            dense_t.append(t1 - t0)
+            sparse_t.append(t2 - t1)
+    return dense_t, sparse_t, dense, sparse
+
+
+def pipeline_row(stats, dense_t, sparse_t, dense, sparse, **extra) -> dict:
+    """An end-to-end row: medians, MACs from the edit's `stats`, speed-up, MACs ratio, efficiency, and the error of
+    the sparse result against the dense one (images in [0, 1]); prints it."""
+    err = (sparse.float() - dense.float()).abs()
+    mse = float(err.square().mean())
+    row = {
+        "region_fraction": stats["region_fraction"],
+        "dense_s": statistics.median(dense_t),
+        "sparse_s": statistics.median(sparse_t),
+        "dense_runs": dense_t,
+        "sparse_runs": sparse_t,
+        "macs_dense": stats["macs_dense"],
+        "macs_sparse": stats["macs_sparse"],
+        "max_abs_error": float(err.max()),
+        "psnr_db": 10 * math.log10(1.0 / mse) if mse else float("inf"),
+        **extra,
+    }
+    row["speedup"] = row["dense_s"] / row["sparse_s"]
+    row["macs_ratio"] = row["macs_dense"] / max(1, row["macs_sparse"])
+    row["efficiency"] = row["speedup"] / row["macs_ratio"]
+    print(f"{100 * row['region_fraction']:>6.1f}% {row['dense_s']:>8.1f} {row['sparse_s']:>8.1f} "
+          f"{row['speedup']:>7.2f}x {row['macs_ratio']:>9.1f}x {row['efficiency']:>6.2f} "
+          f"{row['max_abs_error']:>8.3f} {row['psnr_db']:>6.1f}")  # fmt: skip
+    return row
+
+
+PIPELINE_HEADER = (f"{'region':>7} {'dense s':>8} {'sparse s':>8} {'speed-up':>8} {'MACs ratio':>10} {'effic.':>6} "
+                   f"{'max err':>8} {'PSNR':>6}")  # fmt: skip
+
+
 def loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])

@@ -91,6 +91,15 @@ class _CaptureFlux:
         return _outputs(attn, out.to(query.dtype), encoder_hidden_states)
 
 
+def attend_cached(state, at: ActiveTokens, k_cache, v_cache, attn, query, key, value) -> torch.Tensor:
+    """The rows' keys and values `[B, n, heads, d]` written at `at` in a layer's cached joint keys and values, and
+    their queries attending over all of them: the attention output `[B, n, heads, d]` in the queries' dtype."""
+    at.write_rows(state, k_cache, key.flatten(2, 3))
+    at.write_rows(state, v_cache, value.flatten(2, 3))
+    k, v = _heads(attn, k_cache).transpose(1, 2), _heads(attn, v_cache).transpose(1, 2)
+    return F.scaled_dot_product_attention(query.transpose(1, 2), k, v).transpose(1, 2).to(query.dtype)
+
+
 class _SparseFlux:
     """A FLUX attention in a sparse run. Its input rows are the context's (recomputed, or none) then the active image
     tokens'; their keys and values are written at `at` in the layer's cached joint keys and values, and their queries
@@ -102,11 +111,8 @@ class _SparseFlux:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         _refuse_mask(attention_mask)
         query, key, value = _qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        self.at.write_rows(self.state, self.k, key.flatten(2, 3))
-        self.at.write_rows(self.state, self.v, value.flatten(2, 3))
-        k, v = _heads(attn, self.k).transpose(1, 2), _heads(attn, self.v).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), k, v).transpose(1, 2)
-        return _outputs(attn, out.to(query.dtype), encoder_hidden_states)
+        out = attend_cached(self.state, self.at, self.k, self.v, attn, query, key, value)
+        return _outputs(attn, out, encoder_hidden_states)
 
 
 @register_handler(FluxTransformer2DModel)

@@ -13,7 +13,6 @@ cached.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux2 import (
@@ -27,7 +26,7 @@ from diffusers.models.transformers.transformer_flux2 import (
 from ..nn.base import UnsupportedLayerError, register_handler
 from ..nn.tokens import ActiveTokens
 from .dit import _numel, _refuse_mask
-from .flux import FluxTransformerHandler, _CaptureFlux, _heads, _SparseFlux
+from .flux import FluxTransformerHandler, _CaptureFlux, _heads, _SparseFlux, attend_cached
 
 
 __all__ = ["Flux2TransformerHandler"]
@@ -93,11 +92,8 @@ class _SparseFlux2:
         attention_mask, image_rotary_emb = (list(args) + [None, None])[:2]
         _refuse_mask(attention_mask)
         query, key, value, mlp = _parallel_qkv(attn, hidden_states, image_rotary_emb)
-        self.at.write_rows(self.state, self.k, key.flatten(2, 3))
-        self.at.write_rows(self.state, self.v, value.flatten(2, 3))
-        k, v = _heads(attn, self.k).transpose(1, 2), _heads(attn, self.v).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), k, v).transpose(1, 2)
-        return _parallel_out(attn, out.to(query.dtype), mlp)
+        out = attend_cached(self.state, self.at, self.k, self.v, attn, query, key, value)
+        return _parallel_out(attn, out, mlp)
 
 
 @register_handler(Flux2Transformer2DModel)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...config import SparseConfig
+
 
 __all__ = ["PipelineAdapter", "adapter_for", "register_pipeline", "supported_pipelines"]
 
@@ -70,6 +72,27 @@ def images_per_prompt(family: str, prompt, batch: int, prompt_embeds=None, negat
     if batch % prompts:
         raise ValueError(f"{prompts} prompts for {batch} images: give one prompt, or one per image.")
     return batch // prompts
+
+
+class TransformerDenoiser:
+    """Families whose denoiser is a diffusion transformer (`pipe.transformer`, token-sparse through `adapters/dit.py`):
+    no UNet cross-attention maps; one latent pixel (or token) of input dilation, then the handler's token dilation
+    (attention reaches the whole image anyway); under `cache_dtype="auto"` keys and values in int8 with per-channel
+    scales, the output tokens exact (SD3-medium at 1024 px, 20 steps x 0.6 with guidance: 7.3 GiB of keys and values
+    instead of 14.6 in bfloat16; at 512 px one sparse step took 2.81 s instead of 2.56 in bfloat16, at the same PSNR
+    against dense: BENCHMARKS.md)."""
+
+    cross_attention = False
+    auto_cache_dtype = "int8"
+    default_config = SparseConfig(input_dilation=1)
+
+    @property
+    def unet(self):
+        return self.pipe.transformer
+
+    def check(self):
+        if getattr(self.pipe, "transformer", None) is None:
+            raise ValueError(f"{type(self.pipe).__name__} has no transformer to edit with.")
 
 
 class FlowMatchLatents:

@@ -13,33 +13,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...config import SparseConfig
-from .base import FlowMatchLatents, PipelineAdapter, images_per_prompt, randn, register_pipeline, strength_timesteps
+from .base import (
+    FlowMatchLatents,
+    PipelineAdapter,
+    TransformerDenoiser,
+    images_per_prompt,
+    randn,
+    register_pipeline,
+    strength_timesteps,
+)
 from .sd import InpaintAdapter
 
 
-class _Flux(FlowMatchLatents):
+class _Flux(TransformerDenoiser, FlowMatchLatents):
     """FLUX.1's conditioning and latents: the T5 hidden states are the context, CLIP's pooled embedding and the
     distilled guidance (`guidance`, FLUX-dev) are inputs of the transformer (no batched classifier-free guidance; true
     CFG with a negative prompt is not supported yet), with the text ids; latents `(sample - shift) * scale`; the
     schedule shifted by the image's token count (`mu`)."""
 
-    cross_attention = False
     condition_inputs = ("pooled_projections",)  # a prompt edit changes them with the context
     batches_guidance = False
     fixed_size = True  # the pipeline resizes the image to `default_sample_size * vae_scale_factor` unless told
     guidance_scale = 7.0  # FluxImg2ImgPipeline's default
     default_strength = 0.6
-    default_config = SparseConfig(input_dilation=1)  # a latent pixel, then a token (2x2 latents) on the token grid
-    auto_cache_dtype = "int8"  # keys and values; see the SD3 adapter
-
-    @property
-    def unet(self):
-        return self.pipe.transformer
-
-    def check(self):
-        if getattr(self.pipe, "transformer", None) is None:
-            raise ValueError(f"{type(self.pipe).__name__} has no transformer to edit with.")
 
     def size_multiple(self) -> int:
         return 2

@@ -19,40 +19,30 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...config import SparseConfig
 from ...regions import repeat_region
-from .base import PipelineAdapter, images_per_prompt, randn, register_pipeline, strength_timesteps
+from .base import PipelineAdapter, TransformerDenoiser, images_per_prompt, randn, register_pipeline, strength_timesteps
 
 
 @register_pipeline("Flux2KleinPipeline")
-class Flux2KleinAdapter(PipelineAdapter):
+class Flux2KleinAdapter(TransformerDenoiser, PipelineAdapter):
     """`Flux2KleinPipeline` with one input image: stroke edits of the reference image. The distilled models (the
     4-step [klein] releases) take no guidance; the base models' classifier-free guidance (an empty negative prompt,
     as the pipeline's) is batched with the prompt in one transformer call, which equals the pipeline's two calls to
     float rounding (the distilled capture equals the pipeline bit for bit)."""
 
     kind = "flux2_klein"
-    text_editable = False  # prompt edits need the context stream recomputed (SparseConfig.dit_context): not yet
-    cross_attention = False
+    text_editable = False  # prompt edits (with the reference in the sequence) are not offered yet
     guidance_scale = 4.0  # the pipeline's default (ignored by distilled models)
     default_strength = 1.0  # generation from noise: Klein has no strength
     encode_mode = "argmax"  # the pipeline encodes the reference image with the posterior's mode
-    kept = ("image",)
-    # One token of dilation in the loop (a token is 2x2 latent pixels, 16x16 pixels), one more in the transformer.
-    default_config = SparseConfig(input_dilation=1)
-    auto_cache_dtype = "int8"  # keys and values; see the SD3 adapter
-
-    @property
-    def unet(self):
-        return self.pipe.transformer
+    kept = ("image",)  # the loop's latents are 2x2 patches: `input_dilation=1` is one token (16x16 pixels)
 
     @property
     def batches_guidance(self) -> bool:
         return not self.pipe.config.is_distilled
 
     def check(self):
-        if getattr(self.pipe, "transformer", None) is None:
-            raise ValueError(f"{type(self.pipe).__name__} has no transformer to edit with.")
+        super().check()
         if getattr(self.pipe.vae, "bn", None) is None:
             raise ValueError("Flux2KleinPipeline's VAE normalises its latents with `bn` (AutoencoderKLFlux2).")
 

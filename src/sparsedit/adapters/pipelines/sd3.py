@@ -5,37 +5,28 @@ from __future__ import annotations
 
 import torch
 
-from ...config import SparseConfig
-from .base import FlowMatchLatents, PipelineAdapter, images_per_prompt, randn, register_pipeline, strength_timesteps
+from .base import (
+    FlowMatchLatents,
+    PipelineAdapter,
+    TransformerDenoiser,
+    images_per_prompt,
+    randn,
+    register_pipeline,
+    strength_timesteps,
+)
 from .sd import InpaintAdapter
 
 
-class _SD3(FlowMatchLatents):
+class _SD3(TransformerDenoiser, FlowMatchLatents):
     """SD3's conditioning and latents, shared by its pipeline families: three text encoders' hidden states are the
     joint context, the pooled CLIP embeddings go to the transformer as `pooled_projections` (kept with the capture
     and checked like its other inputs); latents are `(sample - shift_factor) * scaling_factor`; flow-matching
     timesteps (`retrieve_timesteps`, then the pipeline's `get_timesteps`) and no input scaling."""
 
-    cross_attention = False
     condition_inputs = ("pooled_projections",)  # a prompt edit changes them with the context
     fixed_size = True  # the pipeline resizes the image to `default_sample_size * vae_scale_factor` unless told
     guidance_scale = 7.0
     default_strength = 0.6
-    # One latent pixel of dilation, then one token (SparseConfig.dilation): a patch-2 transformer's tokens are already
-    # 2x2 latent pixels, and attention reaches the whole image anyway.
-    default_config = SparseConfig(input_dilation=1)
-    # Keys and values in int8 with per-channel scales (the output tokens stay exact): SD3-medium at 1024 px, 20 steps
-    # x 0.6 with guidance holds 7.3 GiB instead of 14.6 in bfloat16; measured at 512 px, one step: the sparse step
-    # 2.81 s instead of 2.56 (bfloat16), the same PSNR against dense (BENCHMARKS.md).
-    auto_cache_dtype = "int8"
-
-    @property
-    def unet(self):
-        return self.pipe.transformer
-
-    def check(self):
-        if getattr(self.pipe, "transformer", None) is None:
-            raise ValueError(f"{type(self.pipe).__name__} has no transformer to edit with.")
 
     def size_multiple(self) -> int:
         return self.unet.config.patch_size
