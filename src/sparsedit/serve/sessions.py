@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .journal import Journal
+from .journal import Journal, history
 from .models import ModelRegistry, SessionEditor
 
 
@@ -118,9 +118,11 @@ class SessionManager:
 
     # -- lifecycle ------------------------------------------------------------------------------------------------------
     def create(self, model_name: str, state: dict, options: dict, session_id: str | None = None,
-               states: list | None = None, client: str | None = None) -> tuple[Session, object]:  # fmt: skip
+               states: list | None = None, client: str | None = None,
+               ops: list | None = None) -> tuple[Session, object]:  # fmt: skip
         """A new session (`session_id`: a given id; `states`: a committed history to resume: its first state
-        captured, the others replayed as edits)."""
+        captured, the others replayed as edits; `ops`: committed operations to resume, undos included, replayed in
+        order as `_live` does, the same bits as the session they come from)."""
         model = self.registry.get(model_name)
         options = {**model.defaults, **{k: v for k, v in options.items() if v is not None}}
         self._expire()
@@ -137,9 +139,12 @@ class SessionManager:
                         f"you hold this server's maximum of {self.max_per_client} sessions per client "
                         "(--max-sessions-per-client); delete one (DELETE /sessions/{id}) first."
                     )
-            history = list(states or [state])
-            session = Session(session_id or uuid.uuid4().hex[:16], model_name, options, history,
-                              [{"state": s, "undo": False} for s in history])  # fmt: skip
+            if ops:
+                kept, ops = history(ops), list(ops)
+            else:
+                kept = list(states or [state])
+                ops = [{"state": s, "undo": False} for s in kept]
+            session = Session(session_id or uuid.uuid4().hex[:16], model_name, options, kept, ops)
             session.busy += 1
             session.client = client
             self.sessions[session.id] = session
