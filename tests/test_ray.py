@@ -90,5 +90,6 @@ def test_concurrent_clients_and_a_killed_replica_lose_nothing_and_match_the_repl
     assert {s.reply["stats"]["replica"] for s in sent} | set() and len(sent) == 20
     record = ray.get(store.record.remote(ids[0]))
     # The replay runs in a Ray worker set up as the replicas are (the same thread count: the same bits).
-    assert ray.get(ray.remote(num_cpus=0.5)(loadtest.replay).remote(record, sent)) == []
+    replay = ray.remote(num_cpus=0)(loadtest.replay)
+    assert ray.get(replay.remote(record, sent, threads=ray_app.replica_threads(0.5))) == []
     assert len(record["ops"]) - 1 == sum(s.commit for s in sent)  # every commit kept once

@@ -100,7 +100,8 @@ def serve(
         )
         try:
             ray_app.run(host, port, model, replicas=replicas, max_pixels=max_pixels,
-                        memory_budget=parse_memory(memory_budget))  # fmt: skip
+                        memory_budget=parse_memory(memory_budget), max_sessions=max_sessions,
+                        max_per_client=max_sessions_per_client, token=token, max_steps=max_steps)  # fmt: skip
         except ImportError as e:
             raise typer.BadParameter(str(e)) from None
         return

@@ -118,12 +118,18 @@ def run(url: str, model: str = "scene-ddpm", clients: int = 8, requests: int = 2
     return ids, sent
 
 
-def replay(record: dict, sent: list[Sent], registry=None) -> list[str]:
+def replay(record: dict, sent: list[Sent], registry=None, threads: int | None = None) -> list[str]:
     """Rebuild the session of `record` (model, options, committed ops) in this process and compare every reply in
-    `sent` (of that session, answered 200) with it. Returns the mismatches, described (empty: all equal)."""
+    `sent` (of that session, answered 200) with it. Returns the mismatches, described (empty: all equal).
+    `threads`: torch's thread count for the replay, the replicas' (float results differ in their last bits between
+    thread counts)."""
+    import torch
+
     from .models import ModelRegistry, tensor_to_png
     from .sessions import SessionManager
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     manager = SessionManager(registry or ModelRegistry(), workers=1, reproducible=True)
     ops = record["ops"]
     if any(op.get("undo") for op in ops):

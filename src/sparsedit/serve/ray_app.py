@@ -443,13 +443,22 @@ class _Editors:
         return {"ok": None}
 
 
+def replica_threads(cpus_per_replica: float) -> int:
+    """torch's thread count in a replica with `cpus_per_replica` CPUs."""
+    return max(1, int(cpus_per_replica))
+
+
 def build(model_dirs=(), replicas: int = 2, reproducible: bool = True, max_pixels: int = 1024 * 1024,
           memory_budget=None, cpus_per_replica: float = 1.0, app_name: str = "sparsedit",
-          lease_seconds: float = 10.0, max_sessions: int | None = 64, max_per_client: int | None = 16):  # fmt: skip
-    """The Ray Serve application (bind it with `serve.run`)."""
+          lease_seconds: float = 10.0, max_sessions: int | None = 64, max_per_client: int | None = 16,
+          token: str | None = None, max_steps: int = 100, allowed_hosts: list[str] | None = None):  # fmt: skip
+    """The Ray Serve application (bind it with `serve.run`). `lease_seconds`: how long a killed replica's sessions
+    stay locked before another replica resumes them; `max_sessions`, `max_per_client`: over every replica; `token`,
+    `max_steps`, `allowed_hosts`: the ingress's, as `create_app`'s."""
     ray, serve = _ray()
 
     SessionStore = ray.remote(num_cpus=0, max_restarts=0)(VersionedStore)
+    threads = replica_threads(cpus_per_replica)
 
     # Requests queue in the replica that owns their session (they wait for its lease there): a high limit on
     # ongoing requests keeps the router from sending a session's requests elsewhere because its owner looks busy.
@@ -457,6 +466,9 @@ def build(model_dirs=(), replicas: int = 2, reproducible: bool = True, max_pixel
                       max_ongoing_requests=256)  # fmt: skip
     class Editors(_Editors):
         def __init__(self, dirs, store):
+            import torch
+
+            torch.set_num_threads(threads)  # explicit: a replay elsewhere with as many gives the same bits
             ctx = serve.get_replica_context()
             replica_id = getattr(ctx, "replica_id", None)
             name = str(getattr(replica_id, "unique_id", None) or getattr(ctx, "replica_tag", "replica"))
@@ -487,7 +499,8 @@ def build(model_dirs=(), replicas: int = 2, reproducible: bool = True, max_pixel
         async def delete(self, request_id):
             return await self.request(request_id, await self._sid(), "delete")
 
-    app = create_app(ModelRegistry(model_dirs), max_pixels=max_pixels, backend=RayBackend(app_name))
+    app = create_app(ModelRegistry(model_dirs), max_pixels=max_pixels, backend=RayBackend(app_name), token=token,
+                     max_steps=max_steps, allowed_hosts=allowed_hosts)  # fmt: skip
 
     @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
     @serve.ingress(app)
@@ -505,8 +518,11 @@ def run(host: str = "127.0.0.1", port: int = 8000, model_dirs=(), replicas: int 
     """Start Ray (locally unless `RAY_ADDRESS` says otherwise) and serve the app on `host:port`."""
     ray, serve = _ray()
 
+    from . import LOOPBACK_NAMES, is_loopback
+
     if not ray.is_initialized():
         ray.init(include_dashboard=False, ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
+    kwargs.setdefault("allowed_hosts", LOOPBACK_NAMES if is_loopback(host) else None)
     serve.run(build(model_dirs, replicas, app_name="sparsedit", **kwargs), name="sparsedit", route_prefix="/",
               blocking=blocking)  # fmt: skip
