@@ -115,6 +115,11 @@ def test_a_prompt_edit_on_the_shipped_text_model(live_server, browser):  # noqa:
     wait_for(browser, "return document.querySelector('[data-testid=stats]').dataset.edits === '1'")
     changed = np.abs(result_pixels(browser) - before).max(axis=-1) > 0
     assert 0 < changed.mean() < 0.9, changed.mean()
+    # The page polled the steps of its capture and edit (GET /progress/{token}) and showed them while they ran.
+    seen = browser.execute_script("return window.progressSeen")
+    assert seen and all(0 < p["step"] <= p["steps"] for p in seen), seen
+    assert {p["phase"] for p in seen} <= {"capture", "edit"}
+    assert browser.find_element("css selector", "[data-testid=progress]").text == ""  # cleared when done
 
 
 def test_the_page_cleans_up_and_ignores_what_it_superseded(live_server, browser):  # noqa: F811

@@ -483,3 +483,44 @@ def test_limits_are_named_in_their_refusals(registry, scene):
         r = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST})
         assert r.status_code == 413 and "--memory-budget" in r.json()["error"]
         assert c.get("/health").status_code == 200
+
+
+def test_progress_is_reported_step_by_step_and_forgotten_after(registry, scene):
+    """A request that names a progress token is polled at GET /progress/{token} while it runs: every denoising step
+    of the capture and of the edit is reported (steps done of steps), and the token is gone once it ends."""
+    from sparsedit.serve.app import LocalBackend, create_app
+    from sparsedit.serve.sessions import SessionManager
+
+    seen = []
+
+    class Recording(LocalBackend):
+        def _watch(self, token, phase):
+            report, done = super()._watch(token, phase)
+            if report is None:
+                return report, done
+
+            def record(step, steps):
+                report(step, steps)
+                seen.append((phase, self.progress_of(token)))
+
+            return record, done
+
+    image, _ = scene
+    backend = Recording(SessionManager(registry, reproducible=True))
+    app = create_app(registry, backend=backend)
+    with TestClient(app) as c:
+        r = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST, "progress": "cap-1"})
+        assert r.status_code == 201, r.text
+        sid = r.json()["session"]
+        r = c.post(f"/sessions/{sid}/edits", json={"image": b64png(stroke(image, 8, 8)), "progress": "edit_1"})
+        assert r.status_code == 200, r.text
+        r = c.post(f"/sessions/{sid}/undo?progress=undo-1")
+        assert r.status_code == 200, r.text
+        assert c.get("/progress/cap-1").status_code == 404  # forgotten once its request ended
+        bad = c.post(f"/sessions/{sid}/edits", json={"image": b64png(image), "progress": "no spaces/or slashes"})
+        assert bad.status_code == 422 and "progress" in bad.json()["error"]
+    for phase in ("capture", "edit", "undo"):
+        steps = [p for ph, p in seen if ph == phase]
+        n = steps[0]["steps"]
+        assert [p["step"] for p in steps] == list(range(1, n + 1)) and all(p["steps"] == n for p in steps), steps
+    assert [p["steps"] for ph, p in seen if ph == "capture"][0] == FAST["steps"] * FAST["strength"]

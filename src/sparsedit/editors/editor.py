@@ -121,6 +121,18 @@ class SparseEditor:
     def unet(self):
         return self.adapter.unet
 
+    @property
+    def progress(self):
+        """A callable `progress(steps_done, steps)` called after every denoising step of captures and edits (a
+        server's progress bar), or None. It observes only: the results do not depend on it."""
+        return self.loop.progress
+
+    @progress.setter
+    def progress(self, fn) -> None:
+        if fn is not None and not callable(fn):
+            raise TypeError(f"progress must be a callable (steps_done, steps) or None, got {type(fn).__name__}.")
+        self.loop.progress = fn
+
     @serialized
     def remove(self) -> None:
         """Detach everything: the pipeline computes bit-identically to before. The caches are dropped. Calling it

@@ -61,6 +61,7 @@ class Loop:
         self.prompt = textedit.PromptEdits(self)  # the prompt-edit technique, driving this loop's steps
         self.encoder_stats: list[dict] = []
         self.callback = None  # the capture's (callback_on_step_end, tensor input names) while it runs
+        self.progress = None  # `progress(steps done, steps)` after every denoising step (`SparseEditor.progress`)
         self.last_latents = None  # the last run's final latents (output_type="latent")
         unet = adapter.unet
         # The UNet's per-step cache: "auto" stores feature maps in bfloat16 in approximate mode (measured within
@@ -204,6 +205,8 @@ class Loop:
                 z = composite(i, z)
                 if self.callback is not None:
                     self._call_back(i, t, z)
+                if self.progress is not None:
+                    self.progress(i + 1, stop)
                 trajectory.append(z)
         finally:
             if reuse is not None:

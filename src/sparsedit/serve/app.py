@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -50,6 +51,23 @@ class LocalBackend:
 
     def __init__(self, manager: SessionManager):
         self.manager = manager
+        self.progress: dict[str, dict] = {}  # a running request's progress token -> its steps (GET /progress)
+
+    def _watch(self, token: str | None, phase: str):
+        """The step callback of a request that named a progress `token`, and what forgets it when it ends."""
+        if token is None or len(self.progress) >= 4096:
+            return None, lambda: None
+        entry = {"phase": phase, "step": 0, "steps": None}
+        self.progress[token] = entry
+
+        def report(done: int, steps: int) -> None:
+            entry["step"], entry["steps"] = int(done), int(steps)
+
+        return report, lambda: self.progress.pop(token, None)
+
+    def progress_of(self, token: str) -> dict | None:
+        entry = self.progress.get(token)
+        return None if entry is None else dict(entry)
 
     @property
     def replica(self) -> str:
@@ -93,8 +111,14 @@ class LocalBackend:
             raise ApiError(422, str(e)) from None
 
     def create(self, model: str, state: dict, options: dict, session_id: str | None = None,
-               client: str | None = None) -> dict:  # fmt: skip
-        session, image = self._guard(lambda: self.manager.create(model, state, options, session_id, client=client))
+               client: str | None = None, progress: str | None = None) -> dict:  # fmt: skip
+        report, done = self._watch(progress, "capture")
+        try:
+            session, image = self._guard(
+                lambda: self.manager.create(model, state, options, session_id, client=client, progress=report)
+            )
+        finally:
+            done()
         stats = self._stats(session.capture_stats, None, session, session.capture_seconds)
         return {"session": session.id, "image": _b64(tensor_to_png(image)), "stats": stats}
 
@@ -107,18 +131,26 @@ class LocalBackend:
                 "parked": session.parked is not None or session.editor is None, "replica": self.manager.replica,
                 "size": size}  # fmt: skip
 
-    def edit(self, session_id: str, state: dict, commit: bool) -> dict:
+    def edit(self, session_id: str, state: dict, commit: bool, progress: str | None = None) -> dict:
         session = self._guard(lambda: self.manager.get(session_id))
-        image, stats, region = self._guard(lambda: self.manager.edit(session_id, state, commit))
+        report, done = self._watch(progress, "edit")
+        try:
+            image, stats, region = self._guard(lambda: self.manager.edit(session_id, state, commit, report))
+        finally:
+            done()
         return {
             "image": _b64(tensor_to_png(image)),
             "stats": self._stats(stats, region, session),
             "edit": session.edits,
         }
 
-    def undo(self, session_id: str) -> dict:
+    def undo(self, session_id: str, progress: str | None = None) -> dict:
         session = self._guard(lambda: self.manager.get(session_id))
-        image, stats, region = self._guard(lambda: self.manager.undo(session_id))
+        report, done = self._watch(progress, "undo")
+        try:
+            image, stats, region = self._guard(lambda: self.manager.undo(session_id, report))
+        finally:
+            done()
         state = session.states[-1]
         restored = state.get("image", state.get("labels"))  # the input as it now is, for the editor's canvas
         return {"image": _b64(tensor_to_png(image)), "stats": self._stats(stats, region, session),
@@ -330,7 +362,8 @@ def _session_routes(app, backend, registry, max_pixels: int, max_steps: int = 10
         if need:
             raise ApiError(422, f"{model.name} starts from {' or '.join(need)}: send it as a base64 PNG.")
         client = request.client.host if request.client is not None else None
-        return backend.create(name, state, capture_options(body, max_steps), client=client)
+        return backend.create(name, state, capture_options(body, max_steps), client=client,
+                              **progress_token(body.get("progress")))  # fmt: skip
 
     @app.post("/sessions/{session_id}/edits")
     def edit(session_id: str, body: dict = Body(...)):
@@ -342,11 +375,20 @@ def _session_routes(app, backend, registry, max_pixels: int, max_steps: int = 10
         commit = body.get("commit", True)
         if not isinstance(commit, bool):
             raise ApiError(422, "commit must be true or false.")
-        return backend.edit(session_id, state, commit)
+        return backend.edit(session_id, state, commit, **progress_token(body.get("progress")))
 
     @app.post("/sessions/{session_id}/undo")
-    def undo(session_id: str):
-        return backend.undo(session_id)
+    def undo(session_id: str, progress: str | None = None):
+        return backend.undo(session_id, **progress_token(progress))
+
+    @app.get("/progress/{token}")
+    def progress(token: str):
+        """The steps done so far by the running request that sent `"progress": token` (404 once it has ended, or
+        where the backend does not report progress)."""
+        entry = backend.progress_of(token) if hasattr(backend, "progress_of") else None
+        if entry is None:
+            raise ApiError(404, f"no request in progress with progress token {token!r}.")
+        return entry
 
     @app.get("/sessions/{session_id}")
     def get_session(session_id: str):
@@ -361,6 +403,17 @@ def _session_routes(app, backend, registry, max_pixels: int, max_steps: int = 10
 
 
 # -- requests in: plain helpers of the routes ---------------------------------------------------------------------------
+def progress_token(value) -> dict:
+    """`{"progress": token}` for a backend call, from a request's optional `progress` field (a client-made id of up
+    to 64 letters, digits, `-` or `_`, polled at `GET /progress/{token}`)."""
+    if value is None:
+        return {}
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise ApiError(422, "progress must be a token of 1 to 64 letters, digits, '-' or '_' (then poll "
+                            "GET /progress/{token}).")  # fmt: skip
+    return {"progress": value}
+
+
 def validation_message(errors) -> str:
     """FastAPI's validation errors as one line naming each field."""
     parts = [f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}" for err in errors]

@@ -311,6 +311,12 @@ class SessionEditor:
             kw["prompt"] = prompt  # a prompt edit (the capture's prompt again is no change)
         return self.editor.edit(**kw).images
 
+    def watch(self, progress) -> None:
+        """Report `progress(steps_done, steps)` after every denoising step of the next captures and edits (None:
+        stop). A GAN's edit is one forward: nothing to report."""
+        if hasattr(self.editor, "progress"):
+            self.editor.progress = progress
+
     # -- parking ------------------------------------------------------------------------------------------------------
     def park(self, path: Path) -> bool:
         """Write the editor's session to `path` and release the model copy; `False` when it cannot be saved."""

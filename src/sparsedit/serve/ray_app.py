@@ -278,16 +278,17 @@ class RayBackend:
             raise ApiError(status, message, headers)
         return out["ok"]
 
-    def create(self, model, state, options, session_id=None, client=None):
+    # `progress` tokens are accepted and not reported on Ray yet (GET /progress answers 404).
+    def create(self, model, state, options, session_id=None, client=None, progress=None):
         return self._call(session_id or uuid.uuid4().hex[:16], "create", model, state, options, client)
 
     def info(self, session_id):
         return self._call(session_id, "info")
 
-    def edit(self, session_id, state, commit):
+    def edit(self, session_id, state, commit, progress=None):
         return self._call(session_id, "edit", state, commit)
 
-    def undo(self, session_id):
+    def undo(self, session_id, progress=None):
         return self._call(session_id, "undo")
 
     def delete(self, session_id):

@@ -118,11 +118,12 @@ class SessionManager:
 
     # -- lifecycle ------------------------------------------------------------------------------------------------------
     def create(self, model_name: str, state: dict, options: dict, session_id: str | None = None,
-               states: list | None = None, client: str | None = None,
-               ops: list | None = None) -> tuple[Session, object]:  # fmt: skip
+               states: list | None = None, client: str | None = None, ops: list | None = None,
+               progress=None) -> tuple[Session, object]:  # fmt: skip
         """A new session (`session_id`: a given id; `states`: a committed history to resume: its first state
         captured, the others replayed as edits; `ops`: committed operations to resume, undos included, replayed in
-        order as `_live` does, the same bits as the session they come from)."""
+        order as `_live` does, the same bits as the session they come from; `progress(steps_done, steps)`: called
+        after every denoising step of the capture)."""
         model = self.registry.get(model_name)
         options = {**model.defaults, **{k: v for k, v in options.items() if v is not None}}
         self._expire()
@@ -152,7 +153,11 @@ class SessionManager:
             with session.lock, self.workers:
                 session.editor = SessionEditor(model, options, self.reproducible, self.session_limit)
                 started = time.perf_counter()  # the dense capture alone (the model's first load excluded)
-                image = session.editor.capture(session.states[0])
+                session.editor.watch(progress)
+                try:
+                    image = session.editor.capture(session.states[0])
+                finally:
+                    session.editor.watch(None)
                 for op in session.ops[1:]:  # a resumed history: its edits replayed
                     image = session.editor.edit(op["state"], commit=True)
                 session.capture_seconds = time.perf_counter() - started
@@ -222,15 +227,20 @@ class SessionManager:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
     # -- requests -----------------------------------------------------------------------------------------------------
-    def run(self, session_id: str, fn):
-        """Run `fn(session, editor)` with the session's lock and a worker slot, the session live."""
+    def run(self, session_id: str, fn, progress=None):
+        """Run `fn(session, editor)` with the session's lock and a worker slot, the session live; `progress(steps
+        done, steps)` after each denoising step of `fn` (not of a rebuild)."""
         session = self.get(session_id)
         with self._lock:
             session.busy += 1
         try:
             with session.lock, self.workers:
                 editor = self._live(session)
-                result = fn(session, editor)
+                editor.watch(progress)
+                try:
+                    result = fn(session, editor)
+                finally:
+                    editor.watch(None)
                 session.last_used = time.monotonic()
         finally:
             with self._lock:
@@ -238,7 +248,7 @@ class SessionManager:
         self._fit_budget(keep=session)
         return result
 
-    def edit(self, session_id: str, state: dict, commit: bool = True):
+    def edit(self, session_id: str, state: dict, commit: bool = True, progress=None):
         def do(session, editor):
             merged = {**session.states[-1], **{k: v for k, v in state.items() if v is not None}}
             image = editor.edit(merged, commit=commit)
@@ -247,9 +257,9 @@ class SessionManager:
                 self._commit(session, {"state": merged, "undo": False}, revert=session.states.pop)
             return image, editor.editor.last_stats, editor.editor.last_region
 
-        return self.run(session_id, do)
+        return self.run(session_id, do, progress)
 
-    def undo(self, session_id: str):
+    def undo(self, session_id: str, progress=None):
         def do(session, editor):
             if len(session.states) < 2:
                 raise ValueError("nothing to undo: this session has no committed edit.")
@@ -259,7 +269,7 @@ class SessionManager:
             self._commit(session, {"state": previous, "undo": True}, revert=lambda: session.states.append(popped))
             return image, editor.editor.last_stats, editor.editor.last_region
 
-        return self.run(session_id, do)
+        return self.run(session_id, do, progress)
 
     def _commit(self, session: Session, op: dict, revert) -> None:
         """Record a committed operation (and, with a journal, write it) before it is answered. If it cannot be
