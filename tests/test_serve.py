@@ -524,3 +524,29 @@ def test_progress_is_reported_step_by_step_and_forgotten_after(registry, scene):
         n = steps[0]["steps"]
         assert [p["step"] for p in steps] == list(range(1, n + 1)) and all(p["steps"] == n for p in steps), steps
     assert [p["steps"] for ph, p in seen if ph == "capture"][0] == FAST["steps"] * FAST["strength"]
+
+
+def test_a_capture_predicted_over_the_time_limit_is_refused_before_it_runs(registry, scene):
+    """--max-request-seconds: the model's cost is measured once (calls recorded, MACs counted on the meta device at
+    any size), a capture predicted over the limit is a 422 naming it, and the prediction grows with the pixels and
+    steps as the MACs do (attention's quadratic share included)."""
+    from sparsedit.serve.models import SessionEditor
+
+    image, _ = scene
+    model = registry.get("scene-ddpm")
+    cost = model.cost()
+    assert cost is model.cost() and cost.seconds_per_mac > 0  # measured once
+    small, big, longer = cost.predict(64, 64, 5), cost.predict(128, 128, 5), cost.predict(64, 64, 10)
+    assert 4.0 < big / small < 6.0 and longer == pytest.approx(2 * small)  # 4x the pixels, 16x the attention
+    # The counted MACs are the engine's own count of a dense capture at that size.
+    editor = SessionEditor(model, {**model.defaults, "steps": 10, "strength": 0.5, "seed": 0})
+    editor.capture({"image": np.asarray(Image.fromarray(image).resize((128, 128)))})
+    engine = editor.editor.last_stats["macs_dense"]
+    editor.close()
+    assert cost._macs((128, 128), 5) == pytest.approx(engine, rel=0.05)
+    with TestClient(create_app(registry, max_request_seconds=small * 2)) as c:
+        ok = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST})
+        assert ok.status_code == 201, ok.text
+        big_image = np.asarray(Image.fromarray(image).resize((128, 128)))
+        r = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(big_image), **FAST})
+        assert r.status_code == 422 and "--max-request-seconds" in r.json()["error"], r.text

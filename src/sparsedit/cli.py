@@ -74,6 +74,11 @@ def serve(
     ),
     ephemeral: bool = typer.Option(False, help="Keep sessions in memory only: nothing survives the process."),
     session_expiry: float = typer.Option(24.0, help="Hours after which an unused session is deleted (0: never)."),
+    max_request_seconds: float = typer.Option(
+        600.0,
+        help="Refuse a session whose capture is predicted to take longer (seconds; measured once per model; "
+        "0: no limit).",
+    ),
     ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: sessions spread over --replicas processes."),
     replicas: int = typer.Option(2, help="With --ray: how many replicas hold sessions."),
 ) -> None:
@@ -116,7 +121,8 @@ def serve(
     run(host, port, model, workers=workers, memory_budget=memory_budget, max_pixels=max_pixels,
         max_sessions=max_sessions, reproducible=reproducible, calibration=calibration, state_dir=state,
         idle_expiry=session_expiry * 3600 if session_expiry > 0 else None, token=token, max_steps=max_steps,
-        max_per_client=max_sessions_per_client)  # fmt: skip
+        max_per_client=max_sessions_per_client,
+        max_request_seconds=max_request_seconds if max_request_seconds > 0 else None)  # fmt: skip
 
 
 @app.command()

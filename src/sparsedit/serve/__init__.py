@@ -22,7 +22,8 @@ __all__ = ["LOOPBACK_NAMES", "ModelRegistry", "create_app", "is_loopback", "run"
 def run(host: str = "127.0.0.1", port: int = 8000, model_dirs=(), workers: int = 2, memory_budget=None,
         max_pixels: int = 1024 * 1024, max_sessions: int = 64, log_level: str = "info",
         reproducible: bool = False, calibration=None, state_dir=None, idle_expiry: float | None = None,
-        token: str | None = None, max_steps: int = 100, max_per_client: int | None = 16) -> None:  # fmt: skip
+        token: str | None = None, max_steps: int = 100, max_per_client: int | None = 16,
+        max_request_seconds: float | None = 600.0) -> None:  # fmt: skip
     """Serve the app with uvicorn until interrupted. `calibration`: a file written by `sparsedit.calibration.save`,
     pinned so that this server chooses sparse or dense as the machine that wrote it did. `state_dir`: the sessions'
     journal (recovered at start; `None`: nothing survives the process)."""
@@ -39,7 +40,8 @@ def run(host: str = "127.0.0.1", port: int = 8000, model_dirs=(), workers: int =
                      max_pixels=max_pixels, max_sessions=max_sessions, reproducible=reproducible,
                      allowed_hosts=LOOPBACK_NAMES if is_loopback(host) else None, state_dir=state_dir,
                      idle_expiry=idle_expiry, token=token, max_steps=max_steps,
-                     max_per_client=max_per_client, session_limit=budget)  # fmt: skip
+                     max_per_client=max_per_client, session_limit=budget,
+                     max_request_seconds=max_request_seconds)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

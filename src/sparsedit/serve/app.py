@@ -27,6 +27,7 @@ import torch
 from fastapi import Request  # resolved by name in a route's signature (this module is the server's only)
 
 from ..cache import CacheBudgetError
+from .cost import RequestTooSlow
 from .models import ImageTooLarge, ModelRegistry, array_to_png, png_to_array, region_to_png, tensor_to_png
 from .sessions import ClientLimit, JournalError, OverCapacity, SessionManager, UnknownSession
 
@@ -107,6 +108,8 @@ class LocalBackend:
             ) from None
         except JournalError as e:
             raise ApiError(507, str(e)) from None
+        except RequestTooSlow as e:
+            raise ApiError(422, str(e)) from None
         except (ValueError, TypeError) as e:
             raise ApiError(422, str(e)) from None
 
@@ -168,7 +171,7 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
                reproducible: bool = False, backend=None, max_body: int | None = None,
                allowed_hosts: list[str] | None = None, state_dir=None, idle_expiry: float | None = None,
                token: str | None = None, max_steps: int = 100, max_per_client: int | None = None,
-               session_limit: int | None = None):  # fmt: skip
+               session_limit: int | None = None, max_request_seconds: float | None = None):  # fmt: skip
     """The FastAPI app. `models`: the registry (default: the shipped scene models). `reproducible`: every edit runs
     sparse, the same bits on any machine (otherwise the calibrated choice runs dense where sparse would be slower).
     `backend`: where sessions live (default: this process, `LocalBackend`; `ray_app` puts them on Ray replicas).
@@ -180,7 +183,8 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
     (`Authorization: Bearer <token>`; the page, opened once as `/?token=<token>`, keeps it in a same-site cookie).
     `max_steps`: the most denoising steps a session may ask for; `max_per_client`: the most sessions one client
     address may hold (429 beyond it); `session_limit`: the most bytes one session's caches may need, predicted by
-    the library before its capture runs (413 beyond it)."""
+    the library before its capture runs (413 beyond it); `max_request_seconds`: the longest a capture may be
+    predicted to take (`cost.CostModel`, measured once per model; 422 beyond it; `None`: not checked)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -189,7 +193,8 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
     if backend is None:
         manager = SessionManager(registry, workers=workers, memory_budget=memory_budget, max_sessions=max_sessions,
                                  reproducible=reproducible, state_dir=state_dir, idle_expiry=idle_expiry,
-                                 max_per_client=max_per_client, session_limit=session_limit)  # fmt: skip
+                                 max_per_client=max_per_client, session_limit=session_limit,
+                                 max_request_seconds=max_request_seconds)  # fmt: skip
         if replica:
             manager.replica = replica
         backend = LocalBackend(manager)

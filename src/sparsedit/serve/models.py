@@ -37,6 +37,7 @@ def _modules_of(obj) -> list[torch.nn.Module]:
 
 
 SCENE_SD_GUIDANCE = 3.0  # the classifier-free guidance scene-sd follows its captions best at (docs/training.md)
+SCENE_DIT_GUIDANCE = 4.0  # scene-dit's default guidance in the editor (docs/training.md measures its adherence)
 
 
 def pipeline_kind(pipeline_class: str) -> tuple[str, tuple[str, ...]]:
@@ -66,13 +67,28 @@ class Model:
     defaults: dict = field(default_factory=dict)
     size: int | None = None  # the native image size, when fixed
     _base: object = None
+    _cost: object = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _cost_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def base(self):
         with self._lock:
             if self._base is None:
                 self._base = self.loader()
             return self._base
+
+    def cost(self):
+        """This model's `cost.CostModel`, measured on first use (two small dense captures at its native size, 512
+        for a directory's model): what predicts a request's time."""
+        from .cost import CostModel, reference_state, steps_run
+
+        with self._cost_lock:  # one measurement, whoever asks first (base() takes `_lock` inside it)
+            if self._cost is None:
+                cost = CostModel(self)
+                options = {**self.defaults, "steps": 4, "seed": 0}
+                cost.measure(reference_state(self, self.size or 512), options, steps_run(self, options))
+                self._cost = cost
+            return self._cost
 
     def instance(self):
         """A copy of the model for one session, sharing the weights."""
@@ -112,6 +128,14 @@ class ModelRegistry:
                                                       ("scene-sd-img2img", "img2img", "sd-img2img", ("image", "prompt"), 0.7)):  # fmt: skip
             self.models[name] = Model(name, kind, takes, lambda p=pipeline: pretrained.load("scene-sd", pipeline=p),
                                       {"strength": strength, "steps": 20, "guidance": SCENE_SD_GUIDANCE}, 64)  # fmt: skip
+        if "scene-dit" in pretrained.available():  # the 256 px transformer, first: the editor opens on it
+            dit = {}
+            for name, pipeline, strength in (("scene-dit", "img2img", 0.6), ("scene-dit-txt2img", "txt2img", 1.0)):
+                cls = pretrained.DIT_PIPELINES[pipeline]
+                kind, takes = pipeline_kind(cls)
+                dit[name] = Model(name, kind, takes, lambda p=pipeline: pretrained.load("scene-dit", pipeline=p),
+                                  {"strength": strength, "steps": 20, "guidance": SCENE_DIT_GUIDANCE}, 256)  # fmt: skip
+            self.models = {**dit, **self.models}
         for d in dirs:
             self.add_dir(Path(d))
 

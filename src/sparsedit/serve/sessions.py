@@ -79,7 +79,7 @@ class SessionManager:
     def __init__(self, registry: ModelRegistry, workers: int = 2, memory_budget: int | None = None,
                  max_sessions: int = 64, state_dir: str | Path | None = None, reproducible: bool = False,
                  idle_expiry: float | None = None, max_per_client: int | None = None,
-                 session_limit: int | None = None):  # fmt: skip
+                 session_limit: int | None = None, max_request_seconds: float | None = None):  # fmt: skip
         self.registry = registry
         self.reproducible = reproducible
         self.sessions: dict[str, Session] = {}
@@ -89,6 +89,7 @@ class SessionManager:
         self.idle_expiry = idle_expiry
         self.max_per_client = max_per_client
         self.session_limit = session_limit  # bytes one session's caches may need (the library refuses it first)
+        self.max_request_seconds = max_request_seconds  # a capture predicted longer is refused before it runs
         self._lock = threading.Lock()
         self._own_dir = state_dir is None
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="sparsedit-sessions-"))
@@ -126,6 +127,8 @@ class SessionManager:
         after every denoising step of the capture)."""
         model = self.registry.get(model_name)
         options = {**model.defaults, **{k: v for k, v in options.items() if v is not None}}
+        if self.max_request_seconds is not None and not ops and not states:
+            self._check_time(model, state, options)
         self._expire()
         with self._lock:
             if len(self.sessions) >= self.max_sessions:
@@ -176,6 +179,23 @@ class SessionManager:
             session.busy -= 1
         self._fit_budget(keep=session)
         return session, image
+
+    def _check_time(self, model, state: dict, options: dict) -> None:
+        """Refuse a capture predicted to take longer than `max_request_seconds` (`cost.CostModel`)."""
+        from .cost import RequestTooSlow, steps_run
+
+        key = "image" if "image" in state else "labels" if "labels" in state else None
+        if key is None:
+            return  # text to image at the model's own size: the reference itself
+        h, w = state[key].shape[:2]
+        steps = steps_run(model, options)
+        seconds = model.cost().predict(h, w, steps)
+        if seconds > self.max_request_seconds:
+            raise RequestTooSlow(
+                f"this capture ({w}x{h}, {steps} denoising steps on {model.name}) is predicted to take {seconds:.0f} "
+                f"s on this server, over its limit of {self.max_request_seconds:.0f} s (--max-request-seconds); "
+                "send a smaller image or fewer steps."
+            )
 
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
