@@ -13,19 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import time
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None):
@@ -39,6 +28,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import ray
+    from profile_edit import cpu_name
     from ray import serve
     from ray.util import list_named_actors
 
