@@ -4,6 +4,7 @@ and commits from many clients, with a replica killed in the middle, are answered
 committed order (one owner per session: `ray_app.VersionedStore`)."""
 
 import socket
+import threading
 import time
 
 import pytest
@@ -51,6 +52,23 @@ def test_sessions_stick_to_a_replica_spread_and_survive_losing_one(ray_server):
     image = ((scenes.sample(1, 64, seed=1)["image"][0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
     with httpx.Client(base_url=ray_server, timeout=180) as c:
         assert c.get("/health").json()["status"] == "ok"
+        # A capture's steps, polled at the ingress while a replica runs it (reported through the store).
+        seen, made = [], {}
+        creating = threading.Thread(
+            target=lambda: made.update(
+                c.post(
+                    "/sessions",
+                    json={"model": "scene-ddpm", "image": b64png(image), **FAST, "steps": 40, "progress": "ray-cap"},
+                ).json()
+            )
+        )
+        creating.start()
+        while creating.is_alive():
+            r = c.get("/progress/ray-cap")
+            if r.status_code == 200:
+                seen.append(r.json())
+            time.sleep(0.05)
+        assert "session" in made and seen and all(p["phase"] == "capture" and p["steps"] == 20 for p in seen), seen
         replicas = {}
         for _ in range(6):
             r = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST})

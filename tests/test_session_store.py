@@ -92,6 +92,14 @@ def test_a_resent_request_is_answered_from_the_store_once():
     run(main())
 
 
+def test_progress_reported_by_a_replica_is_read_through_the_store():
+    store = VersionedStore()
+    store.set_progress("t", {"phase": "edit", "step": 2, "steps": 5})
+    assert store.progress_of("t") == {"phase": "edit", "step": 2, "steps": 5}
+    store.set_progress("t", None)
+    assert store.progress_of("t") is None
+
+
 def test_limits_over_every_replica_and_deletion():
     async def main():
         store = VersionedStore(max_sessions=3, max_per_client=2)
@@ -148,11 +156,20 @@ class _Remote:
 
         class Method:
             @staticmethod
-            async def remote(*args, **kwargs):
+            def remote(*args, **kwargs):  # a sync method runs now (as a fire-and-forget actor call would)
                 out = fn(*args, **kwargs)
-                return await out if asyncio.iscoroutine(out) else out
+                return out if asyncio.iscoroutine(out) else _Done(out)
 
         return Method
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def __await__(self):
+        return self.value
+        yield
 
 
 def test_two_replicas_keep_one_owner_and_every_reply_equals_the_replay():

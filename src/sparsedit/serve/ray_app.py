@@ -77,6 +77,7 @@ class VersionedStore:
         self.owners: dict[str, str] = {}  # id -> the replica whose copy is the committed one
         self.replies: dict[str, OrderedDict] = {}  # id -> request id -> the reply of a committed request
         self.reserved: dict[str, str | None] = {}  # ids being captured -> their client
+        self.progress: dict[str, dict] = {}  # a running request's progress token -> its steps
         self._changed: asyncio.Condition | None = None
 
     @property
@@ -214,6 +215,16 @@ class VersionedStore:
         await self._notify()
         return True
 
+    # -- progress of running requests (GET /progress/{token} at the ingress) -------------------------------------------
+    def set_progress(self, token: str, entry: dict | None) -> None:
+        if entry is None:
+            self.progress.pop(token, None)
+        elif token in self.progress or len(self.progress) < 4096:
+            self.progress[token] = entry
+
+    def progress_of(self, token: str) -> dict | None:
+        return self.progress.get(token)
+
     # -- reading ------------------------------------------------------------------------------------------------------
     def record(self, session_id: str) -> dict | None:
         """The committed record with its version (what a single-process replay of the session needs)."""
@@ -245,6 +256,7 @@ class RayBackend:
         self.app_name = app_name
         self.attempts = attempts
         self._handle = None
+        self._store = None
 
     @property
     def handle(self):
@@ -278,24 +290,54 @@ class RayBackend:
             raise ApiError(status, message, headers)
         return out["ok"]
 
-    # `progress` tokens are accepted and not reported on Ray yet (GET /progress answers 404).
     def create(self, model, state, options, session_id=None, client=None, progress=None):
-        return self._call(session_id or uuid.uuid4().hex[:16], "create", model, state, options, client)
+        return self._call(session_id or uuid.uuid4().hex[:16], "create", model, state, options, client, progress)
 
     def info(self, session_id):
         return self._call(session_id, "info")
 
     def edit(self, session_id, state, commit, progress=None):
-        return self._call(session_id, "edit", state, commit)
+        return self._call(session_id, "edit", state, commit, progress)
 
     def undo(self, session_id, progress=None):
-        return self._call(session_id, "undo")
+        return self._call(session_id, "undo", progress)
+
+    def progress_of(self, token):
+        """The steps a replica reported for a running request (through the store)."""
+        import ray
+
+        if self._store is None:
+            self._store = ray.get_actor(f"{STORE_NAME}:{self.app_name}")
+        return ray.get(self._store.progress_of.remote(token))
 
     def delete(self, session_id):
         return self._call(session_id, "delete")
 
     def close(self):
         pass
+
+
+class _Reporting(LocalBackend):
+    """A replica's backend: a request's progress goes to the store too, where the ingress reads it."""
+
+    def __init__(self, manager: SessionManager, store):
+        super().__init__(manager)
+        self.store = store
+
+    def _watch(self, token, phase):
+        report, done = super()._watch(token, phase)
+        if report is None:
+            return report, done
+
+        def publish(step, steps):
+            report(step, steps)
+            self.store.set_progress.remote(token, self.progress_of(token))
+
+        def finish():
+            done()
+            self.store.set_progress.remote(token, None)
+
+        return publish, finish
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> dict:
@@ -309,7 +351,7 @@ class _Editors:
     def __init__(self, manager: SessionManager, store, name: str, lease_seconds: float, wait: float = 120.0):
         self.manager = manager
         manager.replica = name
-        self.backend = LocalBackend(manager)
+        self.backend = _Reporting(manager, store)
         self.store = store
         self.name = name
         self.lease_seconds = lease_seconds
@@ -342,13 +384,13 @@ class _Editors:
             if not await self.store.renew.remote(session_id, token):
                 return
 
-    async def create(self, request_id, session_id, model, state, options, client):
+    async def create(self, request_id, session_id, model, state, options, client, progress=None):
         if await self.store.exists.remote(session_id):  # a resent create whose first replica died after storing it
             return await self.request(request_id, session_id, "info")
         refused = await self.store.reserve.remote(session_id, client)
         if refused is not None:
             return _error(429 if "per client" in refused else 503, refused, {"Retry-After": "10"})
-        out = await self._run("create", model, state, options, session_id)
+        out = await self._run("create", model, state, options, session_id, client, progress)
         if "error" in out:
             await self.store.cancel.remote(session_id)
             return out
@@ -485,17 +527,18 @@ def build(model_dirs=(), replicas: int = 2, reproducible: bool = True, max_pixel
         async def _sid(self) -> str:
             return await self.session(serve.get_multiplexed_model_id())
 
-        async def create(self, request_id, model, state, options, client=None):
-            return await _Editors.create(self, request_id, await self._sid(), model, state, options, client)
+        async def create(self, request_id, model, state, options, client=None, progress=None):
+            return await _Editors.create(self, request_id, await self._sid(), model, state, options, client,
+                                         progress)  # fmt: skip
 
         async def info(self, request_id):
             return await _Editors.info(self, await self._sid())
 
-        async def edit(self, request_id, state, commit):
-            return await self.request(request_id, await self._sid(), "edit", state, commit)
+        async def edit(self, request_id, state, commit, progress=None):
+            return await self.request(request_id, await self._sid(), "edit", state, commit, progress)
 
-        async def undo(self, request_id):
-            return await self.request(request_id, await self._sid(), "undo")
+        async def undo(self, request_id, progress=None):
+            return await self.request(request_id, await self._sid(), "undo", progress)
 
         async def delete(self, request_id):
             return await self.request(request_id, await self._sid(), "delete")
