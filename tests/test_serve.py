@@ -550,3 +550,16 @@ def test_a_capture_predicted_over_the_time_limit_is_refused_before_it_runs(regis
         big_image = np.asarray(Image.fromarray(image).resize((128, 128)))
         r = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(big_image), **FAST})
         assert r.status_code == 422 and "--max-request-seconds" in r.json()["error"], r.text
+
+
+def test_an_sd3_directory_saved_without_t5_is_served(tmp_path):
+    """`sparsedit serve --model DIR` of a Stable Diffusion 3 pipeline saved with `text_encoder_3=None` (scene-dit's
+    export, and SD3 used without T5): the absent components are passed as None when it loads."""
+    from pathlib import Path
+
+    from sparsedit.testing import tiny_sd3
+
+    tiny_sd3(tmp_path / "tok", pipeline="img2img").save_pretrained(str(tmp_path / "sd3"))
+    model = ModelRegistry().add_dir(Path(tmp_path / "sd3"))
+    assert (model.kind, model.takes) == ("sd3-img2img", ("image", "prompt"))
+    assert type(model.base()).__name__ == "StableDiffusion3Img2ImgPipeline" and model.base().text_encoder_3 is None

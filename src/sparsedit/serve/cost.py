@@ -90,7 +90,6 @@ class CostModel:
         from .models import SessionEditor
 
         editor = SessionEditor(self.model, options)
-        networks = _networks(editor.target)
         hooks = []
 
         def recorder(name):
@@ -102,19 +101,18 @@ class CostModel:
 
             return hook
 
-        for name, module in networks.items():
-            hooks.append(module.register_forward_pre_hook(recorder(name), with_kwargs=True))
         try:
-            editor.capture(state)  # the first: loads, calibrates, warms up (not timed, not recorded twice)
-            for h in hooks:
-                h.remove()
-            recorded, self.calls = self.calls, []
+            # The first capture loads, calibrates (once per model and size: extra forwards) and warms up; the
+            # second, on a fresh editor, is the one recorded and timed.
+            editor.capture(state)
             editor.close()
             editor = SessionEditor(self.model, options)
+            networks = _networks(editor.target)
+            for name, module in networks.items():
+                hooks.append(module.register_forward_pre_hook(recorder(name), with_kwargs=True))
             started = time.perf_counter()
             editor.capture(state)
             seconds = time.perf_counter() - started
-            self.calls = recorded
         finally:
             for h in hooks:
                 h.remove()

@@ -153,7 +153,11 @@ class ModelRegistry:
         def load():
             import diffusers
 
-            pipe = getattr(diffusers, cls).from_pretrained(str(path), local_files_only=True)
+            # Components saved as None (SD3 without T5, no image encoder) are absent from the directory; diffusers
+            # wants them named as None again when it loads.
+            index = json.loads((path / "model_index.json").read_text())
+            absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
+            pipe = getattr(diffusers, cls).from_pretrained(str(path), local_files_only=True, **absent)
             pipe.set_progress_bar_config(disable=True)
             return pipe
 
