@@ -172,3 +172,30 @@ def test_prompt_edit_of_an_sdedit_capture(pipe):
     assert not torch.equal(out[..., keep], got[..., keep])
     again = editor.edit(image=stroke(photo()), output_type="pt").images  # committed prompt, then a stroke
     assert editor.last_stats["ran_dense"] is None and torch.isfinite(again).all()
+
+
+def test_max_sequence_length_is_the_pipelines_and_kept_for_edits_and_sessions(tmp_path):
+    """`max_sequence_length` (the T5 part of the context; zero tokens without T5): the capture equals the pipeline
+    called with it, a prompt edit and a loaded session keep the capture's value (their contexts have its length), and
+    a bad value is refused by name."""
+    pipe = tiny_sd3(tmp_path / "tok", "txt2img")
+    kw = {"num_inference_steps": 4, "output_type": "pt", "height": 64, "width": 64}
+    for n in (0, 7):
+        want = pipe(prompt="a red house", generator=torch.Generator().manual_seed(3), max_sequence_length=n, **kw)
+        editor = SparseEditor(pipe, SparseConfig(input_dilation=1))
+        got = editor.capture(prompt="a red house", generator=torch.Generator().manual_seed(3), max_sequence_length=n,
+                             **kw).images  # fmt: skip
+        assert torch.equal(got, want.images)
+        assert editor.current.embeds.shape[1] == pipe.tokenizer.model_max_length + n
+        region = torch.zeros(1, 64, 64, dtype=torch.bool)
+        region[:, 16:40, 16:40] = True
+        editor.edit(prompt="a blue lake", region=region, output_type="pt")
+        editor.save(tmp_path / f"s{n}")
+        editor.remove()
+        loaded = SparseEditor.load(pipe, tmp_path / f"s{n}")
+        loaded.edit(prompt="a green tree", region=region, output_type="pt")
+        assert loaded.current.embeds.shape[1] == pipe.tokenizer.model_max_length + n
+        loaded.remove()
+    editor = SparseEditor(pipe)
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        editor.capture(prompt="a red house", max_sequence_length=-1, **kw)

@@ -509,6 +509,7 @@ class PromptEdits:
             "region": None,
         }
         ed.check(cap)
+        ed.adapter.use_options(cap.call)
         started = time.perf_counter()
         b = ed.adapter.batch(cap.image)
         h, w = cap.decoded.shape[-2:]

@@ -239,6 +239,7 @@ class SparseEditor:
         loop = self.loop
         state = generator.get_state()
         timesteps = loop.timesteps(call["num_inference_steps"], call["strength"], image_size(x0))
+        self.adapter.use_options(call)
         embeds = loop.embeds(call["prompt"], call["negative_prompt"], call["guidance_scale"], self.adapter.batch(x0),
                              call.get("prompt_embeds"), call.get("negative_prompt_embeds"))  # fmt: skip
         budget = None

@@ -149,6 +149,7 @@ class EditRun:
         self.region, self.commit, self.change = region, commit, change
         self.batch = loop.adapter.batch(x0)
         loop.adapter.conditions = dict(cap.conditions or {})  # the capture's (a load or a prompt edit may follow)
+        loop.adapter.use_options(cap.call)
         self.embeds = cap.embeds
         self.copies = cap.copies
         self.totals = defaultdict(int)

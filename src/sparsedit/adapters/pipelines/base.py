@@ -227,6 +227,11 @@ class PipelineAdapter:
         """Check and normalise the pipeline-specific options (all of `option_names`, defaults filled in)."""
         return options
 
+    def use_options(self, call: dict) -> None:
+        """Called with the capture's call before its text conditioning is computed, at the capture and at every
+        edit or region search from it (a loaded session's too): options the conditioning depends on (SD3's
+        `max_sequence_length`) take the capture's value. Nothing by default."""
+
     def preprocess_input(self, name: str, value, like: torch.Tensor) -> torch.Tensor:
         """An `extra_images` input → a tensor at the image's resolution."""
         raise NotImplementedError

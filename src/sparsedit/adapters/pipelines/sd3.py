@@ -24,9 +24,28 @@ class _SD3(TransformerDenoiser, FlowMatchLatents):
     timesteps (`retrieve_timesteps`, then the pipeline's `get_timesteps`) and no input scaling."""
 
     condition_inputs = ("pooled_projections",)  # a prompt edit changes them with the context
+    # The T5 part of the context: its token count (without T5, that many zero tokens; the pipeline's default 256).
+    option_names = ("max_sequence_length",)
     fixed_size = True  # the pipeline resizes the image to `default_sample_size * vae_scale_factor` unless told
     guidance_scale = 7.0
     default_strength = 0.6
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        import inspect
+
+        self.options = {"max_sequence_length": inspect.signature(type(pipe).__call__).parameters[
+            "max_sequence_length"].default}  # fmt: skip
+        self.max_sequence_length = self.options["max_sequence_length"]
+
+    def parse_options(self, options: dict) -> dict:
+        n = options["max_sequence_length"]
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 512:
+            raise ValueError(f"max_sequence_length must be a whole number of tokens from 0 to 512, got {n!r}.")
+        return options
+
+    def use_options(self, call: dict) -> None:
+        self.max_sequence_length = call.get("max_sequence_length", self.options["max_sequence_length"])
 
     def size_multiple(self) -> int:
         return self.unet.config.patch_size
@@ -54,6 +73,7 @@ class _SD3(TransformerDenoiser, FlowMatchLatents):
         cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
             prompt=prompt, prompt_2=None, prompt_3=None, negative_prompt=negative_prompt,
             do_classifier_free_guidance=cfg, device=self.unet.device, num_images_per_prompt=per_prompt,
+            max_sequence_length=self.max_sequence_length,
         )  # fmt: skip
         self.conditions = {"pooled_projections": torch.cat([uncond_pooled, pooled]) if cfg else pooled}
         return torch.cat([uncond, cond]) if cfg else cond
