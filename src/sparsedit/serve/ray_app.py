@@ -494,10 +494,11 @@ def replica_threads(cpus_per_replica: float) -> int:
 def build(model_dirs=(), replicas: int = 2, reproducible: bool = True, max_pixels: int = 1024 * 1024,
           memory_budget=None, cpus_per_replica: float = 1.0, app_name: str = "sparsedit",
           lease_seconds: float = 10.0, max_sessions: int | None = 64, max_per_client: int | None = 16,
-          token: str | None = None, max_steps: int = 100, allowed_hosts: list[str] | None = None):  # fmt: skip
+          token: str | None = None, max_steps: int = 100, allowed_hosts: list[str] | None = None,
+          max_request_seconds: float | None = None):  # fmt: skip
     """The Ray Serve application (bind it with `serve.run`). `lease_seconds`: how long a killed replica's sessions
     stay locked before another replica resumes them; `max_sessions`, `max_per_client`: over every replica; `token`,
-    `max_steps`, `allowed_hosts`: the ingress's, as `create_app`'s."""
+    `max_steps`, `allowed_hosts`: the ingress's, as `create_app`'s; `max_request_seconds`: each replica's."""
     ray, serve = _ray()
 
     SessionStore = ray.remote(num_cpus=0, max_restarts=0)(VersionedStore)
@@ -516,7 +517,8 @@ def build(model_dirs=(), replicas: int = 2, reproducible: bool = True, max_pixel
             replica_id = getattr(ctx, "replica_id", None)
             name = str(getattr(replica_id, "unique_id", None) or getattr(ctx, "replica_tag", "replica"))
             manager = SessionManager(ModelRegistry(dirs), workers=1, memory_budget=memory_budget,
-                                     reproducible=reproducible, max_sessions=max_sessions or 64)  # fmt: skip
+                                     reproducible=reproducible, max_sessions=max_sessions or 64,
+                                     max_request_seconds=max_request_seconds)  # fmt: skip
             super().__init__(manager, store, name, lease_seconds)
 
         @serve.multiplexed(max_num_models_per_replica=256)
