@@ -101,11 +101,11 @@ def test_concurrent_clients_and_a_killed_replica_lose_nothing_and_match_the_repl
         kill_replica(max(set(owners), key=owners.count))
 
     started = time.monotonic()
-    ids, sent = loadtest.run(ray_server, clients=4, requests=5, sessions=1, during=kill_the_busiest, during_after=8,
+    ids, sent = loadtest.run(ray_server, clients=3, requests=4, sessions=1, during=kill_the_busiest, during_after=5,
                              timeout=120)  # fmt: skip
     print(loadtest.summary(sent), f"{time.monotonic() - started:.1f} s")
     assert all(s.status == 200 for s in sent), [(s.status, s.error) for s in sent if s.status != 200]
-    assert {s.reply["stats"]["replica"] for s in sent} | set() and len(sent) == 20
+    assert len(sent) == 12
     record = ray.get(store.record.remote(ids[0]))
     # The replay runs in a Ray worker set up as the replicas are (the same thread count: the same bits).
     replay = ray.remote(num_cpus=0)(loadtest.replay)

@@ -84,12 +84,11 @@ class CostModel:
         self._lock = threading.Lock()
 
     # -- measuring ----------------------------------------------------------------------------------------------------
-    def measure(self, state: dict, options: dict, steps_run: int) -> None:
+    def measure(self, state: dict, options: dict, steps_run: int, make_editor) -> None:
         """Run one dense capture of `state` (at the reference size) with hooks on the networks: their calls'
-        shapes and the wall time, then the MACs of those calls (meta replay) and the rate."""
-        from .models import SessionEditor
-
-        editor = SessionEditor(self.model, options)
+        shapes and the wall time, then the MACs of those calls (meta replay) and the rate. `make_editor(options)`:
+        a fresh `models.SessionEditor` of the model."""
+        editor = make_editor(options)
         hooks = []
 
         def recorder(name):
@@ -106,7 +105,7 @@ class CostModel:
             # second, on a fresh editor, is the one recorded and timed.
             editor.capture(state)
             editor.close()
-            editor = SessionEditor(self.model, options)
+            editor = make_editor(options)
             networks = _networks(editor.target)
             for name, module in networks.items():
                 hooks.append(module.register_forward_pre_hook(recorder(name), with_kwargs=True))

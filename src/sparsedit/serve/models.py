@@ -86,7 +86,8 @@ class Model:
             if self._cost is None:
                 cost = CostModel(self)
                 options = {**self.defaults, "steps": 4, "seed": 0}
-                cost.measure(reference_state(self, self.size or 512), options, steps_run(self, options))
+                cost.measure(reference_state(self, self.size or 512), options, steps_run(self, options),
+                             lambda o: SessionEditor(self, o))  # fmt: skip
                 self._cost = cost
             return self._cost
 
