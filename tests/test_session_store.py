@@ -100,6 +100,21 @@ def test_progress_reported_by_a_replica_is_read_through_the_store():
     assert store.progress_of("t") is None
 
 
+def test_idle_sessions_expire_when_another_is_made_but_never_a_held_one():
+    async def main():
+        store = VersionedStore(idle_expiry=0.05)
+        store.create("old", record(), "A")
+        store.create("held", record(), "A")
+        lease = await store.acquire("held", "A", {})
+        await asyncio.sleep(0.1)
+        assert store.reserve("new", "a") is None
+        assert store.summary("old") is None and store.summary("held") is not None  # held: kept
+        assert (await store.acquire("x", "A", {"old": 1}))["drop"] == [("old", 1)]  # its copies are dropped
+        await store.release("held", lease["token"])
+
+    run(main())
+
+
 def test_limits_over_every_replica_and_deletion():
     async def main():
         store = VersionedStore(max_sessions=3, max_per_client=2)

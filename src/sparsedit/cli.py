@@ -107,7 +107,8 @@ def serve(
             ray_app.run(host, port, model, replicas=replicas, max_pixels=max_pixels,
                         memory_budget=parse_memory(memory_budget), max_sessions=max_sessions,
                         max_per_client=max_sessions_per_client, token=token, max_steps=max_steps,
-                        max_request_seconds=max_request_seconds if max_request_seconds > 0 else None)  # fmt: skip
+                        max_request_seconds=max_request_seconds if max_request_seconds > 0 else None,
+                        idle_expiry=session_expiry * 3600 if session_expiry > 0 else None)  # fmt: skip
         except ImportError as e:
             raise typer.BadParameter(str(e)) from None
         return

@@ -66,8 +66,11 @@ class VersionedStore:
     answer a resent request."""
 
     def __init__(self, lease_seconds: float = 10.0, max_sessions: int | None = None,
-                 max_per_client: int | None = None, keep_replies: int = 64):  # fmt: skip
+                 max_per_client: int | None = None, keep_replies: int = 64,
+                 idle_expiry: float | None = None):  # fmt: skip
         self.lease_seconds = lease_seconds
+        self.idle_expiry = idle_expiry  # seconds unused after which a session is deleted (at the next create)
+        self.used: dict[str, float] = {}  # id -> when a request last took or released it
         self.max_sessions = max_sessions
         self.max_per_client = max_per_client
         self.keep_replies = keep_replies
@@ -91,10 +94,22 @@ class VersionedStore:
             self.changed.notify_all()
 
     # -- creating ---------------------------------------------------------------------------------------------------
+    def expire(self) -> list[str]:
+        """Delete the sessions unused for `idle_expiry` seconds (never one whose lease is held); their ids."""
+        if self.idle_expiry is None:
+            return []
+        now = time.monotonic()
+        stale = [sid for sid, t in self.used.items() if now - t > self.idle_expiry and sid not in self.leases]
+        for sid in stale:
+            self._remove(sid)
+        return stale
+
     def reserve(self, session_id: str, client: str | None) -> str | None:
-        """Hold a place for a session about to be captured; the limit it breaks as a message, else None."""
+        """Hold a place for a session about to be captured; the limit it breaks as a message, else None. Idle
+        sessions past `idle_expiry` are deleted first."""
         if session_id in self.records or session_id in self.reserved:
             return None
+        self.expire()
         if self.max_sessions is not None and len(self.records) + len(self.reserved) >= self.max_sessions:
             return (f"this server holds its maximum of {self.max_sessions} sessions; delete one (DELETE "
                     "/sessions/{id}) or try again later.")  # fmt: skip
@@ -119,6 +134,7 @@ class VersionedStore:
         self.records[session_id] = {**record, "ops": list(record["ops"])}
         self.versions[session_id] = len(record["ops"])
         self.owners[session_id] = replica
+        self.used[session_id] = time.monotonic()
         self.replies[session_id] = OrderedDict()
         if request_id is not None:
             self.replies[session_id][request_id] = reply
@@ -158,6 +174,7 @@ class VersionedStore:
                     pass
         token = uuid.uuid4().hex
         self.leases[session_id] = _Lease(token, replica, time.monotonic() + self.lease_seconds)
+        self.used[session_id] = time.monotonic()
         owner_was = self.owners.get(session_id)
         self.owners[session_id] = replica
         drop = self._stale(replica, local, keep=session_id)
@@ -183,6 +200,8 @@ class VersionedStore:
         lease = self.leases.get(session_id)
         if lease is not None and lease.token == token:
             del self.leases[session_id]
+            if session_id in self.used:
+                self.used[session_id] = time.monotonic()
             await self._notify()
 
     def commit(self, session_id: str, token: str, version: int, op: dict, request_id: str | None = None,
@@ -210,10 +229,13 @@ class VersionedStore:
         lease = self.leases.get(session_id)
         if token is not None and (lease is None or lease.token != token):
             return False
-        for table in (self.records, self.versions, self.owners, self.replies, self.leases):
-            table.pop(session_id, None)
+        self._remove(session_id)
         await self._notify()
         return True
+
+    def _remove(self, session_id: str) -> None:
+        for table in (self.records, self.versions, self.owners, self.replies, self.leases, self.used):
+            table.pop(session_id, None)
 
     # -- progress of running requests (GET /progress/{token} at the ingress) -------------------------------------------
     def set_progress(self, token: str, entry: dict | None) -> None:
@@ -495,10 +517,11 @@ def build(model_dirs=(), replicas: int = 2, reproducible: bool = True, max_pixel
           memory_budget=None, cpus_per_replica: float = 1.0, app_name: str = "sparsedit",
           lease_seconds: float = 10.0, max_sessions: int | None = 64, max_per_client: int | None = 16,
           token: str | None = None, max_steps: int = 100, allowed_hosts: list[str] | None = None,
-          max_request_seconds: float | None = None):  # fmt: skip
+          max_request_seconds: float | None = None, idle_expiry: float | None = 24 * 3600.0):  # fmt: skip
     """The Ray Serve application (bind it with `serve.run`). `lease_seconds`: how long a killed replica's sessions
     stay locked before another replica resumes them; `max_sessions`, `max_per_client`: over every replica; `token`,
-    `max_steps`, `allowed_hosts`: the ingress's, as `create_app`'s; `max_request_seconds`: each replica's."""
+    `max_steps`, `allowed_hosts`: the ingress's, as `create_app`'s; `max_request_seconds`: each replica's;
+    `idle_expiry`: seconds after which an unused session is deleted (when another is made; None: never)."""
     ray, serve = _ray()
 
     SessionStore = ray.remote(num_cpus=0, max_restarts=0)(VersionedStore)
@@ -555,7 +578,7 @@ def build(model_dirs=(), replicas: int = 2, reproducible: bool = True, max_pixel
             self.editors = editors  # bound so Serve deploys it; the routes find it by name
 
     store = SessionStore.options(name=f"{STORE_NAME}:{app_name}", get_if_exists=True).remote(
-        lease_seconds, max_sessions, max_per_client
+        lease_seconds, max_sessions, max_per_client, 64, idle_expiry
     )
     return Ingress.bind(Editors.bind(list(map(str, model_dirs)), store))
 
