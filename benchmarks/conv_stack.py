@@ -7,6 +7,10 @@ count and /proc/loadavg.
 
     python benchmarks/conv_stack.py                       # the table in BENCHMARKS.md
     python benchmarks/conv_stack.py --tiles 4 8 16        # tile-size sweep
+    python benchmarks/conv_stack.py --device cuda --dtypes float16 bfloat16 --fractions 0.01 0.05
+
+On CUDA (`--device cuda`) every timed region is synchronized before the clock is read and the GPU's name is recorded;
+inputs are drawn on the CPU and moved.
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ import torch.nn as nn
 
 import sparsedit
 from sparsedit import SparseConfig
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on `device` before a host clock is read (CUDA runs asynchronously); nothing on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def build(channels: int, blocks: int, dtype: torch.dtype, memory_format=torch.channels_last) -> nn.Module:
@@ -50,14 +60,19 @@ def loadavg() -> str:
 
 def measure(model, x, x_edit, region, repeats: int, warmup: int = 2):
     dense_t, sparse_t = [], []
+    device = x_edit.device
     with torch.no_grad():
         for i in range(warmup + repeats):
+            sync(device)
             t0 = time.perf_counter()
             dense = model(x_edit)
+            sync(device)
             t1 = time.perf_counter()
             with sparsedit.editing(model, region=region):
+                sync(device)
                 t2 = time.perf_counter()
                 sparse = model(x_edit)
+                sync(device)
                 t3 = time.perf_counter()
                 stats = sparsedit.last_stats(model)
             if i >= warmup:
@@ -77,7 +92,14 @@ def main():
     ap.add_argument("--tiles", type=int, nargs="+", default=[8])
     ap.add_argument("--dilation", type=int, default=1, help="SparseConfig.dilation: pixels added at every resolution")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); timed regions are synchronized on CUDA")
+    ap.add_argument(
+        "--no-measured-fallback",
+        action="store_true",
+        help="SparseConfig(measured_fallback=False): no calibration at capture, every edit runs sparse up to "
+        "max_region_fraction (the engine's own speed, not the sparse-or-dense choice)",
+    )
     ap.add_argument(
         "--memory-format",
         choices=["channels_last", "contiguous"],
@@ -87,11 +109,14 @@ def main():
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/conv_stack.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gpu = f", {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})" if device.type == "cuda" else ""
+    fallback = {"measured_fallback": False} if args.no_measured_fallback else {}
 
     rows = []
     header = f"{'dtype':<9} {'region':>7} {'tile':>4} {'dense ms':>9} {'sparse ms':>9} {'speed-up':>8} "
     header += f"{'MACs ratio':>10} {'max err':>9} {'PSNR dB':>8}"
-    print(f"torch {torch.__version__}, {platform.machine()}, threads {torch.get_num_threads()}, load {loadavg()}")
+    print(f"torch {torch.__version__}, {platform.machine()}{gpu}, threads {torch.get_num_threads()}, load {loadavg()}")
     print(header)
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -99,16 +124,16 @@ def main():
             fmt = getattr(
                 torch, f"{args.memory_format}_format" if args.memory_format == "contiguous" else "channels_last"
             )
-            model = build(args.channels, args.blocks, dtype, fmt)
-            sparsedit.sparsify_(model, SparseConfig(tile_size=tile, dilation=args.dilation))
+            model = build(args.channels, args.blocks, dtype, fmt).to(device)
+            sparsedit.sparsify_(model, SparseConfig(tile_size=tile, dilation=args.dilation, **fallback))
             g = torch.Generator().manual_seed(1)
             x = torch.randn(args.batch, args.channels, args.size, args.size, generator=g).to(dtype)
-            x = x.contiguous(memory_format=fmt)
+            x = x.contiguous(memory_format=fmt).to(device)
             with sparsedit.capturing(model):
                 model(x)
             for frac in args.fractions:
-                region = disk_region(args.size, frac, args.batch)
-                noise = torch.randn(x.shape, generator=g).to(dtype)
+                region = disk_region(args.size, frac, args.batch).to(device)
+                noise = torch.randn(x.shape, generator=g).to(dtype).to(device)
                 x_edit = torch.where(region[:, None], x + noise, x).contiguous(memory_format=fmt)
                 dense, sparse, td, ts, stats = measure(model, x, x_edit, region, args.repeats)
                 err = (sparse.float() - dense.float()).abs()
@@ -146,6 +171,10 @@ def main():
         "loadavg_end": loadavg(),
         "config": f"SparseConfig(tile_size=tile, dilation={args.dilation}) (approximate mode, frozen GroupNorm statistics)",
     }
+    if args.no_measured_fallback:
+        meta["measured_fallback"] = False
+    if device.type == "cuda":
+        meta.update(device=str(device), device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"load at end {loadavg()}; wrote {args.json}")

@@ -17,6 +17,10 @@ ratio, and the error of the sparse step against the dense edited step.
     python benchmarks/dit_edit.py --model sd3-medium --size 1024 --dtype bfloat16 --fractions 0.02
     python benchmarks/dit_edit.py --model flux2-klein-4b --size 1024 --dtype bfloat16 --batch 1 --layers 1 \
         --single-layers 4 --fractions 0.02
+    python benchmarks/dit_edit.py --model sd3-medium --size 1024 --dtype bfloat16 --fractions 0.02 --device cuda
+
+On CUDA (`--device cuda`) every timed region is synchronized before the clock is read and the GPU's name is recorded;
+weights and inputs are drawn on the CPU as before and then moved.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from unet_edit import loadavg, stroke_region
+from unet_edit import device_label, device_meta, loadavg, stroke_region, sync, to_device
 
 import sparsedit
 from sparsedit import SparseConfig
@@ -70,7 +74,9 @@ def _ids(t: int, side: int) -> torch.Tensor:
     return torch.stack([torch.full((n,), t), rows.reshape(-1), cols.reshape(-1), torch.zeros(n)], 1)
 
 
-def build_case(name: str, layers: int, single: int, size: int, batch: int, dtype: torch.dtype):
+def build_case(
+    name: str, layers: int, single: int, size: int, batch: int, dtype: torch.dtype, device=torch.device("cpu")
+):
     build, _, _, channels, tokens, width, pooled = MODELS[name]
     torch.manual_seed(0)
     model = build(layers, single).eval()
@@ -90,7 +96,7 @@ def build_case(name: str, layers: int, single: int, size: int, batch: int, dtype
         x = torch.randn(batch, channels, latent, latent, generator=g).to(dtype)
         kwargs["pooled_projections"] = torch.randn(batch, pooled, generator=g).to(dtype)
         kwargs["timestep"] = torch.full((batch,), 500.0)
-    return model, x, kwargs, g
+    return model.to(device), x.to(device), {k: to_device(v, device) for k, v in kwargs.items()}, g
 
 
 def edit_region(name: str, x: torch.Tensor, frac: float, batch: int) -> torch.Tensor:
@@ -115,7 +121,8 @@ def main():
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.02])
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); timed regions are synchronized on CUDA")
     ap.add_argument("--dilation", type=int, default=SparseConfig().dilation, help="tokens of dilation")
     ap.add_argument("--context", default="cache", choices=["cache", "recompute"], help="SparseConfig.dit_context")
     ap.add_argument("--cache-dtype", default=None, help="SparseConfig.cache_dtype (default: the model's dtype)")
@@ -123,37 +130,44 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
     layers = args.layers or MODELS[args.model][1]
     single = MODELS[args.model][2] if args.single_layers is None else args.single_layers
-    model, x, kwargs, g = build_case(args.model, layers, single, args.size, args.batch, dtype)
+    model, x, kwargs, g = build_case(args.model, layers, single, args.size, args.batch, dtype, device)
     config = SparseConfig(
         dilation=args.dilation, dit_context=args.context, cache_dtype=args.cache_dtype, max_region_fraction=1.0
     )
     sparsedit.sparsify_(model, config)
     with torch.no_grad(), sparsedit.capturing(model, calibrate=False):
+        sync(device)
         t0 = time.perf_counter()
         captured = model(x, **kwargs).sample
+        sync(device)
         capture_s = time.perf_counter() - t0
     cache_bytes = sparsedit.last_stats(model)["cache_bytes"]
     print(f"{args.model} ({layers} + {single} blocks), {args.size} px, batch {args.batch}, {args.dtype}, context {args.context}, "
-          f"threads {torch.get_num_threads()}, torch {torch.__version__}, {platform.machine()}, load {loadavg()}, "
+          f"threads {torch.get_num_threads()}, torch {torch.__version__}, {platform.machine()}{device_label(device)}, load {loadavg()}, "
           f"capture {capture_s:.1f} s, cache {cache_bytes / 2**20:.0f} MiB")  # fmt: skip
     print(f"{'region':>7} {'tokens':>7} {'dense s':>8} {'sparse s':>8} {'speed-up':>8} {'MACs ratio':>10} "
           f"{'effic.':>6} {'max err':>8} {'PSNR':>6}")  # fmt: skip
     rows = []
     for frac in args.fractions:
-        region = edit_region(args.model, x, frac, args.batch)
+        region = edit_region(args.model, x, frac, args.batch).to(device)
         where = region.reshape(args.batch, -1)[..., None] if x.dim() == 3 else region[:, None]
-        x_edit = torch.where(where, torch.randn(x.shape, generator=g).to(dtype), x)
+        x_edit = torch.where(where, torch.randn(x.shape, generator=g).to(dtype).to(device), x)
         dense_t, sparse_t = [], []
         with torch.no_grad():
             for i in range(args.repeats + 1):  # the first pair warms up
+                sync(device)
                 t0 = time.perf_counter()
                 dense = model(x_edit, **kwargs).sample
+                sync(device)
                 t1 = time.perf_counter()
                 with sparsedit.editing(model, region=region):
+                    sync(device)
                     t2 = time.perf_counter()
                     sparse = model(x_edit, **kwargs).sample
+                    sync(device)
                     t3 = time.perf_counter()
                     stats = sparsedit.last_stats(model)
                 if i:
@@ -188,7 +202,7 @@ def main():
     meta = {"model": args.model, "layers": layers, "single_layers": single, "size": args.size, "batch": args.batch, "dtype": args.dtype,
             "threads": torch.get_num_threads(), "repeats": args.repeats, "config": config.to_dict(),
             "cpu": platform.processor() or platform.machine(), "loadavg_end": loadavg(), "cache_bytes": cache_bytes,
-            "capture_s": capture_s}  # fmt: skip
+            "capture_s": capture_s, **device_meta(device)}  # fmt: skip
     args.json = args.json or Path(f"benchmarks/results/dit_edit_{args.model}_{args.size}_{args.dtype}.json")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -10,6 +10,10 @@ the engine's per-layer accounting; the error is the sparse result's max |differe
 
     python benchmarks/gan_edit.py
     python benchmarks/gan_edit.py --fractions 0.012 --repeats 9 --tile 4
+    python benchmarks/gan_edit.py --fractions 0.012 --dtype float16 --device cuda
+
+On CUDA (`--device cuda`) every timed region is synchronized before the clock is read and the GPU's name is recorded;
+the label maps are painted on the CPU and moved.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from unet_edit import loadavg
+from unet_edit import device_label, device_meta, loadavg, sync
 
 from sparsedit import GANEditor, SparseConfig
 from sparsedit.models import SPADEGenerator
@@ -33,7 +37,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.012, 0.05, 0.2])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); timed regions are synchronized on CUDA")
     ap.add_argument(
         "--tile",
         type=int,
@@ -42,24 +47,34 @@ def main():
         "SparseConfig(tile_size=None), which GANEditor uses)",
     )
     ap.add_argument("--modes", nargs="+", choices=["exact", "approximate"], default=["exact", "approximate"])
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument(
+        "--no-measured-fallback",
+        action="store_true",
+        help="SparseConfig(measured_fallback=False): no calibration at capture, every edit runs sparse up to "
+        "max_region_fraction (the engine's own speed, not the sparse-or-dense choice)",
+    )
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/gan_edit.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    model = randomize_batchnorm(SPADEGenerator.cityscapes()).to(dtype)
-    labels, instance = street_scene()
+    model = randomize_batchnorm(SPADEGenerator.cityscapes()).to(dtype).to(device)
+    labels_cpu, instance_cpu = street_scene()
+    labels, instance = labels_cpu.to(device), instance_cpu.to(device)
+    fallback = {"measured_fallback": False} if args.no_measured_fallback else {}
     configs = {
-        "exact": SparseConfig(exact=True, tile_size=4 if args.tile is None else (args.tile or None)),
+        "exact": SparseConfig(exact=True, tile_size=4 if args.tile is None else (args.tile or None), **fallback),
         # SIGE's GauGAN setting: fixed per-resolution masks (the label change dilated by 1, resampled, dilated by 1)
         "approximate": SparseConfig(
-            exact=False, input_dilation=1, dilation=1, tile_size=8 if args.tile is None else (args.tile or None)
+            exact=False, input_dilation=1, dilation=1, tile_size=8 if args.tile is None else (args.tile or None),
+            **fallback,
         ),
-    }
+    }  # fmt: skip
     configs = {k: v for k, v in configs.items() if k in args.modes}
     print(f"GauGAN Cityscapes 256x512, batch 1, {args.dtype}, threads {torch.get_num_threads()}, torch "
-          f"{torch.__version__}, {platform.machine()}, load {loadavg()}")  # fmt: skip
+          f"{torch.__version__}, {platform.machine()}{device_label(device)}, load {loadavg()}")  # fmt: skip
     rows = []
     for mode, config in configs.items():
         editor = GANEditor(model, config)
@@ -72,14 +87,17 @@ def main():
         print(f"{'edit':>6} {'changed':>8} {'dense s':>8} {'sparse s':>9} {'speed-up':>8} {'MACs ratio':>10} "
               f"{'max err':>8}")  # fmt: skip
         for fraction in args.fractions:
-            new, inst = paint_labels(labels, instance, fraction)
+            new, inst = (t.to(device) for t in paint_labels(labels_cpu, instance_cpu, fraction))
             dense_t, sparse_t = [], []
             for i in range(args.repeats + 1):  # the first pair warms up
+                sync(device)
                 t0 = time.perf_counter()
                 sparse = editor.edit(new, inst, commit=False)
+                sync(device)
                 t1 = time.perf_counter()
                 with torch.no_grad():
                     dense = model(new, inst)
+                sync(device)
                 t2 = time.perf_counter()
                 if i:
                     sparse_t.append(t1 - t0)
@@ -107,7 +125,7 @@ def main():
                   f"{row['max_abs_error']:>8.1e}", flush=True)  # fmt: skip
         editor.remove()
     meta = {"model": "SPADEGenerator.cityscapes()", "dtype": args.dtype, "threads": torch.get_num_threads(),
-            "repeats": args.repeats, "torch": torch.__version__, "loadavg_end": loadavg()}  # fmt: skip
+            "repeats": args.repeats, "torch": torch.__version__, "loadavg_end": loadavg(), **device_meta(device)}  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
     print(f"load at end {loadavg()}; wrote {args.json}")

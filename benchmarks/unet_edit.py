@@ -14,6 +14,10 @@ against the dense edited result beside each latency ratio.
     python benchmarks/unet_edit.py --model sd15 --fractions 0.01 0.05 0.2
     python benchmarks/unet_edit.py --model sd-vae-decoder
     python benchmarks/unet_edit.py --model sdxl --fractions 0.01 0.05 --repeats 2 --cache-dtype bfloat16
+    python benchmarks/unet_edit.py --model sd15 --fractions 0.012 --dtype float16 --device cuda
+
+On CUDA (`--device cuda`) every timed region is synchronized before the clock is read and the GPU's name is recorded;
+weights and inputs are drawn on the CPU as before (the same values on every device) and then moved.
 """
 
 from __future__ import annotations
@@ -111,25 +115,51 @@ def forward(model, x, t, extra):
     return model(x, t, **extra).sample
 
 
-def build_case(name: str, dtype: torch.dtype):
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on `device`, so that a host clock read next times it (CUDA runs asynchronously);
+    nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_meta(device: torch.device) -> dict:
+    """What a result records of an accelerator (nothing for the CPU, whose results stay as they were)."""
+    if device.type != "cuda":
+        return {}
+    return {"device": str(device), "device_name": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+
+
+def device_label(device: torch.device) -> str:
+    """`, <GPU name>` for a header line on CUDA; empty on the CPU."""
+    return f", {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})" if device.type == "cuda" else ""
+
+
+def build_case(name: str, dtype: torch.dtype, device: torch.device = torch.device("cpu")):
     """One benchmark case: the model (channels-last, eval), its input, timestep, extra keyword inputs, and the
-    generator that drew them (edits draw from it next)."""
+    generator that drew them (edits draw from it next). Everything is drawn on the CPU, then moved to `device`."""
     build, size, batch, channels, context, _ = MODELS[name]
     torch.manual_seed(0)
-    model = build().eval().to(dtype).to(memory_format=torch.channels_last)
+    model = build().eval().to(dtype).to(memory_format=torch.channels_last).to(device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, channels, size, size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-    t = None if name == "sd-vae-decoder" else torch.full((batch,), 500)
+    x = x.to(device)
+    t = None if name == "sd-vae-decoder" else torch.full((batch,), 500).to(device)
     extra = {} if context is None else {"encoder_hidden_states": torch.randn(batch, *context, generator=g).to(dtype)}
     if name == "sdxl":  # the pooled text embedding and the size/crop ids of a 1024 px image
         ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch, dtype=dtype)
         extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, generator=g).to(dtype), "time_ids": ids}
+    extra = {k: to_device(v, device) for k, v in extra.items()}
     return model, x, t, extra, g
 
 
+def to_device(v, device: torch.device):
+    """A tensor, or a dict of them, on `device`."""
+    return {k: to_device(u, device) for k, u in v.items()} if isinstance(v, dict) else v.to(device)
+
+
 def edited_input(x: torch.Tensor, region: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """`x` with fresh noise inside `region` (channels-last, like the input)."""
-    x_edit = torch.where(region[:, None], torch.randn(x.shape, generator=g).to(x.dtype), x)
+    """`x` with fresh noise inside `region` (channels-last, like the input); the noise is drawn on the CPU."""
+    x_edit = torch.where(region[:, None], torch.randn(x.shape, generator=g).to(x.dtype).to(x.device), x)
     return x_edit.contiguous(memory_format=torch.channels_last)
 
 
@@ -207,7 +237,14 @@ def main():
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.20])
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); timed regions are synchronized on CUDA")
+    ap.add_argument(
+        "--no-measured-fallback",
+        action="store_true",
+        help="SparseConfig(measured_fallback=False): no calibration, every edit runs sparse up to "
+        "--max-region-fraction (the engine's own speed, not the sparse-or-dense choice)",
+    )
     ap.add_argument(
         "--tile", default="auto", help="auto (SparseConfig's default), an int, or per map height like 64:8,16:1,0:8"
     )
@@ -220,9 +257,10 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
     _, size, batch, _, _, dilation = MODELS[args.model]
     args.input_dilation = dilation if args.input_dilation is None else args.input_dilation
-    unet, x, t, extra, g = build_case(args.model, dtype)
+    unet, x, t, extra, g = build_case(args.model, dtype, device)
     tile = (
         None
         if args.tile == "auto"
@@ -232,36 +270,45 @@ def main():
     )
     config = SparseConfig(
         tile_size=tile, input_dilation=args.input_dilation, max_region_fraction=args.max_region_fraction,
-        cache_dtype=args.cache_dtype,
+        cache_dtype=args.cache_dtype, **({"measured_fallback": False} if args.no_measured_fallback else {}),
     )  # fmt: skip
     sparsedit.sparsify_(unet, config)
     with sparsedit.capturing(unet, calibrate=False):
         captured = forward(unet, x, t, extra)
     cache_bytes = sparsedit.last_stats(unet)["cache_bytes"]
+    sync(device)
     t0 = time.perf_counter()
     cal = sparsedit.calibrate(unet)  # once per process: what a capture pays for "never slower than dense"
+    sync(device)
     calibrate_s = time.perf_counter() - t0
     print(f"{args.model}, {args.dtype}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
-          f"{platform.machine()}, load {loadavg()}, cache {cache_bytes / 2**20:.0f} MiB")  # fmt: skip
-    probes = ", ".join(f"{100 * f:.1f}%: {s:.2f} s" for f, s in cal.probes)
-    print(f"calibration {calibrate_s:.1f} s (dense {cal.dense_seconds:.2f} s, sparse {probes}); sparse up to "
-          f"{100 * cal.break_even:.1f}% of the input")  # fmt: skip
+          f"{platform.machine()}{device_label(device)}, load {loadavg()}, cache {cache_bytes / 2**20:.0f} MiB")  # fmt: skip
+    if cal is None:
+        print("no calibration (measured_fallback=False): every edit runs sparse up to max_region_fraction")
+    else:
+        probes = ", ".join(f"{100 * f:.1f}%: {s:.2f} s" for f, s in cal.probes)
+        print(f"calibration {calibrate_s:.1f} s (dense {cal.dense_seconds:.2f} s, sparse {probes}); sparse up to "
+              f"{100 * cal.break_even:.1f}% of the input")  # fmt: skip
     print(
         f"{'region':>7} {'dense s':>8} {'sparse s':>8} {'speed-up':>8} {'MACs ratio':>10} {'max err':>8} {'PSNR':>6}"
     )
     rows = []
     for frac in args.fractions:
-        region = stroke_region(size, frac, batch)
+        region = stroke_region(size, frac, batch).to(device)
         x_edit = edited_input(x, region, g)
         dense_t, sparse_t = [], []
         with torch.no_grad():
             for i in range(args.repeats + 1):  # the first pair warms up
+                sync(device)
                 t0 = time.perf_counter()
                 dense = forward(unet, x_edit, t, extra)
+                sync(device)
                 t1 = time.perf_counter()
                 with sparsedit.editing(unet, region=region):
+                    sync(device)
                     t2 = time.perf_counter()
                     sparse = forward(unet, x_edit, t, extra)
+                    sync(device)
                     t3 = time.perf_counter()
                     stats = sparsedit.last_stats(unet)
                 if i:
@@ -284,13 +331,15 @@ def main():
         row["speedup"] = row["dense_s"] / row["sparse_s"]
         row["macs_ratio"] = row["macs_dense"] / max(1, row["macs_sparse"])
         rows.append(row)
+        p = 4 if device.type == "cuda" else 2  # seconds: a GPU forward takes milliseconds
         print(
-            f"{100 * row['region_fraction']:>6.1f}% {row['dense_s']:>8.2f} {row['sparse_s']:>8.2f} "
+            f"{100 * row['region_fraction']:>6.1f}% {row['dense_s']:>8.{p}f} {row['sparse_s']:>8.{p}f} "
             f"{row['speedup']:>7.2f}x {row['macs_ratio']:>9.1f}x {row['max_abs_error']:>8.3f} {row['psnr_db']:>6.1f}"
         )
     meta = {"model": args.model, "dtype": args.dtype, "cache_dtype": args.cache_dtype, "threads": torch.get_num_threads(), "repeats": args.repeats,
             "config": config.to_dict(), "loadavg_end": loadavg(), "cache_bytes": cache_bytes,
-            "calibration": cal.to_dict(), "calibrate_s": calibrate_s}  # fmt: skip
+            "calibration": None if cal is None else cal.to_dict(), "calibrate_s": calibrate_s,
+            **device_meta(device)}  # fmt: skip
     args.json = args.json or Path(f"benchmarks/results/unet_edit_{args.model}.json")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
