@@ -295,6 +295,24 @@ def export(args):
         install(NAME, out)
 
 
+TRACKED = Path(__file__).parent / "checkpoints"  # runs kept in git between sessions (training/runs/ is not)
+
+
+def seed_from_tracked(run_dir: Path, part: str) -> None:
+    """A run directory without a checkpoint starts from the one kept in `training/checkpoints/scene-dit-<part>/`
+    (checkpoint and loss log), so a fresh checkout resumes where the last session's run stopped."""
+    kept = TRACKED / f"{NAME}-{part}"
+    if part == "export" or (run_dir / "checkpoint.pt").exists() or not (kept / "checkpoint.pt").exists():
+        return
+    import shutil
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for f in ("checkpoint.pt", "loss.csv"):
+        if (kept / f).exists():
+            shutil.copy(kept / f, run_dir / f)
+    print(f"started from the tracked checkpoint in {kept}", flush=True)
+
+
 def main(argv=None):
     def model_args(p):
         p.add_argument("--part", choices=["vae", "denoiser", "export"], required=True)
@@ -312,6 +330,7 @@ def main(argv=None):
         args.lr = 2e-4 if args.part == "vae" else 3e-4
     if args.run == str(RUNS / NAME) and args.part != "export":
         args.run = str(RUNS / f"{NAME}-{args.part}")
+    seed_from_tracked(Path(args.run), args.part)
     {"vae": train_vae, "denoiser": train_denoiser, "export": export}[args.part](args)
 
 
