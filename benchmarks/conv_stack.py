@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from bench_args import device_args
 
 import sparsedit
 from sparsedit import SparseConfig
@@ -92,14 +93,7 @@ def main():
     ap.add_argument("--tiles", type=int, nargs="+", default=[8])
     ap.add_argument("--dilation", type=int, default=1, help="SparseConfig.dilation: pixels added at every resolution")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); timed regions are synchronized on CUDA")
-    ap.add_argument(
-        "--no-measured-fallback",
-        action="store_true",
-        help="SparseConfig(measured_fallback=False): no calibration at capture, every edit runs sparse up to "
-        "max_region_fraction (the engine's own speed, not the sparse-or-dense choice)",
-    )
+    device_args(ap)
     ap.add_argument(
         "--memory-format",
         choices=["channels_last", "contiguous"],

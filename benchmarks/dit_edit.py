@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_args import device_args
 from unet_edit import device_label, device_meta, loadavg, stroke_region, sync, to_device
 
 import sparsedit
@@ -121,8 +122,7 @@ def main():
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.02])
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); timed regions are synchronized on CUDA")
+    device_args(ap, fallback=False)
     ap.add_argument("--dilation", type=int, default=SparseConfig().dilation, help="tokens of dilation")
     ap.add_argument("--context", default="cache", choices=["cache", "recompute"], help="SparseConfig.dit_context")
     ap.add_argument("--cache-dtype", default=None, help="SparseConfig.cache_dtype (default: the model's dtype)")

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_args import device_args
 from unet_edit import device_label, device_meta, loadavg, sync
 
 from sparsedit import GANEditor, SparseConfig
@@ -37,8 +38,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.012, 0.05, 0.2])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); timed regions are synchronized on CUDA")
+    device_args(ap)
     ap.add_argument(
         "--tile",
         type=int,
@@ -48,12 +48,6 @@ def main():
     )
     ap.add_argument("--modes", nargs="+", choices=["exact", "approximate"], default=["exact", "approximate"])
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    ap.add_argument(
-        "--no-measured-fallback",
-        action="store_true",
-        help="SparseConfig(measured_fallback=False): no calibration at capture, every edit runs sparse up to "
-        "max_region_fraction (the engine's own speed, not the sparse-or-dense choice)",
-    )
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/gan_edit.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_args import device_args
 
 import sparsedit
 from sparsedit import SparseConfig
@@ -237,14 +238,7 @@ def main():
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.20])
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); timed regions are synchronized on CUDA")
-    ap.add_argument(
-        "--no-measured-fallback",
-        action="store_true",
-        help="SparseConfig(measured_fallback=False): no calibration, every edit runs sparse up to "
-        "--max-region-fraction (the engine's own speed, not the sparse-or-dense choice)",
-    )
+    device_args(ap)
     ap.add_argument(
         "--tile", default="auto", help="auto (SparseConfig's default), an int, or per map height like 64:8,16:1,0:8"
     )
