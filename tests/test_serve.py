@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sparsedit.serve.loadtest import b64png, unpng  # noqa: F401  (other test modules import them from here)
+
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -22,16 +24,6 @@ from sparsedit.serve import ModelRegistry, create_app  # noqa: E402
 
 
 FAST = {"steps": 10, "strength": 0.5, "seed": 0}  # 5 denoising steps: quick, and still an SDEdit
-
-
-def b64png(a: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def unpng(s: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(s))))
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +325,6 @@ def test_a_pipeline_directory_is_served_as_its_registered_adapter_says():
 
 
 def _png_bytes(img) -> bytes:
-    import io
 
     buf = io.BytesIO()
     img.save(buf, format="PNG")

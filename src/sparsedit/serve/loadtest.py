@@ -38,7 +38,7 @@ class Sent:
     error: str | None = None
 
 
-def _png(a: np.ndarray) -> str:
+def b64png(a: np.ndarray) -> str:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -46,7 +46,7 @@ def _png(a: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _unpng(s: str) -> np.ndarray:
+def unpng(s: str) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(s))))
@@ -80,7 +80,7 @@ def run(url: str, model: str = "scene-ddpm", clients: int = 8, requests: int = 2
     with httpx.Client(base_url=url, timeout=timeout, headers=headers) as c:
         ids = []
         for _ in range(sessions):
-            r = c.post("/sessions", json={"model": model, "image": _png(image), **(options or OPTIONS)})
+            r = c.post("/sessions", json={"model": model, "image": b64png(image), **(options or OPTIONS)})
             r.raise_for_status()
             ids.append(r.json()["session"])
     sent: list[Sent] = []
@@ -96,7 +96,7 @@ def run(url: str, model: str = "scene-ddpm", clients: int = 8, requests: int = 2
                 state = {"image": _stroke(image, rng)}
                 started = time.perf_counter()
                 try:
-                    r = c.post(f"/sessions/{sid}/edits", json={"image": _png(state["image"]), "commit": commit})
+                    r = c.post(f"/sessions/{sid}/edits", json={"image": b64png(state["image"]), "commit": commit})
                     status, reply, error = r.status_code, (r.json() if r.status_code == 200 else None), None
                     if status != 200:
                         error = r.text[:300]
@@ -140,8 +140,8 @@ def replay(record: dict, sent: list[Sent], registry=None, threads: int | None = 
         manager.create(record["model"], ops[0]["state"], record["options"], "replay")
 
         def check(s: Sent, image) -> None:
-            want = _unpng(base64.b64encode(tensor_to_png(image)).decode())
-            if not np.array_equal(_unpng(s.reply["image"]), want):
+            want = unpng(base64.b64encode(tensor_to_png(image)).decode())
+            if not np.array_equal(unpng(s.reply["image"]), want):
                 problems.append(f"client {s.client}: {'commit' if s.commit else 'preview'} at edit "
                                 f"{s.reply['edit']} differs from the replay")  # fmt: skip
 
