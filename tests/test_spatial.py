@@ -1,6 +1,7 @@
 """The model-level contract: exact sparse editing of conv stacks, against the dense model as oracle."""
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -177,6 +178,12 @@ def square_edit(model, size, box, config, seed):
 def test_groupnorm_exact_mode_goes_dense_and_stays_exact():
     model = _resnet()
     dense_edit, _, out, _ = square_edit(model, 32, (10, 14), SparseConfig(exact=True), seed=4)
+    torch.testing.assert_close(out, dense_edit, rtol=1e-5, atol=1e-5)
+    # The first GroupNorm comes before nearly all the MACs: the whole edit runs as one plain dense forward.
+    assert "whole map at 1.norm1" in sparsedit.last_stats(model)["dense_run"]
+    model = _resnet()  # the per-layer path (a norm late in a model): sparse up to the norm, dense after it
+    with mock.patch.object(sparsedit.spatial.hooks, "GLOBAL_REACH_SHARE", 1.01):
+        dense_edit, _, out, _ = square_edit(model, 32, (10, 14), SparseConfig(exact=True), seed=4)
     torch.testing.assert_close(out, dense_edit, rtol=1e-5, atol=1e-5)
     assert "exact GroupNorm" in sparsedit.last_stats(model)["dense_layers"].values()
 

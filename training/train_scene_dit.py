@@ -194,6 +194,7 @@ def train_denoiser(args):
     if kept.exists():
         vae.load_state_dict(torch.load(kept, weights_only=True))
     else:
+        seed_from_tracked(Path(args.vae_run), "vae")  # a fresh checkout: the VAE kept in git
         vae_step = Run(Path(args.vae_run), VAE_FIELDS).restore({"vae": vae})[0]
         if not vae_step:
             raise SystemExit("train the VAE first: python training/train_scene_dit.py --part vae")

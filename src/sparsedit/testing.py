@@ -436,3 +436,72 @@ def tiny_flux2_klein(directory: str | Path, distilled: bool = True, dtype: torch
         tokenizer=tokenizer,
         is_distilled=distilled,
     )
+
+
+# -- thin models written the way users write them (issue 39's rows) ---------------------------------------------------
+class UserSRNet(torch.nn.Module):
+    """A plain super-resolution CNN as a user writes one (EDSR/ESPCN-like, no sparsedit modules): a 3x3 head, a body
+    of 3x3 convs with PReLU and a global residual `x + body(x)` in Python, two conv + PixelShuffle(2) stages (x4) and
+    a 3x3 tail; 17 convolutions of `channels` channels in all (with the defaults)."""
+
+    def __init__(self, channels: int = 64, body: int = 13):
+        super().__init__()
+        nn = torch.nn
+        c = channels
+        self.head = nn.Conv2d(3, c, 3, padding=1)
+        layers = []
+        for _ in range(body):
+            layers += [nn.Conv2d(c, c, 3, padding=1), nn.PReLU(c)]
+        self.body = nn.Sequential(*layers)
+        self.up = nn.Sequential(
+            nn.Conv2d(c, 4 * c, 3, padding=1), nn.PixelShuffle(2), nn.PReLU(c),
+            nn.Conv2d(c, 4 * c, 3, padding=1), nn.PixelShuffle(2), nn.PReLU(c),
+        )  # fmt: skip
+        self.tail = nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.head(x)
+        h = h + self.body(h)
+        return self.tail(self.up(h))
+
+
+class UserResnetBlock(torch.nn.Module):
+    """The pix2pix/CycleGAN ResNet block as its authors write it: reflection pads, convs without padding, norm, ReLU,
+    and the residual added in Python."""
+
+    def __init__(self, c: int, norm=torch.nn.InstanceNorm2d):
+        super().__init__()
+        nn = torch.nn
+        self.conv_block = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3, bias=True), norm(c), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3, bias=True), norm(c),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return x + self.conv_block(x)
+
+
+class UserResnetGenerator(torch.nn.Module):
+    """junyanz/pytorch-CycleGAN-and-pix2pix's `ResnetGenerator` (InstanceNorm, the default `resnet_9blocks`) written
+    with plain torch modules: a 7x7 conv after a reflection pad, two stride-2 convs, `blocks` residual blocks, two
+    transposed convs, a 7x7 conv and tanh. Not sparsedit's `models.Pix2PixGenerator` (whose residual is an `Add`
+    module): this one is what a user's own code looks like."""
+
+    def __init__(self, ngf: int = 64, blocks: int = 9, norm=torch.nn.InstanceNorm2d):
+        super().__init__()
+        nn = torch.nn
+        layers = [nn.ReflectionPad2d(3), nn.Conv2d(3, ngf, 7, bias=True), norm(ngf), nn.ReLU(True)]
+        for i in range(2):
+            m = 2**i
+            layers += [nn.Conv2d(ngf * m, ngf * m * 2, 3, stride=2, padding=1, bias=True), norm(ngf * m * 2),
+                       nn.ReLU(True)]  # fmt: skip
+        layers += [UserResnetBlock(ngf * 4, norm) for _ in range(blocks)]
+        for i in range(2):
+            m = 2 ** (2 - i)
+            layers += [nn.ConvTranspose2d(ngf * m, ngf * m // 2, 3, stride=2, padding=1, output_padding=1, bias=True),
+                       norm(ngf * m // 2), nn.ReLU(True)]  # fmt: skip
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.model(x)

@@ -105,6 +105,10 @@ class SpatialAttentionHandler(SparseHandler):
 
     kind = "attention"
 
+    @property
+    def covers_map(self) -> bool:
+        return self.state.config.exact  # exact mode runs attention over the whole map
+
     def _plain(self, x, args, kwargs) -> bool:
         a = self.module
         return (

@@ -181,6 +181,8 @@ class SparseHandler:
     """Runs one module in the mode its `SparseState` says. Subclasses implement `sparse` (and may extend capture)."""
 
     kind = "layer"
+    # In exact mode, any change of the input changes the whole output (a norm's statistics, attention over the map).
+    covers_map = False
     pointwise = False  # folds into a consumer's gather as a Prologue
     consumes_prologue = False  # accepts a Prologue (a windowed or pointwise tile op)
 
@@ -229,7 +231,9 @@ class SparseHandler:
             self.capture(key, out, *args, **kwargs)
         if isinstance(out, torch.Tensor) and out.dim() == 4:
             macs = self.macs_dense(out, *args)
-            self.state.record(LayerRecord(self.name, self.kind, tuple(out.shape[-2:]), macs, macs, 1.0))
+            covers = mode is Mode.CAPTURE and self.covers_map
+            self.state.record(LayerRecord(self.name, self.kind, tuple(out.shape[-2:]), macs, macs, 1.0,
+                                          covers_map=covers))  # fmt: skip
         return out
 
     def capture(self, key, out, *args, **kwargs) -> None:

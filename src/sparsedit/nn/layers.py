@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 
@@ -16,7 +17,7 @@ from .base import IDENTITY, Prologue, SparseHandler, UnsupportedLayerError, regi
 from .resample import SEPARABLE_MODES, propagate_resample, resample_tiles, taps_for
 from .state import LayerRecord
 from .tracking import padded_region, untracked
-from .virtual import LazyPointwise, _plain
+from .virtual import LazyPad, LazyPointwise, _plain
 
 
 __all__ = [
@@ -147,6 +148,38 @@ class ConvHandler(WindowedHandler):
     def macs_per_position(self, out):
         m = self.module
         return m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def sparse(self, x, prologue: Prologue = IDENTITY, residual: torch.Tensor | None = None, into=None):
+        folded = self._padded(x, prologue)
+        if folded is not None:  # an explicit padding module before this padding-free convolution
+            handler, x, prologue = folded
+            return WindowedHandler.sparse(handler, x, prologue, residual, into)
+        return super().sparse(x, prologue, residual, into)
+
+    def _padded(self, x, prologue: Prologue):
+        """For a `LazyPad` input this convolution can read through (no padding of its own, the same padding on both
+        sides of each axis, nothing but a pad-commuting prologue after it): a copy of this handler with the padding
+        in its geometry and padding mode, the pad's source and the combined prologue; otherwise `None`."""
+        if not isinstance(x, LazyPad) or x.filled or self.geometry.padding != (0, 0) or self.padding_mode != "zeros":
+            return None
+        left, right, top, bottom = x.pad
+        if left != right or top != bottom or min(x.pad) < 0:
+            return None
+        if prologue is not IDENTITY and x.mode == "zeros":
+            return None  # the prologue would act on the padded zeros too
+        combined = x.prologue.then(prologue)
+        if combined is None:
+            return None
+        key = ((top, left), x.mode)
+        folded = self.__dict__.setdefault("_folded", {}).get(key)
+        if folded is None:
+            folded = copy.copy(self)
+            g = self.geometry
+            folded.geometry = Geometry(g.kernel, g.stride, (top, left), g.dilation)
+            folded.padding_mode = x.mode
+            self._folded[key] = folded
+        source, combined = Prologue.unwrap(x.source, combined)
+        return folded, source, combined
 
     def apply(self, tiles):
         m = self.module
@@ -393,6 +426,7 @@ class GroupNormHandler(PointwiseHandler):
     def check_supported(self):
         # In exact mode a GroupNorm changes every output position, so it never folds into a sparse gather.
         self.pointwise = not self.state.config.exact
+        self.covers_map = not self.pointwise
         self.groups, self.channels = self.module.num_groups, self.module.num_channels
 
     def macs_per_position(self, out):
@@ -481,6 +515,7 @@ class InstanceNormHandler(GroupNormHandler):
         m = self.module
         self.running = m.track_running_stats
         self.pointwise = self.running or not self.state.config.exact
+        self.covers_map = not self.pointwise
         self.groups = self.channels = m.num_features
 
     def capture(self, key, out, x, *args, **kwargs):
@@ -587,21 +622,32 @@ class ConvTransposeHandler(SparseHandler):
 
 @register_handler(nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad2d)
 class PadHandler(SparseHandler):
-    """Explicit padding before a padding-free convolution (pix2pix's reflection pads): computed densely (a copy of
-    the map), with the region padded the same way so the convolution after it stays sparse."""
+    """Explicit padding before a padding-free convolution (pix2pix's reflection pads). A sparse run makes no padded
+    copy: it returns a `LazyPad` that the convolution after it reads through, with the padding in its gather's index
+    mapping (the preceding norm and activation fold in as the convolution's prologue); any other reader fills it
+    with the padded map. The region is padded the same way, so the convolution stays sparse either way."""
 
     kind = "pad"
+    consumes_prologue = True
+    _MODES = {nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate"}
 
     def capture(self, key, out, *args, **kwargs):
-        pass  # sparse runs recompute the padding; nothing to keep
+        pass  # sparse runs never read the padded map from the cache
 
-    def sparse(self, x):
+    def sparse(self, x, prologue: Prologue = IDENTITY):
         st = self.state
         st.key(self.name)
-        out = self.original(x)
         m = self.module
-        mode = {nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate"}.get(type(m), "constant")
-        region = padded_region(st.region_of(x), tuple(m.padding), mode, getattr(m, "value", 0))
+        mode = self._MODES.get(type(m), "constant")
+        value = getattr(m, "value", 0)
+        region = padded_region(st.region_of(x), tuple(m.padding), mode, value)
+        x, prologue = Prologue.unwrap(x, prologue)
+        if mode == "constant" and value not in (0, 0.0):
+            with untracked():
+                out = self.original(_plain(x) if prologue is IDENTITY else prologue.apply_dense(_plain(x)))
+        else:
+            out = LazyPad.of(x, prologue, tuple(m.padding), "zeros" if mode == "constant" else mode)
+            st.lazy.append(weakref.ref(out))
         if region is not None:
             st.set_region(out, region)
         return out

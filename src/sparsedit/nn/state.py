@@ -40,6 +40,9 @@ class LayerRecord:
     dense_reason: str | None = None
     seconds: float = 0.0  # wall time of the layer's sparse path (CPU clock; on CUDA, launch time unless synchronised)
     time: dict[str, float] = field(default_factory=dict)  # that time by part: plan, gather, compute, scatter, dense
+    # Captures only: in exact mode this layer's output changes everywhere whenever anything changed (statistics or
+    # attention over the whole map), so every layer after it runs on the whole map (`spatial.hooks.global_reach`).
+    covers_map: bool = False
 
 
 class Plan:

@@ -14,6 +14,11 @@ are marked *deferred* (`spatial._defer_heads`): the capture does not store their
 return a `LazyPointwise` (their input and the folded scale/shift + activation) that the next windowed layer gathers
 from directly, applying the prologue to the input's tiles. Any other reader fills it with the prologue applied to the
 whole (complete) input, which is what the layers compute densely, so correctness never depends on the dataflow.
+
+An explicit padding module before a padding-free convolution (pix2pix's `ReflectionPad2d`, `ZeroPad2d`) returns a
+`LazyPad` (its input, the prologue folded into it, the padding and its mode): the convolution reads its input's tiles
+with that padding in the gather's index mapping (as a convolution's own `padding_mode` does), so no padded copy of
+the map is made.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import torch
 
 
-__all__ = ["LazyConcat", "LazyPointwise"]
+__all__ = ["LazyConcat", "LazyPad", "LazyPointwise"]
 
 # Torch functions that read a tensor's metadata, never its values: they leave a lazy tensor lazy.
 _METADATA = {
@@ -123,5 +128,43 @@ class LazyPointwise(_Lazy):
         source = _plain(self.source)
         with torch._C.DisableTorchFunctionSubclass():
             self.as_subclass(torch.Tensor).copy_(self.prologue.apply_dense(source))
+        self.filled = True
+        self.source = None
+
+
+class LazyPad(_Lazy):
+    """`F.pad(prologue.apply_dense(source), pad, mode)`, not yet computed. Create with `LazyPad.of(...)`; a convolution
+    without padding of its own reads `source`'s tiles with the padding instead (`mode`: "zeros", "reflect",
+    "replicate", as `ops.gather`'s `padding_mode`)."""
+
+    source: torch.Tensor
+    prologue: object  # nn.base.Prologue
+    pad: tuple[int, int, int, int]  # left, right, top, bottom, as F.pad takes them
+    mode: str
+
+    _F_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}
+
+    @staticmethod
+    def of(source: torch.Tensor, prologue, pad: tuple[int, int, int, int], mode: str) -> LazyPad:
+        b, c, h, w = source.shape
+        shape = (b, c, h + pad[2] + pad[3], w + pad[0] + pad[1])
+        fmt = (
+            torch.channels_last if source.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        )
+        with torch._C.DisableTorchFunctionSubclass():
+            storage = torch.empty(shape, dtype=source.dtype, device=source.device, memory_format=fmt)
+        t = torch.Tensor._make_subclass(LazyPad, storage)
+        t.source = source.as_subclass(torch.Tensor) if isinstance(source, _Lazy) and source.filled else source
+        t.prologue, t.pad, t.mode = prologue, tuple(pad), mode
+        t.filled = False
+        return t
+
+    def materialize(self) -> None:
+        if self.filled:
+            return
+        source = _plain(self.source)
+        with torch._C.DisableTorchFunctionSubclass():
+            padded = torch.nn.functional.pad(self.prologue.apply_dense(source), self.pad, self._F_MODES[self.mode])
+            self.as_subclass(torch.Tensor).copy_(padded)
         self.filled = True
         self.source = None

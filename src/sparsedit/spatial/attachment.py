@@ -48,6 +48,8 @@ class Attachment:
         self.weights: dict[str, int] | None = None
         self.adapters: tuple = ()
         self.capture_records: list = []  # the last capture's per-layer records (a plain dense run reports them)
+        # Exact mode: the first layer whose output changes everywhere, and the MACs share from it on (hooks).
+        self.global_reach: tuple[str, float] | None = None
         self.tracking: RegionTracking | None = None  # entered for each sparse forward only
         self.txn_depth = 0  # nesting of `transaction` contexts
         self.owner: int | None = None  # the thread inside a capturing/editing context

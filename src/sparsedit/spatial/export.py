@@ -8,7 +8,7 @@ from .. import calibration as calibrations
 from ..calibration import Calibration
 from ..fingerprints import adapter_state, run_fingerprint
 from .attachment import INPUT_KEY, attachment_of
-from .hooks import weights_content
+from .hooks import global_reach, weights_content
 
 
 def export_capture(model: nn.Module) -> dict:
@@ -50,6 +50,7 @@ def restore_capture(model: nn.Module, entries, aux, records, capture_records, ou
     att.spatial_inputs = frozenset(spatial_inputs)
     st.records = list(records)
     att.capture_records = list(capture_records)
+    att.global_reach = global_reach(att.capture_records)
     att.output_format = output_format
     # The session's own calibration, so the loaded editor chooses as the saved one did; this process adopts it for
     # later captures of the same model unless it has measured its own.

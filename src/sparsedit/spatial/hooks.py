@@ -35,6 +35,35 @@ def _calibrated_dense(att: Attachment, fraction: float) -> str | None:
     return att.calibration.decide(fraction)
 
 
+# Exact mode: when the layers after the first one whose output changes everywhere (`LayerRecord.covers_map`) hold at
+# least this share of the model's MACs, a sparse run could save at most the rest, and its per-layer overheads on the
+# whole-map layers cost more than that: the edit runs as one plain dense forward instead.
+GLOBAL_REACH_SHARE = 0.75
+
+
+def global_reach(records) -> tuple[str, float] | None:
+    """The first layer of a capture's `records` whose exact reach covers the map, and the share of the model's dense
+    MACs from it on (that layer included); `None` when no layer covers the map."""
+    first = next((i for i, r in enumerate(records) if r.covers_map), None)
+    if first is None:
+        return None
+    total = sum(r.macs_dense for r in records)
+    return records[first].name, sum(r.macs_dense for r in records[first:]) / max(1, total)
+
+
+def _globally_dense(att: Attachment, fraction: float) -> str | None:
+    if att.probing or not att.state.config.exact or fraction == 0:
+        return None
+    reach = att.global_reach
+    if reach is None or reach[1] < GLOBAL_REACH_SHARE:
+        return None
+    return (
+        f"exact mode: any change reaches the whole map at {reach[0]} (its statistics or attention span the map), "
+        f"and the layers from there on hold {100 * reach[1]:.0f}% of the model's MACs; approximate mode "
+        "(SparseConfig(exact=False)) keeps them sparse"
+    )
+
+
 def _too_large(att: Attachment, fraction: float, x: torch.Tensor) -> str | None:
     cfg = att.state.config
     if att.probing or fraction <= cfg.max_region_fraction:
@@ -87,7 +116,7 @@ def make_pre_hook(model: nn.Module, att: Attachment):
             st.use_region(region)
             region = st.input_region
             fraction = st.memo(("input reach",), (), lambda: reach_fraction(region, st.config))
-            dense = _too_large(att, fraction, x) or _calibrated_dense(att, fraction)
+            dense = _globally_dense(att, fraction) or _too_large(att, fraction, x) or _calibrated_dense(att, fraction)
             if dense:
                 # Too large to pay, or calibrated not to pay: one plain dense forward (a committing edit refreshes
                 # the cache with it).
@@ -175,6 +204,7 @@ def make_post_hook(att: Attachment):
         att.last_dense_run = att.dense_run
         if st.mode is Mode.CAPTURE:
             att.capture_records = list(st.records)
+            att.global_reach = global_reach(att.capture_records)
         if att.dense_run:
             if st.mode is None:  # the plain forward recorded nothing: the capture's layers, all dense
                 st.records = [dataclasses.replace(r, time={}, seconds=0.0) for r in att.capture_records]

@@ -1,0 +1,152 @@
+"""Thin models written the way users write them (issue 39): explicit padding modules read through by the next
+convolution (no padded copy of the map), and exact edits of models whose normalisation spans the map running as one
+plain dense forward."""
+
+import contextlib
+from unittest import mock
+
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsedit
+from sparsedit import SparseConfig
+from sparsedit.nn.virtual import LazyPad
+from sparsedit.testing import UserResnetGenerator, UserSRNet
+
+from ..strategies import regions
+from .test_local_layers import check_approximate, check_exact
+
+
+PADS = {"reflect": nn.ReflectionPad2d, "replicate": nn.ReplicationPad2d, "zeros": nn.ZeroPad2d}
+
+
+class PadInForward(nn.Module):
+    """A pad called from Python, between a norm+activation and a padding-free conv (no Sequential)."""
+
+    def __init__(self, pad_cls, p, k):
+        super().__init__()
+        self.bn, self.act = nn.BatchNorm2d(3), nn.LeakyReLU(0.1)
+        self.pad, self.conv = pad_cls(p), nn.Conv2d(3, 4, k)
+        self.bn.running_mean.normal_(0, 0.3)
+        self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.conv(self.pad(self.act(self.bn(x))))
+
+
+@contextlib.contextmanager
+def counting_padded_copies():
+    """Counts the padded maps a sparse run materializes (none, when every pad folds into its convolution)."""
+    calls = []
+    real = LazyPad.materialize
+
+    def counted(self):
+        if not self.filled:
+            calls.append(tuple(self.shape))
+        real(self)
+
+    with mock.patch.object(LazyPad, "materialize", counted):
+        yield calls
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_pad_modules_fold_into_the_conv_exact(data):
+    b, h, w = data.draw(st.integers(1, 2)), data.draw(st.integers(4, 12)), data.draw(st.integers(4, 12))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    mode = data.draw(st.sampled_from(sorted(PADS)), label="mode")
+    k = data.draw(st.sampled_from([3, 5, 7]))
+    p = data.draw(st.integers(1, min(k // 2, min(h, w) - 1)))
+    stride = data.draw(st.sampled_from([1, 1, 2]))
+    sequential = data.draw(st.booleans(), label="sequential")
+    if sequential:
+        bn = nn.BatchNorm2d(3)
+        bn.running_mean.normal_(0, 0.3)
+        bn.running_var.uniform_(0.5, 1.5)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), bn, nn.ReLU(True), PADS[mode](p),
+                              nn.Conv2d(3, 4, k, stride), nn.Tanh(), PADS[mode](1), nn.Conv2d(4, 2, 3))  # fmt: skip
+        x = torch.randn(b, 2, h, w, dtype=dtype)
+    else:
+        model = PadInForward(PADS[mode], p, k)
+        x = torch.randn(b, 3, h, w, dtype=dtype)
+    region = data.draw(regions(b, h, w), label="region")
+    with counting_padded_copies() as copies:
+        check_exact(model, x, region, data.draw(st.sampled_from([1, 2, 4])), data.draw(st.sampled_from([0.6, 1.0])))
+    assert copies == [], "a pad before a padding-free conv must not build the padded map"
+
+
+def test_pad_before_a_padded_conv_is_filled():
+    """A conv with padding of its own cannot read through the pad: the padded map is built, and the result is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReflectionPad2d(2), nn.Conv2d(3, 2, 3, padding=1))
+    region = torch.zeros(1, 10, 10, dtype=torch.bool)
+    region[0, 2:4, 6:9] = True
+    with counting_padded_copies() as copies:
+        check_exact(model, torch.randn(1, 2, 10, 10), region, tile=2)
+    assert copies == [(1, 3, 14, 14)]
+
+
+def test_user_resnet_generator_approximate_keeps_unreached_outputs():
+    torch.manual_seed(0)
+    region = torch.zeros(1, 32, 32, dtype=torch.bool)
+    region[0, 5:9, 20:26] = True
+    check_approximate(UserResnetGenerator(8, 2), torch.randn(1, 3, 32, 32), region)
+
+
+def test_user_sr_net_exact():
+    torch.manual_seed(0)
+    region = torch.zeros(1, 24, 24, dtype=torch.bool)
+    region[0, 3:6, 10:15] = True
+    check_exact(UserSRNet(8, 3), torch.randn(1, 3, 24, 24), region, tile=4)
+
+
+def test_exact_edit_of_a_model_with_global_norms_runs_one_dense_forward():
+    """Exact mode: the InstanceNorm after the first convolution changes every later layer everywhere, so the edit
+    runs as the plain model (same bits as dense), says why, and a committed edit refreshes the cache."""
+    torch.manual_seed(0)
+    model = UserResnetGenerator(8, 2).eval()
+    x = torch.randn(1, 3, 32, 32)
+    x1, x2 = x.clone(), x.clone()
+    x1[..., 4:8, 4:8] = 1.0
+    x2[..., 20:24, 10:12] = -1.0
+    x2[..., 4:8, 4:8] = 1.0
+    with torch.no_grad():
+        dense1, dense2 = model(x1), model(x2)
+    sparsedit.sparsify_(model, SparseConfig(exact=True, measured_fallback=False))
+    try:
+        with torch.no_grad():
+            with sparsedit.capturing(model):
+                model(x)
+            with sparsedit.editing(model):
+                out = model(x1)
+                stats = sparsedit.last_stats(model)
+            assert torch.equal(out, dense1)
+            assert "whole map at model.2" in stats["dense_run"] and "exact=False" in stats["dense_run"]
+            with sparsedit.editing(model, commit=True):
+                model(x1)
+            with sparsedit.editing(model):  # from the committed state: only the second square changed
+                out = model(x2)
+            assert torch.equal(out, dense2)
+            with sparsedit.editing(model):  # nothing changed: no dense forward, the cached output
+                same = model(x1)
+                assert sparsedit.last_stats(model)["dense_run"] is None
+            assert torch.equal(same, dense1)
+    finally:
+        sparsedit.unsparsify_(model)
+
+
+def test_exact_global_norm_late_in_the_model_stays_sparse():
+    """A GroupNorm near the output holds a small share of the MACs: the layers before it still run sparse."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())],
+                          nn.GroupNorm(2, 8), nn.Conv2d(8, 3, 1)).eval()  # fmt: skip
+    model[0] = nn.Conv2d(3, 8, 3, padding=1)
+    x = torch.randn(1, 3, 32, 32)
+    region = torch.zeros(1, 32, 32, dtype=torch.bool)
+    region[0, 10:12, 10:12] = True
+    stats = check_exact(model, x, region, tile=4)
+    assert stats["dense_run"] is None
+    assert stats["macs_sparse"] < 0.5 * stats["macs_dense"]
