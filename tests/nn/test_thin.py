@@ -5,6 +5,7 @@ plain dense forward."""
 import contextlib
 from unittest import mock
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings
@@ -150,3 +151,41 @@ def test_exact_global_norm_late_in_the_model_stays_sparse():
     stats = check_exact(model, x, region, tile=4)
     assert stats["dense_run"] is None
     assert stats["macs_sparse"] < 0.5 * stats["macs_dense"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_packed_weight_conv_matches_conv2d(data):
+    """The prepacked-weight convolution of a few tiles (fewer input values than weights) against `F.conv2d`."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
+    groups = data.draw(st.sampled_from([1, 1, 2, 4]))
+    cin, cout = groups * data.draw(st.integers(4, 24)), groups * data.draw(st.integers(4, 24))
+    k, stride, dil = (
+        data.draw(st.sampled_from([1, 3, 5])),
+        data.draw(st.sampled_from([1, 2])),
+        data.draw(st.sampled_from([1, 2])),
+    )
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    conv = nn.Conv2d(cin, cout, k, stride, 0, dil, groups, bias=data.draw(st.booleans())).to(dtype).eval()
+    reach = dil * (k - 1) + 1
+    n = data.draw(st.integers(1, 3))
+    tiles = torch.randn(n, cin, reach + stride * data.draw(st.integers(0, 3)), reach + stride, dtype=dtype)
+    tiles = tiles.contiguous(memory_format=torch.channels_last)
+    sparsedit.sparsify_(conv, SparseConfig())
+    try:
+        handler = sparsedit.nn.base.handler_of(conv)
+        with torch.no_grad():
+            expected = torch.nn.functional.conv2d(tiles, conv.weight, conv.bias, stride, 0, dil, groups)
+            packed = handler.packed_weight(tiles)
+            got = handler.apply(tiles)
+            if conv.weight.numel() >= tiles.numel() and dtype == torch.float32:
+                assert packed is not None  # (bfloat16 packing needs CPU features torch may not find: then plain)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(got, expected, rtol=tol, atol=tol * (1 + expected.abs().max().item()))
+            conv.weight.mul_(-1)  # a changed weight (same storage, new version) is packed again
+            torch.testing.assert_close(handler.apply(tiles), -expected + (0 if conv.bias is None else 2 * conv.bias.view(1, -1, 1, 1)),
+                                       rtol=tol, atol=tol * (1 + expected.abs().max().item()))  # fmt: skip
+    finally:
+        sparsedit.unsparsify_(conv)

@@ -98,7 +98,8 @@ class GANEditor:
         """Run the generator densely on `labels` and cache what edits need. Returns the image `[B, 3, H, W]`. A
         capture that fails (any exception, Ctrl-C) leaves the previous one in place."""
         x = self.encode(labels, instance)
-        check_finite("the generator's input", x)
+        if labels.is_floating_point() or (instance is not None and instance.is_floating_point()):
+            check_finite("the generator's input", x)  # (integer label maps encode to finite one-hot maps)
         started = time.perf_counter()
         with transaction(self.generator), capturing(self.generator):
             image = self.generator(x)
@@ -145,7 +146,8 @@ class GANEditor:
         if self._input is None:
             raise RuntimeError("Nothing captured yet: call `editor.capture(labels)` first.")
         x = self.encode(labels, instance)
-        check_finite("the generator's input", x)
+        if labels.is_floating_point() or (instance is not None and instance.is_floating_point()):
+            check_finite("the generator's input", x)  # (integer label maps encode to finite one-hot maps)
         if x.shape != self._input.shape:
             raise ValueError(
                 f"the edited input has shape {tuple(x.shape)} but the capture's was {tuple(self._input.shape)}; "
@@ -158,7 +160,8 @@ class GANEditor:
             stats = {"macs_dense": self.last_stats.get("macs_dense", 0), "macs_sparse": 0, "active_fraction": {},
                      "dense_layers": {}, "cache_bytes": sparse_state(self.generator).cache.nbytes}  # fmt: skip
         else:
-            with editing(self.generator, region=changed, commit=commit):  # a committed edit is one transaction
+            # `changed` covers every input change (`_changed` compared the whole input): the forward need not again.
+            with editing(self.generator, region=changed, commit=commit, region_checked=True):  # one transaction
                 image = self.generator(x)
                 if not bool(torch.isfinite(image).all()):
                     raise FloatingPointError("the edit produced NaN or infinite values; nothing was committed.")

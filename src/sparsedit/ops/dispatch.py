@@ -28,6 +28,9 @@ class Backend:
 
     name: str = "base"
     priority: int = 0
+    # Whether `not_supported_reasons` looks at more than the tensors' devices and dtypes (shapes, strides): then the
+    # choice is made again for every call; otherwise it is remembered per op, devices and dtypes.
+    input_specific: bool = False
     devices: tuple[str, ...] = ()
     dtypes: tuple[torch.dtype, ...] = ()
 
@@ -50,11 +53,13 @@ class Backend:
 
 
 _BACKENDS: list[Backend] = []
+_CHOSEN: dict[tuple, Callable] = {}  # (op, devices and dtypes) -> the implementation chosen for them
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
     _BACKENDS.append(cls())
     _BACKENDS.sort(key=lambda b: -b.priority)
+    _CHOSEN.clear()
     return cls
 
 
@@ -63,12 +68,20 @@ def backends() -> list[Backend]:
 
 
 def select_backend(op: str, tensors: list[torch.Tensor]) -> Callable:
-    """The implementation of `op` from the first backend that supports these tensors."""
+    """The implementation of `op` from the first backend that supports these tensors (remembered per op, devices and
+    dtypes: a sparse run makes about a thousand of these calls)."""
+    key = (op, *((t.device, t.dtype) for t in tensors))
+    chosen = _CHOSEN.get(key)
+    if chosen is not None:
+        return chosen
     failures = []
     for backend in _BACKENDS:
         reasons = backend.not_supported_reasons(op, tensors)
         if not reasons:
-            return getattr(backend, op)
+            chosen = getattr(backend, op)
+            if not any(b.input_specific for b in _BACKENDS):
+                _CHOSEN[key] = chosen
+            return chosen
         failures.append(f"  {backend.name}: {'; '.join(reasons)}")
     shapes = ", ".join(f"{tuple(t.shape)} {t.dtype} on {t.device}" for t in tensors)
     raise NoBackendError(

@@ -24,6 +24,7 @@ class Attachment:
         self.handlers = handlers
         self.hooks = hooks
         self.pending_region: torch.Tensor | None = None
+        self.region_checked = False  # the caller compared this edit's input with the capture's itself (`editing`)
         self.check_weights = True  # whether an edit's forward compares the weights' fingerprint with the capture's
         self.changeable: frozenset[str] = frozenset()  # non-image inputs an edit may change (e.g. the prompt)
         self.aux: dict[tuple, dict[str, object]] = {}  # non-image inputs of each captured scope

@@ -224,6 +224,7 @@ def editing(
     changeable: tuple = (),
     input_regions: dict | None = None,
     check_weights: bool = True,
+    region_checked: bool = False,
 ):
     """Run `model` sparsely against the capture: only `region` (and what it reaches) is recomputed.
 
@@ -244,6 +245,9 @@ def editing(
         check_weights: compare the model's weights, input shape and config with the capture's before each forward
             (`StaleCacheError` when they differ). `False` skips that check (about 1 ms for a 300-module UNet): for a
             caller that has checked them already, as `SparseEditor` does once per edit and then for its first step.
+        region_checked: the caller derived `region` from the very input it will run and vouches that the input equals
+            the captured one outside it (as `GANEditor` does from its label maps): the forward does not compare the
+            input with the captured input again (`SparseConfig.check_region`'s full pass over the input).
     """
     att = attachment_of(model)
     st = att.state
@@ -256,6 +260,7 @@ def editing(
         check_region_type(region, st.cache.fingerprint["device"])
     att.pending_region = region
     att.check_weights = bool(check_weights)
+    att.region_checked = bool(region_checked) and region is not None
     att.changeable = frozenset(changeable)
     unknown = set(input_regions or {}) - att.spatial_inputs
     if unknown:
@@ -274,6 +279,7 @@ def editing(
         if not commit:
             st.rollback()
         att.pending_region = None
+        att.region_checked = False
         att.check_weights = True
         att.changeable = frozenset()
         att.input_regions = {}

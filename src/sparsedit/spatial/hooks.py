@@ -99,14 +99,13 @@ def make_pre_hook(model: nn.Module, att: Attachment):
             st.changed_inputs = check_aux(att.aux.get(st.scope, {}), aux_inputs(args, kwargs, x, att.spatial_inputs),
                                           att.changeable)  # fmt: skip
             reference = entry["x"]
-            changed = difference_mask(x, reference, eps=0.0)
             region = att.pending_region
             if region is None:
-                region = changed
+                region = difference_mask(x, reference, eps=0.0)
             else:
                 region = as_region(region, x.shape[0], x.shape[-2], x.shape[-1], x.device)
-                if st.config.check_region:
-                    missed = changed & ~region
+                if st.config.check_region and not att.region_checked:
+                    missed = difference_mask(x, reference, eps=0.0) & ~region
                     if bool(missed.any()):
                         raise ValueError(
                             f"the input differs from the captured input at {int(missed.sum())} pixels outside "
