@@ -189,3 +189,25 @@ def test_packed_weight_conv_matches_conv2d(data):
                                        rtol=tol, atol=tol * (1 + expected.abs().max().item()))  # fmt: skip
     finally:
         sparsedit.unsparsify_(conv)
+
+
+@pytest.mark.timing
+def test_the_calibration_waits_for_the_device_around_every_timed_forward():
+    """On CUDA a forward returns when its kernels are queued: the calibration's clocks must be read after a
+    synchronize, around the dense forward and around every probe (CPU-visible: the calls, on the input)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    sparsedit.sparsify_(model, SparseConfig())
+    calls = []
+    try:
+        with mock.patch.object(sparsedit.spatial.hooks, "synchronize", side_effect=lambda t: calls.append(t.shape)):
+            with torch.no_grad(), sparsedit.capturing(model):
+                model(x)
+        cal = sparsedit.calibration_of(model)
+    finally:
+        sparsedit.unsparsify_(model)
+    assert cal is not None
+    # Each dense forward (one or two) and each probe run: a synchronize before its clock starts and after it stops.
+    assert len(calls) >= 2 * (1 + len(sparsedit.calibration.PROBE_FRACTIONS)) and len(calls) % 2 == 0
+    assert all(shape == x.shape for shape in calls)

@@ -17,6 +17,7 @@ from ..calibration import PROBE_FRACTIONS, Calibration
 from ..config import SparseConfig
 from ..nn.state import Mode
 from ..regions import check_region_type
+from . import hooks
 from .attachment import Attachment, attachment_of
 from .hooks import reach_fraction
 from .inputs import first_image
@@ -192,9 +193,11 @@ def _measure(model: nn.Module, att: Attachment, args, kwargs, scope_key, key: st
         # best kept.
         dense = math.inf
         for _ in range(2):
+            hooks.synchronize(x)
             started = time.perf_counter()
             with torch.no_grad():
                 model(*args, **kwargs)
+            hooks.synchronize(x)  # on CUDA, the kernels and not only their launches (the probes sync the same way)
             dense = min(dense, time.perf_counter() - started)
             if dense >= 0.5:
                 break
