@@ -211,3 +211,87 @@ def test_the_calibration_waits_for_the_device_around_every_timed_forward():
     # Each dense forward (one or two) and each probe run: a synchronize before its clock starts and after it stops.
     assert len(calls) >= 2 * (1 + len(sparsedit.calibration.PROBE_FRACTIONS)) and len(calls) % 2 == 0
     assert all(shape == x.shape for shape in calls)
+
+
+def _bn_resnet(ngf=8, blocks=2):
+    model = UserResnetGenerator(ngf, blocks, norm=nn.BatchNorm2d).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_a_python_residual_add_is_fused_into_the_body(data):
+    """`x + self.conv_block(x)` in a user's block: traced, handled, the add written with the body's last layer (no
+    full-size add between layers), exact, and the same in approximate mode where nothing is reached."""
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    model = _bn_resnet()
+    sparsedit.sparsify_(model, SparseConfig())
+    kinds = [h.kind for h in model._sparsedit.handlers]
+    sparsedit.unsparsify_(model)
+    assert kinds.count("residual") == 2
+    size = 24
+    region = data.draw(regions(1, size, size), label="region")
+    full_adds = []
+    real = sparsedit.nn.tracking.RegionTracking._pointwise
+
+    def spy(self, out, inputs):
+        full_adds.append(tuple(out.shape))
+        return real(self, out, inputs)
+
+    with mock.patch.object(sparsedit.nn.tracking.RegionTracking, "_pointwise", spy):
+        check_exact(model, torch.randn(1, 3, size, size), region, tile=data.draw(st.sampled_from([1, 2, 4])))
+        check_approximate(model, torch.randn(1, 3, size, size), region)
+    assert (1, 32, size // 4, size // 4) not in full_adds, "the residual adds ran on the whole map"
+
+
+def test_modules_that_are_not_a_plain_residual_are_left_alone():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return x + 0.5 * self.body(x)
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.body(x) if x.shape[-1] > 2 else x
+
+    from sparsedit.nn.blocks import residual_child
+
+    assert residual_child(Scaled()) is None and residual_child(Branchy()) is None
+    assert residual_child(sparsedit.testing.UserResnetBlock(4)) == "conv_block"
+    torch.manual_seed(0)
+    region = torch.zeros(1, 12, 12, dtype=torch.bool)
+    region[0, 3:5, 6:9] = True
+    check_exact(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Scaled(), nn.Conv2d(4, 3, 1)), torch.randn(1, 3, 12, 12), region
+    )
+
+
+def test_a_residual_whose_body_cannot_take_the_add_runs_its_own_forward():
+    class AroundResBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = sparsedit.nn.ResBlock(4, 4, groups=2)
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), AroundResBlock(), nn.Conv2d(4, 3, 1))
+    sparsedit.sparsify_(model, SparseConfig())
+    residual = sparsedit.nn.base.handler_of(model[1])
+    assert residual is not None and not residual.fused
+    sparsedit.unsparsify_(model)
+    region = torch.zeros(1, 12, 12, dtype=torch.bool)
+    region[0, 3:5, 6:9] = True
+    check_approximate(model, torch.randn(1, 3, 12, 12), region)

@@ -7,6 +7,8 @@ convolution into its gather (GroupNorm affine + SiLU, as SIGE does) and the resi
 from __future__ import annotations
 
 import contextlib
+import inspect
+import operator
 
 import torch
 import torch.nn as nn
@@ -260,3 +262,96 @@ class ResBlockHandler(SparseHandler):
         skip = self._shortcut(x)
         out = self.add.buffer(st.key(self.add.name))
         return self.main.sparse(x, st, residual=skip, into=out)
+
+
+# -- a user's residual block: `x + self.body(x)` in Python ---------------------------------------------------------------
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+class _ChildrenAsLeaves(torch.fx.Tracer):
+    def __init__(self, root: nn.Module):
+        super().__init__()
+        self.root = root
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return m is not self.root
+
+
+def residual_child(module: nn.Module) -> str | None:
+    """The name of the child `body` when `module.forward(x)` computes exactly `x + self.body(x)` (or `body(x) + x`),
+    traced with torch.fx (children as leaves); `None` for anything else, or when tracing fails."""
+    children = dict(module.named_children())
+    if not children:
+        return None
+    try:
+        graph = _ChildrenAsLeaves(module).trace(module)
+    except Exception:  # control flow, unsupported Python: not this pattern
+        return None
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    if len(placeholders) != 1 or len(nodes) != 2:
+        return None
+    x = placeholders[0]
+    call, add = nodes
+    if call.op != "call_module" or call.args != (x,) or call.kwargs or call.target not in children:
+        return None
+    if add.op != "call_function" or add.target not in _ADDS or add.kwargs or set(add.args) != {x, call}:
+        return None
+    if len(add.args) != 2 or output.args != (add,):
+        return None
+    return call.target
+
+
+def _takes_residual(handler: SparseHandler | None) -> bool:
+    """Whether `handler.sparse` can write `its output + residual` into a given buffer (a chain: its last layer)."""
+    if handler is None:
+        return False
+    if isinstance(handler, SequentialHandler):
+        items = getattr(handler, "chain", None)
+        if items is None or not items.items:
+            return False
+        return _takes_residual(items.items[-1][1] if isinstance(items.items[-1][1], SparseHandler) else None)
+    params = inspect.signature(handler.sparse).parameters
+    return "residual" in params and "into" in params
+
+
+class ResidualHandler(SparseHandler):
+    """A module whose `forward` is `x + self.body(x)` (pix2pix's `ResnetBlock`, most users' residual blocks), found by
+    tracing (`residual_child`). Sparse runs compute `body` with the add fused into its last layer's scatter, written
+    into this module's cached output: no full-size add, and the body's own output is never stored."""
+
+    kind = "residual"
+
+    def __init__(self, module: nn.Module, name: str, state, child: str):
+        super().__init__(module, name, state)
+        self.child = child
+
+    def prepare(self):
+        self.body = handler_of(getattr(self.module, self.child))
+        self.fused = _takes_residual(self.body)
+
+    def forward(self, *args, **kwargs):
+        st = self.state
+        plain = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].dim() == 4
+        if st.mode is None or not plain or not self.fused:
+            return self.original(*args, **kwargs)
+        (x,) = args
+        if st.mode is Mode.CAPTURE:
+            body = getattr(self.module, self.child)
+            if isinstance(self.body, SequentialHandler):
+                h = self.body.chain.capture(x, st, store_last=False)  # sparse runs write past it, into ours
+            else:
+                with _no_store(st):
+                    h = body(x)
+            out = x + h
+            self.capture(st.key(self.name), out)
+            return out
+        return self.sparse(x)
+
+    def sparse(self, x):
+        if not self.fused:  # (called by a parent chain) the module's own forward, its add tracked
+            return self.original(x)
+        st = self.state
+        out = self.buffer(st.key(self.name))
+        return self.body.sparse(x, residual=x, into=out)

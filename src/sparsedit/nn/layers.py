@@ -319,14 +319,16 @@ class PointwiseHandler(SparseHandler):
             raise RuntimeError(f"{self.name}: cannot fold into the preceding prologue")
         return folded
 
-    def sparse(self, x, prologue: Prologue = IDENTITY, into=None):
+    def sparse(self, x, prologue: Prologue = IDENTITY, residual: torch.Tensor | None = None, into=None):
         st = self.state
         key = st.key(self.name)
-        if self.defer and into is None:
+        if self.defer and into is None and residual is None:
             return self._deferred(x, key, prologue)
         buf = into if into is not None else self.buffer(key)
         p = self.fold(x, key, prologue)
         region = st.region_of(x)
+        if residual is not None:
+            region = st.union(region, st.region_of(residual))
         poison = st.config.poison_scratch
         out = self.run_tiles(
             x,
@@ -335,7 +337,7 @@ class PointwiseHandler(SparseHandler):
             lambda x_, bi, p_: p_.gather(x_, bi.origins, bi.tile, poison),
             lambda x_, p_: p_.apply_dense(x_),
             buf,
-            None,
+            residual,
             p,
         )
         st.set_region(out, region)
@@ -530,16 +532,16 @@ class GroupNormHandler(PointwiseHandler):
         var = (csq.sum(dim=(2, 3)) / n - mean.square()).clamp_min(0)
         return mean.float(), torch.rsqrt(var + m.eps).float()
 
-    def sparse(self, x, prologue: Prologue = IDENTITY, into=None):
+    def sparse(self, x, prologue: Prologue = IDENTITY, residual: torch.Tensor | None = None, into=None):
         if self.pointwise:
-            return super().sparse(x, prologue, into)
+            return super().sparse(x, prologue, residual, into)
         # Exact mode: new statistics move every position, so compute densely and mark the whole map changed.
         st = self.state
         key = st.key(self.name)
         buf = into if into is not None else self.buffer(key)
         new = self.original(x if prologue is IDENTITY else prologue.apply_dense(x))
         region = st.full((buf.shape[0], *buf.shape[-2:]), buf.device)
-        out = self.write_dense(buf, new, region)
+        out = self.write_dense(buf, new, region, residual)
         macs = self.macs_dense(buf)
         st.record(LayerRecord(self.name, self.kind, tuple(buf.shape[-2:]), macs, macs, 1.0, "exact GroupNorm"))
         st.set_region(out, region)

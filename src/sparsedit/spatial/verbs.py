@@ -9,6 +9,7 @@ from .. import attachments
 from ..cache import ActivationCache
 from ..config import SparseConfig
 from ..nn.base import SparseHandler, UnsupportedLayerError, handler_for, handler_of, is_dense_safe
+from ..nn.blocks import ResidualHandler, residual_child
 from ..nn.layers import PointwiseHandler, WindowedHandler
 from ..nn.state import SparseState
 from .attachment import Attachment, attachment_of, is_sparsified
@@ -55,6 +56,8 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
         if cls is None:
             if not any(True for _ in module.children()) and not is_dense_safe(module):
                 problems.append(f"  {name or '<root>'}: {type(module).__name__} has no sparse implementation")
+            elif _user_module(module) and (child := residual_child(module)) is not None:
+                handlers.append(ResidualHandler(module, name or "root", state, child))  # `x + self.body(x)`
             continue
         handler = cls(module, name or "root", state)
         try:
@@ -82,6 +85,13 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
     att.hooks.append(model.register_forward_pre_hook(make_pre_hook(model, att), with_kwargs=True))
     att.hooks.append(model.register_forward_hook(make_post_hook(att), with_kwargs=True, always_call=True))
     attachments.attach(model, attachments.SPATIAL, att)
+
+
+def _user_module(module: nn.Module) -> bool:
+    """A module of the user's own code (not torch's, not a library's that an adapter handles): worth tracing for a
+    Python-level residual add."""
+    origin = type(module).__module__
+    return not origin.startswith(("torch.", "diffusers.", "transformers."))
 
 
 # diffusers' transformer models (SD3, FLUX, PixArt, Sana, ...): their blocks mix tokens through attention in code no
