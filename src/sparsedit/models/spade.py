@@ -364,10 +364,10 @@ class SPADEHandler(SparseHandler):
         region = st.union(st.region_of(x), st.region_of(gamma), st.region_of(beta))
         poison = st.config.poison_scratch
 
-        def compute(x_, bi, p):
-            g = ops.gather(gamma, bi.origins, bi.tile, poison=poison)
+        def compute(x_, bi, p):  # every gather is a fresh tensor: the arithmetic runs in place (the same bits)
+            g = ops.gather(gamma, bi.origins, bi.tile, poison=poison).add_(1)
             b = ops.gather(beta, bi.origins, bi.tile, poison=poison)
-            return p.gather(x_, bi.origins, bi.tile, poison) * (1 + g) + b
+            return p.gather(x_, bi.origins, bi.tile, poison).mul_(g).add_(b)
 
         def compute_dense(x_, p):
             return p.apply_dense(x_) * (1 + gamma) + beta

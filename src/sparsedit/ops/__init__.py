@@ -85,7 +85,7 @@ def gather(
             convolution sees them), or the pixel `F.pad` puts there with `"reflect"`, `"replicate"`, `"circular"`.
 
     Returns:
-        `[N, C, th, tw]` tiles.
+        `[N, C, th, tw]` tiles: a new tensor (never a view of `x`), which callers may modify in place.
     """
     _check_origins(origins, x, "gather")
     if x.dim() != 4:
