@@ -69,6 +69,7 @@ class Run:
         self.ckpt = self.dir / "checkpoint.pt"
         self.log = self.dir / "loss.csv"
         self.fields = ["step", "seconds", *fields]
+        self.fresh: list[str] = []
         if not self.log.exists():
             with open(self.log, "w", newline="") as f:
                 csv.writer(f).writerow(self.fields)
@@ -78,7 +79,12 @@ class Run:
         if not self.ckpt.exists():
             return 0, 0.0
         state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+        self.fresh = []  # objects the checkpoint has no state for (a compact kept checkpoint drops the optimizer's)
         for key, obj in objects.items():
+            if state.get(key) is None:
+                self.fresh.append(key)
+                print(f"{key}: no state in the checkpoint, starts fresh", flush=True)
+                continue
             obj.load_state_dict(state[key])
         print(f"resumed {self.dir} at step {state['step']} ({state['seconds'] / 60:.1f} min trained)", flush=True)
         return state["step"], state["seconds"]

@@ -4,6 +4,7 @@ Diffusion 3's architecture in miniature, assembled as a diffusers `StableDiffusi
     python training/train_scene_dit.py --part vae --minutes 40                     # the VAE (256 px -> 32x32x16)
     python training/train_scene_dit.py --part denoiser --pool 10000 --minutes 150  # the transformer and both CLIPs
     python training/train_scene_dit.py --part export --install                     # weights file and pipeline
+    python training/train_scene_dit.py --part keep     # the denoiser's checkpoint, compact, into training/checkpoints
 
 Both parts resume from `training/runs/scene-dit-<part>/checkpoint.pt` when run again, and log to `loss.csv` there.
 
@@ -51,6 +52,7 @@ SIZE = ARCH["vae"]["sample_size"]  # 256
 SHIFT = ARCH["scheduler"]["shift"]
 T = ARCH["scheduler"]["num_train_timesteps"]
 CHUNK = 500  # scenes per latent-cache file, as `common.scene_pool` renders them
+RESUME_WARMUP = 200  # steps of learning-rate warm-up after resuming without the optimizer's state
 VAE_FIELDS = ["loss", "l1", "kl", "edge"]
 
 
@@ -220,7 +222,11 @@ def train_denoiser(args):
     ema_params = list(ema.parameters()) if ema is not None else []
     image_tokens = (SIZE // 8 // ARCH["transformer"]["patch_size"]) ** 2
 
+    warm = {}  # the step the optimizer started fresh at (a compact kept checkpoint has no optimizer state)
+
     def step_fn(step):
+        if not warm:  # the first step of this invocation, after `run.train` restored the checkpoint
+            warm["from"] = step if "opt" in run.fresh else -RESUME_WARMUP
         g = torch.Generator().manual_seed(40_000_000 + step)
         idx = torch.randint(len(data["captions"]), (args.batch,), generator=g)
         z0 = ((data["latents"][idx].float() - mean) * scale).to(dev)
@@ -243,8 +249,8 @@ def train_denoiser(args):
             joint_attention_kwargs={"attention_mask": bias},
         )
         loss = F.mse_loss(pred.sample, noise - z0)
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        for group in opt.param_groups:  # (warmed up again after a resume whose optimizer state was dropped)
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup, (step - warm["from"] + 1) / RESUME_WARMUP)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -301,22 +307,55 @@ TRACKED = Path(__file__).parent / "checkpoints"  # runs kept in git between sess
 
 def seed_from_tracked(run_dir: Path, part: str) -> None:
     """A run directory without a checkpoint starts from the one kept in `training/checkpoints/scene-dit-<part>/`
-    (checkpoint and loss log), so a fresh checkout resumes where the last session's run stopped."""
+    (checkpoint and loss log), so a fresh checkout resumes where the last session's run stopped. The denoiser's is
+    kept compact (`keep`): float16 weights and EMA, no optimizer state (re-warmed for `RESUME_WARMUP` steps)."""
     kept = TRACKED / f"{NAME}-{part}"
-    if part == "export" or (run_dir / "checkpoint.pt").exists() or not (kept / "checkpoint.pt").exists():
+    if part in ("export", "keep") or (run_dir / "checkpoint.pt").exists():
         return
     import shutil
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for f in ("checkpoint.pt", "loss.csv"):
-        if (kept / f).exists():
-            shutil.copy(kept / f, run_dir / f)
+    if (kept / "checkpoint.pt").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(kept / "checkpoint.pt", run_dir / "checkpoint.pt")
+    elif (kept / "model.pt").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        meta = json.loads((kept / "meta.json").read_text())
+        state = {"opt": None, "step": meta["step"], "seconds": meta["seconds"], "args": meta.get("args", {})}
+        for key in ("model", "ema"):
+            if (kept / f"{key}.pt").exists():
+                state[key] = {k: v.float() for k, v in torch.load(kept / f"{key}.pt", weights_only=True).items()}
+        _atomic_save(state, run_dir / "checkpoint.pt")
+    else:
+        return
+    if (kept / "loss.csv").exists():
+        shutil.copy(kept / "loss.csv", run_dir / "loss.csv")
     print(f"started from the tracked checkpoint in {kept}", flush=True)
+
+
+def keep(args) -> None:
+    """Copy the denoiser run's checkpoint into `training/checkpoints/scene-dit-denoiser/` for git, compactly: the
+    weights and their EMA in float16 (two files under 50 MB), the step, the time and the loss log; the optimizer's
+    state (twice the weights again) is dropped. Run at the end of a session."""
+    import shutil
+
+    den_dir = Path(args.denoiser_run)
+    state = torch.load(den_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    out = TRACKED / f"{NAME}-denoiser"
+    out.mkdir(parents=True, exist_ok=True)
+    for key in ("model", "ema"):
+        if key in state and state[key] is not None:
+            _atomic_save(
+                {k: v.half() if v.is_floating_point() else v for k, v in state[key].items()}, out / f"{key}.pt"
+            )
+    meta = {"step": state["step"], "seconds": state["seconds"], "args": state.get("args", {})}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    shutil.copy(den_dir / "loss.csv", out / "loss.csv")
+    print(f"kept step {state['step']} in {out}")
 
 
 def main(argv=None):
     def model_args(p):
-        p.add_argument("--part", choices=["vae", "denoiser", "export"], required=True)
+        p.add_argument("--part", choices=["vae", "denoiser", "export", "keep"], required=True)
         p.add_argument("--lr", type=float, default=None, help="default: 2e-4 (VAE), 3e-4 (denoiser)")
         p.add_argument("--crop", type=int, default=64, help="VAE: training crop size (px, a multiple of 8)")
         p.add_argument("--edge", type=float, default=0.0, help="VAE: weight of the finite-difference L1")
@@ -329,10 +368,10 @@ def main(argv=None):
     args = run_parser(__doc__, NAME, model_args, argv)
     if args.lr is None:
         args.lr = 2e-4 if args.part == "vae" else 3e-4
-    if args.run == str(RUNS / NAME) and args.part != "export":
+    if args.run == str(RUNS / NAME) and args.part not in ("export", "keep"):
         args.run = str(RUNS / f"{NAME}-{args.part}")
     seed_from_tracked(Path(args.run), args.part)
-    {"vae": train_vae, "denoiser": train_denoiser, "export": export}[args.part](args)
+    {"vae": train_vae, "denoiser": train_denoiser, "export": export, "keep": keep}[args.part](args)
 
 
 if __name__ == "__main__":
