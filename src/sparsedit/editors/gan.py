@@ -165,7 +165,8 @@ class GANEditor:
                 image = self.generator(x)
                 if not bool(torch.isfinite(image).all()):
                     raise FloatingPointError("the edit produced NaN or infinite values; nothing was committed.")
-            stats = last_stats(self.generator)
+            stats = last_stats(self.generator, detail=False)  # (the per-layer list is not kept here)
+            stats["cache_bytes"] = sparse_state(self.generator).cache.nbytes
         if commit:
             self._input, self._image = x, image
         self.last_region = changed

@@ -49,6 +49,7 @@ class Attachment:
         self.weights: dict[str, int] | None = None
         self.adapters: tuple = ()
         self.capture_records: list = []  # the last capture's per-layer records (a plain dense run reports them)
+        self.dense_records: tuple | None = None  # (capture_records, their all-dense copies), for plain dense runs
         # Exact mode: the first layer whose output changes everywhere, and the MACs share from it on (hooks).
         self.global_reach: tuple[str, float] | None = None
         self.tracking: RegionTracking | None = None  # entered for each sparse forward only
