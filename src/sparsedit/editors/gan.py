@@ -97,9 +97,7 @@ class GANEditor:
     def capture(self, labels: torch.Tensor, instance: torch.Tensor | None = None) -> torch.Tensor:
         """Run the generator densely on `labels` and cache what edits need. Returns the image `[B, 3, H, W]`. A
         capture that fails (any exception, Ctrl-C) leaves the previous one in place."""
-        x = self.encode(labels, instance)
-        if labels.is_floating_point() or (instance is not None and instance.is_floating_point()):
-            check_finite("the generator's input", x)  # (integer label maps encode to finite one-hot maps)
+        x = self._input_of(labels, instance)
         started = time.perf_counter()
         with transaction(self.generator), capturing(self.generator):
             image = self.generator(x)
@@ -145,14 +143,7 @@ class GANEditor:
         commit = check_commit(commit)
         if self._input is None:
             raise RuntimeError("Nothing captured yet: call `editor.capture(labels)` first.")
-        x = self.encode(labels, instance)
-        if labels.is_floating_point() or (instance is not None and instance.is_floating_point()):
-            check_finite("the generator's input", x)  # (integer label maps encode to finite one-hot maps)
-        if x.shape != self._input.shape:
-            raise ValueError(
-                f"the edited input has shape {tuple(x.shape)} but the capture's was {tuple(self._input.shape)}; "
-                "an edit keeps the batch size and image size (capture again for a new size)."
-            )
+        x = self._input_of(labels, instance)
         changed = self._changed(x, region)
         started = time.perf_counter()
         if not bool(changed.any()):
@@ -160,13 +151,15 @@ class GANEditor:
             stats = {"macs_dense": self.last_stats.get("macs_dense", 0), "macs_sparse": 0, "active_fraction": {},
                      "dense_layers": {}, "cache_bytes": sparse_state(self.generator).cache.nbytes}  # fmt: skip
         else:
-            # `changed` covers every input change (`_changed` compared the whole input): the forward need not again.
-            with editing(self.generator, region=changed, commit=commit, region_checked=True):  # one transaction
+            # (`_changed` compared the whole input: the forward need not again; a commit is one transaction)
+            with editing(self.generator, region=changed, commit=commit, region_checked=True):
                 image = self.generator(x)
                 if not bool(torch.isfinite(image).all()):
                     raise FloatingPointError("the edit produced NaN or infinite values; nothing was committed.")
-            stats = last_stats(self.generator, detail=False)  # (the per-layer list is not kept here)
-            stats["cache_bytes"] = sparse_state(self.generator).cache.nbytes
+            stats = {
+                **last_stats(self.generator, detail=False),
+                "cache_bytes": sparse_state(self.generator).cache.nbytes,
+            }
         if commit:
             self._input, self._image = x, image
         self.last_region = changed
@@ -186,8 +179,21 @@ class GANEditor:
         )
         return image
 
+    def _input_of(self, labels: torch.Tensor, instance: torch.Tensor | None) -> torch.Tensor:
+        """The generator's input, checked for NaN when it came as floats (integer label maps encode to finite one-hot
+        maps: no pass over them)."""
+        x = self.encode(labels, instance)
+        if labels.is_floating_point() or (instance is not None and instance.is_floating_point()):
+            check_finite("the generator's input", x)
+        return x
+
     def _changed(self, x: torch.Tensor, region) -> torch.Tensor:
         """Where the generator's input changed, or the given `region` (checked to cover every change)."""
+        if x.shape != self._input.shape:
+            raise ValueError(
+                f"the edited input has shape {tuple(x.shape)} but the capture's was {tuple(self._input.shape)}; "
+                "an edit keeps the batch size and image size (capture again for a new size)."
+            )
         changed = (x != self._input).any(dim=1)
         if region is None:
             return changed
