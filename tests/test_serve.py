@@ -188,16 +188,17 @@ def test_a_real_server_on_loopback(live_server, scene):
         assert r.status_code == 200 and r.json()["edit"] == 1
 
 
-def test_load_8_sessions_10_edits_none_lost(live_server, scene):
-    """Loopback only, bounded: 8 concurrent sessions (both shipped models) x 10 committed edits. Every result must
-    equal a one-session replay of the same requests; p50/p95 latency and peak memory are printed."""
+def test_load_6_sessions_6_edits_none_lost(live_server, scene):
+    """Loopback only, bounded: 6 concurrent sessions (both shipped models) x 6 committed edits (the Ray load test
+    covers more, with a replica killed). Every result must equal a one-session replay of the same requests; p50/p95
+    latency and peak memory are printed."""
     image, labels = scene
     rng = np.random.default_rng(0)
     plans = []
-    for k in range(8):
+    for k in range(6):
         gan = k % 2 == 1
         current, steps = (labels if gan else image).copy(), []
-        for _ in range(10):
+        for _ in range(6):
             y, x = (int(v) for v in rng.integers(0, 56, 2))
             current = stroke(
                 current, y, x, int(rng.integers(0, 9)) if gan else tuple(int(v) for v in rng.integers(0, 255, 3))

@@ -225,7 +225,7 @@ def _bn_resnet(ngf=8, blocks=2):
 @settings(max_examples=10, deadline=None)
 @given(data=st.data())
 def test_a_python_residual_add_is_fused_into_the_body(data):
-    """`x + self.conv_block(x)` in a user's block: traced, handled, the add written with the body's last layer (no
+    """`x + self.conv_block(x)` in a user's block: found, handled, the add written with the body's last layer (no
     full-size add between layers), exact, and the same in approximate mode where nothing is reached."""
     torch.manual_seed(data.draw(st.integers(0, 2**16)))
     model = _bn_resnet()
@@ -267,8 +267,27 @@ def test_modules_that_are_not_a_plain_residual_are_left_alone():
 
     from sparsedit.nn.blocks import residual_child
 
-    assert residual_child(Scaled()) is None and residual_child(Branchy()) is None
+    class Named(nn.Module):  # pix2pix's own spelling
+        def __init__(self):
+            super().__init__()
+            self.conv_block = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            """The block."""
+            out = x + self.conv_block(x)  # add skip connections
+            return out
+
+    class Other(nn.Module):  # the sum of two children: not this pattern
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    assert residual_child(Scaled()) is None and residual_child(Branchy()) is None and residual_child(Other()) is None
     assert residual_child(sparsedit.testing.UserResnetBlock(4)) == "conv_block"
+    assert residual_child(Named()) == "conv_block"
     torch.manual_seed(0)
     region = torch.zeros(1, 12, 12, dtype=torch.bool)
     region[0, 3:5, 6:9] = True

@@ -6,9 +6,10 @@ convolution into its gather (GroupNorm affine + SiLU, as SIGE does) and the resi
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import inspect
-import operator
+import textwrap
 
 import torch
 import torch.nn as nn
@@ -265,42 +266,54 @@ class ResBlockHandler(SparseHandler):
 
 
 # -- a user's residual block: `x + self.body(x)` in Python ---------------------------------------------------------------
-_ADDS = {operator.add, operator.iadd, torch.add}
-
-
-class _ChildrenAsLeaves(torch.fx.Tracer):
-    def __init__(self, root: nn.Module):
-        super().__init__()
-        self.root = root
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return m is not self.root
-
-
 def residual_child(module: nn.Module) -> str | None:
-    """The name of the child `body` when `module.forward(x)` computes exactly `x + self.body(x)` (or `body(x) + x`),
-    traced with torch.fx (children as leaves); `None` for anything else, or when tracing fails."""
-    children = dict(module.named_children())
-    if not children:
-        return None
+    """The name of the child `body` when `module.forward(x)` is exactly `return x + self.body(x)` (or `body(x) + x`,
+    or the sum assigned to a name that is returned), read from the source of its class's `forward` (no tracing: an
+    `fx` trace patches `nn.Module.__call__` for every thread while it runs); `None` for anything else or when the
+    source is not available."""
+    forward = type(module).forward
     try:
-        graph = _ChildrenAsLeaves(module).trace(module)
-    except Exception:  # control flow, unsupported Python: not this pattern
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):
         return None
-    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    output = next(n for n in graph.nodes if n.op == "output")
-    if len(placeholders) != 1 or len(nodes) != 2:
+    fn = tree.body[0] if tree.body else None
+    if not isinstance(fn, ast.FunctionDef) or fn.decorator_list:
         return None
-    x = placeholders[0]
-    call, add = nodes
-    if call.op != "call_module" or call.args != (x,) or call.kwargs or call.target not in children:
+    a = fn.args
+    if a.posonlyargs or a.vararg or a.kwonlyargs or a.kwarg or a.defaults or len(a.args) != 2:
         return None
-    if add.op != "call_function" or add.target not in _ADDS or add.kwargs or set(add.args) != {x, call}:
+    this, x = a.args[0].arg, a.args[1].arg
+    body = (
+        fn.body[1:]
+        if fn.body and isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant)
+        else fn.body
+    )
+    if len(body) == 1 and isinstance(body[0], ast.Return):
+        total = body[0].value
+    elif (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
+          and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
+          and isinstance(body[1].value, ast.Name) and body[1].value.id == body[0].targets[0].id):  # fmt: skip
+        total = body[0].value
+    else:
         return None
-    if len(add.args) != 2 or output.args != (add,):
+    if not isinstance(total, ast.BinOp) or not isinstance(total.op, ast.Add):
         return None
-    return call.target
+
+    def is_x(e):
+        return isinstance(e, ast.Name) and e.id == x
+
+    def child_of_x(e):
+        if not (isinstance(e, ast.Call) and len(e.args) == 1 and not e.keywords and is_x(e.args[0])):
+            return None
+        f = e.func
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == this:
+            return f.attr
+        return None
+
+    child = child_of_x(total.right) if is_x(total.left) else child_of_x(total.left) if is_x(total.right) else None
+    if child is None or not isinstance(getattr(module, child, None), nn.Module):
+        return None
+    return child if child in dict(module.named_children()) else None
 
 
 def _takes_residual(handler: SparseHandler | None) -> bool:
@@ -317,8 +330,8 @@ def _takes_residual(handler: SparseHandler | None) -> bool:
 
 
 class ResidualHandler(SparseHandler):
-    """A module whose `forward` is `x + self.body(x)` (pix2pix's `ResnetBlock`, most users' residual blocks), found by
-    tracing (`residual_child`). Sparse runs compute `body` with the add fused into its last layer's scatter, written
+    """A module whose `forward` is `x + self.body(x)` (pix2pix's `ResnetBlock`, most users' residual blocks), found in
+    its source (`residual_child`). Sparse runs compute `body` with the add fused into its last layer's scatter, written
     into this module's cached output: no full-size add, and the body's own output is never stored."""
 
     kind = "residual"
