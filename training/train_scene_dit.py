@@ -336,8 +336,6 @@ def keep(args) -> None:
     """Copy the denoiser run's checkpoint into `training/checkpoints/scene-dit-denoiser/` for git, compactly: the
     weights and their EMA in float16 (two files under 50 MB), the step, the time and the loss log; the optimizer's
     state (twice the weights again) is dropped. Run at the end of a session."""
-    import shutil
-
     den_dir = Path(args.denoiser_run)
     state = torch.load(den_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     out = TRACKED / f"{NAME}-denoiser"
@@ -349,7 +347,9 @@ def keep(args) -> None:
             )
     meta = {"step": state["step"], "seconds": state["seconds"], "args": state.get("args", {})}
     (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
-    shutil.copy(den_dir / "loss.csv", out / "loss.csv")
+    lines = (den_dir / "loss.csv").read_text().splitlines()  # the rows up to the kept step (later ones train again)
+    kept = [lines[0], *(r for r in lines[1:] if int(r.split(",")[0]) <= state["step"])]
+    (out / "loss.csv").write_text("\n".join(kept) + "\n")
     print(f"kept step {state['step']} in {out}")
 
 
