@@ -54,7 +54,7 @@ def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
     `load_state_dict`, optimizer steps and any in-place update bump `_version`; replacing a parameter changes the
     address. Costs one Python loop over the parameters, no reads of their data.
     """
-    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in tensors)
+    return tuple((t.data_ptr(), t._version, t.shape, t.dtype) for t in tensors)
 
 
 def module_fingerprint(model: torch.nn.Module) -> tuple:
@@ -62,11 +62,15 @@ def module_fingerprint(model: torch.nn.Module) -> tuple:
     each one's own parameters and buffers, and `adapter_state` of the PEFT tuner layers among them. Runs before every
     sparse run, so it reads no tensor data."""
     out = []
-    for m in model.modules():
-        tensors = [*m._parameters.values(), *m._buffers.values()]
-        if tensors:
-            out.append(weights_fingerprint(t for t in tensors if t is not None))
-        if isinstance(getattr(m, "scaling", None), dict) and hasattr(m, "merged_adapters"):
+    for m in model.modules():  # (one flat pass reading the modules' dicts: it runs before every sparse run)
+        d = m.__dict__
+        params, buffers = d["_parameters"], d["_buffers"]
+        if params or buffers:
+            out.append(tuple((t.data_ptr(), t._version, t.shape, t.dtype)
+                             for t in (*params.values(), *buffers.values()) if t is not None))  # fmt: skip
+        # PEFT's tuner layers keep `scaling` as a plain attribute: reading `__dict__` spares every other module a
+        # failed `nn.Module.__getattr__`.
+        if isinstance(d.get("scaling"), dict) and hasattr(m, "merged_adapters"):
             out.append(_tuner_state("", m))
     return tuple(out)
 
