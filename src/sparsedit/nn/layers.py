@@ -451,7 +451,7 @@ class BatchNormHandler(PointwiseHandler):
         # a quarter of a millisecond per norm on these small ops through the region tracking).
         tensors = [t for t in (m.running_var, m.running_mean, m.weight, m.bias) if t is not None]
         key = (x.shape[0], *((t.data_ptr(), t._version) for t in tensors))
-        memo = self.__dict__.get("_prologue_memo")
+        memo = self.__dict__.get("_affine_memo")
         if memo is not None and memo[0] == key:
             return memo[1]
         with untracked(), torch.no_grad():
@@ -463,7 +463,7 @@ class BatchNormHandler(PointwiseHandler):
                 shift = shift + m.bias
             b = x.shape[0]
             p = Prologue(scale.expand(b, -1), shift.expand(b, -1))
-        self._prologue_memo = (key, p)
+        self._affine_memo = (key, p, tensors)  # (holds the tensors: their addresses cannot be reused meanwhile)
         return p
 
 
