@@ -314,3 +314,16 @@ def test_a_residual_whose_body_cannot_take_the_add_runs_its_own_forward():
     region = torch.zeros(1, 12, 12, dtype=torch.bool)
     region[0, 3:5, 6:9] = True
     check_approximate(model, torch.randn(1, 3, 12, 12), region)
+
+
+def test_profiling_a_model_with_a_python_residual_counts_its_layers():
+    torch.manual_seed(0)
+    model = _bn_resnet()
+    sparsedit.sparsify_(model, SparseConfig())
+    try:
+        with torch.no_grad(), sparsedit.profiling(model):
+            out = model(torch.randn(1, 3, 24, 24))
+        stats = sparsedit.last_stats(model)
+    finally:
+        sparsedit.unsparsify_(model)
+    assert out.shape == (1, 3, 24, 24) and stats["macs_dense"] > 0

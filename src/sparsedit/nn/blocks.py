@@ -347,8 +347,8 @@ class ResidualHandler(SparseHandler):
     def forward(self, *args, **kwargs):
         st = self.state
         plain = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].dim() == 4
-        if st.mode is None or not plain or not self.fused:
-            return self.original(*args, **kwargs)
+        if st.mode not in (Mode.CAPTURE, Mode.SPARSE) or not plain or not self.fused:
+            return self.original(*args, **kwargs)  # (profiling: its children record themselves)
         (x,) = args
         if st.mode is Mode.CAPTURE:
             body = getattr(self.module, self.child)
