@@ -23,13 +23,12 @@ import argparse
 import json
 import math
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from bench_args import device_args
-from unet_edit import device_label, loadavg, sync
+from conv_stack import measure
+from unet_edit import device_label, loadavg
 
 import sparsedit
 from sparsedit import SparseConfig
@@ -53,26 +52,6 @@ def stroke(size: int, fraction: float) -> torch.Tensor:
         m = (r >= lo) & (r <= hi) & (xx < 0.55) & (yy < 0.6)
         if float(m.float().mean()) >= fraction:
             return m[None]
-
-
-def measure(model, x_edit, region, repeats: int, device, warmup: int = 2):
-    dense_t, sparse_t = [], []
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            dense = model(x_edit)
-            sync(device)
-            t1 = time.perf_counter()
-            with sparsedit.editing(model, region=region):
-                sparse = model(x_edit)
-                sync(device)
-                t2 = time.perf_counter()
-                stats = sparsedit.last_stats(model)
-            if i >= warmup:
-                dense_t.append(t1 - t0)
-                sparse_t.append(t2 - t1)
-    return dense, sparse, statistics.median(dense_t), statistics.median(sparse_t), stats
 
 
 def main():
@@ -108,7 +87,7 @@ def main():
         sparsedit.sparsify_(model, SparseConfig(exact=case["exact"], **fallback))
         with torch.no_grad(), sparsedit.capturing(model):
             model(x)
-        dense, sparse, td, ts, stats = measure(model, x_edit, region, args.repeats, device)
+        dense, sparse, td, ts, stats = measure(model, x, x_edit, region, args.repeats)
         err = (sparse.float() - dense.float()).abs()
         peak = float(dense.float().amax() - dense.float().amin())
         mse = float(err.square().mean())

@@ -105,7 +105,25 @@ class LazyConcat(_Lazy):
         self.parts = ()
 
 
-class LazyPointwise(_Lazy):
+class _FromSource(_Lazy):
+    """A lazy map computed from one `source` map: filled with `compute(source)`, after which the source is let go."""
+
+    source: torch.Tensor
+
+    def compute(self, source: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def materialize(self) -> None:
+        if self.filled:
+            return
+        source = _plain(self.source)
+        with torch._C.DisableTorchFunctionSubclass():
+            self.as_subclass(torch.Tensor).copy_(self.compute(source))
+        self.filled = True
+        self.source = None
+
+
+class LazyPointwise(_FromSource):
     """`prologue.apply_dense(source)` (a per-channel affine, then an activation), not yet computed. Create with
     `LazyPointwise.of(source, prologue)`; a windowed layer reads `source` and `prologue` instead of the values."""
 
@@ -122,17 +140,11 @@ class LazyPointwise(_Lazy):
         t.filled = False
         return t
 
-    def materialize(self) -> None:
-        if self.filled:
-            return
-        source = _plain(self.source)
-        with torch._C.DisableTorchFunctionSubclass():
-            self.as_subclass(torch.Tensor).copy_(self.prologue.apply_dense(source))
-        self.filled = True
-        self.source = None
+    def compute(self, source: torch.Tensor) -> torch.Tensor:
+        return self.prologue.apply_dense(source)
 
 
-class LazyPad(_Lazy):
+class LazyPad(_FromSource):
     """`F.pad(prologue.apply_dense(source), pad, mode)`, not yet computed. Create with `LazyPad.of(...)`; a convolution
     without padding of its own reads `source`'s tiles with the padding instead (`mode`: "zeros", "reflect",
     "replicate", as `ops.gather`'s `padding_mode`)."""
@@ -159,12 +171,5 @@ class LazyPad(_Lazy):
         t.filled = False
         return t
 
-    def materialize(self) -> None:
-        if self.filled:
-            return
-        source = _plain(self.source)
-        with torch._C.DisableTorchFunctionSubclass():
-            padded = torch.nn.functional.pad(self.prologue.apply_dense(source), self.pad, self._F_MODES[self.mode])
-            self.as_subclass(torch.Tensor).copy_(padded)
-        self.filled = True
-        self.source = None
+    def compute(self, source: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(self.prologue.apply_dense(source), self.pad, self._F_MODES[self.mode])
