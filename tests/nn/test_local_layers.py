@@ -26,6 +26,8 @@ EXAMPLES = settings(max_examples=30)
 def _tolerance(dtype, scale):
     if dtype == torch.float64:
         return 1e-10, 1e-10 * (1 + scale)
+    if dtype == torch.float16:  # (CUDA runs: tests/test_cuda.py)
+        return 2e-2, 2e-2 * (1 + scale)
     if dtype == torch.bfloat16:
         return 0.0, 6 * 2**-8 * (1 + scale)  # two bf16 ulps of the output scale per layer of depth, three layers
     return 1e-5, 1e-5 * (1 + scale)
