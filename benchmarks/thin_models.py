@@ -8,6 +8,8 @@ Cases (random weights, `sparsedit.testing`'s user-style modules, no sparsedit la
   x4), 256 px input, exact mode.
 - `resnet-gen`: `UserResnetGenerator`, the pix2pix/CycleGAN ResNet generator (9 blocks, InstanceNorm,
   ReflectionPad2d, the residual added in Python), 512 px, approximate mode (InstanceNorm statistics frozen).
+- `bn-trunk`, `unet-level`: `make report`'s two small models (`sparsedit.demo.bn_stack`, exact; `UNetLevel`,
+  approximate, frozen GroupNorm statistics), 256 px.
 - `resnet-gen-exact`: the same generator in exact mode, where the InstanceNorm after the first convolution makes
   every later layer change everywhere: the whole forward should cost what dense costs.
 
@@ -35,10 +37,19 @@ from sparsedit import SparseConfig
 from sparsedit.testing import UserResnetGenerator, UserSRNet
 
 
+def _report(name):
+    from sparsedit.demo import UNetLevel, bn_stack
+
+    torch.manual_seed(0)
+    return bn_stack() if name == "bn" else UNetLevel().eval()
+
+
 CASES = {
     "user-cnn": {"build": lambda: UserSRNet(64, 13), "size": 256, "exact": True},
     "resnet-gen": {"build": lambda: UserResnetGenerator(64, 9), "size": 512, "exact": False},
     "resnet-gen-exact": {"build": lambda: UserResnetGenerator(64, 9), "size": 512, "exact": True},
+    "bn-trunk": {"build": lambda: _report("bn"), "size": 256, "exact": True},
+    "unet-level": {"build": lambda: _report("unet"), "size": 256, "exact": False},
 }
 
 
