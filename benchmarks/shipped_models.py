@@ -10,7 +10,10 @@ image). Each model with the editor's default config (the measured sparse-or-dens
   image (`DDPMPipeline` has no image input; the capture is that loop);
 - scene-sd-img2img: `SparseEditor` (20 steps x 0.7, guidance as the server uses it) against
   `StableDiffusionImg2ImgPipeline(image=edited)` with the same seed;
-- scene-spade: `GANEditor.edit` of the label map against the plain generator.
+- scene-spade: `GANEditor.edit` of the label map against the plain generator;
+- scene-dit: the 256 px transformer (always at 256 px, its native size; `--dit-weights` for a file not yet installed)
+  as the web editor runs it: `SparseEditor` with the server's config (20 steps x 0.6, guidance as served, input
+  dilation 5) against `StableDiffusion3Img2ImgPipeline(image=edited)` with the same seed.
 
 The first edit after a capture is timed apart (it builds the plan; any weight packing happens there), then
 `--repeats` pairs alternate uncommitted edits and dense calls; medians. PSNR of the sparse result against the dense
@@ -20,6 +23,7 @@ one (images in [0, 1]).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -27,13 +31,15 @@ import time
 from pathlib import Path
 
 import torch
+from profile_edit import cpu_name
 from unet_edit import loadavg
 
 from sparsedit import GANEditor, pretrained
 from sparsedit.data import captions
 from sparsedit.demo import scene_inputs
 from sparsedit.editors import SparseEditor
-from sparsedit.serve.models import SCENE_SD_GUIDANCE
+from sparsedit.serve.models import SCENE_DIT_GUIDANCE, SCENE_SD_GUIDANCE
+from sparsedit.spatial import SparseConfig
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,25 +83,29 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", nargs="+", default=["scene-ddpm", "scene-sd-img2img", "scene-spade"])
+    ap.add_argument("--dit-weights", default=None, help="scene-dit's weights file (default: the installed one)")
+    ap.add_argument("--no-measured-fallback", action="store_true", help="sparse edits never fall back to dense")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/shipped_models.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    inputs = scene_inputs(args.size)
-    image, stroke = (inputs["image"] + 1) / 2, (inputs["stroke"] + 1) / 2  # [0, 1], as pipelines take images
-    prompt = captions.caption(inputs["labels"][0])
-    print(f"{args.size} px, threads {torch.get_num_threads()}, load {loadavg()}; caption {prompt!r}")
+    fallback = {"measured_fallback": False} if args.no_measured_fallback else {}
+    print(f"threads {torch.get_num_threads()}, load {loadavg()}")
     print(f"{'model':<18} {'first ms':>9} {'sparse ms':>9} {'dense ms':>9} {'speed-up':>8} {'MACs ratio':>10} "
           f"{'PSNR dB':>8}  dense run")  # fmt: skip
     rows = []
     for name in args.models:
         seed = 7
+        size = 256 if name == "scene-dit" else args.size
+        inputs = scene_inputs(size)
+        image, stroke = (inputs["image"] + 1) / 2, (inputs["stroke"] + 1) / 2  # [0, 1], as pipelines take images
+        prompt = captions.caption(inputs["labels"][0])
         if name == "scene-ddpm":
             pipe = pretrained.load("scene-ddpm", size=args.size)
             kw = {"strength": 0.5, "num_inference_steps": 50, "output_type": "pt"}
             reference = SparseEditor(pipe)  # the editor's dense loop on the edited image: what PSNR compares with
             target = reference.capture(image=stroke, generator=torch.Generator().manual_seed(seed), **kw).images
             reference.remove()
-            editor = SparseEditor(pipe)
+            editor = SparseEditor(pipe, SparseConfig(**fallback))
             editor.capture(image=image, generator=torch.Generator().manual_seed(seed), **kw)
 
             def dense():  # timed: the plain SDEdit loop (the capture also stores the cache), the target returned
@@ -108,7 +118,20 @@ def main():
             pipe = pretrained.load("scene-sd", pipeline="img2img", size=args.size)
             kw = {"prompt": prompt, "strength": 0.7, "num_inference_steps": 20, "guidance_scale": SCENE_SD_GUIDANCE,
                   "output_type": "pt"}  # fmt: skip
-            editor = SparseEditor(pipe)
+            editor = SparseEditor(pipe, SparseConfig(**fallback))
+            editor.capture(image=image, generator=torch.Generator().manual_seed(seed), **kw)
+
+            def dense():
+                with torch.no_grad():
+                    return pipe(image=stroke, generator=torch.Generator().manual_seed(seed), **kw).images
+
+            def edit():
+                return editor.edit(image=stroke, output_type="pt", commit=False).images
+        elif name == "scene-dit":
+            pipe = pretrained.load("scene-dit", pipeline="img2img", path=args.dit_weights)
+            kw = {"prompt": prompt, "strength": 0.6, "num_inference_steps": 20, "guidance_scale": SCENE_DIT_GUIDANCE,
+                  "output_type": "pt"}  # fmt: skip
+            editor = SparseEditor(pipe, SparseConfig(input_dilation=5, **fallback))  # as the server's sessions
             editor.capture(image=image, generator=torch.Generator().manual_seed(seed), **kw)
 
             def dense():
@@ -119,7 +142,10 @@ def main():
                 return editor.edit(image=stroke, output_type="pt", commit=False).images
         else:
             model = pretrained.load("scene-spade", size=args.size)
-            editor = GANEditor(model)
+            config = (
+                model.default_sparse_config() if hasattr(model, "default_sparse_config") else SparseConfig(exact=True)
+            )
+            editor = GANEditor(model, dataclasses.replace(config, **fallback))
             with torch.no_grad():
                 editor.capture(inputs["labels"])
 
@@ -136,14 +162,14 @@ def main():
         dense_run = stats.get("dense_run") or (
             f"{stats['dense_steps']} steps dense" if stats.get("dense_steps") else ""
         )
-        row = {"model": name, "size": args.size, "first_s": first, "sparse_s": ts, "dense_s": td, "speedup": td / ts,
+        row = {"model": name, "size": size, "first_s": first, "sparse_s": ts, "dense_s": td, "speedup": td / ts,
                "macs_ratio": macs, "psnr_db": psnr(sparse_out, dense_out), "dense_run": dense_run}  # fmt: skip
         rows.append(row)
         print(f"{name:<18} {first * 1e3:>9.1f} {ts * 1e3:>9.1f} {td * 1e3:>9.1f} {td / ts:>7.2f}x {macs:>9.1f}x "
               f"{row['psnr_db']:>8.1f}  {dense_run}", flush=True)  # fmt: skip
         if hasattr(editor, "remove"):
             editor.remove()
-    meta = {"benchmark": "shipped_models", "threads": torch.get_num_threads(), "repeats": args.repeats,
+    meta = {"benchmark": "shipped_models", "cpu": cpu_name(), "threads": torch.get_num_threads(), "repeats": args.repeats,
             "torch": torch.__version__, "loadavg_end": loadavg()}  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))

@@ -7,6 +7,8 @@ import threading
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparsedit import EditorBusyError, SparseConfig, SparseEditor, StaleCacheError
 
@@ -483,3 +485,54 @@ def test_a_dense_run_for_size_says_which_region_it_measured(pipe):
         assert stats["calibration"]["break_even"] == 1.0  # the tests' fixed calibration (conftest.py)
     finally:
         ed.remove()
+
+
+DTYPES = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(
+        st.sampled_from([0, 1, 3, 7, 1023, 1024, 1025, 2049, 5000, 16384, 16385, 40000]), min_size=1, max_size=8
+    ),  # fmt: skip
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=8, max_size=8),
+    transposed=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_checksums_taken_together_equal_each_tensors_own(sizes, dtypes, transposed, seed):
+    """`tensor_checksums` batches the small tensors of a model (one padded grid per word type and row count); it must
+    give exactly `tensor_checksum`'s value for every tensor, and a one-word change or a swap of two different words
+    in a small tensor must change it."""
+    from sparsedit.fingerprints import tensor_checksums
+    from sparsedit.guard import tensor_checksum
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = []
+    for n, dtype in zip(sizes, dtypes, strict=False):
+        x = torch.randn(n, generator=g) * 50
+        t = x > 0 if dtype is torch.bool else x.to(dtype)
+        if transposed and n % 4 == 0 and n:
+            t = t.view(4, -1).t()  # not contiguous
+        tensors.append(t)
+    assert tensor_checksums(tensors) == [tensor_checksum(t) for t in tensors]
+    for t in tensors:
+        flat = t.reshape(-1).clone()
+        if flat.numel() < 2 or flat[0] == flat[-1]:
+            continue
+        before = tensor_checksums([flat])[0]
+        swapped = flat.clone()
+        swapped[0], swapped[-1] = flat[-1], flat[0]
+        assert tensor_checksums([swapped])[0] != before
+        changed = flat.clone()
+        changed[flat.numel() // 2] = ~changed[flat.numel() // 2] if flat.dtype is torch.bool else changed[0] + 1
+        if not torch.equal(changed, flat):
+            assert tensor_checksums([changed])[0] != before

@@ -1,7 +1,9 @@
-"""Does scene-sd draw what its caption says? Caption adherence on held-out scenes, sample grids and loss curves.
+"""Does scene-sd (or scene-dit) draw what its caption says? Caption adherence on held-out scenes, sample grids and
+loss curves.
 
     python training/evaluate_scene_sd.py            # the shipped weights; writes docs/assets/ and results.json
     python training/evaluate_scene_sd.py --weights training/runs/scene-sd/scene-sd.safetensors
+    python training/evaluate_scene_sd.py --model scene-dit --weights training/runs/scene-dit/scene-dit.safetensors
 
 The measure. A small segmenter (`Segmenter`: a 4-layer dilated CNN, trained here in about a minute on the training
 pool's renders and their VAE reconstructions, cached under training/runs/) labels every pixel of an image with the
@@ -12,6 +14,8 @@ per attribute how often the drawing shows what the caption says. Three rows fram
 - the renders themselves, segmented (and their VAE reconstructions): the ceiling, the segmenter's own error;
 - the model with an empty prompt: what the image prior alone agrees with the captions by chance;
 - the model's drawing compared against another scene's caption: agreement by base rates.
+scene-dit draws at 256 px; its drawings (and the 256 px renders of the ceiling rows) are area-averaged to 64 px, the
+segmenter's size, so both models are judged by the same segmenter at the same scale.
 """
 
 from __future__ import annotations
@@ -93,24 +97,35 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["scene-sd", "scene-dit"], default="scene-sd")
     p.add_argument("--weights", default=None, help="weights file (default: the shipped one)")
     p.add_argument("--n", type=int, default=128, help="held-out scenes")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (DDIM; scene-dit: flow-matching Euler)")
+    p.add_argument("--batch", type=int, default=32, help="images per pipeline call")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0])
     p.add_argument("--assets", default=str(ROOT.parent / "docs" / "assets"))
     p.add_argument("--json", default=str(ROOT / "results.json"))
     args = p.parse_args(argv)
-    pipe = pretrained.load("scene-sd", path=args.weights)
+    name = args.model
+    pipe = pretrained.load(name, path=args.weights)
     vae = pipe.vae
-    seg = segmenter(vae)
+    seg_model = segmenter(pipe.vae if name == "scene-sd" else pretrained.load("scene-sd").vae)
+    size = 64 if name == "scene-sd" else pretrained.ARCHITECTURES[name]["vae"]["sample_size"]
 
-    held = scenes.sample(args.n, 64, seed=HELD_OUT_SEED)
+    class seg:  # the segmenter at its own scale: larger images are area-averaged to 64 px first
+        @staticmethod
+        def labels(x: torch.Tensor) -> torch.Tensor:
+            return seg_model.labels(F.interpolate(x, size=(64, 64), mode="area") if x.shape[-1] != 64 else x)
+
+    held = scenes.sample(args.n, size, seed=HELD_OUT_SEED)
     said = [captions.attributes(lab) for lab in held["labels"]]
     prompts = [captions.caption(lab) for lab in held["labels"]]
     other = said[1:] + said[:1]
     with torch.no_grad():
-        recon = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample for c in held["image"].split(64)])
+        recon = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample for c in held["image"].split(32)])
     seg_render = seg.labels(held["image"])
+    if size != 64:  # the label maps the segmenter is scored against, at its scale (nearest: labels are classes)
+        held["labels"] = F.interpolate(held["labels"][:, None].float(), size=(64, 64), mode="nearest")[:, 0].long()
     out = {
         "held_out_scenes": args.n,
         "steps": args.steps,
@@ -126,26 +141,30 @@ def main(argv=None):
     for gs in [1.0, *args.guidance] if 1.0 not in args.guidance else args.guidance:
         started = time.perf_counter()
         images = torch.cat([
-            pipe(prompt=prompts[k : k + 32], num_inference_steps=args.steps, guidance_scale=gs, output_type="pt",
-                 generator=torch.Generator().manual_seed(k)).images * 2 - 1
-            for k in range(0, args.n, 32)
+            pipe(prompt=prompts[k : k + args.batch], num_inference_steps=args.steps, guidance_scale=gs,
+                 output_type="pt", generator=torch.Generator().manual_seed(k)).images * 2 - 1
+            for k in range(0, args.n, args.batch)
         ])  # fmt: skip
         seconds = time.perf_counter() - started
         shown = [captions.attributes(lab) for lab in seg.labels(images)]
-        rows[f"scene-sd, guidance {gs:g}"] = {**agreement(shown, said), "seconds_per_image": seconds / args.n}
-        rows[f"scene-sd, guidance {gs:g}, vs another scene's caption"] = agreement(shown, other)
+        rows[f"{name}, guidance {gs:g}"] = {**agreement(shown, said), "seconds_per_image": seconds / args.n}
+        rows[f"{name}, guidance {gs:g}, vs another scene's caption"] = agreement(shown, other)
         grids.append(images[:8])
-        print(f"guidance {gs:g}: {json.dumps(rows[f'scene-sd, guidance {gs:g}'])}", flush=True)
+        print(f"guidance {gs:g}: {json.dumps(rows[f'{name}, guidance {gs:g}'])}", flush=True)
     empty = torch.cat([
-        pipe(prompt=[""] * min(32, args.n - k), num_inference_steps=args.steps, guidance_scale=1.0, output_type="pt",
-             generator=torch.Generator().manual_seed(k)).images * 2 - 1
-        for k in range(0, args.n, 32)
+        pipe(prompt=[""] * min(args.batch, args.n - k), num_inference_steps=args.steps, guidance_scale=1.0,
+             output_type="pt", generator=torch.Generator().manual_seed(k)).images * 2 - 1
+        for k in range(0, args.n, args.batch)
     ])  # fmt: skip
-    rows["scene-sd, empty prompt"] = agreement([captions.attributes(lab) for lab in seg.labels(empty)], said)
+    rows[f"{name}, empty prompt"] = agreement([captions.attributes(lab) for lab in seg.labels(empty)], said)
 
     results = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
     out.update({"torch": torch.__version__, "platform": platform.platform(), "threads": torch.get_num_threads()})
-    results["scene-sd"] = out
+    if args.weights:
+        out["weights"] = str(args.weights)
+    meta = pretrained._metadata(Path(args.weights) if args.weights else pretrained.weights_file(name))
+    out["trained"] = {k: v for k, v in meta.items() if k not in ("architecture", "name")}
+    results[name] = out
     Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     print(f"{'row':>52} " + " ".join(f"{a:>9}" for a in (*ATTRIBUTES, "all", "exact")))
     for name, r in rows.items():
@@ -154,17 +173,18 @@ def main(argv=None):
     assets = Path(args.assets)
     assets.mkdir(parents=True, exist_ok=True)
     grid = scenes.grid(torch.cat([to_uint8(held["image"][:8]), *(to_uint8(g) for g in grids)]), nrow=8)
-    Image.fromarray(grid.numpy()).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
-        assets / "scene-sd-samples.png"
+    zoom = 2 if size == 64 else 1
+    Image.fromarray(grid.numpy()).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST).save(
+        assets / f"{name}-samples.png"
     )
-    (assets / "scene-sd-captions.txt").write_text("\n".join(prompts[:8]) + "\n")
+    (assets / f"{name}-captions.txt").write_text("\n".join(prompts[:8]) + "\n")
     for part, cols in (("vae", ["loss", "l1"]), ("denoiser", ["loss"])):
-        log = RUNS / f"scene-sd-{part}" / "loss.csv"
+        log = RUNS / f"{name}-{part}" / "loss.csv"
         if log.exists():
             lines = [line.split(",") for line in log.read_text().split("\n")[1:] if line]
             steps = [int(r[0]) for r in lines]
             loss_curve_svg(steps, {c: [float(r[2 + i]) for r in lines] for i, c in enumerate(cols)},
-                           f"scene-sd {part}", assets / f"scene-sd-{part}-loss.svg")  # fmt: skip
+                           f"{name} {part}", assets / f"{name}-{part}-loss.svg")  # fmt: skip
 
 
 if __name__ == "__main__":
