@@ -12,8 +12,8 @@ image). Each model with the editor's default config (the measured sparse-or-dens
   `StableDiffusionImg2ImgPipeline(image=edited)` with the same seed;
 - scene-spade: `GANEditor.edit` of the label map against the plain generator;
 - scene-dit: the 256 px transformer (always at 256 px, its native size; `--dit-weights` for a file not yet installed)
-  as the web editor runs it: `SparseEditor` with the server's config (20 steps x 0.6, guidance as served, input
-  dilation 5) against `StableDiffusion3Img2ImgPipeline(image=edited)` with the same seed.
+  as the web editor runs it: `SparseEditor` with the server's config (20 steps x 0.6, guidance as served, the SD3
+  adapter's input dilation of 1: one token) against `StableDiffusion3Img2ImgPipeline(image=edited)` with the same seed.
 
 The first edit after a capture is timed apart (it builds the plan; any weight packing happens there), then
 `--repeats` pairs alternate uncommitted edits and dense calls; medians. PSNR of the sparse result against the dense
@@ -131,7 +131,7 @@ def main():
             pipe = pretrained.load("scene-dit", pipeline="img2img", path=args.dit_weights)
             kw = {"prompt": prompt, "strength": 0.6, "num_inference_steps": 20, "guidance_scale": SCENE_DIT_GUIDANCE,
                   "output_type": "pt"}  # fmt: skip
-            editor = SparseEditor(pipe, SparseConfig(input_dilation=5, **fallback))  # as the server's sessions
+            editor = SparseEditor(pipe, SparseConfig(input_dilation=1, **fallback))  # as the server's sessions
             editor.capture(image=image, generator=torch.Generator().manual_seed(seed), **kw)
 
             def dense():

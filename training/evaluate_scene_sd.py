@@ -167,8 +167,8 @@ def main(argv=None):
     results[name] = out
     Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     print(f"{'row':>52} " + " ".join(f"{a:>9}" for a in (*ATTRIBUTES, "all", "exact")))
-    for name, r in rows.items():
-        print(f"{name:>52} " + " ".join(f"{100 * r[a]:>8.0f}%" for a in (*ATTRIBUTES, "all", "exact_caption")))
+    for row, r in rows.items():
+        print(f"{row:>52} " + " ".join(f"{100 * r[a]:>8.0f}%" for a in (*ATTRIBUTES, "all", "exact_caption")))
 
     assets = Path(args.assets)
     assets.mkdir(parents=True, exist_ok=True)

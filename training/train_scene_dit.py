@@ -167,6 +167,26 @@ class PadTokensAttnProcessor:
         return attn.to_out[1](attn.to_out[0](image)), context
 
 
+class EmaClock:
+    """When the EMA of the weights started, kept in the checkpoint: its decay warms up from there as
+    `min(decay, (1 + k) / (10 + k))` after k steps. (A fixed 0.999 from step 0 kept 0.999^1200 = 30% of the random
+    initial weights in the EMA at step 1,200: its flow-matching error was 2-4 times the model's, and its samples
+    noise; the runs before this clock restart their EMA from the model's weights when they resume.)"""
+
+    def __init__(self):
+        self.start = 0
+
+    def decay(self, step: int, cap: float) -> float:
+        k = step - self.start
+        return min(cap, (1 + k) / (10 + k))
+
+    def state_dict(self) -> dict:
+        return {"start": self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = state["start"]
+
+
 def pad_counts(g: torch.Generator, batch: int) -> torch.Tensor:
     """How many zero tokens each sample's context stands for: 256 (the pipeline's default `max_sequence_length`) half
     of the time, 0 a quarter, uniform in 1..512 the rest."""
@@ -215,6 +235,7 @@ def train_denoiser(args):
     model = build_denoiser().to(dev).train()
     model["transformer"].set_attn_processor(PadTokensAttnProcessor())
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
+    clock = EmaClock()
     pipe = pretrained.dit_pipeline(torch.nn.ModuleDict({"vae": vae, **model}), scale, 0.0)  # its encode_prompt
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     run = Run(run_dir, ["loss"])
@@ -227,6 +248,11 @@ def train_denoiser(args):
     def step_fn(step):
         if not warm:  # the first step of this invocation, after `run.train` restored the checkpoint
             warm["from"] = step if "opt" in run.fresh else -RESUME_WARMUP
+            if ema is not None and "ema_clock" in run.fresh:  # a checkpoint from before the EMA's clock: restart it
+                with torch.no_grad():
+                    torch._foreach_copy_(ema_params, params)
+                clock.start = step
+                print(f"EMA restarted from the weights at step {step}", flush=True)
         g = torch.Generator().manual_seed(40_000_000 + step)
         idx = torch.randint(len(data["captions"]), (args.batch,), generator=g)
         z0 = ((data["latents"][idx].float() - mean) * scale).to(dev)
@@ -257,10 +283,10 @@ def train_denoiser(args):
         opt.step()
         if ema is not None:
             with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1 - args.ema)
+                torch._foreach_lerp_(ema_params, params, 1 - clock.decay(step, args.ema))
         return {"loss": loss.item()}
 
-    objects = {"model": model, "opt": opt, **({"ema": ema} if ema is not None else {})}
+    objects = {"model": model, "opt": opt, **({"ema": ema, "ema_clock": clock} if ema is not None else {})}
     run.train(f"{NAME}-denoiser", args, objects, export=None, train_step=step_fn)
 
 
@@ -321,6 +347,8 @@ def seed_from_tracked(run_dir: Path, part: str) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         meta = json.loads((kept / "meta.json").read_text())
         state = {"opt": None, "step": meta["step"], "seconds": meta["seconds"], "args": meta.get("args", {})}
+        if "ema_start" in meta:
+            state["ema_clock"] = {"start": meta["ema_start"]}
         for key in ("model", "ema"):
             if (kept / f"{key}.pt").exists():
                 state[key] = {k: v.float() for k, v in torch.load(kept / f"{key}.pt", weights_only=True).items()}
@@ -346,6 +374,8 @@ def keep(args) -> None:
                 {k: v.half() if v.is_floating_point() else v for k, v in state[key].items()}, out / f"{key}.pt"
             )
     meta = {"step": state["step"], "seconds": state["seconds"], "args": state.get("args", {})}
+    if state.get("ema_clock") is not None:
+        meta["ema_start"] = state["ema_clock"]["start"]
     (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
     lines = (den_dir / "loss.csv").read_text().splitlines()  # the rows up to the kept step (later ones train again)
     kept = [lines[0], *(r for r in lines[1:] if int(r.split(",")[0]) <= state["step"])]

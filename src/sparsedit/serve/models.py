@@ -277,9 +277,15 @@ class SessionEditor:
             default = getattr(self.target, "default_sparse_config", None)
             config = default() if default is not None else SparseConfig(exact=True)
             return GANEditor(self.target, dataclasses.replace(config, measured_fallback=fallback))
-        dilation = 2 if self.model.kind == "ddpm" else 5
-        return SparseEditor(self.target, SparseConfig(input_dilation=dilation, measured_fallback=fallback,
-                                                      cache_budget=self.cache_budget))  # fmt: skip
+        from ..adapters.pipelines import adapter_class
+
+        # The pipeline family's own default where its adapter has one (transformers: `input_dilation=1`, one token),
+        # else SIGE's 5 (2 for the pixel-space DDPM).
+        own = getattr(adapter_class(type(self.target).__name__), "default_config", None)
+        if own is None:
+            own = SparseConfig(input_dilation=2 if self.model.kind == "ddpm" else 5)
+        return SparseEditor(self.target, dataclasses.replace(own, measured_fallback=fallback,
+                                                             cache_budget=self.cache_budget))  # fmt: skip
 
     # -- inputs -----------------------------------------------------------------------------------------------------
     def _image(self, a: np.ndarray) -> torch.Tensor | object:
