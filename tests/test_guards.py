@@ -499,19 +499,35 @@ DTYPES = (
 )
 
 
-@settings(max_examples=40, deadline=None)
+def reference_checksum(t: torch.Tensor) -> int:
+    """`tensor_checksum`'s definition in plain Python integers, one tensor at a time: the words of the memory in rows
+    of 1024, their sum, and the row- and column-weighted sums, modulo 2**64, mixed with the shape and dtype."""
+    from sparsedit.fingerprints import _MIX, _mixed, _words
+
+    if t.numel() == 0:
+        return _mixed(tuple(t.shape), t.dtype, 0, 0)
+    words = [int(w) for w in _words(t.contiguous().reshape(-1))]
+    total, weighted = sum(words), 0
+    rows = len(words) // 1024
+    for p, w in enumerate(words):
+        r, c = divmod(p, 1024)
+        weighted += w * ((r + 1) + _MIX * (c + 1)) if r < rows else w * (rows + 1) * (c + 1)
+    return _mixed(tuple(t.shape), t.dtype, total % 2**64, weighted % 2**64)
+
+
+@settings(max_examples=25, deadline=None)
 @given(
     sizes=st.lists(
-        st.sampled_from([0, 1, 3, 7, 1023, 1024, 1025, 2049, 5000, 16384, 16385, 40000]), min_size=1, max_size=8
+        st.sampled_from([0, 1, 3, 7, 1023, 1024, 1025, 2049, 5000, 16384, 16385, 20000]), min_size=1, max_size=6
     ),  # fmt: skip
-    dtypes=st.lists(st.sampled_from(DTYPES), min_size=8, max_size=8),
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=6, max_size=6),
     transposed=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_checksums_taken_together_equal_each_tensors_own(sizes, dtypes, transposed, seed):
-    """`tensor_checksums` batches the small tensors of a model (one padded grid per word type and row count); it must
-    give exactly `tensor_checksum`'s value for every tensor, and a one-word change or a swap of two different words
-    in a small tensor must change it."""
+    """`tensor_checksums` batches the small tensors of a model (one padded grid per word type and row count) and
+    moves all sums to Python at once; it must give exactly the definition's value for every tensor (a reference in
+    plain integers), and a one-word change or a swap of two different words must change it."""
     from sparsedit.fingerprints import tensor_checksums
     from sparsedit.guard import tensor_checksum
 
@@ -523,7 +539,9 @@ def test_checksums_taken_together_equal_each_tensors_own(sizes, dtypes, transpos
         if transposed and n % 4 == 0 and n:
             t = t.view(4, -1).t()  # not contiguous
         tensors.append(t)
-    assert tensor_checksums(tensors) == [tensor_checksum(t) for t in tensors]
+    want = [reference_checksum(t) for t in tensors]
+    assert tensor_checksums(tensors) == want
+    assert [tensor_checksum(t) for t in tensors] == want
     for t in tensors:
         flat = t.reshape(-1).clone()
         if flat.numel() < 2 or flat[0] == flat[-1]:
