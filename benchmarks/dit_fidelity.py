@@ -59,6 +59,7 @@ from sparsedit import SparseConfig, SparseEditor, pretrained
 from sparsedit.adapters.pipelines import supported_pipelines
 from sparsedit.data import captions, scenes
 from sparsedit.metrics import psnr
+from sparsedit.serve.models import SCENE_DIT_GUIDANCE
 
 
 HELD_OUT_SEED = 1_000_000  # training/common.HELD_OUT_SEED: scenes no training run drew
@@ -87,11 +88,11 @@ def load_pipe(args, pipeline: str):
 
 
 def make_config(args, option: str = "auto") -> SparseConfig:
-    """The editor's default for SD3 (`input_dilation=1`) with `option`'s cache fields. Unless `--fallback`, the
+    """The editor's default for SD3 (`input_dilation=1`, or `--input-dilation`) with `option`'s cache fields. Unless `--fallback`, the
     measured sparse-or-dense fallback is off: this benchmark measures the sparse approximation, so every edit runs
     sparse (a row whose edit ran dense anyway says so)."""
     extra = {} if args.fallback else {"measured_fallback": False, "max_region_fraction": 1.0}
-    return SparseConfig(input_dilation=1, **extra, **OPTIONS[option])
+    return SparseConfig(input_dilation=args.input_dilation, **extra, **OPTIONS[option])
 
 
 def gen(seed: int) -> torch.Generator:
@@ -365,7 +366,8 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--strength", type=float, default=0.6, help="SDEdit (img2img) strength")
     ap.add_argument("--inpaint-strength", type=float, default=1.0)
-    ap.add_argument("--guidance", type=float, default=7.0, help="the SD3 pipelines' default")
+    ap.add_argument("--input-dilation", type=int, default=1, help="latent pixels (1: the SD3 adapter's default)")
+    ap.add_argument("--guidance", type=float, default=SCENE_DIT_GUIDANCE, help="default: as the web editor serves it")
     ap.add_argument("--scenes", type=int, default=8)
     ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     ap.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
@@ -385,7 +387,8 @@ def main():
           "width": args.size, "output_type": "pt"}  # fmt: skip
     weights = "random" if args.random else str(args.weights or pretrained.weights_file("scene-dit"))
     head = (f"scene-dit ({weights}), {args.size} px, {args.steps} steps, strength {args.strength} (inpaint "
-            f"{args.inpaint_strength}), guidance {args.guidance}, {args.scenes} held-out scenes, threads "
+            f"{args.inpaint_strength}), guidance {args.guidance}, input dilation {args.input_dilation}, {args.scenes} "
+            f"held-out scenes, threads "
             f"{torch.get_num_threads()}, torch {torch.__version__}, CPU {cpu_name()} (AMX: "
             f"{'yes' if has_amx() else 'no'}), load {loadavg()}")  # fmt: skip
     print(head, flush=True)
