@@ -15,8 +15,9 @@ image). Each model with the editor's default config (the measured sparse-or-dens
   as the web editor runs it: `SparseEditor` with the server's config (20 steps x 0.6, guidance as served, the SD3
   adapter's input dilation of 1: one token) against `StableDiffusion3Img2ImgPipeline(image=edited)` with the same seed.
 
-The first edit after a capture is timed apart (it builds the plan; any weight packing happens there), then
-`--repeats` pairs alternate uncommitted edits and dense calls; medians. PSNR of the sparse result against the dense
+The capture (what the web editor shows as its "dense run") and the first edit after it (it builds the plan; any
+weight packing happens there) are timed apart, then `--repeats` pairs alternate uncommitted edits and dense calls;
+medians. PSNR of the sparse result against the dense
 one (images in [0, 1]).
 """
 
@@ -61,6 +62,17 @@ def ddpm_sdedit(pipe, image: torch.Tensor, strength: float, steps: int, seed: in
     return (x / 2 + 0.5).clamp(0, 1)
 
 
+def default_editor(pipe, override: dict) -> SparseEditor:
+    """A `SparseEditor` with the pipeline family's default config (as `SparseEditor(pipe)` and the server's sessions
+    make it), with `override`'s fields replaced."""
+    editor = SparseEditor(pipe)
+    if not override:
+        return editor
+    config = dataclasses.replace(editor.config, **override)
+    editor.remove()
+    return SparseEditor(pipe, config)
+
+
 def pairs(edit, dense, repeats: int):
     first_t = time.perf_counter()
     sparse_out = edit()
@@ -90,7 +102,7 @@ def main():
     torch.set_num_threads(args.threads)
     fallback = {"measured_fallback": False} if args.no_measured_fallback else {}
     print(f"threads {torch.get_num_threads()}, load {loadavg()}")
-    print(f"{'model':<18} {'first ms':>9} {'sparse ms':>9} {'dense ms':>9} {'speed-up':>8} {'MACs ratio':>10} "
+    print(f"{'model':<18} {'capture ms':>10} {'first ms':>9} {'sparse ms':>9} {'dense ms':>9} {'speed-up':>8} {'MACs ratio':>10} "
           f"{'PSNR dB':>8}  dense run")  # fmt: skip
     rows = []
     for name in args.models:
@@ -105,8 +117,10 @@ def main():
             reference = SparseEditor(pipe)  # the editor's dense loop on the edited image: what PSNR compares with
             target = reference.capture(image=stroke, generator=torch.Generator().manual_seed(seed), **kw).images
             reference.remove()
-            editor = SparseEditor(pipe, SparseConfig(**fallback))
+            editor = default_editor(pipe, fallback)
+            t0 = time.perf_counter()
             editor.capture(image=image, generator=torch.Generator().manual_seed(seed), **kw)
+            capture = time.perf_counter() - t0
 
             def dense():  # timed: the plain SDEdit loop (the capture also stores the cache), the target returned
                 ddpm_sdedit(pipe, stroke, 0.5, 50, seed)
@@ -118,8 +132,10 @@ def main():
             pipe = pretrained.load("scene-sd", pipeline="img2img", size=args.size)
             kw = {"prompt": prompt, "strength": 0.7, "num_inference_steps": 20, "guidance_scale": SCENE_SD_GUIDANCE,
                   "output_type": "pt"}  # fmt: skip
-            editor = SparseEditor(pipe, SparseConfig(**fallback))
+            editor = default_editor(pipe, fallback)
+            t0 = time.perf_counter()
             editor.capture(image=image, generator=torch.Generator().manual_seed(seed), **kw)
+            capture = time.perf_counter() - t0
 
             def dense():
                 with torch.no_grad():
@@ -131,8 +147,10 @@ def main():
             pipe = pretrained.load("scene-dit", pipeline="img2img", path=args.dit_weights)
             kw = {"prompt": prompt, "strength": 0.6, "num_inference_steps": 20, "guidance_scale": SCENE_DIT_GUIDANCE,
                   "output_type": "pt"}  # fmt: skip
-            editor = SparseEditor(pipe, SparseConfig(input_dilation=1, **fallback))  # as the server's sessions
+            editor = default_editor(pipe, fallback)  # the SD3 adapter's default, as the server's sessions
+            t0 = time.perf_counter()
             editor.capture(image=image, generator=torch.Generator().manual_seed(seed), **kw)
+            capture = time.perf_counter() - t0
 
             def dense():
                 with torch.no_grad():
@@ -147,7 +165,9 @@ def main():
             )
             editor = GANEditor(model, dataclasses.replace(config, **fallback))
             with torch.no_grad():
+                t0 = time.perf_counter()
                 editor.capture(inputs["labels"])
+                capture = time.perf_counter() - t0
 
             def dense():
                 with torch.no_grad():
@@ -162,10 +182,10 @@ def main():
         dense_run = stats.get("dense_run") or (
             f"{stats['dense_steps']} steps dense" if stats.get("dense_steps") else ""
         )
-        row = {"model": name, "size": size, "first_s": first, "sparse_s": ts, "dense_s": td, "speedup": td / ts,
+        row = {"model": name, "size": size, "capture_s": capture, "first_s": first, "sparse_s": ts, "dense_s": td, "speedup": td / ts,
                "macs_ratio": macs, "psnr_db": psnr(sparse_out, dense_out), "dense_run": dense_run}  # fmt: skip
         rows.append(row)
-        print(f"{name:<18} {first * 1e3:>9.1f} {ts * 1e3:>9.1f} {td * 1e3:>9.1f} {td / ts:>7.2f}x {macs:>9.1f}x "
+        print(f"{name:<18} {capture * 1e3:>10.1f} {first * 1e3:>9.1f} {ts * 1e3:>9.1f} {td * 1e3:>9.1f} {td / ts:>7.2f}x {macs:>9.1f}x "
               f"{row['psnr_db']:>8.1f}  {dense_run}", flush=True)  # fmt: skip
         if hasattr(editor, "remove"):
             editor.remove()
