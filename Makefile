@@ -20,7 +20,7 @@ test: setup
 
 # The web editor on the shipped scene models: prints the URL, serves until Ctrl-C.
 demo: setup
-	$(VENV)/bin/sparsedit serve --host 127.0.0.1 --port $(or $(PORT),8000)
+	$(VENV)/bin/sparsedit serve --host 127.0.0.1 --port $(or $(PORT),8000) --measure-dense
 
 # The static HTML report of fixed edits (what `make demo` wrote before the web editor).
 report: setup

@@ -90,7 +90,7 @@ def test_paint_a_stroke_and_only_its_neighbourhood_changes(live_server, browser,
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 1000
     text = browser.find_element("css selector", "[data-testid=stats]").text
-    assert "less work" in text and "the dense run's speed" in text and "replica" in text
+    assert "less work" in text and "the capture's speed" in text and "replica" in text
 
 
 def test_a_prompt_edit_on_the_shipped_text_model(live_server, browser):  # noqa: F811

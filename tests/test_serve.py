@@ -555,3 +555,32 @@ def test_an_sd3_directory_saved_without_t5_is_served(tmp_path):
     model = ModelRegistry().add_dir(Path(tmp_path / "sd3"))
     assert (model.kind, model.takes) == ("sd3-img2img", ("image", "prompt"))
     assert type(model.base()).__name__ == "StableDiffusion3Img2ImgPipeline" and model.base().text_encoder_3 is None
+
+
+def test_measure_dense_times_one_plain_call_per_model_and_input_and_changes_no_result(registry, scene):
+    """`--measure-dense`: after a model's first capture at an input size and options, the server times one plain
+    call (the pipeline; SDEdit as plain DDPM calls; the generator), once, and the responses of every session on it
+    carry it as `dense_seconds`, the page's reference for an edit's speed-up. The sessions' results are the same bits
+    as on a server that does not measure, which answers `dense_seconds: null`."""
+    image, labels = scene
+    fresh = ModelRegistry()  # its models have measured nothing yet
+    with TestClient(create_app(fresh, reproducible=True, measure_dense=True)) as c:
+        a = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST}).json()
+        assert a["stats"]["dense_seconds"] > 0
+        measured = dict(fresh.get("scene-ddpm").dense_seconds)
+        assert len(measured) == 1
+        b = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(stroke(image, 8, 8)), **FAST}).json()
+        assert fresh.get("scene-ddpm").dense_seconds == measured  # the same size and options: not measured again
+        assert b["stats"]["dense_seconds"] == a["stats"]["dense_seconds"]
+        e = c.post(f"/sessions/{a['session']}/edits", json={"image": b64png(stroke(image, 40, 8))}).json()
+        assert e["stats"]["dense_seconds"] == a["stats"]["dense_seconds"]
+        other = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), "steps": 8,
+                                          "strength": 0.5, "seed": 0}).json()  # fmt: skip
+        assert len(fresh.get("scene-ddpm").dense_seconds) == 2 and other["stats"]["dense_seconds"] > 0
+        g = c.post("/sessions", json={"model": "scene-spade", "labels": b64png(labels)}).json()
+        assert g["stats"]["dense_seconds"] > 0
+    with TestClient(create_app(registry, reproducible=True)) as c:
+        a2 = c.post("/sessions", json={"model": "scene-ddpm", "image": b64png(image), **FAST}).json()
+        e2 = c.post(f"/sessions/{a2['session']}/edits", json={"image": b64png(stroke(image, 40, 8))}).json()
+        assert a2["stats"]["dense_seconds"] is None and e2["stats"]["dense_seconds"] is None
+    assert a["image"] == a2["image"] and e["image"] == e2["image"]

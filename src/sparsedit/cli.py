@@ -79,6 +79,11 @@ def serve(
         help="Refuse a session whose capture is predicted to take longer (seconds; measured once per model; "
         "0: no limit).",
     ),
+    measure_dense: bool = typer.Option(
+        False,
+        help="Time one plain call of each model per input size after its first capture: the page then shows each "
+        "edit's speed-up against it (else against the capture, which also fills the caches).",
+    ),
     ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: sessions spread over --replicas processes."),
     replicas: int = typer.Option(2, help="With --ray: how many replicas hold sessions."),
 ) -> None:
@@ -124,7 +129,8 @@ def serve(
         max_sessions=max_sessions, reproducible=reproducible, calibration=calibration, state_dir=state,
         idle_expiry=session_expiry * 3600 if session_expiry > 0 else None, token=token, max_steps=max_steps,
         max_per_client=max_sessions_per_client,
-        max_request_seconds=max_request_seconds if max_request_seconds > 0 else None)  # fmt: skip
+        max_request_seconds=max_request_seconds if max_request_seconds > 0 else None,
+        measure_dense=measure_dense)  # fmt: skip
 
 
 @app.command()

@@ -23,7 +23,7 @@ def run(host: str = "127.0.0.1", port: int = 8000, model_dirs=(), workers: int =
         max_pixels: int = 1024 * 1024, max_sessions: int = 64, log_level: str = "info",
         reproducible: bool = False, calibration=None, state_dir=None, idle_expiry: float | None = None,
         token: str | None = None, max_steps: int = 100, max_per_client: int | None = 16,
-        max_request_seconds: float | None = 600.0) -> None:  # fmt: skip
+        max_request_seconds: float | None = 600.0, measure_dense: bool = False) -> None:  # fmt: skip
     """Serve the app with uvicorn until interrupted. `calibration`: a file written by `sparsedit.calibration.save`,
     pinned so that this server chooses sparse or dense as the machine that wrote it did. `state_dir`: the sessions'
     journal (recovered at start; `None`: nothing survives the process)."""
@@ -41,7 +41,7 @@ def run(host: str = "127.0.0.1", port: int = 8000, model_dirs=(), workers: int =
                      allowed_hosts=LOOPBACK_NAMES if is_loopback(host) else None, state_dir=state_dir,
                      idle_expiry=idle_expiry, token=token, max_steps=max_steps,
                      max_per_client=max_per_client, session_limit=budget,
-                     max_request_seconds=max_request_seconds)  # fmt: skip
+                     max_request_seconds=max_request_seconds, measure_dense=measure_dense)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

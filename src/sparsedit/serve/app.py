@@ -81,7 +81,8 @@ class LocalBackend:
             "macs_sparse": int(stats.get("macs_sparse", 0)),
             "region_fraction": float(stats.get("region_fraction", 0.0) or 0.0),
             "replica": self.manager.replica,
-            "capture_seconds": session.capture_seconds,  # a dense run of the same model: the reference
+            "capture_seconds": session.capture_seconds,  # a dense run of the same model that also fills the caches
+            "dense_seconds": self._dense_seconds(session),  # a plain call on this input size: the honest reference
             "cache_bytes": int(stats.get("cache_bytes", 0) or 0),
             "ran_dense": stats.get("ran_dense") or stats.get("dense_run"),
         }
@@ -89,6 +90,16 @@ class LocalBackend:
         if png is not None:
             out["region"] = _b64(png)
         return out
+
+    def _dense_seconds(self, session) -> float | None:
+        """The measured plain call of the session's model on its input size and options (`--measure-dense`)."""
+        from .models import dense_key
+
+        try:
+            model = self.manager.registry.get(session.model)
+        except KeyError:
+            return None
+        return model.dense_seconds.get(dense_key(model, session.options, session.states[0]))
 
     @staticmethod
     def _guard(fn):
@@ -171,7 +182,8 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
                reproducible: bool = False, backend=None, max_body: int | None = None,
                allowed_hosts: list[str] | None = None, state_dir=None, idle_expiry: float | None = None,
                token: str | None = None, max_steps: int = 100, max_per_client: int | None = None,
-               session_limit: int | None = None, max_request_seconds: float | None = None):  # fmt: skip
+               session_limit: int | None = None, max_request_seconds: float | None = None,
+               measure_dense: bool = False):  # fmt: skip
     """The FastAPI app. `models`: the registry (default: the shipped scene models). `reproducible`: every edit runs
     sparse, the same bits on any machine (otherwise the calibrated choice runs dense where sparse would be slower).
     `backend`: where sessions live (default: this process, `LocalBackend`; `ray_app` puts them on Ray replicas).
@@ -184,7 +196,9 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
     `max_steps`: the most denoising steps a session may ask for; `max_per_client`: the most sessions one client
     address may hold (429 beyond it); `session_limit`: the most bytes one session's caches may need, predicted by
     the library before its capture runs (413 beyond it); `max_request_seconds`: the longest a capture may be
-    predicted to take (`cost.CostModel`, measured once per model; 422 beyond it; `None`: not checked)."""
+    predicted to take (`cost.CostModel`, measured once per model; 422 beyond it; `None`: not checked).
+    `measure_dense`: after the first capture of each model, input size and options, time one plain call of the model
+    on that input (`dense_seconds` in the statistics: the page's reference for an edit's speed-up)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -194,7 +208,7 @@ def create_app(models: ModelRegistry | None = None, workers: int = 2, memory_bud
         manager = SessionManager(registry, workers=workers, memory_budget=memory_budget, max_sessions=max_sessions,
                                  reproducible=reproducible, state_dir=state_dir, idle_expiry=idle_expiry,
                                  max_per_client=max_per_client, session_limit=session_limit,
-                                 max_request_seconds=max_request_seconds)  # fmt: skip
+                                 max_request_seconds=max_request_seconds, measure_dense=measure_dense)  # fmt: skip
         if replica:
             manager.replica = replica
         backend = LocalBackend(manager)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class Model:
     size: int | None = None  # the native image size, when fixed
     _base: object = None
     _cost: object = None
+    dense_seconds: dict = field(default_factory=dict)  # (height, width, options) -> a plain call's seconds
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _cost_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -106,6 +108,25 @@ class Model:
             out["classes"] = [{"id": i, "name": n, "colour": scenes.PALETTE[i].tolist()}
                               for i, n in enumerate(scenes.CLASSES)]  # fmt: skip
         return out
+
+
+def dense_key(model: Model, options: dict, state: dict) -> tuple:
+    """What a measured plain call (`Model.dense_seconds`) is kept under: the input's size and the session's options
+    but its seed."""
+    key = "image" if "image" in state else "labels" if "labels" in state else None
+    size = tuple(state[key].shape[:2]) if key is not None else (model.size, model.size)
+    return (*size, tuple(sorted((k, str(v)) for k, v in options.items() if k != "seed")))
+
+
+def _ddpm_sdedit(pipe, image, strength, num_inference_steps, generator, **_):
+    """SDEdit with a `DDPMPipeline` in plain diffusers calls: the image noised to the start step, then denoised."""
+    sched = pipe.scheduler
+    sched.set_timesteps(num_inference_steps)
+    timesteps = sched.timesteps[int(num_inference_steps * (1 - strength)) :]
+    x = sched.add_noise(image, torch.randn(image.shape, generator=generator), timesteps[:1])
+    for t in timesteps:
+        x = sched.step(pipe.unet(x, t).sample, t, x, generator=generator).prev_sample
+    return x
 
 
 class ModelRegistry:
@@ -314,10 +335,15 @@ class SessionEditor:
         kind = self.model.kind
         if kind == "gan":
             return (self.editor.capture(self._labels(state["labels"])) + 1) / 2
+        return self.editor.capture(**self._call_kwargs(state)).images
+
+    def _call_kwargs(self, state: dict) -> dict:
+        """The pipeline call's arguments for `state` under this session's options (what the capture runs)."""
+        kind = self.model.kind
         kw = {"num_inference_steps": int(self.options["steps"]), "generator": self._generator(), "output_type": "pt"}
         if "strength" in self.options and "txt2img" not in kind:
             kw["strength"] = float(self.options["strength"])
-        if self.options.get("guidance") is not None and self.model.kind != "ddpm":
+        if self.options.get("guidance") is not None and kind != "ddpm":
             kw["guidance_scale"] = float(self.options["guidance"])
         if "prompt" in self.model.takes:
             kw["prompt"] = state.get("prompt") or ""
@@ -325,7 +351,29 @@ class SessionEditor:
             kw["image"] = self._image(state["image"])
         if "mask" in self.model.takes and state.get("mask") is not None:
             kw["mask_image"] = self._mask(state["mask"])
-        return self.editor.capture(**kw).images
+        return kw
+
+    def measure_dense(self, state: dict) -> float:
+        """Time one plain call of the model on `state` (the pipeline itself, or the generator), once per input size
+        and options for this model in this process, and remember it (`dense_seconds`). The editor's caches are not
+        touched: the call runs outside its capture and edits."""
+        key = dense_key(self.model, self.options, state)
+        if key not in self.model.dense_seconds:
+            kind = self.model.kind
+            with torch.no_grad():
+                if kind == "gan":
+                    labels = self._labels(state["labels"])
+                    started = time.perf_counter()
+                    self.target(labels)
+                else:
+                    kw = self._call_kwargs(state)
+                    started = time.perf_counter()
+                    if kind == "ddpm":  # `DDPMPipeline` takes no image: SDEdit as plain calls, as the editor runs it
+                        _ddpm_sdedit(self.target, **kw)
+                    else:
+                        self.target(**kw)
+            self.model.dense_seconds[key] = time.perf_counter() - started
+        return self.model.dense_seconds[key]
 
     def _mask(self, a: np.ndarray):
         from PIL import Image

@@ -79,9 +79,13 @@ class SessionManager:
     def __init__(self, registry: ModelRegistry, workers: int = 2, memory_budget: int | None = None,
                  max_sessions: int = 64, state_dir: str | Path | None = None, reproducible: bool = False,
                  idle_expiry: float | None = None, max_per_client: int | None = None,
-                 session_limit: int | None = None, max_request_seconds: float | None = None):  # fmt: skip
+                 session_limit: int | None = None, max_request_seconds: float | None = None,
+                 measure_dense: bool = False):  # fmt: skip
         self.registry = registry
         self.reproducible = reproducible
+        # After the first capture of each model, input size and options: one plain pipeline (or generator) call on
+        # the same input, timed, the page's honest reference for an edit's speed-up (a capture also fills caches).
+        self.measure_dense = measure_dense
         self.sessions: dict[str, Session] = {}
         self.workers = threading.BoundedSemaphore(max(1, workers))
         self.memory_budget = memory_budget
@@ -165,6 +169,8 @@ class SessionManager:
                     image = session.editor.edit(op["state"], commit=True)
                 session.capture_seconds = time.perf_counter() - started
                 session.capture_stats = dict(session.editor.editor.last_stats)
+                if self.measure_dense:
+                    session.editor.measure_dense(session.states[0])
                 if self.journal is not None:  # on disk before its id is announced
                     self.journal.begin(session.id, model_name, options, session.ops)
         except BaseException:
