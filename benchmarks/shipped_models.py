@@ -128,26 +128,15 @@ def main():
 
             def edit():
                 return editor.edit(image=stroke, output_type="pt", commit=False).images
-        elif name == "scene-sd-img2img":
-            pipe = pretrained.load("scene-sd", pipeline="img2img", size=args.size)
-            kw = {"prompt": prompt, "strength": 0.7, "num_inference_steps": 20, "guidance_scale": SCENE_SD_GUIDANCE,
-                  "output_type": "pt"}  # fmt: skip
-            editor = default_editor(pipe, fallback)
-            t0 = time.perf_counter()
-            editor.capture(image=image, generator=torch.Generator().manual_seed(seed), **kw)
-            capture = time.perf_counter() - t0
-
-            def dense():
-                with torch.no_grad():
-                    return pipe(image=stroke, generator=torch.Generator().manual_seed(seed), **kw).images
-
-            def edit():
-                return editor.edit(image=stroke, output_type="pt", commit=False).images
-        elif name == "scene-dit":
-            pipe = pretrained.load("scene-dit", pipeline="img2img", path=args.dit_weights)
-            kw = {"prompt": prompt, "strength": 0.6, "num_inference_steps": 20, "guidance_scale": SCENE_DIT_GUIDANCE,
-                  "output_type": "pt"}  # fmt: skip
-            editor = default_editor(pipe, fallback)  # the SD3 adapter's default, as the server's sessions
+        elif name in ("scene-sd-img2img", "scene-dit"):
+            sd = name == "scene-sd-img2img"
+            if sd:
+                pipe = pretrained.load("scene-sd", pipeline="img2img", size=args.size)
+            else:
+                pipe = pretrained.load("scene-dit", pipeline="img2img", path=args.dit_weights)
+            kw = {"prompt": prompt, "strength": 0.7 if sd else 0.6, "num_inference_steps": 20,
+                  "guidance_scale": SCENE_SD_GUIDANCE if sd else SCENE_DIT_GUIDANCE, "output_type": "pt"}  # fmt: skip
+            editor = default_editor(pipe, fallback)  # the family's default config, as the server's sessions
             t0 = time.perf_counter()
             editor.capture(image=image, generator=torch.Generator().manual_seed(seed), **kw)
             capture = time.perf_counter() - t0
