@@ -39,7 +39,7 @@ from sparsedit import GANEditor, pretrained
 from sparsedit.data import captions
 from sparsedit.demo import scene_inputs
 from sparsedit.editors import SparseEditor
-from sparsedit.serve.models import SCENE_DIT_GUIDANCE, SCENE_SD_GUIDANCE
+from sparsedit.serve.models import SCENE_DIT_GUIDANCE, SCENE_SD_GUIDANCE, ddpm_sdedit
 from sparsedit.spatial import SparseConfig
 
 
@@ -48,17 +48,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1 / mse) if mse else math.inf
 
 
-def ddpm_sdedit(pipe, image: torch.Tensor, strength: float, steps: int, seed: int) -> torch.Tensor:
-    """SDEdit with a `DDPMPipeline` as plain diffusers calls: noise the image to the start step, then denoise."""
-    g = torch.Generator().manual_seed(seed)
-    sched = pipe.scheduler
-    sched.set_timesteps(steps)
-    timesteps = sched.timesteps[int(steps * (1 - strength)) :]
-    x = image * 2 - 1
-    x = sched.add_noise(x, torch.randn(x.shape, generator=g), timesteps[:1])
+def plain_sdedit(pipe, image: torch.Tensor, strength: float, steps: int, seed: int) -> torch.Tensor:
+    """The server's plain SDEdit loop (`serve.models.ddpm_sdedit`) on an image in [0, 1]."""
     with torch.no_grad():
-        for t in timesteps:
-            x = sched.step(pipe.unet(x, t).sample, t, x, generator=g).prev_sample
+        x = ddpm_sdedit(pipe, image * 2 - 1, strength, steps, torch.Generator().manual_seed(seed))
     return (x / 2 + 0.5).clamp(0, 1)
 
 
@@ -123,7 +116,7 @@ def main():
             capture = time.perf_counter() - t0
 
             def dense():  # timed: the plain SDEdit loop (the capture also stores the cache), the target returned
-                ddpm_sdedit(pipe, stroke, 0.5, 50, seed)
+                plain_sdedit(pipe, stroke, 0.5, 50, seed)
                 return target
 
             def edit():

@@ -118,8 +118,9 @@ def dense_key(model: Model, options: dict, state: dict) -> tuple:
     return (*size, tuple(sorted((k, str(v)) for k, v in options.items() if k != "seed")))
 
 
-def _ddpm_sdedit(pipe, image, strength, num_inference_steps, generator, **_):
-    """SDEdit with a `DDPMPipeline` in plain diffusers calls: the image noised to the start step, then denoised."""
+def ddpm_sdedit(pipe, image, strength, num_inference_steps, generator, **_):
+    """SDEdit with a `DDPMPipeline` in plain diffusers calls (it takes no image): `image` in [-1, 1] noised to the
+    start step, then denoised; the dense reference of the editor's DDPM loop."""
     sched = pipe.scheduler
     sched.set_timesteps(num_inference_steps)
     timesteps = sched.timesteps[int(num_inference_steps * (1 - strength)) :]
@@ -369,7 +370,7 @@ class SessionEditor:
                     kw = self._call_kwargs(state)
                     started = time.perf_counter()
                     if kind == "ddpm":  # `DDPMPipeline` takes no image: SDEdit as plain calls, as the editor runs it
-                        _ddpm_sdedit(self.target, **kw)
+                        ddpm_sdedit(self.target, **kw)
                     else:
                         self.target(**kw)
             self.model.dense_seconds[key] = time.perf_counter() - started
