@@ -39,6 +39,7 @@ from sparsedit import GANEditor, pretrained
 from sparsedit.data import captions
 from sparsedit.demo import scene_inputs
 from sparsedit.editors import SparseEditor
+from sparsedit.editors.editor import family_config
 from sparsedit.serve.models import SCENE_DIT_GUIDANCE, SCENE_SD_GUIDANCE, ddpm_sdedit
 from sparsedit.spatial import SparseConfig
 
@@ -58,12 +59,7 @@ def plain_sdedit(pipe, image: torch.Tensor, strength: float, steps: int, seed: i
 def default_editor(pipe, override: dict) -> SparseEditor:
     """A `SparseEditor` with the pipeline family's default config (as `SparseEditor(pipe)` and the server's sessions
     make it), with `override`'s fields replaced."""
-    editor = SparseEditor(pipe)
-    if not override:
-        return editor
-    config = dataclasses.replace(editor.config, **override)
-    editor.remove()
-    return SparseEditor(pipe, config)
+    return SparseEditor(pipe, dataclasses.replace(family_config(pipe), **override))
 
 
 def pairs(edit, dense, repeats: int):

@@ -10,6 +10,7 @@ Three strengths, each where its cost fits:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable
@@ -248,37 +249,20 @@ def _grid_sums(words: list[torch.Tensor], device) -> torch.Tensor:
     return torch.stack([total, weighted], 1)
 
 
-_INDEX_MEMO: dict = {}  # (word counts, height, device) -> where each word goes in the padded grid
-
-
+@functools.lru_cache(maxsize=64)
 def _grid_index(n: tuple, height: int, device) -> torch.Tensor:
-    key = (n, height, str(device))
-    dest = _INDEX_MEMO.get(key)
-    if dest is None:
-        counts = torch.tensor(n, dtype=torch.int64)
-        starts = torch.arange(len(n), dtype=torch.int64) * (height * _ROW)
-        offsets = torch.cumsum(counts, 0) - counts
-        seg = torch.repeat_interleave(torch.arange(len(n)), counts)
-        dest = (starts[seg] + torch.arange(int(counts.sum())) - offsets[seg]).to(device)
-        if len(_INDEX_MEMO) > 64:
-            _INDEX_MEMO.clear()
-        _INDEX_MEMO[key] = dest
-    return dest
+    """Where each word of tensors of `n` words goes in their zero-padded grid (kept: a model's layout recurs)."""
+    counts = torch.tensor(n, dtype=torch.int64)
+    starts = torch.arange(len(n), dtype=torch.int64) * (height * _ROW)
+    offsets = torch.cumsum(counts, 0) - counts
+    seg = torch.repeat_interleave(torch.arange(len(n)), counts)
+    return (starts[seg] + torch.arange(int(counts.sum())) - offsets[seg]).to(device)
 
 
-_RAMPS: dict = {}
-
-
+@functools.lru_cache(maxsize=256)
 def _ramp(n: int, device) -> torch.Tensor:
     """1, 2, ..., n as int64 on `device` (kept: the same few lengths recur for every tensor of a model)."""
-    key = (n, str(device))
-    r = _RAMPS.get(key)
-    if r is None:
-        r = torch.arange(1, n + 1, dtype=torch.int64, device=device)
-        if len(_RAMPS) > 256:
-            _RAMPS.clear()
-        _RAMPS[key] = r
-    return r
+    return torch.arange(1, n + 1, dtype=torch.int64, device=device)
 
 
 def _mixed(*parts) -> int:

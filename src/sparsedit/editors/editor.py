@@ -45,6 +45,19 @@ __all__ = ["SparseEditor"]
 
 # SIGE's setting for diffusion models: the edit region is dilated by 5 pixels before sparse computation.
 DIFFUSION_DEFAULTS = SparseConfig(input_dilation=5)
+
+
+def family_config(adapter) -> SparseConfig:
+    """The `SparseConfig` a `SparseEditor` uses when given none: its pipeline family's own (`adapter.default_config`;
+    diffusion transformers: `input_dilation=1`, one token), else SIGE's for diffusion models (`input_dilation=5`).
+    `adapter`: a pipeline adapter, or a pipeline (its adapter is looked up)."""
+    from ..adapters.pipelines import PipelineAdapter, adapter_for
+
+    if not isinstance(adapter, PipelineAdapter):
+        adapter = adapter_for(adapter)
+    return getattr(adapter, "default_config", None) or DIFFUSION_DEFAULTS
+
+
 # Committed image edits between dense refreshes (measured drift: benchmarks/drift.py, BENCHMARKS.md).
 REFRESH_EVERY = 20
 
@@ -98,7 +111,7 @@ class SparseEditor:
         self.kind = adapter.kind
         self.latent = adapter.latent
         self.on_stale = on_stale
-        self.config = (adapter.default_config or DIFFUSION_DEFAULTS) if config is None else config
+        self.config = family_config(adapter) if config is None else config
         self.text_config = TextEditConfig() if text_config is None else text_config
         if not isinstance(self.text_config, TextEditConfig):
             raise TypeError(f"text_config must be a TextEditConfig, got {type(self.text_config).__name__}.")

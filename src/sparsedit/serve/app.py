@@ -95,10 +95,7 @@ class LocalBackend:
         """The measured plain call of the session's model on its input size and options (`--measure-dense`)."""
         from .models import dense_key
 
-        try:
-            model = self.manager.registry.get(session.model)
-        except KeyError:
-            return None
+        model = self.manager.registry.get(session.model)
         return model.dense_seconds.get(dense_key(model, session.options, session.states[0]))
 
     @staticmethod

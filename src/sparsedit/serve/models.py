@@ -299,13 +299,12 @@ class SessionEditor:
             default = getattr(self.target, "default_sparse_config", None)
             config = default() if default is not None else SparseConfig(exact=True)
             return GANEditor(self.target, dataclasses.replace(config, measured_fallback=fallback))
-        from ..adapters.pipelines import adapter_class
+        from ..editors.editor import family_config
 
-        # The pipeline family's own default where its adapter has one (transformers: `input_dilation=1`, one token),
-        # else SIGE's 5 (2 for the pixel-space DDPM).
-        own = getattr(adapter_class(type(self.target).__name__), "default_config", None)
-        if own is None:
-            own = SparseConfig(input_dilation=2 if self.model.kind == "ddpm" else 5)
+        # The editor's own default for the pipeline family (transformers: one token), but 2 for the pixel-space DDPM.
+        own = family_config(self.target)
+        if self.model.kind == "ddpm":
+            own = dataclasses.replace(own, input_dilation=2)
         return SparseEditor(self.target, dataclasses.replace(own, measured_fallback=fallback,
                                                              cache_budget=self.cache_budget))  # fmt: skip
 
@@ -360,20 +359,19 @@ class SessionEditor:
         touched: the call runs outside its capture and edits."""
         key = dense_key(self.model, self.options, state)
         if key not in self.model.dense_seconds:
-            kind = self.model.kind
+            if self.model.kind == "gan":
+                labels = self._labels(state["labels"])
+                call = lambda: self.target(labels)  # noqa: E731
+            elif self.model.kind == "ddpm":  # `DDPMPipeline` takes no image: SDEdit as plain calls, as the editor's
+                kw = self._call_kwargs(state)
+                call = lambda: ddpm_sdedit(self.target, **kw)  # noqa: E731
+            else:
+                kw = self._call_kwargs(state)
+                call = lambda: self.target(**kw)  # noqa: E731
             with torch.no_grad():
-                if kind == "gan":
-                    labels = self._labels(state["labels"])
-                    started = time.perf_counter()
-                    self.target(labels)
-                else:
-                    kw = self._call_kwargs(state)
-                    started = time.perf_counter()
-                    if kind == "ddpm":  # `DDPMPipeline` takes no image: SDEdit as plain calls, as the editor runs it
-                        ddpm_sdedit(self.target, **kw)
-                    else:
-                        self.target(**kw)
-            self.model.dense_seconds[key] = time.perf_counter() - started
+                started = time.perf_counter()
+                call()
+                self.model.dense_seconds[key] = time.perf_counter() - started
         return self.model.dense_seconds[key]
 
     def _mask(self, a: np.ndarray):
