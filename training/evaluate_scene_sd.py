@@ -55,6 +55,9 @@ class Segmenter(torch.nn.Module):
 
     @torch.no_grad()
     def labels(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel classes at the segmenter's own scale, 64 px (larger images are area-averaged to it first)."""
+        if x.shape[-2:] != (64, 64):
+            x = F.interpolate(x, size=(64, 64), mode="area")
         return torch.cat([self(c).argmax(1) for c in x.split(64)])
 
 
@@ -109,13 +112,8 @@ def main(argv=None):
     name = args.model
     pipe = pretrained.load(name, path=args.weights)
     vae = pipe.vae
-    seg_model = segmenter(pipe.vae if name == "scene-sd" else pretrained.load("scene-sd").vae)
+    seg = segmenter(pipe.vae if name == "scene-sd" else pretrained.load("scene-sd").vae)
     size = 64 if name == "scene-sd" else pretrained.ARCHITECTURES[name]["vae"]["sample_size"]
-
-    class seg:  # the segmenter at its own scale: larger images are area-averaged to 64 px first
-        @staticmethod
-        def labels(x: torch.Tensor) -> torch.Tensor:
-            return seg_model.labels(F.interpolate(x, size=(64, 64), mode="area") if x.shape[-1] != 64 else x)
 
     held = scenes.sample(args.n, size, seed=HELD_OUT_SEED)
     said = [captions.attributes(lab) for lab in held["labels"]]
