@@ -16,9 +16,9 @@ Cases (`--cases`):
 
 - `sdedit`: a red diagonal stroke of `--fractions` of the image on `StableDiffusion3Img2ImgPipeline` (`--strength`),
   for every transformer cache option of `SparseConfig` (`--options`: `cache_dtype` auto = int8 keys and values with
-  the VAE caches in bfloat16, int8, bfloat16, float32; `dit_context` cache or recompute). Options the issue names that
-  the library does not have (keys and values shared between steps, hidden states instead of keys and values) are
-  printed as "not built" rows.
+  the VAE caches in bfloat16, int8, bfloat16, float32; `dit_context` cache or recompute; `dit_kv_share` 2 or 4:
+  one step's keys and values kept for that many neighbouring steps). The option the issue names that the library
+  does not have (hidden states instead of keys and values) is printed as a "not built" row.
 - `inpaint`: `StableDiffusion3InpaintPipeline` captured with an empty mask, then a stroke-shaped mask of each fraction
   (`--inpaint-strength`, 1.0 by default: the hole regenerated from noise), when sparsedit supports that pipeline.
 - `prompt`: `captions.prompt_edits` (delete/insert the lake, trees, rocks; melt the snow; clear the clouds) with the
@@ -74,9 +74,12 @@ OPTIONS = {
     "float32": {"cache_dtype": "float32"},
     "auto+recompute": {"dit_context": "recompute"},  # the context tokens run again in every block
     "float32+recompute": {"cache_dtype": "float32", "dit_context": "recompute"},
+    "auto+share2": {"dit_kv_share": 2},  # int8 keys and values of one step kept for every 2 neighbouring steps
+    "auto+share4": {"dit_kv_share": 4},
+    "float32+share2": {"cache_dtype": "float32", "dit_kv_share": 2},
 }
 # Named by issue 38 (from the transformer-engine issue), absent from the library (docs/engine.md: "Not built").
-NOT_BUILT = ("K/V shared between neighbouring steps", "hidden states cached instead of K/V")
+NOT_BUILT = ("hidden states cached instead of K/V",)
 
 
 def load_pipe(args, pipeline: str):
@@ -212,6 +215,7 @@ def run_inpaint(args, kw) -> list[dict]:
             sparse = editor.edit(mask_image=masks[f], commit=False, output_type="pt").images
             region = pixel_region(editor.last_region, args.size)
             row = {"case": "inpaint", "option": "auto", "scene": i, "fraction": f, "dense_s": dense[f][1],
+                   "cache_bytes": int(editor.cache_bytes),
                    **score(sparse, dense[f][0], base, region, editor.last_stats)}  # fmt: skip
             rows.append(row)
             show(row, f"scene {i} inpaint mask {100 * f:g}%")
@@ -242,7 +246,7 @@ def run_prompts(args, kw) -> list[dict]:
                 sparse = editor.edit(prompt=e["edited_prompt"], region=truth, commit=False, output_type="pt").images
                 region = pixel_region(editor.last_region, args.size)
                 row = {"case": f"prompt/{name}", "option": "auto", "scene": i, "kind": e["kind"], "what": e["what"],
-                       "fraction": float(truth.float().mean()), "dense_s": dense_s,
+                       "fraction": float(truth.float().mean()), "dense_s": dense_s, "cache_bytes": int(editor.cache_bytes),
                        **score(sparse, dense, base, region, editor.last_stats),
                        "psnr_truth_db": psnr_in(sparse, dense, truth),
                        "share_in_truth_sparse": concentration(sparse, base, truth),
@@ -313,8 +317,8 @@ def low(rows, key) -> float:
 
 def edit_table(rows: list[dict]) -> list[str]:
     lines = ["| case | cache option | edit | n | region | MACs ratio | bg exact | PSNR dB (min) | in region dB (min) "
-             "| dense vs capture in region dB | ran dense |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| dense vs capture in region dB | ran dense | cache MiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     groups: dict[tuple, list] = {}
     for r in rows:
         if r["case"] == "drift":
@@ -327,7 +331,7 @@ def edit_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {case} | {option} | {edit} | {len(g)} | {100 * med(g, 'region_fraction'):.1f}% | "
                      f"{med(g, 'macs_ratio'):.1f}x | {exact}/{len(g)} | {med(g, 'psnr_db'):.1f} ({low(g, 'psnr_db'):.1f}) "
                      f"| {med(g, 'psnr_region_db'):.1f} ({low(g, 'psnr_region_db'):.1f}) | "
-                     f"{med(g, 'dense_vs_capture_region_db'):.1f} | {dense} |")  # fmt: skip
+                     f"{med(g, 'dense_vs_capture_region_db'):.1f} | {dense} | {med(g, 'cache_bytes') / 2**20:.1f} |")  # fmt: skip
     return lines
 
 
@@ -405,7 +409,7 @@ def main():
         print(line)
     if "sdedit" in args.cases:
         for r in not_built:
-            print(f"| sdedit | {r['option']} | not built | | | | | | | | |")
+            print(f"| sdedit | {r['option']} | not built | | | | | | | | | |")
     for table in (prompt_table(rows), drift_table(rows)):
         if table:
             print()

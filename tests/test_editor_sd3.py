@@ -199,3 +199,36 @@ def test_max_sequence_length_is_the_pipelines_and_kept_for_edits_and_sessions(tm
     editor = SparseEditor(pipe)
     with pytest.raises(ValueError, match="max_sequence_length"):
         editor.capture(prompt="a red house", max_sequence_length=-1, **kw)
+
+
+def test_keys_and_values_shared_between_steps(tmp_path):
+    """`SparseConfig(dit_kv_share=2)` under `SparseEditor`: the capture is still the pipeline's own, the transformer's
+    cache holds about half the keys and values (the dry run's estimate says so before capturing), the background
+    stays the capture's bit for bit, the edit stays near the per-step cache's, and commits and sessions work."""
+    pipe = tiny_sd3(tmp_path / "tok")
+    x = photo()
+    per_step = SparseEditor(pipe)
+    want0 = per_step.capture(image=x, generator=torch.Generator().manual_seed(3), **KW).images
+    want1 = per_step.edit(image=stroke(x), output_type="pt").images
+    full = per_step.cache_bytes["unet"]
+    per_step.remove()
+    editor = SparseEditor(pipe, SparseConfig(input_dilation=1, dit_kv_share=2, cache_budget="1GiB"))
+    out0 = editor.capture(image=x, generator=torch.Generator().manual_seed(3), **KW).images
+    assert torch.equal(out0, want0)
+    shared = editor.cache_bytes["unet"]
+    # 2 of the 3 steps' keys and values (int8); every step's output tokens and inputs (float32, large in a tiny model)
+    assert shared < 0.85 * full
+    estimate = editor.last_stats["budget"]["estimate"]
+    assert abs(estimate - int(editor.cache_bytes)) < 0.02 * int(editor.cache_bytes)
+    out1 = editor.edit(image=stroke(x), output_type="pt").images
+    keep = editor.last_region[0]
+    assert torch.equal(out1[..., ~keep], out0[..., ~keep])
+    effect = (want1 - want0).abs().max()
+    assert 0 < (out1 - want1).abs().max() < 0.5 * effect
+    committed = editor.edit(image=stroke(x), commit=True, output_type="pt").images
+    assert torch.equal(committed, out1)
+    editor.save(tmp_path / "session")
+    second = editor.edit(image=stroke(stroke(x), 90, 80), output_type="pt").images
+    editor.remove()
+    loaded = SparseEditor.load(pipe, tmp_path / "session")
+    assert torch.equal(loaded.edit(image=stroke(stroke(x), 90, 80), output_type="pt").images, second)

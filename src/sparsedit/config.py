@@ -226,6 +226,13 @@ class SparseConfig(_ConfigMixin):
             image tokens do not), so an edit of p of the image costs about p of a step; `"recompute"` runs the context
             tokens through every block again at every edit (they attend to the edited image), paying their share of
             the step each time (SD3 at 1024 px: 333 prompt tokens beside 4096 image tokens). See docs/engine.md.
+        dit_kv_share (`int`, defaults to `1`):
+            Diffusion transformers: keep the keys and values of one denoising step for every `dit_kv_share`
+            neighbouring steps (the first step of each group, by the scope's leading step index, as `SparseEditor`
+            keys its steps), dividing their memory by about that factor. A step of the group reads its inactive
+            tokens' keys and values from the group's first step (an approximation of a few steps' drift; the
+            active tokens' are recomputed at every step, and the output tokens, so every latent outside the edit,
+            stay each step's own, bit for bit). The error it adds is reported in BENCHMARKS.md (`dit_fidelity.py`).
         poison_scratch (`bool`, defaults to `False`):
             Debugging: fill scratch buffers with NaN before use, so any read of memory nothing wrote shows in the
             result.
@@ -251,6 +258,7 @@ class SparseConfig(_ConfigMixin):
     cache_budget: int | str | None = None
     prefetch: bool | None = None
     dit_context: DiTContext | str = DiTContext.CACHE
+    dit_kv_share: int = 1
     poison_scratch: bool = False
     version: int = field(default=CONFIG_VERSION)
 
@@ -273,6 +281,11 @@ class SparseConfig(_ConfigMixin):
         self.attention = AttentionMode.parse(self.attention, "SparseConfig.attention")
         self.norm_stats = NormStats.parse(self.norm_stats, "SparseConfig.norm_stats")
         self.dit_context = DiTContext.parse(self.dit_context, "SparseConfig.dit_context")
+        if isinstance(self.dit_kv_share, bool) or not isinstance(self.dit_kv_share, int) or self.dit_kv_share < 1:
+            raise ValueError(
+                f"SparseConfig.dit_kv_share is how many neighbouring steps share one step's keys and values: an int "
+                f">= 1 (1: every step keeps its own), got {self.dit_kv_share!r}."
+            )
         if not 0.0 <= self.max_region_fraction <= 1.0:
             raise ValueError(f"SparseConfig.max_region_fraction must be in [0, 1], got {self.max_region_fraction}.")
         if not 0.0 <= self.change_threshold < 255.0:

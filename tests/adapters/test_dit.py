@@ -237,3 +237,72 @@ def test_a_smaller_cache_keeps_the_background_and_stays_close(cache_dtype):
     region = sparsedit.output_regions(model)["sample"][0]
     assert torch.equal(small[:, :, ~region], plain[:, :, ~region])
     assert (small - full).abs().max() < 0.05 * (full - plain).abs().max()
+
+
+def _steps(n=4, b=2):
+    """`n` denoising steps' inputs: latents and timesteps that differ from step to step, one prompt."""
+    x, kw = _inputs(b=b)
+    steps = []
+    for i in range(n):
+        xi, _ = _inputs(b=b, seed=10 + i)
+        steps.append((xi, {**kw, "timestep": torch.full((b,), 900.0 - 200 * i)}))
+    return steps
+
+
+def _kv_bytes(model) -> int:
+    cache = sparsedit.spatial.attachment_of(model).state.cache
+    return sum(t.numel() * t.element_size() for k in cache.keys() if "root" in str(k)
+               for name, t in cache.get(k).items() if name != "out")  # fmt: skip
+
+
+@settings(max_examples=8, deadline=None)
+@given(share=st.integers(2, 3), data=st.data())
+def test_keys_and_values_shared_between_steps(share, data):
+    """`dit_kv_share=s`: only the first step of every `s` keeps keys and values (ceil(n/s) of n steps' bytes), and
+    every step reads its group's: its edit equals the per-step engine's with that step's cached keys and values
+    replaced by the group's first step's (so it is the clamped reference of the test above with shared inactive K/V);
+    the latents outside the active tokens stay each step's own capture, bit for bit."""
+    model = _sd3(qk_norm=data.draw(st.sampled_from([None, "rms_norm"])), dual=data.draw(st.sampled_from([(), (0,)])))
+    steps = _steps()
+    region = data.draw(regions(2, 16, 16))
+    edits = [(torch.where(region[:, None], x + 1, x), kw) for x, kw in steps]
+    cfg = {"dilation": 1, "max_region_fraction": 1.0}
+
+    def capture_and_edit(share_kv, borrow=False):
+        sparsedit.sparsify_(model, SparseConfig(dit_kv_share=share_kv, **cfg))
+        outs = []
+        with torch.no_grad():
+            with sparsedit.capturing(model):
+                captured = []
+                for i, (x, kw) in enumerate(steps):
+                    with sparsedit.scope(model, i):
+                        captured.append(model(x, **kw).sample)
+            nbytes = _kv_bytes(model)
+            if borrow:  # the per-step engine, given the group's first step's keys and values
+                cache = sparsedit.spatial.attachment_of(model).state.cache
+                for key in list(cache.keys()):
+                    if "root" in str(key) and key[2] % share:
+                        anchor = cache.get((*key[:2], key[2] - key[2] % share, *key[3:]))
+                        for name, t in cache.get(key).items():
+                            if name != "out":
+                                t.copy_(anchor[name])
+            for i, (x, kw) in enumerate(edits):
+                with sparsedit.scope(model, i), sparsedit.editing(model):
+                    outs.append(model(x, **kw).sample)
+        sparsedit.unsparsify_(model)
+        return captured, outs, nbytes
+
+    _, want, full = capture_and_edit(1, borrow=True)
+    captured, got, shared = capture_and_edit(share)
+    assert shared == full // 4 * -(-4 // share)  # ceil(4 / s) of the 4 steps' keys and values
+    tokens = dit.token_region(region.any(0, keepdim=True), 2, 1)[0].reshape(-1)
+    outside = ~tokens.reshape(8, 8).repeat_interleave(2, 0).repeat_interleave(2, 1)
+    for i in range(4):
+        assert torch.equal(got[i], want[i])
+        assert torch.equal(got[i][:, :, outside], captured[i][:, :, outside])
+
+
+def test_kv_share_is_checked():
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="dit_kv_share"):
+            SparseConfig(dit_kv_share=bad)

@@ -220,7 +220,8 @@ class DiTHandler(SparseHandler):
             # The output tokens at full precision (a few channels per token: 0.1% of SD3's keys and values), so the
             # inactive tokens' latents are the capture's bit for bit whatever `cache_dtype` the keys and values take.
             st.cache.put_exact(key, out=self.patchify(out))
-            st.cache.put(key, **store)
+            if self.kv_key(key) == key:  # else the keys and values of its group's first step serve (`dit_kv_share`)
+                st.cache.put(key, **store)
         x = call["hidden_states"]
         b, n, m = x.shape[0], self.tokens(x), self.context_length(call)
         dense = self.macs(b, n, n, m, m)
@@ -246,6 +247,9 @@ class DiTHandler(SparseHandler):
         st = self.state
         x = call["hidden_states"]
         entry = st.cache.get(key)
+        kv = self.kv_key(key)
+        if kv != key:  # the keys and values live under the group's first step; the output tokens are this step's
+            entry = {**st.cache.get(kv), "out": entry["out"]}
         b, n_all, m = x.shape[0], self.tokens(x), self.context_length(call)
         # A changed context (a prompt edit) is recomputed whatever `dit_context` says: its cached keys and values are
         # the old prompt's.
@@ -265,6 +269,16 @@ class DiTHandler(SparseHandler):
         st.record(LayerRecord(f"{self.name}.ends", "dit ends", grid, dense["ends"], sparse["ends"] if n else 0,
                               active.fraction))  # fmt: skip
         return entry
+
+    def kv_key(self, key: tuple) -> tuple:
+        """The cache key holding the keys and values of call `key` (`(name, call index, *scope)`): its own, or under
+        `SparseConfig.dit_kv_share = s > 1` that of the first step of its group of `s` neighbouring steps, the step
+        being the scope's leading int (`SparseEditor` scopes each step by its index). A call scoped by anything else
+        keeps its own."""
+        s = self.state.config.dit_kv_share
+        if s == 1 or len(key) < 3 or type(key[2]) is not int:
+            return key
+        return (*key[:2], key[2] - key[2] % s, *key[3:])
 
     # -- the active set --------------------------------------------------------------------------------------------------
     def active_tokens(self, x: torch.Tensor) -> ActiveTokens:

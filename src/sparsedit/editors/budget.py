@@ -105,7 +105,10 @@ def _dry_captures(editor, x0, call, embeds, timesteps, copies: int) -> tuple[dic
         else:
             extra = editor.adapter.unet_kwargs(zl, copies)
             run = lambda: editor.adapter.denoise(unet, z, timesteps[0], embeds, extra)  # noqa: E731
-        tallies["unet"] = {k: v * n for k, v in _tally(unet, run).items()}
+        # A transformer's keys and values (its only feature maps) are kept for one step in `dit_kv_share`.
+        share = sparse_state(unet).config.dit_kv_share if editor.adapter.token_sparse else 1
+        kv_steps = -(-n // share)
+        tallies["unet"] = {k: v * (kv_steps if k.startswith("maps") else n) for k, v in _tally(unet, run).items()}
         cn = editor.controlnet
         if cn is not None:  # the ControlNet's per-step cache, its conditioning embedding read as in the loop
             n_c = editor.adapter.control_copies(copies, call)

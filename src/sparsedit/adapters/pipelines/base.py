@@ -83,6 +83,7 @@ class TransformerDenoiser:
     against dense: BENCHMARKS.md)."""
 
     cross_attention = False
+    token_sparse = True  # its cache is per-step keys and values (`SparseConfig.dit_kv_share` applies)
     auto_cache_dtype = "int8"
     default_config = SparseConfig(input_dilation=1)
 
@@ -154,6 +155,7 @@ class PipelineAdapter:
         """The denoiser: the pipeline's UNet, or its transformer (`pipe.transformer`) for DiT families."""
         return self.pipe.unet
 
+    token_sparse = False  # a diffusion transformer's keys and values are its cache (`TransformerDenoiser`)
     cross_attention = True  # the denoiser has UNet cross-attention layers (prompt edits record their maps)
     default_config = None  # the SparseConfig a SparseEditor uses without one (None: SIGE's, input_dilation=5)
     auto_cache_dtype = None  # what `cache_dtype="auto"` stores the denoiser's cache in (None: bfloat16 for float32)
