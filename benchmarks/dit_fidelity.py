@@ -76,6 +76,7 @@ OPTIONS = {
     "float32+recompute": {"cache_dtype": "float32", "dit_context": "recompute"},
     "auto+share2": {"dit_kv_share": 2},  # int8 keys and values of one step kept for every 2 neighbouring steps
     "auto+share4": {"dit_kv_share": 4},
+    "auto+share12": {"dit_kv_share": 12},  # at 20 steps x 0.6: the first step's keys and values for all 12 steps
     "float32+share2": {"cache_dtype": "float32", "dit_kv_share": 2},
 }
 # Named by issue 38 (from the transformer-engine issue), absent from the library (docs/engine.md: "Not built").
