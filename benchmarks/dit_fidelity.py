@@ -7,9 +7,11 @@ by every fraction of a case). Scores, on the pipelines' "pt" output (images in [
 
 - **background exact**: outside the recomputed region (`editor.last_region`, at image resolution) the sparse result
   equals the capture bit for bit;
-- **PSNR** of the sparse edit against the dense edit over the whole image and inside the recomputed region, beside
-  the dense edit against the capture inside that region (how far the edit moves it: the sparse edit must be much closer
-  to the dense edit than the capture is, or the edit is too weak to judge);
+- **PSNR** of the sparse edit against the dense edit over the whole image, inside the recomputed region and outside
+  it, beside the dense edit against the capture inside that region (how far the edit moves it: the sparse edit must be
+  much closer to the dense edit than the capture is, or the edit is too weak to judge). Outside the region the sparse
+  edit is the capture bit for bit, so "outside" is how far the dense regeneration's own background moved (attention
+  carries the edit everywhere): the floor of the whole-image error of any background-exact edit;
 - **MACs ratio** dense / sparse from `editor.last_stats` (the edit's whole run: transformer and VAE).
 
 Cases (`--cases`):
@@ -41,6 +43,7 @@ at strength 0.6 the img2img pipeline starts from sigma 1 (pure noise), so the in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -58,6 +61,7 @@ from unet_edit import loadavg, stroke_region
 from sparsedit import SparseConfig, SparseEditor, pretrained
 from sparsedit.adapters.pipelines import supported_pipelines
 from sparsedit.data import captions, scenes
+from sparsedit.editors.editor import family_config
 from sparsedit.metrics import psnr
 from sparsedit.serve.models import SCENE_DIT_GUIDANCE
 
@@ -68,16 +72,17 @@ RED = torch.tensor([0.95, 0.1, 0.15])
 CASES = ("sdedit", "inpaint", "prompt", "drift")
 # The transformer cache options SparseConfig has (docs/engine.md, "Diffusion transformers"): name -> config fields.
 OPTIONS = {
-    "auto": {},  # the default: keys and values in int8 (adapter.auto_cache_dtype), VAE caches in bfloat16
+    # The SD3 family's default (`editors.editor.family_config`): keys and values in int8 (adapter.auto_cache_dtype),
+    # one step's kept for every 2 neighbouring steps (`dit_kv_share=2`), VAE caches in bfloat16.
+    "auto": {},
+    "auto+per-step": {"dit_kv_share": 1},  # every step keeps its own keys and values (the default before issue 38)
     "int8": {"cache_dtype": "int8"},  # every cache in int8 (VAE's too)
     "bfloat16": {"cache_dtype": "bfloat16"},
-    "float32": {"cache_dtype": "float32"},
+    "float32": {"cache_dtype": "float32", "dit_kv_share": 1},  # the most faithful cache
     "auto+recompute": {"dit_context": "recompute"},  # the context tokens run again in every block
-    "float32+recompute": {"cache_dtype": "float32", "dit_context": "recompute"},
-    "auto+share2": {"dit_kv_share": 2},  # int8 keys and values of one step kept for every 2 neighbouring steps
+    "float32+recompute": {"cache_dtype": "float32", "dit_kv_share": 1, "dit_context": "recompute"},
     "auto+share4": {"dit_kv_share": 4},
     "auto+share12": {"dit_kv_share": 12},  # at 20 steps x 0.6: the first step's keys and values for all 12 steps
-    "float32+share2": {"cache_dtype": "float32", "dit_kv_share": 2},
 }
 # Named by issue 38 (from the transformer-engine issue), absent from the library (docs/engine.md: "Not built").
 NOT_BUILT = ("hidden states cached instead of K/V",)
@@ -91,12 +96,14 @@ def load_pipe(args, pipeline: str):
     return pretrained.load("scene-dit", pipeline=pipeline, path=args.weights, size=args.size)
 
 
-def make_config(args, option: str = "auto") -> SparseConfig:
-    """The editor's default for SD3 (`input_dilation=1`, or `--input-dilation`) with `option`'s cache fields. Unless `--fallback`, the
-    measured sparse-or-dense fallback is off: this benchmark measures the sparse approximation, so every edit runs
-    sparse (a row whose edit ran dense anyway says so)."""
+def make_config(args, pipe, option: str = "auto") -> SparseConfig:
+    """The editor's default for the pipeline's family (`family_config`; `--input-dilation` if given) with `option`'s
+    cache fields. Unless `--fallback`, the measured sparse-or-dense fallback is off: this benchmark measures the sparse
+    approximation, so every edit runs sparse (a row whose edit ran dense anyway says so)."""
     extra = {} if args.fallback else {"measured_fallback": False, "max_region_fraction": 1.0}
-    return SparseConfig(input_dilation=args.input_dilation, **extra, **OPTIONS[option])
+    if args.input_dilation is not None:
+        extra["input_dilation"] = args.input_dilation
+    return dataclasses.replace(family_config(pipe), **extra, **OPTIONS[option])
 
 
 def gen(seed: int) -> torch.Generator:
@@ -184,7 +191,7 @@ def run_strokes(args, kw) -> list[dict]:
         seed = 1000 + i
         dense = {f: dense_call(pipe, seed, image=stroked(x, f), prompt=prompt, **kw) for f in args.fractions}
         for option in args.options:
-            editor = SparseEditor(pipe, make_config(args, option), refresh_every=None)
+            editor = SparseEditor(pipe, make_config(args, pipe, option), refresh_every=None)
             base = editor.capture(image=x, prompt=prompt, generator=gen(seed), **kw).images
             cache = int(editor.cache_bytes)
             for f in args.fractions:
@@ -210,7 +217,7 @@ def run_inpaint(args, kw) -> list[dict]:
         seed = 2000 + i
         masks = {f: stroke_region(args.size, f, 1)[:, None].float() for f in args.fractions}
         dense = {f: dense_call(pipe, seed, image=x, mask_image=masks[f], prompt=prompt, **kw) for f in args.fractions}
-        editor = SparseEditor(pipe, make_config(args), refresh_every=None)
+        editor = SparseEditor(pipe, make_config(args, pipe), refresh_every=None)
         base = editor.capture(image=x, mask_image=empty, prompt=prompt, generator=gen(seed), **kw).images
         for f in args.fractions:
             sparse = editor.edit(mask_image=masks[f], commit=False, output_type="pt").images
@@ -240,7 +247,7 @@ def run_prompts(args, kw) -> list[dict]:
             if not edits:
                 continue
             dense = [dense_call(pipe, seed, prompt=e["edited_prompt"], **image, **call) for e in edits]
-            editor = SparseEditor(pipe, make_config(args), refresh_every=None)
+            editor = SparseEditor(pipe, make_config(args, pipe), refresh_every=None)
             base = editor.capture(prompt=prompt, generator=gen(seed), **image, **call).images
             for e, (dense, dense_s) in zip(edits, dense):
                 truth = e["region"]
@@ -271,9 +278,10 @@ def run_drift(args, kw) -> list[dict]:
     kw = {**kw, "strength": args.strength}
     at = sorted(k for k in set(args.drift_at) if k <= args.drift_strokes)
     rows = []
-    for i, _, x, prompt in itertools.islice(held_out(args), args.drift_scenes):
+    for (i, _, x, prompt), option in itertools.product(itertools.islice(held_out(args), args.drift_scenes),
+                                                      args.drift_options):  # fmt: skip
         seed = 4000 + i
-        editor = SparseEditor(pipe, make_config(args), refresh_every=None)
+        editor = SparseEditor(pipe, make_config(args, pipe, option), refresh_every=None)
         editor.capture(image=x, prompt=prompt, generator=gen(seed), **kw)
         current, kept = x, {}
         with warnings.catch_warnings():
@@ -284,7 +292,7 @@ def run_drift(args, kw) -> list[dict]:
                 if k in at:
                     kept[k] = (current, out, float(editor.last_stats["region_fraction"]))
         editor.remove()
-        fresh = SparseEditor(pipe, make_config(args), refresh_every=None)  # one edit per image, from the original
+        fresh = SparseEditor(pipe, make_config(args, pipe, option), refresh_every=None)  # one edit per image
         fresh.capture(image=x, prompt=prompt, generator=gen(seed), **kw)
         once = {}
         for k, (image, _, _) in kept.items():
@@ -293,13 +301,13 @@ def run_drift(args, kw) -> list[dict]:
         fresh.remove()
         for k, (image, out, frac) in kept.items():  # the dense references, no editor attached
             dense, _ = dense_call(pipe, seed, image=image, prompt=prompt, **kw)
-            row = {"case": "drift", "scene": i, "commits": k, "last_region_fraction": frac,
+            row = {"case": "drift", "option": option, "scene": i, "commits": k, "last_region_fraction": frac,
                    "psnr_db": float(psnr(out, dense, data_range=1.0)[0]),
                    "one_edit_psnr_db": float(psnr(once[k][0], dense, data_range=1.0)[0]),
                    "one_edit_region_fraction": once[k][1],
                    "max_abs_error": float((out - dense).abs().max())}  # fmt: skip
             rows.append(row)
-            print(f"  scene {i} after {k} commits: PSNR {row['psnr_db']:.1f} dB vs dense (one edit of the same image "
+            print(f"  scene {i} {option} after {k} commits: PSNR {row['psnr_db']:.1f} dB vs dense (one edit of the same image "
                   f"{row['one_edit_psnr_db']:.1f} dB at {100 * row['one_edit_region_fraction']:.1f}%), "
                   f"load {loadavg()}", flush=True)  # fmt: skip
     return rows
@@ -318,8 +326,8 @@ def low(rows, key) -> float:
 
 def edit_table(rows: list[dict]) -> list[str]:
     lines = ["| case | cache option | edit | n | region | MACs ratio | bg exact | PSNR dB (min) | in region dB (min) "
-             "| dense vs capture in region dB | ran dense | cache MiB |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| outside dB (min) | dense vs capture in region dB | ran dense | cache MiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     groups: dict[tuple, list] = {}
     for r in rows:
         if r["case"] == "drift":
@@ -332,6 +340,7 @@ def edit_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {case} | {option} | {edit} | {len(g)} | {100 * med(g, 'region_fraction'):.1f}% | "
                      f"{med(g, 'macs_ratio'):.1f}x | {exact}/{len(g)} | {med(g, 'psnr_db'):.1f} ({low(g, 'psnr_db'):.1f}) "
                      f"| {med(g, 'psnr_region_db'):.1f} ({low(g, 'psnr_region_db'):.1f}) | "
+                     f"{med(g, 'psnr_outside_db'):.1f} ({low(g, 'psnr_outside_db'):.1f}) | "
                      f"{med(g, 'dense_vs_capture_region_db'):.1f} | {dense} | {med(g, 'cache_bytes') / 2**20:.1f} |")  # fmt: skip
     return lines
 
@@ -355,10 +364,11 @@ def drift_table(rows: list[dict]) -> list[str]:
     rows = [r for r in rows if r["case"] == "drift"]
     if not rows:
         return []
-    lines = ["| commits | n | PSNR vs dense dB (min) | one edit of the same image dB |", "|---:|---:|---:|---:|"]
-    for k in sorted({r["commits"] for r in rows}):
-        g = [r for r in rows if r["commits"] == k]
-        lines.append(f"| {k} | {len(g)} | {med(g, 'psnr_db'):.1f} ({low(g, 'psnr_db'):.1f}) | "
+    lines = ["| cache option | commits | n | PSNR vs dense dB (min) | one edit of the same image dB |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for option, k in sorted({(r["option"], r["commits"]) for r in rows}):
+        g = [r for r in rows if r["commits"] == k and r["option"] == option]
+        lines.append(f"| {option} | {k} | {len(g)} | {med(g, 'psnr_db'):.1f} ({low(g, 'psnr_db'):.1f}) | "
                      f"{med(g, 'one_edit_psnr_db'):.1f} |")  # fmt: skip
     return lines
 
@@ -371,7 +381,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--strength", type=float, default=0.6, help="SDEdit (img2img) strength")
     ap.add_argument("--inpaint-strength", type=float, default=1.0)
-    ap.add_argument("--input-dilation", type=int, default=1, help="latent pixels (1: the SD3 adapter's default)")
+    ap.add_argument("--input-dilation", type=int, default=None, help="latent pixels (default: the family's, SD3: 1)")
     ap.add_argument("--guidance", type=float, default=SCENE_DIT_GUIDANCE, help="default: as the web editor serves it")
     ap.add_argument("--scenes", type=int, default=8)
     ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
@@ -382,6 +392,7 @@ def main():
     ap.add_argument("--drift-strokes", type=int, default=20)
     ap.add_argument("--drift-at", type=int, nargs="+", default=[1, 5, 10, 20])
     ap.add_argument("--drift-scenes", type=int, default=2)
+    ap.add_argument("--drift-options", nargs="+", choices=list(OPTIONS), default=["auto"])
     ap.add_argument("--fallback", action="store_true",
                     help="keep the library's sparse-or-dense fallback (default: off, every edit runs sparse)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
@@ -391,8 +402,9 @@ def main():
     kw = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "height": args.size,
           "width": args.size, "output_type": "pt"}  # fmt: skip
     weights = "random" if args.random else str(args.weights or pretrained.weights_file("scene-dit"))
+    pipe = load_pipe(args, "img2img")  # for the configs' record (the family's default)
     head = (f"scene-dit ({weights}), {args.size} px, {args.steps} steps, strength {args.strength} (inpaint "
-            f"{args.inpaint_strength}), guidance {args.guidance}, input dilation {args.input_dilation}, {args.scenes} "
+            f"{args.inpaint_strength}), guidance {args.guidance}, input dilation {make_config(args, pipe).input_dilation}, {args.scenes} "
             f"held-out scenes, threads "
             f"{torch.get_num_threads()}, torch {torch.__version__}, CPU {cpu_name()} (AMX: "
             f"{'yes' if has_amx() else 'no'}), load {loadavg()}")  # fmt: skip
@@ -410,13 +422,13 @@ def main():
         print(line)
     if "sdedit" in args.cases:
         for r in not_built:
-            print(f"| sdedit | {r['option']} | not built | | | | | | | | | |")
+            print(f"| sdedit | {r['option']} | not built | | | | | | | | | | |")
     for table in (prompt_table(rows), drift_table(rows)):
         if table:
             print()
             print("\n".join(table))
     meta = {"header": head, "weights": weights, "args": {k: v if isinstance(v, (int, float, list, type(None))) else
-            str(v) for k, v in vars(args).items()}, "configs": {o: make_config(args, o).to_dict() for o in OPTIONS},
+            str(v) for k, v in vars(args).items()}, "configs": {o: make_config(args, pipe, o).to_dict() for o in OPTIONS},
             "cpu": cpu_name(), "amx": has_amx(), "machine": platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "loadavg_start": load_start, "loadavg_end": loadavg(),
             "seconds": time.perf_counter() - started}  # fmt: skip

@@ -202,12 +202,16 @@ def test_max_sequence_length_is_the_pipelines_and_kept_for_edits_and_sessions(tm
 
 
 def test_keys_and_values_shared_between_steps(tmp_path):
-    """`SparseConfig(dit_kv_share=2)` under `SparseEditor`: the capture is still the pipeline's own, the transformer's
-    cache holds about half the keys and values (the dry run's estimate says so before capturing), the background
-    stays the capture's bit for bit, the edit stays near the per-step cache's, and commits and sessions work."""
+    """`SparseConfig(dit_kv_share=2)` (SD3's default) under `SparseEditor`: the capture is still the pipeline's own,
+    the transformer's cache holds about half the keys and values (the dry run's estimate says so before capturing),
+    the background stays the capture's bit for bit, the edit stays near the per-step cache's, and commits and
+    sessions work."""
     pipe = tiny_sd3(tmp_path / "tok")
+    default = SparseEditor(pipe)
+    assert default.config.dit_kv_share == 2
+    default.remove()
     x = photo()
-    per_step = SparseEditor(pipe)
+    per_step = SparseEditor(pipe, SparseConfig(input_dilation=1, dit_kv_share=1))
     want0 = per_step.capture(image=x, generator=torch.Generator().manual_seed(3), **KW).images
     want1 = per_step.edit(image=stroke(x), output_type="pt").images
     full = per_step.cache_bytes["unet"]

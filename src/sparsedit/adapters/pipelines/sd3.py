@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ...config import SparseConfig
 from .base import (
     FlowMatchLatents,
     PipelineAdapter,
@@ -29,6 +30,10 @@ class _SD3(TransformerDenoiser, FlowMatchLatents):
     fixed_size = True  # the pipeline resizes the image to `default_sample_size * vae_scale_factor` unless told
     guidance_scale = 7.0
     default_strength = 0.6
+    # One step's keys and values for every 2 neighbouring steps: half their memory, at no measured cost on the trained
+    # scene-dit (SD3's architecture; BENCHMARKS.md, `dit_fidelity.py`: 4 scenes, 1-5% strokes, every row within 0.1 dB
+    # of per-step keys and values or above). FLUX families keep per-step ones: no trained model here measured them.
+    default_config = SparseConfig(input_dilation=1, dit_kv_share=2)
 
     def __init__(self, pipe):
         super().__init__(pipe)
