@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sparsedit import pretrained
+
 from .test_serve import live_server, registry  # noqa: F401  (fixtures)
 
 
@@ -71,20 +73,29 @@ def test_paint_a_stroke_and_only_its_neighbourhood_changes(live_server, browser,
     browser.find_element("css selector", "[data-testid=start]").click()
     wait_for(browser, "return document.querySelector('[data-testid=stats]').dataset.edits === '0'")
     before = result_pixels(browser)
+    # The page opens on the first model: scene-dit (256 px) once its weights are installed, else scene-ddpm (64 px).
+    model = browser.execute_script("return document.querySelector('[data-testid=model]').value")
     canvas = browser.find_element("css selector", "[data-testid=canvas]")
-    scale = canvas.size["width"] / 64  # the 64 px canvas is shown larger
-    # A short horizontal stroke at image pixels (y=48, x=12..28), in canvas offsets from its centre.
-    start = (int((12 - 32) * scale), int((48 - 32) * scale))
+    size = browser.execute_script("return document.querySelector('[data-testid=canvas]').width")
+    if "scene-dit" in pretrained.available():
+        assert (model, size) == ("scene-dit", 256)
+    k = size / 64  # the stroke and its reach below are given in 64 px units
+    scale = canvas.size["width"] / size  # the canvas is shown larger
+    # A short horizontal stroke at image pixels (y=48, x=12..28 at 64 px), in canvas offsets from its centre.
+    start = (int((12 * k - size / 2) * scale), int((48 * k - size / 2) * scale))
     ActionChains(browser).move_to_element_with_offset(canvas, *start).click_and_hold().move_by_offset(
-        int(16 * scale), 0
+        int(16 * k * scale), 0
     ).release().perform()
     wait_for(browser, "return document.querySelector('[data-testid=stats]').dataset.edits === '1'")
     after = result_pixels(browser)
     changed = np.abs(after - before).max(axis=-1) > 0
     assert changed.any(), "the stroke did not change the result"
     ys, xs = np.nonzero(changed)
-    # Everything that changed lies near the stroke (its reach: the SDEdit region, dilated).
-    assert ys.min() >= 48 - 16 and ys.max() <= 48 + 16 and xs.min() >= 12 - 16 and xs.max() <= 28 + 16, (ys, xs)
+    # Everything that changed lies near the stroke (its reach: the SDEdit region, dilated; for scene-dit one latent
+    # pixel and one 16 px token around the stroke's tokens).
+    near = 16 * k
+    assert ys.min() >= 48 * k - near and ys.max() <= 48 * k + near, (model, ys)
+    assert xs.min() >= 12 * k - near and xs.max() <= 28 * k + near, (model, xs)
     assert changed.mean() < 0.25
     shot = Path(os.environ.get("SPARSEDIT_SCREENSHOT_DIR", tmp_path)) / "web-editor.png"
     browser.save_screenshot(str(shot))
