@@ -19,8 +19,8 @@ Cases (`--cases`):
 - `sdedit`: a red diagonal stroke of `--fractions` of the image on `StableDiffusion3Img2ImgPipeline` (`--strength`),
   for every transformer cache option of `SparseConfig` (`--options`: `cache_dtype` auto = int8 keys and values with
   the VAE caches in bfloat16, int8, bfloat16, float32; `dit_context` cache or recompute; `dit_kv_share` 2 or 4:
-  one step's keys and values kept for that many neighbouring steps). The option the issue names that the library
-  does not have (hidden states instead of keys and values) is printed as a "not built" row.
+  one step's keys and values kept for that many neighbouring steps; `dit_cache="hidden"`: the attentions' inputs
+  kept instead of keys and values).
 - `inpaint`: `StableDiffusion3InpaintPipeline` captured with an empty mask, then a stroke-shaped mask of each fraction
   (`--inpaint-strength`, 1.0 by default: the hole regenerated from noise), when sparsedit supports that pipeline.
 - `prompt`: `captions.prompt_edits` (delete/insert the lake, trees, rocks; melt the snow; clear the clouds) with the
@@ -83,9 +83,11 @@ OPTIONS = {
     "float32+recompute": {"cache_dtype": "float32", "dit_kv_share": 1, "dit_context": "recompute"},
     "auto+share4": {"dit_kv_share": 4},
     "auto+share12": {"dit_kv_share": 12},  # at 20 steps x 0.6: the first step's keys and values for all 12 steps
+    "hidden": {"dit_cache": "hidden"},  # the attentions' inputs (int8) instead of keys and values, shared by 2 steps
+    "hidden+per-step": {"dit_cache": "hidden", "dit_kv_share": 1},
 }
 # Named by issue 38 (from the transformer-engine issue), absent from the library (docs/engine.md: "Not built").
-NOT_BUILT = ("hidden states cached instead of K/V",)
+NOT_BUILT = ()
 
 
 def load_pipe(args, pipeline: str):

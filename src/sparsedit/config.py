@@ -46,6 +46,11 @@ class DiTContext(Option):
     RECOMPUTE = "recompute"
 
 
+class DiTCache(Option):
+    KV = "kv"
+    HIDDEN = "hidden"
+
+
 class RegionMethod(Option):
     LATENT_DIFF = "latent_diff"
     CROSS_ATTENTION = "cross_attention"
@@ -226,6 +231,13 @@ class SparseConfig(_ConfigMixin):
             image tokens do not), so an edit of p of the image costs about p of a step; `"recompute"` runs the context
             tokens through every block again at every edit (they attend to the edited image), paying their share of
             the step each time (SD3 at 1024 px: 333 prompt tokens beside 4096 image tokens). See docs/engine.md.
+        dit_cache (`str`, defaults to `"kv"`):
+            Diffusion transformers: what the capture keeps per attention, step and guidance branch. `"kv"`: the keys
+            and values of every token, read as they are. `"hidden"` (SD3's joint blocks): the attention's inputs (the
+            normalised image and context tokens) instead, half the bytes of keys and values in the same dtype, and
+            every sparse run projects all tokens' keys and values from them again: two projections of every token
+            per attention, which caps a small edit's saving near 6x (SD3's blocks). The error is the same as
+            keeping the keys and values in that dtype; the cost is measured in BENCHMARKS.md (`dit_fidelity.py`).
         dit_kv_share (`int`, defaults to `1`):
             Diffusion transformers: keep the keys and values of one denoising step for every `dit_kv_share`
             neighbouring steps (the first step of each group, by the scope's leading step index, as `SparseEditor`
@@ -258,6 +270,7 @@ class SparseConfig(_ConfigMixin):
     cache_budget: int | str | None = None
     prefetch: bool | None = None
     dit_context: DiTContext | str = DiTContext.CACHE
+    dit_cache: DiTCache | str = DiTCache.KV
     dit_kv_share: int = 1
     poison_scratch: bool = False
     version: int = field(default=CONFIG_VERSION)
@@ -281,6 +294,7 @@ class SparseConfig(_ConfigMixin):
         self.attention = AttentionMode.parse(self.attention, "SparseConfig.attention")
         self.norm_stats = NormStats.parse(self.norm_stats, "SparseConfig.norm_stats")
         self.dit_context = DiTContext.parse(self.dit_context, "SparseConfig.dit_context")
+        self.dit_cache = DiTCache.parse(self.dit_cache, "SparseConfig.dit_cache")
         if isinstance(self.dit_kv_share, bool) or not isinstance(self.dit_kv_share, int) or self.dit_kv_share < 1:
             raise ValueError(
                 f"SparseConfig.dit_kv_share is how many neighbouring steps share one step's keys and values: an int "

@@ -306,3 +306,80 @@ def test_kv_share_is_checked():
     for bad in (0, 1.5, True, "2"):
         with pytest.raises(ValueError, match="dit_kv_share"):
             SparseConfig(dit_kv_share=bad)
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_hidden_states_cached_instead_of_keys_and_values(data):
+    """`dit_cache="hidden"`: the capture keeps the attentions' inputs (half the bytes of keys and values), and a sparse
+    edit projects every token's keys and values from them: the same result as the keys-and-values cache (to float
+    tolerance: the projections are the same GEMMs on the same rows), for random regions, qk-norm, dual attention,
+    cached or recomputed context, shared steps; committing keeps the edited inputs; MACs add the projections."""
+    qk = data.draw(st.sampled_from([None, "rms_norm"]))
+    dual = data.draw(st.sampled_from([(), (0,), (0, 1)]))
+    context = data.draw(st.sampled_from(["cache", "recompute"]))
+    share = data.draw(st.integers(1, 2))
+    model = _sd3(qk_norm=qk, dual=dual, seed=data.draw(st.integers(0, 9)))
+    steps = _steps(n=2)
+    region = data.draw(regions(2, 16, 16))
+    edits = [(torch.where(region[:, None], x - 1, x), kw) for x, kw in steps]
+    results = {}
+    for cache in ("kv", "hidden"):
+        sparsedit.sparsify_(model, SparseConfig(dilation=1, dit_context=context, dit_cache=cache, dit_kv_share=share,
+                                                max_region_fraction=1.0))  # fmt: skip
+        with torch.no_grad():
+            with sparsedit.capturing(model):
+                for i, (x, kw) in enumerate(steps):
+                    with sparsedit.scope(model, i):
+                        model(x, **kw)
+            cache_bytes = _kv_bytes(model)
+            outs, macs = [], []
+            for i, (x, kw) in enumerate(edits):
+                with sparsedit.scope(model, i), sparsedit.editing(model, commit=True):
+                    outs.append(model(x, **kw).sample)
+                macs.append(sparsedit.last_stats(model)["macs_sparse"])
+            again, second = [], []  # after the commit: the same inputs (the committed result), then a new stroke
+            for i, (x, kw) in enumerate(edits):
+                with sparsedit.scope(model, i), sparsedit.editing(model):
+                    again.append(model(x, **kw).sample)
+                x2 = x.clone()
+                x2[:, :, 10:14, 2:6] += 2  # the first edit's rows are inactive now: read from the committed cache
+                with sparsedit.scope(model, i), sparsedit.editing(model):
+                    second.append(model(x2, **kw).sample)
+        sparsedit.unsparsify_(model)
+        results[cache] = outs, cache_bytes, macs, again, second
+    (kv, kv_bytes, kv_macs, _, kv2), (hid, hid_bytes, hid_macs, hid_again, hid2) = results["kv"], results["hidden"]
+    assert hid_bytes * 2 == kv_bytes
+    for a, b, c, a2, b2 in zip(kv, hid, hid_again, kv2, hid2, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert torch.equal(c, b)
+        torch.testing.assert_close(b2, a2, rtol=1e-5, atol=1e-5)
+    if region.any():
+        assert all(h > k for h, k in zip(hid_macs, kv_macs, strict=True))
+
+
+def test_hidden_states_macs_count_the_projections():
+    """MACs of a `dit_cache="hidden"` edit equal torch's FLOP counter over what ran, plus attention by hand."""
+    model = _sd3(qk_norm="rms_norm", dual=(0,))
+    x, kw = _inputs()
+    x_edit = x.clone()
+    x_edit[:, :, 0:3, 8:12] -= 1
+    sparsedit.sparsify_(model, SparseConfig(dilation=0, dit_cache="hidden"))
+    with torch.no_grad():
+        with sparsedit.capturing(model):
+            model(x, **kw)
+        with sparsedit.editing(model), FlopCounterMode(display=False) as sparse:
+            model(x_edit, **kw)
+        stats = sparsedit.last_stats(model)
+    assert stats["macs_sparse"] == sparse.get_total_flops() // 2 + _attention_macs(model, 2, 4, 0, 64, 5)
+
+
+def test_hidden_states_are_refused_where_not_built():
+    with pytest.raises(ValueError, match="dit_cache must be one of"):
+        SparseConfig(dit_cache="both")
+    torch.manual_seed(0)
+    flux = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))  # fmt: skip
+    with pytest.raises(UnsupportedLayerError, match=r"dit_cache='hidden'\) is built for SD3"):
+        sparsedit.sparsify_(flux, SparseConfig(dit_cache="hidden"))

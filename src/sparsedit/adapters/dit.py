@@ -33,7 +33,7 @@ from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
 from ..nn.base import SparseHandler, UnsupportedLayerError, register_handler
 from ..nn.state import LayerRecord, Mode
-from ..nn.tokens import ActiveTokens, sparse_joint_attention
+from ..nn.tokens import ActiveTokens, joint_kv, sparse_joint_attention
 from ..nn.tracking import untracked
 from ..regions import dilate, repeat_region
 
@@ -61,10 +61,12 @@ def _numel(*modules) -> int:
 
 class _CaptureJoint:
     """`JointAttnProcessor2_0`'s arithmetic, op for op (so the capture's output is the plain model's bit for bit),
-    keeping the joint keys (after their qk-norm) and values in `store` under `k<tag>`, `v<tag>`."""
+    keeping the joint keys (after their qk-norm) and values in `store` under `k<tag>`, `v<tag>`; with `hidden`
+    (`SparseConfig.dit_cache="hidden"`), the attention's inputs instead: the image tokens under `h<tag>` and the
+    context tokens (if any) under `c<tag>`."""
 
-    def __init__(self, store: dict, tag: str):
-        self.store, self.tag = store, tag
+    def __init__(self, store: dict, tag: str, hidden: bool = False):
+        self.store, self.tag, self.hidden = store, tag, hidden
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         _refuse_mask(attention_mask)
@@ -88,8 +90,13 @@ class _CaptureJoint:
             if attn.norm_added_k is not None:
                 ck = attn.norm_added_k(ck)
             query, key, value = torch.cat([query, cq], dim=2), torch.cat([key, ck], dim=2), torch.cat([value, cv], 2)
-        self.store[f"k{self.tag}"] = key.transpose(1, 2).reshape(b, -1, inner).detach()
-        self.store[f"v{self.tag}"] = value.transpose(1, 2).reshape(b, -1, inner).detach()
+        if self.hidden:
+            self.store[f"h{self.tag}"] = hidden_states.detach()
+            if encoder_hidden_states is not None:
+                self.store[f"c{self.tag}"] = encoder_hidden_states.detach()
+        else:
+            self.store[f"k{self.tag}"] = key.transpose(1, 2).reshape(b, -1, inner).detach()
+            self.store[f"v{self.tag}"] = value.transpose(1, 2).reshape(b, -1, inner).detach()
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * d).to(query.dtype)
         context = None
@@ -105,17 +112,30 @@ class _CaptureJoint:
 class _SparseJoint:
     """The processor of one joint (or plain self-) attention in a sparse run: active image rows in, their output out,
     with the layer's cached keys and values `k`, `v` (`[B, N (+ m), heads * d]`) refreshed at the active rows (and at
-    `context_at` when the context is recomputed). A block called with an empty context gets an empty one back."""
+    `context_at` when the context is recomputed). A block called with an empty context gets an empty one back.
 
-    def __init__(self, state, active: ActiveTokens, k: torch.Tensor, v: torch.Tensor, context_at=None):
+    With `hidden` (`{"h": [B, N, C], "c": [B, m, C'] or None}`, `SparseConfig.dit_cache="hidden"`), the cached
+    attention inputs stand in for `k`, `v`: the active rows' inputs (and a recomputed context's) are written into them
+    (undo-logged, so a commit keeps them), and every token's keys and values are projected from them for this run."""
+
+    def __init__(self, state, active: ActiveTokens, k: torch.Tensor | None, v: torch.Tensor | None, context_at=None,
+                 hidden: dict | None = None):  # fmt: skip
         self.state, self.active, self.k, self.v, self.context_at = state, active, k, v, context_at
+        self.hidden = hidden
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         _refuse_mask(attention_mask)
         ctx = encoder_hidden_states
         recompute = ctx is not None and ctx.shape[1] > 0
+        k, v = self.k, self.v
+        if self.hidden is not None:
+            st, h, c = self.state, self.hidden["h"], self.hidden["c"]
+            self.active.write_rows(st, h, hidden_states)
+            if recompute:
+                ActiveTokens(torch.arange(c.shape[1], device=c.device), (1, c.shape[1])).write_rows(st, c, ctx)
+            k, v = (st.temporary(t) for t in joint_kv(attn, h, c))
         rows, out_ctx = sparse_joint_attention(
-            self.state, attn, self.active, hidden_states, self.k, self.v, ctx if recompute else None, self.context_at
+            self.state, attn, self.active, hidden_states, k, v, ctx if recompute else None, self.context_at
         )
         if ctx is None:
             return rows
@@ -145,9 +165,15 @@ class DiTHandler(SparseHandler):
     context_inputs = frozenset({"encoder_hidden_states", "pooled_projections", "txt_ids"})
     plain_processors: tuple[type, ...] = ()
     capture_processor = None  # the family's plain processor, op for op, keeping keys and values (`_CaptureJoint`)
+    caches_hidden = False  # whether the family can keep attention inputs instead (`SparseConfig.dit_cache="hidden"`)
 
     def check_supported(self):
         cfg = self.state.config
+        if str(cfg.dit_cache) == "hidden" and not self.caches_hidden:
+            raise UnsupportedLayerError(
+                f"{self.name}: SparseConfig(dit_cache='hidden') is built for SD3's joint blocks, not "
+                f"{type(self.module).__name__}; use dit_cache='kv' (with dit_kv_share to save memory)."
+            )
         if cfg.exact:
             raise UnsupportedLayerError(
                 f"{self.name}: {type(self.module).__name__} mixes every token through attention in every block, so an "
@@ -212,7 +238,8 @@ class DiTHandler(SparseHandler):
         st = self.state
         store: dict[str, torch.Tensor] = {}
         keep = st.mode is Mode.CAPTURE and not st.no_store
-        make = (lambda i, tag: self.capture_processor(store, f"{i}{tag}")) if keep else None
+        extra = {"hidden": True} if str(st.config.dit_cache) == "hidden" else {}
+        make = (lambda i, tag: self.capture_processor(store, f"{i}{tag}", **extra)) if keep else None
         with self.processors(make) if keep else contextlib.nullcontext():
             result = self.original(**call)
         out = result[0] if isinstance(result, tuple) else result.sample
@@ -257,6 +284,8 @@ class DiTHandler(SparseHandler):
         n = active.count
         dense = self.macs(b, n_all, n_all, m, m)
         sparse = self.macs(b, n, n_all, m if recompute else 0, m)
+        if str(st.config.dit_cache) == "hidden":  # every token's keys and values, projected from the cached inputs
+            sparse["blocks"] = [s + k for s, k in zip(sparse["blocks"], self.kv_macs(b, n_all, m), strict=True)]
         if n:
             with untracked():
                 st.start_laps()
@@ -332,6 +361,7 @@ class SD3TransformerHandler(DiTHandler):
 
     plain_processors = (JointAttnProcessor2_0,)
     capture_processor = _CaptureJoint
+    caches_hidden = True
 
     @property
     def patch(self) -> int:
@@ -398,7 +428,12 @@ class SD3TransformerHandler(DiTHandler):
             ctx, context_at = rows.new_empty(rows.shape[0], 0, rows.shape[-1]), None
 
         def make(i, tag):
-            return _SparseJoint(st, active, entry[f"k{i}{tag}"], entry[f"v{i}{tag}"], context_at if not tag else None)
+            at = context_at if not tag else None
+            if f"h{i}{tag}" in entry:  # dit_cache="hidden"
+                return _SparseJoint(
+                    st, active, None, None, at, {"h": entry[f"h{i}{tag}"], "c": entry.get(f"c{i}{tag}")}
+                )
+            return _SparseJoint(st, active, entry[f"k{i}{tag}"], entry[f"v{i}{tag}"], at)
 
         skip = set(call.get("skip_layers") or ())
         residuals = call.get("block_controlnet_hidden_states")
@@ -411,6 +446,20 @@ class SD3TransformerHandler(DiTHandler):
                     interval = len(blocks) / len(residuals)
                     rows = rows + residuals[int(i / interval)][:, active.index]
         return m.proj_out(m.norm_out(rows, temb))
+
+    def kv_macs(self, b: int, n: int, m: int) -> list[int]:
+        """Per block, the multiply-accumulates of projecting `n` image and `m` context tokens' keys and values from
+        their cached inputs (`dit_cache="hidden"`)."""
+        out = []
+        for blk in self.blocks():
+            attn = blk.attn
+            total = n * _numel(attn.to_k, attn.to_v)
+            if m and attn.add_k_proj is not None:
+                total += m * _numel(attn.add_k_proj, attn.add_v_proj)
+            if blk.attn2 is not None:
+                total += n * _numel(blk.attn2.to_k, blk.attn2.to_v)
+            out.append(b * total)
+        return out
 
     def macs(self, b: int, nq: int, n: int, mq: int, m: int) -> dict:
         """Multiply-accumulates of a call with `nq` image and `mq` context query rows (per sample) over `n` image and

@@ -188,6 +188,12 @@ class SparseState:
         self._scratch[t] = True
         return t
 
+    def temporary(self, t: torch.Tensor) -> torch.Tensor:
+        """Mark a tensor this run computed and drops (keys and values projected for one attention, say): writes into
+        it are not undo-logged. Unlike `scratch`, its values are kept (never poisoned). Returns `t`."""
+        self._scratch[t] = True
+        return t
+
     def is_scratch(self, t) -> bool:
         return t in self._scratch
 
