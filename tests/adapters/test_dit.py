@@ -308,7 +308,7 @@ def test_kv_share_is_checked():
             SparseConfig(dit_kv_share=bad)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(data=st.data())
 def test_hidden_states_cached_instead_of_keys_and_values(data):
     """`dit_cache="hidden"`: the capture keeps the attentions' inputs (half the bytes of keys and values), and a sparse
