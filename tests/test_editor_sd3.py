@@ -236,3 +236,19 @@ def test_keys_and_values_shared_between_steps(tmp_path):
     editor.remove()
     loaded = SparseEditor.load(pipe, tmp_path / "session")
     assert torch.equal(loaded.edit(image=stroke(stroke(x), 90, 80), output_type="pt").images, second)
+
+
+def test_prefetching_with_shared_keys_and_values_is_bit_identical(tmp_path):
+    """With `prefetch=True` a step also queues the keys and values it shares with an earlier step; committed edits
+    write that entry back first, so a copy prefetched before the write-back is dropped: the same bits either way."""
+    pipe = tiny_sd3(tmp_path / "tok")
+    x = photo()
+    results = {}
+    for ahead in (False, True):
+        editor = SparseEditor(pipe, SparseConfig(input_dilation=1, dit_kv_share=2, prefetch=ahead))
+        editor.capture(image=x, generator=torch.Generator().manual_seed(3), **KW)
+        first = editor.edit(image=stroke(x), commit=True, output_type="pt").images
+        second = editor.edit(image=stroke(stroke(x), 90, 80), output_type="pt").images
+        results[ahead] = first, second
+        editor.remove()
+    assert all(torch.equal(a, b) for a, b in zip(results[False], results[True], strict=True))

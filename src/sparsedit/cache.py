@@ -325,6 +325,8 @@ class ActivationCache:
         """End of a run on a converting cache: write the working copies back (`commit`) or drop them."""
         if commit:
             for key, working in self._working.items():
+                # A copy prefetched for a later run (a shared entry: `dit_kv_share`) predates this write-back.
+                self._drop_prefetched(key)
                 entry = self._entries[key]
                 scales = self._scales.get(key, {})
                 for name, t in working.items():

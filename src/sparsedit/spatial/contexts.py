@@ -309,9 +309,14 @@ def prefetch(model: nn.Module, *key) -> int:
     """Start copying the cache entries of scope `key` (e.g. the next denoising step) into working form in the
     background, so the run that uses them does not wait: for a cache stored in another dtype, on another device
     (`cache_device="cpu"` for a model on a GPU) or on disk. Returns the number of entries queued (0 when the cache
-    is used in place)."""
-    st = attachment_of(model).state
-    return st.cache.prefetch(st.cache.scope_keys(st.scope + tuple(key)))
+    is used in place). A diffusion transformer's step that reads another step's keys and values
+    (`SparseConfig.dit_kv_share`) queues that step's entry too."""
+    att = attachment_of(model)
+    st = att.state
+    keys = st.cache.scope_keys(st.scope + tuple(key))
+    shared = {h.name: h.kv_key for h in att.handlers if hasattr(h, "kv_key")}
+    keys += [shared[k[0]](k) for k in keys if k[0] in shared and shared[k[0]](k) != k]
+    return st.cache.prefetch(keys)
 
 
 @contextlib.contextmanager
