@@ -22,7 +22,10 @@ def test_weights_ship_with_the_package_and_fit_the_budget():
         f = pretrained.weights_file(name)
         assert f.exists(), f"{name}: {f} is missing"
         total += f.stat().st_size
-    assert total <= 40 * 2**20  # scene-ddpm 8.3 MiB, scene-spade 11.1 MiB, scene-sd 13.2 MiB (float16)
+    # scene-ddpm 8.3 MiB, scene-spade 11.1 MiB, scene-sd 13.2 MiB, scene-dit 41.9 MiB (float16). Raised from 40 MiB
+    # for scene-dit (issue 38): a 256 px transformer (22 M parameters: an 18 M SD3-style denoiser, 8 blocks 256
+    # wide, and its VAE) is the smallest model whose edits show the speed-up, and it ships in float16 already.
+    assert total <= 80 * 2**20
 
 
 def test_load_offline(monkeypatch):
