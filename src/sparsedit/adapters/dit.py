@@ -167,9 +167,14 @@ class DiTHandler(SparseHandler):
     capture_processor = None  # the family's plain processor, op for op, keeping keys and values (`_CaptureJoint`)
     caches_hidden = False  # whether the family can keep attention inputs instead (`SparseConfig.dit_cache="hidden"`)
 
+    @property
+    def keeps_inputs(self) -> bool:
+        """Whether the capture keeps the attentions' inputs instead of keys and values (`dit_cache="hidden"`)."""
+        return str(self.state.config.dit_cache) == "hidden"
+
     def check_supported(self):
         cfg = self.state.config
-        if str(cfg.dit_cache) == "hidden" and not self.caches_hidden:
+        if self.keeps_inputs and not self.caches_hidden:
             raise UnsupportedLayerError(
                 f"{self.name}: SparseConfig(dit_cache='hidden') is built for SD3's joint blocks, not "
                 f"{type(self.module).__name__}; use dit_cache='kv' (with dit_kv_share to save memory)."
@@ -238,7 +243,7 @@ class DiTHandler(SparseHandler):
         st = self.state
         store: dict[str, torch.Tensor] = {}
         keep = st.mode is Mode.CAPTURE and not st.no_store
-        extra = {"hidden": True} if str(st.config.dit_cache) == "hidden" else {}
+        extra = {"hidden": True} if self.keeps_inputs else {}
         make = (lambda i, tag: self.capture_processor(store, f"{i}{tag}", **extra)) if keep else None
         with self.processors(make) if keep else contextlib.nullcontext():
             result = self.original(**call)
@@ -284,7 +289,7 @@ class DiTHandler(SparseHandler):
         n = active.count
         dense = self.macs(b, n_all, n_all, m, m)
         sparse = self.macs(b, n, n_all, m if recompute else 0, m)
-        if str(st.config.dit_cache) == "hidden":  # every token's keys and values, projected from the cached inputs
+        if self.keeps_inputs:  # every token's keys and values, projected from the cached inputs
             sparse["blocks"] = [s + k for s, k in zip(sparse["blocks"], self.kv_macs(b, n_all, m), strict=True)]
         if n:
             with untracked():
@@ -429,7 +434,7 @@ class SD3TransformerHandler(DiTHandler):
 
         def make(i, tag):
             at = context_at if not tag else None
-            if f"h{i}{tag}" in entry:  # dit_cache="hidden"
+            if self.keeps_inputs:
                 return _SparseJoint(
                     st, active, None, None, at, {"h": entry[f"h{i}{tag}"], "c": entry.get(f"c{i}{tag}")}
                 )
