@@ -207,6 +207,17 @@ def shifted_sigmas(u: torch.Tensor, shift: float = SHIFT) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
+def lr_at(args, step: int, fresh_from: int) -> float:
+    """The learning rate at `step`: linear warm-up (again for `RESUME_WARMUP` steps after a resume whose optimizer state
+    was dropped), constant `--lr`, then a cosine from `--lr` down to `--lr-min` between `--decay-start` and
+    `--decay-end` (a function of the step alone, so a run stopped mid-decay resumes on the same curve)."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup, (step - fresh_from + 1) / RESUME_WARMUP)
+    if args.decay_end is not None and step >= args.decay_start:
+        t = min(1.0, (step - args.decay_start) / max(1, args.decay_end - args.decay_start))
+        lr = min(lr, args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * t)))
+    return lr
+
+
 def train_denoiser(args):
     dev = torch.device(args.device)
     run_dir = Path(args.run)
@@ -276,7 +287,7 @@ def train_denoiser(args):
         )
         loss = F.mse_loss(pred.sample, noise - z0)
         for group in opt.param_groups:  # (warmed up again after a resume whose optimizer state was dropped)
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup, (step - warm["from"] + 1) / RESUME_WARMUP)
+            group["lr"] = lr_at(args, step, warm["from"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -394,6 +405,9 @@ def main(argv=None):
         p.add_argument("--denoiser-run", default=str(RUNS / f"{NAME}-denoiser"), help="export: the denoiser's run")
         p.add_argument("--ema", type=float, default=0.999, help="denoiser: EMA decay of the exported weights (0: off)")
         p.add_argument("--warmup", type=int, default=500, help="denoiser: steps of linear learning-rate warm-up")
+        p.add_argument("--decay-start", type=int, default=0, help="denoiser: step the LR cosine decay starts")
+        p.add_argument("--decay-end", type=int, default=None, help="denoiser: step it reaches --lr-min (default: off)")
+        p.add_argument("--lr-min", type=float, default=3e-5, help="denoiser: the learning rate after the decay")
 
     args = run_parser(__doc__, NAME, model_args, argv)
     if args.lr is None:

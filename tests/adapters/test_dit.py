@@ -381,5 +381,7 @@ def test_hidden_states_are_refused_where_not_built():
     flux = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                             pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))  # fmt: skip
-    with pytest.raises(UnsupportedLayerError, match=r"dit_cache='hidden'\) is built for SD3"):
+    with pytest.raises(UnsupportedLayerError, match=r"dit_cache='hidden'\) is built for SD3") as refused:
         sparsedit.sparsify_(flux, SparseConfig(dit_cache="hidden"))
+    problems = [line for line in str(refused.value).splitlines() if line.startswith("  ")]
+    assert len(problems) == 1, problems  # the transformer's refusal alone, not its layers one by one

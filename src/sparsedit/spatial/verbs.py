@@ -64,6 +64,8 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None) -> None:
             handler.check_supported()
         except UnsupportedLayerError as e:
             problems.append(f"  {e}")
+            if getattr(cls, "owns_subtree", False):  # its refusal covers its layers: listing them would be noise
+                owned.append(f"{name}." if name else "")
             continue
         handlers.append(handler)
         if getattr(cls, "owns_subtree", False):
