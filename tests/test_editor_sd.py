@@ -69,6 +69,25 @@ def test_empty_edit_returns_the_current_image_for_free(pipe):
     assert editor.last_stats["macs_sparse"] == 0
 
 
+def test_models_device_and_dtype_are_read_once_per_edit(pipe, monkeypatch):
+    """diffusers' `ModelMixin.device`/`.dtype` walk every submodule on each read: an edit reads each model's once
+    (issue 39), and a later edit reads them afresh (a model moved or cast between edits is seen)."""
+    import diffusers.models.modeling_utils as mu
+
+    editor = SparseEditor(pipe)
+    x = photo(h=64, w=64)
+    editor.capture(image=x, prompt="a red house", generator=torch.Generator().manual_seed(5), **KW)
+    reads = []
+    for name in ("get_parameter_device", "get_parameter_dtype"):
+        real = getattr(mu, name)
+        monkeypatch.setattr(mu, name, lambda m, _real=real, _name=name: reads.append((_name, id(m))) or _real(m))
+    for _ in range(2):
+        reads.clear()
+        editor.edit(image=stroke(x), commit=False, output_type="pt")
+        assert reads and len(reads) == len(set(reads)), reads  # each model's device and dtype once, not per use
+        assert editor.adapter._pins is None  # nothing pinned between calls
+
+
 def test_batch_of_two_prompts(pipe):
     editor = SparseEditor(pipe, SparseConfig(input_dilation=1, tile_size=4))
     x = photo(b=2)

@@ -393,7 +393,7 @@ class PromptEdits:
         tgt_p, tgt_n = self.prompt_tokens(prompt, negative, b)
         rows = list(zip(src_n, tgt_n)) * (copies == 2) + list(zip(src_p, tgt_p))
         aligned = [align_tokens(s, t, special) for s, t in rows]
-        device = ed.unet.device
+        device = ed.adapter.device
         mapping = torch.tensor([m for m, _, _ in aligned[-b:]], device=device)
         changed_s = torch.tensor([c for _, c, _ in aligned], device=device)
         changed_t = torch.tensor([c for _, _, c in aligned], device=device)
@@ -516,14 +516,14 @@ class PromptEdits:
         gs = cap.call["guidance_scale"]
         copies = cap.copies
         embeds = ed.embeds(change["prompt"], change["negative_prompt"], gs, b)
-        found = torch.zeros(b, *cap.trajectory[0].shape[-2:], dtype=torch.bool, device=ed.unet.device)
+        found = torch.zeros(b, *cap.trajectory[0].shape[-2:], dtype=torch.bool, device=ed.adapter.device)
         self.take_macs()
         if not torch.equal(embeds, cap.embeds):
             generator = cap.generator()
             try:
                 ed.attention.inject = self.injection(cap, change, b, copies)
                 x0 = cap.image
-                empty = torch.zeros(b, h, w, dtype=torch.bool, device=ed.unet.device)
+                empty = torch.zeros(b, h, w, dtype=torch.bool, device=ed.adapter.device)
                 with ed.encoder_mode(editing, region=empty, commit=False):
                     prep = ed.prepare(x0, None, generator, cap.timesteps, cap.call, cap.inputs or {}, copies,
                                        keep=found, cap=cap)  # fmt: skip

@@ -17,6 +17,7 @@ every step. Accepted edits update the caches, so the next edit is incremental ag
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -45,6 +46,17 @@ __all__ = ["SparseEditor"]
 
 # SIGE's setting for diffusion models: the edit region is dilated by 5 pixels before sparse computation.
 DIFFUSION_DEFAULTS = SparseConfig(input_dilation=5)
+
+
+def pinned(method):
+    """Run an editor method with its adapter's device and dtype read once (`PipelineAdapter.pinned`)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.adapter.pinned():
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def family_config(adapter) -> SparseConfig:
@@ -178,6 +190,7 @@ class SparseEditor:
 
     # -- capture ------------------------------------------------------------------------------------------------------
     @serialized
+    @pinned
     @torch.no_grad()
     def capture(
         self,
@@ -234,6 +247,7 @@ class SparseEditor:
         return self._output(decoded, output_type, return_dict)
 
     @serialized
+    @pinned
     @torch.no_grad()
     def refresh(self):
         """Capture the current (committed) state again, densely: the caches become a fresh capture's, dropping the
@@ -263,7 +277,7 @@ class SparseEditor:
                 copies = guidance_copies(embeds, call["guidance_scale"], self.adapter.batches_guidance)
                 budget = fit_budget(self, x0, call, embeds, timesteps, copies)
                 loop.sync_attention_storage()
-            with peak_memory(self.unet.device) as peak:
+            with peak_memory(self.adapter.device) as peak:
                 capture, stats = loop.capture(x0, mask, call, generator, state, timesteps, embeds, inputs,
                                               self.text_config)  # fmt: skip
         self._capture, self.last_stats = capture, stats
@@ -307,6 +321,7 @@ class SparseEditor:
 
     # -- edit ---------------------------------------------------------------------------------------------------------
     @serialized
+    @pinned
     @torch.no_grad()
     def edit(
         self,
@@ -417,6 +432,7 @@ class SparseEditor:
         return self._capture, self.last_stats["seconds"]
 
     @serialized
+    @pinned
     @torch.no_grad()
     def find_region(
         self,
@@ -432,7 +448,7 @@ class SparseEditor:
         return region
 
     def _run_edit(self, cap, x0, mask, inputs, region, commit, output_type, return_dict, change=None):
-        with peak_memory(self.unet.device) as peak:
+        with peak_memory(self.adapter.device) as peak:
             decoded, self.last_stats, self.last_region = self.loop.edit(cap, x0, mask, inputs, region, commit, change)
         self.last_stats["cache_bytes"] = self.cache_bytes
         self.last_stats.update(peak)

@@ -260,14 +260,14 @@ def edit_inputs(ed, cap, image, mask_image, images, region):
                 "`StableDiffusionImg2ImgPipeline(**pipe.components)` for stroke edits."
             )
         b, h, w = cap.image
-        changed = torch.zeros(b, h, w, dtype=torch.bool, device=ed.unet.device)
+        changed = torch.zeros(b, h, w, dtype=torch.bool, device=ed.adapter.device)
         x0, mask, inputs, ignored = cap.image, None, {}, 0
     else:
         x0, mask, inputs, changed, ignored = _image_inputs(ed, cap, image, mask_image, images)
         b, _, h, w = x0.shape
     if region is None:
         return x0, mask, inputs, changed, changed, ignored
-    region = as_region(region, b, h, w, ed.unet.device)
+    region = as_region(region, b, h, w, ed.adapter.device)
     missed = changed & ~region
     if bool(missed.any()) and ed.config.check_region:
         raise ValueError(

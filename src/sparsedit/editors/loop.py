@@ -128,7 +128,9 @@ class Loop:
         """The run's timesteps; `size`: the image's height and width in pixels (FLUX shifts its schedule by it)."""
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}.")
-        timesteps = self.adapter.timesteps(self.pipe.scheduler, num_inference_steps, strength, self.unet.device, size)
+        timesteps = self.adapter.timesteps(
+            self.pipe.scheduler, num_inference_steps, strength, self.adapter.device, size
+        )
         if not timesteps:
             raise ValueError(f"strength={strength} with {num_inference_steps} steps leaves no step to run.")
         return timesteps
@@ -140,7 +142,7 @@ class Loop:
 
         vae = self.pipe.vae
         with scope(vae.encoder, name):
-            posterior = vae.encode(x.to(vae.dtype))
+            posterior = vae.encode(x.to(self.adapter.placement(vae, "dtype")))
             z = self.adapter.latents_of(retrieve_latents(posterior, generator, self.adapter.encode_mode))
         if sparse_state(vae.encoder).mode is not None:
             self.encoder_stats.append(last_stats(vae.encoder, detail=False))

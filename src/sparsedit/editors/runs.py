@@ -178,7 +178,7 @@ class EditRun:
             self.changeable += loop.adapter.condition_inputs
         self.prefetching = loop.config.prefetch
         if self.prefetching is None:
-            self.prefetching = loop.unet.device.type == "cuda"
+            self.prefetching = loop.adapter.device.type == "cuda"
 
     # -- the steps, as the loop calls them --------------------------------------------------------------------------
     def count(self, stats) -> None:

@@ -6,6 +6,8 @@ Imported lazily by the editor: only pipelines pull diffusers in.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -155,6 +157,44 @@ class PipelineAdapter:
         """The denoiser: the pipeline's UNet, or its transformer (`pipe.transformer`) for DiT families."""
         return self.pipe.unet
 
+    # -- placement ----------------------------------------------------------------------------------------------------
+    _pins: dict | None = None
+
+    @contextlib.contextmanager
+    def pinned(self):
+        """Within one capture, edit or region search, each model's device and dtype are read once. diffusers'
+        `ModelMixin.device` and `.dtype` walk every submodule on each read (looking for group-offloading and
+        layerwise-casting hooks): 1-5 ms a read on the scene models, read half a dozen times per edit (issue 39:
+        the editor's fixed costs on small models). Nested uses share the outer one's reads."""
+        outer = self._pins
+        if outer is None:
+            self._pins = {}
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._pins = None
+
+    def placement(self, module, what: str):
+        """`module.device` or `module.dtype` (`what`), read once per `pinned` scope (every time outside one)."""
+        pins = self._pins
+        if pins is None:
+            return getattr(module, what)
+        key = (id(module), what)
+        if key not in pins:
+            pins[key] = getattr(module, what)
+        return pins[key]
+
+    @property
+    def device(self) -> torch.device:
+        """The denoiser's device (`placement`)."""
+        return self.placement(self.unet, "device")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The denoiser's dtype (`placement`)."""
+        return self.placement(self.unet, "dtype")
+
     token_sparse = False  # a diffusion transformer's keys and values are its cache (`TransformerDenoiser`)
     cross_attention = True  # the denoiser has UNet cross-attention layers (prompt edits record their maps)
     default_config = None  # the SparseConfig a SparseEditor uses without one (None: SIGE's, input_dilation=5)
@@ -220,7 +260,7 @@ class PipelineAdapter:
     def preprocess(self, image, height=None, width=None) -> torch.Tensor:
         """Exactly what the pipeline accepts (PIL, numpy, or tensors in [0, 1]) → `[B, C, H, W]` in [-1, 1]."""
         x = self.pipe.image_processor.preprocess(image, height=height, width=width)
-        return x.to(self.unet.device, self.unet.dtype)
+        return x.to(self.device, self.dtype)
 
     def preprocess_mask(self, mask_image, like: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"mask_image is for StableDiffusionInpaintPipeline, not {type(self.pipe).__name__}.")
@@ -247,7 +287,7 @@ class PipelineAdapter:
         prompts = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
         if batch % prompts:
             raise ValueError(f"{prompts} prompts for {batch} images: give one prompt, or one per image.")
-        cond, uncond = self.pipe.encode_prompt(prompt, self.unet.device, batch // prompts, guidance_scale > 1.0,
+        cond, uncond = self.pipe.encode_prompt(prompt, self.device, batch // prompts, guidance_scale > 1.0,
                                                negative_prompt, prompt_embeds=prompt_embeds,
                                                negative_prompt_embeds=negative_prompt_embeds)  # fmt: skip
         return torch.cat([uncond, cond]) if guidance_scale > 1.0 else cond

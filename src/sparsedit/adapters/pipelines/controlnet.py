@@ -103,7 +103,7 @@ class _ControlNet:
             x = x.repeat_interleave(b, dim=0)
         if x.shape[0] != b:
             raise ValueError(f"{x.shape[0]} control images for {b} images: give one, or one per image.")
-        return x.to(device=self.unet.device, dtype=self.controlnet.dtype)
+        return x.to(device=self.device, dtype=self.placement(self.controlnet, "dtype"))
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def control_copies(self, copies: int, call: dict) -> int:

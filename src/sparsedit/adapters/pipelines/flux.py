@@ -69,11 +69,11 @@ class _Flux(TransformerDenoiser, FlowMatchLatents):
     def embeds(self, prompt, negative_prompt, guidance_scale, batch, prompt_embeds=None, negative_prompt_embeds=None):
         per_prompt = images_per_prompt("FLUX", prompt, batch, prompt_embeds, negative_prompt_embeds)
         embeds, pooled, text_ids = self.pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, device=self.unet.device, num_images_per_prompt=per_prompt
+            prompt=prompt, prompt_2=None, device=self.device, num_images_per_prompt=per_prompt
         )
         self.conditions = {"pooled_projections": pooled, "txt_ids": text_ids}
         if self.unet.config.guidance_embeds:
-            guidance = torch.full([1], guidance_scale, device=self.unet.device, dtype=torch.float32)
+            guidance = torch.full([1], guidance_scale, device=self.device, dtype=torch.float32)
             self.conditions["guidance"] = guidance.expand(embeds.shape[0])
         return embeds
 
@@ -130,7 +130,7 @@ class FluxText2ImgAdapter(_Flux, PipelineAdapter):
         f = self.pipe.vae_scale_factor
         b, h, w = x0
         shape = (b, self.unet.config.in_channels // 4, 2 * (h // (2 * f)), 2 * (w // (2 * f)))
-        noise = randn(shape, generator, self.unet.device, self.unet.dtype)
+        noise = randn(shape, generator, self.device, self.dtype)
         return {"z": noise, "noise": noise}
 
 
@@ -167,7 +167,7 @@ class _FluxMasked(_Flux, InpaintAdapter):
 
     def start(self, x0, generator, timesteps, encode, kept) -> dict:
         # The pipelines' prepare_latents: the image encoded (one draw), then the noise (the next draw).
-        image = kept("image", encode(x0, "image").to(self.unet.dtype))
+        image = kept("image", encode(x0, "image").to(self.dtype))
         noise = randn(image.shape, generator, image.device, image.dtype)
         t0 = timesteps[0][None].repeat(image.shape[0])
         return {"z": self.pipe.scheduler.scale_noise(image, t0, noise), "noise": noise, "image": image}

@@ -90,7 +90,7 @@ class Flux2KleinAdapter(TransformerDenoiser, PipelineAdapter):
                 f"is the same place in both); got height={height}, width={width}. Resize the image instead."
             )
         x = proc.preprocess(image, height=h, width=w, resize_mode="crop")
-        return x.to(self.unet.device, self.pipe.vae.dtype)
+        return x.to(self.device, self.placement(self.pipe.vae, "dtype"))
 
     def latents_of(self, sample):
         """The pipeline's `_encode_vae_image` after the VAE: 2x2 patches, normalised by the VAE's batch norm."""
@@ -111,7 +111,7 @@ class Flux2KleinAdapter(TransformerDenoiser, PipelineAdapter):
         if negative_prompt is not None:
             raise ValueError("Flux2KleinPipeline takes no negative_prompt (its guidance uses an empty prompt).")
         per_prompt = images_per_prompt("FLUX.2", prompt, batch, prompt_embeds, negative_prompt_embeds)
-        device = self.unet.device
+        device = self.device
         cond, text_ids = self.pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=per_prompt)
         self.conditions = {"txt_ids": text_ids}
         if not (self.batches_guidance and guidance_scale > 1.0):
@@ -141,7 +141,7 @@ class Flux2KleinAdapter(TransformerDenoiser, PipelineAdapter):
         if x0.shape[0] != 1:
             raise ValueError(f"Flux2KleinPipeline takes one reference image per call, got a batch of {x0.shape[0]}.")
         # The pipeline draws the noise first; the reference is encoded with the posterior's mode (no draw).
-        noise = randn(self.latent_shape(x0.shape[0], *x0.shape[-2:]), generator, x0.device, self.unet.dtype)
+        noise = randn(self.latent_shape(x0.shape[0], *x0.shape[-2:]), generator, x0.device, self.dtype)
         image = kept("image", encode(x0, "image"))
         return {"z": noise, "noise": noise, "image": image}
 
@@ -158,7 +158,7 @@ class Flux2KleinAdapter(TransformerDenoiser, PipelineAdapter):
         z, ref = zin[:, :c], zin[:, c:]
         ids = pipe._prepare_latent_ids(z).to(z.device)
         ref_ids = pipe._prepare_image_ids([ref[:1]]).to(z.device).expand(z.shape[0], -1, -1)
-        hidden = torch.cat([pipe._pack_latents(z), pipe._pack_latents(ref)], dim=1).to(model.dtype)
+        hidden = torch.cat([pipe._pack_latents(z), pipe._pack_latents(ref)], dim=1).to(self.placement(model, "dtype"))
         timestep = torch.as_tensor(t, device=z.device).expand(z.shape[0]).to(z.dtype)
         out = model(hidden_states=hidden, timestep=timestep / 1000, guidance=None, encoder_hidden_states=embeds,
                     txt_ids=self.conditions["txt_ids"], img_ids=torch.cat([ids, ref_ids], dim=1), return_dict=False, **extra)[0]  # fmt: skip
@@ -171,7 +171,7 @@ class Flux2KleinAdapter(TransformerDenoiser, PipelineAdapter):
     def decode(self, z):
         mean, std = self._bn(z)
         latents = self.pipe._unpatchify_latents(z * std + mean)
-        return self.pipe.vae.decode(latents.to(self.pipe.vae.dtype), return_dict=False)[0]
+        return self.pipe.vae.decode(latents.to(self.placement(self.pipe.vae, "dtype")), return_dict=False)[0]
 
     def output(self, x, output_type, return_dict, latents=None):
         from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput

@@ -16,7 +16,7 @@ class PixelAdapter(PipelineAdapter):
     encodes_image = False
 
     def preprocess(self, image, height=None, width=None):
-        return to_tensor(image, self.unet.device, self.unet.dtype)
+        return to_tensor(image, self.device, self.dtype)
 
     def embeds(self, prompt, negative_prompt, guidance_scale, batch, prompt_embeds=None, negative_prompt_embeds=None):
         if any(p is not None for p in (prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)):

@@ -29,7 +29,7 @@ class Text2ImgAdapter(PipelineAdapter):
         f = self.pipe.vae_scale_factor
         b, h, w = x0
         shape = (b, self.unet.config.in_channels, h // f, w // f)
-        noise = randn(shape, generator, self.unet.device, self.unet.dtype)
+        noise = randn(shape, generator, self.device, self.dtype)
         return {"z": noise * self.pipe.scheduler.init_noise_sigma, "noise": noise}
 
 
@@ -74,7 +74,7 @@ class InpaintAdapter(PipelineAdapter):
     def prepare(self, x0, mask, generator, timesteps, strength, encode, kept):
         # StableDiffusionInpaintPipeline.prepare_latents, then prepare_mask_latents
         sched = self.pipe.scheduler
-        dtype = self.unet.dtype
+        dtype = self.dtype
         strength_max = strength == 1.0
         f = self.pipe.vae_scale_factor
         shape = (x0.shape[0], self.pipe.vae.config.latent_channels, x0.shape[-2] // f, x0.shape[-1] // f)

@@ -77,7 +77,7 @@ class _SD3(TransformerDenoiser, FlowMatchLatents):
         cfg = guidance_scale > 1.0
         cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
             prompt=prompt, prompt_2=None, prompt_3=None, negative_prompt=negative_prompt,
-            do_classifier_free_guidance=cfg, device=self.unet.device, num_images_per_prompt=per_prompt,
+            do_classifier_free_guidance=cfg, device=self.device, num_images_per_prompt=per_prompt,
             max_sequence_length=self.max_sequence_length,
         )  # fmt: skip
         self.conditions = {"pooled_projections": torch.cat([uncond_pooled, pooled]) if cfg else pooled}
@@ -119,7 +119,7 @@ class SD3Text2ImgAdapter(_SD3, PipelineAdapter):
         # StableDiffusion3Pipeline.prepare_latents: the noise is the start (flow matching's sigma is 1)
         f = self.pipe.vae_scale_factor
         b, h, w = x0
-        noise = randn((b, self.unet.config.in_channels, h // f, w // f), generator, self.unet.device, self.unet.dtype)
+        noise = randn((b, self.unet.config.in_channels, h // f, w // f), generator, self.device, self.dtype)
         return {"z": noise, "noise": noise}
 
 
@@ -168,7 +168,7 @@ class SD3InpaintAdapter(_SD3, InpaintAdapter):
 
     def prepare(self, x0, mask, generator, timesteps, strength, encode, kept):
         # StableDiffusion3InpaintPipeline.prepare_latents, then prepare_mask_latents (both draw from the generator)
-        dtype = self.unet.dtype
+        dtype = self.dtype
         f = self.pipe.vae_scale_factor
         shape = (x0.shape[0], self.pipe.vae.config.latent_channels, x0.shape[-2] // f, x0.shape[-1] // f)
         strength_max = strength == 1.0

@@ -31,7 +31,7 @@ class _SDXLConditioning:
         per_prompt = images_per_prompt("Stable Diffusion XL", prompt, batch, prompt_embeds, negative_prompt_embeds)
         cfg = guidance_scale > 1.0
         cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
-            prompt=prompt, device=self.unet.device, num_images_per_prompt=per_prompt,
+            prompt=prompt, device=self.device, num_images_per_prompt=per_prompt,
             do_classifier_free_guidance=cfg, negative_prompt=negative_prompt,
         )  # fmt: skip
         self.conditions = {"text_embeds": torch.cat([uncond_pooled, pooled]) if cfg else pooled}
