@@ -61,12 +61,18 @@ class Segmenter(torch.nn.Module):
         return torch.cat([self(c).argmax(1) for c in x.split(64)])
 
 
+KEPT_SEGMENTER = ROOT / "checkpoints" / "scene-seg.pt"  # in git: every checkout scores with the same segmenter
+
+
 def segmenter(vae, steps: int = 800, path: Path = RUNS / "scene-seg.pt") -> Segmenter:
-    """The segmenter, trained once on renders and (half of each batch) their reconstructions by `vae`, and cached."""
+    """The segmenter, trained once on renders and (half of each batch) their reconstructions by `vae`, and cached.
+    The copy kept in git (`KEPT_SEGMENTER`, 120 kB) is used first: one trained afresh differs in its last bits
+    between machines and thread counts, and moved adherence by 2 points between sessions (docs/training.md)."""
     seg = Segmenter()
-    if path.exists():
-        seg.load_state_dict(torch.load(path, weights_only=True))
-        return seg.eval()
+    for kept in (KEPT_SEGMENTER, path):
+        if kept.exists():
+            seg.load_state_dict(torch.load(kept, weights_only=True))
+            return seg.eval()
     pool = scene_pool(20_000, 64)
     opt = torch.optim.Adam(seg.parameters(), lr=3e-3)
     started = time.perf_counter()
