@@ -90,15 +90,17 @@ def _tally(model, run, spatial_inputs=()) -> dict:
 def _dry_captures(editor, x0, call, embeds, timesteps, copies: int) -> tuple[dict, tuple]:
     """Each model's tally for the whole capture (per step times the steps), and `(batch, height, width, factor)`."""
     unet, n, tallies = editor.unet, len(timesteps), {}
+    a = editor.adapter  # device and dtypes read once per capture (`PipelineAdapter.pinned`)
+    vae_dtype = a.placement(editor.pipe.vae, "dtype") if editor.latent else None
     f = editor.pipe.vae_scale_factor if editor.latent else 1
     b, h, w = x0 if not editor.adapter.takes_image else (x0.shape[0], *x0.shape[-2:])  # text-to-image: (b, h, w)
     with torch.no_grad():
         if editor.adapter.encodes_image:
             enc = editor.pipe.vae.encoder
             encodes = 2 if editor.adapter.takes_mask else 1  # the image and the masked image
-            tally = _tally(enc, lambda: enc(x0.to(editor.pipe.vae.dtype)))
+            tally = _tally(enc, lambda: enc(x0.to(vae_dtype)))
             tallies["vae_encoder"] = {k: v * encodes for k, v in tally.items()}
-        zl = torch.zeros(editor.adapter.input_shape(b, h, w), dtype=unet.dtype, device=unet.device)
+        zl = torch.zeros(editor.adapter.input_shape(b, h, w), dtype=a.dtype, device=a.device)
         z = torch.cat([zl] * copies)
         if embeds is None:
             run = lambda: unet(z, timesteps[0])  # noqa: E731
@@ -112,9 +114,9 @@ def _dry_captures(editor, x0, call, embeds, timesteps, copies: int) -> tuple[dic
         cn = editor.controlnet
         if cn is not None:  # the ControlNet's per-step cache, its conditioning embedding read as in the loop
             n_c = editor.adapter.control_copies(copies, call)
-            control = torch.zeros(b * n_c, 3, h, w, dtype=cn.dtype, device=unet.device)
+            control = torch.zeros(b * n_c, 3, h, w, dtype=a.placement(cn, "dtype"), device=a.device)
             prep = {"control_embed": cn.controlnet_cond_embedding(control), "control_region": None}
-            zc = torch.zeros(b * n_c, cn.config.in_channels, h // f, w // f, dtype=cn.dtype, device=unet.device)
+            zc = torch.zeros(b * n_c, cn.config.in_channels, h // f, w // f, dtype=control.dtype, device=a.device)
             ctx = embeds if n_c == copies else embeds.chunk(2)[1]
             with editor.adapter.embedding(prep):
                 tally = _tally(cn, lambda: cn(zc, timesteps[0], encoder_hidden_states=ctx, controlnet_cond=control,
@@ -122,15 +124,15 @@ def _dry_captures(editor, x0, call, embeds, timesteps, copies: int) -> tuple[dic
             tallies["controlnet"] = {k: v * n for k, v in tally.items()}
         if editor.latent:
             dec = editor.pipe.vae.decoder
-            lat = torch.zeros(b, editor.pipe.vae.config.latent_channels, h // f, w // f, dtype=editor.pipe.vae.dtype,
-                              device=unet.device)  # fmt: skip
+            lat = torch.zeros(b, editor.pipe.vae.config.latent_channels, h // f, w // f, dtype=vae_dtype,
+                              device=a.device)  # fmt: skip
             tallies["vae_decoder"] = _tally(dec, lambda: dec(lat))
     return tallies, (b, h, w, f)
 
 
 def _other_bytes(editor, embeds, n: int, b: int, h: int, w: int, f: int) -> int:
     """What a capture holds beside the models' caches: the trajectory, images, embeddings and attention maps."""
-    latent_bytes = b * 4 * (h // f) * (w // f) * (n + 4) * editor.unet.dtype.itemsize
+    latent_bytes = b * 4 * (h // f) * (w // f) * (n + 4) * editor.adapter.dtype.itemsize
     other = latent_bytes + b * 3 * h * w * 8 + _nbytes(embeds)  # trajectory, image and decoded, embeddings
     if editor.loop.attention is not None and editor.adapter.text_editable and embeds is not None:
         # the cross-attention maps a capture records for prompt edits: one [rows, h, w, tokens] float32 map per step
