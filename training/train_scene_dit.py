@@ -3,6 +3,7 @@ Diffusion 3's architecture in miniature, assembled as a diffusers `StableDiffusi
 
     python training/train_scene_dit.py --part vae --minutes 40                     # the VAE (256 px -> 32x32x16)
     python training/train_scene_dit.py --part denoiser --pool 10000 --minutes 150  # the transformer and both CLIPs
+    python training/train_scene_dit.py --part denoiser --pool 10000 --decay-start 4300 --decay-end 4800  # LR cosine to --lr-min
     python training/train_scene_dit.py --part export --install                     # weights file and pipeline
     python training/train_scene_dit.py --part keep     # the denoiser's checkpoint, compact, into training/checkpoints
 
