@@ -6,7 +6,9 @@ STAMP := $(VENV)/.sparsedit-setup
 
 .PHONY: setup test demo report lint format bench clean
 
+# The compiled CPU kernels: built once per source, torch and CPU (a no-op when that build exists).
 setup: $(STAMP)
+	@$(VENV)/bin/sparsedit build-ops
 
 # Re-runs only when the package metadata or the pinned versions change.
 $(STAMP): pyproject.toml constraints.txt

@@ -18,6 +18,19 @@ def info() -> None:
     typer.echo(info_text())
 
 
+@app.command("build-ops")
+def build_ops(force: bool = typer.Option(False, help="rebuild even if this exact build exists")) -> None:
+    """Compile the C++ CPU kernels for this torch and CPU (`make setup` runs this; about 10 s, once)."""
+    from .ops import cpu
+
+    try:
+        path, seconds = cpu.build(force=force)
+    except RuntimeError as e:
+        typer.echo(f"error: {e}\nThe reference backend still runs everything, only slower.", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"built {path} in {seconds:.1f} s" if seconds else f"already built: {path}")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="Folder for report.html and report.json."),

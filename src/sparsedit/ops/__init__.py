@@ -19,10 +19,11 @@ from __future__ import annotations
 import torch
 
 from . import (
+    cpu,  # noqa: F401  (registers the compiled CPU backend, tried first where it is built)
     reference,  # noqa: F401  (registers the reference backend)
     schemas,
 )
-from .dispatch import Backend, NoBackendError, backends, register_backend, select_backend
+from .dispatch import Backend, NoBackendError, backends, register_backend, select_backend, set_backend_enabled
 from .reference import ACTIVATIONS, PADDING_MODES
 
 
@@ -38,6 +39,7 @@ __all__ = [
     "scatter",
     "scatter_tokens",
     "select_backend",
+    "set_backend_enabled",
 ]
 
 

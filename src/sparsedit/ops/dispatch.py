@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 
-__all__ = ["Backend", "register_backend", "backends", "select_backend", "NoBackendError"]
+__all__ = ["Backend", "NoBackendError", "backends", "register_backend", "select_backend", "set_backend_enabled"]
 
 
 class NoBackendError(RuntimeError):
@@ -39,6 +39,8 @@ class Backend:
 
     def not_supported_reasons(self, op: str, tensors: list[torch.Tensor]) -> list[str]:
         reasons = []
+        if self.name in _DISABLED:
+            reasons.append("turned off by set_backend_enabled")
         why = self.unavailable_reason()
         if why:
             reasons.append(why)
@@ -53,6 +55,7 @@ class Backend:
 
 
 _BACKENDS: list[Backend] = []
+_DISABLED: set[str] = set()
 _CHOSEN: dict[tuple, Callable] = {}  # (op, devices and dtypes) -> the implementation chosen for them
 
 
@@ -61,6 +64,18 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
     _BACKENDS.sort(key=lambda b: -b.priority)
     _CHOSEN.clear()
     return cls
+
+
+def set_backend_enabled(name: str, enabled: bool) -> None:
+    """Turn a backend off (or on again) for this process: the ops then choose among the others (A/B benchmarks,
+    debugging a backend against the reference)."""
+    if name not in {b.name for b in _BACKENDS}:
+        raise ValueError(f"no backend named {name!r}; there are {[b.name for b in _BACKENDS]}")
+    if enabled:
+        _DISABLED.discard(name)
+    else:
+        _DISABLED.add(name)
+    _CHOSEN.clear()
 
 
 def backends() -> list[Backend]:

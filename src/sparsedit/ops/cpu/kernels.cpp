@@ -1,0 +1,262 @@
+// sparsedit's compiled CPU kernels: the tile gather with its prologue fused in, and the tile scatter with its residual
+// add fused in. One pass over the tiles each, parallel over tile rows with torch's own thread pool, vectorised with
+// ATen's `Vectorized` (the same SIMD code and Sleef functions torch's own elementwise kernels use, so the prologue's
+// arithmetic matches torch's op for op). The plain-PyTorch reference (`sparsedit/ops/reference`) is the oracle these
+// are tested against, and `sparsedit/ops/cpu/__init__.py` builds this file and decides which calls it takes.
+//
+// Layout: feature maps are channels-last ([B, H, W, C] in memory), tiles are returned as [N, th, tw, C].
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+using at::vec::Vectorized;
+using Vec = Vectorized<float>;
+
+// Activation codes; the Python side maps names to these (`ACTIVATION_CODES`).
+enum Act : int64_t {
+  kIdentity = 0,
+  kRelu = 1,
+  kSilu = 2,
+  kLeakyRelu = 3,
+  kPrelu = 4,
+  kGelu = 5,
+  kGeluTanh = 6,
+  kTanh = 7,
+  kSigmoid = 8,
+};
+
+// Padding modes, as `ops.PADDING_MODES` orders them.
+enum Pad : int64_t { kZeros = 0, kReflect = 1, kReplicate = 2, kCircular = 3 };
+
+// The pixel index that padding mode reads at position i of an axis of length n (`reference.map_index`); -1 for a
+// pixel outside the image under zero padding.
+inline int64_t map_index(int64_t i, int64_t n, int64_t pad) {
+  if (i >= 0 && i < n) return i;
+  switch (pad) {
+    case kZeros:
+      return -1;
+    case kReflect: {
+      if (n == 1) return 0;
+      const int64_t period = 2 * (n - 1);
+      int64_t r = (i < 0 ? -i : i) % period;
+      return r >= n ? period - r : r;
+    }
+    case kCircular:
+      return ((i % n) + n) % n;
+    default:  // replicate
+      return i < 0 ? 0 : n - 1;
+  }
+}
+
+// One vector of the prologue: act(x * scale + shift), with the operations in the order the reference applies them.
+template <int64_t ACT>
+inline Vec activate(Vec v, const Vec& slope_or_weight) {
+  const Vec zero(0.f);
+  const Vec one(1.f);
+  if constexpr (ACT == kIdentity) {
+    return v;
+  } else if constexpr (ACT == kRelu) {
+    return at::vec::clamp_min(v, zero);
+  } else if constexpr (ACT == kSilu) {
+    return v / (one + v.neg().exp());
+  } else if constexpr (ACT == kLeakyRelu || ACT == kPrelu) {
+    return Vec::blendv(v * slope_or_weight, v, v > zero);
+  } else if constexpr (ACT == kGelu) {
+    const Vec alpha(static_cast<float>(M_SQRT1_2));
+    const Vec half(0.5f);
+    return v * half * (one + (v * alpha).erf());
+  } else if constexpr (ACT == kGeluTanh) {
+    const Vec beta(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5));
+    const Vec kappa(0.044715f);
+    const Vec half(0.5f);
+    const Vec cube = v * v * v;
+    return half * v * (one + (beta * (v + kappa * cube)).tanh());
+  } else if constexpr (ACT == kTanh) {
+    return v.tanh();
+  } else {  // sigmoid
+    return one / (one + v.neg().exp());
+  }
+}
+
+// act(src * scale + shift) for c channels, into dst. `scale`/`shift` may be null; `weight` is PReLU's per-channel
+// slope (null: `slope` for every channel).
+template <int64_t ACT>
+inline void prologue_row(const float* src, float* dst, int64_t c, const float* scale, const float* shift,
+                         const float* weight, float slope) {
+  const int64_t vs = Vec::size();
+  int64_t k = 0;
+  for (; k < c; k += vs) {
+    const int64_t m = std::min<int64_t>(vs, c - k);
+    Vec v = m == vs ? Vec::loadu(src + k) : Vec::loadu(src + k, m);
+    if (scale) v = v * (m == vs ? Vec::loadu(scale + k) : Vec::loadu(scale + k, m));
+    if (shift) v = v + (m == vs ? Vec::loadu(shift + k) : Vec::loadu(shift + k, m));
+    Vec s(slope);
+    if constexpr (ACT == kPrelu) {
+      if (weight) s = m == vs ? Vec::loadu(weight + k) : Vec::loadu(weight + k, m);
+    }
+    v = activate<ACT>(v, s);
+    if (m == vs) {
+      v.store(dst + k);
+    } else {
+      v.store(dst + k, m);
+    }
+  }
+}
+
+template <int64_t ACT>
+void gather_impl(const float* x, int64_t H, int64_t W, int64_t C, const int64_t* org, int64_t N, int64_t th,
+                 int64_t tw, const float* scale, const float* shift, const float* weight, float slope, int64_t pad,
+                 float* out) {
+  // A tile row of 64 channels and 10 pixels is about 2.5 kB: a few dozen rows make a task worth a thread.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, tw * C));
+  at::parallel_for(0, N * th, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / th, i = r % th;
+      const int64_t b = org[3 * n], y = map_index(org[3 * n + 1] + i, H, pad), x0 = org[3 * n + 2];
+      float* dst = out + r * tw * C;
+      if (y < 0) {  // a whole row of zero padding
+        std::memset(dst, 0, sizeof(float) * tw * C);
+        continue;
+      }
+      const float* sc = scale ? scale + b * C : nullptr;
+      const float* sh = shift ? shift + b * C : nullptr;
+      const float* base = x + (b * H + y) * W * C;
+      for (int64_t j = 0; j < tw; ++j) {
+        const int64_t xx = map_index(x0 + j, W, pad);
+        if (xx < 0) {
+          std::memset(dst + j * C, 0, sizeof(float) * C);
+        } else {
+          prologue_row<ACT>(base + xx * C, dst + j * C, C, sc, sh, weight, slope);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor gather(const at::Tensor& x, const at::Tensor& origins, int64_t th, int64_t tw,
+                  const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t act,
+                  double slope, const std::optional<at::Tensor>& weight, int64_t pad) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "sparsedit_cpu.gather: x must be float32 [B, C, H, W]");
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "sparsedit_cpu.gather: x must be channels-last");
+  TORCH_CHECK(origins.is_contiguous() && origins.scalar_type() == at::kLong, "sparsedit_cpu.gather: origins");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = origins.size(0);
+  for (const auto* t : {&scale, &shift}) {
+    TORCH_CHECK(!t->has_value() || ((*t)->is_contiguous() && (*t)->scalar_type() == at::kFloat &&
+                                    (*t)->numel() == B * C),
+                "sparsedit_cpu.gather: scale and shift must be contiguous float32 [B, C]");
+  }
+  TORCH_CHECK(!weight.has_value() || (weight->is_contiguous() && weight->scalar_type() == at::kFloat &&
+                                      weight->numel() == C),
+              "sparsedit_cpu.gather: weight must be contiguous float32 [C]");
+  TORCH_CHECK(origins.dim() == 2 && origins.size(1) == 3, "sparsedit_cpu.gather: origins must be [N, 3]");
+  TORCH_CHECK(th > 0 && tw > 0, "sparsedit_cpu.gather: empty tile");
+  {
+    const int64_t* o = origins.const_data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      TORCH_CHECK(o[3 * n] >= 0 && o[3 * n] < B, "sparsedit_cpu.gather: tile ", n, " names batch ", o[3 * n],
+                  " of ", B);
+    }
+  }
+  at::Tensor out = at::empty({N, th, tw, C}, x.options());
+  const float* sc = scale.has_value() ? scale->const_data_ptr<float>() : nullptr;
+  const float* sh = shift.has_value() ? shift->const_data_ptr<float>() : nullptr;
+  const float* wt = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
+  const float* xp = x.const_data_ptr<float>();
+  const int64_t* op = origins.const_data_ptr<int64_t>();
+  float* o = out.mutable_data_ptr<float>();
+  const float s = static_cast<float>(slope);
+#define SPARSEDIT_GATHER(A) gather_impl<A>(xp, H, W, C, op, N, th, tw, sc, sh, wt, s, pad, o)
+  switch (act) {
+    case kIdentity: SPARSEDIT_GATHER(kIdentity); break;
+    case kRelu: SPARSEDIT_GATHER(kRelu); break;
+    case kSilu: SPARSEDIT_GATHER(kSilu); break;
+    case kLeakyRelu: SPARSEDIT_GATHER(kLeakyRelu); break;
+    case kPrelu: SPARSEDIT_GATHER(kPrelu); break;
+    case kGelu: SPARSEDIT_GATHER(kGelu); break;
+    case kGeluTanh: SPARSEDIT_GATHER(kGeluTanh); break;
+    case kTanh: SPARSEDIT_GATHER(kTanh); break;
+    case kSigmoid: SPARSEDIT_GATHER(kSigmoid); break;
+    default: TORCH_CHECK(false, "sparsedit_cpu.gather: unknown activation code ", act);
+  }
+#undef SPARSEDIT_GATHER
+  return out;
+}
+
+// out[b, :, y + i, x0 + j] = tiles[n, :, i, j] (+ residual[b, :, y + i, x0 + j]); tiles lie inside the image.
+void scatter(at::Tensor& out, const at::Tensor& tiles, const at::Tensor& origins,
+             const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(out.dim() == 4 && out.scalar_type() == at::kFloat && tiles.scalar_type() == at::kFloat,
+              "sparsedit_cpu.scatter: float32 tensors only");
+  TORCH_CHECK(out.is_contiguous(at::MemoryFormat::ChannelsLast), "sparsedit_cpu.scatter: out must be channels-last");
+  TORCH_CHECK(tiles.dim() == 4 && tiles.stride(1) == 1, "sparsedit_cpu.scatter: tiles must be channels-last");
+  TORCH_CHECK(!residual.has_value() || (residual->is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                                        residual->scalar_type() == at::kFloat && residual->sizes() == out.sizes()),
+              "sparsedit_cpu.scatter: residual must be a channels-last float32 tensor shaped like out");
+  const int64_t H = out.size(2), W = out.size(3), C = out.size(1);
+  const int64_t N = tiles.size(0), th = tiles.size(2), tw = tiles.size(3);
+  const int64_t sn = tiles.stride(0), si = tiles.stride(2), sj = tiles.stride(3);
+  TORCH_CHECK(tiles.size(1) == C && origins.dim() == 2 && origins.size(0) == N && origins.size(1) == 3 &&
+                  origins.is_contiguous() && origins.scalar_type() == at::kLong,
+              "sparsedit_cpu.scatter: tiles [N, C, th, tw] and origins [N, 3] do not match out");
+  const int64_t B = out.size(0);
+  {
+    const int64_t* o = origins.const_data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      TORCH_CHECK(o[3 * n] >= 0 && o[3 * n] < B && o[3 * n + 1] >= 0 && o[3 * n + 1] + th <= H && o[3 * n + 2] >= 0 &&
+                      o[3 * n + 2] + tw <= W,
+                  "sparsedit_cpu.scatter: tile ", n, " at (", o[3 * n], ", ", o[3 * n + 1], ", ", o[3 * n + 2],
+                  ") does not lie inside ", B, "x", H, "x", W);
+    }
+  }
+  const float* tp = tiles.const_data_ptr<float>();
+  const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
+  const int64_t* op = origins.const_data_ptr<int64_t>();
+  float* o = out.mutable_data_ptr<float>();
+  const bool packed = sj == C;  // a tile row's pixels lie back to back
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, tw * C));
+  at::parallel_for(0, N * th, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / th, i = r % th;
+      const int64_t off = ((op[3 * n] * H + op[3 * n + 1] + i) * W + op[3 * n + 2]) * C;
+      const float* src = tp + n * sn + i * si;
+      float* dst = o + off;
+      if (rp == nullptr && packed) {
+        std::memcpy(dst, src, sizeof(float) * tw * C);
+        continue;
+      }
+      for (int64_t j = 0; j < tw; ++j) {
+        const float* s = src + j * sj;
+        float* d = dst + j * C;
+        if (rp == nullptr) {
+          std::memcpy(d, s, sizeof(float) * C);
+        } else {
+          const float* res = rp + off + j * C;
+          at::vec::map2([](Vec a, Vec b) { return a + b; }, d, s, res, C);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sparsedit_cpu, m) {
+  m.def(
+      "gather(Tensor x, Tensor origins, int th, int tw, Tensor? scale, Tensor? shift, int act, float slope, "
+      "Tensor? weight, int pad) -> Tensor");
+  m.def("scatter(Tensor(a!) out, Tensor tiles, Tensor origins, Tensor? residual) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(sparsedit_cpu, CPU, m) {
+  m.impl("gather", TORCH_FN(gather));
+  m.impl("scatter", TORCH_FN(scatter));
+}

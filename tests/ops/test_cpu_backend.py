@@ -1,0 +1,185 @@
+"""The compiled CPU backend against the reference backend (its oracle), the dispatcher's choice, and its build."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsedit
+from sparsedit import SparseConfig, ops
+from sparsedit.ops import cpu
+from sparsedit.ops.reference import ReferenceBackend
+
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")
+
+REF = ReferenceBackend()
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    cpu.build()  # a no-op after `make setup`; compiles here otherwise (about 10 s)
+    backend = next(b for b in ops.backends() if b.name == "cpu-compiled")
+    cpu._STATE.clear()  # a build made by this fixture loads now
+    assert backend.unavailable_reason() is None
+    return backend
+
+
+def _origins(data, b, h, w, th, tw, n):
+    rows = [[data.draw(st.integers(0, b - 1)), data.draw(st.integers(-th - 2, h + 1)),
+             data.draw(st.integers(-tw - 2, w + 1))] for _ in range(n)]  # fmt: skip
+    return torch.tensor(rows, dtype=torch.int64).reshape(n, 3)
+
+
+@given(data=st.data())
+@settings(deadline=None, max_examples=150)
+def test_gather_matches_the_reference(compiled, data):
+    """Every activation (those without a kernel go to the reference inside the call), padding mode, prologue,
+    layout and dtype; tiles reaching far past the border, pixel tiles that overlap, empty gathers."""
+    b, c = data.draw(st.integers(1, 3)), data.draw(st.sampled_from([1, 3, 16, 17, 64, 70]))
+    h, w = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 12))
+    th, tw = data.draw(st.integers(1, 10)), data.draw(st.integers(1, 10))
+    n = data.draw(st.integers(0, 8))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16]))
+    torch.manual_seed(data.draw(st.integers(0, 2**31)))
+    layout = data.draw(st.sampled_from([torch.channels_last, torch.contiguous_format]))
+    x = (3 * torch.randn(b, c, h, w)).to(dtype).contiguous(memory_format=layout)
+    origins = _origins(data, b, h, w, th, tw, n)
+    scale = torch.randn(b, c).to(dtype) if data.draw(st.booleans()) else None
+    shift = torch.randn(b, c).to(dtype) if data.draw(st.booleans()) else None
+    act = data.draw(st.sampled_from(ops.ACTIVATIONS))
+    weight = torch.randn(data.draw(st.sampled_from([1, c]))).to(dtype) if act == "prelu" else None
+    mode = data.draw(st.sampled_from(ops.PADDING_MODES))
+    poison = data.draw(st.booleans())
+    args = (x, origins, th, tw, scale, shift, act, 0.2, poison, (), weight, mode)
+    got, want = compiled.gather(*args), REF.gather(*args)
+    assert got.shape == want.shape == (n, c, th, tw) and got.dtype == want.dtype
+    assert not torch.isnan(got).any()
+    if dtype == torch.float32 and act in cpu.ACTIVATION_CODES:
+        # The same arithmetic in the same order; transcendental activations may differ in the last bits (torch's
+        # scalar tail loops against the vector code).
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    else:  # delegated to the reference: the same bits
+        assert torch.equal(got, want)
+    before = x.clone()
+    got.add_(1)  # a fresh tensor, never a view of x: the caller may write into it
+    assert torch.equal(x, before)
+
+
+@given(data=st.data())
+@settings(deadline=None, max_examples=80)
+def test_scatter_matches_the_reference_bit_for_bit(compiled, data):
+    b, c = data.draw(st.integers(1, 3)), data.draw(st.sampled_from([1, 4, 16, 33]))
+    h, w = data.draw(st.integers(2, 12)), data.draw(st.integers(2, 12))
+    th, tw = data.draw(st.integers(1, h)), data.draw(st.integers(1, w))
+    n = data.draw(st.integers(0, 8))
+    torch.manual_seed(data.draw(st.integers(0, 2**31)))
+    # Disjoint tiles on a grid at a random offset (overlapping tiles must carry equal values where they overlap:
+    # the first tile is scattered twice).
+    oy, ox = data.draw(st.integers(0, h - th)), data.draw(st.integers(0, w - tw))
+    cells = [[bb, y, x] for bb in range(b) for y in range(oy, h - th + 1, th) for x in range(ox, w - tw + 1, tw)]
+    picked = data.draw(st.lists(st.sampled_from(range(len(cells))), max_size=n, unique=True))
+    n = len(picked)
+    origins = torch.tensor([cells[i] for i in picked], dtype=torch.int64).reshape(n, 3)
+    if n:
+        origins = torch.cat([origins, origins[:1]])
+    tiles_layout = data.draw(st.sampled_from(["channels_last", "contiguous", "permuted"]))
+    tiles = torch.randn(origins.shape[0], c, th, tw)
+    if n:
+        tiles[-1] = tiles[0]
+    if tiles_layout == "channels_last":
+        tiles = tiles.contiguous(memory_format=torch.channels_last)
+    elif tiles_layout == "permuted":  # a row's pixels not back to back
+        tiles = tiles.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+    out_layout = data.draw(st.sampled_from([torch.channels_last, torch.contiguous_format]))
+    out = torch.randn(b, c, h, w).contiguous(memory_format=out_layout)
+    residual = torch.randn(b, c, h, w).contiguous(memory_format=out_layout) if data.draw(st.booleans()) else None
+    got, want = out.clone(), out.clone()
+    compiled.scatter(got, tiles, origins, residual)
+    REF.scatter(want, tiles, origins, residual)
+    assert torch.equal(got, want)
+
+
+def test_bad_origins_raise_instead_of_writing_outside(compiled):
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    tiles = torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    for bad in ([0, 5, 0], [0, 0, -1], [2, 0, 0]):
+        with pytest.raises(RuntimeError, match="does not lie inside"):
+            compiled.scatter(x, tiles, torch.tensor([bad]), None)
+    with pytest.raises(RuntimeError, match="names batch 2 of 2"):
+        compiled.gather(x, torch.tensor([[2, 0, 0]]), 3, 3, None, None, "relu", 0.0, False, (), None, "zeros")
+
+
+def test_the_dispatcher_takes_it_for_float32_on_cpu_and_can_turn_it_off(compiled):
+    x32, x16 = torch.empty(1, 1, 1, 1), torch.empty(1, 1, 1, 1, dtype=torch.bfloat16)
+    assert ops.select_backend("gather", [x32]).__self__ is compiled
+    assert ops.select_backend("gather", [x16]).__self__.name == "reference"
+    assert ops.select_backend("gather_tokens", [x32]).__self__.name == "reference"
+    ops.set_backend_enabled("cpu-compiled", False)
+    try:
+        assert ops.select_backend("gather", [x32]).__self__.name == "reference"
+        assert "turned off" in " ".join(compiled.not_supported_reasons("gather", [x32]))
+    finally:
+        ops.set_backend_enabled("cpu-compiled", True)
+    assert ops.select_backend("gather", [x32]).__self__ is compiled
+    with pytest.raises(ValueError, match="no backend named"):
+        ops.set_backend_enabled("triton", False)
+
+
+def test_a_missing_build_is_reported_and_the_reference_runs(tmp_path):
+    code = (
+        "import torch; from sparsedit import ops, info; "
+        "print(ops.select_backend('gather', [torch.empty(1, 1, 1, 1)]).__self__.name); print(info.info_text())"
+    )
+    env = {**os.environ, "SPARSEDIT_OPS_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "reference"
+    assert "cpu-compiled unavailable: not built" in out.stdout and "sparsedit build-ops" in out.stdout
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pad = nn.ReflectionPad2d(1)
+        self.c1 = nn.Conv2d(3, 32, 3)
+        self.n1 = nn.GroupNorm(8, 32)
+        self.c2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.c3 = nn.Conv2d(32, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.c1(self.pad(x))
+        h = h + self.c2(nn.functional.silu(self.n1(h)))
+        return self.c3(nn.functional.prelu(h, torch.full((1,), 0.1)))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_sparse_edit_is_the_same_on_both_backends(compiled, exact):
+    torch.manual_seed(0)
+    net = _Net().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 48, 48).contiguous(memory_format=torch.channels_last)
+    sparsedit.sparsify_(net, SparseConfig(exact=exact, measured_fallback=False))
+    region = torch.zeros(1, 48, 48, dtype=torch.bool)
+    region[:, 10:16, 20:30] = True
+    x2 = torch.where(region[:, None], torch.randn_like(x), x)
+    results = {}
+    with torch.no_grad():
+        with sparsedit.capturing(net):
+            net(x)
+        for on in (True, False):
+            ops.set_backend_enabled("cpu-compiled", on)
+            try:
+                with sparsedit.editing(net, region=region):
+                    results[on] = net(x2)
+            finally:
+                ops.set_backend_enabled("cpu-compiled", True)
+        dense = net(x2)
+    torch.testing.assert_close(results[True], results[False], rtol=1e-5, atol=1e-5)
+    if exact:
+        torch.testing.assert_close(results[True], dense, rtol=1e-4, atol=1e-4)
