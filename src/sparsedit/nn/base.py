@@ -298,19 +298,14 @@ class SparseHandler:
         outside stay bit-identical without reading the old tiles back and blending them."""
         st = self.state
         lin, at = st.memo(("inside pixels", id(bi), id(region)), (bi, region), lambda: bi.inside_pixels(region))
-        c = rows.shape[-1]
-        vals = new.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, at)
+        res = None
         if residual is not None:
             res = _rows(residual)
-            if res is None:
-                res = ops.gather(residual, bi.origins, bi.tile).permute(0, 2, 3, 1).reshape(-1, c).index_select(0, at)
-            else:
-                res = ops.gather_tokens(res, lin)
-            vals = vals + res
+            if res is None:  # a residual in another layout: added to the tiles first (the same sum per pixel)
+                new = new + ops.gather(residual, bi.origins, bi.tile)
+        old = ops.write_pixels(rows, new, at, lin, res, keep_old=undo)
         if undo:
-            old = ops.gather_tokens(rows, lin)
             st.remember(lambda: ops.scatter_tokens(rows, old, lin))
-        ops.scatter_tokens(rows, vals.to(rows.dtype), lin)
 
     def write_dense(self, buf, new, region, residual=None) -> torch.Tensor:
         """Dense fallback: the full map was computed; keep the cached values outside `region`. Returns the layer's

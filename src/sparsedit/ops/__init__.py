@@ -40,6 +40,7 @@ __all__ = [
     "scatter_tokens",
     "select_backend",
     "set_backend_enabled",
+    "write_pixels",
 ]
 
 
@@ -134,6 +135,35 @@ def scatter(
     if _eager():
         return select_backend("scatter", [out, tiles])(out, tiles, origins, residual)
     schemas.scatter(out, tiles, origins, residual)
+
+
+def write_pixels(
+    rows: torch.Tensor,
+    tiles: torch.Tensor,
+    at: torch.Tensor,
+    lin: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    keep_old: bool = False,
+) -> torch.Tensor | None:
+    """Write chosen pixels of `tiles` (`[N, C, th, tw]`) into pixel rows `rows` (`[..., P, C]`, contiguous), in place:
+    `rows[lin[k]] = tiles_pixel[at[k]] (+ residual[lin[k]])`, where pixel `m` of the tiles is `(m // (th*tw),
+    m % (th*tw) // tw, m % tw)` in `[N, th, tw]` order; `residual` (optional) is shaped like `rows`.
+
+    With `keep_old`, returns the rows' previous values at `lin` (`[K, C]`, read before anything is written: write them
+    back with `scatter_tokens` to undo); otherwise `None`. Exact mode's write of the tile pixels inside the region."""
+    if at.dtype != torch.int64 or lin.dtype != torch.int64 or at.shape != lin.shape or at.dim() != 1:
+        raise ValueError("write_pixels: at and lin must be int64 indices [K] of equal length.")
+    if tiles.dim() != 4 or not rows.is_contiguous() or tiles.shape[1] != rows.shape[-1]:
+        raise ValueError(
+            f"write_pixels takes tiles [N, C, th, tw] and contiguous rows [..., P, C] with the same C; got "
+            f"{tuple(tiles.shape)} and {tuple(rows.shape)}."
+        )
+    if residual is not None and residual.shape != rows.shape:
+        raise ValueError(f"write_pixels: residual must be shaped like rows {tuple(rows.shape)}.")
+    if _eager():
+        return select_backend("write_pixels", [rows, tiles])(rows, tiles, at, lin, residual, keep_old)
+    old = schemas.write_pixels(rows, tiles, at, lin, residual, keep_old)
+    return old if keep_old else None
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, poison: bool = False) -> torch.Tensor:

@@ -48,6 +48,19 @@ def _(out, tiles, origins, residual):
     return None
 
 
+@torch.library.custom_op("sparsedit::write_pixels", mutates_args=("rows",))
+def write_pixels(
+    rows: Tensor, tiles: Tensor, at: Tensor, lin: Tensor, residual: Tensor | None, keep_old: bool
+) -> Tensor:
+    old = select_backend("write_pixels", [rows, tiles])(rows, tiles, at, lin, residual, keep_old)
+    return old if old is not None else rows.new_empty((0, rows.shape[-1]))
+
+
+@write_pixels.register_fake
+def _(rows, tiles, at, lin, residual, keep_old):
+    return rows.new_empty((at.shape[0] if keep_old else 0, rows.shape[-1]))
+
+
 @torch.library.custom_op("sparsedit::gather_tokens", mutates_args=())
 def gather_tokens(x: Tensor, index: Tensor, poison: bool) -> Tensor:
     return select_backend("gather_tokens", [x])(x, index, poison)

@@ -210,3 +210,15 @@ class CompiledCPUBackend(Backend):
         ):
             return _REFERENCE.scatter(out, tiles, origins, residual)
         torch.ops.sparsedit_cpu.scatter(out, tiles, origins.contiguous(), residual)
+
+    def write_pixels(self, rows, tiles, at, lin, residual, keep_old):
+        if (
+            rows.dtype != torch.float32
+            or tiles.dtype != torch.float32
+            or not rows.is_contiguous()
+            or (tiles.stride(1) != 1 and tiles.shape[1] > 1)  # (one channel: any layout reads the same)
+            or (residual is not None and (residual.dtype != torch.float32 or not residual.is_contiguous()))
+        ):
+            return _REFERENCE.write_pixels(rows, tiles, at, lin, residual, keep_old)
+        old = torch.ops.sparsedit_cpu.write_pixels(rows, tiles, at.contiguous(), lin.contiguous(), residual, keep_old)
+        return old if keep_old else None

@@ -247,6 +247,57 @@ void scatter(at::Tensor& out, const at::Tensor& tiles, const at::Tensor& origins
   });
 }
 
+// Exact mode's write of the tile pixels inside the region: rows[lin[k]] = pixel at[k] of `tiles` (+ residual[lin[k]]),
+// after copying rows[lin[k]] into the returned undo rows when `keep_old`. One pass (two with the undo copy, which must
+// see every old value before any is overwritten).
+at::Tensor write_pixels(at::Tensor& rows, const at::Tensor& tiles, const at::Tensor& at_index,
+                        const at::Tensor& lin, const std::optional<at::Tensor>& residual, bool keep_old) {
+  TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.is_contiguous() && rows.dim() >= 2,
+              "sparsedit_cpu.write_pixels: rows must be contiguous float32 [..., C]");
+  const int64_t C = rows.size(-1), P = rows.numel() / std::max<int64_t>(1, C);
+  TORCH_CHECK(tiles.scalar_type() == at::kFloat && tiles.dim() == 4 && tiles.size(1) == C &&
+                  (tiles.stride(1) == 1 || C == 1),
+              "sparsedit_cpu.write_pixels: tiles must be channels-last float32 [N, C, th, tw]");
+  TORCH_CHECK(at_index.scalar_type() == at::kLong && lin.scalar_type() == at::kLong && at_index.is_contiguous() &&
+                  lin.is_contiguous() && at_index.numel() == lin.numel(),
+              "sparsedit_cpu.write_pixels: at and lin must be int64 indices of equal length");
+  TORCH_CHECK(!residual.has_value() || (residual->scalar_type() == at::kFloat && residual->is_contiguous() &&
+                                        residual->numel() == rows.numel()),
+              "sparsedit_cpu.write_pixels: residual must be contiguous float32 rows shaped like rows");
+  const int64_t K = lin.numel(), th = tiles.size(2), tw = tiles.size(3), M = tiles.size(0) * th * tw;
+  const int64_t sn = tiles.stride(0), si = tiles.stride(2), sj = tiles.stride(3);
+  const int64_t* ap = at_index.const_data_ptr<int64_t>();
+  const int64_t* lp = lin.const_data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k) {  // engine-made indices; checked all the same, before anything is written
+    TORCH_CHECK(ap[k] >= 0 && ap[k] < M && lp[k] >= 0 && lp[k] < P, "sparsedit_cpu.write_pixels: index ", k,
+                " (tile pixel ", ap[k], " of ", M, ", row ", lp[k], " of ", P, ") out of range");
+  }
+  float* rp = rows.mutable_data_ptr<float>();
+  const float* tp = tiles.const_data_ptr<float>();
+  const float* res = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
+  at::Tensor old = at::empty({keep_old ? K : 0, C}, rows.options());
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C));
+  if (keep_old) {
+    float* op = old.mutable_data_ptr<float>();
+    at::parallel_for(0, K, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) std::memcpy(op + k * C, rp + lp[k] * C, sizeof(float) * C);
+    });
+  }
+  at::parallel_for(0, K, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t m = ap[k], pix = m % (th * tw);
+      const float* src = tp + (m / (th * tw)) * sn + (pix / tw) * si + (pix % tw) * sj;
+      float* dst = rp + lp[k] * C;
+      if (res == nullptr) {
+        std::memcpy(dst, src, sizeof(float) * C);
+      } else {
+        at::vec::map2([](Vec a, Vec b) { return a + b; }, dst, src, res + lp[k] * C, C);
+      }
+    }
+  });
+  return old;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sparsedit_cpu, m) {
@@ -254,9 +305,11 @@ TORCH_LIBRARY(sparsedit_cpu, m) {
       "gather(Tensor x, Tensor origins, int th, int tw, Tensor? scale, Tensor? shift, int act, float slope, "
       "Tensor? weight, int pad) -> Tensor");
   m.def("scatter(Tensor(a!) out, Tensor tiles, Tensor origins, Tensor? residual) -> ()");
+  m.def("write_pixels(Tensor(a!) rows, Tensor tiles, Tensor at, Tensor lin, Tensor? residual, bool keep_old) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsedit_cpu, CPU, m) {
   m.impl("gather", TORCH_FN(gather));
   m.impl("scatter", TORCH_FN(scatter));
+  m.impl("write_pixels", TORCH_FN(write_pixels));
 }

@@ -244,6 +244,16 @@ class ReferenceBackend(Backend):
             bi = origins[:, 0][:, None, None]
             out[bi, :, rows[:, :, None], cols[:, None, :]] = vals.view(n, th, tw, c)
 
+    def write_pixels(self, rows, tiles, at, lin, residual, keep_old):
+        c = rows.shape[-1]
+        flat = rows.view(-1, c)
+        vals = tiles.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, at)
+        if residual is not None:
+            vals = vals + residual.reshape(-1, c).index_select(0, lin)
+        old = flat.index_select(0, lin) if keep_old else None
+        flat.index_copy_(0, lin, vals.to(rows.dtype))
+        return old
+
     def gather_tokens(self, x, index, poison):
         vals = x.reshape(-1, x.shape[-1]).index_select(0, index)
         if not poison:
