@@ -58,6 +58,31 @@ def test_weights_changed_since_capture():
             m(x)
 
 
+def test_changed_weights_and_an_edit_that_runs_as_the_plain_model():
+    """A run that reads cached activations (sparse) or writes them (a committing edit) refuses changed weights; an
+    uncommitted edit that runs as the plain model (here: the whole input changed) reads none, and its result is the
+    model's output with the weights as they are now."""
+    m, x = _captured()
+    with torch.no_grad():
+        m[0].weight.add_(1)
+        x2 = x + 1  # every pixel: over max_region_fraction, one plain dense forward
+        with sparsedit.editing(m, commit=False):
+            got = m(x2)
+        assert sparsedit.last_stats(m)["dense_run"]
+        sparsedit.unsparsify_(m)
+        want = m(x2)
+        assert torch.equal(got, want)
+    m, x = _captured()
+    with torch.no_grad():
+        m[0].weight.add_(1)
+        with pytest.raises(StaleCacheError, match="weights"), sparsedit.editing(m, commit=True):
+            m(x + 1)
+        x3 = x.clone()
+        x3[0, :, 3, 3] += 1  # one pixel: sparse
+        with pytest.raises(StaleCacheError, match="weights"), sparsedit.editing(m, commit=False):
+            m(x3)
+
+
 def test_region_wrong_shape_dtype_device():
     m, x = _captured()
     with pytest.raises(ValueError, match="region has shape"):

@@ -109,17 +109,20 @@ class _Identity(tuple):
         return f"<the identity of {len(self)} modules' weights>"
 
 
-def run_fingerprint(model: torch.nn.Module, x: torch.Tensor, config_json: str) -> dict:
+def run_fingerprint(model: torch.nn.Module, x: torch.Tensor, config_json: str, weights: bool = True) -> dict:
     """What a sparsified model's cache depends on, per run: its input's shape, dtype and device, the identity of its
-    weights and LoRA adapters, its config and its train/eval mode."""
-    return {
+    weights and LoRA adapters (left out with `weights=False`: the rest is what must match before the cached input
+    can even be compared with `x`), its config and its train/eval mode."""
+    out = {
         "input shape": tuple(x.shape),
         "input dtype": x.dtype,
         "device": x.device,
-        WEIGHTS: _Identity(module_fingerprint(model)),
         "config": config_json,
         "training": model.training,
     }
+    if weights:
+        out[WEIGHTS] = _Identity(module_fingerprint(model))
+    return out
 
 
 def scheduler_fingerprint(scheduler) -> tuple:

@@ -12,7 +12,15 @@ from torch.utils._pytree import tree_map
 
 from ..cache import StaleCacheError
 from ..config import SparseConfig
-from ..fingerprints import WEIGHTS, adapter_state, changed_tensors, run_fingerprint, weights_checksum
+from ..fingerprints import (
+    WEIGHTS,
+    _Identity,
+    adapter_state,
+    changed_tensors,
+    module_fingerprint,
+    run_fingerprint,
+    weights_checksum,
+)
 from ..nn.state import Mode, SparseState
 from ..nn.tracking import RegionTracking
 from ..regions import as_region, difference_mask, dilate
@@ -95,8 +103,9 @@ def make_pre_hook(model: nn.Module, att: Attachment):
             st.rollback()  # the previous uncommitted edit leaves the cache as captured
             st.cache.flush(commit=False)
             st.cache.retain = st.commit  # an uncommitted run's working copies die with their last reader
-            if att.check_weights:
-                _check_weights(model, att, x)
+            if att.check_weights:  # the input's shape, dtype and device, the config, the mode: before any cache read
+                now = run_fingerprint(model, x, st.config.to_json(), weights=False)
+                st.cache.check(now)
             st.begin_run()
             key = INPUT_KEY + st.scope
             if key not in st.cache:
@@ -125,6 +134,10 @@ def make_pre_hook(model: nn.Module, att: Attachment):
             region = st.input_region
             fraction = st.memo(("input reach",), (), lambda: reach_fraction(region, st.config))
             dense = _globally_dense(att, fraction) or _too_large(att, fraction, x) or _calibrated_dense(att, fraction)
+            if att.check_weights and (not dense or st.commit):
+                # The weights' identity (a walk over every parameter): an uncommitted plain forward reads no cached
+                # activation, so only a sparse run or a committing one (which refreshes the cache) needs it.
+                _check_weights(model, att, now)
             if dense:
                 # Too large to pay, or calibrated not to pay: one plain dense forward (a committing edit refreshes
                 # the cache with it).
@@ -158,12 +171,13 @@ def weights_content(model: nn.Module) -> dict[str, int]:
     return weights_checksum({type(model).__name__: model})[type(model).__name__]
 
 
-def _check_weights(model: nn.Module, att: Attachment, x: torch.Tensor) -> None:
-    """Refuse a sparse run whose model, input shape or config differ from the capture's. The weights are compared by
-    identity (storage address and version counter: no reads); when that differs, by content, so weights restored to
-    the captured bits (e.g. `load_state_dict` of the same values) are accepted again and the new identity adopted."""
+def _check_weights(model: nn.Module, att: Attachment, now: dict) -> None:
+    """Refuse a sparse run whose weights differ from the capture's (`now`: the rest of this run's fingerprint, already
+    checked). The weights are compared by identity (storage address and version counter: no reads); when that
+    differs, by content, so weights restored to the captured bits (e.g. `load_state_dict` of the same values) are
+    accepted again and the new identity adopted."""
     st = att.state
-    now = run_fingerprint(model, x, st.config.to_json())
+    now = {**now, WEIGHTS: _Identity(module_fingerprint(model))}
     captured = st.cache.fingerprint
     if captured is not None and captured.get(WEIGHTS) != now[WEIGHTS] and att.weights is not None:
         name = type(model).__name__
