@@ -200,3 +200,30 @@ def test_vae_encoder_runs_sparse_and_tiling_is_refused(pipe):
     with pytest.raises(ValueError, match="disable_tiling"):
         editor.edit(image=stroke(x))
     pipe.vae.disable_tiling()
+
+
+def test_an_uncommitted_edit_that_runs_as_the_plain_unet_decides_once(pipe, monkeypatch):
+    """A region over `max_region_fraction` makes every step the plain UNet. An uncommitted edit decides that at its
+    first step and runs the others as plain calls (no per-step check, region or stats work); the result, the MACs and
+    the step counts equal those of the committing edit, which takes the full path at every step."""
+    import sparsedit.editors.runs as runs
+
+    editor = SparseEditor(pipe, SparseConfig(input_dilation=1))
+    x = photo(h=64, w=64)
+    editor.capture(image=x, prompt="a red house", generator=torch.Generator().manual_seed(5), **KW)
+    big = x.clone()
+    big[:, :, 4:60, 4:60] = 0.8  # most of the 8x8 latent
+    calls = []
+    real = runs.last_stats
+    monkeypatch.setattr(runs, "last_stats", lambda m, **k: calls.append(m) or real(m, **k))
+    preview = editor.edit(image=big, commit=False, output_type="pt").images
+    stats = dict(editor.last_stats)
+    assert sum(m is pipe.unet for m in calls) == 1  # the first step's
+    steps = stats["dense_steps"]
+    assert steps > 1 and "max_region_fraction" in stats["ran_dense"]
+    calls.clear()
+    committed = editor.edit(image=big, commit=True, output_type="pt").images
+    assert sum(m is pipe.unet for m in calls) == steps
+    assert torch.equal(preview, committed)
+    for key in ("macs_dense", "macs_sparse", "dense_steps", "ran_dense"):
+        assert editor.last_stats[key] == stats[key], key
