@@ -222,3 +222,27 @@ def test_write_pixels_refuses_indices_out_of_range(compiled):
     assert torch.equal(rows, torch.zeros(1, 10, 4))
     with pytest.raises(ValueError, match="equal length"):
         ops.write_pixels(rows, tiles, torch.tensor([0, 1]), torch.tensor([0]))
+
+
+@given(data=st.data())
+@settings(deadline=None, max_examples=60)
+def test_weight_checksums_are_the_same_with_and_without_the_kernel(compiled, data):
+    """`fingerprints.tensor_checksums` sums every tensor's words in one compiled pass; the torch reductions (the
+    path off the CPU or without a build) must give the same checksums, for every word type and length."""
+    from sparsedit.fingerprints import tensor_checksums
+
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.uint8, torch.int16, torch.bool]
+    tensors = []
+    for _ in range(data.draw(st.integers(1, 6))):
+        n = data.draw(st.sampled_from([0, 1, 3, 1023, 1024, 1025, 2047, 16385, 40000]))
+        dtype = data.draw(st.sampled_from(dtypes))
+        t = torch.randn(n) * 100
+        t = t > 0 if dtype == torch.bool else t.to(dtype)
+        tensors.append(t)
+    got = tensor_checksums(tensors)
+    ops.set_backend_enabled("cpu-compiled", False)
+    try:
+        want = tensor_checksums(tensors)
+    finally:
+        ops.set_backend_enabled("cpu-compiled", True)
+    assert got == want

@@ -26,7 +26,7 @@ from ..dispatch import Backend, register_backend
 from ..reference import PADDING_MODES, ReferenceBackend
 
 
-__all__ = ["ACTIVATION_CODES", "CompiledCPUBackend", "build", "build_dir", "library_path", "load"]
+__all__ = ["ACTIVATION_CODES", "CompiledCPUBackend", "available", "build", "build_dir", "library_path", "load"]
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 
@@ -155,6 +155,13 @@ def _load() -> str | None:
     except (OSError, RuntimeError) as e:
         return f"{path.name} does not load ({e}): rebuild with `sparsedit build-ops --force`"
     return None
+
+
+def available() -> bool:
+    """Whether the compiled kernels can run in this process (built, loaded, not turned off)."""
+    from ..dispatch import _DISABLED
+
+    return "cpu-compiled" not in _DISABLED and load() is None
 
 
 _REFERENCE = ReferenceBackend()

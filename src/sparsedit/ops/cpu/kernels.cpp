@@ -298,6 +298,64 @@ at::Tensor write_pixels(at::Tensor& rows, const at::Tensor& tiles, const at::Ten
   return old;
 }
 
+// `fingerprints.tensor_checksums`' two sums of each tensor's integer words (1-D, contiguous; int64, int32, int16 or
+// uint8, sign- or zero-extended to 64 bits), laid out as rows of 1024: total = sum(w), and weighted = sum over the
+// full rows of (row + 1) * w + MIX * (column + 1) * w, plus (rows + 1) * (position + 1) * w over the last, partial
+// row; all modulo 2**64. Returns [n, 2] int64 (the same bits as the torch reductions in fingerprints.py).
+template <typename W>
+void word_sums(const W* w, int64_t n, uint64_t* out) {
+  constexpr int64_t kRow = 1024;
+  constexpr uint64_t kMix = 0x9E3779B97F4A7C15ull;
+  const int64_t rows = n / kRow;
+  struct Acc {
+    uint64_t total = 0, weighted = 0;
+  };
+  const int64_t grain = std::max<int64_t>(1, 262144 / kRow);
+  Acc full = at::parallel_reduce(
+      0, rows, grain, Acc{},
+      [&](int64_t begin, int64_t end, Acc acc) {
+        for (int64_t r = begin; r < end; ++r) {
+          const W* row = w + r * kRow;
+          uint64_t sum = 0, cols = 0;
+          for (int64_t c = 0; c < kRow; ++c) {
+            const uint64_t v = static_cast<uint64_t>(static_cast<int64_t>(row[c]));
+            sum += v;
+            cols += static_cast<uint64_t>(c + 1) * v;
+          }
+          acc.total += sum;
+          acc.weighted += static_cast<uint64_t>(r + 1) * sum + kMix * cols;
+        }
+        return acc;
+      },
+      [](Acc a, Acc b) { return Acc{a.total + b.total, a.weighted + b.weighted}; });
+  for (int64_t j = 0; j < n - rows * kRow; ++j) {
+    const uint64_t v = static_cast<uint64_t>(static_cast<int64_t>(w[rows * kRow + j]));
+    full.total += v;
+    full.weighted += static_cast<uint64_t>(rows + 1) * static_cast<uint64_t>(j + 1) * v;
+  }
+  out[0] = full.total;
+  out[1] = full.weighted;
+}
+
+at::Tensor checksums(at::TensorList words) {
+  const int64_t n = static_cast<int64_t>(words.size());
+  at::Tensor out = at::empty({n, 2}, at::TensorOptions().dtype(at::kLong));
+  auto* o = reinterpret_cast<uint64_t*>(out.mutable_data_ptr<int64_t>());
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& t = words[i];
+    TORCH_CHECK(t.dim() == 1 && t.is_contiguous() && t.device().is_cpu(),
+                "sparsedit_cpu.checksums: words must be contiguous 1-D CPU tensors");
+    switch (t.scalar_type()) {
+      case at::kLong: word_sums(t.const_data_ptr<int64_t>(), t.numel(), o + 2 * i); break;
+      case at::kInt: word_sums(t.const_data_ptr<int32_t>(), t.numel(), o + 2 * i); break;
+      case at::kShort: word_sums(t.const_data_ptr<int16_t>(), t.numel(), o + 2 * i); break;
+      case at::kByte: word_sums(t.const_data_ptr<uint8_t>(), t.numel(), o + 2 * i); break;
+      default: TORCH_CHECK(false, "sparsedit_cpu.checksums: words must be int64, int32, int16 or uint8");
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sparsedit_cpu, m) {
@@ -305,6 +363,7 @@ TORCH_LIBRARY(sparsedit_cpu, m) {
       "gather(Tensor x, Tensor origins, int th, int tw, Tensor? scale, Tensor? shift, int act, float slope, "
       "Tensor? weight, int pad) -> Tensor");
   m.def("scatter(Tensor(a!) out, Tensor tiles, Tensor origins, Tensor? residual) -> ()");
+  m.def("checksums(Tensor[] words) -> Tensor");
   m.def("write_pixels(Tensor(a!) rows, Tensor tiles, Tensor at, Tensor lin, Tensor? residual, bool keep_old) -> Tensor");
 }
 
@@ -312,4 +371,5 @@ TORCH_LIBRARY_IMPL(sparsedit_cpu, CPU, m) {
   m.impl("gather", TORCH_FN(gather));
   m.impl("scatter", TORCH_FN(scatter));
   m.impl("write_pixels", TORCH_FN(write_pixels));
+  m.impl("checksums", TORCH_FN(checksums));
 }
