@@ -47,3 +47,20 @@ def test_default_tiles_are_pixels_on_deep_wide_maps_only():
         1, 1, 1, 8, 8, 8,
     ]  # fmt: skip
     assert SparseConfig(tile_size={32: 4, 0: 2}).tile_for(32, 640) == 4 and SparseConfig(tile_size=4).tile_for(8) == 4
+
+
+def test_config_json_follows_every_change_of_a_field():
+    """`to_json` keeps its text between calls (the fingerprint asks before every forward); a changed field, a dict
+    field changed in place included, makes it again."""
+    import json
+
+    from sparsedit import SparseConfig
+
+    c = SparseConfig(tile_size={8: 4})
+    first = c.to_json()
+    assert c.to_json() is first
+    c.tile_size[8] = 2
+    assert json.loads(c.to_json())["tile_size"] == {"8": 2}
+    c.exact = True
+    assert json.loads(c.to_json())["exact"] is True
+    assert SparseConfig.from_json(c.to_json()) == c

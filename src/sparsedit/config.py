@@ -112,7 +112,18 @@ class _ConfigMixin:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        """The config as sorted JSON. A sparse run's fingerprint asks for it before every forward, so the text is
+        kept beside the config with a snapshot of its fields (a dict field copied), and made again only when a field
+        changed since (about 0.2 ms a call otherwise)."""
+        state = tuple(
+            (k, dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items() if k != "_json_memo"
+        )
+        memo = self.__dict__.get("_json_memo")
+        if memo is not None and memo[0] == state:
+            return memo[1]
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        self.__dict__["_json_memo"] = (state, text)
+        return text
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):

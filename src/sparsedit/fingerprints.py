@@ -224,16 +224,17 @@ def tensor_checksums(tensors: list[torch.Tensor]) -> list[int]:
     return out
 
 
-def _compiled_sums(words: list) -> torch.Tensor | None:
-    """The `[n, 2]` sums of every non-empty tensor's words in one pass of the compiled CPU kernel (`ops.cpu`), or
-    `None` where it cannot run (not built, turned off, a tensor off the CPU): then the torch reductions below, which
-    give the same bits."""
-    from .ops import cpu
+# A kernel that sums many tensors' words at once (`ops.cpu` registers its compiled one when built; None: torch's
+# reductions below, which give the same bits). Given the non-empty words, it returns their `[n, 2]` sums, or `None`
+# where it cannot run (turned off, a tensor off the CPU).
+SUMS_KERNEL = None
 
+
+def _compiled_sums(words: list) -> torch.Tensor | None:
     present = [w for w in words if w is not None]
-    if not present or any(w.device.type != "cpu" for w in present) or not cpu.available():
+    if not present or SUMS_KERNEL is None:
         return None
-    return torch.ops.sparsedit_cpu.checksums(present)
+    return SUMS_KERNEL(present)
 
 
 def _sums(words: torch.Tensor) -> torch.Tensor:

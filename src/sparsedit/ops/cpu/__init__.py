@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ... import fingerprints
 from ..dispatch import Backend, register_backend
 from ..reference import PADDING_MODES, ReferenceBackend
 
@@ -163,6 +164,16 @@ def available() -> bool:
 
     return "cpu-compiled" not in _DISABLED and load() is None
 
+
+def _checksum_sums(words: list) -> torch.Tensor | None:
+    """`fingerprints.tensor_checksums`' word sums of many tensors in one compiled pass (`checksums` in
+    kernels.cpp), or `None` where the kernel cannot run: then fingerprints' torch reductions, the same bits."""
+    if any(w.device.type != "cpu" for w in words) or not available():
+        return None
+    return torch.ops.sparsedit_cpu.checksums(words)
+
+
+fingerprints.SUMS_KERNEL = _checksum_sums
 
 _REFERENCE = ReferenceBackend()
 _CL = torch.channels_last
