@@ -234,9 +234,10 @@ class CompiledCPUBackend(Backend):
             rows.dtype != torch.float32
             or tiles.dtype != torch.float32
             or not rows.is_contiguous()
-            or (tiles.stride(1) != 1 and tiles.shape[1] > 1)  # (one channel: any layout reads the same)
             or (residual is not None and (residual.dtype != torch.float32 or not residual.is_contiguous()))
         ):
             return _REFERENCE.write_pixels(rows, tiles, at, lin, residual, keep_old)
+        if tiles.stride(1) != 1 and tiles.shape[1] > 1:  # (one channel: any layout reads the same)
+            tiles = tiles.contiguous(memory_format=_CL)  # the copy the reference's row view makes too
         old = torch.ops.sparsedit_cpu.write_pixels(rows, tiles, at.contiguous(), lin.contiguous(), residual, keep_old)
         return old if keep_old else None
