@@ -246,3 +246,21 @@ def test_weight_checksums_are_the_same_with_and_without_the_kernel(compiled, dat
     finally:
         ops.set_backend_enabled("cpu-compiled", True)
     assert got == want
+
+
+@given(data=st.data())
+@settings(deadline=None, max_examples=60)
+def test_scatter_tokens_matches_the_reference_bit_for_bit(compiled, data):
+    b, l, c = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 50)), data.draw(st.sampled_from([1, 5, 16, 33]))
+    k = data.draw(st.integers(0, b * l))
+    torch.manual_seed(data.draw(st.integers(0, 2**31)))
+    index = torch.randperm(b * l)[:k]
+    out = torch.randn(b, l, c)
+    tokens = torch.randn(k, c)
+    residual = torch.randn(b, l, c) if data.draw(st.booleans()) else None
+    got, want = out.clone(), out.clone()
+    compiled.scatter_tokens(got, tokens, index, residual)
+    REF.scatter_tokens(want, tokens, index, residual)
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="out of range"):
+        compiled.scatter_tokens(out, torch.zeros(1, c), torch.tensor([b * l]), None)

@@ -229,6 +229,16 @@ class CompiledCPUBackend(Backend):
             return _REFERENCE.scatter(out, tiles, origins, residual)
         torch.ops.sparsedit_cpu.scatter(out, tiles, origins.contiguous(), residual)
 
+    def scatter_tokens(self, out, tokens, index, residual):
+        if (
+            out.dtype != torch.float32
+            or tokens.dtype != torch.float32
+            or not tokens.is_contiguous()
+            or (residual is not None and (residual.dtype != torch.float32 or not residual.is_contiguous()))
+        ):
+            return _REFERENCE.scatter_tokens(out, tokens, index, residual)
+        torch.ops.sparsedit_cpu.scatter_tokens(out, tokens, index.contiguous(), residual)
+
     def write_pixels(self, rows, tiles, at, lin, residual, keep_old):
         if (
             rows.dtype != torch.float32

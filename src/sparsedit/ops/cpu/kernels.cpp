@@ -298,6 +298,36 @@ at::Tensor write_pixels(at::Tensor& rows, const at::Tensor& tiles, const at::Ten
   return old;
 }
 
+// Token rows: out[index[k]] = tokens[k] (+ residual[index[k]]), rows of C contiguous floats; parallel over rows.
+void scatter_tokens(at::Tensor& out, const at::Tensor& tokens, const at::Tensor& index,
+                    const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && tokens.scalar_type() == at::kFloat && out.is_contiguous() &&
+                  tokens.is_contiguous() && index.is_contiguous() && index.scalar_type() == at::kLong,
+              "sparsedit_cpu.scatter_tokens: contiguous float32 out and tokens, int64 index");
+  const int64_t C = out.size(-1), P = out.numel() / std::max<int64_t>(1, C), K = index.numel();
+  TORCH_CHECK(tokens.numel() == K * C, "sparsedit_cpu.scatter_tokens: tokens must be [len(index), C]");
+  TORCH_CHECK(!residual.has_value() || (residual->scalar_type() == at::kFloat && residual->is_contiguous() &&
+                                        residual->numel() == out.numel()),
+              "sparsedit_cpu.scatter_tokens: residual must be contiguous float32 shaped like out");
+  const int64_t* ip = index.const_data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK(ip[k] >= 0 && ip[k] < P, "sparsedit_cpu.scatter_tokens: index ", ip[k], " out of range (", P, ")");
+  }
+  float* op = out.mutable_data_ptr<float>();
+  const float* tp = tokens.const_data_ptr<float>();
+  const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
+  at::parallel_for(0, K, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      float* d = op + ip[k] * C;
+      if (rp == nullptr) {
+        std::memcpy(d, tp + k * C, sizeof(float) * C);
+      } else {
+        at::vec::map2([](Vec a, Vec b) { return a + b; }, d, tp + k * C, rp + ip[k] * C, C);
+      }
+    }
+  });
+}
+
 // `fingerprints.tensor_checksums`' two sums of each tensor's integer words (1-D, contiguous; int64, int32, int16 or
 // uint8, sign- or zero-extended to 64 bits), laid out as rows of 1024: total = sum(w), and weighted = sum over the
 // full rows of (row + 1) * w + MIX * (column + 1) * w, plus (rows + 1) * (position + 1) * w over the last, partial
@@ -364,6 +394,7 @@ TORCH_LIBRARY(sparsedit_cpu, m) {
       "Tensor? weight, int pad) -> Tensor");
   m.def("scatter(Tensor(a!) out, Tensor tiles, Tensor origins, Tensor? residual) -> ()");
   m.def("checksums(Tensor[] words) -> Tensor");
+  m.def("scatter_tokens(Tensor(a!) out, Tensor tokens, Tensor index, Tensor? residual) -> ()");
   m.def("write_pixels(Tensor(a!) rows, Tensor tiles, Tensor at, Tensor lin, Tensor? residual, bool keep_old) -> Tensor");
 }
 
@@ -372,4 +403,5 @@ TORCH_LIBRARY_IMPL(sparsedit_cpu, CPU, m) {
   m.impl("scatter", TORCH_FN(scatter));
   m.impl("write_pixels", TORCH_FN(write_pixels));
   m.impl("checksums", TORCH_FN(checksums));
+  m.impl("scatter_tokens", TORCH_FN(scatter_tokens));
 }
