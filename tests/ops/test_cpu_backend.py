@@ -264,3 +264,29 @@ def test_scatter_tokens_matches_the_reference_bit_for_bit(compiled, data):
     assert torch.equal(got, want)
     with pytest.raises(RuntimeError, match="out of range"):
         compiled.scatter_tokens(out, torch.zeros(1, c), torch.tensor([b * l]), None)
+
+
+def test_pooled_outputs_never_alias_a_live_tensor(compiled):
+    """Large gathers reuse buffers no tensor references any more: while a result (or a view of it) lives, later
+    gathers get other memory, and writing into one result never changes another."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 64, 64).contiguous(memory_format=torch.channels_last)
+    org = torch.stack(
+        [torch.zeros(200, dtype=torch.long), torch.randint(-2, 62, (200,)), torch.randint(-2, 62, (200,))], 1
+    )
+    want = REF.gather(x, org, 6, 6, None, None, "relu", 0.0, False, (), None, "zeros")
+    held = [compiled.gather(x, org, 6, 6, None, None, "relu", 0.0, False, (), None, "zeros") for _ in range(3)]
+    view = held[0][:, :1]
+    del held[0]
+    more = [compiled.gather(x, org, 6, 6, None, None, "relu", 0.0, False, (), None, "zeros") for _ in range(3)]
+    storages = {t.untyped_storage().data_ptr() for t in [view, *held, *more]}
+    assert len(storages) == 6
+    for t in [*held, *more]:
+        t.add_(1)
+    assert torch.equal(view, want[:, :1])
+    assert cpu.pool_bytes() >= 6 * want.numel() * 4
+    del view, held, more
+    cpu.release_pool()
+    assert cpu.pool_bytes() == 0
+    again = compiled.gather(x, org, 6, 6, None, None, "relu", 0.0, False, (), None, "zeros")
+    assert torch.equal(again, want)

@@ -27,7 +27,17 @@ from ..dispatch import Backend, register_backend
 from ..reference import PADDING_MODES, ReferenceBackend
 
 
-__all__ = ["ACTIVATION_CODES", "CompiledCPUBackend", "available", "build", "build_dir", "library_path", "load"]
+__all__ = [
+    "ACTIVATION_CODES",
+    "CompiledCPUBackend",
+    "available",
+    "build",
+    "build_dir",
+    "library_path",
+    "load",
+    "pool_bytes",
+    "release_pool",
+]
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 
@@ -163,6 +173,18 @@ def available() -> bool:
     from ..dispatch import _DISABLED
 
     return "cpu-compiled" not in _DISABLED and load() is None
+
+
+def pool_bytes() -> int:
+    """Bytes held by the kernels' pool of large output buffers (see `kernels.cpp`; `SPARSEDIT_OPS_POOL_MB` caps it,
+    default 1024, 0 turns it off); 0 without a build."""
+    return torch.ops.sparsedit_cpu.pool_bytes(torch.empty(0), False) if load() is None else 0
+
+
+def release_pool() -> None:
+    """Let go of the pool's buffers (those still in use are freed with their tensors)."""
+    if load() is None:
+        torch.ops.sparsedit_cpu.pool_bytes(torch.empty(0), True)
 
 
 def _checksum_sums(words: list) -> torch.Tensor | None:
