@@ -17,6 +17,37 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+_OPS = ("gather", "scatter", "write_pixels", "gather_tokens", "scatter_tokens")
+
+
+def _choices(probe: list[torch.Tensor]) -> list[str]:
+    """Which backend runs each op for each device and floating dtype here, and why the ones tried before it do not
+    (the dispatcher's own choice and reasons)."""
+    lines = ["which backend runs each op (and why the ones before it do not):"]
+    for device in probe:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            t = torch.empty(1, 1, 1, 1, dtype=dtype, device=device.device)
+            for op in _OPS:
+                declined = []
+                for backend in ops.backends():
+                    reasons = backend.not_supported_reasons(op, [t, t])
+                    if not reasons:
+                        why = f" ({'; '.join(declined)})" if declined else ""
+                        lines.append(f"  {op:<15}{device.device.type:<5}{str(dtype).replace('torch.', ''):<9}"
+                                     f"{backend.name}{why}")  # fmt: skip
+                        break
+                    declined.append(f"{backend.name}: {', '.join(reasons)}")
+    compiled = next((b for b in ops.backends() if b.name == "cpu-compiled"), None)
+    if compiled is not None and compiled.unavailable_reason() is None:
+        from .ops.cpu import ACTIVATION_CODES
+
+        lines.append(
+            "  cpu-compiled computes the gather's prologue for the activations "
+            f"{', '.join(ACTIVATION_CODES)}; others go to the reference backend inside the same call"
+        )
+    return lines
+
+
 def info_text() -> str:
     from . import __version__
 
@@ -42,6 +73,8 @@ def info_text() -> str:
         devices = [t.device.type for t in probe if not backend.not_supported_reasons("gather", [t])]
         dtypes = ", ".join(str(d).replace("torch.", "") for d in backend.dtypes)
         lines.append(f"  {backend.name:<12} ready on {', '.join(devices) or 'no device here'} ({dtypes})")
+    lines.append("")
+    lines.extend(_choices(probe))
     from .adapters.pipelines import supported_pipelines
 
     lines.append("")

@@ -290,3 +290,14 @@ def test_pooled_outputs_never_alias_a_live_tensor(compiled):
     assert cpu.pool_bytes() == 0
     again = compiled.gather(x, org, 6, 6, None, None, "relu", 0.0, False, (), None, "zeros")
     assert torch.equal(again, want)
+
+
+def test_info_says_which_backend_runs_each_op_and_why(compiled):
+    from sparsedit.info import info_text
+
+    text = info_text()
+    lines = {" ".join(line.split()[:3]): line for line in text.splitlines() if line.startswith("  ")}
+    assert lines["gather cpu float32"].split()[3] == "cpu-compiled"
+    bf16 = lines["gather cpu bfloat16"]
+    assert bf16.split()[3] == "reference" and "cpu-compiled: dtype torch.bfloat16" in bf16
+    assert "does not implement gather_tokens" in lines["gather_tokens cpu float32"]
