@@ -301,3 +301,20 @@ def test_info_says_which_backend_runs_each_op_and_why(compiled):
     bf16 = lines["gather cpu bfloat16"]
     assert bf16.split()[3] == "reference" and "cpu-compiled: dtype torch.bfloat16" in bf16
     assert "does not implement gather_tokens" in lines["gather_tokens cpu float32"]
+
+
+def test_pooled_outputs_follow_inference_mode(compiled):
+    """A buffer made under `torch.inference_mode` is never handed out outside it (in-place writes into an inference
+    tensor fail there), and a result made outside it can be written in place."""
+    x = torch.randn(1, 64, 64, 64).contiguous(memory_format=torch.channels_last)
+    org = torch.stack(
+        [torch.zeros(200, dtype=torch.long), torch.randint(-2, 62, (200,)), torch.randint(-2, 62, (200,))], 1
+    )
+    cpu.release_pool()
+    with torch.inference_mode():
+        compiled.gather(x, org, 6, 6, None, None, "relu", 0.0, False, (), None, "zeros").add_(1)
+    out = compiled.gather(x, org, 6, 6, None, None, "relu", 0.0, False, (), None, "zeros")
+    assert not out.is_inference()
+    out.add_(1)
+    with torch.inference_mode():
+        assert compiled.gather(x, org, 6, 6, None, None, "relu", 0.0, False, (), None, "zeros").is_inference()

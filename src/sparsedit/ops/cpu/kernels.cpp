@@ -7,6 +7,7 @@
 // Layout: feature maps are channels-last ([B, H, W, C] in memory), tiles are returned as [N, th, tw, C].
 
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -49,7 +50,10 @@ at::Tensor pooled_empty(at::IntArrayRef sizes) {
   std::lock_guard<std::mutex> lock(pool_mutex);
   for (size_t i = 0; i < pool.size(); ++i) {
     at::Tensor& b = pool[i];
-    if (b.storage().use_count() == 1 && b.numel() >= numel && b.numel() <= 2 * numel) {
+    // (an inference tensor made under `torch.inference_mode` must not come back outside it, where writing into it
+    // in place is an error, nor a normal one inside it)
+    if (b.storage().use_count() == 1 && b.numel() >= numel && b.numel() <= 2 * numel &&
+        b.is_inference() == c10::InferenceMode::is_enabled()) {
       at::Tensor buf = b;
       pool.erase(pool.begin() + static_cast<std::ptrdiff_t>(i));
       pool.push_back(buf);  // most recently used last
