@@ -203,8 +203,8 @@ def test_controlnet_weights_are_checked_once_per_edit_and_a_change_is_refused(pi
     try:
         editor.capture(image=x, control_image=c, generator=gen(), **KW)
         calls = []
-        real = spatial.module_fingerprint
-        monkeypatch.setattr(spatial, "module_fingerprint", lambda model: calls.append(model) or real(model))
+        real = spatial.weights_identity
+        monkeypatch.setattr(spatial, "weights_identity", lambda model: calls.append(model) or real(model))
         editor.edit(control_image=painted(c), output_type="pt", commit=False)
         # One walk over the weights' identity per model per edit (the UNet and the ControlNet at their first sparse step), not per step.
         assert sum(m is pipe.controlnet for m in calls) == 1 and sum(m is pipe.unet for m in calls) == 1

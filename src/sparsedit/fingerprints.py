@@ -121,8 +121,13 @@ def run_fingerprint(model: torch.nn.Module, x: torch.Tensor, config_json: str, w
         "training": model.training,
     }
     if weights:
-        out[WEIGHTS] = _Identity(module_fingerprint(model))
+        out[WEIGHTS] = weights_identity(model)
     return out
+
+
+def weights_identity(model: torch.nn.Module) -> _Identity:
+    """The `WEIGHTS` field of `run_fingerprint`: `module_fingerprint`, shown in errors by what it is."""
+    return _Identity(module_fingerprint(model))
 
 
 def scheduler_fingerprint(scheduler) -> tuple:
@@ -184,6 +189,10 @@ def tensor_checksum(t: torch.Tensor) -> int:
     return tensor_checksums([t])[0]
 
 
+# A kernel that sums many tensors' words at once (`ops.cpu` registers its compiled one when built; None: torch's
+# reductions, which give the same bits). Given the non-empty tensors' words, it returns their `[n, 2]` sums, or `None`
+# where it cannot run (turned off, a tensor off the CPU).
+SUMS_KERNEL = None
 _BATCHED_WORDS = 1 << 14  # tensors of at most this many words are checksummed together (`tensor_checksums`)
 _ROW = 1024
 
@@ -195,46 +204,29 @@ def tensor_checksums(tensors: list[torch.Tensor]) -> list[int]:
     a few operations. A model's hundreds of biases and norm weights then cost a few operations instead of a dozen
     each (scene-sd's 513 tensors, 2 threads: 34 -> 21 ms, the same values)."""
     sums: list[tuple[list[int], torch.Tensor]] = []  # (tensor indices, their [n, 2] int64 sums)
-    groups: dict[tuple, list] = {}
-    all_words = [
-        None
-        if t.numel() == 0
-        else _words(t.detach().reshape(-1) if t.is_contiguous() else t.detach().contiguous().reshape(-1))
-        for t in tensors
-    ]
-    compiled = _compiled_sums(all_words)
-    for i, words in enumerate(all_words):
-        if words is None:
-            sums.append(([i], torch.zeros(1, 2, dtype=torch.int64)))
-            continue
-        if compiled is not None:
-            continue
-        if words.numel() > _BATCHED_WORDS:
-            sums.append(([i], _sums(words)[None]))
-        else:
-            groups.setdefault((words.dtype, words.device, words.numel() > _ROW), []).append((i, words))
-    for (_, device, _), items in groups.items():
-        sums.append(([i for i, _ in items], _grid_sums([w for _, w in items], device)))
+    words = {
+        i: _words(t.detach().reshape(-1) if t.is_contiguous() else t.detach().contiguous().reshape(-1))
+        for i, t in enumerate(tensors)
+        if t.numel()
+    }
+    sums += [([i], torch.zeros(1, 2, dtype=torch.int64)) for i, t in enumerate(tensors) if not t.numel()]
+    compiled = SUMS_KERNEL(list(words.values())) if words and SUMS_KERNEL is not None else None
     if compiled is not None:
-        sums.append(([i for i, w in enumerate(all_words) if w is not None], compiled))
+        sums.append((list(words), compiled))
+    else:
+        groups: dict[tuple, list] = {}
+        for i, w in words.items():
+            if w.numel() > _BATCHED_WORDS:
+                sums.append(([i], _sums(w)[None]))
+            else:
+                groups.setdefault((w.dtype, w.device, w.numel() > _ROW), []).append((i, w))
+        for (_, device, _), items in groups.items():
+            sums.append(([i for i, _ in items], _grid_sums([w for _, w in items], device)))
     values = torch.cat([v.cpu() for _, v in sums]).tolist() if sums else []
     out: list[int] = [0] * len(tensors)
     for i, (total, weighted) in zip((i for idx, _ in sums for i in idx), values, strict=True):
         out[i] = _mixed(tuple(tensors[i].shape), tensors[i].dtype, total % 2**64, weighted % 2**64)
     return out
-
-
-# A kernel that sums many tensors' words at once (`ops.cpu` registers its compiled one when built; None: torch's
-# reductions below, which give the same bits). Given the non-empty words, it returns their `[n, 2]` sums, or `None`
-# where it cannot run (turned off, a tensor off the CPU).
-SUMS_KERNEL = None
-
-
-def _compiled_sums(words: list) -> torch.Tensor | None:
-    present = [w for w in words if w is not None]
-    if not present or SUMS_KERNEL is None:
-        return None
-    return SUMS_KERNEL(present)
 
 
 def _sums(words: torch.Tensor) -> torch.Tensor:

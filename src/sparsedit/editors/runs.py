@@ -157,7 +157,7 @@ class EditRun:
         self.unet_time = defaultdict(float)
         self.reasons = {}  # why UNet steps ran as plain dense forwards
         self.checked = {"unet": False, "controlnet": False}  # whether a step compared the fingerprint yet
-        self.plain = None  # (MACs, reason) once an uncommitted step ran as the plain UNet: see `run_unet`
+        self.plain_macs = None  # a step's MACs once an uncommitted step ran as the plain UNet: see `run_unet`
         self.per_step_macs = 0
         self.start, self.detect_seconds = 0, 0.0
         self._pixels = None  # `pixels()`, once `keep` is final
@@ -203,18 +203,17 @@ class EditRun:
 
     def run_unet(self, i, call_unet, regions=None):
         loop, unet = self.loop, self.loop.unet
-        if self.plain is not None:
+        if self.plain_macs is not None:
             # The UNet's sparse-or-plain choice depends on this edit's region, the config and the calibration alone
             # (never on the step), so an uncommitted edit whose step ran as the plain UNet runs every later step so:
             # the same call without the per-step work of deciding it again (the cache check, the region, the stats:
             # about 1 ms a step on a small UNet). Committing edits, ControlNet's per-step regions and temporal reuse
             # take the full path.
-            macs, reason = self.plain
             started = time.perf_counter()
             out = call_unet()
             self.unet_time["other"] += time.perf_counter() - started
-            self.totals["macs_dense"] += macs
-            self.totals["macs_sparse"] += macs
+            self.totals["macs_dense"] += self.plain_macs
+            self.totals["macs_sparse"] += self.plain_macs
             self.totals["dense_steps"] += 1
             return out
         if self.prefetching and i + 1 < len(self.cap.timesteps):
@@ -243,7 +242,7 @@ class EditRun:
         if stats["dense_run"] is not None:
             self.reasons[stats["dense_run"]] = None
             if not self.commit and regions is None and loop.temporal is None and loop.controlnet is None:
-                self.plain = (stats["macs_dense"], stats["dense_run"])
+                self.plain_macs = stats["macs_dense"]
         return out
 
     def run_dense(self, i, call_unet):

@@ -11,7 +11,15 @@ from collections.abc import Callable
 import torch
 
 
-__all__ = ["Backend", "NoBackendError", "backends", "register_backend", "select_backend", "set_backend_enabled"]
+__all__ = [
+    "Backend",
+    "NoBackendError",
+    "backend_enabled",
+    "backends",
+    "register_backend",
+    "select_backend",
+    "set_backend_enabled",
+]
 
 
 class NoBackendError(RuntimeError):
@@ -76,6 +84,11 @@ def set_backend_enabled(name: str, enabled: bool) -> None:
     else:
         _DISABLED.add(name)
     _CHOSEN.clear()
+
+
+def backend_enabled(name: str) -> bool:
+    """Whether `set_backend_enabled` left this backend on."""
+    return name not in _DISABLED
 
 
 def backends() -> list[Backend]:

@@ -12,15 +12,7 @@ from torch.utils._pytree import tree_map
 
 from ..cache import StaleCacheError
 from ..config import SparseConfig
-from ..fingerprints import (
-    WEIGHTS,
-    _Identity,
-    adapter_state,
-    changed_tensors,
-    module_fingerprint,
-    run_fingerprint,
-    weights_checksum,
-)
+from ..fingerprints import WEIGHTS, adapter_state, changed_tensors, run_fingerprint, weights_checksum, weights_identity
 from ..nn.state import Mode, SparseState
 from ..nn.tracking import RegionTracking
 from ..regions import as_region, difference_mask, dilate
@@ -137,15 +129,15 @@ def make_pre_hook(model: nn.Module, att: Attachment):
             if att.check_weights and (not dense or st.commit):
                 # The weights' identity (a walk over every parameter): an uncommitted plain forward reads no cached
                 # activation, so only a sparse run or a committing one (which refreshes the cache) needs it.
-                _check_weights(model, att, now)
+                now = _check_weights(model, att, now)
             if dense:
                 # Too large to pay, or calibrated not to pay: one plain dense forward (a committing edit refreshes
                 # the cache with it).
                 att.dense_run = dense
                 # Uncommitted: the plain forward (no handler does anything), so it costs what dense costs.
                 st.mode = Mode.CAPTURE if st.commit else None
-                if st.commit:
-                    st.cache.fingerprint = run_fingerprint(model, x, st.config.to_json())
+                if st.commit:  # (the fingerprint just checked, when the weights were)
+                    st.cache.fingerprint = now if att.check_weights else run_fingerprint(model, x, st.config.to_json())
                 return None
             st.set_region(x, region)
             tag_inputs(st, att, kwargs)
@@ -171,13 +163,13 @@ def weights_content(model: nn.Module) -> dict[str, int]:
     return weights_checksum({type(model).__name__: model})[type(model).__name__]
 
 
-def _check_weights(model: nn.Module, att: Attachment, now: dict) -> None:
-    """Refuse a sparse run whose weights differ from the capture's (`now`: the rest of this run's fingerprint, already
-    checked). The weights are compared by identity (storage address and version counter: no reads); when that
-    differs, by content, so weights restored to the captured bits (e.g. `load_state_dict` of the same values) are
-    accepted again and the new identity adopted."""
+def _check_weights(model: nn.Module, att: Attachment, now: dict) -> dict:
+    """Refuse a run whose weights differ from the capture's (`now`: the rest of this run's fingerprint, already
+    checked); return the whole fingerprint. The weights are compared by identity (storage address and version
+    counter: no reads); when that differs, by content, so weights restored to the captured bits (e.g.
+    `load_state_dict` of the same values) are accepted again and the new identity adopted."""
     st = att.state
-    now = {**now, WEIGHTS: _Identity(module_fingerprint(model))}
+    now = {**now, WEIGHTS: weights_identity(model)}
     captured = st.cache.fingerprint
     if captured is not None and captured.get(WEIGHTS) != now[WEIGHTS] and att.weights is not None:
         name = type(model).__name__
@@ -190,7 +182,8 @@ def _check_weights(model: nn.Module, att: Attachment, now: dict) -> None:
                 "activations; restore them, or capture again with `sparsedit.capturing(model)`."
             )
         captured[WEIGHTS] = now[WEIGHTS]  # the captured bits are back: edits may use the cache again
-    st.cache.check(now)
+    st.cache.check({WEIGHTS: now[WEIGHTS]})
+    return now
 
 
 def _region_tree(st: SparseState, output):

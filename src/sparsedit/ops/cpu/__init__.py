@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ... import fingerprints
-from ..dispatch import Backend, register_backend
+from ..dispatch import Backend, backend_enabled, register_backend
 from ..reference import PADDING_MODES, ReferenceBackend
 
 
@@ -170,9 +170,7 @@ def _load() -> str | None:
 
 def available() -> bool:
     """Whether the compiled kernels can run in this process (built, loaded, not turned off)."""
-    from ..dispatch import _DISABLED
-
-    return "cpu-compiled" not in _DISABLED and load() is None
+    return backend_enabled(CompiledCPUBackend.name) and load() is None
 
 
 def pool_bytes() -> int:
@@ -201,6 +199,15 @@ _REFERENCE = ReferenceBackend()
 _CL = torch.channels_last
 
 
+def _float32(*tensors) -> bool:
+    """Every given tensor (`None`s skipped) is float32: what the kernels compute."""
+    return all(t is None or t.dtype == torch.float32 for t in tensors)
+
+
+def _contiguous(t) -> bool:
+    return t is None or t.is_contiguous()
+
+
 @register_backend
 class CompiledCPUBackend(Backend):
     """`gather` with its prologue and `scatter` with its residual, each one pass over the tiles in C++."""
@@ -216,7 +223,7 @@ class CompiledCPUBackend(Backend):
     def gather(self, x, origins, th, tw, scale, shift, activation, slope, poison, params, weight, padding_mode):
         code = ACTIVATION_CODES.get(activation)
         n = origins.shape[0]
-        if code is None or n == 0 or x.dtype != torch.float32:
+        if code is None or n == 0 or not _float32(x):
             return _REFERENCE.gather(
                 x, origins, th, tw, scale, shift, activation, slope, poison, params, weight, padding_mode
             )
@@ -241,8 +248,7 @@ class CompiledCPUBackend(Backend):
 
     def scatter(self, out, tiles, origins, residual):
         if (
-            out.dtype != torch.float32
-            or tiles.dtype != torch.float32
+            not _float32(out, tiles)
             or tiles.shape[0] == 0
             or tiles.stride(1) != 1
             or not out.is_contiguous(memory_format=_CL)
@@ -252,22 +258,12 @@ class CompiledCPUBackend(Backend):
         torch.ops.sparsedit_cpu.scatter(out, tiles, origins.contiguous(), residual)
 
     def scatter_tokens(self, out, tokens, index, residual):
-        if (
-            out.dtype != torch.float32
-            or tokens.dtype != torch.float32
-            or not tokens.is_contiguous()
-            or (residual is not None and (residual.dtype != torch.float32 or not residual.is_contiguous()))
-        ):
+        if not _float32(out, tokens, residual) or not tokens.is_contiguous() or not _contiguous(residual):
             return _REFERENCE.scatter_tokens(out, tokens, index, residual)
         torch.ops.sparsedit_cpu.scatter_tokens(out, tokens, index.contiguous(), residual)
 
     def write_pixels(self, rows, tiles, at, lin, residual, keep_old):
-        if (
-            rows.dtype != torch.float32
-            or tiles.dtype != torch.float32
-            or not rows.is_contiguous()
-            or (residual is not None and (residual.dtype != torch.float32 or not residual.is_contiguous()))
-        ):
+        if not _float32(rows, tiles, residual) or not rows.is_contiguous() or not _contiguous(residual):
             return _REFERENCE.write_pixels(rows, tiles, at, lin, residual, keep_old)
         if tiles.stride(1) != 1 and tiles.shape[1] > 1:  # (one channel: any layout reads the same)
             tiles = tiles.contiguous(memory_format=_CL)  # the copy the reference's row view makes too
