@@ -256,6 +256,15 @@ at::Tensor gather(const at::Tensor& x, const at::Tensor& origins, int64_t th, in
   return out;
 }
 
+// dst = src (+ res when given): one pixel's C channels, the residual add in the order the reference adds.
+inline void write_row(float* dst, const float* src, const float* res, int64_t C) {
+  if (res == nullptr) {
+    std::memcpy(dst, src, sizeof(float) * C);
+  } else {
+    at::vec::map2([](Vec a, Vec b) { return a + b; }, dst, src, res, C);
+  }
+}
+
 // out[b, :, y + i, x0 + j] = tiles[n, :, i, j] (+ residual[b, :, y + i, x0 + j]); tiles lie inside the image.
 void scatter(at::Tensor& out, const at::Tensor& tiles, const at::Tensor& origins,
              const std::optional<at::Tensor>& residual) {
@@ -299,14 +308,7 @@ void scatter(at::Tensor& out, const at::Tensor& tiles, const at::Tensor& origins
         continue;
       }
       for (int64_t j = 0; j < tw; ++j) {
-        const float* s = src + j * sj;
-        float* d = dst + j * C;
-        if (rp == nullptr) {
-          std::memcpy(d, s, sizeof(float) * C);
-        } else {
-          const float* res = rp + off + j * C;
-          at::vec::map2([](Vec a, Vec b) { return a + b; }, d, s, res, C);
-        }
+        write_row(dst + j * C, src + j * sj, rp == nullptr ? nullptr : rp + off + j * C, C);
       }
     }
   });
@@ -352,12 +354,7 @@ at::Tensor write_pixels(at::Tensor& rows, const at::Tensor& tiles, const at::Ten
     for (int64_t k = begin; k < end; ++k) {
       const int64_t m = ap[k], pix = m % (th * tw);
       const float* src = tp + (m / (th * tw)) * sn + (pix / tw) * si + (pix % tw) * sj;
-      float* dst = rp + lp[k] * C;
-      if (res == nullptr) {
-        std::memcpy(dst, src, sizeof(float) * C);
-      } else {
-        at::vec::map2([](Vec a, Vec b) { return a + b; }, dst, src, res + lp[k] * C, C);
-      }
+      write_row(rp + lp[k] * C, src, res == nullptr ? nullptr : res + lp[k] * C, C);
     }
   });
   return old;
@@ -383,12 +380,7 @@ void scatter_tokens(at::Tensor& out, const at::Tensor& tokens, const at::Tensor&
   const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
   at::parallel_for(0, K, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      float* d = op + ip[k] * C;
-      if (rp == nullptr) {
-        std::memcpy(d, tp + k * C, sizeof(float) * C);
-      } else {
-        at::vec::map2([](Vec a, Vec b) { return a + b; }, d, tp + k * C, rp + ip[k] * C, C);
-      }
+      write_row(op + ip[k] * C, tp + k * C, rp == nullptr ? nullptr : rp + ip[k] * C, C);
     }
   });
 }
