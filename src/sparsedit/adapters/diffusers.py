@@ -104,6 +104,7 @@ class SpatialAttentionHandler(SparseHandler):
     """
 
     kind = "attention"
+    sets_own_region = True  # the scatter tags the buffer; a plain run's output counts as changed everywhere
 
     @property
     def covers_map(self) -> bool:

@@ -26,6 +26,7 @@ from ..config import SparseConfig
 from ..nn.base import Prologue, SparseHandler, handler_of, register_handler
 from ..nn.blocks import Add, _no_store
 from ..nn.state import LayerRecord, Mode
+from ..nn.tracking import tracked_call, untracked
 from ..regions import Geometry
 from .labels import encode_labels
 
@@ -351,11 +352,15 @@ class SPADEHandler(SparseHandler):
         return out
 
     def sparse(self, x, segmap):
+        with untracked():  # every map's region is set by the handlers; the label map's resize is tagged here
+            return self._sparse(x, segmap)
+
+    def _sparse(self, x, segmap):
         st = self.state
         key = st.key(self.name)
         buf = self.buffer(key)
         if segmap.shape[-2:] != x.shape[-2:]:
-            segmap = F.interpolate(segmap, size=x.shape[-2:], mode="nearest")  # region tracking follows it
+            segmap = tracked_call(st, F.interpolate, segmap, size=x.shape[-2:], mode="nearest")
         hidden = self.shared.sparse(segmap)
         st.key(self.relu.name)  # the ReLU (folded into the gathers below) takes its call index, as in the capture
         gamma = self.gamma.sparse(hidden, _RELU)
@@ -410,6 +415,10 @@ class SPADEResnetBlockHandler(SparseHandler):
         return self.original(x, seg)
 
     def sparse(self, x, seg):
+        with untracked():  # its parts set their outputs' regions
+            return self._sparse(x, seg)
+
+    def _sparse(self, x, seg):
         st, p = self.state, self.parts
         actvn = p["actvn"].name
         x_s = p["conv_s"].sparse(p["norm_s"].sparse(x, seg)) if "conv_s" in p else x

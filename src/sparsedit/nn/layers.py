@@ -48,6 +48,7 @@ class WindowedHandler(SparseHandler):
     """A sliding-window layer: output tiles read input tiles with a halo, computed with padding 0."""
 
     consumes_prologue = True
+    sets_own_region = True
     geometry: Geometry
     padding_mode = "zeros"  # what the halo reads past the border: see `ops.gather`
 
@@ -301,6 +302,7 @@ class PointwiseHandler(SparseHandler):
 
     pointwise = True
     consumes_prologue = True
+    sets_own_region = True
     affine = False  # a per-channel affine (True) or an activation (False), for static fusion planning
     # Deferred (a model's output head, see `spatial._defer_heads`): the capture stores no output, and a sparse run
     # returns a `LazyPointwise` that the next windowed layer folds into its gather.
@@ -598,6 +600,7 @@ class ConvTransposeHandler(SparseHandler):
 
     kind = "conv"
     consumes_prologue = True
+    sets_own_region = True
 
     def check_supported(self):
         m = self.module
@@ -691,6 +694,7 @@ class PadHandler(SparseHandler):
 
     kind = "pad"
     consumes_prologue = True
+    sets_own_region = True
     _MODES = {nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate"}
 
     def capture(self, key, out, *args, **kwargs):
@@ -721,6 +725,7 @@ class _UpscaleHandler(SparseHandler):
     of `tile` pixels (a multiple of the factor)."""
 
     consumes_prologue = True
+    sets_own_region = True
 
     def factor(self, x, buf) -> int:
         raise NotImplementedError

@@ -57,6 +57,12 @@ def untracked():
         torch._C._push_on_torch_function_stack(mode)
 
 
+def tracked_call(state: SparseState, func, *args, **kwargs):
+    """`func(*args, **kwargs)` with its output's region tagged as the tracking mode would tag it: for a handler that
+    runs untracked but calls one glue op whose region it wants followed (SPADE's label-map resize)."""
+    return RegionTracking(state).__torch_function__(func, (), args, kwargs)
+
+
 def _tensors(args, kwargs) -> list[torch.Tensor]:
     """Tensors among the arguments, one level into lists and tuples (cheaper than a full pytree flatten)."""
     found = []

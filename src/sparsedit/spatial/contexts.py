@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 
@@ -173,6 +172,20 @@ def _probe_region(x: torch.Tensor, fraction: float, config: SparseConfig) -> tor
     return region
 
 
+# A calibration spends about `_CALIBRATION_BUDGET` seconds per forward kind on models faster than `_SLOW_FORWARD`
+# (between 2 and `_MAX_RUNS` runs each); slower models get one run of each, as a capture of SD 1.5 at 512 px
+# cannot afford more.
+_CALIBRATION_BUDGET = 0.25
+_SLOW_FORWARD = 0.5
+_MAX_RUNS = 5
+
+
+def _budget_runs(dense_seconds: float) -> int:
+    if dense_seconds >= _SLOW_FORWARD:
+        return 1
+    return max(2, min(_MAX_RUNS, int(_CALIBRATION_BUDGET / max(dense_seconds, 1e-6))))
+
+
 def _measure(model: nn.Module, att: Attachment, args, kwargs, scope_key, key: str, about: str) -> Calibration:
     """Time one plain dense forward and uncommitted sparse forwards at the probe regions on the captured call; the
     cache, the records and the statistics are left as the capture left them."""
@@ -189,30 +202,37 @@ def _measure(model: nn.Module, att: Attachment, args, kwargs, scope_key, key: st
     att.probing = True
     try:
         # Mode None: the plain forward, without autograd as the sparse runs are (with it, SD 1.5's UNet at 512 px
-        # measured 1.4-2.2x slower, which made sparse look cheaper than it is). A fast model is measured twice, the
-        # best kept.
-        dense = math.inf
-        for _ in range(2):
+        # measured 1.4-2.2x slower, which made sparse look cheaper than it is). Each time is the best of several runs:
+        # this machine's noise only ever adds time, and the best run is what the model costs. A model under
+        # `_SLOW_FORWARD` seconds gets `_budget_runs` runs of each (dense before and after the probes, a warm-up run
+        # in each probe's context first: its first run meets new tile counts, which later edits of the same plan do
+        # not), so a calibration of a 25 ms model is not decided by one slow sample.
+        def dense_run() -> float:
             hooks.synchronize(x)
             started = time.perf_counter()
             with torch.no_grad():
                 model(*args, **kwargs)
             hooks.synchronize(x)  # on CUDA, the kernels and not only their launches (the probes sync the same way)
-            dense = min(dense, time.perf_counter() - started)
-            if dense >= 0.5:
-                break
-        repeats = 2 if dense < 0.5 else 1
+            return time.perf_counter() - started
+
+        dense = dense_run()
+        repeats = _budget_runs(dense)
+        for _ in range(repeats - 1):
+            dense = min(dense, dense_run())
         probes = []
         for fraction in PROBE_FRACTIONS:
             region = _probe_region(x, fraction, st.config)
             best = None
             with editing(model, region=region, check_weights=False, input_regions=unchanged or None):
-                for _ in range(repeats):
+                for i in range(repeats + (repeats > 1)):
                     model(*args, **kwargs)
                     # The plan is built once per edit, for all its steps: the run itself is what compares with dense.
                     run = att.seconds - time_breakdown(st.records, att.seconds)["plan"]
-                    best = run if best is None else min(best, run)
+                    if i or repeats == 1:  # the first of several is the warm-up
+                        best = run if best is None else min(best, run)
             probes.append((reach_fraction(region, st.config), best))
+        for _ in range(repeats - 1):
+            dense = min(dense, dense_run())
     finally:
         att.probing = False
         st.records, att.output_regions, att.last_dense_run, att.seconds, st.scope = saved
