@@ -21,7 +21,7 @@ from .. import ops
 from ..regions import BlockIndex, Geometry
 from .state import LayerRecord, Mode, SparseState
 from .tracking import untracked
-from .virtual import LazyConcat, LazyPointwise
+from .virtual import LazyConcat, LazyPointwise, LazyUpsample
 
 
 __all__ = [
@@ -157,10 +157,31 @@ class Prologue:
                 tiles.append(self.channels(c0, c1).gather(part, origins, tile, poison, padding_mode))
                 c0 = c1
             return torch.cat(tiles, dim=1)
+        if isinstance(x, LazyUpsample) and not x.filled and padding_mode == "zeros":
+            return self._gather_upsampled(x, origins, tile, poison)
         return ops.gather(
             x, origins, tile, self.scale, self.shift, self.activation, self.slope, poison,
             params=self.params, weight=self.weight, padding_mode=padding_mode,
         )  # fmt: skip
+
+    def _gather_upsampled(self, x, origins, tile, poison):
+        """Tiles of a nearest upsampling (`LazyUpsample`) from its source: the source tiles under them, gathered with
+        this prologue (it commutes with repeating pixels; outside the map both read zeros), each pixel repeated."""
+        (fy, fx), (th, tw) = x.factor, tile
+        oy, ox = origins[:, 1], origins[:, 2]
+        sy, sx = torch.div(oy, fy, rounding_mode="floor"), torch.div(ox, fx, rounding_mode="floor")
+        # The tile starts (oy - sy * fy) < fy pixels into its first source pixel: ceil((fy - 1 + th) / fy) cover it.
+        small = self.gather(
+            x.source, torch.stack((origins[:, 0], sy, sx), 1), (-(-(fy - 1 + th) // fy), -(-(fx - 1 + tw) // fx)),
+            poison, "zeros",
+        )  # fmt: skip
+        ar_y = torch.arange(th, device=origins.device)
+        ar_x = torch.arange(tw, device=origins.device)
+        iy = torch.div((oy - sy * fy)[:, None] + ar_y, fy, rounding_mode="floor")  # [N, th] rows of `small`
+        ix = torch.div((ox - sx * fx)[:, None] + ar_x, fx, rounding_mode="floor")
+        n = torch.arange(small.shape[0], device=origins.device)[:, None, None]
+        rows = small.permute(0, 2, 3, 1)[n, iy[:, :, None], ix[:, None, :]]  # [N, th, tw, C], a new tensor
+        return rows.permute(0, 3, 1, 2)  # channels-last in memory, as ops.gather returns tiles
 
     def channels(self, start: int, stop: int) -> Prologue:
         """This prologue restricted to channels `[start, stop)`."""

@@ -208,6 +208,10 @@ class SparseState:
         conv1, issue 17)."""
         self._partial[t] = (valid, fill)
 
+    def is_partial(self, t: torch.Tensor) -> bool:
+        """Whether `t` is a `partial` scratch map (valid only where its consumers `complete` it)."""
+        return self._partial.get(t) is not None
+
     def complete(self, t: torch.Tensor, bi: BlockIndex | None = None) -> None:
         """Make `t` valid wherever the tiles of `bi` read it (their input windows; `None`: everywhere). A no-op for
         maps that are not `partial`. The missing pixels are a plan region, so later runs of the edit find them."""

@@ -14,6 +14,7 @@ is *tainted*: whatever it touches afterwards counts as changed everywhere.
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 
 import torch
@@ -22,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from .resample import SEPARABLE_MODES, propagate_resample, taps_for
 from .state import Mode, SparseState
-from .virtual import LazyConcat
+from .virtual import LazyConcat, LazyUpsample
 
 
 _T = torch.Tensor
@@ -38,6 +39,7 @@ _POINTWISE = {
     _T.contiguous, _T.clone, _T.detach,
 }  # fmt: skip
 _CONCAT = {torch.cat, torch.concat}
+_INTERPOLATE_ARGS = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
 _SHUFFLE = {F.pixel_shuffle, F.pixel_unshuffle}  # (these are torch.pixel_shuffle and torch.pixel_unshuffle)
 
 
@@ -84,6 +86,10 @@ class RegionTracking(TorchFunctionMode):
         st = self.state
         if func in _CONCAT and st.mode is Mode.SPARSE:
             lazy = self._lazy_concat(args, kwargs)
+            if lazy is not None:
+                return lazy
+        if func is F.interpolate and st.mode is Mode.SPARSE:
+            lazy = self._lazy_upsample(args, kwargs)
             if lazy is not None:
                 return lazy
         out = func(*args, **kwargs)
@@ -139,6 +145,44 @@ class RegionTracking(TorchFunctionMode):
         st.set_region(out, st.union(*(st.region_of(t) for t in tensors)))
         return out
 
+    def _lazy_upsample(self, args, kwargs):
+        """A nearest upsampling of a tracked map by power-of-two factors: a `LazyUpsample` that gathers read through
+        (see virtual.py). `None` for anything else (it then runs as called)."""
+        a = dict(zip(_INTERPOLATE_ARGS, args))
+        a.update(kwargs)
+        x, st = a.get("input"), self.state
+        if (
+            not isinstance(x, torch.Tensor)
+            or x.dim() != 4
+            or set(a) - set(_INTERPOLATE_ARGS)
+            or a.get("mode", "nearest") != "nearest"
+            or a.get("align_corners") is not None
+            or a.get("antialias")
+            or not st.has_region(x)
+            or st.is_partial(x)
+        ):
+            return None
+        h, w = x.shape[-2:]
+        size, scale = a.get("size"), a.get("scale_factor")
+        if size is not None and scale is None:
+            oh, ow = (size, size) if isinstance(size, int) else tuple(size)
+        elif scale is not None and size is None:
+            sy, sx = (scale, scale) if isinstance(scale, (int, float)) else tuple(scale)
+            oh, ow = math.floor(h * sy), math.floor(w * sx)
+            if (oh, ow) != (h * sy, w * sx):
+                return None
+        else:
+            return None
+        fy, fx = oh // h, ow // w
+        # Powers of two only: torch's source index floor(y * (1 / f)) is then exactly y // f.
+        if (oh, ow) != (h * fy, w * fx) or any(f < 2 or f & (f - 1) for f in (fy, fx)):
+            return None
+        call = {k: v for k, v in a.items() if k != "input"}
+        out = LazyUpsample.of(x, (fy, fx), call)
+        st.lazy.append(weakref.ref(out))
+        st.set_region(out, st.repeat(st.region_of(x), fy, fx))
+        return out
+
     def _pointwise(self, out, inputs):
         if out.dim() != 4:
             return None
@@ -184,8 +228,7 @@ class RegionTracking(TorchFunctionMode):
         return st.memo(("unshuffle", id(region), r), (region,), build)
 
     def _interpolate(self, out, args, kwargs):
-        names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
-        a = dict(zip(names, args))
+        a = dict(zip(_INTERPOLATE_ARGS, args))
         a.update(kwargs)
         x, mode = a["input"], a.get("mode", "nearest")
         if out.dim() != 4 or x.dim() != 4 or not self.state.has_region(x) or mode not in SEPARABLE_MODES:

@@ -19,6 +19,11 @@ An explicit padding module before a padding-free convolution (pix2pix's `Reflect
 `LazyPad` (its input, the prologue folded into it, the padding and its mode): the convolution reads its input's tiles
 with that padding in the gather's index mapping (as a convolution's own `padding_mode` does), so no padded copy of
 the map is made.
+
+A nearest upsampling by a power-of-two factor (diffusers' `Upsample2D`: `F.interpolate(x, scale_factor=2.0)` before
+its convolution) returns a `LazyUpsample`: the convolution's gather reads the source's tiles (a tile of `T` output
+pixels reads `ceil(T / s) + 1` source pixels per axis) and repeats each pixel in place, so no upsampled copy of the
+map is made (a full-size write of 4x its input per upsampler per forward).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from __future__ import annotations
 import torch
 
 
-__all__ = ["LazyConcat", "LazyPad", "LazyPointwise"]
+__all__ = ["LazyConcat", "LazyPad", "LazyPointwise", "LazyUpsample"]
 
 # Torch functions that read a tensor's metadata, never its values: they leave a lazy tensor lazy.
 _METADATA = {
@@ -173,3 +178,33 @@ class LazyPad(_FromSource):
 
     def compute(self, source: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pad(self.prologue.apply_dense(source), self.pad, self._F_MODES[self.mode])
+
+
+class LazyUpsample(_FromSource):
+    """`F.interpolate(source, **call)` with `mode="nearest"` and power-of-two integer factors `factor` (`(fy, fx)`),
+    not yet computed: output pixel `(y, x)` is source pixel `(y // fy, x // fx)`. Create with `LazyUpsample.of(...)`;
+    `Prologue.gather` reads the source's tiles instead. Filled by replaying the call itself, so every other reader
+    sees exactly what the model computes."""
+
+    source: torch.Tensor
+    factor: tuple[int, int]
+    call: dict
+
+    @staticmethod
+    def of(source: torch.Tensor, factor: tuple[int, int], call: dict) -> LazyUpsample:
+        b, c, h, w = source.shape
+        fmt = (
+            torch.channels_last if source.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        )
+        with torch._C.DisableTorchFunctionSubclass():
+            storage = torch.empty(
+                (b, c, h * factor[0], w * factor[1]), dtype=source.dtype, device=source.device, memory_format=fmt
+            )
+        t = torch.Tensor._make_subclass(LazyUpsample, storage)
+        t.source = source.as_subclass(torch.Tensor) if isinstance(source, _Lazy) and source.filled else source
+        t.factor, t.call = tuple(factor), dict(call)
+        t.filled = False
+        return t
+
+    def compute(self, source: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(source, **self.call)
