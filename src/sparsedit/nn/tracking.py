@@ -39,6 +39,7 @@ _POINTWISE = {
     _T.contiguous, _T.clone, _T.detach,
 }  # fmt: skip
 _CONCAT = {torch.cat, torch.concat}
+LAZY_UPSAMPLE = True  # `LazyUpsample` for nearest upsampling (off: the full map is built; for A/B measurements)
 _INTERPOLATE_ARGS = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
 _SHUFFLE = {F.pixel_shuffle, F.pixel_unshuffle}  # (these are torch.pixel_shuffle and torch.pixel_unshuffle)
 
@@ -88,7 +89,7 @@ class RegionTracking(TorchFunctionMode):
             lazy = self._lazy_concat(args, kwargs)
             if lazy is not None:
                 return lazy
-        if func is F.interpolate and st.mode is Mode.SPARSE:
+        if func is F.interpolate and st.mode is Mode.SPARSE and LAZY_UPSAMPLE:
             lazy = self._lazy_upsample(args, kwargs)
             if lazy is not None:
                 return lazy
