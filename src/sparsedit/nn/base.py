@@ -21,7 +21,7 @@ from .. import ops
 from ..regions import BlockIndex, Geometry
 from .state import LayerRecord, Mode, SparseState
 from .tracking import untracked
-from .virtual import LazyConcat, LazyPointwise, LazyUpsample
+from .virtual import LazyConcat, LazyPad, LazyPointwise, LazyUpsample
 
 
 __all__ = [
@@ -159,6 +159,20 @@ class Prologue:
             return torch.cat(tiles, dim=1)
         if isinstance(x, LazyUpsample) and not x.filled and padding_mode == "zeros":
             return self._gather_upsampled(x, origins, tile, poison)
+        if (
+            isinstance(x, LazyPad)
+            and not x.filled
+            and x.mode == "zeros"
+            and padding_mode == "zeros"
+            and self.scale is None
+            and self.shift is None
+            and self.activation == "identity"
+        ):
+            # A zero pad read by a zero-padded window with nothing applied after it: the padded map's pixel (y, x) is
+            # the source's (y - top, x - left), zero outside it either way. (A prologue here would act on the zeros.)
+            left, _, top, _ = x.pad
+            shift = torch.tensor([0, top, left], dtype=origins.dtype, device=origins.device)
+            return (x.prologue or IDENTITY).gather(x.source, origins - shift, tile, poison, "zeros")
         return ops.gather(
             x, origins, tile, self.scale, self.shift, self.activation, self.slope, poison,
             params=self.params, weight=self.weight, padding_mode=padding_mode,

@@ -169,7 +169,7 @@ class ConvHandler(WindowedHandler):
             return None
         if prologue is not IDENTITY and x.mode == "zeros":
             return None  # the prologue would act on the padded zeros too
-        combined = x.prologue.then(prologue)
+        combined = (x.prologue or IDENTITY).then(prologue)
         if combined is None:
             return None
         key = ((top, left), x.mode)

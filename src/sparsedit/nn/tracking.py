@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from .resample import SEPARABLE_MODES, propagate_resample, taps_for
 from .state import Mode, SparseState
-from .virtual import LazyConcat, LazyUpsample
+from .virtual import LazyConcat, LazyPad, LazyUpsample
 
 
 _T = torch.Tensor
@@ -39,6 +39,7 @@ _POINTWISE = {
     _T.contiguous, _T.clone, _T.detach,
 }  # fmt: skip
 _CONCAT = {torch.cat, torch.concat}
+LAZY_PAD = True  # `LazyPad` for `F.pad` of a tracked map (off: the padded map is built; for A/B measurements)
 LAZY_UPSAMPLE = True  # `LazyUpsample` for nearest upsampling (off: the full map is built; for A/B measurements)
 _INTERPOLATE_ARGS = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
 _SHUFFLE = {F.pixel_shuffle, F.pixel_unshuffle}  # (these are torch.pixel_shuffle and torch.pixel_unshuffle)
@@ -91,6 +92,10 @@ class RegionTracking(TorchFunctionMode):
                 return lazy
         if func is F.interpolate and st.mode is Mode.SPARSE and LAZY_UPSAMPLE:
             lazy = self._lazy_upsample(args, kwargs)
+            if lazy is not None:
+                return lazy
+        if func is F.pad and st.mode is Mode.SPARSE and LAZY_PAD:
+            lazy = self._lazy_pad(args, kwargs)
             if lazy is not None:
                 return lazy
         out = func(*args, **kwargs)
@@ -182,6 +187,43 @@ class RegionTracking(TorchFunctionMode):
         out = LazyUpsample.of(x, (fy, fx), call)
         st.lazy.append(weakref.ref(out))
         st.set_region(out, st.repeat(st.region_of(x), fy, fx))
+        return out
+
+    def _lazy_pad(self, args, kwargs):
+        """`F.pad` of a tracked map with zeros (any non-negative amounts: diffusers' `Downsample2D` pads right and
+        bottom by one), or by reflection or replication: a `LazyPad` that the next convolution reads through (a
+        padding-free one folds a symmetric pad into its gather's index mapping; a zero pad is read by shifting the
+        tiles' origins). `None` for anything else (it then runs as called)."""
+        names = ("input", "pad", "mode", "value")
+        a = dict(zip(names, args))
+        a.update(kwargs)
+        x, pad, st = a.get("input"), a.get("pad"), self.state
+        mode, value = a.get("mode", "constant"), a.get("value")
+        if (
+            not isinstance(x, torch.Tensor)
+            or x.dim() != 4
+            or set(a) - set(names)
+            or not isinstance(pad, (list, tuple))
+            or len(pad) != 4
+            or not all(isinstance(p, int) and p >= 0 for p in pad)
+            or not st.has_region(x)
+            or st.is_partial(x)
+        ):
+            return None
+        if mode == "constant" and value in (None, 0, 0.0):
+            lazy_mode = "zeros"
+        elif mode in ("reflect", "replicate") and value is None:
+            lazy_mode = mode
+            if mode == "reflect" and (max(pad[2:]) >= x.shape[-2] or max(pad[:2]) >= x.shape[-1]):
+                return None  # F.pad raises for these: let it
+        else:
+            return None
+        region = padded_region(st.region_of(x), tuple(pad), mode, value)
+        if region is None:
+            return None
+        out = LazyPad.of(x, None, tuple(pad), lazy_mode)
+        st.lazy.append(weakref.ref(out))
+        st.set_region(out, region)
         return out
 
     def _pointwise(self, out, inputs):

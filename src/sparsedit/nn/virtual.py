@@ -155,7 +155,7 @@ class LazyPad(_FromSource):
     "replicate", as `ops.gather`'s `padding_mode`)."""
 
     source: torch.Tensor
-    prologue: object  # nn.base.Prologue
+    prologue: object  # nn.base.Prologue, or None: nothing applied (region tracking's `F.pad`)
     pad: tuple[int, int, int, int]  # left, right, top, bottom, as F.pad takes them
     mode: str
 
@@ -177,7 +177,8 @@ class LazyPad(_FromSource):
         return t
 
     def compute(self, source: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(self.prologue.apply_dense(source), self.pad, self._F_MODES[self.mode])
+        x = source if self.prologue is None else self.prologue.apply_dense(source)
+        return torch.nn.functional.pad(x, self.pad, self._F_MODES[self.mode])
 
 
 class LazyUpsample(_FromSource):

@@ -1,5 +1,6 @@
-"""Nearest upsampling between sparse layers (diffusers' `Upsample2D`) is never computed at full size: the next
-convolution's gather reads the source's tiles (`LazyUpsample`, `Prologue._gather_upsampled`)."""
+"""Glue between sparse layers that is never computed at full size: nearest upsampling (diffusers' `Upsample2D`; the
+next convolution's gather reads the source's tiles, `LazyUpsample`, `Prologue._gather_upsampled`) and `F.pad` from
+Python (diffusers' `Downsample2D` pads right and bottom; a `LazyPad` the convolution reads through)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from sparsedit import ops
 from sparsedit.nn.base import Prologue
-from sparsedit.nn.virtual import LazyUpsample
+from sparsedit.nn.virtual import LazyPad, LazyUpsample
 
 from ..strategies import regions
 from .test_local_layers import check_approximate, check_exact
@@ -144,3 +145,97 @@ def test_other_factors_and_modes_run_as_called():
         check_exact(UpConv(3, True), torch.randn(1, 2, 6, 6), region, tile=2)
         check_approximate(UpConv(2, True, mode="bilinear"), torch.randn(1, 2, 6, 6), region, tile=2)
     assert made == []
+
+
+class PadConv(nn.Module):
+    """conv -> BatchNorm -> SiLU -> `F.pad` from Python (as diffusers' `Downsample2D`) -> conv."""
+
+    def __init__(self, pad, mode="constant", k=3, stride=2, padding=0):
+        super().__init__()
+        self.pad, self.mode = tuple(pad), mode
+        self.conv_in = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn, self.act = nn.BatchNorm2d(3), nn.SiLU()
+        self.conv = nn.Conv2d(3, 2, k, stride, padding=padding)
+        self.bn.running_mean.normal_(0, 0.3)
+        self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        h = self.act(self.bn(self.conv_in(x)))
+        h = F.pad(h, self.pad, mode=self.mode, value=0.0) if self.mode == "constant" else F.pad(h, self.pad, self.mode)
+        return self.conv(h)
+
+
+@contextlib.contextmanager
+def counting_padded_maps():
+    calls = []
+    real = LazyPad.materialize
+
+    def counted(self):
+        if not self.filled:
+            calls.append(tuple(self.shape))
+        real(self)
+
+    with mock.patch.object(LazyPad, "materialize", counted):
+        yield calls
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_gather_through_a_zero_pad_equals_gathering_the_padded_map(data):
+    """The read-through against its reference: `ops.gather` of `F.pad(prologue(source))`, any non-negative pads."""
+    b, c = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 5))
+    h, w = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    src = torch.randn(b, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    pad = tuple(data.draw(st.lists(st.integers(0, 3), min_size=4, max_size=4), label="pad"))
+    inner = data.draw(st.sampled_from(["none", "affine+silu"]), label="pad's prologue")
+    p = Prologue() if inner == "none" else Prologue(torch.rand(b, c) + 0.5, torch.randn(b, c), "silu")
+    th, tw, n = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 5)), data.draw(st.integers(1, 6))
+    hp, wp = h + pad[2] + pad[3], w + pad[0] + pad[1]
+    ys = data.draw(st.lists(st.integers(-th, hp), min_size=n, max_size=n))
+    xs = data.draw(st.lists(st.integers(-tw, wp), min_size=n, max_size=n))
+    bs = data.draw(st.lists(st.integers(0, b - 1), min_size=n, max_size=n))
+    origins = torch.tensor(list(zip(bs, ys, xs)), dtype=torch.int64)
+    lazy = LazyPad.of(src, p, pad, "zeros")
+    got = Prologue().gather(lazy, origins, (th, tw))
+    assert not lazy.filled, "the padded map must not be built"
+    want = ops.gather(F.pad(p.apply_dense(src), pad), origins, (th, tw))
+    if p.activation == "identity":
+        assert torch.equal(got, want)
+    else:  # an activation's vector and scalar loops may differ in the last bit
+        torch.testing.assert_close(got, want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_a_python_pad_before_a_conv_is_read_through_exact(data):
+    b, h, w = data.draw(st.integers(1, 2)), data.draw(st.integers(3, 9)), data.draw(st.integers(3, 9))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    mode = data.draw(st.sampled_from(["constant", "reflect", "replicate"]), label="mode")
+    if mode == "constant":
+        pad = tuple(data.draw(st.lists(st.integers(0, 2), min_size=4, max_size=4), label="pad"))
+        padding = data.draw(st.sampled_from([0, 1]), label="conv padding")
+    else:  # symmetric, before a padding-free conv: folded into its gather (SIGE-style reflect)
+        p = data.draw(st.integers(1, 2))
+        pad, padding = (p, p, p, p), 0
+    k, stride = data.draw(st.sampled_from([1, 3])), data.draw(st.sampled_from([1, 2]))
+    model = PadConv(pad, mode, k, stride, padding)
+    x = torch.randn(b, 2, h, w, dtype=dtype)
+    region = data.draw(regions(b, h, w), label="region")
+    with counting_padded_maps() as built:
+        stats = check_exact(model, x, region, data.draw(st.sampled_from([1, 2, 4])),
+                            data.draw(st.sampled_from([0.6, 1.0])))  # fmt: skip
+    if "conv" not in stats["dense_layers"] and not stats.get("dense_run"):
+        assert built == [], "a pad read by the conv after it must not be built"
+
+
+def test_a_pad_read_otherwise_is_built_and_exact():
+    """A reflect pad before a conv with padding of its own builds the padded map (and stays exact)."""
+    torch.manual_seed(0)
+    region = torch.zeros(1, 8, 8, dtype=torch.bool)
+    region[0, 2:4, 3:5] = True
+    with counting_padded_maps() as built:
+        check_exact(PadConv((1, 1, 1, 1), "reflect", 3, 1, 1), torch.randn(1, 2, 8, 8), region, tile=2)
+    assert built == [(1, 3, 10, 10)]
