@@ -249,6 +249,43 @@ def test_weight_checksums_are_the_same_with_and_without_the_kernel(compiled, dat
 
 
 @given(data=st.data())
+@settings(deadline=None, max_examples=80)
+def test_difference_masks_are_the_same_with_and_without_the_kernel(compiled, data):
+    """`regions.difference_mask(eps=0)` runs one compiled pass over both maps; the XOR and reductions (the path off the
+    CPU or without a build) must give the same mask: every bit counts, -0.0 against 0.0 differs, equal NaNs do not."""
+    from sparsedit import regions
+
+    b, c = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 40))
+    h, w = data.draw(st.integers(1, 19)), data.draw(st.integers(1, 19))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.uint8,
+                                       torch.int64, torch.bool]))  # fmt: skip
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    a = torch.randn(b, c, h, w) * 10
+    a = a > 0 if dtype == torch.bool else a.to(dtype)
+    new = a.clone()
+    for _ in range(data.draw(st.integers(0, 6))):  # single changed words, anywhere
+        i = tuple(data.draw(st.integers(0, n - 1)) for n in (b, c, h, w))
+        kind = data.draw(st.sampled_from(["flip", "neg-zero", "nan"]))
+        if dtype.is_floating_point and kind == "neg-zero":
+            a[i], new[i] = 0.0, -0.0
+        elif dtype.is_floating_point and kind == "nan":
+            a[i], new[i] = float("nan"), float("nan")
+        else:
+            new[i] = ~new[i] if dtype in (torch.bool, torch.uint8, torch.int64) else new[i] + 1
+    if data.draw(st.booleans(), label="channels_last"):
+        a, new = a.contiguous(memory_format=torch.channels_last), new.contiguous(memory_format=torch.channels_last)
+    got = regions.difference_mask(new, a, eps=0.0)
+    kernel, regions.DIFF_KERNEL = regions.DIFF_KERNEL, None
+    try:
+        want = regions.difference_mask(new, a, eps=0.0)
+    finally:
+        regions.DIFF_KERNEL = kernel
+    assert kernel is not None and kernel(new, a) is not None, "the compiled pass must run here"
+    assert got.shape == want.shape == (b, h, w)
+    assert torch.equal(got, want)
+
+
+@given(data=st.data())
 @settings(deadline=None, max_examples=60)
 def test_scatter_tokens_matches_the_reference_bit_for_bit(compiled, data):
     b, l, c = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 50)), data.draw(st.sampled_from([1, 5, 16, 33]))

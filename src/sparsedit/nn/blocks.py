@@ -18,6 +18,7 @@ from .. import ops
 from ..regions import Geometry
 from .base import IDENTITY, Prologue, SparseHandler, handler_of, register_handler
 from .state import Mode
+from .tracking import untracked
 
 
 __all__ = ["Add", "Concat", "ResBlock"]
@@ -143,13 +144,16 @@ class Chain:
             if not isinstance(last, SparseHandler):
                 x = last(x)
                 continue
-            prologue = fold(pro, x, state)
             extra = {}
             if i == n - 1 and residual is not None:
                 extra["residual"] = residual
             if i == n - 1 and into is not None:
                 extra["into"] = into
-            x = last.sparse(x, prologue, **extra) if last.consumes_prologue else last.sparse(x, **extra)
+            # A leaf tags its output itself: it and its folded norms run with region tracking popped (as their
+            # own `forward` would run them).
+            with untracked() if last.sets_own_region else contextlib.nullcontext():
+                prologue = fold(pro, x, state)
+                x = last.sparse(x, prologue, **extra) if last.consumes_prologue else last.sparse(x, **extra)
         return x
 
 

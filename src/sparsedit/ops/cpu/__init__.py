@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ... import fingerprints
+from ... import fingerprints, regions
 from ..dispatch import Backend, backend_enabled, register_backend
 from ..reference import PADDING_MODES, ReferenceBackend
 
@@ -194,6 +194,25 @@ def _checksum_sums(words: list) -> torch.Tensor | None:
 
 
 fingerprints.SUMS_KERNEL = _checksum_sums
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """`regions.difference_mask(a, b, eps=0)` in one compiled pass (`differs` in kernels.cpp), or `None` where it
+    cannot run (then the XOR and reductions in regions.py, the same mask)."""
+    if (
+        a.device.type != "cpu"
+        or b.device.type != "cpu"
+        or a.dim() != 4
+        or a.stride() != b.stride()
+        or a.element_size() not in (1, 2, 4, 8)
+        or not (a.is_contiguous() or a.is_contiguous(memory_format=_CL))
+        or not available()
+    ):
+        return None
+    return torch.ops.sparsedit_cpu.differs(a, b)
+
+
+regions.DIFF_KERNEL = _differs
 
 _REFERENCE = ReferenceBackend()
 _CL = torch.channels_last

@@ -443,6 +443,58 @@ at::Tensor checksums(at::TensorList words) {
   return out;
 }
 
+// `regions.difference_mask(a, b, eps=0)`: [B, H, W] bool, true where any channel's word differs bit for bit (so -0.0
+// against 0.0 differs and a NaN against the same NaN does not). a and b: 4-D CPU tensors of one shape, dtype and
+// strides, contiguous (NCHW) or channels-last; one pass over both instead of an XOR map and two reductions.
+template <typename W>
+void differs_words(const W* a, const W* b, uint8_t* out, int64_t B, int64_t C, int64_t HW, bool channels_last) {
+  if (channels_last) {
+    at::parallel_for(0, B * HW, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, C)), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const W* pa = a + p * C;
+        const W* pb = b + p * C;
+        W acc = 0;
+        for (int64_t c = 0; c < C; ++c) acc |= static_cast<W>(pa[c] ^ pb[c]);
+        out[p] = acc != 0;
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, B * HW, 16384, [&](int64_t begin, int64_t end) {
+    int64_t p = begin;
+    while (p < end) {  // runs within one batch row: channel planes are HW words apart
+      const int64_t bi = p / HW, q0 = p % HW, n = std::min(end - p, HW - q0);
+      uint8_t* o = out + p;
+      for (int64_t q = 0; q < n; ++q) o[q] = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const W* pa = a + (bi * C + c) * HW + q0;
+        const W* pb = b + (bi * C + c) * HW + q0;
+        for (int64_t q = 0; q < n; ++q) o[q] |= static_cast<uint8_t>(pa[q] != pb[q]);
+      }
+      p += n;
+    }
+  });
+}
+
+at::Tensor differs(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 4 && a.sizes() == b.sizes() && a.strides() == b.strides() &&
+                  a.scalar_type() == b.scalar_type() && a.device().is_cpu() && b.device().is_cpu(),
+              "sparsedit_cpu.differs: a and b must be 4-D CPU tensors of one shape, dtype and strides");
+  const bool cl = !a.is_contiguous() && a.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(cl || a.is_contiguous(), "sparsedit_cpu.differs: tensors must be contiguous or channels-last");
+  const int64_t B = a.size(0), C = a.size(1), HW = a.size(2) * a.size(3);
+  at::Tensor out = at::empty({B, a.size(2), a.size(3)}, a.options().dtype(at::kBool));
+  auto* o = reinterpret_cast<uint8_t*>(out.mutable_data_ptr<bool>());
+  switch (a.element_size()) {
+    case 1: differs_words(static_cast<const uint8_t*>(a.const_data_ptr()), static_cast<const uint8_t*>(b.const_data_ptr()), o, B, C, HW, cl); break;
+    case 2: differs_words(static_cast<const uint16_t*>(a.const_data_ptr()), static_cast<const uint16_t*>(b.const_data_ptr()), o, B, C, HW, cl); break;
+    case 4: differs_words(static_cast<const uint32_t*>(a.const_data_ptr()), static_cast<const uint32_t*>(b.const_data_ptr()), o, B, C, HW, cl); break;
+    case 8: differs_words(static_cast<const uint64_t*>(a.const_data_ptr()), static_cast<const uint64_t*>(b.const_data_ptr()), o, B, C, HW, cl); break;
+    default: TORCH_CHECK(false, "sparsedit_cpu.differs: elements must be 1, 2, 4 or 8 bytes");
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sparsedit_cpu, m) {
@@ -451,6 +503,7 @@ TORCH_LIBRARY(sparsedit_cpu, m) {
       "Tensor? weight, int pad) -> Tensor");
   m.def("scatter(Tensor(a!) out, Tensor tiles, Tensor origins, Tensor? residual) -> ()");
   m.def("checksums(Tensor[] words) -> Tensor");
+  m.def("differs(Tensor a, Tensor b) -> Tensor");
   m.def("pool_bytes(Tensor like, bool release) -> int");
   m.def("scatter_tokens(Tensor(a!) out, Tensor tokens, Tensor index, Tensor? residual) -> ()");
   m.def("write_pixels(Tensor(a!) rows, Tensor tiles, Tensor at, Tensor lin, Tensor? residual, bool keep_old) -> Tensor");
@@ -461,6 +514,7 @@ TORCH_LIBRARY_IMPL(sparsedit_cpu, CPU, m) {
   m.impl("scatter", TORCH_FN(scatter));
   m.impl("write_pixels", TORCH_FN(write_pixels));
   m.impl("checksums", TORCH_FN(checksums));
+  m.impl("differs", TORCH_FN(differs));
   m.impl("pool_bytes", [](const at::Tensor&, bool release) { return pool_bytes(release); });
   m.impl("scatter_tokens", TORCH_FN(scatter_tokens));
 }
