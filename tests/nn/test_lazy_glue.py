@@ -19,6 +19,7 @@ from sparsedit.nn.virtual import LazyPad, LazyUpsample
 
 from ..strategies import regions
 from .test_local_layers import check_approximate, check_exact
+from .test_thin import counting_padded_copies
 
 
 class UpConv(nn.Module):
@@ -165,20 +166,6 @@ class PadConv(nn.Module):
         return self.conv(h)
 
 
-@contextlib.contextmanager
-def counting_padded_maps():
-    calls = []
-    real = LazyPad.materialize
-
-    def counted(self):
-        if not self.filled:
-            calls.append(tuple(self.shape))
-        real(self)
-
-    with mock.patch.object(LazyPad, "materialize", counted):
-        yield calls
-
-
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_gather_through_a_zero_pad_equals_gathering_the_padded_map(data):
@@ -224,7 +211,7 @@ def test_a_python_pad_before_a_conv_is_read_through_exact(data):
     model = PadConv(pad, mode, k, stride, padding)
     x = torch.randn(b, 2, h, w, dtype=dtype)
     region = data.draw(regions(b, h, w), label="region")
-    with counting_padded_maps() as built:
+    with counting_padded_copies() as built:
         stats = check_exact(model, x, region, data.draw(st.sampled_from([1, 2, 4])),
                             data.draw(st.sampled_from([0.6, 1.0])))  # fmt: skip
     if "conv" not in stats["dense_layers"] and not stats.get("dense_run"):
@@ -236,6 +223,6 @@ def test_a_pad_read_otherwise_is_built_and_exact():
     torch.manual_seed(0)
     region = torch.zeros(1, 8, 8, dtype=torch.bool)
     region[0, 2:4, 3:5] = True
-    with counting_padded_maps() as built:
+    with counting_padded_copies() as built:
         check_exact(PadConv((1, 1, 1, 1), "reflect", 3, 1, 1), torch.randn(1, 2, 8, 8), region, tile=2)
     assert built == [(1, 3, 10, 10)]
