@@ -4,9 +4,6 @@ Python (diffusers' `Downsample2D` pads right and bottom; a `LazyPad` the convolu
 
 from __future__ import annotations
 
-import contextlib
-from unittest import mock
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,7 +16,7 @@ from sparsedit.nn.virtual import LazyPad, LazyUpsample
 
 from ..strategies import regions
 from .test_local_layers import check_approximate, check_exact
-from .test_thin import counting_padded_copies
+from .test_thin import counting_built, counting_padded_copies
 
 
 class UpConv(nn.Module):
@@ -45,24 +42,9 @@ class UpConv(nn.Module):
         return self.conv(h)
 
 
-@contextlib.contextmanager
 def counting_upsampled_maps(made: list | None = None):
     """The upsampled maps a sparse run builds in full (and in `made`, every `LazyUpsample` it creates)."""
-    calls = []
-    real, real_of = LazyUpsample.materialize, LazyUpsample.of
-
-    def counted(self):
-        if not self.filled:
-            calls.append(tuple(self.shape))
-        real(self)
-
-    def counted_of(*args):
-        out = real_of(*args)
-        (made if made is not None else []).append(tuple(out.shape))
-        return out
-
-    with mock.patch.object(LazyUpsample, "materialize", counted), mock.patch.object(LazyUpsample, "of", counted_of):
-        yield calls
+    return counting_built(LazyUpsample, made)
 
 
 @settings(max_examples=25, deadline=None)

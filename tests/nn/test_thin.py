@@ -38,18 +38,30 @@ class PadInForward(nn.Module):
 
 
 @contextlib.contextmanager
-def counting_padded_copies():
-    """Counts the padded maps a sparse run materializes (none, when every pad folds into its convolution)."""
+def counting_built(lazy_cls, made: list | None = None):
+    """The shapes of the `lazy_cls` maps (`nn/virtual.py`) a sparse run builds in full; `made`, when given, collects
+    the shape of every one it creates."""
     calls = []
-    real = LazyPad.materialize
+    real, real_of = lazy_cls.materialize, lazy_cls.of
 
     def counted(self):
         if not self.filled:
             calls.append(tuple(self.shape))
         real(self)
 
-    with mock.patch.object(LazyPad, "materialize", counted):
+    def counted_of(*args):
+        out = real_of(*args)
+        if made is not None:
+            made.append(tuple(out.shape))
+        return out
+
+    with mock.patch.object(lazy_cls, "materialize", counted), mock.patch.object(lazy_cls, "of", counted_of):
         yield calls
+
+
+def counting_padded_copies():
+    """Counts the padded maps a sparse run materializes (none, when every pad folds into its convolution)."""
+    return counting_built(LazyPad)
 
 
 @settings(max_examples=25, deadline=None)

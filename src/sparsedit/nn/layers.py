@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import weakref
 
 import torch
 import torch.nn as nn
@@ -359,7 +358,7 @@ class PointwiseHandler(SparseHandler):
             st.record(LayerRecord(self.name, self.kind, tuple(x.shape[-2:]), macs, macs, 1.0, "deferred, unfoldable"))
         else:
             out = LazyPointwise.of(*Prologue.unwrap(x, mine))
-            st.lazy.append(weakref.ref(out))
+            st.add_lazy(out)
             st.record(LayerRecord(self.name, self.kind, tuple(x.shape[-2:]), macs, 0, 0.0))
         st.set_region(out, region)
         return out
@@ -713,7 +712,7 @@ class PadHandler(SparseHandler):
                 out = self.original(_plain(x) if prologue is IDENTITY else prologue.apply_dense(_plain(x)))
         else:
             out = LazyPad.of(x, prologue, tuple(m.padding), "zeros" if mode == "constant" else mode)
-            st.lazy.append(weakref.ref(out))
+            st.add_lazy(out)
         if region is not None:
             st.set_region(out, region)
         return out

@@ -115,7 +115,7 @@ class SparseState:
     _regions: dict[int, tuple[weakref.ref, torch.Tensor]] = field(default_factory=dict)
     _tainted: dict[int, weakref.ref] = field(default_factory=dict)
     plan: Plan = field(default_factory=lambda: Plan(None))
-    lazy: list[weakref.ref] = field(default_factory=list)  # LazyConcat tensors made in this run
+    lazy: list[weakref.ref] = field(default_factory=list)  # lazy maps made in this run (`add_lazy`)
     _scratch: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)  # scratch maps made in this run
     # Maps valid only in part, and how to compute the rest on demand (`partial` / `complete`).
     _partial: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
@@ -136,6 +136,11 @@ class SparseState:
         self._tainted.clear()
         self._pending.clear()
         self.plan.runs += 1
+
+    def add_lazy(self, t: torch.Tensor) -> torch.Tensor:
+        """Register a lazy map (`nn/virtual.py`) made in this run: `end_run` fills it if it is still alive unfilled."""
+        self.lazy.append(weakref.ref(t))
+        return t
 
     def end_run(self) -> None:
         self.flush_pending()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -147,7 +146,7 @@ class RegionTracking(TorchFunctionMode):
                or t.device != first.device for t in tensors):  # fmt: skip
             return None
         out = LazyConcat.of(tensors)
-        st.lazy.append(weakref.ref(out))
+        st.add_lazy(out)
         st.set_region(out, st.union(*(st.region_of(t) for t in tensors)))
         return out
 
@@ -185,7 +184,7 @@ class RegionTracking(TorchFunctionMode):
             return None
         call = {k: v for k, v in a.items() if k != "input"}
         out = LazyUpsample.of(x, (fy, fx), call)
-        st.lazy.append(weakref.ref(out))
+        st.add_lazy(out)
         st.set_region(out, st.repeat(st.region_of(x), fy, fx))
         return out
 
@@ -222,7 +221,7 @@ class RegionTracking(TorchFunctionMode):
         if region is None:
             return None
         out = LazyPad.of(x, None, tuple(pad), lazy_mode)
-        st.lazy.append(weakref.ref(out))
+        st.add_lazy(out)
         st.set_region(out, region)
         return out
 
